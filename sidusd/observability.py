@@ -1,0 +1,135 @@
+"""Logging, counters and the per-client boot timeline.
+
+* :func:`setup_logging` configures structlog: JSON lines when stderr is not a
+  terminal (journald), readable console output when it is.
+* :class:`Observer` is the one object every edge receives.  It owns counters
+  (monotonic integers with fixed dotted names, e.g. ``dhcp.rx``,
+  ``dhcp.malformed``, ``tftp.transfers.done``) and a bounded history of recently
+  seen machines with their boot timeline.  Everything here is bounded.
+
+Event names are fixed strings; context is bound with keyword fields
+(``mac``, ``xid``, ``peer``, ``file``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+MAX_CLIENTS = 1024          # machines remembered by `sidusctl clients`
+MAX_TIMELINE = 64           # events remembered per machine
+
+
+def setup_logging(fmt: str = "auto", level: str = "info") -> None:
+    """Configure structlog once for the process.
+
+    ``fmt`` is ``auto`` (console on a tty, JSON otherwise), ``json`` or ``console``.
+    """
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    renderer: Any = (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+                     if fmt == "console" else structlog.processors.JSONRenderer())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str = "sidusd", **ctx: Any) -> Any:
+    """A structlog logger with ``component=name`` and ``ctx`` bound."""
+    return structlog.get_logger(name).bind(component=name, **ctx)
+
+
+@dataclass
+class ClientRecord:
+    """What sidusd knows about one recently seen machine."""
+
+    mac: str
+    ip: str | None = None
+    arch: str | None = None
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    timeline: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=MAX_TIMELINE))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mac": self.mac, "ip": self.ip, "arch": self.arch,
+                "first_seen": self.first_seen, "last_seen": self.last_seen,
+                "timeline": list(self.timeline)}
+
+
+class Observer:
+    """Counters + bounded client history + logger.  Not thread-safe (one loop)."""
+
+    def __init__(self, clock=time.time, max_clients: int = MAX_CLIENTS):
+        self._clock = clock
+        self._max_clients = max_clients
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.clients: collections.OrderedDict[str, ClientRecord] = collections.OrderedDict()
+        # ip -> mac of the last DHCP exchange seen for that ip (bounded with clients)
+        self._ip_to_mac: dict[str, str] = {}
+        self.log = get_logger("sidusd")
+
+    # -- counters --------------------------------------------------------
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name`` (dotted, fixed names)."""
+        self.counters[name] += n
+
+    # -- clients ---------------------------------------------------------
+    def client(self, mac: str) -> ClientRecord:
+        """The record for ``mac`` (lower-case, colon separated), created if new."""
+        now = self._clock()
+        rec = self.clients.get(mac)
+        if rec is None:
+            rec = ClientRecord(mac=mac, first_seen=now, last_seen=now)
+            self.clients[mac] = rec
+            while len(self.clients) > self._max_clients:
+                old_mac, old = self.clients.popitem(last=False)
+                if old.ip and self._ip_to_mac.get(old.ip) == old_mac:
+                    del self._ip_to_mac[old.ip]
+        else:
+            self.clients.move_to_end(mac)
+        rec.last_seen = now
+        return rec
+
+    def client_seen(self, mac: str, ip: str | None = None, arch: str | None = None) -> ClientRecord:
+        """Note that ``mac`` spoke to us (from ``ip``, with firmware ``arch``)."""
+        rec = self.client(mac)
+        if ip and ip != "0.0.0.0":
+            if rec.ip and self._ip_to_mac.get(rec.ip) == mac:
+                del self._ip_to_mac[rec.ip]
+            rec.ip = ip
+            self._ip_to_mac[ip] = mac
+        if arch:
+            rec.arch = arch
+        return rec
+
+    def mac_for_ip(self, ip: str) -> str | None:
+        """The MAC whose last known address is ``ip`` (for TFTP/HTTP timelines)."""
+        return self._ip_to_mac.get(ip)
+
+    def timeline(self, mac: str | None, event: str, **fields: Any) -> None:
+        """Append ``event`` to the boot timeline of ``mac`` (ignored if None)."""
+        if not mac:
+            return
+        rec = self.client(mac)
+        rec.timeline.append({"t": round(self._clock(), 3), "event": event, **fields})
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters as a plain dict (for `sidusctl status`)."""
+        return dict(sorted(self.counters.items()))
