@@ -1,0 +1,48 @@
+"""`sidusd --config FILE` runs the daemon in the foreground; `--check` validates and exits.
+
+Exit codes: 0 ok, 1 runtime failure (a port could not be bound...), 2 bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/sidus/sidus.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sidusd", description="sidus network-boot daemon")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    p.add_argument("--check", action="store_true", help="validate config + inventory, then exit")
+    p.add_argument("--version", action="version", version=f"sidusd {__version__}")
+    args = p.parse_args(argv)
+    path = Path(args.config)
+    if args.check:
+        from .runtime import load_snapshot
+        try:
+            snap = load_snapshot(path)
+        except ConfigError as exc:
+            print(f"sidusd: {path}: {exc}", file=sys.stderr)
+            return 2
+        cfg = snap.config
+        print(f"{path}: OK (dhcp {cfg.dhcp.mode}, tftp {'on' if cfg.tftp.enabled else 'off'}, "
+              f"{len(cfg.images)} image(s), {len(snap.inventory.profiles)} profile(s), "
+              f"{len(snap.inventory.hosts)} host(s))")
+        return 0
+    from .daemon import run
+    try:
+        return run(path)
+    except ConfigError as exc:
+        print(f"sidusd: {path}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

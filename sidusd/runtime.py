@@ -1,0 +1,194 @@
+"""The live state of the daemon: config + inventory snapshot, swapped atomically.
+
+Every edge reads ``runtime.config`` / ``runtime.inventory`` per request; a
+reload builds a complete new :class:`Snapshot` and swaps one reference, so a
+bad config never half-applies and requests in flight keep what they started
+with (Warewulf's node map, built fresh and swapped on SIGHUP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import config as config_mod
+from .boot import inventory as inv_mod
+from .boot import render
+from .errors import BackendError, ConfigError, SidusError
+from .fsutil import atomic_write
+from .observability import Observer, get_logger
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent view: the config, the inventory checked against it, its number."""
+
+    config: config_mod.Config
+    inventory: inv_mod.Inventory
+    generation: int
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    error: str | None = None
+    restart_needed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "error": self.error, "restart_needed": list(self.restart_needed)}
+
+
+def read_inventory(path: Path) -> inv_mod.Inventory:
+    """Read and parse the inventory file (I/O edge of boot.inventory)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("inventory_file", f"{path}: no such file "
+                          "(start from config/inventory.yaml)") from None
+    except OSError as exc:
+        raise ConfigError("inventory_file", f"{path}: {exc.strerror}") from None
+    return inv_mod.parse_inventory(text, str(path))
+
+
+def load_snapshot(config_path: Path, generation: int = 1) -> Snapshot:
+    """Read config + inventory and check them together.  Raises ConfigError."""
+    cfg = config_mod.read(config_path)
+    inv = read_inventory(cfg.inventory_file)
+    inv_mod.check_against(inv, cfg)
+    return Snapshot(cfg, inv, generation)
+
+
+class Runtime:
+    """Owns the current :class:`Snapshot`, the observer and the storage backends."""
+
+    def __init__(self, config_path: Path, snapshot: Snapshot, observer: Observer | None = None,
+                 nfs_factory: Callable[[Any], Any] | None = None):
+        self.config_path = Path(config_path)
+        self._snap = snapshot
+        self.observer = observer or Observer()
+        self.started_at = time.time()
+        self.last_reload: dict[str, Any] | None = None
+        self.backend_status: dict[str, dict[str, Any]] = {}
+        self._lock = asyncio.Lock()
+        self._nfs_factory = nfs_factory
+        self._nfs = None
+        self.log = get_logger("runtime")
+
+    @classmethod
+    def load(cls, config_path: Path, **kw: Any) -> "Runtime":
+        return cls(config_path, load_snapshot(Path(config_path)), **kw)
+
+    # -- the current view -------------------------------------------------
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snap
+
+    @property
+    def config(self) -> config_mod.Config:
+        return self._snap.config
+
+    @property
+    def inventory(self) -> inv_mod.Inventory:
+        return self._snap.inventory
+
+    @property
+    def generation(self) -> int:
+        return self._snap.generation
+
+    # -- rendering ----------------------------------------------------------
+    def render_context(self, server_ip: str) -> render.RenderContext:
+        cfg = self.config
+        nfs_server = str(cfg.nfs.server_address) if cfg.nfs.server_address else server_ip
+        http_base = f"http://{server_ip}:{cfg.http.port}" if cfg.http.enabled else None
+        return render.RenderContext(server_ip=server_ip, nfs_server=nfs_server,
+                                    http_base=http_base, mount_options=cfg.nfs.mount_options)
+
+    def render(self, kind: str, mac: str | None, server_ip: str, client_ip: str) -> bytes | None:
+        """The document for a generated name, or None when there is none to serve."""
+        snap = self._snap
+        ctx = self.render_context(server_ip)
+        if kind == "pxelinux-default":
+            return render.pxelinux_default(ctx, snap.inventory.resolve(None, snap.config))
+        if mac is None:
+            return None
+        target = snap.inventory.resolve(mac, snap.config)
+        if target is None:
+            return None
+        if kind == "pxelinux":
+            return render.pxelinux_config(target, ctx)
+        if kind == "ipxe":
+            return render.ipxe_script(target, ctx)
+        return None
+
+    # -- reload -------------------------------------------------------------
+    async def reload(self) -> ReloadResult:
+        """Re-read config + inventory; on any error keep the old snapshot serving."""
+        async with self._lock:
+            try:
+                new = load_snapshot(self.config_path, self._snap.generation + 1)
+            except (SidusError, OSError) as exc:
+                result = ReloadResult(False, str(exc))
+                self.observer.count("reload.refused")
+                self.log.error("reload.refused", error=str(exc))
+            else:
+                restart = [] if new.config.listener_key() == self.config.listener_key() \
+                    else ["listeners (interfaces, addresses, ports, control socket) changed: "
+                          "restart sidusd to apply them"]
+                self._snap = new
+                self.observer.count("reload.ok")
+                self.log.info("reload.ok", generation=new.generation, restart_needed=restart)
+                await self.apply_backends()
+                result = ReloadResult(True, None, restart)
+            self.last_reload = {"t": time.time(), **result.as_dict()}
+            return result
+
+    async def edit_inventory(self, fn: Callable[[inv_mod.Inventory], inv_mod.Inventory]) -> inv_mod.Inventory:
+        """Apply ``fn`` to the inventory, check it, write the file atomically, swap."""
+        async with self._lock:
+            snap = self._snap
+            new_inv = fn(snap.inventory)
+            inv_mod.check_against(new_inv, snap.config)
+            data = inv_mod.dump_inventory(new_inv).encode()
+            await asyncio.to_thread(atomic_write, snap.config.inventory_file, data, 0o640)
+            self._snap = Snapshot(snap.config, new_inv, snap.generation + 1)
+            self.observer.count("inventory.writes")
+            self.log.info("inventory.written", hosts=len(new_inv.hosts), generation=self.generation)
+            return new_inv
+
+    # -- storage backends ---------------------------------------------------
+    async def apply_backends(self) -> None:
+        """Bring the NFS exports in line with the config; failures go to status."""
+        if self._nfs_factory is None:
+            return
+        try:
+            if self._nfs is None:
+                self._nfs = self._nfs_factory(self.config)
+            await self._nfs.apply(self.config)
+        except BackendError as exc:
+            self.observer.count("nfs.errors")
+            self.log.error("nfs.apply_failed", error=str(exc))
+            self.backend_status["nfs"] = {"ok": False, "detail": str(exc)}
+        else:
+            self.backend_status["nfs"] = self._nfs.health()
+
+    async def remove_backends(self) -> None:
+        if self._nfs is not None:
+            try:
+                await self._nfs.remove_all()
+            except BackendError as exc:
+                self.log.error("nfs.remove_failed", error=str(exc))
+
+    def refresh_backend_status(self) -> None:
+        if self._nfs is not None:
+            self.backend_status["nfs"] = self._nfs.health()
+
+    def status(self) -> dict[str, Any]:
+        self.refresh_backend_status()
+        return {"pid": os.getpid(), "started_at": self.started_at,
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "config_path": str(self.config_path), "generation": self.generation,
+                "last_reload": self.last_reload, "backend_status": self.backend_status}
