@@ -278,7 +278,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         _check_nfs_path(s.key("root"), img_root)
         images[name] = ImageConfig(root=img_root, kernel=_tftp_relative(s, "kernel"),
                                    initrd=_tftp_relative(s, "initrd"),
-                                   append=check_line(s.key("append"), s.get("append", str, "")))
+                                   append=check_kernel_args(s.key("append"), s.get("append", str, "")))
 
     return Config(state_dir=state_dir, inventory_file=inventory_file, log=log, control=control,
                   dhcp=dhcp, boot=boot, tftp=tftp, http=http, nfs=nfs,
@@ -506,6 +506,26 @@ def check_line(where: str, value: str, max_chars: int = MAX_LINE_CHARS) -> str:
     for c in value:
         if unicodedata.category(c) in ("Cc", "Zl", "Zp") and c != " ":
             raise ConfigError(where, f"contains a control character {c!r} (must be one line of text)")
+    return value
+
+
+_KERNEL_ARGS_FORBIDDEN = "$|&\\"
+
+
+def check_kernel_args(where: str, value: str, max_chars: int = 512) -> str:
+    """Kernel arguments: one line of printable ASCII, without ``$ | & \\``.
+
+    The same text goes into a pxelinux ``APPEND`` line and an iPXE ``kernel``
+    command; iPXE expands ``${...}`` and treats ``||``/``&&`` as operators, so
+    those characters could smuggle commands into the script.
+    """
+    check_line(where, value, max_chars)
+    for c in value:
+        if not " " <= c <= "~":
+            raise ConfigError(where, f"contains {c!r}: only printable ASCII is allowed in kernel arguments")
+        if c in _KERNEL_ARGS_FORBIDDEN:
+            raise ConfigError(where, f"contains {c!r}: '$', '|', '&' and '\\' are not allowed in kernel "
+                              "arguments (iPXE would interpret them)")
     return value
 
 

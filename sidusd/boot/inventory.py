@@ -1,0 +1,315 @@
+"""Hosts and profiles: which machine boots which image, with which arguments (pure).
+
+The inventory file (``config.inventory_file``)::
+
+    profiles:
+      default: {image: demo, overlay: tmpfs, append: ""}
+    hosts:
+      - {mac: "52:54:00:00:00:01", hostname: vm1, profile: default, image: null,
+         ip: null, append: "sidus.marker=one"}
+
+:func:`parse_inventory` is as strict as the config (unknown keys refused with
+their path, e.g. ``hosts[3].profle``; duplicate MACs, hostnames and IPs
+refused).  An :class:`Inventory` is immutable: :meth:`Inventory.with_host` and
+:meth:`Inventory.without_host` return a new one, validated the same way, which
+the runtime swaps in whole.  :func:`check_against` checks the references into a
+:class:`~sidusd.config.Config` (images, default profile, pool).
+
+Overlays: ``tmpfs`` (writable layer in RAM, lost at reboot).  ``iscsi`` (a
+per-host disk as the writable layer) is reserved: the file accepts the word but
+:func:`check_against` refuses it until the iSCSI issue lands.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from sidusd.config import Config, ImageConfig, Section, check_kernel_args, check_name, load_yaml
+from sidusd.errors import ConfigError, InventoryError
+
+OVERLAYS = ("tmpfs", "iscsi")
+SUPPORTED_OVERLAYS = ("tmpfs",)
+MAX_HOSTS = 100_000
+MAX_HOSTNAME_CHARS = 253            # RFC 1123 §2.1 / RFC 1035 §2.3.4
+_MAC = re.compile(r"^[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(?:\1[0-9a-fA-F]{2}){4}$")
+
+
+def normalize_mac(text: Any, where: str = "mac") -> str:
+    """``52-54-00-AB-CD-EF`` or ``52:54:00:ab:cd:ef`` -> ``52:54:00:ab:cd:ef`` (IEEE 802 MAC-48).
+
+    Anything else, a group or multicast address, or all zeros, raises InventoryError.
+    """
+    if not isinstance(text, str) or not _MAC.match(text):
+        raise InventoryError(where, f"{text!r} is not a MAC address: six pairs of hex digits separated "
+                             "by ':' or '-', e.g. 52:54:00:12:34:56")
+    mac = text.lower().replace("-", ":")
+    first = int(mac[:2], 16)
+    if first & 1:
+        raise InventoryError(where, f"{mac} is a multicast/broadcast address, not a network card")
+    if mac == "00:00:00:00:00:00":
+        raise InventoryError(where, "00:00:00:00:00:00 is not a network card")
+    return mac
+
+
+def _hostname(where: str, name: Any) -> str:
+    if not isinstance(name, str):
+        raise InventoryError(where, f"expected a host name as a string, got {name!r}")
+    if len(name) > MAX_HOSTNAME_CHARS or not name:
+        raise InventoryError(where, f"a host name has 1 to {MAX_HOSTNAME_CHARS} characters")
+    for label in name.split("."):
+        check_name(where, label, what="host name label", dns=True)
+    return name
+
+
+def _host_ip(where: str, ip: Any) -> ipaddress.IPv4Address:
+    if isinstance(ip, str):
+        try:
+            ip = ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise InventoryError(where, f"not an IPv4 address: {ip!r}") from None
+    if not isinstance(ip, ipaddress.IPv4Address):
+        raise InventoryError(where, f"expected an IPv4 address as a string, got {ip!r}")
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise InventoryError(where, f"{ip} cannot be given to a host")
+    return ip
+
+
+def _as_inventory_error(e: ConfigError) -> InventoryError:
+    return e if isinstance(e, InventoryError) else InventoryError(e.path, e.reason)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named boot recipe: an image, an overlay kind and extra kernel arguments."""
+    name: str
+    image: str
+    overlay: str = "tmpfs"
+    append: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            check_name("profile.name", self.name, what="profile name")
+            check_name("profile.image", self.image, what="image name")
+            check_kernel_args("profile.append", self.append)
+        except ConfigError as e:
+            raise _as_inventory_error(e) from None
+        if self.overlay not in OVERLAYS:
+            raise InventoryError("profile.overlay", f"must be one of: {', '.join(OVERLAYS)} (got {self.overlay!r})")
+
+
+@dataclass(frozen=True)
+class Host:
+    """One machine, keyed by its MAC (normalized on construction)."""
+    mac: str
+    profile: str
+    hostname: str | None = None
+    image: str | None = None
+    ip: ipaddress.IPv4Address | None = None
+    append: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "mac", normalize_mac(self.mac, "host.mac"))
+            check_name("host.profile", self.profile, what="profile name")
+            if self.hostname is not None:
+                _hostname("host.hostname", self.hostname)
+            if self.image is not None:
+                check_name("host.image", self.image, what="image name")
+            if self.ip is not None:
+                object.__setattr__(self, "ip", _host_ip("host.ip", self.ip))
+            check_kernel_args("host.append", self.append)
+        except ConfigError as e:
+            raise _as_inventory_error(e) from None
+
+
+@dataclass(frozen=True)
+class BootTarget:
+    """What one machine boots: host -> profile -> image merged (``mac`` None for the default profile)."""
+    mac: str | None
+    hostname: str | None
+    profile: str
+    image: str
+    image_root: Path
+    kernel: str
+    initrd: str
+    overlay: str
+    append: str
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Profiles by name and hosts by normalized MAC; immutable and always consistent."""
+    profiles: Mapping[str, Profile] = field(default_factory=lambda: types.MappingProxyType({}))
+    hosts: Mapping[str, Host] = field(default_factory=lambda: types.MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "profiles", types.MappingProxyType(dict(self.profiles)))
+        object.__setattr__(self, "hosts", types.MappingProxyType(dict(self.hosts)))
+        for name, p in self.profiles.items():
+            if p.name != name:
+                raise InventoryError(f"profiles.{name}", f"keyed under a different name ({p.name!r})")
+        _cross_check(self.profiles, [(f"hosts[{mac}]", h) for mac, h in self.hosts.items()])
+        for mac, h in self.hosts.items():
+            if h.mac != mac:
+                raise InventoryError(f"hosts[{mac}]", f"keyed under a different MAC ({h.mac})")
+
+    def with_host(self, host: Host) -> "Inventory":
+        """A new inventory with ``host`` added, or replacing the host with the same MAC."""
+        hosts = dict(self.hosts)
+        hosts[host.mac] = host
+        if len(hosts) > MAX_HOSTS:
+            raise InventoryError("hosts", f"more than {MAX_HOSTS} hosts")
+        return Inventory(self.profiles, hosts)
+
+    def without_host(self, mac: str) -> "Inventory":
+        """A new inventory without the host ``mac``; InventoryError if it is not there."""
+        key = normalize_mac(mac)
+        if key not in self.hosts:
+            raise InventoryError(f"hosts[{key}]", "no such host")
+        return Inventory(self.profiles, {m: h for m, h in self.hosts.items() if m != key})
+
+    def resolve(self, mac: str, config: Config) -> BootTarget | None:
+        """The :class:`BootTarget` of ``mac`` (any accepted MAC spelling), or None.
+
+        A listed host merges host -> profile -> image (append: image, profile,
+        host in that order).  An unlisted MAC gets ``config.boot.default_profile``
+        with ``mac=None`` when ``config.dhcp.unknown_hosts`` is ``default``,
+        else None.  None also when the profile or image is missing (which
+        :func:`check_against` refuses at load time).  Raises InventoryError only
+        if ``mac`` itself is malformed.
+        """
+        host = self.hosts.get(normalize_mac(mac))
+        if host is None:
+            if config.dhcp.unknown_hosts != "default":
+                return None
+            profile = self.profiles.get(config.boot.default_profile)
+            image_name = profile.image if profile else None
+        else:
+            profile = self.profiles.get(host.profile)
+            image_name = (host.image or profile.image) if profile else None
+        image: ImageConfig | None = config.images.get(image_name) if image_name else None
+        if profile is None or image is None:
+            return None
+        parts = [image.append, profile.append, host.append if host else ""]
+        return BootTarget(mac=host.mac if host else None, hostname=host.hostname if host else None,
+                          profile=profile.name, image=image_name,
+                          image_root=image.root, kernel=image.kernel, initrd=image.initrd,
+                          overlay=profile.overlay, append=" ".join(p.strip() for p in parts if p.strip()))
+
+
+def _cross_check(profiles: Mapping[str, Profile], labelled: list[tuple[str, Host]]) -> None:
+    """Profiles exist; MACs, hostnames (case-insensitive) and IPs are unique."""
+    seen_mac: dict[str, str] = {}
+    names: dict[str, str] = {}
+    ips: dict[ipaddress.IPv4Address, str] = {}
+    for where, h in labelled:
+        if h.mac in seen_mac:
+            raise InventoryError(f"{where}.mac", f"duplicate MAC {h.mac} (already in {seen_mac[h.mac]})")
+        seen_mac[h.mac] = where
+        if h.profile not in profiles:
+            known = ", ".join(profiles) or "none defined"
+            raise InventoryError(f"{where}.profile", f"unknown profile {h.profile!r} (profiles: {known})")
+        if h.hostname is not None:
+            key = h.hostname.lower().rstrip(".")
+            if key in names:
+                raise InventoryError(f"{where}.hostname", f"duplicate host name {h.hostname!r} (already in {names[key]})")
+            names[key] = where
+        if h.ip is not None:
+            if h.ip in ips:
+                raise InventoryError(f"{where}.ip", f"duplicate address {h.ip} (already in {ips[h.ip]})")
+            ips[h.ip] = where
+
+
+def parse_inventory(text: str, source: str = "<string>") -> Inventory:
+    """Parse inventory YAML (pure); an empty document is an empty inventory."""
+    try:
+        root = Section(load_yaml(text, source), "")
+        root.allow("profiles", "hosts")
+        profiles: dict[str, Profile] = {}
+        psec = root.section("profiles")
+        for name in psec.keys():
+            check_name(psec.key(name), name, what="profile name")
+            s = psec.section(name, required=True)
+            s.allow("image", "overlay", "append")
+            s.require("image")
+            image = check_name(s.key("image"), s.get("image", str), what="image name")
+            profiles[name] = Profile(name=name, image=image, overlay=s.enum("overlay", OVERLAYS, "tmpfs"),
+                                     append=check_kernel_args(s.key("append"), s.get("append", str, "")))
+        raw_hosts = root.get("hosts", list, [])
+        if len(raw_hosts) > MAX_HOSTS:
+            raise InventoryError("hosts", f"more than {MAX_HOSTS} hosts")
+        labelled: list[tuple[str, Host]] = []
+        for i, item in enumerate(raw_hosts):
+            s = Section(item, f"hosts[{i}]")
+            s.allow("mac", "hostname", "profile", "image", "ip", "append")
+            s.require("mac", "profile")
+            mac = normalize_mac(s.get("mac", str), s.key("mac"))
+            hostname = s.get("hostname", str, None)
+            if hostname is not None:
+                _hostname(s.key("hostname"), hostname)
+            image = s.get("image", str, None)
+            if image is not None:
+                check_name(s.key("image"), image, what="image name")
+            ip = s.get("ip", str, None)
+            host = Host(mac=mac, profile=check_name(s.key("profile"), s.get("profile", str), what="profile name"),
+                        hostname=hostname, image=image,
+                        ip=_host_ip(s.key("ip"), ip) if ip is not None else None,
+                        append=check_kernel_args(s.key("append"), s.get("append", str, "")))
+            labelled.append((f"hosts[{i}]", host))
+        _cross_check(profiles, labelled)
+    except ConfigError as e:
+        raise _as_inventory_error(e) from None
+    return Inventory(profiles, {h.mac: h for _, h in labelled})
+
+
+def dump_inventory(inv: Inventory) -> str:
+    """YAML text that :func:`parse_inventory` reads back to an equal inventory."""
+    doc: dict[str, Any] = {
+        "profiles": {p.name: {"image": p.image, "overlay": p.overlay, "append": p.append}
+                     for p in inv.profiles.values()},
+        "hosts": [],
+    }
+    for h in inv.hosts.values():
+        entry: dict[str, Any] = {"mac": h.mac, "profile": h.profile}
+        if h.hostname is not None:
+            entry["hostname"] = h.hostname
+        if h.image is not None:
+            entry["image"] = h.image
+        if h.ip is not None:
+            entry["ip"] = str(h.ip)
+        if h.append:
+            entry["append"] = h.append
+        doc["hosts"].append(entry)
+    body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=4096)
+    return "# sidus inventory: hosts and profiles (written by sidusd; see `sidusctl hosts`)\n" + body
+
+
+def check_against(inv: Inventory, config: Config) -> None:
+    """Refuse references ``config`` cannot satisfy: images, the default profile, overlays, pool addresses."""
+    for name, p in inv.profiles.items():
+        if p.image not in config.images:
+            raise InventoryError(f"profiles.{name}.image", _unknown_image(p.image, config))
+        if p.overlay not in SUPPORTED_OVERLAYS:
+            raise InventoryError(f"profiles.{name}.overlay",
+                                 f"{p.overlay!r} is reserved and not supported yet (supported: "
+                                 f"{', '.join(SUPPORTED_OVERLAYS)})")
+    for mac, h in inv.hosts.items():
+        if h.image is not None and h.image not in config.images:
+            raise InventoryError(f"hosts[{mac}].image", _unknown_image(h.image, config))
+        pool = config.dhcp.pool
+        if h.ip is not None and config.dhcp.mode == "full" and pool is not None and h.ip not in pool.network:
+            raise InventoryError(f"hosts[{mac}].ip", f"{h.ip} is outside dhcp.pool.network {pool.network}")
+    if config.dhcp.unknown_hosts == "default" and config.boot.default_profile not in inv.profiles:
+        raise InventoryError(f"profiles.{config.boot.default_profile}",
+                             "missing: it is boot.default_profile and dhcp.unknown_hosts is default")
+
+
+def _unknown_image(name: str, config: Config) -> str:
+    return f"unknown image {name!r} (images in the config: {', '.join(config.images) or 'none'})"
