@@ -1,0 +1,204 @@
+"""Wire format of the control socket: versioned JSON lines.
+
+One request per line, one response line per request, UTF-8 JSON objects::
+
+    request   {"v": 1, "op": "hosts.add", "args": {"mac": "52:54:00:00:00:01", "profile": "default"}}
+    response  {"v": 1, "ok": true,  "result": ...}
+              {"v": 1, "ok": false, "error": "human readable message"}
+
+This module is shared by ``control/server.py`` and ``sidusctl`` (``sidusd/ctl.py``);
+it imports only the standard library and :mod:`sidusd.errors`.  It does no I/O.
+Decoders raise only :class:`~sidusd.errors.RemoteProtocolError` with a message
+fit to be sent back to the peer (the server answers it as an error response).
+
+The protocol is versioned as a whole: a request whose ``v`` is not
+:data:`PROTOCOL_VERSION` is refused with an error naming both versions.
+Requests are capped at :data:`MAX_REQUEST_BYTES` per line; responses (which can
+carry the whole client history) at :data:`MAX_RESPONSE_BYTES`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidusd.errors import RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_REQUEST_BYTES = 64 * 1024           # one request line, newline excluded
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024   # one response line (clients history can be large)
+DEFAULT_SOCKET_PATH = "/run/sidus/control.sock"   # = config.control.socket_path default
+SOCKET_ENV = "SIDUS_SOCKET"
+
+OP_STATUS = "status"
+OP_CLIENTS = "clients"
+OP_HOSTS_LIST = "hosts.list"
+OP_HOSTS_ADD = "hosts.add"
+OP_HOSTS_REMOVE = "hosts.remove"
+OP_RELOAD = "reload"
+
+_STR = "str"
+_OPT_STR = "str|null"
+_BOOL = "bool"
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """One argument of an op: its JSON type and whether it must be present."""
+
+    kind: str
+    required: bool = False
+
+
+#: Every op and the arguments it accepts.  Unknown args are refused.
+OPS: dict[str, dict[str, ArgSpec]] = {
+    OP_STATUS: {},
+    OP_CLIENTS: {"mac": ArgSpec(_OPT_STR)},
+    OP_HOSTS_LIST: {},
+    OP_HOSTS_ADD: {
+        "mac": ArgSpec(_STR, required=True),
+        "profile": ArgSpec(_STR, required=True),
+        "hostname": ArgSpec(_OPT_STR),
+        "image": ArgSpec(_OPT_STR),
+        "ip": ArgSpec(_OPT_STR),
+        "append": ArgSpec(_OPT_STR),
+        "replace": ArgSpec(_BOOL),
+    },
+    OP_HOSTS_REMOVE: {"mac": ArgSpec(_STR, required=True)},
+    OP_RELOAD: {},
+}
+
+MAX_ARG_CHARS = 4096    # any single string argument
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request: ``op`` is in :data:`OPS`, ``args`` match its spec."""
+
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Response:
+    """A decoded response: ``result`` when ``ok``, else ``error``."""
+
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+# -- helpers ---------------------------------------------------------------
+
+def _loads_object(line: bytes, cap: int, what: str) -> dict[str, Any]:
+    if len(line) > cap:
+        raise RemoteProtocolError(f"{what} line too long ({len(line)} bytes, limit {cap})")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError(f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    if not text.strip():
+        raise RemoteProtocolError(f"empty {what}")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    v = obj.get("v")
+    if v != PROTOCOL_VERSION or isinstance(v, bool):
+        raise RemoteProtocolError(
+            f"unsupported protocol version {v!r} (this side speaks v{PROTOCOL_VERSION})")
+    return obj
+
+
+def _check_arg(op: str, name: str, spec: ArgSpec, value: Any) -> None:
+    if value is None and spec.kind == _OPT_STR:
+        return
+    if spec.kind in (_STR, _OPT_STR):
+        if not isinstance(value, str):
+            raise RemoteProtocolError(f"{op}: argument {name!r} must be a string")
+        if len(value) > MAX_ARG_CHARS:
+            raise RemoteProtocolError(f"{op}: argument {name!r} is too long (limit {MAX_ARG_CHARS})")
+    elif spec.kind == _BOOL and not isinstance(value, bool):
+        raise RemoteProtocolError(f"{op}: argument {name!r} must be true or false")
+
+
+def validate_args(op: str, args: Any) -> dict[str, Any]:
+    """Check ``args`` against the spec of ``op``; return them as a new dict.
+
+    Raises :class:`RemoteProtocolError` naming the op and the offending argument.
+    """
+    if op not in OPS:
+        raise RemoteProtocolError(f"unknown op {op!r} (known: {', '.join(OPS)})")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise RemoteProtocolError(f"{op}: 'args' must be a JSON object")
+    spec = OPS[op]
+    unknown = sorted(set(args) - set(spec))
+    if unknown:
+        allowed = ", ".join(spec) or "none"
+        raise RemoteProtocolError(f"{op}: unknown argument(s) {', '.join(unknown)} (allowed: {allowed})")
+    for name, arg in spec.items():
+        if name not in args:
+            if arg.required:
+                raise RemoteProtocolError(f"{op}: missing argument {name!r}")
+            continue
+        _check_arg(op, name, arg, args[name])
+    return dict(args)
+
+
+# -- requests ----------------------------------------------------------------
+
+def encode_request(op: str, args: dict[str, Any] | None = None) -> bytes:
+    """One request line (with its trailing newline).  Validates like the server does."""
+    clean = validate_args(op, args or {})
+    line = json.dumps({"v": PROTOCOL_VERSION, "op": op, "args": clean},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+    if len(line) > MAX_REQUEST_BYTES:
+        raise RemoteProtocolError(f"request too long ({len(line)} bytes, limit {MAX_REQUEST_BYTES})")
+    return line + b"\n"
+
+
+def decode_request(line: bytes) -> Request:
+    """Parse and validate one request line (trailing newline optional)."""
+    obj = _loads_object(line.rstrip(b"\r\n"), MAX_REQUEST_BYTES, "request")
+    extra = sorted(set(obj) - {"v", "op", "args"})
+    if extra:
+        raise RemoteProtocolError(f"unknown request field(s): {', '.join(extra)}")
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise RemoteProtocolError("request has no 'op' string")
+    return Request(op=op, args=validate_args(op, obj.get("args")))
+
+
+# -- responses ---------------------------------------------------------------
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str).encode() + b"\n"
+
+
+def encode_ok(result: Any) -> bytes:
+    """A success response line.  Values JSON cannot carry are sent as strings."""
+    return _dump({"v": PROTOCOL_VERSION, "ok": True, "result": result})
+
+
+def encode_error(message: str) -> bytes:
+    """An error response line carrying ``message`` (shown as is to the operator)."""
+    return _dump({"v": PROTOCOL_VERSION, "ok": False, "error": str(message)})
+
+
+def decode_response(line: bytes) -> Response:
+    """Parse one response line; raise :class:`RemoteProtocolError` if it is not one."""
+    obj = _loads_object(line.rstrip(b"\r\n"), MAX_RESPONSE_BYTES, "response")
+    ok = obj.get("ok")
+    if ok is True:
+        return Response(ok=True, result=obj.get("result"))
+    if ok is False:
+        error = obj.get("error")
+        if not isinstance(error, str):
+            raise RemoteProtocolError("error response without an 'error' string")
+        return Response(ok=False, error=error)
+    raise RemoteProtocolError("response has no boolean 'ok'")

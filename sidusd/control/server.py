@@ -1,0 +1,362 @@
+"""The control socket: a unix stream socket speaking :mod:`sidusd.control.messages`.
+
+Safety of the socket file (``config.control.socket_path``):
+
+* the parent directory is created with mode 0755 when missing;
+* the socket is bound inside a private 0700 temporary directory next to the final
+  path, set to mode 0600, then renamed into place: it is never reachable with
+  wider permissions and ``rename`` replaces a stale socket without following a
+  symlink;
+* an existing path that is not a socket (a regular file, a symlink...) is never
+  removed: start-up fails and says why; a socket another process still listens
+  on is left alone (another sidusd is running);
+* peers are also checked with ``SO_PEERCRED``: only root (or the daemon's own
+  user) may talk to it.
+
+Every connection is bounded: at most ``max_connections`` at once, a read timeout
+per connection, request lines capped at ``MAX_REQUEST_BYTES``.  A bad line gets
+an error response and the connection keeps serving; nothing a peer sends can
+stop the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+import stat
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from .. import __version__
+from ..errors import ControlError, RemoteProtocolError, SidusError, StartupError
+from ..observability import get_logger
+from . import messages as m
+
+MAX_CONNECTIONS = 16
+READ_TIMEOUT_S = 60.0
+WRITE_TIMEOUT_S = 10.0
+_TOO_LONG = object()
+
+
+class ControlServer:
+    """Serve control requests for ``runtime`` and report on ``services``.
+
+    ``services`` maps a name to an object with ``listeners() -> list[dict]``
+    (and, for TFTP, ``active_transfers() -> int``).
+    """
+
+    def __init__(self, runtime: Any, services: dict[str, Any], *, socket_path: str | os.PathLike | None = None,
+                 max_connections: int = MAX_CONNECTIONS, read_timeout_s: float = READ_TIMEOUT_S):
+        self.runtime = runtime
+        self.services = services
+        self.path = Path(socket_path if socket_path is not None else runtime.config.control.socket_path)
+        self.max_connections = max_connections
+        self.read_timeout_s = read_timeout_s
+        self._server: asyncio.AbstractServer | None = None
+        self._ino: tuple[int, int] | None = None
+        self._conns: set[asyncio.Task] = set()
+        self.log = get_logger("control", socket=str(self.path))
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        """Bind the socket (see module docstring) and start accepting."""
+        sock = _bind_safely(self.path)
+        st = os.lstat(self.path)
+        self._ino = (st.st_dev, st.st_ino)
+        self._server = await asyncio.start_unix_server(
+            self._on_connection, sock=sock, limit=m.MAX_REQUEST_BYTES + 1)
+        self.log.info("control.started", mode=oct(stat.S_IMODE(st.st_mode)))
+
+    async def stop(self) -> None:
+        """Stop accepting, close open connections and remove our socket file."""
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._conns):
+            task.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._ino:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.log.info("control.stopped")
+
+    # -- connections -------------------------------------------------------------
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        obs = self.runtime.observer
+        try:
+            uid = _peer_uid(writer)
+            if uid is not None and uid not in (0, os.geteuid()):
+                obs.count("control.refused")
+                self.log.warning("control.refused", reason="uid", uid=uid)
+                await self._send(writer, m.encode_error("permission denied: the control socket is for root"))
+                return
+            if len(self._conns) >= self.max_connections:
+                obs.count("control.refused")
+                self.log.warning("control.refused", reason="too_many_connections", limit=self.max_connections)
+                await self._send(writer, m.encode_error(
+                    f"too many control connections (limit {self.max_connections}), try again"))
+                return
+            self._conns.add(task)
+            async for line in self._lines(reader):
+                await self._send(writer, await self._answer(line))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except TimeoutError:
+            obs.count("control.timeouts")
+            self.log.info("control.timeout", timeout_s=self.read_timeout_s)
+        finally:
+            self._conns.discard(task)
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _lines(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes | object]:
+        """Request lines; ``_TOO_LONG`` for each line over the cap (its bytes discarded)."""
+        buf = bytearray()
+        discarding = False
+        while True:
+            chunk = await asyncio.wait_for(reader.read(m.MAX_REQUEST_BYTES + 1), self.read_timeout_s)
+            if not chunk:
+                if buf and not discarding:
+                    yield bytes(buf)
+                return
+            buf += chunk
+            while True:
+                i = buf.find(b"\n")
+                if i < 0:
+                    if len(buf) > m.MAX_REQUEST_BYTES:
+                        if not discarding:
+                            yield _TOO_LONG
+                        discarding = True
+                        buf.clear()
+                    break
+                line = bytes(buf[:i])
+                del buf[:i + 1]
+                if discarding:
+                    discarding = False
+                elif len(line) > m.MAX_REQUEST_BYTES:
+                    yield _TOO_LONG
+                elif line.strip():
+                    yield line
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+
+    async def _answer(self, line: bytes | object) -> bytes:
+        """The response line for one request line.  Never raises for peer input."""
+        obs = self.runtime.observer
+        obs.count("control.requests")
+        if line is _TOO_LONG:
+            obs.count("control.malformed")
+            self.log.warning("control.bad_request", error="line too long")
+            return m.encode_error(f"request line too long (limit {m.MAX_REQUEST_BYTES} bytes)")
+        try:
+            req = m.decode_request(line)  # type: ignore[arg-type]
+        except RemoteProtocolError as exc:
+            obs.count("control.malformed")
+            self.log.warning("control.bad_request", error=str(exc))
+            return m.encode_error(str(exc))
+        try:
+            result = await self._dispatch(req)
+        except (ControlError, SidusError) as exc:
+            obs.count("control.errors")
+            self.log.info("control.request", op=req.op, ok=False, error=str(exc))
+            return m.encode_error(str(exc))
+        except Exception as exc:  # a bug must not stop the server: report it, keep serving
+            obs.count("control.internal_errors")
+            self.log.exception("control.internal_error", op=req.op)
+            return m.encode_error(f"internal error in {req.op}: {type(exc).__name__}: {exc}")
+        self.log.info("control.request", op=req.op, ok=True)
+        return m.encode_ok(result)
+
+    # -- ops ----------------------------------------------------------------------
+    async def _dispatch(self, req: m.Request) -> Any:
+        handler = {
+            m.OP_STATUS: self._status,
+            m.OP_CLIENTS: self._clients,
+            m.OP_HOSTS_LIST: self._hosts_list,
+            m.OP_HOSTS_ADD: self._hosts_add,
+            m.OP_HOSTS_REMOVE: self._hosts_remove,
+            m.OP_RELOAD: self._reload,
+        }[req.op]
+        return await handler(**req.args)
+
+    async def _status(self) -> dict[str, Any]:
+        st = dict(self.runtime.status())
+        listeners: dict[str, Any] = {}
+        active = 0
+        for name, svc in self.services.items():
+            try:
+                listeners[name] = list(svc.listeners())
+                if hasattr(svc, "active_transfers"):
+                    active += int(svc.active_transfers())
+            except Exception as exc:  # one broken service must not hide the others
+                listeners[name] = [{"error": f"{type(exc).__name__}: {exc}"}]
+        started = st.get("started_at")
+        uptime = st.get("uptime_s")
+        if uptime is None and isinstance(started, (int, float)):
+            uptime = round(time.time() - started, 1)
+        return {
+            "version": __version__, "pid": st.get("pid", os.getpid()),
+            "started_at": started, "uptime_s": uptime,
+            "config_path": st.get("config_path"), "generation": st.get("generation"),
+            "last_reload": st.get("last_reload"), "listeners": listeners,
+            "active_transfers": active, "counters": self.runtime.observer.snapshot(),
+            "backend_status": st.get("backend_status", {}),
+        }
+
+    async def _clients(self, mac: str | None = None) -> list[dict[str, Any]]:
+        records = list(self.runtime.observer.clients.values())
+        records.reverse()                               # most recently seen first
+        if mac is not None:
+            want = _normalize(mac)
+            records = [r for r in records if r.mac == want]
+            if not records:
+                raise ControlError(f"no machine with MAC {want} seen recently")
+        return [r.as_dict() for r in records]
+
+    async def _hosts_list(self) -> list[dict[str, Any]]:
+        hosts = self.runtime.inventory.hosts
+        return [host_dict(h) for _, h in sorted(hosts.items())]
+
+    async def _hosts_add(self, mac: str, profile: str, hostname: str | None = None, image: str | None = None,
+                         ip: str | None = None, append: str | None = None, replace: bool = False) -> dict[str, Any]:
+        from ..boot.inventory import Host
+        mac = _normalize(mac)
+        host = Host(mac=mac, hostname=hostname, profile=profile, image=image, ip=ip, append=append)
+
+        def add(inv: Any) -> Any:
+            if mac in inv.hosts and not replace:
+                raise ControlError(f"host {mac} is already in the inventory "
+                                   "(remove it first, or use --replace)")
+            return inv.with_host(host)
+
+        new = await self.runtime.edit_inventory(add)
+        self.log.info("control.host_added", mac=mac, profile=profile, replaced=replace)
+        return host_dict(new.hosts[mac])
+
+    async def _hosts_remove(self, mac: str) -> dict[str, Any]:
+        mac = _normalize(mac)
+
+        def remove(inv: Any) -> Any:
+            if mac not in inv.hosts:
+                raise ControlError(f"no host {mac} in the inventory")
+            return inv.without_host(mac)
+
+        await self.runtime.edit_inventory(remove)
+        self.log.info("control.host_removed", mac=mac)
+        return {"removed": mac}
+
+    async def _reload(self) -> dict[str, Any]:
+        res = await self.runtime.reload()
+        if not res.ok:
+            raise ControlError(f"reload refused, the previous configuration keeps serving: {res.error}")
+        return {"ok": True, "generation": self.runtime.generation,
+                "restart_needed": list(res.restart_needed)}
+
+
+# -- helpers --------------------------------------------------------------------
+
+def _normalize(mac: str) -> str:
+    from ..boot.inventory import normalize_mac
+    try:
+        return normalize_mac(mac)
+    except (ValueError, SidusError) as exc:
+        raise ControlError(str(exc)) from None
+
+
+def host_dict(host: Any) -> dict[str, Any]:
+    """A host of the inventory as a JSON-able dict (None fields kept, for tables)."""
+    if dataclasses.is_dataclass(host):
+        d = dataclasses.asdict(host)
+    else:
+        d = dict(vars(host))
+    return {k: (v if v is None or isinstance(v, (str, int, float, bool)) else str(v)) for k, v in d.items()}
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def _bind_safely(path: Path) -> socket.socket:
+    """A listening unix socket at ``path``, mode 0600 from its first instant."""
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(mode=0o755, parents=True)
+            os.chmod(parent, 0o755)
+        except OSError as exc:
+            raise StartupError(f"control socket: cannot create {parent}: {exc.strerror}") from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StartupError(f"control socket {path}: {exc.strerror}") from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
+            raise StartupError(f"control socket {path} exists and is {kind}: refusing to replace it "
+                               "(remove it by hand if it is yours)")
+        if _is_live(path):
+            raise StartupError(f"control socket {path} is in use: is another sidusd running?")
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".sidus-ctl-", dir=parent)   # mode 0700
+    except OSError as exc:
+        raise StartupError(f"control socket: cannot write in {parent}: {exc.strerror}") from None
+    tmp = os.path.join(tmpdir, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        sock.listen(64)
+        os.rename(tmp, path)            # atomic; replaces a stale socket, never follows a link
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"control socket {path}: {exc.strerror}") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.rmdir(tmpdir)
+    sock.setblocking(False)
+    return sock
+
+
+def _is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True         # cannot tell (e.g. EAGAIN on a full backlog): do not take it over
+    else:
+        return True
+    finally:
+        probe.close()

@@ -1,0 +1,321 @@
+"""`sidusctl`: the operator's command line for a running sidusd.
+
+    sidusctl [--socket PATH] [--json] status
+    sidusctl clients [MAC]
+    sidusctl hosts list
+    sidusctl hosts add MAC --profile P [--hostname H] [--image I] [--ip A] [--append ARGS] [--replace]
+    sidusctl hosts remove MAC
+    sidusctl reload
+
+It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``,
+else ``/run/sidus/control.sock``) with :mod:`sidusd.control.messages`, and
+imports nothing else of the daemon but :func:`sidusd.boot.inventory.normalize_mac`.
+
+Exit codes: 0 success; 1 the daemon answered with an error (refused request,
+failed reload); 2 usage error (bad option, invalid MAC); 3 the daemon is not
+reachable (no socket, connection refused, no answer); 4 permission denied
+(root is needed); 5 the daemon's answer is not a valid response.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import socket
+import sys
+from typing import Any, Sequence
+
+from sidusd.control import messages as m
+from sidusd.errors import RemoteProtocolError, SidusError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PERMISSION, EXIT_PROTOCOL = range(6)
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class CtlError(Exception):
+    """A failure to report on stderr with exit status ``code``."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# -- talking to the daemon ---------------------------------------------------
+
+def call(path: str, op: str, args: dict[str, Any] | None = None,
+         timeout_s: float = DEFAULT_TIMEOUT_S) -> m.Response:
+    """Send one request to the daemon at ``path`` and return its decoded response."""
+    request = m.encode_request(op, args)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout_s)
+        try:
+            s.connect(path)
+        except FileNotFoundError:
+            raise CtlError(EXIT_UNREACHABLE, f"sidusd is not running: no control socket at {path}") from None
+        except ConnectionRefusedError:
+            raise CtlError(EXIT_UNREACHABLE,
+                           f"sidusd is not running: {path} refuses connections (stale socket)") from None
+        except PermissionError:
+            raise CtlError(EXIT_PERMISSION,
+                           f"permission denied on {path}: sidusctl must run as root") from None
+        except TimeoutError:
+            raise CtlError(EXIT_UNREACHABLE, f"sidusd does not accept connections on {path}") from None
+        except OSError as exc:
+            raise CtlError(EXIT_UNREACHABLE, f"cannot connect to {path}: {exc.strerror or exc}") from None
+        buf = bytearray()
+        try:
+            s.sendall(request)
+            while b"\n" not in buf:
+                if len(buf) > m.MAX_RESPONSE_BYTES:
+                    raise CtlError(EXIT_PROTOCOL, f"response from sidusd exceeds {m.MAX_RESPONSE_BYTES} bytes")
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    raise CtlError(EXIT_PROTOCOL, "sidusd closed the connection without answering")
+                buf += chunk
+        except TimeoutError:
+            raise CtlError(EXIT_UNREACHABLE, f"no answer from sidusd within {timeout_s:g} s ({path})") from None
+        except OSError as exc:
+            raise CtlError(EXIT_UNREACHABLE, f"connection to {path} failed: {exc.strerror or exc}") from None
+    try:
+        return m.decode_response(bytes(buf[:buf.index(b"\n")]))
+    except RemoteProtocolError as exc:
+        raise CtlError(EXIT_PROTOCOL, f"bad response from sidusd: {exc}") from None
+
+
+# -- formatting (pure) ---------------------------------------------------------
+
+def fmt_size(n: Any) -> str:
+    """``412 B``, ``1.5 KiB``, ``34.2 MiB``."""
+    if not isinstance(n, (int, float)):
+        return "-"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def fmt_duration(s: Any) -> str:
+    """``0.01 s``, ``12.3 s``, ``4 min 5 s``, ``3 h 2 min``, ``2 d 4 h``."""
+    if not isinstance(s, (int, float)):
+        return "-"
+    if s < 10:
+        return f"{s:.2f} s"
+    if s < 60:
+        return f"{s:.1f} s"
+    s = int(s)
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def fmt_time(t: Any, tz: dt.tzinfo | None = None, millis: bool = False) -> str:
+    """A timestamp (seconds since the epoch) in local time (or ``tz``)."""
+    if not isinstance(t, (int, float)):
+        return "-"
+    d = dt.datetime.fromtimestamp(t, tz)
+    return d.strftime("%H:%M:%S.") + f"{d.microsecond // 1000:03d}" if millis else d.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _cell(v: Any) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_cell(x) for x in v) or "-"
+    if isinstance(v, dict):
+        return " ".join(f"{k}={_cell(x)}" for k, x in v.items()) or "-"
+    return str(v)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "") -> list[str]:
+    """Left-aligned columns separated by two spaces (trailing spaces stripped)."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return [(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths))).rstrip() for r in cells]
+
+
+def _keys(dicts: Sequence[dict[str, Any]], first: Sequence[str] = ()) -> list[str]:
+    keys = [k for k in first if any(k in d for d in dicts)]
+    for d in dicts:
+        keys += [k for k in d if k not in keys]
+    return keys
+
+
+def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
+    """The `sidusctl status` page."""
+    out = [f"sidusd {r.get('version', '?')}  pid {r.get('pid', '?')}  up {fmt_duration(r.get('uptime_s'))}",
+           f"config            {r.get('config_path') or '-'} (generation {r.get('generation', '-')})"]
+    lr = r.get("last_reload")
+    if not lr:
+        out.append("last reload       none since start")
+    elif lr.get("ok"):
+        out.append(f"last reload       ok at {fmt_time(lr.get('t'), tz)}")
+        out += [f"                  note: {x}" for x in lr.get("restart_needed") or []]
+    else:
+        out.append(f"last reload       REFUSED at {fmt_time(lr.get('t'), tz)}: {lr.get('error')}")
+    out.append(f"TFTP transfers    {r.get('active_transfers', 0)} in flight")
+    rows = [{"service": name, **l} for name, ls in (r.get("listeners") or {}).items() for l in ls]
+    out += [""] + (table([k.upper() for k in _keys(rows, ["service"])],
+                         [[d.get(k) for k in _keys(rows, ["service"])] for d in rows])
+                   if rows else ["no listeners"])
+    backends = r.get("backend_status") or {}
+    if backends:
+        brows = [{"backend": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in backends.items()]
+        keys = _keys(brows, ["backend", "ok"])
+        out += [""] + table([k.upper() for k in keys], [[d.get(k) for k in keys] for d in brows])
+    counters = r.get("counters") or {}
+    out += [""] + (table(["COUNTER", "VALUE"], sorted(counters.items())) if counters else ["no counters yet"])
+    return "\n".join(out)
+
+
+_POSITIONAL = ("event", "t", "file", "bytes", "size", "duration_s")
+
+
+def render_event(e: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
+    """One timeline line: ``12:03:04.123  tftp  pxelinux.0  412 B  0.01 s``."""
+    parts = [fmt_time(e.get("t"), tz, millis=True), str(e.get("event", "?"))]
+    size = e.get("bytes", e.get("size"))
+    rest = {k: v for k, v in e.items() if k not in _POSITIONAL}
+    if "file" in e and size is not None:
+        parts += [str(e["file"]), fmt_size(size)]
+        if "duration_s" in e:
+            parts.append(fmt_duration(e["duration_s"]))
+    else:
+        rest = {k: v for k, v in e.items() if k not in ("event", "t")}
+    parts += [f"{k}={_cell(v)}" for k, v in rest.items()]
+    return "  ".join(parts)
+
+
+def render_clients(clients: list[dict[str, Any]], tz: dt.tzinfo | None = None) -> str:
+    """Each recently seen machine, then its boot timeline indented."""
+    if not clients:
+        return "no machine seen yet"
+    lines = table(["MAC", "IP", "ARCH", "LAST SEEN", "EVENTS"],
+                  [[c.get("mac"), c.get("ip"), c.get("arch"), fmt_time(c.get("last_seen"), tz),
+                    len(c.get("timeline") or [])] for c in clients])
+    out = [lines[0]]
+    for line, c in zip(lines[1:], clients):
+        out.append(line)
+        out += ["    " + render_event(e, tz) for e in c.get("timeline") or []]
+    return "\n".join(out)
+
+
+_HOST_COLS = ("mac", "hostname", "profile", "image", "ip", "append")
+
+
+def render_hosts(hosts: list[dict[str, Any]]) -> str:
+    """The inventory's hosts as a table."""
+    if not hosts:
+        return "no hosts in the inventory"
+    keys = list(_HOST_COLS) + [k for k in _keys(hosts) if k not in _HOST_COLS]
+    return "\n".join(table([k.upper() for k in keys], [[h.get(k) for k in keys] for h in hosts]))
+
+
+def render(op: str, result: Any, tz: dt.tzinfo | None = None) -> str:
+    """The human output of ``op`` for a successful ``result``."""
+    if op == m.OP_STATUS:
+        return render_status(result, tz)
+    if op == m.OP_CLIENTS:
+        return render_clients(result, tz)
+    if op == m.OP_HOSTS_LIST:
+        return render_hosts(result)
+    if op == m.OP_HOSTS_ADD:
+        return f"host {result.get('mac')} saved\n" + render_hosts([result])
+    if op == m.OP_HOSTS_REMOVE:
+        return f"host {result.get('removed')} removed"
+    if op == m.OP_RELOAD:
+        lines = [f"reloaded (generation {result.get('generation', '-')})"]
+        return "\n".join(lines + [f"warning: {x}" for x in result.get("restart_needed") or []])
+    return json.dumps(result, indent=2)
+
+
+# -- command line ----------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS, metavar="PATH",
+                        help=f"control socket (default ${m.SOCKET_ENV} or {m.DEFAULT_SOCKET_PATH})")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the daemon's raw result as JSON")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help=f"give up waiting for the daemon after this long (default {DEFAULT_TIMEOUT_S:g})")
+    p = argparse.ArgumentParser(prog="sidusctl", parents=[common], description="Control a running sidusd.",
+                                epilog="exit codes: 0 ok, 1 daemon error, 2 usage, 3 daemon unreachable, "
+                                       "4 permission denied, 5 bad response")
+    p.set_defaults(socket=None, json=False, timeout=DEFAULT_TIMEOUT_S)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("status", parents=[common], help="daemon, listeners, counters, backends")
+    c = sub.add_parser("clients", parents=[common], help="recently seen machines and their boot timeline")
+    c.add_argument("mac", nargs="?", help="only this machine")
+    h = sub.add_parser("hosts", parents=[common], help="the inventory's hosts")
+    hs = h.add_subparsers(dest="hosts_cmd", required=True, metavar="list|add|remove")
+    hs.add_parser("list", parents=[common], help="list the hosts")
+    a = hs.add_parser("add", parents=[common], help="add a host (written to the inventory file)")
+    a.add_argument("mac")
+    a.add_argument("--profile", required=True)
+    a.add_argument("--hostname")
+    a.add_argument("--image", help="image name (default: the profile's)")
+    a.add_argument("--ip", help="reserved address (full DHCP mode)")
+    a.add_argument("--append", metavar="ARGS", help="extra kernel command line arguments")
+    a.add_argument("--replace", action="store_true", help="replace the host if the MAC is already there")
+    r = hs.add_parser("remove", parents=[common], help="remove a host")
+    r.add_argument("mac")
+    sub.add_parser("reload", parents=[common], help="re-read config and inventory (like SIGHUP)")
+    return p
+
+
+def _mac(text: str) -> str:
+    from sidusd.boot.inventory import normalize_mac
+    try:
+        return normalize_mac(text)
+    except (ValueError, SidusError) as exc:
+        raise CtlError(EXIT_USAGE, f"invalid MAC address {text!r}: {exc}") from None
+
+
+def _request(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    if ns.cmd == "clients":
+        return m.OP_CLIENTS, ({"mac": _mac(ns.mac)} if ns.mac else {})
+    if ns.cmd == "hosts":
+        if ns.hosts_cmd == "list":
+            return m.OP_HOSTS_LIST, {}
+        if ns.hosts_cmd == "remove":
+            return m.OP_HOSTS_REMOVE, {"mac": _mac(ns.mac)}
+        args = {"mac": _mac(ns.mac), "profile": ns.profile}
+        args.update({k: getattr(ns, k) for k in ("hostname", "image", "ip", "append") if getattr(ns, k) is not None})
+        if ns.replace:
+            args["replace"] = True
+        return m.OP_HOSTS_ADD, args
+    return {"status": m.OP_STATUS, "reload": m.OP_RELOAD}[ns.cmd], {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sidusctl`` console script; returns the exit code."""
+    ns = _parser().parse_args(argv)
+    path = ns.socket or os.environ.get(m.SOCKET_ENV) or m.DEFAULT_SOCKET_PATH
+    try:
+        op, args = _request(ns)
+        try:
+            resp = call(path, op, args, ns.timeout)
+        except RemoteProtocolError as exc:      # the request itself is refused locally
+            raise CtlError(EXIT_USAGE, str(exc)) from None
+        if not resp.ok:
+            raise CtlError(EXIT_ERROR, f"sidusd: {resp.error}")
+        print(json.dumps(resp.result, indent=2) if ns.json else render(op, resp.result))
+        return EXIT_OK
+    except CtlError as exc:
+        print(f"sidusctl: {exc}" if exc.code != EXIT_ERROR else str(exc), file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
