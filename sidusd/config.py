@@ -382,7 +382,11 @@ def _parse_nfs(s: Section, path_of) -> NfsConfig:
 
 
 def _tftp_relative(s: Section, key: str) -> str:
-    """A file name served over TFTP: relative, no '..', no whitespace or control characters."""
+    """A file name served over TFTP: relative, no '..', only ``A-Z a-z 0-9 . _ + ~ / @ = , -``.
+
+    The name goes into DHCP replies, pxelinux files and iPXE scripts (URLs), so it
+    stays in a character set that needs no quoting in any of them.
+    """
     value = s.get(key, str)
     where = s.key(key)
     if not value:
@@ -391,9 +395,14 @@ def _tftp_relative(s: Section, key: str) -> str:
         raise ConfigError(where, f"{value!r} is absolute; give a path relative to tftp.root")
     if ".." in value.split("/"):
         raise ConfigError(where, f"{value!r} contains '..'; give a path inside tftp.root")
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 or c == "\\" for c in value):
-        raise ConfigError(where, f"{value!r} contains whitespace, a backslash or a control character")
+    bad = sorted(set(value) - SAFE_FILE_CHARS)
+    if bad:
+        raise ConfigError(where, f"{value!r} contains {''.join(bad)!r}: allowed are letters, digits "
+                          "and . _ + ~ / @ = , -")
     return posixpath.normpath(value)
+
+
+SAFE_FILE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+~/@=,-")
 
 
 def _check_nfs_path(where: str, p: Path) -> None:
@@ -402,9 +411,10 @@ def _check_nfs_path(where: str, p: Path) -> None:
         raise ConfigError(where, f"{text!r} must be absolute (or relative to the config file)")
     if text == "/":
         raise ConfigError(where, "refusing to export the whole file system '/'")
-    if any(c.isspace() or c in ",:\\\"'" or ord(c) < 32 or ord(c) == 127 for c in text):
-        raise ConfigError(where, f"{text!r} contains whitespace, a quote, ',' ':' or a control "
-                          "character (it goes on the kernel command line as nfsroot=)")
+    bad = sorted(set(text) - (SAFE_FILE_CHARS - {","}))
+    if bad:
+        raise ConfigError(where, f"{text!r} contains {''.join(bad)!r}: allowed are letters, digits and "
+                          ". _ + ~ / @ = - (it goes on the kernel command line as nfsroot=)")
 
 
 def _check_ifname(where: str, name: str) -> None:

@@ -94,6 +94,8 @@ class Profile:
     append: str = ""
 
     def __post_init__(self) -> None:
+        if self.append is None:
+            object.__setattr__(self, "append", "")
         try:
             check_name("profile.name", self.name, what="profile name")
             check_name("profile.image", self.image, what="image name")
@@ -115,6 +117,8 @@ class Host:
     append: str = ""
 
     def __post_init__(self) -> None:
+        if self.append is None:
+            object.__setattr__(self, "append", "")
         try:
             object.__setattr__(self, "mac", normalize_mac(self.mac, "host.mac"))
             check_name("host.profile", self.profile, what="profile name")
@@ -175,9 +179,10 @@ class Inventory:
             raise InventoryError(f"hosts[{key}]", "no such host")
         return Inventory(self.profiles, {m: h for m, h in self.hosts.items() if m != key})
 
-    def resolve(self, mac: str, config: Config) -> BootTarget | None:
+    def resolve(self, mac: str | None, config: Config) -> BootTarget | None:
         """The :class:`BootTarget` of ``mac`` (any accepted MAC spelling), or None.
 
+        ``mac=None`` asks for what an unknown machine boots (``pxelinux.cfg/default``).
         A listed host merges host -> profile -> image (append: image, profile,
         host in that order).  An unlisted MAC gets ``config.boot.default_profile``
         with ``mac=None`` when ``config.dhcp.unknown_hosts`` is ``default``,
@@ -185,7 +190,7 @@ class Inventory:
         :func:`check_against` refuses at load time).  Raises InventoryError only
         if ``mac`` itself is malformed.
         """
-        host = self.hosts.get(normalize_mac(mac))
+        host = self.hosts.get(normalize_mac(mac)) if mac is not None else None
         if host is None:
             if config.dhcp.unknown_hosts != "default":
                 return None
