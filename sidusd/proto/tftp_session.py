@@ -1,0 +1,235 @@
+"""One TFTP read transfer as a pure state machine (aioquic / h11 style).
+
+Time is an argument: the edge calls :meth:`ReadSession.start`,
+:meth:`ReadSession.receive` and :meth:`ReadSession.handle_timer` with ``now``
+(seconds, any monotonic origin), then sends :meth:`ReadSession.datagrams_to_send`
+and arms one timer at :meth:`ReadSession.next_timer`.  No socket, no clock here.
+
+Behaviour (RFC 1350 section 6, RFC 2347, RFC 7440 section 4):
+
+* with options accepted, the OACK goes first and the transfer waits for ACK 0;
+* DATA blocks go out a window (``windowsize`` blocks) at a time; the transfer
+  waits for the ACK of the window's last block.  An ACK for an earlier block of
+  the window means the peer lost the next one: the next window starts right
+  after it (go-back-N, RFC 7440 section 4);
+* only an ACK that advances the window, or a timeout, causes sending: a
+  duplicated or stale ACK is ignored (no Sorcerer's Apprentice, RFC 1123
+  section 4.2.3.1);
+* block numbers are 16 bits on the wire and roll over from 65535 to 0 (what
+  iPXE, curl, atftp and busybox expect); internally blocks are absolute;
+* a timeout resends the OACK or the whole unacknowledged window; after
+  ``retries`` timeouts in a row without progress the transfer fails;
+* an ERROR from the peer ends the transfer.  An ERROR in reply to the OACK
+  (UEFI firmware probing ``tsize`` then aborting with code 8) is a normal end,
+  outcome ``probe``, not an error;
+* any other packet (DATA, RRQ, WRQ, OACK) is answered with ERROR 4 and ends it.
+
+The last block is always shorter than ``blksize`` (an empty block when the
+size is a multiple of it), RFC 1350 section 6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import tftp
+
+
+class Source(Protocol):
+    """What a transfer reads from: ``size`` bytes, read by offset."""
+
+    size: int
+
+    def read_block(self, offset: int, size: int) -> bytes: ...
+
+
+class BytesSource:
+    """A rendered document (or netascii-converted text) held in memory."""
+
+    __slots__ = ("data", "size")
+
+    def __init__(self, data: bytes):
+        self.data = bytes(data)
+        self.size = len(self.data)
+
+    def read_block(self, offset: int, size: int) -> bytes:
+        return self.data[offset:offset + size]
+
+
+@dataclass(frozen=True)
+class TransferSummary:
+    """The one record a transfer ends with (logged as ``tftp.transfer``).
+
+    ``outcome``: ``ok``, ``probe`` (peer aborted after the OACK), ``peer-error``,
+    ``timeout``, ``illegal`` (peer sent a packet a reader never sends), ``stopped``
+    (the server ended it), or ``running``.
+    """
+
+    bytes: int
+    blocks: int
+    retransmits: int
+    blksize: int
+    windowsize: int
+    duration_s: float
+    outcome: str
+    error: str | None
+
+
+_WAIT_OACK, _DATA, _DONE = "wait-oack-ack", "data", "done"
+
+
+class ReadSession:
+    """A read transfer of ``source`` (RFC 1350 section 6, RFC 2347, RFC 7440)."""
+
+    def __init__(self, source: Source, blksize: int = tftp.DEFAULT_BLKSIZE,
+                 windowsize: int = 1, timeout_s: float = 1.0, retries: int = 5,
+                 oack: tuple[tuple[str, str], ...] = ()):
+        if not tftp.BLKSIZE_MIN <= blksize <= tftp.BLKSIZE_MAX:
+            raise ValueError(f"blksize {blksize} outside 8..65464")
+        if not 1 <= windowsize <= tftp.WINDOWSIZE_MAX:
+            raise ValueError(f"windowsize {windowsize} outside 1..65535")
+        if timeout_s <= 0 or retries < 0:
+            raise ValueError("timeout_s must be > 0 and retries >= 0")
+        self.source = source
+        self.blksize = blksize
+        self.windowsize = windowsize
+        self.timeout_s = float(timeout_s)
+        self.retries = retries
+        self._oack = tftp.encode(tftp.OACK(tuple(oack))) if oack else None
+        self._last = source.size // blksize + 1      # number of blocks, >= 1
+        self._state = _WAIT_OACK if self._oack else _DATA
+        self._base = 1          # first unacknowledged block (absolute)
+        self._next = 1          # next block to send (absolute)
+        self._max_sent = 0      # highest block ever sent
+        self._control: list[bytes] = []
+        self._deadline: float | None = None
+        self._tries = 0
+        self._started: float | None = None
+        self._ended: float | None = None
+        self.retransmits = 0
+        self.ignored_acks = 0
+        self.outcome = "running"
+        self.error: str | None = None
+
+    # -- state ---------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """True once the transfer has ended (whatever the outcome)."""
+        return self._state == _DONE
+
+    @property
+    def bytes_acked(self) -> int:
+        return min(self.source.size, (self._base - 1) * self.blksize)
+
+    def start(self, now: float) -> None:
+        """Begin: the OACK (RFC 2347) or the first window of DATA is ready to send."""
+        self._started = now
+        if self._oack:
+            self._control.append(self._oack)
+
+    def _finish(self, now: float, outcome: str, error: str | None = None) -> None:
+        self._state = _DONE
+        self._ended = now
+        self._deadline = None
+        self.outcome = outcome
+        self.error = error
+
+    def abort(self, now: float, message: str, code: int = tftp.ERR_UNDEFINED) -> None:
+        """End the transfer from our side, telling the peer with an ERROR (RFC 1350 section 7)."""
+        if self.done:
+            return
+        self._control.append(tftp.error_packet(code, message))
+        self._finish(now, "stopped", message)
+
+    # -- input ---------------------------------------------------------------
+    def receive(self, packet: tftp.Packet, now: float) -> None:
+        """Handle one decoded packet from the peer's TID (RFC 1350 section 4)."""
+        if self.done:
+            return
+        if isinstance(packet, tftp.ACK):
+            self._on_ack(packet.block, now)
+        elif isinstance(packet, tftp.ERROR):
+            if self._state == _WAIT_OACK:
+                # RFC 2347: the client may refuse the OACK with ERROR 8; UEFI
+                # PXE does it on purpose after learning tsize.  A normal end.
+                self._finish(now, "probe")
+            else:
+                self._finish(now, "peer-error", f"peer error {packet.code}: {packet.message[:200]}")
+        else:
+            name = type(packet).__name__
+            self._control.append(tftp.error_packet(tftp.ERR_ILLEGAL, f"unexpected {name} during a read"))
+            self._finish(now, "illegal", f"peer sent {name}")
+
+    def _on_ack(self, block: int, now: float) -> None:
+        if self._state == _WAIT_OACK:
+            if block != 0:
+                self.ignored_acks += 1
+                return
+            self._state = _DATA
+            self._progress()
+            return
+        # Map the 16-bit number into the window [base - 1, max_sent].
+        ref = self._base - 1
+        n = ref + ((block - ref) & 0xFFFF)
+        if n < self._base or n > self._max_sent:
+            self.ignored_acks += 1          # duplicate or stale: never send on it
+            return
+        self._base = n + 1
+        self._next = self._base             # go-back-N after a partial window ACK
+        self._progress()
+        if n == self._last:
+            self._finish(now, "ok")
+
+    def _progress(self) -> None:
+        self._tries = 0
+        self._deadline = None
+
+    # -- timers --------------------------------------------------------------
+    def next_timer(self) -> float | None:
+        """When :meth:`handle_timer` must be called next (None: no timer)."""
+        return None if self.done else self._deadline
+
+    def handle_timer(self, now: float) -> None:
+        """Retransmit on timeout (RFC 1350 section 2), or give up after ``retries``."""
+        if self.done or self._deadline is None or now < self._deadline:
+            return
+        self._tries += 1
+        self._deadline = None
+        if self._tries > self.retries:
+            self._finish(now, "timeout", f"no ACK after {self.retries} retries")
+            return
+        if self._state == _WAIT_OACK:
+            self._control.append(self._oack)  # type: ignore[arg-type]
+            self.retransmits += 1
+        else:
+            self._next = self._base
+
+    # -- output --------------------------------------------------------------
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        """The datagrams due now, in order; arms the retransmission timer."""
+        out = self._control
+        self._control = []
+        if self._state == _DATA:
+            end = min(self._base + self.windowsize - 1, self._last)
+            bs, src = self.blksize, self.source
+            while self._next <= end:
+                n = self._next
+                out.append(tftp.data_header(n) + src.read_block((n - 1) * bs, bs))
+                if n <= self._max_sent:
+                    self.retransmits += 1
+                else:
+                    self._max_sent = n
+                self._next = n + 1
+        if out and not self.done:
+            self._deadline = now + self.timeout_s
+        return out
+
+    def summary(self, now: float | None = None) -> TransferSummary:
+        """The transfer's record: bytes and blocks acknowledged, retransmits, parameters."""
+        start = self._started if self._started is not None else 0.0
+        end = self._ended if self._ended is not None else (now if now is not None else start)
+        return TransferSummary(
+            bytes=self.bytes_acked, blocks=self._base - 1, retransmits=self.retransmits,
+            blksize=self.blksize, windowsize=self.windowsize,
+            duration_s=round(max(0.0, end - start), 6), outcome=self.outcome, error=self.error)
