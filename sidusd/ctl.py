@@ -103,11 +103,11 @@ def fmt_duration(s: Any) -> str:
     """``0.01 s``, ``12.3 s``, ``4 min 5 s``, ``3 h 2 min``, ``2 d 4 h``."""
     if not isinstance(s, (int, float)):
         return "-"
-    if s < 10:
+    if round(s, 2) < 10:
         return f"{s:.2f} s"
-    if s < 60:
+    if round(s, 1) < 60:
         return f"{s:.1f} s"
-    s = int(s)
+    s = int(round(s))
     if s < 3600:
         return f"{s // 60} min {s % 60} s"
     if s < 86400:
@@ -176,6 +176,11 @@ def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
     return "\n".join(out)
 
 
+def _field(v: Any) -> str:
+    text = _cell(v)
+    return json.dumps(text, ensure_ascii=False) if not text or any(c.isspace() or c in "\"=" for c in text) else text
+
+
 _POSITIONAL = ("event", "t", "file", "bytes", "size", "duration_s")
 
 
@@ -190,7 +195,7 @@ def render_event(e: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
             parts.append(fmt_duration(e["duration_s"]))
     else:
         rest = {k: v for k, v in e.items() if k not in ("event", "t")}
-    parts += [f"{k}={_cell(v)}" for k, v in rest.items()]
+    parts += [f"{k}={_field(v)}" for k, v in rest.items()]
     return "  ".join(parts)
 
 
@@ -239,18 +244,24 @@ def render(op: str, result: Any, tz: dt.tzinfo | None = None) -> str:
 
 # -- command line ----------------------------------------------------------------
 
+def _options(p: argparse.ArgumentParser, main: bool) -> None:
+    """The global options, accepted before and after the command (``SUPPRESS`` on subcommands
+    so that they do not overwrite what was given before the command)."""
+    d = (lambda v: v) if main else (lambda v: argparse.SUPPRESS)
+    p.add_argument("--socket", default=d(None), metavar="PATH",
+                   help=f"control socket (default ${m.SOCKET_ENV} or {m.DEFAULT_SOCKET_PATH})")
+    p.add_argument("--json", action="store_true", default=d(False), help="print the daemon's raw result as JSON")
+    p.add_argument("--timeout", type=float, default=d(DEFAULT_TIMEOUT_S), metavar="SECONDS",
+                   help=f"give up waiting for the daemon after this long (default {DEFAULT_TIMEOUT_S:g})")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", default=argparse.SUPPRESS, metavar="PATH",
-                        help=f"control socket (default ${m.SOCKET_ENV} or {m.DEFAULT_SOCKET_PATH})")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print the daemon's raw result as JSON")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
-                        help=f"give up waiting for the daemon after this long (default {DEFAULT_TIMEOUT_S:g})")
-    p = argparse.ArgumentParser(prog="sidusctl", parents=[common], description="Control a running sidusd.",
+    _options(common, main=False)
+    p = argparse.ArgumentParser(prog="sidusctl", description="Control a running sidusd.",
                                 epilog="exit codes: 0 ok, 1 daemon error, 2 usage, 3 daemon unreachable, "
                                        "4 permission denied, 5 bad response")
-    p.set_defaults(socket=None, json=False, timeout=DEFAULT_TIMEOUT_S)
+    _options(p, main=True)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("status", parents=[common], help="daemon, listeners, counters, backends")
     c = sub.add_parser("clients", parents=[common], help="recently seen machines and their boot timeline")
@@ -277,7 +288,7 @@ def _mac(text: str) -> str:
     try:
         return normalize_mac(text)
     except (ValueError, SidusError) as exc:
-        raise CtlError(EXIT_USAGE, f"invalid MAC address {text!r}: {exc}") from None
+        raise CtlError(EXIT_USAGE, getattr(exc, "reason", None) or str(exc)) from None
 
 
 def _request(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:

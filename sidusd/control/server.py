@@ -173,7 +173,7 @@ class ControlServer:
             return m.encode_error(str(exc))
         try:
             result = await self._dispatch(req)
-        except (ControlError, SidusError) as exc:
+        except (SidusError, OSError) as exc:
             obs.count("control.errors")
             self.log.info("control.request", op=req.op, ok=False, error=str(exc))
             return m.encode_error(str(exc))
@@ -277,7 +277,7 @@ def _normalize(mac: str) -> str:
     try:
         return normalize_mac(mac)
     except (ValueError, SidusError) as exc:
-        raise ControlError(str(exc)) from None
+        raise ControlError(getattr(exc, "reason", None) or str(exc)) from None
 
 
 def host_dict(host: Any) -> dict[str, Any]:
