@@ -485,7 +485,8 @@ def load_yaml(text: str, source: str = "<string>") -> Any:
     try:
         return loader.get_single_data()
     except yaml.MarkedYAMLError as e:
-        raise ConfigError(source, _mark(e.problem_mark) + f"YAML syntax error: {e.problem}") from None
+        what = f"{e.context}, {e.problem}" if e.context else e.problem
+        raise ConfigError(source, _mark(e.problem_mark) + f"YAML syntax error: {what}") from None
     except yaml.YAMLError as e:
         raise ConfigError(source, f"YAML error: {e}") from None
     except RecursionError:
@@ -554,6 +555,29 @@ def check_name(where: str, name: Any, what: str = "name", dns: bool = False) -> 
     return name
 
 
+def _osa_distance(a: str, b: str) -> int:
+    """Edit distance counting an adjacent transposition as one edit (optimal string alignment)."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
+
+
+def suggest(word: str, choices: tuple[str, ...] | list[str]) -> str | None:
+    """The choice closest to a mistyped ``word`` (typos and swapped letters), or None."""
+    if not choices or len(word) > 64:
+        return None
+    best = min(choices, key=lambda c: (_osa_distance(word, c),
+                                       -difflib.SequenceMatcher(None, word, c).ratio()))
+    if _osa_distance(word, best) <= max(1, min(len(word), len(best)) // 3):
+        return best
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 class Section:
     """One YAML mapping being checked; every refusal carries its dotted key path."""
 
@@ -585,8 +609,8 @@ class Section:
         """Refuse any key not in ``allowed``, suggesting the closest allowed one."""
         for k in self.data:
             if k not in allowed:
-                close = difflib.get_close_matches(k, allowed, n=1, cutoff=0.6)
-                hint = f"did you mean {close[0]}?" if close else "allowed: " + ", ".join(allowed)
+                close = suggest(k, allowed)
+                hint = f"did you mean {close}?" if close else "allowed: " + ", ".join(allowed)
                 raise ConfigError(self.key(k), f"unknown key ({hint})")
 
     def require(self, *keys: str) -> None:

@@ -1,0 +1,292 @@
+"""sidusd.config: the example file, defaults, strictness (a table of refusals), reload keys."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import ipaddress
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidusd import config
+from sidusd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "config" / "sidus.yaml"
+
+BASE = {
+    "dhcp": {"mode": "full", "interfaces": ["eth1"],
+             "pool": {"network": "10.0.0.0/24", "range_start": "10.0.0.100", "range_end": "10.0.0.199",
+                      "router": "10.0.0.1"}},
+    "tftp": {"root": "/srv/sidus/tftp"},
+    "nfs": {"backend": "ganesha", "client_networks": ["10.0.0.0/24"]},
+    "images": {"demo": {"root": "/srv/sidus/images/demo", "kernel": "demo/vmlinuz",
+                        "initrd": "demo/initrd.img"}},
+}
+_DELETE = object()
+
+
+def variant(path: str, value) -> str:
+    """BASE with ``path`` (dotted) set to ``value`` (or deleted), as YAML text."""
+    doc = copy.deepcopy(BASE)
+    *parents, last = path.split(".")
+    node = doc
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return yaml.safe_dump(doc)
+
+
+def test_base_is_valid():
+    cfg = config.parse(variant("log.level", "info"))
+    assert cfg.dhcp.pool.range_start == ipaddress.IPv4Address("10.0.0.100")
+
+
+# (dotted key to change, new value, expected error path, expected words in the reason)
+BAD = [
+    ("dhcp.pool.rnage_start", "10.0.0.1", "dhcp.pool.rnage_start", "unknown key (did you mean range_start?)"),
+    ("tftpp", {}, "tftpp", "did you mean tftp?"),
+    ("tftp.prot", 69, "tftp.prot", "did you mean port?"),
+    ("log.colour", True, "log.colour", "unknown key (allowed: format, level)"),
+    ("tftp.port", True, "tftp.port", "expected an integer, got boolean True"),
+    ("tftp.port", "69", "tftp.port", "expected an integer, got string '69'"),
+    ("tftp.port", 0, "tftp.port", "between 1 and 65535"),
+    ("tftp.port", 65536, "tftp.port", "between 1 and 65535"),
+    ("dhcp.pxe_port", 70000, "dhcp.pxe_port", "between 1 and 65535"),
+    ("dhcp.pxe_port", 67, "dhcp.pxe_port", "same as dhcp.port"),
+    ("http.port", -1, "http.port", "between 1 and 65535"),
+    ("tftp.root", _DELETE, "tftp.root", "required key is missing"),
+    ("tftp", _DELETE, "tftp", "required key is missing"),
+    ("tftp", "somewhere", "tftp", "expected a mapping, got string"),
+    ("dhcp.interfaces", _DELETE, "dhcp.interfaces", "required key is missing"),
+    ("dhcp.interfaces", [], "dhcp.interfaces", "empty: list at least one interface"),
+    ("dhcp.interfaces", "eth1", "dhcp.interfaces", "expected a list"),
+    ("dhcp.interfaces", ["eth1", 5], "dhcp.interfaces[1]", "expected a string, got integer 5"),
+    ("dhcp.interfaces", ["a-very-long-interface"], "dhcp.interfaces[0]", "not a network interface name"),
+    ("dhcp.interfaces", ["eth1", "eth1"], "dhcp.interfaces", "listed twice"),
+    ("dhcp.mode", "fulll", "dhcp.mode", "must be one of: proxy, full, off (got 'fulll')"),
+    ("dhcp.mode", False, "dhcp.mode", "expected a string, got boolean False"),
+    ("dhcp.pool", _DELETE, "dhcp.pool", "required key is missing"),
+    ("dhcp.unknown_hosts", "boot", "dhcp.unknown_hosts", "must be one of: default, ignore"),
+    ("dhcp.pool.range_start", "10.0.1.5", "dhcp.pool.range_start", "not a host address of network 10.0.0.0/24"),
+    ("dhcp.pool.range_end", "10.0.0.255", "dhcp.pool.range_end", "not a host address"),
+    ("dhcp.pool.range_end", "10.0.0.50", "dhcp.pool.range_start", "is after range_end 10.0.0.50"),
+    ("dhcp.pool.range_start", "10.0.0.256", "dhcp.pool.range_start", "not an IPv4 address: '10.0.0.256'"),
+    ("dhcp.pool.network", "10.0.0.1/24", "dhcp.pool.network", "has host bits set"),
+    ("dhcp.pool.network", "10.0.0.0/33", "dhcp.pool.network", "not an IPv4 network"),
+    ("dhcp.pool.router", "10.9.0.1", "dhcp.pool.router", "outside network 10.0.0.0/24"),
+    ("dhcp.pool.dns_servers", ["10.0.0.1", "1.2.3"], "dhcp.pool.dns_servers[1]", "not an IPv4 address"),
+    ("dhcp.pool.domain", "bad_domain.example", "dhcp.pool.domain", "not a valid domain label"),
+    ("dhcp.pool.lease_time_s", -5, "dhcp.pool.lease_time_s", "out of range"),
+    ("dhcp.pool.lease_time_s", 2 ** 32, "dhcp.pool.lease_time_s", "out of range"),
+    ("tftp.address", "localhost", "tftp.address", "not an IPv4 address: 'localhost'"),
+    ("tftp.address", "::1", "tftp.address", "not an IPv4 address"),
+    ("tftp.timeout_s", -1, "tftp.timeout_s", "out of range"),
+    ("tftp.timeout_s", 0, "tftp.timeout_s", "out of range"),
+    ("tftp.timeout_s", float("nan"), "tftp.timeout_s", "out of range"),
+    ("tftp.timeout_s", "1", "tftp.timeout_s", "expected a number, got string '1'"),
+    ("tftp.max_blksize", 7, "tftp.max_blksize", "between 8 and 65464"),
+    ("tftp.max_blksize", 65465, "tftp.max_blksize", "between 8 and 65464"),
+    ("tftp.max_windowsize", 0, "tftp.max_windowsize", "between 1 and 65535"),
+    ("tftp.max_windowsize", 65536, "tftp.max_windowsize", "between 1 and 65535"),
+    ("tftp.max_transfers_per_client", 600, "tftp.max_transfers_per_client", "between 1 and 512"),
+    ("tftp.retries", -1, "tftp.retries", "out of range"),
+    ("tftp.enabled", "yes", "tftp.enabled", "expected a boolean (true or false), got string 'yes'"),
+    ("http.enabled", 1, "http.enabled", "expected a boolean (true or false), got integer 1"),
+    ("log.level", "verbose", "log.level", "must be one of: debug, info, warning, error"),
+    ("log.format", "xml", "log.format", "must be one of: auto, json, console"),
+    ("nfs.backend", "nfsd", "nfs.backend", "must be one of: ganesha, kernel, none"),
+    ("nfs.client_networks", _DELETE, "nfs.client_networks", "required when backend is ganesha"),
+    ("nfs.client_networks", ["10.0.0.0/24", "bad"], "nfs.client_networks[1]", "not an IPv4 network"),
+    ("nfs.mount_options", "tcp, vers=3", "nfs.mount_options", "without spaces"),
+    ("nfs.server_address", "10.0.0", "nfs.server_address", "not an IPv4 address"),
+    ("images.demo.kernel", "../../etc/shadow", "images.demo.kernel", "contains '..'"),
+    ("images.demo.kernel", "demo/../../x", "images.demo.kernel", "contains '..'"),
+    ("images.demo.initrd", "/boot/initrd.img", "images.demo.initrd", "is absolute"),
+    ("images.demo.initrd", "demo/initrd img", "images.demo.initrd", "contains ' '"),
+    ("images.demo.initrd", _DELETE, "images.demo.initrd", "required key is missing"),
+    ("images.demo.root", "/", "images.demo.root", "whole file system"),
+    ("images.demo.root", "/srv/a,b", "images.demo.root", "contains ','"),
+    ("images.demo.append", "quiet\ninit=/bin/sh", "images.demo.append", "control character"),
+    ("images.demo.append", "a=${x}", "images.demo.append", "not allowed in kernel arguments"),
+    ("images.demo.extra", 1, "images.demo.extra", "unknown key"),
+    ("images.bad name", {"root": "/x", "kernel": "k", "initrd": "i"}, "images.bad name", "not a valid image name"),
+    ("images.demo", "just-a-string", "images.demo", "expected a mapping"),
+    ("boot.boot_files.bios", "../pxelinux.0", "boot.boot_files.bios", "contains '..'"),
+    ("boot.boot_files.bios", None, "boot.boot_files.bios", "cannot be null"),
+    ("boot.boot_files.uefi_x64", "x" * 130, "boot.boot_files.uefi_x64", "longer than 127 bytes"),
+    ("boot.default_profile", "", "boot.default_profile", "not a valid profile name"),
+    ("boot.ipxe_chain", "false", "boot.ipxe_chain", "expected a boolean"),
+    ("state_dir", 5, "state_dir", "expected a string, got integer 5"),
+    ("control.socket_path", "", "control.socket_path", "non-empty path"),
+]
+
+
+@pytest.mark.parametrize("key,value,path,reason", BAD, ids=[f"{b[0]}={b[1]!r}"[:60] for b in BAD])
+def test_bad_config_refused_with_path_and_reason(key, value, path, reason):
+    with pytest.raises(ConfigError) as exc:
+        config.parse(variant(key, value))
+    assert exc.value.path == path
+    assert reason in exc.value.reason
+    assert str(exc.value) == f"{path}: {exc.value.reason}"
+
+
+def test_the_table_is_long_enough():
+    assert len({(k, repr(v)) for k, v, _, _ in BAD}) >= 30
+
+
+@pytest.mark.parametrize("text,path,reason", [
+    ("tftp: {root: /t, root: /u}\n", "<string>", "line 1, column 18: duplicate key 'root'"),
+    ("tftp: {root: /t\n", "<string>", "YAML syntax error"),
+    ("tftp:\n  root: /t\n   port: 69\n", "<string>", "line 3, column 8"),
+    ("- a\n- b\n", "<document>", "expected a mapping, got a list"),
+    ("tftp: {root: /t}\n---\nx: 1\n", "<string>", "single document"),
+    ("1: x\n", "1", "a key must be a string"),
+    ("? [a, b]\n: x\n", "<string>", "a key must be a plain value"),
+])
+def test_yaml_level_refusals(text, path, reason):
+    with pytest.raises(ConfigError) as exc:
+        config.parse(text)
+    assert exc.value.path == path
+    assert reason in str(exc.value)
+
+
+def test_yaml_12_scalars():
+    # 'off' is a word (YAML 1.1 would make it False); 010 is not octal; no sexagesimal ints.
+    cfg = config.parse("dhcp: {mode: off}\ntftp: {root: /t, port: 0x45, timeout_s: 2}\n")
+    assert cfg.dhcp.mode == "off" and cfg.dhcp.interfaces == ()
+    assert cfg.tftp.port == 69
+    assert cfg.tftp.timeout_s == 2.0 and isinstance(cfg.tftp.timeout_s, float)
+    with pytest.raises(ConfigError, match="expected an integer, got string '010'"):
+        config.parse("dhcp: {mode: off}\ntftp: {root: /t, port: 010}\n")
+    with pytest.raises(ConfigError, match="got string '1:09'"):
+        config.parse("dhcp: {mode: off}\ntftp: {root: /t, port: 1:09}\n")
+
+
+def test_minimal_config_gets_documented_defaults():
+    cfg = config.parse("dhcp: {interfaces: [eth0]}\ntftp: {root: /srv/tftp}\n")
+    assert cfg.state_dir == Path("/var/lib/sidus")
+    assert cfg.inventory_file == Path("/var/lib/sidus/inventory.yaml")
+    assert (cfg.log.format, cfg.log.level) == ("auto", "info")
+    assert cfg.control.socket_path == Path("/run/sidus/control.sock")
+    d = cfg.dhcp
+    assert (d.mode, d.interfaces, d.port, d.pxe_port, d.client_port, d.unknown_hosts, d.pool) == \
+        ("proxy", ("eth0",), 67, 4011, 68, "default", None)
+    assert cfg.boot.default_profile == "default" and cfg.boot.ipxe_chain is False
+    assert cfg.boot.boot_files == config.BootFiles("pxelinux.0", "syslinux.efi", None, None,
+                                                   "undionly.kpxe", "snponly.efi")
+    t = cfg.tftp
+    assert (t.enabled, t.address, t.port, t.root) == (True, ipaddress.IPv4Address("0.0.0.0"), 69, Path("/srv/tftp"))
+    assert (t.max_transfers, t.max_transfers_per_client, t.intake_queue) == (512, 16, 4096)
+    assert (t.max_blksize, t.max_windowsize, t.timeout_s, t.retries) == (65464, 64, 1.0, 5)
+    assert (cfg.http.enabled, str(cfg.http.address), cfg.http.port) == (False, "0.0.0.0", 8080)
+    n = cfg.nfs
+    assert (n.backend, n.server_address, n.mount_options, n.client_networks) == ("none", None, "tcp,vers=3", ())
+    assert n.ganesha_config == Path("/etc/ganesha/sidus.conf")
+    assert n.exports_file == Path("/etc/exports.d/sidus.exports")
+    assert dict(cfg.images) == {}
+
+
+def test_state_dir_moves_the_derived_defaults():
+    cfg = config.parse("state_dir: /data/sidus\ndhcp:\n  mode: full\n  interfaces: [e]\n  pool: "
+                       "{network: 10.1.0.0/16, range_start: 10.1.0.10, range_end: 10.1.0.10}\ntftp: {root: /t}\n")
+    assert cfg.inventory_file == Path("/data/sidus/inventory.yaml")
+    assert cfg.dhcp.pool.lease_file == Path("/data/sidus/leases.jsonl")
+
+
+def test_config_is_frozen():
+    cfg = config.parse("dhcp: {mode: off}\ntftp: {root: /t}\n")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.tftp.port = 70
+    with pytest.raises(TypeError):
+        cfg.images["x"] = None
+
+
+def _all_keys(cls, prefix=""):
+    """Dotted key names of a config dataclass tree (images excluded: user-named)."""
+    out = set()
+    for f in dataclasses.fields(cls):
+        if f.name in ("source", "images"):
+            continue
+        sub = {"log": config.LogConfig, "control": config.ControlConfig, "dhcp": config.DhcpConfig,
+               "pool": config.PoolConfig, "boot": config.BootConfig, "boot_files": config.BootFiles,
+               "tftp": config.TftpConfig, "http": config.HttpConfig, "nfs": config.NfsConfig}.get(f.name)
+        out.add(prefix + f.name)
+        if sub is not None:
+            out |= _all_keys(sub, prefix + f.name + ".")
+    return out
+
+
+def _yaml_keys(node, prefix=""):
+    out = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.add(prefix + k)
+            if k != "images":
+                out |= _yaml_keys(v, prefix + k + ".")
+    return out
+
+
+def test_example_file_parses_and_names_every_key():
+    cfg = config.read(EXAMPLE)
+    assert cfg.tftp.root == Path("/srv/sidus/tftp")
+    assert cfg.images["bookworm"].root == Path("/srv/sidus/images/bookworm/root")
+    assert cfg.nfs.backend == "ganesha" and cfg.dhcp.pool is not None
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    missing = _all_keys(config.Config) - _yaml_keys(raw)
+    assert not missing, f"config/sidus.yaml does not show: {sorted(missing)}"
+    assert set(raw["images"]["bookworm"]) == {f.name for f in dataclasses.fields(config.ImageConfig)}
+
+
+def test_read_resolves_relative_paths_against_the_file(tmp_path):
+    (tmp_path / "etc").mkdir()
+    f = tmp_path / "etc" / "sidus.yaml"
+    f.write_text("state_dir: ../state\ndhcp: {mode: off}\ntftp: {root: tftp}\n"
+                 "images: {d: {root: img/root, kernel: d/k, initrd: d/i}}\n")
+    cfg = config.read(f)
+    assert cfg.tftp.root == tmp_path / "etc" / "tftp"
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.inventory_file == tmp_path / "state" / "inventory.yaml"
+    assert cfg.images["d"].root == tmp_path / "etc" / "img" / "root"
+    assert cfg.source == str(f)
+
+
+def test_parse_without_base_dir_refuses_relative_image_root():
+    with pytest.raises(ConfigError) as exc:
+        config.parse("dhcp: {mode: off}\ntftp: {root: t}\nimages: {d: {root: img, kernel: k, initrd: i}}\n")
+    assert exc.value.path == "images.d.root" and "must be absolute" in exc.value.reason
+
+
+def test_read_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as exc:
+        config.read(missing)
+    assert (exc.value.path, exc.value.reason) == (str(missing), "no such file")
+    with pytest.raises(ConfigError, match="is a directory"):
+        config.read(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"tftp: {root: \xff}\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.read(bad)
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("dhcp:\n  mode: off\n tftp: x\n")
+    with pytest.raises(ConfigError) as exc:
+        config.read(syntax)
+    assert exc.value.path == str(syntax) and "line 3, column 2" in exc.value.reason
+
+
+def test_listener_key_and_restart_needed():
+    a = config.parse(variant("log.level", "info"))
+    b = config.parse(variant("log.level", "debug"))          # reloadable
+    assert a.listener_key() == b.listener_key() and config.restart_needed(a, b) == []
+    c = config.parse(variant("tftp.port", 6969))
+    d = config.parse(variant("dhcp.interfaces", ["eth1", "eth2"]))
+    assert a.listener_key() != c.listener_key() and config.restart_needed(a, c) == ["tftp.port"]
+    assert config.restart_needed(a, d) == ["dhcp.interfaces"]
+    e = config.parse(variant("control.socket_path", "/run/other.sock"))
+    assert config.restart_needed(a, e) == ["control.socket_path"]
