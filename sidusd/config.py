@@ -548,7 +548,7 @@ def check_name(where: str, name: Any, what: str = "name", dns: bool = False) -> 
     """A name: ``[A-Za-z0-9][A-Za-z0-9_.-]{0,62}``, or an RFC 1123 §2.1 host label when ``dns``."""
     if not isinstance(name, str):
         raise ConfigError(where, f"expected {what} as a string, got {describe(name)}")
-    if not (_DNS_LABEL if dns else _NAME).match(name):
+    if not (_DNS_LABEL if dns else _NAME).fullmatch(name):
         rule = ("letters, digits and '-', 1-63 characters, not starting or ending with '-' (RFC 1123)"
                 if dns else "letters, digits, '_', '.', '-', 1-63 characters, starting with a letter or digit")
         raise ConfigError(where, f"{name!r} is not a valid {what}: {rule}")

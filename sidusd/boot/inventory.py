@@ -46,7 +46,7 @@ def normalize_mac(text: Any, where: str = "mac") -> str:
 
     Anything else, a group or multicast address, or all zeros, raises InventoryError.
     """
-    if not isinstance(text, str) or not _MAC.match(text):
+    if not isinstance(text, str) or not _MAC.fullmatch(text):
         raise InventoryError(where, f"{text!r} is not a MAC address: six pairs of hex digits separated "
                              "by ':' or '-', e.g. 52:54:00:12:34:56")
     mac = text.lower().replace("-", ":")

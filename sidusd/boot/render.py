@@ -43,7 +43,7 @@ class RenderError(SidusError):
 
 
 def _check(what: str, value: str, pattern: re.Pattern) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise RenderError(f"refusing to render {what}={value!r}: unsafe characters for a boot file")
     return value
 

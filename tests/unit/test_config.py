@@ -121,6 +121,7 @@ BAD = [
     ("boot.boot_files.bios", None, "boot.boot_files.bios", "cannot be null"),
     ("boot.boot_files.uefi_x64", "x" * 130, "boot.boot_files.uefi_x64", "longer than 127 bytes"),
     ("boot.default_profile", "", "boot.default_profile", "not a valid profile name"),
+    ("boot.default_profile", "default\n", "boot.default_profile", "not a valid profile name"),
     ("boot.ipxe_chain", "false", "boot.ipxe_chain", "expected a boolean"),
     ("state_dir", 5, "state_dir", "expected a string, got integer 5"),
     ("control.socket_path", "", "control.socket_path", "non-empty path"),
