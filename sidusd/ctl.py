@@ -66,7 +66,10 @@ def call(path: str, op: str, args: dict[str, Any] | None = None,
             raise CtlError(EXIT_UNREACHABLE, f"cannot connect to {path}: {exc.strerror or exc}") from None
         buf = bytearray()
         try:
-            s.sendall(request)
+            try:
+                s.sendall(request)
+            except (BrokenPipeError, ConnectionResetError):
+                pass        # refused early (e.g. too many connections): its error line may be waiting
             while b"\n" not in buf:
                 if len(buf) > m.MAX_RESPONSE_BYTES:
                     raise CtlError(EXIT_PROTOCOL, f"response from sidusd exceeds {m.MAX_RESPONSE_BYTES} bytes")
