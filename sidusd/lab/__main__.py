@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .demo import HostSpec, Lab, boot_markers, missing_requirements
+from .demo import HostSpec, Lab, boot_markers, missing_requirements, tree_fingerprint
 from .vm import mac_for
 
 DEFAULT_WORKDIR = Path("/var/tmp/sidus-demo")
@@ -42,24 +42,21 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _verdict(lab: Lab, vm, tl, mac: str, passed_probe: bool | None) -> int:
+def _verdict(lab: Lab, vm, tl, mac: str, image_untouched: bool) -> int:
+    """Print PASS or FAIL (with the console tail); the exit code."""
     missing = tl.first_missing()
-    markers = boot_markers(vm.console_text())
-    if missing is None and passed_probe:
-        secs = tl.reached["ready"].t_s
-        _say(f"PASS: {mac} booted over the network in {secs:.1f} s "
+    if missing is None and image_untouched:
+        _say(f"PASS: {mac} booted over the network in {tl.reached['ready'].t_s:.1f} s "
              "(root on NFS read-only, / writable via overlay)")
         return 0
-    if missing is None and passed_probe is False:
-        missing = "the NFS root stayed unwritten (the guest's probe file reached the server's image)"
-    elif missing is None:
-        missing = "the guest's probe write ('SIDUS-BOOT: probe written')"
-    if "writable: no" in markers and "overlay" not in tl.reached:
+    if missing is None:
+        missing = "the image root on the server stayed unchanged (the guest wrote into it)"
+    elif "writable: no" in boot_markers(vm.console_text()):
         missing += " (the guest reported 'writable: no')"
     _say(f"FAIL: {missing} — last 30 console lines:")
     for line in vm.console_tail(30):
         _say(f"  | {line}")
-    _say("last sidusd events:")
+    _say("last sidusd log lines:")
     for line in lab.sidusd_log_tail(10):
         _say(f"  | {line}")
     return 1
@@ -71,28 +68,26 @@ def run_demo(workdir: Path, keep: bool, timeout_s: float) -> int:
 
     lab = Lab(workdir, mode="proxy", progress=lambda m: _say(f"== {m}"))
     mac = mac_for(0)
-    demo_mode = "shell" if keep else "poweroff"
     try:
         _say("== building the demo image (busybox root, Debian kernel, initramfs with the overlay hook)")
         image = build_demo_image(workdir / "image", progress=lambda m: _say(f"   {m}"))
-        lab.up(image, [HostSpec(mac, "demo1", f"sidus.demo={demo_mode}")])
+        before = tree_fingerprint(image.root)
+        lab.up(image, [HostSpec(mac, "demo1", "sidus.demo=" + ("shell" if keep else "poweroff"))])
         if keep:
             return _run_keep(lab, mac)
         _say(f"== booting VM {mac} (qemu, TCG, iPXE firmware); timeline:")
         vm = lab.boot_vm(mac, name="demo1")
         tl = lab.timeline(vm)
         lab.follow(vm, tl, timeout_s, on_step=lambda st: _say(f"  {st.t_s:6.1f} s  {st.label}"))
-        probe_ok = None
         if "ready" in tl.reached:
             vm.wait_exit(30)            # sidus.demo=poweroff: the guest ends itself
-            written = "probe written" in boot_markers(vm.console_text())
-            leaked = _probe_on_server(image)
-            probe_ok = written and not leaked
-            if written and not leaked:
-                _say("         probe file written in the guest, absent from the image on the server")
         elif vm.running():
             _say(f"  (gave up after {timeout_s:g} s)")
-        return _verdict(lab, vm, tl, mac, probe_ok)
+        vm.stop()
+        untouched = tree_fingerprint(image.root) == before
+        if untouched and "ready" in tl.reached:
+            _say(f"         image root on the server unchanged ({len(before)} entries)")
+        return _verdict(lab, vm, tl, mac, untouched)
     finally:
         _say("== tearing down the lab")
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut this short
@@ -101,15 +96,6 @@ def run_demo(workdir: Path, keep: bool, timeout_s: float) -> int:
         finally:
             signal.signal(signal.SIGINT, old)
         _say("== lab removed")
-
-
-def _probe_on_server(image) -> bool:
-    """True if the guest's probe file reached the exported image root (it must not)."""
-    probe = getattr(image, "probe_path", None)
-    if probe is None:
-        from . import image as image_mod
-        probe = getattr(image_mod, "PROBE_PATH", "/sidus-probe")
-    return (Path(image.root) / str(probe).lstrip("/")).exists()
 
 
 def _run_keep(lab: Lab, mac: str) -> int:

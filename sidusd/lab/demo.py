@@ -99,6 +99,8 @@ def _tftp_file(ev: dict[str, Any]) -> str | None:
     """The file of a *successful* TFTP transfer summary event, else None."""
     if ev.get("event") != "tftp.transfer" or ev.get("error"):
         return None
+    if ev.get("outcome", "ok") not in ("ok", "done"):   # e.g. a size probe the client abandoned
+        return None
     name = ev.get("file") or ev.get("filename")
     return name.lstrip("/") if isinstance(name, str) else None
 
@@ -133,7 +135,7 @@ class BootTimeline:
         self.labels = {"dhcp": "DHCP offer from sidusd", "pxelinux.0": "TFTP pxelinux.0",
                        "ldlinux.c32": "TFTP ldlinux.c32", "config": f"TFTP {cfg} (rendered for this MAC)",
                        "kernel": f"TFTP kernel {kernel}", "initrd": f"TFTP initrd {initrd}",
-                       "linux": "Linux kernel started", "root": "root mounted over NFS (read-only)",
+                       "linux": "Linux kernel started", "root": "root mounted",
                        "overlay": "overlay: / is writable (tmpfs)", "ready": "READY"}
         self.order = list(self.labels)
         self.reached: dict[str, Step] = {}
@@ -166,8 +168,11 @@ class BootTimeline:
         if "Linux version" in console:
             self._reach("linux", None, new)
         for marker in boot_markers(console):
-            if marker == "root mounted":
-                self._reach("root", None, new)
+            if marker.startswith("root mounted"):
+                # "root mounted: <dev> / <fstype> <options>" (the / line of /proc/mounts)
+                fields = marker.partition(":")[2].split()
+                fstype = f" ({fields[0]} {fields[2]})" if len(fields) >= 3 else ""
+                self._reach("root", None, new, self.labels["root"] + fstype)
             elif marker == "writable: yes":
                 self._reach("overlay", None, new)
             elif marker == "READY":
@@ -180,6 +185,35 @@ class BootTimeline:
             if key not in self.reached:
                 return self.labels[key]
         return None
+
+
+# Where the demo image's init writes its probe (sidus.demo=reboot-after-write and
+# every boot): inside the guest it lands in the tmpfs overlay, never in the image.
+DEFAULT_PROBE_PATH = "/var/sidus-reboot-probe"
+
+
+def server_probe_file(image: Any) -> Path:
+    """The path the guest's probe would have on the server if the NFS root were written."""
+    from . import image as image_mod
+    probe = getattr(image, "probe_path", None) or getattr(image_mod, "PROBE_PATH", DEFAULT_PROBE_PATH)
+    return Path(image.root) / str(probe).lstrip("/")
+
+
+def tree_fingerprint(root: Path) -> dict[str, tuple[int, int, int]]:
+    """``{relative path: (mode, size, mtime_ns)}`` of everything under ``root`` (symlinks not followed).
+
+    Taken before and after a boot, equal fingerprints show the guest wrote
+    nothing into the exported image root.
+    """
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    st = os.lstat(root)
+    out["."] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
 
 
 # (what must exist, the Debian package that provides it)

@@ -9,24 +9,16 @@ DHCP server, nfs-ganesha, the Debian kernel, sidusd started as
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
-
 import pytest
 
-from sidusd.lab.demo import HostSpec, boot_markers
+from sidusd.lab.demo import HostSpec, boot_markers, server_probe_file, tree_fingerprint
+from sidusd.lab.topology import SERVER_IP
 from sidusd.lab.vm import mac_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
 BOOT_TIMEOUT_S = 300         # ~45 s under TCG on an idle machine; CI machines are shared
 POOL = (ipaddress.IPv4Address("10.13.20.100"), ipaddress.IPv4Address("10.13.20.199"))
-
-
-def probe_file(image) -> Path:
-    """Where the guest's probe would land on the server if the NFS root were written."""
-    from sidusd.lab import image as image_mod
-    probe = getattr(image, "probe_path", None) or getattr(image_mod, "PROBE_PATH")
-    return Path(image.root) / str(probe).lstrip("/")
 
 
 def marker_value(markers: list[str], key: str) -> list[str]:
@@ -52,6 +44,7 @@ def test_bios_proxy_boot_nfs_root_overlay(make_lab, demo_image):
     mac = mac_for(0)
     lab = make_lab("proxy", [HostSpec(mac, "e2e-proxy", "sidus.demo=poweroff sidus.test=proxy")],
                    demo_image)
+    before = tree_fingerprint(demo_image.root)
     vm, tl = boot(lab, mac, "proxy1")
     # every step of the chain was seen, in sidusd's own events and on the console
     assert tl.first_missing() is None, lab.diagnostics(vm)
@@ -62,9 +55,12 @@ def test_bios_proxy_boot_nfs_root_overlay(make_lab, demo_image):
     assert "sidus.test=proxy" in cmdline and "console=ttyS0" in cmdline, markers
     assert marker_value(markers, "writable") == ["yes"], markers
     assert marker_value(markers, "probe-before") == ["absent"], markers
-    assert "probe written" in markers, markers
-    # the overlay took the write: the exported image root is untouched
-    assert not probe_file(demo_image).exists(), "the guest wrote through to the NFS root"
+    # / is an overlay whose lower layer is the NFS root, its upper layer in RAM ...
+    root_line = marker_value(markers, "root mounted")[0].split()
+    assert root_line[1:3] == ["/", "overlay"] and "lowerdir=" in root_line[3], root_line
+    assert f"nfsroot={SERVER_IP}:{demo_image.root}" in cmdline, cmdline
+    # ... so the guest's writes never reached the exported image root on the server
+    assert tree_fingerprint(demo_image.root) == before, "the guest wrote into the NFS root"
 
     # the address came from the site's DHCP server, not from sidusd (proxy mode)
     leases = lab.site.leases()
@@ -110,6 +106,7 @@ def test_reboot_forgets_writes_and_follows_inventory_change(make_lab, demo_image
     mac = mac_for(4)
     lab = make_lab("proxy", [HostSpec(mac, "e2e-reboot", "sidus.demo=reboot-after-write")],
                    demo_image)
+    before = tree_fingerprint(demo_image.root)
     vm = lab.boot_vm(mac, name="reboot1", reboot=True)
     first = vm.wait_for(r"SIDUS-BOOT: probe written", BOOT_TIMEOUT_S)
     assert first, lab.diagnostics(vm)
@@ -128,4 +125,5 @@ def test_reboot_forgets_writes_and_follows_inventory_change(make_lab, demo_image
     assert marker_value(boot2, "probe-before") == ["absent"], boot2
     cmdline2 = " ".join(marker_value(boot2, "cmdline"))
     assert "sidus.demo=poweroff" in cmdline2 and "reboot-after-write" not in cmdline2, boot2
-    assert not probe_file(demo_image).exists(), "the guest wrote through to the NFS root"
+    assert not server_probe_file(demo_image).exists(), "the guest wrote through to the NFS root"
+    assert tree_fingerprint(demo_image.root) == before, "the guest wrote into the NFS root"
