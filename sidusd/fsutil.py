@@ -23,17 +23,23 @@ _TMP_PREFIX = "."
 _TMP_SUFFIX = ".sidus-tmp"
 
 
-class FileWriteError(SidusError):
+class FileWriteError(SidusError, OSError):
     """A file could not be written; the previous content is unchanged.
 
-    ``path`` is the target, ``errno`` the OS error number (``errno.ENOSPC``...).
+    It is also an :class:`OSError` (callers that catch OSError keep working):
+    ``errno`` is the OS error number (``errno.ENOSPC``...), ``filename`` and
+    ``path`` the target, ``strerror`` the OS message; ``str()`` reads
+    ``<path>: cannot <action>: <reason>``.
     """
 
     def __init__(self, path: Path, err: OSError, action: str):
-        self.path = Path(path)
-        self.errno = err.errno
         reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        super().__init__(f"{path}: cannot {action}: {reason}")
+        OSError.__init__(self, err.errno, reason, str(path))
+        self.path = Path(path)
+        self.message = f"{path}: cannot {action}: {reason}"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _write_all(fd: int, data: bytes) -> None:

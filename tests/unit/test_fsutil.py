@@ -102,6 +102,8 @@ def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileWriteError) as exc:
         atomic_write(tmp_path / "no" / "f", b"x")
     assert exc.value.errno == errno.ENOENT and "create a temporary file" in str(exc.value)
+    assert isinstance(exc.value, OSError)             # callers catching OSError keep working
+    assert exc.value.filename == str(tmp_path / "no" / "f")
 
 
 def test_append_durable(tmp_path, umask_077):
