@@ -3,7 +3,7 @@
     sidusctl [--socket PATH] [--json] status
     sidusctl clients [MAC]
     sidusctl hosts list
-    sidusctl hosts add MAC --profile P [--hostname H] [--image I] [--ip A] [--append ARGS] [--replace]
+    sidusctl hosts add MAC --profile P [--hostname H] [--image I] [--ip A] [--append ARGS]
     sidusctl hosts remove MAC
     sidusctl reload
 
@@ -236,7 +236,10 @@ def render(op: str, result: Any, tz: dt.tzinfo | None = None) -> str:
     if op == m.OP_HOSTS_LIST:
         return render_hosts(result)
     if op == m.OP_HOSTS_ADD:
-        return f"host {result.get('mac')} saved\n" + render_hosts([result])
+        host, prev = result.get("host") or {}, result.get("previous")
+        if not prev:
+            return f"host {host.get('mac')} added\n" + render_hosts([host])
+        return f"host {host.get('mac')} replaced (before / after)\n" + render_hosts([prev, host])
     if op == m.OP_HOSTS_REMOVE:
         return f"host {result.get('removed')} removed"
     if op == m.OP_RELOAD:
@@ -272,14 +275,14 @@ def _parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hosts", parents=[common], help="the inventory's hosts")
     hs = h.add_subparsers(dest="hosts_cmd", required=True, metavar="list|add|remove")
     hs.add_parser("list", parents=[common], help="list the hosts")
-    a = hs.add_parser("add", parents=[common], help="add a host (written to the inventory file)")
+    a = hs.add_parser("add", parents=[common],
+                      help="add a host, or replace the one with this MAC (written to the inventory file)")
     a.add_argument("mac")
     a.add_argument("--profile", required=True)
     a.add_argument("--hostname")
     a.add_argument("--image", help="image name (default: the profile's)")
     a.add_argument("--ip", help="reserved address (full DHCP mode)")
     a.add_argument("--append", metavar="ARGS", help="extra kernel command line arguments")
-    a.add_argument("--replace", action="store_true", help="replace the host if the MAC is already there")
     r = hs.add_parser("remove", parents=[common], help="remove a host")
     r.add_argument("mac")
     sub.add_parser("reload", parents=[common], help="re-read config and inventory (like SIGHUP)")
@@ -304,8 +307,6 @@ def _request(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return m.OP_HOSTS_REMOVE, {"mac": _mac(ns.mac)}
         args = {"mac": _mac(ns.mac), "profile": ns.profile}
         args.update({k: getattr(ns, k) for k in ("hostname", "image", "ip", "append") if getattr(ns, k) is not None})
-        if ns.replace:
-            args["replace"] = True
         return m.OP_HOSTS_ADD, args
     return {"status": m.OP_STATUS, "reload": m.OP_RELOAD}[ns.cmd], {}
 

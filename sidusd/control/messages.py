@@ -40,7 +40,6 @@ OP_RELOAD = "reload"
 
 _STR = "str"
 _OPT_STR = "str|null"
-_BOOL = "bool"
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,6 @@ OPS: dict[str, dict[str, ArgSpec]] = {
         "image": ArgSpec(_OPT_STR),
         "ip": ArgSpec(_OPT_STR),
         "append": ArgSpec(_OPT_STR),
-        "replace": ArgSpec(_BOOL),
     },
     OP_HOSTS_REMOVE: {"mac": ArgSpec(_STR, required=True)},
     OP_RELOAD: {},
@@ -121,8 +119,6 @@ def _check_arg(op: str, name: str, spec: ArgSpec, value: Any) -> None:
             raise RemoteProtocolError(f"{op}: argument {name!r} must be a string")
         if len(value) > MAX_ARG_CHARS:
             raise RemoteProtocolError(f"{op}: argument {name!r} is too long (limit {MAX_ARG_CHARS})")
-    elif spec.kind == _BOOL and not isinstance(value, bool):
-        raise RemoteProtocolError(f"{op}: argument {name!r} must be true or false")
 
 
 def validate_args(op: str, args: Any) -> dict[str, Any]:

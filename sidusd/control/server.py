@@ -235,20 +235,21 @@ class ControlServer:
         return [host_dict(h) for _, h in sorted(hosts.items())]
 
     async def _hosts_add(self, mac: str, profile: str, hostname: str | None = None, image: str | None = None,
-                         ip: str | None = None, append: str | None = None, replace: bool = False) -> dict[str, Any]:
+                         ip: str | None = None, append: str | None = None) -> dict[str, Any]:
+        """Add the host, or replace the one with the same MAC (``previous`` is then returned)."""
         from ..boot.inventory import Host
         mac = _normalize(mac)
         host = Host(mac=mac, hostname=hostname, profile=profile, image=image, ip=ip, append=append)
+        previous: list[Any] = []
 
         def add(inv: Any) -> Any:
-            if mac in inv.hosts and not replace:
-                raise ControlError(f"host {mac} is already in the inventory "
-                                   "(remove it first, or use --replace)")
+            previous[:] = [inv.hosts.get(mac)]
             return inv.with_host(host)
 
         new = await self.runtime.edit_inventory(add)
-        self.log.info("control.host_added", mac=mac, profile=profile, replaced=replace)
-        return host_dict(new.hosts[mac])
+        old = previous[0] if previous else None
+        self.log.info("control.host_saved", mac=mac, profile=profile, replaced=old is not None)
+        return {"host": host_dict(new.hosts[mac]), "previous": host_dict(old) if old is not None else None}
 
     async def _hosts_remove(self, mac: str) -> dict[str, Any]:
         mac = _normalize(mac)

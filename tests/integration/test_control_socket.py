@@ -165,7 +165,7 @@ def test_hosts_add_list_remove(daemon):
     p = ctl(daemon, "hosts", "add", "52-54-00-00-00-02", "--profile", "default", "--hostname", "vm2",
             "--ip", "10.13.20.102", "--append", "sidus.marker=two quiet")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith(f"host {MAC2} saved\n")
+    assert p.stdout.startswith(f"host {MAC2} added\n")
     on_disk = parse_inventory((Path(daemon.config_path).parent / "inventory.yaml").read_text())
     h = on_disk.hosts[MAC2]
     assert (h.hostname, str(h.ip), h.append) == ("vm2", "10.13.20.102", "sidus.marker=two quiet")
@@ -173,11 +173,12 @@ def test_hosts_add_list_remove(daemon):
     assert listed[MAC2] == {"mac": MAC2, "profile": "default", "hostname": "vm2", "image": None,
                             "ip": "10.13.20.102", "append": "sidus.marker=two quiet"}
 
-    again = ctl(daemon, "hosts", "add", MAC2, "--profile", "default")
-    assert again.returncode == 1 and "already in the inventory" in again.stderr
-    repl = ctl(daemon, "hosts", "add", MAC2, "--profile", "default", "--replace")
-    assert repl.returncode == 0, repl.stderr
-    assert ctl_json(daemon, "hosts", "list")[1]["hostname"] is None
+    again = ctl_json(daemon, "hosts", "add", MAC2, "--profile", "default", "--hostname", "vm2b")
+    assert again["previous"]["hostname"] == "vm2" and again["host"]["hostname"] == "vm2b"
+    assert again["host"]["ip"] is None and again["host"]["append"] == ""       # replaced whole, not merged
+    assert ctl_json(daemon, "hosts", "list")[1]["hostname"] == "vm2b"
+    human = ctl(daemon, "hosts", "add", MAC2, "--profile", "default")
+    assert human.returncode == 0 and human.stdout.startswith(f"host {MAC2} replaced (before / after)\n")
 
     bad = ctl(daemon, "hosts", "add", "52:54:00:00:00:03", "--profile", "nope")
     assert bad.returncode == 1 and "unknown profile 'nope'" in bad.stderr

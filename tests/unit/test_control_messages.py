@@ -24,7 +24,7 @@ def test_request_round_trip_every_op():
         m.OP_CLIENTS: {"mac": "52:54:00:00:00:01"},
         m.OP_HOSTS_LIST: {},
         m.OP_HOSTS_ADD: {"mac": "52:54:00:00:00:01", "profile": "default", "hostname": "vm1",
-                         "image": None, "ip": "10.0.0.5", "append": "quiet", "replace": True},
+                         "image": None, "ip": "10.0.0.5", "append": "quiet"},
         m.OP_HOSTS_REMOVE: {"mac": "52:54:00:00:00:01"},
         m.OP_RELOAD: {},
     }
@@ -54,8 +54,9 @@ def test_request_without_args_field_means_no_args():
     ({"v": 1, "op": "hosts.add", "args": {"mac": "52:54:00:00:00:01"}}, "missing argument 'profile'"),
     ({"v": 1, "op": "hosts.add", "args": {"mac": 5, "profile": "p"}}, "'mac' must be a string"),
     ({"v": 1, "op": "hosts.add", "args": {"mac": None, "profile": "p"}}, "'mac' must be a string"),
-    ({"v": 1, "op": "hosts.add", "args": {"mac": "a", "profile": "p", "replace": "yes"}},
-     "'replace' must be true or false"),
+    ({"v": 1, "op": "hosts.add", "args": {"mac": "a", "profile": "p", "replace": True}},
+     "unknown argument(s) replace (allowed: mac, profile, hostname, image, ip, append)"),
+    ({"v": 1, "op": "hosts.add", "args": {"mac": "a", "profile": None}}, "'profile' must be a string"),
     ({"v": 1, "op": "hosts.add", "args": {"mac": "a", "profile": "p", "hostname": "x" * 5000}},
      "'hostname' is too long"),
     ({"v": 1, "op": "hosts.remove", "args": {}}, "missing argument 'mac'"),
@@ -138,9 +139,9 @@ def test_decode_request_of_arbitrary_objects(obj):
 
 @settings(max_examples=200, deadline=None)
 @given(mac=st.text(max_size=40), profile=st.text(min_size=1, max_size=40),
-       append=st.none() | st.text(max_size=100), replace=st.booleans())
-def test_hosts_add_round_trip(mac, profile, append, replace):
-    args = {"mac": mac, "profile": profile, "append": append, "replace": replace}
+       append=st.none() | st.text(max_size=100), ip=st.none() | st.text(max_size=20))
+def test_hosts_add_round_trip(mac, profile, append, ip):
+    args = {"mac": mac, "profile": profile, "append": append, "ip": ip}
     assert m.decode_request(m.encode_request(m.OP_HOSTS_ADD, args)) == m.Request(m.OP_HOSTS_ADD, args)
 
 

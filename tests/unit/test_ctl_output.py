@@ -137,10 +137,16 @@ MAC                HOSTNAME  PROFILE  IMAGE     IP        APPEND
 
 
 def test_other_ops_output():
-    assert ctl.render(m.OP_HOSTS_ADD, HOSTS[0]) == """\
-host 52:54:00:00:00:01 saved
+    assert ctl.render(m.OP_HOSTS_ADD, {"host": HOSTS[0], "previous": None}) == """\
+host 52:54:00:00:00:01 added
 MAC                HOSTNAME  PROFILE  IMAGE  IP        APPEND
 52:54:00:00:00:01  vm1       default  -      10.0.0.5  sidus.marker=one"""
+    before = {**HOSTS[0], "hostname": None, "ip": None, "image": "bookworm"}
+    assert ctl.render(m.OP_HOSTS_ADD, {"host": HOSTS[0], "previous": before}) == """\
+host 52:54:00:00:00:01 replaced (before / after)
+MAC                HOSTNAME  PROFILE  IMAGE     IP        APPEND
+52:54:00:00:00:01  -         default  bookworm  -         sidus.marker=one
+52:54:00:00:00:01  vm1       default  -         10.0.0.5  sidus.marker=one"""
     assert ctl.render(m.OP_HOSTS_REMOVE, {"removed": "52:54:00:00:00:01"}) == "host 52:54:00:00:00:01 removed"
     assert ctl.render(m.OP_RELOAD, {"ok": True, "generation": 4, "restart_needed": ["restart sidusd"]}) == \
         "reloaded (generation 4)\nwarning: restart sidusd"
@@ -158,9 +164,9 @@ MAC                HOSTNAME  PROFILE  IMAGE  IP        APPEND
     (["hosts", "add", "52:54:00:00:00:01", "--profile", "default"], "hosts.add",
      {"mac": "52:54:00:00:00:01", "profile": "default"}),
     (["hosts", "add", "52:54:00:00:00:01", "--profile", "p", "--hostname", "vm1", "--image", "deb",
-      "--ip", "10.0.0.9", "--append", "quiet splash", "--replace"], "hosts.add",
+      "--ip", "10.0.0.9", "--append", "quiet splash"], "hosts.add",
      {"mac": "52:54:00:00:00:01", "profile": "p", "hostname": "vm1", "image": "deb", "ip": "10.0.0.9",
-      "append": "quiet splash", "replace": True}),
+      "append": "quiet splash"}),
 ])
 def test_requests_from_argv(argv, op, args):
     assert ctl._request(ctl._parser().parse_args(argv)) == (op, args)
