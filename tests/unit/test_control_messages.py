@@ -172,3 +172,8 @@ def test_bad_responses(data, needle):
     with pytest.raises(RemoteProtocolError) as exc:
         m.decode_response(data)
     assert needle in str(exc.value)
+
+
+def test_default_socket_path_is_the_config_default():
+    from sidusd.config import ControlConfig
+    assert m.DEFAULT_SOCKET_PATH == str(ControlConfig().socket_path)
