@@ -131,7 +131,7 @@ class ControlServer:
         while True:
             chunk = await asyncio.wait_for(reader.read(m.MAX_REQUEST_BYTES + 1), self.read_timeout_s)
             if not chunk:
-                if buf and not discarding:
+                if buf.strip() and not discarding:
                     yield bytes(buf)
                 return
             buf += chunk
