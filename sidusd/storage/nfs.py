@@ -37,28 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from sidusd.errors import BackendError, ConfigError
+from sidusd.fsutil import atomic_write
 from sidusd.observability import get_logger
 from sidusd.storage.runner import Runner
-
-try:  # written by a teammate; same contract (temp in same dir, fsync, rename, fsync dir)
-    from sidusd.fsutil import atomic_write
-except ImportError:  # pragma: no cover - only until sidusd/fsutil.py lands
-    def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 # A path goes verbatim into exports(5) and into a quoted ganesha string: only
 # characters that need no escaping in either are accepted.
