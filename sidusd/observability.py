@@ -52,7 +52,8 @@ def setup_logging(fmt: str = "auto", level: str = "info") -> None:
 
 def get_logger(name: str = "sidusd", **ctx: Any) -> Any:
     """A structlog logger with ``component=name`` and ``ctx`` bound."""
-    return structlog.get_logger(name).bind(component=name, **ctx)
+    # lazy proxy: loggers made before setup_logging() still follow it
+    return structlog.get_logger(name, component=name, **ctx)
 
 
 @dataclass

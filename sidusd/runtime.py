@@ -150,7 +150,10 @@ class Runtime:
         """Apply ``fn`` to the inventory, check it, write the file atomically, swap."""
         async with self._lock:
             snap = self._snap
-            new_inv = fn(snap.inventory)
+            # Start from the file on disk, not the copy in memory: an admin's hand
+            # edit that was not reloaded yet must not be silently overwritten.
+            on_disk = await asyncio.to_thread(read_inventory, snap.config.inventory_file)
+            new_inv = fn(on_disk)
             inv_mod.check_against(new_inv, snap.config)
             data = inv_mod.dump_inventory(new_inv).encode()
             await asyncio.to_thread(atomic_write, snap.config.inventory_file, data, 0o640)

@@ -1,0 +1,152 @@
+"""Run the real sidusd as a subprocess on loopback, for integration tests.
+
+    with SidusDaemon(tmp_path, hosts=[...]) as d:
+        d.tftp_get("pxelinux.cfg/01-52-54-00-00-00-01")
+        d.ctl("status")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_config(tmp: Path, tftp_port: int) -> dict:
+    root = tmp / "tftp"
+    (root / "images" / "demo").mkdir(parents=True, exist_ok=True)
+    (tmp / "images" / "demo").mkdir(parents=True, exist_ok=True)
+    return {
+        "state_dir": str(tmp / "state"),
+        "inventory_file": str(tmp / "inventory.yaml"),
+        "log": {"format": "json", "level": "info"},
+        "control": {"socket_path": str(tmp / "control.sock")},
+        "dhcp": {"mode": "off"},
+        "tftp": {"address": "127.0.0.1", "port": tftp_port, "root": str(root),
+                 "timeout_s": 0.5, "retries": 4},
+        "nfs": {"backend": "none", "server_address": "10.13.20.1"},
+        "images": {"demo": {"root": str(tmp / "images" / "demo"),
+                            "kernel": "images/demo/vmlinuz", "initrd": "images/demo/initrd.img",
+                            "append": "console=ttyS0"}},
+    }
+
+
+def base_inventory(hosts: list[dict] | None = None) -> dict:
+    return {"profiles": {"default": {"image": "demo", "overlay": "tmpfs", "append": ""}},
+            "hosts": hosts or []}
+
+
+class SidusDaemon:
+    def __init__(self, tmp: Path, hosts: list[dict] | None = None, config: dict | None = None):
+        self.tmp = tmp
+        self.tftp_port = free_udp_port()
+        self.config = config or base_config(tmp, self.tftp_port)
+        self.config_path = tmp / "sidus.yaml"
+        self.log_path = tmp / "sidusd.log"
+        self.write_config(self.config)
+        (tmp / "inventory.yaml").write_text(yaml.safe_dump(base_inventory(hosts)))
+        (tmp / "state").mkdir(exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+
+    def write_config(self, cfg: dict | str) -> None:
+        text = cfg if isinstance(cfg, str) else yaml.safe_dump(cfg)
+        self.config_path.write_text(text)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.config["control"]["socket_path"])
+
+    def start(self, timeout_s: float = 15) -> None:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidusd", "--config", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidusd exited {self.proc.returncode}:\n{self.log_tail()}")
+            if any(e.get("event") == "daemon.ready" for e in self.events()):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"sidusd not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def events(self) -> list[dict]:
+        out = []
+        try:
+            lines = self.log_path.read_text().splitlines()
+        except FileNotFoundError:
+            return out
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": "<non-json>", "line": line})
+        return out
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout_s: float = 20) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+            raise
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "sidusd.ctl", "--socket", str(self.socket_path), *args],
+                           capture_output=True, text=True, cwd=REPO, timeout=30)
+        if check and r.returncode != 0:
+            raise AssertionError(f"sidusctl {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def ctl_json(self, *args: str):
+        return json.loads(self.ctl("--json", *args).stdout)
+
+    def tftp_get(self, name: str, blksize: int = 1468) -> bytes:
+        import tftpy  # a real client we did not write
+        import io
+        import logging
+        logging.getLogger("tftpy").setLevel(logging.CRITICAL)
+        buf = io.BytesIO()
+        client = tftpy.TftpClient("127.0.0.1", self.tftp_port, options={"blksize": blksize})
+        client.download(name, buf, timeout=5)
+        return buf.getvalue()
+
+    def __enter__(self) -> "SidusDaemon":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            if getattr(self, "_log", None):
+                self._log.close()
