@@ -1,0 +1,318 @@
+"""The DHCP edge: UDP 67 and 4011 on each configured interface (RFC 2131 §4.1, PXE 2.1 §2.2).
+
+Per interface, two sockets on ``0.0.0.0:<port>`` and ``0.0.0.0:<pxe_port>``
+bound to the device (``SO_BINDTODEVICE``), so the interface a request came in
+on is known without IP_PKTINFO and broadcast replies leave by that interface.
+The server address (siaddr, option 54) is the interface's IPv4 address, read
+with ``SIOCGIFADDR`` for every answered request, so an address change is seen.
+
+Each datagram: decode (malformed: counted ``dhcp.malformed``, dropped), build a
+:class:`~sidusd.boot.policy.BootRequest`, :func:`~sidusd.boot.policy.decide`
+against the config and inventory read *now* from the runtime (they are swapped
+whole on reload), then do what the decision says.  In full mode a granted lease
+is journaled with fsync before the ACK leaves.  Nothing a peer sends can raise
+out of the reader.
+
+Counters: ``dhcp.rx``, ``dhcp.malformed``, ``dhcp.offers``, ``dhcp.acks``,
+``dhcp.naks``, ``dhcp.release``, ``dhcp.decline``, ``dhcp.drop.<code>``,
+``dhcp.send_errors``, ``dhcp.lease_write_errors``, ``dhcp.errors``.
+Log events: ``dhcp.listening``, ``dhcp.reply``, ``dhcp.lease``, ``dhcp.drop``
+(debug), ``dhcp.malformed`` (rate limited), ``dhcp.error``, ``dhcp.stopped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import fcntl
+import ipaddress
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sidusd.boot import policy
+from sidusd.boot.leases import LeaseDB, Reservations
+from sidusd.errors import RemoteProtocolError, SidusError, StartupError
+from sidusd.net.leasestore import LeaseStore
+from sidusd.observability import get_logger
+from sidusd.proto import dhcp
+
+SIOCGIFADDR = 0x8915
+RECV_SIZE = 4096                # larger than any DHCP message a client may send (RFC 2131 §2)
+BATCH = 64                      # datagrams read per wake-up before yielding to the loop
+MALFORMED_LOG_INTERVAL_S = 10.0
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+
+def interface_ipv4(ifname: str) -> ipaddress.IPv4Address:
+    """The primary IPv4 address of ``ifname`` (ioctl SIOCGIFADDR).  Raises OSError."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("256s", ifname.encode()[:15])
+        res = fcntl.ioctl(s.fileno(), SIOCGIFADDR, req)
+    return ipaddress.IPv4Address(res[20:24])
+
+
+def open_socket(ifname: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket on 0.0.0.0:``port`` bound to device ``ifname``."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
+        s.bind(("0.0.0.0", port))
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+@dataclass
+class _Listener:
+    iface: str
+    via: str
+    port: int
+    sock: socket.socket
+    address: str
+
+
+class DhcpService:
+    """proxyDHCP / full DHCP on the interfaces of ``runtime.config.dhcp``."""
+
+    def __init__(self, runtime: Any):
+        self.runtime = runtime
+        self.log = get_logger("dhcp")
+        self._listeners: list[_Listener] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._db: LeaseDB | None = None
+        self._pool: Any = None
+        self._store: LeaseStore | None = None
+        self._res_for: Any = None
+        self._res = Reservations({}, {})
+        self._malformed_logged_at = float("-inf")
+        self._malformed_quiet = 0
+        self._file_warned = False
+
+    # -- life cycle -----------------------------------------------------------
+    async def start(self) -> None:
+        """Open the lease journal (full mode) and bind every socket.  StartupError if not."""
+        cfg = self.runtime.config.dhcp
+        if cfg.mode == "off":
+            return
+        self._loop = asyncio.get_running_loop()
+        if cfg.mode == "full":
+            self._open_leases(cfg.pool)
+        try:
+            for iface in cfg.interfaces:
+                try:
+                    address = str(interface_ipv4(iface))
+                except OSError as exc:
+                    why = {errno.ENODEV: "no such interface",
+                           errno.EADDRNOTAVAIL: "it has no IPv4 address"}.get(exc.errno, exc.strerror)
+                    raise StartupError(f"dhcp: interface {iface}: {why}") from None
+                for via, port in ((policy.VIA_DHCP, cfg.port), (policy.VIA_PXE, cfg.pxe_port)):
+                    try:
+                        sock = open_socket(iface, port)
+                    except OSError as exc:
+                        raise StartupError(f"dhcp: cannot listen on {iface} udp/{port}: "
+                                           f"{exc.strerror}") from None
+                    lst = _Listener(iface, via, port, sock, address)
+                    self._listeners.append(lst)
+                    self._loop.add_reader(sock.fileno(), self._on_readable, lst)
+                    self.log.info("dhcp.listening", interface=iface, port=port, address=address,
+                                  mode=cfg.mode)
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _open_leases(self, pool: Any) -> None:
+        db = LeaseDB.for_pool(pool)
+        store = LeaseStore(pool.lease_file)
+        try:
+            good, bad = store.load(db)
+        except OSError as exc:
+            raise StartupError(f"dhcp: lease file {pool.lease_file}: {exc.strerror}") from None
+        self._db, self._store, self._pool = db, store, pool
+        self.log.info("dhcp.leases.loaded", file=str(pool.lease_file), lines=good, refused=bad,
+                      leases=len(db))
+
+    async def stop(self) -> None:
+        """Close every socket and the lease journal."""
+        for lst in self._listeners:
+            if self._loop is not None:
+                self._loop.remove_reader(lst.sock.fileno())
+            lst.sock.close()
+        if self._listeners:
+            self.log.info("dhcp.stopped")
+        self._listeners.clear()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def listeners(self) -> list[dict]:
+        """What is bound, for status: one dict per socket."""
+        return [{"service": "dhcp", "proto": "udp", "port": l.port, "interface": l.iface,
+                 "address": l.address} for l in self._listeners]
+
+    def leases(self) -> list[dict]:
+        """The lease table (full mode), for status and ``sidusctl``."""
+        if self._db is None:
+            return []
+        return [{"ip": str(l.ip), "mac": l.mac, "state": l.state, "expires": l.expires}
+                for l in self._db.leases()]
+
+    # -- receiving --------------------------------------------------------------
+    def _on_readable(self, lst: _Listener) -> None:
+        for _ in range(BATCH):
+            try:
+                data, addr = lst.sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.runtime.observer.count("dhcp.recv_errors")
+                self.log.warning("dhcp.recv_error", interface=lst.iface, error=str(exc))
+                return
+            self.datagram_received(lst, data, addr)
+
+    def datagram_received(self, lst: _Listener, data: bytes, addr: tuple[str, int]) -> None:
+        """Handle one datagram; never raises."""
+        obs = self.runtime.observer
+        obs.count("dhcp.rx")
+        try:
+            pkt = dhcp.decode(data)
+        except RemoteProtocolError as exc:
+            obs.count("dhcp.malformed")
+            self._log_malformed(lst, addr, exc)
+            return
+        try:
+            self._serve(lst, pkt, addr)
+        except Exception as exc:  # a bug must not stop the reader
+            obs.count("dhcp.errors")
+            self.log.exception("dhcp.error", mac=pkt.mac, xid=pkt.xid, port=lst.port,
+                               error=repr(exc))
+
+    def _log_malformed(self, lst: _Listener, addr: tuple[str, int], exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._malformed_logged_at < MALFORMED_LOG_INTERVAL_S:
+            self._malformed_quiet += 1
+            return
+        self.log.warning("dhcp.malformed", peer=f"{addr[0]}:{addr[1]}", port=lst.port,
+                         interface=lst.iface, error=str(exc), suppressed=self._malformed_quiet)
+        self._malformed_logged_at, self._malformed_quiet = now, 0
+
+    # -- deciding and acting -------------------------------------------------------
+    def _reservations(self, inventory: Any) -> Reservations:
+        if inventory is not self._res_for:
+            hosts = getattr(inventory, "hosts", {}) or {}
+            self._res = Reservations.from_pairs(
+                (mac, getattr(h, "ip", None)) for mac, h in hosts.items())
+            self._res_for = inventory
+        return self._res
+
+    def _lease_db(self, pool: Any) -> LeaseDB | None:
+        """The DB for the current pool; rebuilt (same journal) if a reload changed the range."""
+        if self._db is None or pool is None:
+            return self._db
+        kept = replace_lease_file(pool, self._pool.lease_file)   # the open journal stays
+        if pool.lease_file != self._pool.lease_file and not self._file_warned:
+            self._file_warned = True
+            self.log.warning("dhcp.lease_file_changed", old=str(self._pool.lease_file),
+                             new=str(pool.lease_file), note="restart sidusd to use the new file")
+        if kept != self._pool:
+            db = LeaseDB.for_pool(kept)
+            db.replay(self._db.journal_lines(time.time()))
+            self._db, self._pool = db, kept
+            self.log.info("dhcp.pool_changed", network=str(kept.network), leases=len(db))
+        return self._db
+
+    def _serve(self, lst: _Listener, pkt: dhcp.DhcpPacket, addr: tuple[str, int]) -> None:
+        rt = self.runtime
+        snap = getattr(rt, "snapshot", None)
+        config = snap.config if snap is not None else rt.config
+        inventory = snap.inventory if snap is not None else rt.inventory
+        try:
+            server_ip = interface_ipv4(lst.iface)
+        except OSError:
+            self._drop(lst, pkt, policy.Drop("no_address", f"{lst.iface} has no IPv4 address now"))
+            return
+        lst.address = str(server_ip)
+        req = policy.BootRequest.from_packet(pkt, lst.via, server_ip, addr)
+
+        def lookup(mac: str) -> Any:
+            try:
+                return inventory.resolve(mac, config)
+            except SidusError:
+                return None
+
+        now = time.time()
+        db = self._lease_db(config.dhcp.pool) if config.dhcp.mode == "full" else None
+        decision = policy.decide(req, config, lookup, leases=db,
+                                 reservations=self._reservations(inventory) if db else Reservations({}, {}),
+                                 now=now)
+        if isinstance(decision, policy.Drop):
+            self._drop(lst, pkt, decision)
+        elif isinstance(decision, policy.LeaseChange):
+            if self._journal(decision.lease, now, req):
+                rt.observer.count(f"dhcp.{decision.event}")
+                rt.observer.timeline(req.mac, f"dhcp.{decision.event}", ip=str(decision.lease.ip))
+                self.log.info("dhcp.lease", mac=req.mac, xid=pkt.xid, event=decision.event,
+                              ip=str(decision.lease.ip))
+        else:
+            self._reply(lst, req, decision, now)
+
+    def _journal(self, lease: Any, now: float, req: policy.BootRequest) -> bool:
+        """Make ``lease`` durable (unless an offer) and apply it.  False if the disk refused."""
+        if self._db is None:
+            return False
+        if lease.state != "offered" and self._store is not None:
+            try:
+                self._store.append(lease)
+            except OSError as exc:
+                self.runtime.observer.count("dhcp.lease_write_errors")
+                self.log.error("dhcp.lease_write_failed", mac=req.mac, ip=str(lease.ip),
+                               error=str(exc), file=str(self._store.path))
+                return False
+        self._db.apply(lease)
+        if self._store is not None and lease.state != "offered":
+            try:
+                self._store.maybe_compact(self._db, now)
+            except OSError as exc:
+                self.log.error("dhcp.lease_compact_failed", error=str(exc))
+        return True
+
+    def _reply(self, lst: _Listener, req: policy.BootRequest, reply: policy.Reply, now: float) -> None:
+        obs = self.runtime.observer
+        if reply.lease is not None and not self._journal(reply.lease, now, req):
+            return                               # no ACK for a lease that is not on disk
+        try:
+            data = dhcp.encode(reply.packet)
+            lst.sock.sendto(data, reply.dest)
+        except OSError as exc:
+            obs.count("dhcp.send_errors")
+            self.log.warning("dhcp.send_failed", mac=req.mac, dest=f"{reply.dest[0]}:{reply.dest[1]}",
+                             error=str(exc))
+            return
+        obs.count({"offer": "dhcp.offers", "ack": "dhcp.acks", "nak": "dhcp.naks"}[reply.kind])
+        p = reply.packet
+        ip = p.yiaddr if p.yiaddr != policy.ZERO else req.packet.ciaddr
+        obs.client_seen(req.mac, str(ip) if ip != policy.ZERO else None, req.arch_name)
+        obs.timeline(req.mac, f"dhcp.{reply.kind}", file=reply.boot_file, server=str(req.server_ip),
+                     port=lst.port, ip=str(p.yiaddr) if p.yiaddr != policy.ZERO else None)
+        self.log.info("dhcp.reply", mac=req.mac, xid=p.xid, port=lst.port, file=reply.boot_file,
+                      kind=reply.kind, arch=req.arch_name, ip=str(p.yiaddr),
+                      dest=f"{reply.dest[0]}:{reply.dest[1]}", interface=lst.iface)
+
+    def _drop(self, lst: _Listener, pkt: dhcp.DhcpPacket, drop: policy.Drop) -> None:
+        self.runtime.observer.count(f"dhcp.drop.{drop.code}")
+        self.log.debug("dhcp.drop", mac=pkt.mac, xid=pkt.xid, port=lst.port, code=drop.code,
+                       detail=drop.detail)
+
+
+def replace_lease_file(pool: Any, lease_file: Any) -> Any:
+    """``pool`` with ``lease_file`` kept (the open journal does not move on reload)."""
+    if dataclasses.is_dataclass(pool):
+        return dataclasses.replace(pool, lease_file=lease_file)
+    return pool
