@@ -255,7 +255,8 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         intake_queue=s.int("intake_queue", 4096, 1, 1_000_000),
         max_blksize=s.int("max_blksize", 65464, 8, 65464),          # RFC 2348 §2
         max_windowsize=s.int("max_windowsize", 64, 1, 65535),       # RFC 7440 §3
-        timeout_s=s.float("timeout_s", 1.0, 0.001, 255.0),          # RFC 2349 §2: 1..255 s
+        # RFC 2349 §2 negotiates 1..255 s; a shorter local retransmission timer is allowed.
+        timeout_s=s.float("timeout_s", 1.0, 0.001, 255.0),
         retries=s.int("retries", 5, 0, 100),
     )
 
@@ -476,14 +477,22 @@ def _mark(mark) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
 
 
+def _codepoint(c: int | str) -> str:
+    return f"U+{c if isinstance(c, int) else ord(c):04X}"
+
+
 def load_yaml(text: str, source: str = "<string>") -> Any:
     """Parse one YAML document strictly (see :class:`_StrictLoader`); errors name ``source`` and line/column."""
     if len(text) > MAX_DOCUMENT_CHARS:
         raise ConfigError(source, f"larger than {MAX_DOCUMENT_CHARS} characters")
-    loader = _StrictLoader(text)
-    loader.source = source
+    loader = None
     try:
+        loader = _StrictLoader(text)
+        loader.source = source
         return loader.get_single_data()
+    except yaml.reader.ReaderError as e:
+        raise ConfigError(source, f"character {_codepoint(e.character)} at position {e.position} "
+                          "is not allowed in YAML") from None
     except yaml.MarkedYAMLError as e:
         what = f"{e.context}, {e.problem}" if e.context else e.problem
         raise ConfigError(source, _mark(e.problem_mark) + f"YAML syntax error: {what}") from None
@@ -492,7 +501,8 @@ def load_yaml(text: str, source: str = "<string>") -> Any:
     except RecursionError:
         raise ConfigError(source, "YAML nesting too deep") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean (true or false)",

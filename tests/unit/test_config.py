@@ -149,6 +149,7 @@ def test_the_table_is_long_enough():
     ("tftp: {root: /t}\n---\nx: 1\n", "<string>", "single document"),
     ("1: x\n", "1", "a key must be a string"),
     ("? [a, b]\n: x\n", "<string>", "a key must be a plain value"),
+    ("tftp: {root: \x07}\n", "<string>", "character U+0007 at position 13 is not allowed in YAML"),
 ])
 def test_yaml_level_refusals(text, path, reason):
     with pytest.raises(ConfigError) as exc:
@@ -291,3 +292,42 @@ def test_listener_key_and_restart_needed():
     assert config.restart_needed(a, d) == ["dhcp.interfaces"]
     e = config.parse(variant("control.socket_path", "/run/other.sock"))
     assert config.restart_needed(a, e) == ["control.socket_path"]
+
+
+def test_unreadable_path_is_a_config_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError) as exc:
+        config.read(tmp_path / "file" / "sidus.yaml")
+    assert exc.value.path == str(tmp_path / "file" / "sidus.yaml")
+    assert exc.value.reason == "cannot read: Not a directory"
+
+
+# -- fuzz: whatever the text, parse() returns a Config or raises ConfigError -------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = st.none() | st.booleans() | st.integers(-2 ** 40, 2 ** 40) | st.floats() | \
+    st.sampled_from(["eth0", "10.0.0.1", "10.0.0.0/24", "off", "full", "/srv/x", "a/../b", ""]) | st.text(max_size=8)
+_trees = st.recursive(_scalars, lambda kids: st.lists(kids, max_size=3) |
+                      st.dictionaries(st.sampled_from(sorted(_all_keys(config.Config) | {"demo", "root", "x"})),
+                                      kids, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzz_text(text):
+    try:
+        config.parse(text)
+    except ConfigError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["dhcp", "tftp", "nfs", "images", "boot", "log", "http"]), _trees,
+                       max_size=5))
+def test_fuzz_structure(doc):
+    try:
+        config.parse(yaml.safe_dump(doc))
+    except ConfigError:
+        pass

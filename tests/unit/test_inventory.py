@@ -272,3 +272,32 @@ def test_dump_round_trips(inv):
     assert again == inv
     assert list(again.hosts) == list(inv.hosts)          # order kept
     assert inv_mod.dump_inventory(again) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzz_text_raises_only_inventory_error(text):
+    try:
+        inv_mod.parse_inventory(text)
+    except InventoryError:
+        pass
+
+
+_scalar = st.none() | st.booleans() | st.integers() | st.text(max_size=12) | \
+    st.sampled_from(["52:54:00:00:00:01", "52-54-00-00-00-01", "default", "demo", "10.0.0.1", "tmpfs"])
+_host = st.dictionaries(st.sampled_from(["mac", "profile", "hostname", "image", "ip", "append", "x"]),
+                        _scalar, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["default", "p"]),
+                       st.dictionaries(st.sampled_from(["image", "overlay", "append"]), _scalar) | _scalar,
+                       max_size=2),
+       st.lists(_host | _scalar, max_size=4))
+def test_fuzz_structure_raises_only_inventory_error(profiles, hosts):
+    import yaml
+    try:
+        inv = inv_mod.parse_inventory(yaml.safe_dump({"profiles": profiles, "hosts": hosts}))
+    except InventoryError:
+        return
+    assert inv_mod.parse_inventory(inv_mod.dump_inventory(inv)) == inv
