@@ -298,11 +298,14 @@ class DhcpService:
         obs.count({"offer": "dhcp.offers", "ack": "dhcp.acks", "nak": "dhcp.naks"}[reply.kind])
         p = reply.packet
         ip = p.yiaddr if p.yiaddr != policy.ZERO else req.packet.ciaddr
-        obs.client_seen(req.mac, str(ip) if ip != policy.ZERO else None, req.arch_name)
+        # The firmware type only means something for PXE clients (a booted kernel's
+        # DHCP client sends no option 93 and must not overwrite it with "bios").
+        obs.client_seen(req.mac, str(ip) if ip != policy.ZERO else None,
+                        req.arch_name if req.pxe else None)
         obs.timeline(req.mac, f"dhcp.{reply.kind}", file=reply.boot_file, server=str(req.server_ip),
                      port=lst.port, ip=str(p.yiaddr) if p.yiaddr != policy.ZERO else None)
         self.log.info("dhcp.reply", mac=req.mac, xid=p.xid, port=lst.port, file=reply.boot_file,
-                      kind=reply.kind, arch=req.arch_name, ip=str(p.yiaddr),
+                      kind=reply.kind, arch=req.arch_name if req.pxe else None, ip=str(p.yiaddr),
                       dest=f"{reply.dest[0]}:{reply.dest[1]}", interface=lst.iface)
 
     def _drop(self, lst: _Listener, pkt: dhcp.DhcpPacket, drop: policy.Drop) -> None:

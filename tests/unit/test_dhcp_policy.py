@@ -319,3 +319,62 @@ def test_full_pxe_port_gets_proxy_ack():
 def test_full_unknown_hosts_ignored():
     d = policy.decide(req(pkt(vci=None)), config("full"), lambda mac: None, leases=new_db(), now=1.0)
     assert d.code == "unknown_host"
+
+
+# -- hostile but decodable input never breaks the policy ---------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ipb = st.integers(0, 2**32 - 1).map(lambda n: n.to_bytes(4, "big"))
+_opt = st.one_of(
+    st.tuples(st.just(53), st.integers(0, 255).map(lambda n: bytes([n]))),
+    st.tuples(st.just(54), st.one_of(_ipb, st.just(SERVER.packed))),
+    st.tuples(st.just(50), st.one_of(_ipb, st.sampled_from([IP("10.0.0.100").packed, IP("10.0.0.101").packed]))),
+    st.tuples(st.just(60), st.sampled_from([BIOS_VCI, EFI_VCI, b"HTTPClient", b"PXEClient", b"x"])),
+    st.tuples(st.just(93), st.lists(st.integers(0, 40), min_size=1, max_size=3)
+              .map(lambda xs: struct.pack(f"!{len(xs)}H", *xs))),
+    st.tuples(st.just(97), st.sampled_from([b"", UUID])),
+    st.tuples(st.just(77), st.sampled_from([b"iPXE", b"\x04iPXE", b"x"])),
+    st.tuples(st.just(175), st.binary(max_size=8)),
+)
+_hostile = st.builds(
+    lambda opts, ciaddr, giaddr, htype, hlen, flags, mac: dhcp.DhcpPacket(
+        op=1, xid=7, chaddr=mac, htype=htype, hlen=hlen, flags=flags, ciaddr=IP(ciaddr),
+        giaddr=IP(giaddr), options=tuple(opts)),
+    st.lists(_opt, max_size=7, unique_by=lambda kv: kv[0]),
+    st.sampled_from([0, int(IP("10.0.0.101")), int(IP("10.0.0.50"))]),
+    st.sampled_from([0, int(IP("10.9.0.1"))]),
+    st.sampled_from([1, 1, 1, 6]), st.sampled_from([6, 6, 6, 0, 16]), st.integers(0, 0xffff),
+    st.sampled_from([bytes.fromhex("525400123456"), bytes.fromhex("525400000002"), b"\x01" * 6, bytes(6)]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_hostile, st.sampled_from([policy.VIA_DHCP, policy.VIA_PXE]),
+                          st.sampled_from(["proxy", "full"]), st.booleans()), min_size=1, max_size=12))
+def test_any_decodable_request_gives_a_decision(seq):
+    db = new_db()
+    res = Reservations.from_pairs([("52:54:00:00:00:02", IP("10.0.0.102"))])
+    now = 1000.0
+    for p, via, mode, chain in seq:
+        now += 7.0
+        cfg = config(mode, chain=chain)
+        d = policy.decide(req(p, via, ("10.0.0.50", 68)), cfg, lambda mac: Target(), leases=db,
+                          reservations=res, now=now)
+        assert isinstance(d, (policy.Reply, policy.Drop, policy.LeaseChange))
+        if isinstance(d, policy.Drop):
+            assert d.code.replace("_", "").isalpha()
+            continue
+        if isinstance(d, policy.Reply):
+            back = dhcp.decode(dhcp.encode(d.packet))           # what we send decodes
+            assert back.op == 2 and back.xid == 7 and back.option(54) == SERVER.packed
+            if mode == "proxy" or via == policy.VIA_PXE:
+                assert back.yiaddr == IP(0) and back.option(dhcp.OPT_LEASE_TIME) is None
+            if d.kind != "nak" and back.yiaddr != IP(0):
+                assert db.available_to(back.yiaddr, d.lease.mac, now, res)
+        lease = d.lease
+        if lease is not None:
+            db.apply(lease)
+    bound = [l for l in db.leases() if l.state == "bound" and l.active(now)]
+    assert len({l.ip for l in bound}) == len(bound)
