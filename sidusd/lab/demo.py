@@ -87,12 +87,12 @@ def _event_mac(ev: dict[str, Any]) -> str | None:
     return mac.lower().replace("-", ":") if isinstance(mac, str) else None
 
 
-def _is_dhcp_offer(ev: dict[str, Any]) -> bool:
-    name = str(ev.get("event", ""))
-    if not name.startswith("dhcp."):
-        return False
-    kind = str(ev.get("reply") or ev.get("msg_type") or ev.get("type") or ev.get("kind") or "")
-    return any(w in (name + " " + kind).lower() for w in ("offer", "reply", "ack"))
+def _dhcp_reply(ev: dict[str, Any]) -> tuple[str, str | None, str | None] | None:
+    """``(kind, ip, boot file)`` of sidusd's ``dhcp.reply`` event for an offer/ack, else None."""
+    if ev.get("event") != "dhcp.reply" or ev.get("kind") not in ("offer", "ack"):
+        return None
+    ip = ev.get("ip")
+    return ev["kind"], (ip if ip and ip != "0.0.0.0" else None), ev.get("file")
 
 
 def _tftp_file(ev: dict[str, Any]) -> str | None:
@@ -117,14 +117,16 @@ class Step:
 class BootTimeline:
     """Follows one VM's boot in sidusd's log and the guest console; yields the steps reached.
 
-    Steps, in boot order: ``dhcp`` (sidusd's offer), ``pxelinux.0``,
+    Steps, in boot order: ``dhcp`` (sidusd's offer), ``address`` (the site
+    DHCP server's lease, proxy mode only), ``pxelinux.0``,
     ``ldlinux.c32``, ``config`` (pxelinux.cfg/01-<mac>), ``kernel``, ``initrd``
     (TFTP transfer summaries), ``linux`` (the kernel prints its banner),
     ``root`` (NFS root mounted), ``overlay`` (``/`` writable), ``ready``.
     """
 
     def __init__(self, mac: str, sidusd_log: Path, console_log: Path, log_offset: int = 0,
-                 kernel: str = "demo/vmlinuz", initrd: str = "demo/initrd.img"):
+                 kernel: str = "demo/vmlinuz", initrd: str = "demo/initrd.img",
+                 site_leases: Callable[[], dict[str, str]] | None = None):
         self.mac = mac.lower()
         self.sidusd_log, self.console_log = sidusd_log, console_log
         self._offset = log_offset
@@ -132,12 +134,14 @@ class BootTimeline:
         cfg = "pxelinux.cfg/01-" + self.mac.replace(":", "-")
         self.files = {"pxelinux.0": "pxelinux.0", "ldlinux.c32": "ldlinux.c32", cfg: "config",
                       kernel: "kernel", initrd: "initrd"}
-        self.labels = {"dhcp": "DHCP offer from sidusd", "pxelinux.0": "TFTP pxelinux.0",
+        self.site_leases = site_leases
+        self.labels = {"dhcp": "DHCP offer from sidusd", "address": "address from the site DHCP server",
+                       "pxelinux.0": "TFTP pxelinux.0",
                        "ldlinux.c32": "TFTP ldlinux.c32", "config": f"TFTP {cfg} (rendered for this MAC)",
                        "kernel": f"TFTP kernel {kernel}", "initrd": f"TFTP initrd {initrd}",
                        "linux": "Linux kernel started", "root": "root mounted",
                        "overlay": "overlay: / is writable (tmpfs)", "ready": "READY"}
-        self.order = list(self.labels)
+        self.order = [k for k in self.labels if k != "address" or site_leases is not None]
         self.reached: dict[str, Step] = {}
 
     def _reach(self, key: str, t: float | None, new: list[Step], label: str | None = None) -> None:
@@ -154,13 +158,19 @@ class BootTimeline:
             mac = _event_mac(ev)
             if mac not in (None, self.mac):
                 continue
-            if mac == self.mac and _is_dhcp_offer(ev):
-                ip = ev.get("yiaddr") or ev.get("ip") or ev.get("client_ip")
-                label = self.labels["dhcp"] + (f" (address {ip})" if ip and ip != "0.0.0.0" else "")
-                self._reach("dhcp", _event_time(ev), new, label)
+            reply = _dhcp_reply(ev) if mac == self.mac else None
+            if reply:
+                kind, ip, boot_file = reply
+                what = (f"DHCP {kind} from sidusd: address {ip}" if ip
+                        else f"proxyDHCP {kind} from sidusd (no address: the site DHCP gives it)")
+                self._reach("dhcp", _event_time(ev), new, what + (f", boot file {boot_file}" if boot_file else ""))
             key = self.files.get(_tftp_file(ev) or "")
             if key:
                 self._reach(key, _event_time(ev), new)
+        if self.site_leases is not None and "address" not in self.reached:
+            ip = self.site_leases().get(self.mac)
+            if ip:
+                self._reach("address", None, new, f"address {ip} from the site DHCP server (dnsmasq)")
         try:
             console = self.console_log.read_bytes().decode("utf-8", "replace")
         except FileNotFoundError:
@@ -284,6 +294,7 @@ class Lab:
     sidusd: subprocess.Popen | None = None
     vms: list[Vm] = field(default_factory=list)
     image: Any = None
+    log_level: str = "info"                 # sidusd's log.level (debug shows every dropped packet)
 
     # -- paths -------------------------------------------------------------
     @property
@@ -360,7 +371,7 @@ class Lab:
         return {
             "state_dir": str(self.workdir / "state"),
             "inventory_file": str(self.inventory_file),
-            "log": {"format": "json", "level": "info"},
+            "log": {"format": "json", "level": self.log_level},
             "control": {"socket_path": str(self.control_socket)},
             "dhcp": dhcp,
             "tftp": {"root": str(self.tftp_root)},
@@ -418,7 +429,8 @@ class Lab:
     def timeline(self, vm: Vm) -> BootTimeline:
         """A timeline that follows ``vm``'s boot from now on."""
         tl = BootTimeline(vm.mac, self.sidusd_log, vm.console_log,
-                          log_offset=self.sidusd_log.stat().st_size if self.sidusd_log.exists() else 0)
+                          log_offset=self.sidusd_log.stat().st_size if self.sidusd_log.exists() else 0,
+                          site_leases=self.site.leases if self.site is not None else None)
         if vm.started_at is not None:           # count from the moment qemu started
             tl.t0 = time.time() - (time.monotonic() - vm.started_at)
         return tl
