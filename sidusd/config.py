@@ -473,6 +473,21 @@ _StrictLoader.add_constructor(
                                              .replace(".nan", "nan")))
 
 
+class _QuotingDumper(yaml.SafeDumper):
+    """Quotes every string that YAML 1.1 *or* :class:`_StrictLoader` would read as something else."""
+
+
+for _first, _resolvers in _StrictLoader.yaml_implicit_resolvers.items():
+    for _tag, _rx in _resolvers:
+        _QuotingDumper.add_implicit_resolver(_tag, _rx, [_first])
+
+
+def dump_yaml(doc: Any) -> str:
+    """YAML text for plain data that reads back identically with :func:`load_yaml` and with yaml.safe_load."""
+    return yaml.dump(doc, Dumper=_QuotingDumper, sort_keys=False, default_flow_style=False,
+                     width=4096, allow_unicode=False)
+
+
 def _mark(mark) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
 

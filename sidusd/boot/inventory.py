@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from sidusd.config import Config, ImageConfig, Section, check_kernel_args, check_name, load_yaml
+from sidusd.config import Config, ImageConfig, Section, check_kernel_args, check_name, dump_yaml, load_yaml
 from sidusd.errors import ConfigError, InventoryError
 
 OVERLAYS = ("tmpfs", "iscsi")
@@ -292,7 +290,7 @@ def dump_inventory(inv: Inventory) -> str:
         if h.append:
             entry["append"] = h.append
         doc["hosts"].append(entry)
-    body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=4096)
+    body = dump_yaml(doc)
     return "# sidus inventory: hosts and profiles (written by sidusd; see `sidusctl hosts`)\n" + body
 
 

@@ -331,3 +331,14 @@ def test_fuzz_structure(doc):
         config.parse(yaml.safe_dump(doc))
     except ConfigError:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10) |
+                    st.from_regex(r"[-+0-9.eExo:_]{1,8}", fullmatch=True),
+                    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+                    max_leaves=12))
+def test_dump_yaml_reads_back_identically_with_both_loaders(doc):
+    text = config.dump_yaml({"k": doc})
+    assert config.load_yaml(text) == {"k": doc}
+    assert yaml.safe_load(text) == {"k": doc}
