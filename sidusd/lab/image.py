@@ -32,7 +32,7 @@ from sidusd.storage.runner import Runner
 REPO = Path(__file__).resolve().parents[2]
 INITRAMFS_SRC = REPO / "config" / "initramfs"
 BUSYBOX = Path("/bin/busybox")
-IMAGE_VERSION = "1"          # bump when the layout below changes
+IMAGE_VERSION = "2"          # bump when the layout below changes
 MKINITRAMFS_TIMEOUT_S = 600
 
 INIT = r"""#!/bin/sh
@@ -58,8 +58,12 @@ say "probe-before: $probe"
 
 demo=poweroff
 for a in $(cat /proc/cmdline); do
-  case "$a" in sidus.demo=*) demo="${a#sidus.demo=}" ;; esac
+  case "$a" in
+  sidus.demo=*) demo="${a#sidus.demo=}" ;;
+  sidus.hostname=*) hostname "${a#sidus.hostname=}" ;;
+  esac
 done
+say "hostname: $(hostname)"
 case "$demo" in
 reboot-after-write)
   if echo "written by $(hostname) at boot" > /var/sidus-reboot-probe; then

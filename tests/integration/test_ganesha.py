@@ -144,7 +144,7 @@ def test_demo_image_boots_over_nfs_with_tmpfs_overlay(tmp_path, demo):
                      stdout=open(tmp_path / "dnsmasq.log", "wb"), stderr=subprocess.STDOUT)
             console = tmp_path / "console.log"
             append = (f"console=ttyS0 root=/dev/nfs boot=nfs nfsroot={SERVER_IP}:{image.root},tcp,vers=3 "
-                      f"ip=dhcp sidus.overlay=tmpfs sidus.overlay_size=64m panic=-1 sidus.demo={demo}")
+                      f"ip=dhcp sidus.overlay=tmpfs sidus.overlay_size=64m panic=-1 sidus.hostname=vm-e1 sidus.demo={demo}")
             qemu = ns.popen(["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-display", "none",
                              "-vga", "none", "-monitor", "none", "-serial", f"file:{console}",
                              *(["-no-reboot"] if demo == "poweroff" else []),
@@ -176,6 +176,7 @@ def test_demo_image_boots_over_nfs_with_tmpfs_overlay(tmp_path, demo):
             assert "SIDUS-BOOT: writable: yes" in lines
             assert "SIDUS-BOOT: probe-before: absent" in lines
             assert f"SIDUS-BOOT: cmdline: {append}" in lines
+            assert "SIDUS-BOOT: hostname: vm-e1" in lines
             assert "Begin: sidus-overlay: tmpfs overlay (size 64m) on the read-only root ... done." in text
             # nothing was written into the exported image
             assert not (image.root / ".sidus-write-probe").exists()
