@@ -198,3 +198,42 @@ def test_overlay_mount_failure_panics_with_the_reason(tmp_path, shell):
     assert len(panics[0]) > len(prefix)     # mount's own reason follows, on the same line
     assert calls.index(panics[0]) == len(calls) - 1
     assert "END" not in calls
+
+
+def test_demo_conf_dir_carries_the_overlay_parts(tmp_path):
+    from sidusd.lab.image import make_conf_dir
+    conf = tmp_path / "conf"
+    make_conf_dir(conf)
+    text = (conf / "initramfs.conf").read_text()
+    for setting in ("BOOT=nfs", "MODULES=netboot", "BUSYBOX=y"):
+        assert setting in text.splitlines()
+    assert "overlay" in (conf / "modules").read_text().split()
+    for rel in ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay"):
+        assert not (conf / rel).is_symlink()
+        assert (conf / rel).read_bytes() == (ROOT / "config/initramfs" / rel).read_bytes()
+        assert (conf / rel).stat().st_mode & 0o111
+
+
+def test_hook_adds_overlay_even_with_an_empty_module_list(tmp_path):
+    """MODULES=list and no modules file: only the hook can bring overlay.ko in."""
+    require_tool("mkinitramfs")
+    from sidusd.lab.image import make_conf_dir, newest_kernel
+    kver = newest_kernel()
+    conf = tmp_path / "conf"
+    make_conf_dir(conf, modules="list")
+    (conf / "modules").write_text("")
+    initrd = tmp_path / "initrd"
+    res = subprocess.run(["mkinitramfs", "-d", str(conf), "-o", str(initrd), kver],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    files = subprocess.run(["lsinitramfs", str(initrd)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert any(f.endswith("/fs/overlayfs/overlay.ko") for f in files)
+    assert "scripts/init-bottom/sidus-overlay" in files
+    # and without the hook, it is not there: the test can tell the difference
+    (conf / "hooks/sidus-overlay").unlink()
+    subprocess.run(["mkinitramfs", "-d", str(conf), "-o", str(initrd), kver],
+                   capture_output=True, check=True, timeout=300)
+    files = subprocess.run(["lsinitramfs", str(initrd)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert not any(f.endswith("/overlay.ko") for f in files)
