@@ -109,6 +109,16 @@ class Runtime:
 
     def render(self, kind: str, mac: str | None, server_ip: str, client_ip: str) -> bytes | None:
         """The document for a generated name, or None when there is none to serve."""
+        try:
+            return self._render(kind, mac, server_ip)
+        except render.RenderError as exc:
+            # one bad target must not break the request loop: the client gets
+            # "file not found" and the operator a counted, logged reason
+            self.observer.count("render.errors")
+            self.log.error("render.failed", kind=kind, mac=mac, error=str(exc))
+            return None
+
+    def _render(self, kind: str, mac: str | None, server_ip: str) -> bytes | None:
         snap = self._snap
         ctx = self.render_context(server_ip)
         if kind == "pxelinux-default":
@@ -135,9 +145,8 @@ class Runtime:
                 self.observer.count("reload.refused")
                 self.log.error("reload.refused", error=str(exc))
             else:
-                restart = [] if new.config.listener_key() == self.config.listener_key() \
-                    else ["listeners (interfaces, addresses, ports, control socket) changed: "
-                          "restart sidusd to apply them"]
+                restart = [f"{key} changed: restart sidusd to apply it"
+                           for key in config_mod.restart_needed(self.config, new.config)]
                 self._snap = new
                 self.observer.count("reload.ok")
                 self.log.info("reload.ok", generation=new.generation, restart_needed=restart)
