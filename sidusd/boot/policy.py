@@ -132,10 +132,16 @@ class LeaseChange:
 
 @dataclass(frozen=True)
 class Drop:
-    """No answer.  ``code`` is a fixed short name (counter ``dhcp.drop.<code>``)."""
+    """No answer.  ``code`` is a fixed short name (counter ``dhcp.drop.<code>``).
+
+    ``seen_ip``: in proxy mode, the address a PXE client is requesting from the
+    site's DHCP server (option 50 or ciaddr of its REQUEST); the edge notes it
+    so TFTP/HTTP requests from that address are tied to the machine.
+    """
 
     code: str
     detail: str = ""
+    seen_ip: IPv4Address | None = None
 
 
 Decision = Reply | LeaseChange | Drop
@@ -294,8 +300,12 @@ def _proxy(req: BootRequest, config: Any, boot: str | None) -> Decision:
         if t == dhcp.DHCPREQUEST:
             sid = req.packet.option(dhcp.OPT_SERVER_ID)
             if sid != req.server_ip.packed:
-                # The client is taking its address from the site DHCP server: not ours.
-                return Drop("other_server", "REQUEST on the DHCP port for another server")
+                # The client is taking its address from the site DHCP server: not ours,
+                # but worth noting (iPXE skips the 4011 request when the proxy OFFER
+                # already carries the boot file, so this is the only time we see it).
+                seen = _ip_opt(req.packet, dhcp.OPT_REQUESTED_IP) or req.packet.ciaddr
+                return Drop("other_server", "REQUEST on the DHCP port for another server",
+                            seen_ip=seen if seen != ZERO else None)
             # Quirk: some PXE ROMs send the ProxyDHCP REQUEST to port 67 (broadcast,
             # server id = us) instead of unicasting it to 4011; answer it the same way.
             pkt = build_reply(req, dhcp.DHCPACK, boot=boot)

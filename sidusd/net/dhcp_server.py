@@ -309,7 +309,13 @@ class DhcpService:
                       dest=f"{reply.dest[0]}:{reply.dest[1]}", interface=lst.iface)
 
     def _drop(self, lst: _Listener, pkt: dhcp.DhcpPacket, drop: policy.Drop) -> None:
-        self.runtime.observer.count(f"dhcp.drop.{drop.code}")
+        obs = self.runtime.observer
+        obs.count(f"dhcp.drop.{drop.code}")
+        if drop.seen_ip is not None:
+            obs.client_seen(pkt.mac, str(drop.seen_ip))
+            server = pkt.option(dhcp.OPT_SERVER_ID)
+            obs.timeline(pkt.mac, "dhcp.site_request", ip=str(drop.seen_ip),
+                         server=str(ipaddress.IPv4Address(server)) if server else None)
         self.log.debug("dhcp.drop", mac=pkt.mac, xid=pkt.xid, port=lst.port, code=drop.code,
                        detail=drop.detail)
 

@@ -139,11 +139,14 @@ class Lab:
     def log_tail(self) -> str:
         return "\n".join(self.log_path.read_text().splitlines()[-30:]) if self.log_path.exists() else ""
 
-    def counters(self) -> dict:
+    def ctl_json(self, *args: str):
         r = subprocess.run([sys.executable, "-m", "sidusd.ctl", "--socket", str(self.tmp / "control.sock"),
-                            "--json", "status"], capture_output=True, text=True, cwd=REPO, timeout=30)
+                            "--json", *args], capture_output=True, text=True, cwd=REPO, timeout=30)
         assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)["counters"]
+        return json.loads(r.stdout)
+
+    def counters(self) -> dict:
+        return self.ctl_json("status")["counters"]
 
     # -- the client side -------------------------------------------------------
     def drain(self) -> None:
@@ -285,6 +288,11 @@ def test_proxy_ignores_non_pxe_and_site_requests(lab):
     c = lab.counters()
     assert c["dhcp.drop.not_pxe"] == 1 and c["dhcp.drop.other_server"] == 1
     assert "dhcp.offers" not in c and "dhcp.acks" not in c
+    # the address the PXE client takes from the site server is noted for its timeline
+    clients = lab.ctl_json("clients")
+    mine = [x for x in clients if x["mac"] == mac]
+    assert mine and mine[0]["ip"] == "10.77.0.60", clients
+    assert [e["event"] for e in mine[0]["timeline"]] == ["dhcp.site_request"]
 
 
 def test_chain_gives_ipxe_binary_then_script_url(lab):

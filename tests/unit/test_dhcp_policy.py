@@ -178,9 +178,14 @@ def test_discover_on_4011_dropped():
 def test_request_on_67_for_site_server_ignored():
     other = pkt(dhcp.DHCPREQUEST, extra=((dhcp.OPT_SERVER_ID, IP("10.0.0.254").packed),
                                          (dhcp.OPT_REQUESTED_IP, IP("10.0.0.50").packed)))
-    assert decide(other).code == "other_server"
-    renew = pkt(dhcp.DHCPREQUEST, ciaddr=IP("10.0.0.50"))
-    assert decide(renew).code == "other_server"
+    d = decide(other)
+    assert d.code == "other_server" and d.seen_ip == IP("10.0.0.50")     # noted, not answered
+    renew = pkt(dhcp.DHCPREQUEST, ciaddr=IP("10.0.0.51"))
+    d = decide(renew)
+    assert d.code == "other_server" and d.seen_ip == IP("10.0.0.51")
+    assert decide(pkt(dhcp.DHCPREQUEST)).seen_ip is None
+    non_pxe = pkt(dhcp.DHCPREQUEST, vci=None, extra=((dhcp.OPT_REQUESTED_IP, IP("10.0.0.52").packed),))
+    assert decide(non_pxe).code == "not_pxe" and decide(non_pxe).seen_ip is None
     to_us = pkt(dhcp.DHCPREQUEST, extra=((dhcp.OPT_SERVER_ID, SERVER.packed),))
     d = decide(to_us)
     assert d.kind == "ack" and d.packet.yiaddr == IP(0) and d.dest == ("255.255.255.255", 68)
