@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from sidusd.config import Config, ImageConfig, Section, check_kernel_args, check_name, dump_yaml, load_yaml
+from sidusd.config import Config, ImageConfig
 from sidusd.errors import ConfigError, InventoryError
+from sidusd.yamlstrict import Section, check_kernel_args, check_name, dump_yaml, load_yaml
 
 OVERLAYS = ("tmpfs", "iscsi")
 SUPPORTED_OVERLAYS = ("tmpfs",)
