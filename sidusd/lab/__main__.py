@@ -28,6 +28,8 @@ from .vm import mac_for
 
 DEFAULT_WORKDIR = Path("/var/tmp/sidus-demo")
 DEFAULT_TIMEOUT_S = 300.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SERVER_STEPS = ("dhcp", "pxelinux.0", "ldlinux.c32", "config", "kernel", "initrd")
 
 
 class Interrupted(Exception):
@@ -90,11 +92,13 @@ def run_demo(workdir: Path, keep: bool, timeout_s: float) -> int:
         return _verdict(lab, vm, tl, mac, untouched)
     finally:
         _say("== tearing down the lab")
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut this short
+        # a second Ctrl-C (or a SIGTERM) must not cut the tear-down short
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
         try:
             lab.close()
         finally:
-            signal.signal(signal.SIGINT, old)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
         _say("== lab removed")
 
 
@@ -107,17 +111,15 @@ def _run_keep(lab: Lab, mac: str) -> int:
     try:
         vm = lab.boot_vm(mac, name="demo1", interactive=True)
         tl = lab.timeline(vm)
-        tl._offset = 0                                     # this lab's sidusd log, from its start
         vm.wait_exit(None)
     finally:
         signal.signal(signal.SIGINT, old)
     _say("")
-    _say("== the boot, as it happened:")
+    _say("== the boot, as sidusd and the console saw it:")
     for step in tl.poll():
-        label = step.label if step.key in ("dhcp", "pxelinux.0", "ldlinux.c32", "config",
-                                           "kernel", "initrd") else f"{step.label} (seen when the console closed)"
-        _say(f"  {step.t_s:6.1f} s  {label}" if step.key not in ("linux", "root", "overlay", "ready")
-             else f"           {label}")
+        # sidusd's events carry their own time; console markers were read after the fact
+        when = f"{step.t_s:6.1f} s" if step.key in SERVER_STEPS else "        "
+        _say(f"  {when}  {step.label}")
     return 0
 
 
@@ -146,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidus lab: install them with: apt-get install {' '.join(pkgs)}"
               "   (./scripts/demo does it for you)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_signal)
     try:
         return run_demo(args.workdir.resolve(), args.keep, args.timeout_s)
     except Interrupted as exc:
