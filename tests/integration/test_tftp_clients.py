@@ -1,0 +1,532 @@
+"""The real TftpService on 127.0.0.1 (high port) against real TFTP clients.
+
+Clients: tftpy (library), curl, atftp, busybox tftp, iPXE + pxelinux in qemu
+(e2e), and a scripted raw-socket client for what the others cannot do on
+purpose (wrong TID, silence, hostile names byte for byte, the UEFI tsize probe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from structlog.testing import capture_logs
+
+from conftest import require_root, require_tool
+from sidusd import config as config_mod
+from sidusd.net.tftp_server import TftpService
+from sidusd.observability import Observer
+from sidusd.proto import tftp
+
+MAC = "52:54:00:12:34:56"
+PXE_DOC = b"DEFAULT sidus\nLABEL sidus\n  KERNEL images/demo/vmlinuz\n  APPEND initrd=images/demo/initrd.img\n"
+WAIT_S = 60          # upper bound for anything to happen (never asserted as a duration)
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """TftpService in its own event loop thread, with a small runtime."""
+
+    def __init__(self, tmp: Path, **tftp_cfg):
+        self.root = tmp / "root"
+        self.root.mkdir()
+        self.port = free_port()
+        self.observer = Observer()
+        self.renders: list[tuple] = []
+        self.runtime = SimpleNamespace(config=self.make_config(**tftp_cfg), observer=self.observer,
+                                       render=self.render)
+        self._logs = capture_logs()
+        self.events = self._logs.__enter__()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.svc = TftpService(self.runtime)
+        self.call(self.svc.start())
+
+    def make_config(self, root: Path | None = None, **tftp_cfg):
+        items = {"root": str(root or self.root), "address": "127.0.0.1", "port": self.port,
+                 "timeout_s": 0.5, "retries": 3, **tftp_cfg}
+        body = ", ".join(f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {v}" for k, v in items.items())
+        return config_mod.parse(f"dhcp: {{mode: 'off'}}\ntftp: {{{body}}}\n")
+
+    def render(self, kind, mac, server_ip, client_ip):
+        self.renders.append((kind, mac, server_ip, client_ip))
+        if kind == "pxelinux" and mac == MAC:
+            return PXE_DOC
+        return None
+
+    def call(self, coro, timeout: float = WAIT_S):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def on_loop(self, fn):
+        async def run():
+            return fn()
+        return self.call(run())
+
+    def counters(self) -> dict:
+        return self.on_loop(self.observer.snapshot)
+
+    def wait_idle(self) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while self.on_loop(self.svc.active_transfers):
+            assert time.monotonic() < deadline, "transfers never ended"
+            time.sleep(0.02)
+
+    def transfers(self) -> list[dict]:
+        return [e for e in list(self.events) if e["event"] == "tftp.transfer"]
+
+    def close(self) -> None:
+        try:
+            self.call(self.svc.stop(grace_s=1))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+            self._logs.__exit__(None, None, None)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path)
+    yield s
+    s.close()
+
+
+class Raw:
+    """A scripted TFTP client on a UDP socket (for what real clients will not do)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(10)
+
+    def rrq(self, name: bytes, mode: bytes = b"octet", options: dict | None = None) -> None:
+        opts = b"".join(k.encode() + b"\0" + str(v).encode() + b"\0" for k, v in (options or {}).items())
+        self.sock.sendto(b"\0\x01" + name + b"\0" + mode + b"\0" + opts, ("127.0.0.1", self.port))
+
+    def recv(self, timeout: float = 10) -> tuple[tftp.Packet, tuple]:
+        self.sock.settimeout(timeout)
+        data, addr = self.sock.recvfrom(70000)
+        return tftp.decode(data), addr
+
+    def send(self, pkt: tftp.Packet, addr) -> None:
+        self.sock.sendto(tftp.encode(pkt), addr)
+
+    def get(self, name: bytes, mode: bytes = b"octet", options: dict | None = None):
+        """A whole lockstep read; returns (data, oack options)."""
+        self.rrq(name, mode, options)
+        out, oack, blksize = bytearray(), {}, 512
+        pkt, addr = self.recv()
+        if isinstance(pkt, tftp.OACK):
+            oack = dict(pkt.options)
+            blksize = int(oack.get("blksize", 512))
+            self.send(tftp.ACK(0), addr)
+            pkt, addr = self.recv()
+        while True:
+            assert isinstance(pkt, tftp.DATA), pkt
+            out += pkt.data
+            self.send(tftp.ACK(pkt.block), addr)
+            if len(pkt.data) < blksize:
+                return bytes(out), oack
+            pkt, addr = self.recv()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- real clients -------------------------------------------------------------------
+
+def fetch(client: str, port: int, name: str, out: Path) -> bytes:
+    if client == "tftpy":
+        import tftpy
+        logging.getLogger("tftpy").setLevel(logging.CRITICAL)
+        buf = io.BytesIO()
+        tftpy.TftpClient("127.0.0.1", port, options={"blksize": 1468}).download(name, buf, timeout=5)
+        return buf.getvalue()
+    if client == "curl":
+        argv = [require_tool("curl"), "-sS", "--tftp-blksize", "1468", "-o", str(out),
+                f"tftp://127.0.0.1:{port}/{name}"]
+    elif client == "atftp":
+        argv = [require_tool("atftp"), "--option", "windowsize 16", "--option", "blksize 1468",
+                "--option", "tsize 0", "-g", "-r", name, "-l", str(out), "127.0.0.1", str(port)]
+    elif client == "busybox":
+        argv = [require_tool("busybox"), "tftp", "-g", "-r", name, "-l", str(out), "-b", "1468",
+                "127.0.0.1", str(port)]
+    else:
+        raise AssertionError(client)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{client}: rc={r.returncode} {r.stderr[-500:]}"
+    return out.read_bytes()
+
+
+CLIENTS = ["tftpy", "curl", "atftp", "busybox"]
+EXPECT_WINDOW = {"tftpy": 1, "curl": 1, "atftp": 16, "busybox": 1}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_client_gets_exact_bytes(server, tmp_path, client) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 77)
+    (server.root / "images").mkdir()
+    (server.root / "images" / "kernel").write_bytes(data)
+    got = fetch(client, server.port, "images/kernel", tmp_path / "out")
+    assert sha(got) == sha(data)
+    server.wait_idle()
+    (ev,) = server.transfers()
+    assert (ev["file"], ev["bytes"], ev["outcome"], ev["error"]) == ("images/kernel", len(data), "ok", None)
+    assert (ev["blksize"], ev["windowsize"]) == (1468, EXPECT_WINDOW[client])
+    c = server.counters()
+    assert c["tftp.transfers.started"] == c["tftp.transfers.done"] == 1
+    assert c["tftp.bytes"] == len(data)
+
+
+@pytest.mark.parametrize("client", ["atftp", "curl"])
+def test_rollover_past_65535_blocks(server, tmp_path, client) -> None:
+    """97 MiB at blksize 1468 is about 69 300 blocks: the block number wraps to 0."""
+    big = server.root / "big.img"
+    digest = hashlib.sha256()
+    with open(big, "wb") as f:
+        for _ in range(97):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            f.write(chunk)
+    assert big.stat().st_size // 1468 > 65535
+    got = fetch(client, server.port, "big.img", tmp_path / "out")
+    assert len(got) == big.stat().st_size and sha(got) == digest.hexdigest()
+    server.wait_idle()
+    (ev,) = server.transfers()
+    assert ev["outcome"] == "ok" and ev["bytes"] == big.stat().st_size
+
+
+def test_rendered_per_mac_config_and_tsize(server, tmp_path) -> None:
+    name = "pxelinux.cfg/01-" + MAC.replace(":", "-").upper()
+    got = fetch("curl", server.port, name, tmp_path / "out")
+    assert got == PXE_DOC
+    raw = Raw(server.port)
+    data, oack = raw.get(name.encode(), options={"tsize": 0, "blksize": 1432})
+    raw.close()
+    assert data == PXE_DOC and oack == {"tsize": str(len(PXE_DOC)), "blksize": "1432"}
+    assert server.renders[0] == ("pxelinux", MAC, "127.0.0.1", "127.0.0.1")
+    server.wait_idle()
+    assert [e["mac"] for e in server.transfers()] == [MAC, MAC]
+    assert [e["event"] for e in server.observer.clients[MAC].timeline] == ["tftp", "tftp"]
+    # an unknown MAC renders to None: file not found
+    raw = Raw(server.port)
+    raw.rrq(b"pxelinux.cfg/01-52-54-00-00-00-99")
+    pkt, _ = raw.recv()
+    raw.close()
+    assert pkt == tftp.ERROR(1, "file not found")
+
+
+def test_netascii_tsize_is_the_converted_size(server) -> None:
+    (server.root / "notes.txt").write_bytes(b"line one\nline\rtwo\n")
+    raw = Raw(server.port)
+    data, oack = raw.get(b"notes.txt", mode=b"NetASCII", options={"tsize": 0})
+    raw.close()
+    assert data == b"line one\r\nline\r\x00two\r\n" and oack == {"tsize": str(len(data))}
+
+
+def test_uefi_tsize_probe_ends_cleanly(server) -> None:
+    """UEFI asks tsize, gets the OACK, answers ERROR 8: no failure, no warning."""
+    (server.root / "syslinux.efi").write_bytes(b"e" * 4000)
+    raw = Raw(server.port)
+    raw.rrq(b"syslinux.efi", options={"tsize": 0, "blksize": 1468})
+    pkt, addr = raw.recv()
+    assert pkt == tftp.OACK((("blksize", "1468"), ("tsize", "4000")))
+    raw.send(tftp.ERROR(8, "User aborted the transfer"), addr)
+    raw.close()
+    server.wait_idle()
+    (ev,) = server.transfers()
+    assert ev["outcome"] == "probe" and ev["error"] is None and ev["log_level"] == "info"
+    c = server.counters()
+    assert c.get("tftp.transfers.probe") == 1 and "tftp.transfers.failed" not in c
+    assert not [e for e in server.events if e["log_level"] in ("warning", "error")]
+
+
+def test_wrong_tid_gets_error5_and_transfer_goes_on(server) -> None:
+    data = os.urandom(2000)
+    (server.root / "f").write_bytes(data)
+    raw, stranger = Raw(server.port), Raw(server.port)
+    raw.rrq(b"f")
+    pkt, addr = raw.recv()
+    assert pkt.block == 1
+    stranger.send(tftp.ACK(1), addr)                    # a packet from a wrong TID
+    err, err_from = stranger.recv()
+    assert err.code == 5 and err_from == addr
+    got = bytearray(pkt.data)
+    while True:
+        raw.send(tftp.ACK(pkt.block), addr)
+        if len(pkt.data) < 512:
+            break
+        pkt, _ = raw.recv()
+        got += pkt.data
+    raw.close()
+    stranger.close()
+    assert bytes(got) == data
+    server.wait_idle()
+    assert server.transfers()[0]["outcome"] == "ok" and server.counters()["tftp.wrong_tid"] == 1
+
+
+def test_silent_peer_is_dropped_after_retries(server) -> None:
+    (server.root / "f").write_bytes(b"x" * 3000)
+    raw = Raw(server.port)
+    raw.rrq(b"f")
+    copies = []
+    try:
+        while True:
+            pkt, _ = raw.recv(timeout=5)
+            copies.append(pkt)
+    except TimeoutError:
+        pass
+    raw.close()
+    server.wait_idle()
+    retries = server.runtime.config.tftp.retries
+    assert copies == [tftp.DATA(1, b"x" * 512)] * (retries + 1)
+    (ev,) = server.transfers()
+    assert ev["outcome"] == "timeout" and ev["retransmits"] == retries and ev["log_level"] == "warning"
+    assert server.counters()["tftp.transfers.failed"] == 1
+
+
+def test_duplicate_acks_cause_no_sends(server) -> None:
+    (server.root / "f").write_bytes(b"y" * 1500)
+    raw = Raw(server.port)
+    raw.rrq(b"f")
+    pkt, addr = raw.recv()
+    raw.send(tftp.ACK(1), addr)
+    pkt2, _ = raw.recv()
+    assert pkt2.block == 2
+    for _ in range(5):
+        raw.send(tftp.ACK(1), addr)                      # duplicates of an old ACK
+    raw.send(tftp.ACK(2), addr)
+    pkt3, _ = raw.recv()
+    assert pkt3 == tftp.DATA(3, b"y" * 476)              # next is block 3, no stray block 2
+    raw.send(tftp.ACK(3), addr)
+    raw.close()
+    server.wait_idle()
+    assert server.transfers()[0]["retransmits"] == 0
+
+
+# -- hostile names ---------------------------------------------------------------------
+
+def build_hostile_tree(tmp: Path, root: Path) -> list[bytes]:
+    secret = tmp / "secret.txt"
+    secret.write_bytes(b"SECRET-OUTSIDE-ROOT")
+    (tmp / "outdir").mkdir()
+    (tmp / "outdir" / "x").write_bytes(b"SECRET-OUTSIDE-ROOT")
+    (root / "inside.txt").write_bytes(b"inside")
+    (root / "sub").mkdir()
+    (root / "link-out").symlink_to(secret)
+    (root / "link-in").symlink_to(root / "inside.txt")
+    (root / "link-rel").symlink_to("../secret.txt")
+    (root / "dirlink").symlink_to(tmp / "outdir")
+    os.mkfifo(root / "fifo")
+    names = [
+        b"../secret.txt", b"/../secret.txt", b"/../../etc/passwd", b"../../../../../../etc/passwd",
+        b"sub/../../secret.txt", b"a/../../x", b"..\\secret.txt", b"sub\\..\\..\\secret.txt",
+        b"%2e%2e/secret.txt", b"link-out", b"link-in", b"link-rel",
+        b"dirlink/x", b"sub", b"sub/", b".", b"./inside.txt", b"fifo", b"a" * 300,
+        b"x/" * 120 + b"secret.txt", b"pxelinux.cfg/01-zz-54-00-12-34-56", b"pxelinux.cfg/01-52-54-00",
+        b"inside.txt/..", b"inside\ntxt", b"\x1b[2J", b"/etc/passwd", b"//etc/shadow", b"nonexistent",
+    ]
+    if os.geteuid() == 0:
+        os.mknod(root / "devnull", 0o020666, os.makedev(1, 3))
+        os.mknod(root / "devzero", 0o020666, os.makedev(1, 5))
+        names += [b"devnull", b"devzero"]
+    return names
+
+
+def test_hostile_names_get_errors_and_nothing_from_outside(server, tmp_path) -> None:
+    names = build_hostile_tree(tmp_path, server.root)
+    assert len(names) >= 20
+    raw = Raw(server.port)
+    for name in names:
+        for mode in (b"octet", b"netascii"):
+            raw.rrq(name, mode, {"tsize": 0, "blksize": 1432})
+            try:
+                pkt, _ = raw.recv()
+            except tftp.RemoteProtocolError:
+                pytest.fail(f"{name!r}: undecodable reply")
+            assert isinstance(pkt, tftp.ERROR), f"{name!r} {mode!r} -> {pkt!r}"
+            assert pkt.code in (1, 2, 4), (name, pkt)
+            assert b"SECRET" not in pkt.message.encode()
+    # Names that make the request itself malformed (a NUL shifts the fields, bad
+    # UTF-8): dropped and counted, never answered, never served.
+    for name in (b"inside.txt\0../secret.txt", b"\0../secret.txt", b"\xff\xfe/secret.txt"):
+        raw.rrq(name)
+        with pytest.raises(TimeoutError):
+            raw.recv(timeout=0.3)
+    raw.close()
+    assert server.on_loop(server.svc.active_transfers) == 0
+    assert not server.transfers()
+    c = server.counters()
+    assert c["tftp.malformed"] == 3
+    assert "tftp.transfers.started" not in c and c.get("tftp.internal_errors", 0) == 0
+    # the server is still fine, and the same tree serves its real file
+    raw = Raw(server.port)
+    assert raw.get(b"/inside.txt")[0] == b"inside"
+    raw.close()
+
+
+def test_junk_datagrams_are_counted_not_fatal(server) -> None:
+    (server.root / "ok").write_bytes(b"fine")
+    junk = [b"", b"\x00", b"\x00\x05\x00", b"\x00\x01abc", b"\xff" * 600, b"\x00\x07xx",
+            b"\x00\x01f\x00octet\x00blksize\x00", b"\x00\x04\x00\x01", b"\x00\x03\x00\x01data"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for j in junk:
+            s.sendto(j, ("127.0.0.1", server.port))
+        s.sendto(b"\x00\x02upload\x00octet\x00", ("127.0.0.1", server.port))
+        s.settimeout(10)
+        err = tftp.decode(s.recvfrom(1000)[0])
+        assert isinstance(err, tftp.ERROR) and err.code == 2      # WRQ refused
+    raw = Raw(server.port)
+    assert raw.get(b"ok")[0] == b"fine"
+    raw.close()
+    c = server.counters()
+    assert c["tftp.malformed"] == 7 and c["tftp.unexpected"] == 2 and c["tftp.refused.write"] == 1
+    assert c.get("tftp.internal_errors", 0) == 0
+
+
+# -- limits, reload, stop ------------------------------------------------------------------
+
+def test_per_client_and_global_limits(tmp_path) -> None:
+    s = Server(tmp_path, max_transfers=3, max_transfers_per_client=2)
+    try:
+        (s.root / "f").write_bytes(b"z" * 5000)
+        clients = [Raw(s.port) for _ in range(3)]
+        for c in clients[:2]:
+            c.rrq(b"f")
+            assert isinstance(c.recv()[0], tftp.DATA)
+        clients[2].rrq(b"f")
+        err = clients[2].recv()[0]
+        assert isinstance(err, tftp.ERROR) and "too many" in err.message
+        assert s.counters()["tftp.refused.per_client"] == 1
+        s.runtime.config = s.make_config(max_transfers=2, max_transfers_per_client=2)
+        clients[2].rrq(b"f")
+        err = clients[2].recv()[0]
+        assert isinstance(err, tftp.ERROR) and "busy" in err.message
+        assert s.counters()["tftp.refused.busy"] == 1
+        for c in clients:
+            c.close()
+    finally:
+        s.close()
+
+
+def test_reload_never_cuts_a_transfer(server, tmp_path) -> None:
+    data = os.urandom(5000)
+    (server.root / "f").write_bytes(data)
+    raw = Raw(server.port)
+    raw.rrq(b"f", options={"blksize": 1000})
+    pkt, addr = raw.recv()
+    assert pkt == tftp.OACK((("blksize", "1000"),))
+    # new config: other root, smaller limits; the old file changes name on disk
+    other = tmp_path / "other"
+    other.mkdir()
+    server.runtime.config = server.make_config(root=other, max_blksize=512, retries=0)
+    os.rename(server.root / "f", server.root / "g")
+    raw.send(tftp.ACK(0), addr)
+    got = bytearray()
+    while True:
+        pkt, _ = raw.recv()
+        got += pkt.data
+        raw.send(tftp.ACK(pkt.block), addr)
+        if len(pkt.data) < 1000:
+            break
+    raw.close()
+    assert bytes(got) == data
+    server.wait_idle()
+    assert server.transfers()[0]["outcome"] == "ok"
+
+
+def test_stop_lets_transfers_finish_then_ends_the_rest(server) -> None:
+    (server.root / "f").write_bytes(b"q" * 1200)
+    raw = Raw(server.port)
+    raw.rrq(b"f")
+    pkt, addr = raw.recv()
+    stopping = asyncio.run_coroutine_threadsafe(server.svc.stop(grace_s=WAIT_S), server.loop)
+    time.sleep(0.1)
+    assert not stopping.done()                       # waits for the transfer in flight
+    newcomer = Raw(server.port)
+    newcomer.rrq(b"f")
+    while True:
+        raw.send(tftp.ACK(pkt.block), addr)
+        if len(pkt.data) < 512:
+            break
+        pkt, _ = raw.recv()
+    stopping.result(WAIT_S)
+    assert server.transfers()[0]["outcome"] == "ok"
+    with pytest.raises(TimeoutError):
+        newcomer.recv(timeout=0.5)                   # nobody listens any more
+    raw.close()
+    newcomer.close()
+
+
+def test_stop_after_grace_sends_error(tmp_path) -> None:
+    s = Server(tmp_path, timeout_s=30.0)
+    (s.root / "f").write_bytes(b"q" * 1200)
+    raw = Raw(s.port)
+    raw.rrq(b"f")
+    raw.recv()
+    s.close()                                        # grace 1 s, the client never ACKs
+    pkt, _ = raw.recv()
+    raw.close()
+    assert pkt == tftp.ERROR(0, "server shutting down")
+    assert s.transfers()[0]["outcome"] == "stopped"
+
+
+# -- the whole chain in qemu: iPXE -> pxelinux -> rendered 01-<mac> ------------------------
+
+@pytest.mark.e2e
+def test_ipxe_then_pxelinux_boot_through_sidus_tftp(tmp_path) -> None:
+    require_tool("qemu-system-x86_64")
+    for f in ("/usr/lib/PXELINUX/pxelinux.0", "/usr/lib/syslinux/modules/bios/ldlinux.c32"):
+        if not Path(f).exists():
+            pytest.skip(f"missing file: {f} (packages pxelinux, syslinux-common)")
+    golden = Path(__file__).resolve().parents[1] / "golden" / "tftp"
+    sys.path.insert(0, str(golden))
+    from pxe_relay import PxeRelay, qemu_argv
+    s = Server(tmp_path, timeout_s=1.0)
+    marker = "sidus-pxelinux-" + os.urandom(4).hex()
+    doc = f"SERIAL 0 115200\nSAY {marker}\nPROMPT 0\nDEFAULT poweroff.c32\n".encode()
+    s.runtime.render = lambda kind, mac, srv, cli: doc if (kind, mac) == ("pxelinux", MAC) else None
+    for f in ("/usr/lib/PXELINUX/pxelinux.0", "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+              "/usr/lib/syslinux/modules/bios/poweroff.c32", "/usr/lib/syslinux/modules/bios/libcom32.c32"):
+        shutil.copy(f, s.root)
+    relay = PxeRelay(s.port).start()
+    log = tmp_path / "serial.log"
+    q = subprocess.Popen(qemu_argv(relay.port, log, mac=MAC), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        q.wait(240)                                  # poweroff.c32 ends the VM
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if q.poll() is None:
+            q.terminate()
+            q.wait(10)
+        relay.stop()
+        s.close()
+    assert marker in log.read_text(errors="replace"), log.read_text(errors="replace")[-2000:]
+    files = [e["file"] for e in s.transfers() if e["outcome"] == "ok"]
+    assert files[:3] == ["pxelinux.0", "ldlinux.c32", "pxelinux.cfg/01-52-54-00-12-34-56"]
+    assert relay.first_packets[0] == bytes.fromhex((golden / "ipxe-rrq-pxelinux0.hex").read_text().split()[0])
