@@ -19,7 +19,8 @@
 
 Counters (``tftp.``): rx, malformed, unexpected, duplicate_rrq, wrong_tid,
 refused.<write|mode|busy|per_client|name|not_found|access|render|socket|stopping>,
-transfers.started/done/failed/probe, retransmits, bytes, send_errors, internal_errors.
+transfers.started/done/failed/probe, retransmits, bytes, send_errors, send_blocked
+(the kernel send buffer was full; the rest waits for add_writer), internal_errors.
 Every transfer ends with one ``tftp.transfer`` log event.
 """
 
@@ -371,6 +372,7 @@ class TftpService:
             try:
                 sock.sendto(box[0], t.peer)
             except (BlockingIOError, InterruptedError):
+                self.runtime.observer.count("tftp.send_blocked")
                 if not t.writing and not t.finished and self._loop is not None:
                     t.writing = True
                     self._loop.add_writer(t.fd, self._on_writable, t)

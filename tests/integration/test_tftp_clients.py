@@ -219,6 +219,23 @@ def test_rollover_past_65535_blocks(server, tmp_path, client) -> None:
     assert ev["outcome"] == "ok" and ev["bytes"] == big.stat().st_size
 
 
+def test_big_blocks_and_big_window_recover_from_overflow(server, tmp_path) -> None:
+    """64 x 65464-byte blocks per window (4 MB): more than a UDP socket buffer holds,
+    so blocks are lost on the way (send or receive side); RFC 7440 go-back-N and
+    the retransmission timer still deliver the exact file."""
+    data = os.urandom(20 * 1024 * 1024 + 5)
+    (server.root / "rootfs.squashfs").write_bytes(data)
+    out = tmp_path / "out"
+    r = subprocess.run([require_tool("atftp"), "--option", "windowsize 64", "--option", "blksize 65464",
+                        "-g", "-r", "rootfs.squashfs", "-l", str(out), "127.0.0.1", str(server.port)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert sha(out.read_bytes()) == sha(data)
+    server.wait_idle()
+    (ev,) = server.transfers()
+    assert (ev["blksize"], ev["windowsize"], ev["outcome"]) == (65464, 64, "ok")
+
+
 def test_rendered_per_mac_config_and_tsize(server, tmp_path) -> None:
     name = "pxelinux.cfg/01-" + MAC.replace(":", "-").upper()
     got = fetch("curl", server.port, name, tmp_path / "out")
@@ -530,3 +547,33 @@ def test_ipxe_then_pxelinux_boot_through_sidus_tftp(tmp_path) -> None:
     files = [e["file"] for e in s.transfers() if e["outcome"] == "ok"]
     assert files[:3] == ["pxelinux.0", "ldlinux.c32", "pxelinux.cfg/01-52-54-00-12-34-56"]
     assert relay.first_packets[0] == bytes.fromhex((golden / "ipxe-rrq-pxelinux0.hex").read_text().split()[0])
+
+
+# -- the real daemon (python3 -m sidusd --config FILE) -------------------------------------
+
+def test_real_daemon_serves_every_client_and_refuses_escapes(tmp_path) -> None:
+    from daemon_fixture import SidusDaemon
+    host = {"mac": MAC, "hostname": "node01", "profile": "default", "append": "sidus.test=daemon"}
+    d = SidusDaemon(tmp_path, hosts=[host])
+    root = Path(d.config["tftp"]["root"])
+    data = os.urandom(1_000_003)
+    (root / "images" / "demo" / "vmlinuz").write_bytes(data)
+    (tmp_path / "secret.txt").write_bytes(b"SECRET")
+    (root / "escape").symlink_to(tmp_path / "secret.txt")
+    with d:
+        for client in CLIENTS:
+            got = fetch(client, d.tftp_port, "images/demo/vmlinuz", tmp_path / f"out-{client}")
+            assert sha(got) == sha(data), client
+        raw = Raw(d.tftp_port)
+        doc, oack = raw.get(b"/pxelinux.cfg/01-52-54-00-12-34-56", options={"tsize": 0})
+        assert b"sidus.test=daemon" in doc and oack == {"tsize": str(len(doc))}
+        for name in (b"../secret.txt", b"escape", b"images/../../secret.txt", b"..\\secret.txt"):
+            raw.rrq(name)
+            pkt, _ = raw.recv()
+            assert isinstance(pkt, tftp.ERROR) and pkt.code in (1, 2), (name, pkt)
+        raw.close()
+        status = d.ctl_json("status")
+    events = [e for e in d.events() if e.get("event") == "tftp.transfer"]
+    assert len(events) == len(CLIENTS) + 1 and all(e["outcome"] == "ok" for e in events)
+    assert status["counters"]["tftp.transfers.done"] == len(CLIENTS) + 1
+    assert status["counters"]["tftp.refused.access"] + status["counters"]["tftp.refused.name"] == 4
