@@ -18,7 +18,8 @@
   parameters: a config reload never changes a transfer in flight.
 
 Counters (``tftp.``): rx, malformed, unexpected, duplicate_rrq, wrong_tid,
-refused.<write|mode|busy|per_client|name|not_found|access|render|socket|stopping>,
+refused.<write|mode|busy|per_client|name|not_found|access|render|socket|stopping|
+netascii_size|read>,
 transfers.started/done/failed/probe, retransmits, bytes, send_errors, send_blocked
 (the kernel send buffer was full; the rest waits for add_writer), internal_errors.
 Every transfer ends with one ``tftp.transfer`` log event.
@@ -264,6 +265,10 @@ class TftpService:
                              "netascii_size", name)
                 return None
             return BytesSource(tftp.netascii(source.read_block(0, source.size)))
+        except OSError as exc:
+            self.log.warning("tftp.read_error", file=name, error=exc.strerror)
+            self._refuse(peer, local, tftp.ERR_UNDEFINED, "read error", "read", name)
+            return None
         finally:
             if isinstance(source, FileSource):
                 source.close()
