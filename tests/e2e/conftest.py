@@ -53,7 +53,8 @@ def demo_image(tmp_path_factory):
     """The demo image (busybox root, Debian kernel, initramfs), built once per session."""
     require_lab()
     from sidusd.lab.image import build_demo_image
-    workdir = tmp_path_factory.mktemp("demo-image")
+    # <demo>/image, so that `python3 -m sidusd.lab demo --workdir <demo>` reuses it
+    workdir = tmp_path_factory.mktemp("demo") / "image"
     return build_demo_image(workdir, progress=lambda msg: None)
 
 

@@ -69,6 +69,7 @@ def test_bios_proxy_boot_nfs_root_overlay(make_lab, demo_image):
     clients = lab.sidusctl("clients")
     mine = [c for c in clients if c["mac"] == mac]
     assert mine and mine[0]["arch"] == "bios", clients
+    assert mine[0]["ip"] == leases[mac], clients     # learnt from the client's REQUEST to the site
     seen = [(e["event"], e.get("file")) for e in mine[0]["timeline"]]
     assert ("dhcp.offer", "pxelinux.0") in seen, seen
     assert ("tftp", "pxelinux.cfg/01-" + mac.replace(":", "-")) in seen, seen
