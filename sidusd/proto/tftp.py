@@ -258,7 +258,8 @@ class Negotiated:
 
 def _int(value: str) -> int | None:
     v = value.strip()
-    if not v.isdigit() or len(v) > 10:
+    # isascii: str.isdigit() is also true for '²' or '٣', which int() refuses
+    if not (v.isascii() and v.isdigit()) or len(v) > 10:
         return None
     return int(v)
 
