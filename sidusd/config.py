@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import posixpath
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ UNKNOWN_HOSTS = ("default", "ignore")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NFS_BACKENDS = ("ganesha", "kernel", "none")
+ISCSI_BACKENDS = ("tgt", "lio", "none")
 MAX_LEASE_TIME_S = 0xFFFFFFFE        # RFC 2132 §9.2: 32-bit seconds, all ones = infinite
 MAX_BOOT_FILE_BYTES = 127            # RFC 951 'file' field: 128 bytes including the NUL
 
@@ -133,6 +135,19 @@ class NfsConfig:
 
 
 @dataclass(frozen=True)
+class IscsiConfig:
+    """``iscsi:`` section: per-host disks of persistent machines (RFC 3720 targets)."""
+    backend: str = "none"
+    state_dir: Path = Path("/var/lib/sidus/iscsi")
+    secrets_file: Path = Path("/var/lib/sidus/iscsi/secrets.json")
+    portal: IPv4Address | None = None
+    port: int = 3260
+    iqn_prefix: str = "iqn.2026-01.org.sidus"
+    default_size_mib: int = 1024
+    tgt_control_port: int = 0
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     """One bootable image: NFS root directory, kernel and initrd (relative to tftp.root)."""
     root: Path
@@ -153,6 +168,7 @@ class Config:
     boot: BootConfig = field(default_factory=BootConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     nfs: NfsConfig = field(default_factory=NfsConfig)
+    iscsi: IscsiConfig = field(default_factory=IscsiConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=lambda: types.MappingProxyType({}))
     source: str = field(default="<string>", compare=False)
 
@@ -209,7 +225,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
     """Parse configuration ``text`` (pure).  Raises :class:`ConfigError` on the first refusal."""
     root = Section(load_yaml(text, source), "")
     root.allow("state_dir", "inventory_file", "log", "control", "dhcp", "boot", "tftp",
-               "http", "nfs", "images")
+               "http", "nfs", "iscsi", "images")
 
     def path_of(sec: Section, key: str, default: Path | None = None) -> Path | None:
         raw = sec.get(key, str, None)
@@ -264,6 +280,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
                       port=s.int("port", 8080, 1, 65535))
 
     nfs = _parse_nfs(root.section("nfs"), path_of)
+    iscsi = _parse_iscsi(root.section("iscsi"), path_of, state_dir)
 
     images: dict[str, ImageConfig] = {}
     img_sec = root.section("images")
@@ -279,7 +296,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
                                    append=check_kernel_args(s.key("append"), s.get("append", str, "")))
 
     return Config(state_dir=state_dir, inventory_file=inventory_file, log=log, control=control,
-                  dhcp=dhcp, boot=boot, tftp=tftp, http=http, nfs=nfs,
+                  dhcp=dhcp, boot=boot, tftp=tftp, http=http, nfs=nfs, iscsi=iscsi,
                   images=types.MappingProxyType(images), source=source)
 
 
@@ -377,6 +394,24 @@ def _parse_nfs(s: Section, path_of) -> NfsConfig:
                      ganesha_config=path_of(s, "ganesha_config", NfsConfig.ganesha_config),
                      ganesha_pid_file=path_of(s, "ganesha_pid_file", NfsConfig.ganesha_pid_file),
                      exports_file=path_of(s, "exports_file", NfsConfig.exports_file))
+
+
+def _parse_iscsi(s: Section, path_of, state_dir: Path) -> IscsiConfig:
+    s.allow("backend", "state_dir", "secrets_file", "portal", "port", "iqn_prefix",
+            "default_size_mib", "tgt_control_port")
+    iscsi_dir = path_of(s, "state_dir", state_dir / "iscsi")
+    prefix = s.get("iqn_prefix", str, IscsiConfig.iqn_prefix)
+    # RFC 3720 §3.2.6.3.1: "iqn." date "." reversed domain, lower case; the host part is added by sidus
+    if len(prefix) > 180 or not re.fullmatch(r"iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+                                              r"(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", prefix):
+        raise ConfigError(s.key("iqn_prefix"), f"{prefix!r} is not iqn.YYYY-MM.reversed.domain "
+                          "(lower case, e.g. iqn.2026-01.org.example)")
+    return IscsiConfig(backend=s.enum("backend", ISCSI_BACKENDS, "none"), state_dir=iscsi_dir,
+                       secrets_file=path_of(s, "secrets_file", iscsi_dir / "secrets.json"),
+                       portal=s.ipv4("portal", None), port=s.int("port", 3260, 1, 65535),
+                       iqn_prefix=prefix,
+                       default_size_mib=s.int("default_size_mib", 1024, 16, 16 * 1024 * 1024),
+                       tgt_control_port=s.int("tgt_control_port", 0, 0, 65535))
 
 
 def _tftp_relative(s: Section, key: str) -> str:

@@ -125,6 +125,15 @@ BAD = [
     ("boot.ipxe_chain", "false", "boot.ipxe_chain", "expected a boolean"),
     ("state_dir", 5, "state_dir", "expected a string, got integer 5"),
     ("control.socket_path", "", "control.socket_path", "non-empty path"),
+    ("iscsi.backend", "iet", "iscsi.backend", "must be one of: tgt, lio, none"),
+    ("iscsi.iqn_prefix", "IQN.2026-01.org.x", "iscsi.iqn_prefix", "not iqn.YYYY-MM.reversed.domain"),
+    ("iscsi.iqn_prefix", "iqn.2026-13.org.x", "iscsi.iqn_prefix", "not iqn.YYYY-MM.reversed.domain"),
+    ("iscsi.iqn_prefix", "iqn.2026-01.org.x:name", "iscsi.iqn_prefix", "not iqn.YYYY-MM.reversed.domain"),
+    ("iscsi.portal", "10.0.0", "iscsi.portal", "not an IPv4 address"),
+    ("iscsi.port", 0, "iscsi.port", "between 1 and 65535"),
+    ("iscsi.default_size_mib", 8, "iscsi.default_size_mib", "out of range"),
+    ("iscsi.secrets_file", "", "iscsi.secrets_file", "non-empty path"),
+    ("iscsi.chap", "off", "iscsi.chap", "unknown key"),
 ]
 
 
@@ -201,6 +210,16 @@ def test_state_dir_moves_the_derived_defaults():
     assert cfg.dhcp.pool.lease_file == Path("/data/sidus/leases.jsonl")
 
 
+def test_iscsi_defaults_follow_the_state_dirs():
+    cfg = config.parse("state_dir: /data/s\ndhcp: {mode: off}\ntftp: {root: /t}\n")
+    assert cfg.iscsi.backend == "none"
+    assert cfg.iscsi.state_dir == Path("/data/s/iscsi")
+    assert cfg.iscsi.secrets_file == Path("/data/s/iscsi/secrets.json")
+    cfg = config.parse("dhcp: {mode: off}\ntftp: {root: /t}\niscsi: {backend: tgt, state_dir: /d}\n")
+    assert cfg.iscsi.backend == "tgt" and cfg.iscsi.secrets_file == Path("/d/secrets.json")
+    assert cfg.iscsi.port == 3260 and cfg.iscsi.portal is None
+
+
 def test_config_is_frozen():
     cfg = config.parse("dhcp: {mode: off}\ntftp: {root: /t}\n")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -217,7 +236,8 @@ def _all_keys(cls, prefix=""):
             continue
         sub = {"log": config.LogConfig, "control": config.ControlConfig, "dhcp": config.DhcpConfig,
                "pool": config.PoolConfig, "boot": config.BootConfig, "boot_files": config.BootFiles,
-               "tftp": config.TftpConfig, "http": config.HttpConfig, "nfs": config.NfsConfig}.get(f.name)
+               "tftp": config.TftpConfig, "http": config.HttpConfig, "nfs": config.NfsConfig,
+               "iscsi": config.IscsiConfig}.get(f.name)
         out.add(prefix + f.name)
         if sub is not None:
             out |= _all_keys(sub, prefix + f.name + ".")
