@@ -1,0 +1,423 @@
+"""The HTTP boot edge: iPXE scripts, kernels and initrds over HTTP/1.1 (RFC 9110, RFC 9112).
+
+iPXE (after a chainload, or as the NIC's own ROM) fetches
+``http://<server>:<http.port>/boot/<mac>.ipxe`` and then the kernel and the
+initrd that script names; UEFI HTTP boot fetches its boot file by URL.  The
+names mean exactly what they mean over TFTP: the URL path (percent-decoded,
+strict UTF-8, query ignored) goes through :func:`sidusd.boot.content.resolve`,
+files are opened with :func:`sidusd.net.files.open_confined` below
+``tftp.root`` (any symlink refused), generated names are rendered per MAC by
+``runtime.render(kind, mac, server_ip, client_ip)``.
+
+* HTTP parsing is aiohttp's (its low-level :class:`aiohttp.web.Server`); this
+  module only decides and sends.  GET and HEAD (others: 405), one byte range
+  ``bytes=a-b`` / ``a-`` / ``-n`` (206 + Content-Range, 416 when unsatisfiable;
+  a multi-range or malformed Range is ignored and the whole file sent, as RFC
+  9110 section 14.2 allows), ``Last-Modified`` + ``ETag`` for files,
+  ``Cache-Control: no-store`` for rendered documents (they change on reload).
+* Files go out with ``loop.sendfile`` (``sendfile(2)``), in chunks of
+  ``SEND_CHUNK`` bytes, each with ``idle_timeout_s``: a client that stops
+  reading is cut after that long without progress.
+* Bounded: ``max_connections`` in all and ``max_per_client`` per client IP (a
+  connection over the limit gets ``503`` + ``Retry-After`` and is closed
+  before anything is parsed); a connection that does not finish its request
+  headers, or sits idle between requests, for ``idle_timeout_s`` is closed.
+* Every response ends with one ``http.transfer`` log event and, when the MAC is
+  known (from the name, or the client IP's last DHCP exchange), a ``http``
+  entry in that machine's boot timeline (``sidusctl clients``).
+
+Counters (``http.``): requests, connections, refused.<busy|per_client|method|name|
+encoding|not_found|access|render|stopping>, transfers.done/failed, bytes,
+ranges, timeouts.<idle|send>, internal_errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import os
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import http_exceptions, web
+
+from ..boot import content
+from ..errors import StartupError
+from ..observability import get_logger
+from ..proto.http import RangeNotSatisfiable, parse_range, request_name
+from .files import NotServable, open_confined
+
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_PER_CLIENT = 32
+DEFAULT_IDLE_TIMEOUT_S = 30.0
+SEND_CHUNK = 1 << 20          # bytes per sendfile() call, each bounded by idle_timeout_s
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
+         b"Content-Length: 0\r\n\r\n")
+_REFUSE_LINGER_S = 2.0
+
+
+class _Conn:
+    __slots__ = ("transport", "ip", "busy", "idle_since")
+
+    def __init__(self, transport: Any, ip: str, now: float):
+        self.transport, self.ip, self.busy, self.idle_since = transport, ip, 0, now
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, telling the service when connections come and go."""
+
+    def __init__(self, svc: "HttpService", **kw: Any):
+        super().__init__(svc._handle, **kw)
+        self._svc = svc
+
+    def connection_made(self, handler: Any, transport: Any) -> None:
+        super().connection_made(handler, transport)
+        self._svc._opened(handler, transport)
+
+    def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self._svc._closed(handler)
+
+
+class _Gate(asyncio.Protocol):
+    """Admits a new connection to aiohttp, or answers 503 without parsing anything.
+
+    A refused client gets the 503, our half-close, and its request bytes read
+    and dropped until it closes (at most ``_REFUSE_LINGER_S``): closing with
+    unread data would send an RST, and the client would see a reset instead
+    of the 503.
+    """
+
+    def __init__(self, svc: "HttpService"):
+        self.svc = svc
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        svc = self.svc
+        handler = svc._admit(transport)
+        if handler is not None:
+            transport.set_protocol(handler)
+            handler.connection_made(transport)
+            return
+        transport.write(_BUSY)
+        if transport.can_write_eof():
+            transport.write_eof()
+        assert svc._loop is not None
+        self.timer = svc._loop.call_later(_REFUSE_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False                  # the transport closes itself
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class _ParserLog(logging.Logger):
+    """aiohttp's logger for this service: a malformed request is counted and logged at debug.
+
+    aiohttp answers 400 itself and logs the parser's exception with a
+    traceback at ERROR; a hostile peer must not be able to fill the log.
+    """
+
+    def __init__(self, svc: "HttpService"):
+        super().__init__("sidusd.http.aiohttp")
+        self.svc = svc
+
+    def handle(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            self.svc.runtime.observer.count("http.malformed")
+            self.svc.log.debug("http.malformed", error=str(exc).splitlines()[0][:200])
+        elif record.levelno >= logging.WARNING:
+            self.svc.runtime.observer.count("http.internal_errors")
+            self.svc.log.error("http.aiohttp_error", message=record.getMessage()[:300],
+                               error=repr(exc)[:300] if exc else None)
+
+
+class _Record:
+    """What one response did, for its ``http.transfer`` event."""
+
+    __slots__ = ("file", "mac", "status", "bytes", "size", "range", "outcome")
+
+    def __init__(self) -> None:
+        self.file: str | None = None
+        self.mac: str | None = None
+        self.status = 0
+        self.bytes = 0
+        self.size: int | None = None
+        self.range: str | None = None
+        self.outcome = "ok"
+
+
+class HttpService:
+    """HTTP boot server on ``http.address:http.port``, serving ``tftp.root`` and rendered scripts."""
+
+    def __init__(self, runtime: Any, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_per_client: int = DEFAULT_MAX_PER_CLIENT,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
+        self.runtime = runtime
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.idle_timeout_s = idle_timeout_s
+        self.log = get_logger("http")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: _Server | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._bound: tuple[str, int] | None = None
+        self._conns: dict[Any, _Conn] = {}
+        self._per_client: collections.Counter[str] = collections.Counter()
+        self._watchdog: asyncio.Task | None = None
+        self._stopping = False
+        self._active = 0
+        self._idle = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Listen; raises :class:`StartupError` if the address cannot be bound."""
+        self._loop = asyncio.get_running_loop()
+        cfg = self.runtime.config.http
+        # aiohttp's own keep-alive timer is only a backstop: the watchdog closes idle connections
+        self._server = _Server(self, keepalive_timeout=2 * self.idle_timeout_s + 10, access_log=None,
+                               logger=_ParserLog(self), max_line_size=4096, max_field_size=4096, max_headers=64)
+        try:
+            self._listener = await self._loop.create_server(
+                lambda: _Gate(self), str(cfg.address), int(cfg.port), reuse_address=True,
+                backlog=min(1024, self.max_connections))
+        except OSError as exc:
+            raise StartupError(f"http: cannot listen on {cfg.address}:{cfg.port}: {exc.strerror}") from None
+        self._bound = self._listener.sockets[0].getsockname()[:2]
+        self._watchdog = self._loop.create_task(self._watch())
+        self.log.info("http.listening", address=self._bound[0], port=self._bound[1],
+                      root=str(self.runtime.config.tftp.root))
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting; responses in flight get up to ``grace_s``, then every connection is closed."""
+        self._stopping = True
+        if self._listener is not None:
+            self._listener.close()
+        if self._active and grace_s > 0:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+            except asyncio.TimeoutError:
+                pass
+        for conn in list(self._conns.values()):
+            conn.transport.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._server is not None:
+            await self._server.shutdown(1.0)
+        self._listener = None
+
+    def listeners(self) -> list[dict[str, Any]]:
+        """Where this service listens (for ``sidusctl status``)."""
+        if self._bound is None or self._stopping:
+            return []
+        return [{"proto": "tcp", "service": "http", "address": self._bound[0], "port": self._bound[1]}]
+
+    def active_transfers(self) -> int:
+        """Responses being sent now."""
+        return self._active
+
+    def connections(self) -> int:
+        """Open client connections."""
+        return len(self._conns)
+
+    # -- connections -------------------------------------------------------------
+    def _admit(self, transport: Any) -> Any:
+        """A request handler for a new connection, or None (counted, logged) if over a limit."""
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        reason = None
+        if self._stopping:
+            reason = "stopping"
+        elif len(self._conns) >= self.max_connections:
+            reason = "busy"
+        elif self._per_client[peer[0]] >= self.max_per_client:
+            reason = "per_client"
+        if reason:
+            self.runtime.observer.count(f"http.refused.{reason}")
+            self.log.info("http.refused", peer=f"{peer[0]}:{peer[1]}", reason=reason)
+            return None
+        assert self._server is not None
+        return self._server()
+
+    def _opened(self, handler: Any, transport: Any) -> None:
+        assert self._loop is not None
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.runtime.observer.count("http.connections")
+        self._conns[handler] = _Conn(transport, peer[0], self._loop.time())
+        self._per_client[peer[0]] += 1
+
+    def _closed(self, handler: Any) -> None:
+        conn = self._conns.pop(handler, None)
+        if conn is None:
+            return
+        self._per_client[conn.ip] -= 1
+        if self._per_client[conn.ip] <= 0:
+            del self._per_client[conn.ip]
+
+    async def _watch(self) -> None:
+        """Close connections that sent no complete request for ``idle_timeout_s``."""
+        assert self._loop is not None
+        period = min(1.0, self.idle_timeout_s / 2)
+        while True:
+            await asyncio.sleep(period)
+            now = self._loop.time()
+            for conn in list(self._conns.values()):
+                if not conn.busy and now - conn.idle_since > self.idle_timeout_s:
+                    conn.idle_since = now          # once per timeout, even if close is slow
+                    self.runtime.observer.count("http.timeouts.idle")
+                    self.log.info("http.timeout", peer=conn.ip, reason="idle")
+                    conn.transport.close()
+
+    # -- requests ----------------------------------------------------------------
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert self._loop is not None
+        t0 = self._loop.time()
+        conn = self._conns.get(request.protocol)
+        if conn is not None:
+            conn.busy += 1
+        self._active += 1
+        self.runtime.observer.count("http.requests")
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        local = request.transport.get_extra_info("sockname") if request.transport else None
+        peer_ip = peer[0] if peer else "?"
+        rec = _Record()
+        try:
+            return await self._serve(request, rec, peer_ip, local[0] if local else "0.0.0.0")
+        except (ConnectionError, asyncio.CancelledError):
+            rec.outcome = "aborted"
+            raise
+        except Exception:
+            rec.outcome = "internal-error"
+            self.runtime.observer.count("http.internal_errors")
+            self.log.exception("http.internal_error", peer=peer_ip, path=request.raw_path[:300])
+            raise
+        finally:
+            self._active -= 1
+            if conn is not None:
+                conn.busy -= 1
+                conn.idle_since = self._loop.time()
+            self._summary(request, rec, peer, round(self._loop.time() - t0, 3))
+            if not self._active:
+                self._idle.set()
+
+    def _summary(self, request: web.BaseRequest, rec: _Record, peer: Any, duration_s: float) -> None:
+        obs = self.runtime.observer
+        ok = rec.outcome == "ok" and rec.status in (200, 206)
+        obs.count("http.transfers.done" if ok else "http.transfers.failed")
+        obs.count("http.bytes", rec.bytes)
+        mac = rec.mac or (obs.mac_for_ip(peer[0]) if peer else None)
+        log = self.log.info if ok or rec.status in (304, 404) else self.log.warning
+        log("http.transfer", method=request.method, file=rec.file,
+            path=None if rec.file is not None else request.raw_path[:300],
+            peer=f"{peer[0]}:{peer[1]}" if peer else None, mac=mac, status=rec.status,
+            bytes=rec.bytes, size=rec.size, range=rec.range, duration_s=duration_s,
+            outcome=rec.outcome)
+        obs.timeline(mac, "http", file=rec.file, bytes=rec.bytes, duration_s=duration_s,
+                     status=rec.status, outcome=rec.outcome)
+
+    def _fail(self, rec: _Record, status: int, reason: str, text: str,
+              headers: dict[str, str] | None = None) -> web.Response:
+        self.runtime.observer.count(f"http.refused.{reason}")
+        rec.status, rec.outcome = status, reason
+        body = (text + "\n").encode()
+        rec.bytes = len(body)
+        return web.Response(status=status, body=body, content_type="text/plain", headers=headers)
+
+    async def _serve(self, request: web.BaseRequest, rec: _Record, peer_ip: str,
+                     local_ip: str) -> web.StreamResponse:
+        if self._stopping:
+            return self._fail(rec, 503, "stopping", "server stopping", {"Retry-After": "1"})
+        if request.method not in ("GET", "HEAD"):
+            return self._fail(rec, 405, "method", "only GET and HEAD", {"Allow": "GET, HEAD"})
+        name = request_name(request.raw_path)
+        if name is None:
+            return self._fail(rec, 400, "encoding", "path is not UTF-8")
+        rec.file = name.lstrip("/")[:300] or "/"
+        res = content.resolve(name)
+        if isinstance(res, content.Refused):
+            return self._fail(rec, 403, "name", f"forbidden: {res.reason}")
+        cfg = self.runtime.config
+        if isinstance(res, content.Generated):
+            rec.mac = res.mac
+            doc = self.runtime.render(res.kind, res.mac, local_ip, peer_ip)
+            if doc is None:
+                return self._fail(rec, 404, "not_found", "not found")
+            headers = {"Cache-Control": "no-store", "Content-Type": "text/plain; charset=us-ascii"}
+            return await self._send(request, rec, headers, len(doc), doc=doc)
+        try:
+            fd, size = open_confined(cfg.tftp.root, res.parts)
+        except NotServable as exc:
+            if exc.missing:
+                return self._fail(rec, 404, "not_found", "not found")
+            self.log.info("http.access", file=rec.file, reason=exc.reason)
+            return self._fail(rec, 403, "access", "forbidden")
+        with open(fd, "rb", buffering=0, closefd=True) as fobj:
+            st = os.fstat(fd)
+            etag = '"' + hashlib.blake2s(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode(),
+                                         digest_size=8).hexdigest() + '"'
+            headers = {"ETag": etag, "Last-Modified": formatdate(st.st_mtime, usegmt=True),
+                       "Content-Type": "application/octet-stream"}
+            inm = request.headers.get("If-None-Match")
+            if inm is not None and etag in [t.strip() for t in inm.split(",")]:
+                rec.status, rec.size = 304, size
+                return web.Response(status=304, headers={"ETag": etag})
+            return await self._send(request, rec, headers, size, fobj=fobj, etag=etag)
+
+    async def _send(self, request: web.BaseRequest, rec: _Record, headers: dict[str, str], size: int,
+                    doc: bytes | None = None, fobj: Any = None, etag: str | None = None) -> web.StreamResponse:
+        rec.size = size
+        headers["Accept-Ranges"] = "bytes"
+        rng_header = request.headers.get("Range")
+        if_range = request.headers.get("If-Range")
+        if if_range is not None and (etag is None or if_range.strip() != etag):
+            rng_header = None                     # RFC 9110 section 13.1.5: validator changed
+        try:
+            rng = parse_range(rng_header, size) if request.method == "GET" else None
+        except RangeNotSatisfiable:
+            return self._fail(rec, 416, "range", "range not satisfiable",
+                              {"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"})
+        start, stop, status = 0, size, 200
+        if rng is not None:
+            start, stop, status = rng.start, rng.stop, 206
+            headers["Content-Range"] = rng.content_range
+            rec.range = rng.content_range
+            self.runtime.observer.count("http.ranges")
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = stop - start
+        rec.status = status
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            await resp.write_eof()
+            return resp
+        if doc is not None:
+            await asyncio.wait_for(resp.write(doc[start:stop]), self.idle_timeout_s)
+            rec.bytes = stop - start
+        else:
+            assert self._loop is not None and request.transport is not None
+            transport, offset = request.transport, start
+            while offset < stop:
+                n = min(SEND_CHUNK, stop - offset)
+                try:
+                    sent = await asyncio.wait_for(
+                        self._loop.sendfile(transport, fobj, offset, n), self.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    # the client stopped reading: cut it (the rest of the file is never sent)
+                    rec.outcome = "timeout"
+                    self.runtime.observer.count("http.timeouts.send")
+                    transport.close()
+                    return resp
+                if not sent:
+                    raise ConnectionResetError("file shrank or peer went away")
+                offset += sent
+                rec.bytes = offset - start
+        await resp.write_eof()
+        return resp
