@@ -49,6 +49,9 @@ def build_services(runtime: Runtime) -> dict[str, Any]:
     if cfg.tftp.enabled:
         from .net.tftp_server import TftpService
         services["tftp"] = TftpService(runtime)
+    if cfg.http.enabled:
+        from .net.http_server import HttpService
+        services["http"] = HttpService(runtime)
     return services
 
 
