@@ -15,9 +15,12 @@ refused).  An :class:`Inventory` is immutable: :meth:`Inventory.with_host` and
 the runtime swaps in whole.  :func:`check_against` checks the references into a
 :class:`~sidusd.config.Config` (images, default profile, pool).
 
-Overlays: ``tmpfs`` (writable layer in RAM, lost at reboot).  ``iscsi`` (a
-per-host disk as the writable layer) is reserved: the file accepts the word but
-:func:`check_against` refuses it until the iSCSI issue lands.
+Overlays: ``tmpfs`` (writable layer in RAM, lost at reboot) and ``iscsi`` (a
+per-host disk on the boot server as the writable layer, kept across reboots;
+:func:`check_against` accepts it only when ``iscsi.backend`` is not ``none``).
+An iscsi profile may set ``disk_size_mib`` (default ``iscsi.default_size_mib``)
+and ``fallback``: ``tmpfs`` (boot with a tmpfs overlay and a loud console
+message when the disk cannot be reached) or ``stop`` (panic instead).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from sidusd.errors import ConfigError, InventoryError
 from sidusd.yamlstrict import Section, check_kernel_args, check_name, dump_yaml, load_yaml
 
 OVERLAYS = ("tmpfs", "iscsi")
-SUPPORTED_OVERLAYS = ("tmpfs",)
+FALLBACKS = ("tmpfs", "stop")
+MAX_DISK_MIB = 16 * 1024 * 1024     # 16 TiB
 MAX_HOSTS = 100_000
 MAX_HOSTNAME_CHARS = 253            # RFC 1123 §2.1 / RFC 1035 §2.3.4
 _MAC = re.compile(r"^[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(?:\1[0-9a-fA-F]{2}){4}$")
@@ -91,10 +95,21 @@ class Profile:
     image: str
     overlay: str = "tmpfs"
     append: str = ""
+    disk_size_mib: int | None = None
+    fallback: str = "tmpfs"
 
     def __post_init__(self) -> None:
         if self.append is None:
             object.__setattr__(self, "append", "")
+        if self.disk_size_mib is not None and (
+                isinstance(self.disk_size_mib, bool) or not isinstance(self.disk_size_mib, int)
+                or not 16 <= self.disk_size_mib <= MAX_DISK_MIB):
+            raise InventoryError("profile.disk_size_mib",
+                                 f"expected MiB between 16 and {MAX_DISK_MIB}, got {self.disk_size_mib!r}")
+        if self.fallback not in FALLBACKS:
+            raise InventoryError("profile.fallback", f"must be one of: {', '.join(FALLBACKS)} (got {self.fallback!r})")
+        if self.overlay != "iscsi" and (self.disk_size_mib is not None or self.fallback != "tmpfs"):
+            raise InventoryError("profile.disk_size_mib", "disk_size_mib and fallback apply to overlay: iscsi only")
         try:
             check_name("profile.name", self.name, what="profile name")
             check_name("profile.image", self.image, what="image name")
@@ -144,6 +159,7 @@ class BootTarget:
     initrd: str
     overlay: str
     append: str
+    fallback: str = "tmpfs"
 
 
 @dataclass(frozen=True)
@@ -205,7 +221,8 @@ class Inventory:
         return BootTarget(mac=host.mac if host else None, hostname=host.hostname if host else None,
                           profile=profile.name, image=image_name,
                           image_root=image.root, kernel=image.kernel, initrd=image.initrd,
-                          overlay=profile.overlay, append=" ".join(p.strip() for p in parts if p.strip()))
+                          overlay=profile.overlay, append=" ".join(p.strip() for p in parts if p.strip()),
+                          fallback=profile.fallback)
 
 
 def _cross_check(profiles: Mapping[str, Profile], labelled: list[tuple[str, Host]]) -> None:
@@ -241,11 +258,18 @@ def parse_inventory(text: str, source: str = "<string>") -> Inventory:
         for name in psec.keys():
             check_name(psec.key(name), name, what="profile name")
             s = psec.section(name, required=True)
-            s.allow("image", "overlay", "append")
+            s.allow("image", "overlay", "append", "disk_size_mib", "fallback")
             s.require("image")
             image = check_name(s.key("image"), s.get("image", str), what="image name")
-            profiles[name] = Profile(name=name, image=image, overlay=s.enum("overlay", OVERLAYS, "tmpfs"),
-                                     append=check_kernel_args(s.key("append"), s.get("append", str, "")))
+            overlay = s.enum("overlay", OVERLAYS, "tmpfs")
+            if overlay != "iscsi":
+                for key in ("disk_size_mib", "fallback"):
+                    if s.has(key):
+                        raise InventoryError(s.key(key), "applies to overlay: iscsi only")
+            size = s.int("disk_size_mib", None, 16, MAX_DISK_MIB) if s.has("disk_size_mib") else None
+            profiles[name] = Profile(name=name, image=image, overlay=overlay,
+                                     append=check_kernel_args(s.key("append"), s.get("append", str, "")),
+                                     disk_size_mib=size, fallback=s.enum("fallback", FALLBACKS, "tmpfs"))
         raw_hosts = root.get("hosts", list, [])
         if len(raw_hosts) > MAX_HOSTS:
             raise InventoryError("hosts", f"more than {MAX_HOSTS} hosts")
@@ -276,8 +300,7 @@ def parse_inventory(text: str, source: str = "<string>") -> Inventory:
 def dump_inventory(inv: Inventory) -> str:
     """YAML text that :func:`parse_inventory` reads back to an equal inventory."""
     doc: dict[str, Any] = {
-        "profiles": {p.name: {"image": p.image, "overlay": p.overlay, "append": p.append}
-                     for p in inv.profiles.values()},
+        "profiles": {p.name: _dump_profile(p) for p in inv.profiles.values()},
         "hosts": [],
     }
     for h in inv.hosts.values():
@@ -295,15 +318,26 @@ def dump_inventory(inv: Inventory) -> str:
     return "# sidus inventory: hosts and profiles (written by sidusd; see `sidusctl hosts`)\n" + body
 
 
+def _dump_profile(p: Profile) -> dict[str, Any]:
+    out: dict[str, Any] = {"image": p.image, "overlay": p.overlay, "append": p.append}
+    if p.overlay == "iscsi":
+        out["fallback"] = p.fallback
+        if p.disk_size_mib is not None:
+            out["disk_size_mib"] = p.disk_size_mib
+    return out
+
+
 def check_against(inv: Inventory, config: Config) -> None:
     """Refuse references ``config`` cannot satisfy: images, the default profile, overlays, pool addresses."""
     for name, p in inv.profiles.items():
         if p.image not in config.images:
             raise InventoryError(f"profiles.{name}.image", _unknown_image(p.image, config))
-        if p.overlay not in SUPPORTED_OVERLAYS:
+        if p.overlay == "iscsi" and config.iscsi.backend == "none":
             raise InventoryError(f"profiles.{name}.overlay",
-                                 f"{p.overlay!r} is reserved and not supported yet (supported: "
-                                 f"{', '.join(SUPPORTED_OVERLAYS)})")
+                                 "'iscsi' needs an iSCSI target: set iscsi.backend (tgt or lio) in the config")
+        if p.overlay == "iscsi" and name == config.boot.default_profile and config.dhcp.unknown_hosts == "default":
+            raise InventoryError(f"profiles.{name}.overlay", "'iscsi' gives each listed host its own disk: "
+                                 "it cannot be boot.default_profile for unknown machines")
     for mac, h in inv.hosts.items():
         if h.image is not None and h.image not in config.images:
             raise InventoryError(f"hosts[{mac}].image", _unknown_image(h.image, config))

@@ -221,7 +221,7 @@ def test_check_against_config():
         (Inventory({"big": Profile("big", "other")}, {}), CFG, "profiles.default",
          "missing: it is boot.default_profile"),
         (Inventory({"default": Profile("default", "demo", overlay="iscsi")}, {}), CFG,
-         "profiles.default.overlay", "reserved and not supported yet"),
+         "profiles.default.overlay", "needs an iSCSI target: set iscsi.backend"),
         (inv.with_host(Host(mac="52:54:00:00:00:07", profile="default", ip="192.168.1.7")), CFG,
          "hosts[52:54:00:00:00:07].ip", "outside dhcp.pool.network 10.0.0.0/24"),
     ]
