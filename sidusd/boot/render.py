@@ -12,6 +12,14 @@ admin-guide/nfs/nfsroot.rst``)::
     root=/dev/nfs boot=nfs nfsroot=<server>:<image_root>,<mount options> ip=dhcp
     sidus.overlay=<overlay> [sidus.hostname=<hostname>] <image append> <profile append> <host append>
 
+Hosts with ``overlay: iscsi`` also get their disk's login (:class:`IscsiLogin`)::
+
+    sidus.iscsi.target=<iqn> sidus.iscsi.portal=<ip>:<port> sidus.iscsi.initiator=<iqn>
+    sidus.iscsi.user=<chap user> sidus.iscsi.secret=<chap secret> sidus.fallback=tmpfs|stop
+
+These carry the host's CHAP secret: the runtime serves such a file only to the
+address that did the DHCP exchange for that MAC.
+
 Unknown machines (``pxelinux.cfg/default``): when ``dhcp.unknown_hosts`` is
 ``default`` the default profile's target is rendered; otherwise the file says
 the machine is not in the inventory and boots the local disk (``LOCALBOOT 0``).
@@ -22,7 +30,7 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sidusd.boot.inventory import BootTarget
 from sidusd.errors import SidusError
@@ -35,6 +43,8 @@ _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MOUNT_OPTS = re.compile(r"^[A-Za-z0-9=,._:-]+$")
 _ARGS = re.compile(r"^[ !-#%'-[\]-{}~]*$")          # printable ASCII minus $ & \ |
 _MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
+_IQN = re.compile(r"^iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9.-]+(?::[a-z0-9.:-]+)?$")
+_SECRET = re.compile(r"^[A-Za-z0-9_-]{16,255}$")      # secrets.token_urlsafe alphabet
 _HTTP_BASE = re.compile(r"^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~/-]*)?$")
 
 
@@ -71,11 +81,41 @@ class RenderContext:
             object.__setattr__(self, "http_base", self.http_base.rstrip("/"))
 
 
-def kernel_cmdline(target: BootTarget, ctx: RenderContext) -> str:
-    """The Linux command line for ``target``: NFS root + overlay + appends (image, profile, host)."""
+@dataclass(frozen=True)
+class IscsiLogin:
+    """One host's disk login (RFC 3720 §3.2.6 names, §11.1.4 CHAP); ``secret`` hidden from repr."""
+    target_iqn: str
+    portal: str
+    port: int
+    initiator_iqn: str
+    user: str
+    secret: str = field(repr=False)
+
+    def args(self) -> list[str]:
+        """The ``sidus.iscsi.*`` kernel arguments (each value checked)."""
+        ipaddress.IPv4Address(_check("iscsi portal", self.portal, re.compile(r"^[0-9.]{7,15}$")))
+        if not 0 < int(self.port) < 65536:
+            raise RenderError(f"refusing to render iscsi port {self.port!r}")
+        return [f"sidus.iscsi.target={_check('iscsi target', self.target_iqn, _IQN)}",
+                f"sidus.iscsi.portal={self.portal}:{int(self.port)}",
+                f"sidus.iscsi.initiator={_check('iscsi initiator', self.initiator_iqn, _IQN)}",
+                f"sidus.iscsi.user={_check('iscsi user', self.user, _WORD)}",
+                f"sidus.iscsi.secret={_check('iscsi secret', self.secret, _SECRET)}"]
+
+
+def kernel_cmdline(target: BootTarget, ctx: RenderContext, iscsi: IscsiLogin | None = None) -> str:
+    """The Linux command line for ``target``: NFS root + overlay + appends (image, profile, host).
+
+    ``overlay: iscsi`` needs ``iscsi`` (that host's login); without it RenderError.
+    """
     root = _check("image_root", str(target.image_root), _ROOT)
     parts = ["root=/dev/nfs", "boot=nfs", f"nfsroot={ctx.nfs_server}:{root},{ctx.mount_options}", "ip=dhcp",
              f"sidus.overlay={_check('overlay', target.overlay, _WORD)}"]
+    if target.overlay == "iscsi":
+        if iscsi is None:
+            raise RenderError("overlay iscsi without the host's disk login (is the iSCSI target applied?)")
+        parts += iscsi.args()
+        parts.append(f"sidus.fallback={_check('fallback', target.fallback, _WORD)}")
     if target.hostname:
         parts.append(f"sidus.hostname={_check('hostname', target.hostname, _HOST)}")
     append = _check("append", target.append, _ARGS).strip()
@@ -96,7 +136,7 @@ def _who(target: BootTarget) -> str:
     return f"{who}, profile {_check('profile', target.profile, _WORD)}"
 
 
-def _pxelinux(target: BootTarget, ctx: RenderContext) -> bytes:
+def _pxelinux(target: BootTarget, ctx: RenderContext, iscsi: IscsiLogin | None = None) -> bytes:
     kernel = _check("kernel", target.kernel, _FILE)
     initrd = _check("initrd", target.initrd, _FILE)
     lines = [
@@ -108,16 +148,16 @@ def _pxelinux(target: BootTarget, ctx: RenderContext) -> bytes:
         "LABEL sidus",
         f"  KERNEL {kernel}",
         # initrd= in APPEND works with every pxelinux/syslinux.efi version (INITRD needs >= 5).
-        f"  APPEND initrd={initrd} {kernel_cmdline(target, ctx)}",
+        f"  APPEND initrd={initrd} {kernel_cmdline(target, ctx, iscsi)}",
         # IPAPPEND 2: pxelinux adds BOOTIF=01-<mac>, so the initramfs configures the boot NIC.
         "  IPAPPEND 2",
     ]
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
-def pxelinux_config(target: BootTarget, ctx: RenderContext) -> bytes:
+def pxelinux_config(target: BootTarget, ctx: RenderContext, iscsi: IscsiLogin | None = None) -> bytes:
     """``pxelinux.cfg/01-<mac>`` for ``target`` (syslinux PXELINUX config file format)."""
-    return _pxelinux(target, ctx)
+    return _pxelinux(target, ctx, iscsi)
 
 
 def pxelinux_default(ctx: RenderContext, target: BootTarget | None = None) -> bytes:
@@ -141,7 +181,7 @@ def pxelinux_default(ctx: RenderContext, target: BootTarget | None = None) -> by
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
-def ipxe_script(target: BootTarget, ctx: RenderContext) -> bytes:
+def ipxe_script(target: BootTarget, ctx: RenderContext, iscsi: IscsiLogin | None = None) -> bytes:
     """An iPXE script that loads kernel and initrd over HTTP (or TFTP when HTTP is off) and boots."""
     base = ctx.http_base if ctx.http_base is not None else f"tftp://{ctx.server_ip}"
     kernel = _check("kernel", target.kernel, _FILE)
@@ -152,7 +192,7 @@ def ipxe_script(target: BootTarget, ctx: RenderContext) -> bytes:
         f"# sidus boot script for {_who(target)}, image {_check('image', target.image, _WORD)}",
         "# generated by sidusd: do not edit",
         # BOOTIF as pxelinux's IPAPPEND 2 gives it; ${netX/...} is the interface iPXE booted from.
-        f"kernel {base}/{kernel} initrd={name} {kernel_cmdline(target, ctx)} BOOTIF=01-${{netX/mac:hexhyp}}",
+        f"kernel {base}/{kernel} initrd={name} {kernel_cmdline(target, ctx, iscsi)} BOOTIF=01-${{netX/mac:hexhyp}}",
         f"initrd --name {name} {base}/{initrd}",
         "boot",
     ]
