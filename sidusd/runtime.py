@@ -62,11 +62,19 @@ def load_snapshot(config_path: Path, generation: int = 1) -> Snapshot:
     return Snapshot(cfg, inv, generation)
 
 
+def default_iscsi_factory(config: Any) -> Any:
+    """The iSCSI manager of ``config`` (tgt driven with tgtadm)."""
+    from .storage.iscsi import IscsiManager
+    from .storage.runner import Runner
+    return IscsiManager(config, Runner())
+
+
 class Runtime:
     """Owns the current :class:`Snapshot`, the observer and the storage backends."""
 
     def __init__(self, config_path: Path, snapshot: Snapshot, observer: Observer | None = None,
-                 nfs_factory: Callable[[Any], Any] | None = None):
+                 nfs_factory: Callable[[Any], Any] | None = None,
+                 iscsi_factory: Callable[[Any], Any] | None = None, iscsi_watch_s: float = 5.0):
         self.config_path = Path(config_path)
         self._snap = snapshot
         self.observer = observer or Observer()
@@ -76,6 +84,10 @@ class Runtime:
         self._lock = asyncio.Lock()
         self._nfs_factory = nfs_factory
         self._nfs = None
+        self._iscsi_factory = iscsi_factory or default_iscsi_factory
+        self.iscsi = None                  # storage.iscsi.IscsiManager when iscsi.backend is set
+        self._iscsi_watch_s = iscsi_watch_s
+        self._iscsi_watch: asyncio.Task | None = None
         self.log = get_logger("runtime")
 
     @classmethod
@@ -108,9 +120,14 @@ class Runtime:
                                     http_base=http_base, mount_options=cfg.nfs.mount_options)
 
     def render(self, kind: str, mac: str | None, server_ip: str, client_ip: str) -> bytes | None:
-        """The document for a generated name, or None when there is none to serve."""
+        """The document for a generated name, or None when there is none to serve.
+
+        A per-MAC document that carries a secret (``overlay: iscsi``) is served
+        only when ``client_ip`` is the address that did the DHCP exchange for
+        that MAC; any other asker gets None and a counted, logged refusal.
+        """
         try:
-            return self._render(kind, mac, server_ip)
+            return self._render(kind, mac, server_ip, client_ip)
         except render.RenderError as exc:
             # one bad target must not break the request loop: the client gets
             # "file not found" and the operator a counted, logged reason
@@ -118,7 +135,7 @@ class Runtime:
             self.log.error("render.failed", kind=kind, mac=mac, error=str(exc))
             return None
 
-    def _render(self, kind: str, mac: str | None, server_ip: str) -> bytes | None:
+    def _render(self, kind: str, mac: str | None, server_ip: str, client_ip: str = "") -> bytes | None:
         snap = self._snap
         ctx = self.render_context(server_ip)
         if kind == "pxelinux-default":
@@ -128,11 +145,32 @@ class Runtime:
         target = snap.inventory.resolve(mac, snap.config)
         if target is None:
             return None
+        login = None
+        if target.overlay == "iscsi" and target.mac is not None:
+            asker = self.observer.mac_for_ip(client_ip)
+            if asker is None or inv_mod.normalize_mac(asker) != target.mac:
+                self.observer.count("render.secret_refused")
+                self.log.warning("render.secret_refused", kind=kind, mac=target.mac, client_ip=client_ip,
+                                 dhcp_mac_of_ip=asker,
+                                 reason="a boot config with disk credentials goes only to the "
+                                        "address that did the DHCP exchange for that MAC")
+                return None
+            login = self.iscsi_login(target.mac, server_ip)
         if kind == "pxelinux":
-            return render.pxelinux_config(target, ctx)
+            return render.pxelinux_config(target, ctx, login)
         if kind == "ipxe":
-            return render.ipxe_script(target, ctx)
+            return render.ipxe_script(target, ctx, login)
         return None
+
+    def iscsi_login(self, mac: str, server_ip: str) -> render.IscsiLogin | None:
+        """Host ``mac``'s disk login for its boot config (None: no disk applied)."""
+        disk = self.iscsi.disk(mac) if self.iscsi is not None else None
+        if disk is None:
+            return None
+        ic = self.config.iscsi
+        p = disk.plan
+        return render.IscsiLogin(target_iqn=p.target_iqn, portal=str(ic.portal or server_ip), port=ic.port,
+                                 initiator_iqn=p.initiator_iqn, user=p.user, secret=disk.secret)
 
     # -- reload -------------------------------------------------------------
     async def reload(self) -> ReloadResult:
@@ -169,13 +207,17 @@ class Runtime:
             self._snap = Snapshot(snap.config, new_inv, snap.generation + 1)
             self.observer.count("inventory.writes")
             self.log.info("inventory.written", hosts=len(new_inv.hosts), generation=self.generation)
+            await self.apply_iscsi()
             return new_inv
 
     # -- storage backends ---------------------------------------------------
     async def apply_backends(self) -> None:
-        """Bring the NFS exports in line with the config; failures go to status."""
-        if self._nfs_factory is None:
-            return
+        """Bring the NFS exports and iSCSI targets in line with the config; failures go to status."""
+        if self._nfs_factory is not None:
+            await self._apply_nfs()
+        await self.apply_iscsi()
+
+    async def _apply_nfs(self) -> None:
         try:
             if self._nfs is None:
                 self._nfs = self._nfs_factory(self.config)
@@ -187,7 +229,54 @@ class Runtime:
         else:
             self.backend_status["nfs"] = self._nfs.health()
 
+    async def apply_iscsi(self) -> None:
+        """Bring the per-host iSCSI disks and targets in line with config + inventory."""
+        cfg = self.config
+        try:
+            if cfg.iscsi.backend == "none":
+                if self.iscsi is not None:
+                    await self.iscsi.remove_all()
+                    self.iscsi = None
+                self.backend_status.pop("iscsi", None)
+                return
+            if self.iscsi is None:
+                self.iscsi = self._iscsi_factory(cfg)
+            await self.iscsi.apply(cfg, self.inventory)
+        except BackendError as exc:
+            self.observer.count("iscsi.errors")
+            self.log.error("iscsi.apply_failed", error=str(exc))
+            self.backend_status["iscsi"] = {"ok": False, "detail": str(exc)}
+        else:
+            self.backend_status["iscsi"] = self.iscsi.health()
+        if self.iscsi is not None and self._iscsi_watch is None and self._iscsi_watch_s > 0:
+            self._iscsi_watch = asyncio.get_running_loop().create_task(self._watch_iscsi())
+
+    async def _watch_iscsi(self) -> None:
+        """Restore the targets a restarted tgtd lost (its targets live in memory only)."""
+        while True:
+            await asyncio.sleep(self._iscsi_watch_s)
+            if self.iscsi is None:
+                continue
+            try:
+                async with self._lock:
+                    if await self.iscsi.ensure():
+                        self.observer.count("iscsi.restored")
+                        self.log.warning("iscsi.restored", targets=len(self.iscsi.disks))
+                    self.backend_status["iscsi"] = self.iscsi.health()
+            except BackendError as exc:
+                self.observer.count("iscsi.errors")
+                self.backend_status["iscsi"] = {"ok": False, "detail": str(exc)}
+                self.log.error("iscsi.watch_failed", error=str(exc))
+
     async def remove_backends(self) -> None:
+        if self._iscsi_watch is not None:
+            self._iscsi_watch.cancel()
+            self._iscsi_watch = None
+        if self.iscsi is not None:
+            try:
+                await self.iscsi.remove_all()
+            except BackendError as exc:
+                self.log.error("iscsi.remove_failed", error=str(exc))
         if self._nfs is not None:
             try:
                 await self._nfs.remove_all()
@@ -197,6 +286,8 @@ class Runtime:
     def refresh_backend_status(self) -> None:
         if self._nfs is not None:
             self.backend_status["nfs"] = self._nfs.health()
+        if self.iscsi is not None:
+            self.backend_status["iscsi"] = self.iscsi.health()
 
     def status(self) -> dict[str, Any]:
         self.refresh_backend_status()
