@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -24,6 +25,10 @@ from .topology import Topology
 
 STOP_TIMEOUT_S = 5.0
 POLL_S = 0.2
+# UEFI guests (uefi=True): OVMF (Debian ovmf) + iPXE's EFI driver ROM for virtio-net
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+EFI_NIC_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
 
 
 def mac_for(index: int) -> str:
@@ -37,6 +42,9 @@ class Vm:
 
     ``reboot``: let the guest reboot (no ``-no-reboot``).  ``interactive``: the
     console is on this terminal (``stdio`` chardev, still logged to the file).
+    ``uefi``: OVMF firmware (read-only code + this VM's own copy of the
+    variable store, as two pflash drives) and iPXE's EFI ROM on the NIC: the
+    firmware's UEFI PXE asks with option 93 = 7 (x64 UEFI).
     """
 
     topology: Topology
@@ -47,6 +55,7 @@ class Vm:
     memory_mib: int = 512
     reboot: bool = False
     interactive: bool = False
+    uefi: bool = False
     proc: subprocess.Popen | None = field(default=None, init=False)
     started_at: float | None = field(default=None, init=False)
 
@@ -55,13 +64,23 @@ class Vm:
         """The file that receives everything the guest prints on ttyS0."""
         return self.workdir / f"{self.name}-console.log"
 
+    @property
+    def ovmf_vars(self) -> Path:
+        """This VM's copy of the UEFI variable store (OVMF writes its boot entries there)."""
+        return self.workdir / f"{self.name}-OVMF_VARS.fd"
+
     def argv(self) -> list[str]:
         """The qemu command line."""
         argv = ["qemu-system-x86_64", "-name", self.name, "-accel", "tcg",
                 "-m", str(self.memory_mib), "-nographic", "-display", "none",
                 "-boot", "n",
-                "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
-                "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}"]
+                "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no"]
+        if self.uefi:
+            argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                     "-drive", f"if=pflash,format=raw,unit=1,file={self.ovmf_vars}",
+                     "-device", f"virtio-net-pci,netdev=n0,mac={self.mac},romfile={EFI_NIC_ROM}"]
+        else:
+            argv += ["-device", f"virtio-net-pci,netdev=n0,mac={self.mac}"]
         if self.interactive:
             # console + qemu monitor multiplexed on the terminal (Ctrl-A X quits,
             # Ctrl-A C switches to the monitor), also logged to console_log;
@@ -80,6 +99,8 @@ class Vm:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.console_log.write_bytes(b"")
+        if self.uefi:
+            shutil.copyfile(OVMF_VARS, self.ovmf_vars)   # a fresh store per VM and per start
         errlog = open(self.workdir / f"{self.name}-qemu.stderr", "wb")
         try:
             if self.interactive:
