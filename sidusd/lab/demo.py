@@ -36,6 +36,11 @@ from .vm import Vm
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
 LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+# UEFI loaders and iPXE binaries, published when the packages are there (syslinux-efi, ipxe)
+SYSLINUX_EFI = Path("/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi")
+LDLINUX_E64 = Path("/usr/lib/syslinux/modules/efi64/ldlinux.e64")
+IPXE_BINARIES = (Path("/usr/lib/ipxe/undionly.kpxe"), Path("/usr/lib/ipxe/snponly.efi"))
+HTTP_PORT = 8080
 SIDUSD_READY_TIMEOUT_S = 30.0
 EXPORT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -95,6 +100,16 @@ def _dhcp_reply(ev: dict[str, Any]) -> tuple[str, str | None, str | None] | None
     return ev["kind"], (ip if ip and ip != "0.0.0.0" else None), ev.get("file")
 
 
+def _http_file(ev: dict[str, Any]) -> str | None:
+    """The file of a complete HTTP response (``http.transfer``, 200/206, outcome ok), else None."""
+    if ev.get("event") != "http.transfer" or ev.get("status") not in (200, 206):
+        return None
+    if ev.get("outcome") != "ok" or ev.get("method") == "HEAD":
+        return None
+    name = ev.get("file")
+    return name.lstrip("/") if isinstance(name, str) else None
+
+
 def _tftp_file(ev: dict[str, Any]) -> str | None:
     """The file of a *successful* TFTP transfer summary event, else None."""
     if ev.get("event") != "tftp.transfer" or ev.get("error"):
@@ -122,11 +137,15 @@ class BootTimeline:
     ``ldlinux.c32``, ``config`` (pxelinux.cfg/01-<mac>), ``kernel``, ``initrd``
     (TFTP transfer summaries), ``linux`` (the kernel prints its banner),
     ``root`` (NFS root mounted), ``overlay`` (``/`` writable), ``ready``.
+
+    ``path``: ``bios`` (above), ``uefi`` (``syslinux.efi`` and ``ldlinux.e64``
+    instead of ``pxelinux.0`` and ``ldlinux.c32``), or ``ipxe-http`` (no TFTP:
+    the per-MAC iPXE script, the kernel and the initrd over HTTP).
     """
 
     def __init__(self, mac: str, sidusd_log: Path, console_log: Path, log_offset: int = 0,
                  kernel: str = "demo/vmlinuz", initrd: str = "demo/initrd.img",
-                 site_leases: Callable[[], dict[str, str]] | None = None):
+                 site_leases: Callable[[], dict[str, str]] | None = None, path: str = "bios"):
         self.mac = mac.lower()
         self.sidusd_log, self.console_log = sidusd_log, console_log
         self._offset = log_offset
@@ -141,6 +160,21 @@ class BootTimeline:
                        "kernel": f"TFTP kernel {kernel}", "initrd": f"TFTP initrd {initrd}",
                        "linux": "Linux kernel started", "root": "root mounted",
                        "overlay": "overlay: / is writable (tmpfs)", "ready": "READY"}
+        self.http_files: dict[str, str] = {}
+        if path == "uefi":
+            swap = {"pxelinux.0": "syslinux.efi", "ldlinux.c32": "ldlinux.e64"}
+            self.files = {swap.get(f, f): swap.get(k, k) for f, k in self.files.items()}
+            self.labels = {swap.get(k, k): f"TFTP {swap[k]}" if k in swap else v
+                           for k, v in self.labels.items()}
+        elif path == "ipxe-http":
+            script = "boot/" + self.mac.replace(":", "-") + ".ipxe"
+            self.files = {}
+            self.http_files = {script: "config", kernel: "kernel", initrd: "initrd"}
+            self.labels = {k: v for k, v in self.labels.items() if k not in ("pxelinux.0", "ldlinux.c32")}
+            self.labels.update(config=f"HTTP {script} (rendered for this MAC)",
+                               kernel=f"HTTP kernel {kernel}", initrd=f"HTTP initrd {initrd}")
+        elif path != "bios":
+            raise ValueError(f"path must be bios, uefi or ipxe-http, not {path!r}")
         self.order = [k for k in self.labels if k != "address" or site_leases is not None]
         self.reached: dict[str, Step] = {}
 
@@ -164,7 +198,7 @@ class BootTimeline:
                 what = (f"DHCP {kind} from sidusd: address {ip}" if ip
                         else f"proxyDHCP {kind} from sidusd (no address: the site DHCP gives it)")
                 self._reach("dhcp", _event_time(ev), new, what + (f", boot file {boot_file}" if boot_file else ""))
-            key = self.files.get(_tftp_file(ev) or "")
+            key = self.files.get(_tftp_file(ev) or "") or self.http_files.get(_http_file(ev) or "")
             if key:
                 self._reach(key, _event_time(ev), new)
         if self.site_leases is not None and "address" not in self.reached:
@@ -295,6 +329,8 @@ class Lab:
     vms: list[Vm] = field(default_factory=list)
     image: Any = None
     log_level: str = "info"                 # sidusd's log.level (debug shows every dropped packet)
+    http: bool = False                      # sidusd's HTTP boot server on SERVER_IP:HTTP_PORT
+    ipxe_chain: bool = False                # boot.ipxe_chain: iPXE clients get the HTTP script URL
 
     # -- paths -------------------------------------------------------------
     @property
@@ -352,7 +388,8 @@ class Lab:
         self.progress(f"sidusd exported {image.root} through nfs-ganesha (read-only)")
 
     def publish_tftp(self, image: Any) -> None:
-        """pxelinux.0 + ldlinux.c32 + the image's kernel and initrd under the TFTP root."""
+        """pxelinux.0 + ldlinux.c32 + the image's kernel and initrd under the TFTP root;
+        syslinux.efi + ldlinux.e64 (UEFI) and undionly.kpxe + snponly.efi (iPXE) when installed."""
         demo = self.tftp_root / "demo"
         demo.mkdir(parents=True, exist_ok=True)
         for src, dst in ((PXELINUX, self.tftp_root / "pxelinux.0"),
@@ -360,6 +397,9 @@ class Lab:
                          (Path(image.kernel), demo / "vmlinuz"),
                          (Path(image.initrd), demo / "initrd.img")):
             shutil.copyfile(src, dst)
+        for src in (SYSLINUX_EFI, LDLINUX_E64, *IPXE_BINARIES):
+            if src.exists():
+                shutil.copyfile(src, self.tftp_root / src.name)
 
     def config_dict(self, exports_file: Path, pid_file: Path) -> dict[str, Any]:
         """The sidusd configuration of this lab (docs/architecture.md schema)."""
@@ -375,6 +415,8 @@ class Lab:
             "control": {"socket_path": str(self.control_socket)},
             "dhcp": dhcp,
             "tftp": {"root": str(self.tftp_root)},
+            **({"http": {"enabled": True, "address": SERVER_IP, "port": HTTP_PORT}} if self.http else {}),
+            **({"boot": {"ipxe_chain": True}} if self.ipxe_chain else {}),
             "nfs": {"backend": "ganesha", "server_address": SERVER_IP,
                     "client_networks": [str(NETWORK)],
                     "ganesha_config": str(exports_file), "ganesha_pid_file": str(pid_file)},
@@ -417,20 +459,22 @@ class Lab:
 
     # -- VMs ---------------------------------------------------------------
     def boot_vm(self, mac: str, name: str | None = None, reboot: bool = False,
-                interactive: bool = False) -> Vm:
+                interactive: bool = False, uefi: bool = False) -> Vm:
         """Create a tap for a new VM with ``mac`` and start it (PXE boot begins at once)."""
         tap = self.topology.add_tap()
         vm = Vm(self.topology, tap, mac, self.workdir, name=name or f"vm{len(self.vms) + 1}",
-                reboot=reboot, interactive=interactive)
+                reboot=reboot, interactive=interactive, uefi=uefi)
         self.vms.append(vm)
         vm.start()
         return vm
 
     def timeline(self, vm: Vm) -> BootTimeline:
         """A timeline that follows ``vm``'s boot from now on."""
+        # an iPXE ROM asking sidusd with ipxe_chain on gets the HTTP script; UEFI gets syslinux.efi
+        path = "uefi" if vm.uefi else "ipxe-http" if (self.ipxe_chain and self.http) else "bios"
         tl = BootTimeline(vm.mac, self.sidusd_log, vm.console_log,
                           log_offset=self.sidusd_log.stat().st_size if self.sidusd_log.exists() else 0,
-                          site_leases=self.site.leases if self.site is not None else None)
+                          site_leases=self.site.leases if self.site is not None else None, path=path)
         if vm.started_at is not None:           # count from the moment qemu started
             tl.t0 = time.time() - (time.monotonic() - vm.started_at)
         return tl
