@@ -1,0 +1,144 @@
+"""``sidus-image`` / ``python3 -m sidusd.image``: build and administer network-boot images.
+
+Commands (docs/images.md)::
+
+    sidus-image build RECIPE [--no-switch] [--keep-failed]
+    sidus-image list [NAME] [--json]
+    sidus-image update NAME
+    sidus-image run NAME -- CMD [ARG...]
+    sidus-image shell NAME
+    sidus-image rollback NAME [--to N]
+    sidus-image gc NAME [--keep N]
+    sidus-image snippet NAME            (the images: entry for sidus.yaml)
+
+Global options: ``--images-dir`` (default /var/lib/sidus/images),
+``--tftp-root`` (default /srv/tftp), ``--cache-dir`` (debootstrap package cache).
+Exit codes: 0 ok, 1 operation failed (the message names the stage), 2 usage or
+recipe error, 75 the image is busy (another administration holds its lock),
+130 interrupted (everything was unmounted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from sidusd.errors import ConfigError, SidusError
+from sidusd.image.build import Administrator
+from sidusd.image.chroot import LockBusy
+from sidusd.image.publish import config_snippet
+from sidusd.image.recipe import read_recipe
+from sidusd.observability import setup_logging
+
+EXIT_BUSY = 75
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidus-image", description="Build and administer sidus network-boot images.")
+    p.add_argument("--images-dir", type=Path, default=Path(os.environ.get("SIDUS_IMAGES_DIR", "/var/lib/sidus/images")))
+    p.add_argument("--tftp-root", type=Path, default=Path(os.environ.get("SIDUS_TFTP_ROOT", "/srv/tftp")))
+    p.add_argument("-v", "--verbose", action="store_true", help="log events at info level (default: warnings)")
+    p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    p.add_argument("--cache-dir", type=Path, default=None, help="debootstrap package cache (kept between builds)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build a new generation from a recipe")
+    b.add_argument("recipe", type=Path)
+    for sp in (b, sub.add_parser("update", help="apt update + full-upgrade in a new generation"),
+               sub.add_parser("run", help="run a command in a new generation"),
+               sub.add_parser("shell", help="interactive shell in a new generation")):
+        if sp.prog.split()[-1] != "build":
+            sp.add_argument("name")
+        sp.add_argument("--no-switch", action="store_true", help="do not serve the new generation")
+        sp.add_argument("--keep-failed", action="store_true", help="keep a failed generation's directory")
+        if sp.prog.split()[-1] == "run":
+            sp.add_argument("command", nargs=argparse.REMAINDER)
+    ls = sub.add_parser("list", help="generations, size, date")
+    ls.add_argument("name", nargs="?")
+    ls.add_argument("--json", action="store_true")
+    rb = sub.add_parser("rollback", help="serve the previous generation")
+    rb.add_argument("name")
+    rb.add_argument("--to", type=int, default=None)
+    gc = sub.add_parser("gc", help="remove old unserved generations")
+    gc.add_argument("name")
+    gc.add_argument("--keep", type=int, default=2)
+    sn = sub.add_parser("snippet", help="the images: entry for sidus.yaml")
+    sn.add_argument("name")
+    return p
+
+
+def _list(adm: Administrator, name: str | None, as_json: bool) -> None:
+    rows = []
+    for n in ([name] if name else adm.store.names()):
+        for g in adm.store.list(n):
+            rows.append({"image": n, "generation": g.number, "served": g.current, "kind": g.kind,
+                         "created": g.created, "size_bytes": g.size_bytes, "kernel": g.meta.get("kver")})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'IMAGE':<16} {'GEN':>4} {'SERVED':<6} {'KIND':<7} {'CREATED':<26} {'SIZE':>10}  KERNEL")
+    for r in rows:
+        print(f"{r['image']:<16} {r['generation']:>4} {'*' if r['served'] else '':<6} {r['kind']:<7} "
+              f"{r['created']:<26} {_human(r['size_bytes']):>10}  {r['kernel'] or '-'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``sidus-image``."""
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_format, "info" if args.verbose else "warning")
+    adm = Administrator(args.images_dir, args.tftp_root, cache_dir=args.cache_dir)
+    try:
+        if args.cmd == "build":
+            adm.build(read_recipe(args.recipe), switch=not args.no_switch, keep_failed=args.keep_failed)
+        elif args.cmd == "update":
+            adm.update(args.name, switch=not args.no_switch, keep_failed=args.keep_failed)
+        elif args.cmd == "run":
+            cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+            if not cmd:
+                print("sidus-image run: give the command after --", file=sys.stderr)
+                return 2
+            adm.run(args.name, cmd, switch=not args.no_switch, keep_failed=args.keep_failed)
+        elif args.cmd == "shell":
+            adm.run(args.name, ["/bin/bash", "-i"] if (adm.store.path(args.name, adm._served(args.name))
+                                                        / "bin/bash").exists() else ["/bin/sh", "-i"],
+                    interactive=True, switch=not args.no_switch, keep_failed=args.keep_failed)
+        elif args.cmd == "list":
+            _list(adm, args.name, args.json)
+        elif args.cmd == "rollback":
+            n = adm.rollback(args.name, args.to)
+            print(f"{args.name}: generation {n} served")
+        elif args.cmd == "gc":
+            gone = adm.gc(args.name, args.keep)
+            print(f"{args.name}: removed generation(s) {', '.join(map(str, gone)) or 'none'}")
+        elif args.cmd == "snippet":
+            print(config_snippet(args.name, adm.store.served_path(args.name)), end="")
+    except LockBusy as e:
+        print(f"sidus-image: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except ConfigError as e:
+        print(f"sidus-image: {e}", file=sys.stderr)
+        return 2
+    except (SidusError, OSError) as e:
+        print(f"sidus-image: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sidus-image: interrupted; nothing is left mounted, the served generation is unchanged",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Runs the stage plan: build, update and chroot administration, each making a new generation.
+
+Every operation takes the image lock, works on ``gen-N.partial`` (a fresh
+debootstrap for a build, a copy of the served generation otherwise), runs its
+named stages inside a :class:`~sidusd.image.chroot.Chroot` (mounted once,
+always unmounted), then commits the generation, publishes its kernel and
+initrd and switches ``current`` to it.  A failure names the stage and the
+reason (:class:`StageFailed`), removes the partial generation (unless asked to
+keep it) and leaves nothing mounted; the served generation is untouched.
+
+Progress lines (``[3/12] packages: install 4 package(s)`` then ``ok 41.2 s``)
+go to ``out``; the full output of every command goes to
+``<image>/logs/gen-N.log``; log events: ``image.stage.start``,
+``image.stage.done``, ``image.stage.failed``, ``image.generation.committed``,
+``image.generation.served``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from sidusd.errors import BackendError, SidusError
+from sidusd.fsutil import atomic_write
+from sidusd.image import publish
+from sidusd.image.chroot import Chroot, ImageLock, signals_as_exceptions
+from sidusd.image.generations import ImageStore
+from sidusd.image.recipe import Recipe, mirror_from_sources
+from sidusd.image.stages import Stage, debootstrap_argv, plan, update_plan
+from sidusd.observability import get_logger
+from sidusd.storage.runner import Runner
+
+log = get_logger("image.build")
+REPO = Path(__file__).resolve().parents[2]
+INITRAMFS_SRC = REPO / "config" / "initramfs"
+DEBOOTSTRAP_TIMEOUT_S = 3600
+
+
+class StageFailed(BackendError):
+    """A named stage failed; ``stage`` is its name."""
+
+    def __init__(self, stage: str, reason: str, detail: str = ""):
+        self.stage = stage
+        super().__init__(f"stage {stage} failed: {reason}", detail=detail)
+
+
+def host_mirror(suite: str | None, etc_apt: Path = Path("/etc/apt")) -> str:
+    """The Debian mirror of this host's apt sources (never a host name written in code)."""
+    texts = []
+    for p in [etc_apt / "sources.list", *sorted((etc_apt / "sources.list.d").glob("*"))]:
+        if p.suffix in (".list", ".sources") and p.is_file():
+            texts.append(p.read_text(errors="replace"))
+    for t in texts:
+        m = mirror_from_sources(t, suite)
+        if m:
+            return m
+    raise BackendError("no Debian mirror found in the host's apt sources",
+                       detail=f"set mirror: in the recipe (looked in {etc_apt})")
+
+
+def initramfs_files(src: Path = INITRAMFS_SRC) -> dict[str, bytes]:
+    """The overlay hook, init-bottom script and module list (config/initramfs/)."""
+    rels = ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay")
+    out = {rel: (src / rel).read_bytes() for rel in rels}
+    out["modules"] = b"# sidus (config/initramfs/modules)\n" + (src / "modules").read_bytes()
+    return out
+
+
+@dataclass
+class Progress:
+    """Prints stage lines and records timings."""
+    out: TextIO
+    total: int
+    started: float = 0.0
+    index: int = 0
+
+    def stage(self, st: Stage) -> float:
+        self.index += 1
+        print(f"[{self.index}/{self.total}] {st.name}: {st.summary}", file=self.out, flush=True)
+        log.info("image.stage.start", stage=st.name, index=self.index, total=self.total)
+        return time.monotonic()
+
+    def done(self, st: Stage, t0: float) -> None:
+        el = time.monotonic() - t0
+        print(f"      ok {el:.1f} s (total {time.monotonic() - self.started:.0f} s)", file=self.out, flush=True)
+        log.info("image.stage.done", stage=st.name, elapsed_s=round(el, 1))
+
+
+def _inside(root: Path, rel: str) -> Path:
+    p = Path(os.path.normpath(root / rel))
+    if p != root and root not in p.parents:
+        raise BackendError(f"path {rel!r} escapes the image root")
+    return p
+
+
+def _write_file(root: Path, rel: str, data: bytes, mode: int) -> None:
+    p = _inside(root, rel)
+    parent = Path(os.path.realpath(p.parent))
+    if parent != root and root not in parent.parents:
+        raise BackendError(f"{rel}: its directory resolves outside the image root")
+    parent.mkdir(parents=True, exist_ok=True)
+    if p.is_symlink():
+        p.unlink()            # e.g. resolv.conf -> ../run/...: replaced by a plain file
+    atomic_write(p, data, mode)
+
+
+def copy_site_files(src: Path, root: Path) -> int:
+    """Copy the recipe's site files (a directory tree mirroring /) into the root; count of files."""
+    root = Path(os.path.realpath(root))
+    if not src.is_dir():
+        raise BackendError(f"site_files {src} is not a directory")
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel_dir = Path(dirpath).relative_to(src)
+        for f in filenames:
+            s = Path(dirpath) / f
+            if s.is_symlink() or not s.is_file():
+                raise BackendError(f"site file {s} is not a regular file")
+            _write_file(root, str(rel_dir / f), s.read_bytes(), s.stat().st_mode & 0o7777)
+            n += 1
+    return n
+
+
+def run_stage(st: Stage, root: Path, ch: Chroot, recipe: Recipe | None = None) -> None:
+    """Run one stage on ``root`` (files, commands, removals); StageFailed names it."""
+    root = Path(os.path.realpath(root))
+    try:
+        for rel, data, mode in st.files:
+            _write_file(root, rel, data, mode)
+        if st.name == "site-files" and recipe is not None and recipe.site_files is not None:
+            copy_site_files(recipe.site_files, root)
+        for argv in st.commands:
+            res = ch.run(argv, timeout_s=st.timeout_s) if st.chroot else ch.runner.run(argv, st.timeout_s)
+            if not res.ok:
+                tail = (res.err.strip() or res.out.strip())[-1500:]
+                raise StageFailed(st.name, f"{' '.join(argv[:4])} exited with status {res.rc}", tail)
+        for pattern in st.remove:
+            for p in glob.glob(str(_inside(root, pattern))):
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p)
+                else:
+                    os.unlink(p)
+    except StageFailed:
+        raise
+    except (SidusError, OSError) as e:
+        raise StageFailed(st.name, str(e)) from e
+
+
+class Administrator:
+    """Build, update and administer the images of one images directory."""
+
+    def __init__(self, images_dir: Path, tftp_root: Path, runner: Runner | None = None,
+                 out: TextIO | None = None, cache_dir: Path | None = None):
+        self.runner = runner or Runner()
+        self.store = ImageStore(images_dir, self.runner)
+        self.tftp_root = Path(tftp_root)
+        self.out = out or sys.stderr
+        self.cache_dir = cache_dir
+
+    def _new_generation(self, name: str, parent: int | None, kind: str, work: Callable[[Path, Path], dict],
+                        switch: bool = True, keep_failed: bool = False) -> int:
+        with signals_as_exceptions(), ImageLock(self.store.image_dir(name), kind):
+            number, part = self.store.begin(name, parent)
+            logfile = self.store.log_path(name, number)
+            logfile.write_bytes(f"sidus image {kind} {name} generation {number}\n".encode())
+            t0 = time.monotonic()
+            try:
+                meta = work(part, logfile)
+            except BaseException as e:
+                why = str(e) or type(e).__name__
+                log.error("image.stage.failed", image=name, generation=number, error=why)
+                with open(logfile, "a") as f:
+                    f.write(f"FAILED: {why}\n")
+                if not keep_failed:
+                    self.store.abort(name, number)
+                raise
+            meta.update(kind=kind, parent=parent, duration_s=round(time.monotonic() - t0, 1))
+            self.store.commit(name, number, meta)
+            log.info("image.generation.committed", image=name, generation=number, kind=kind)
+            root = self.store.path(name, number)
+            if meta.get("kernel"):
+                publish.publish_generation(root, self.tftp_root, name, number)
+            if switch:
+                self.serve(name, number)
+            print(f"{name}: generation {number} complete ({meta['duration_s']:.0f} s)"
+                  + (", served" if switch else ""), file=self.out, flush=True)
+            return number
+
+    def serve(self, name: str, number: int) -> None:
+        """Switch the served generation (TFTP pair, then the ``current`` symlink)."""
+        if self.store.meta(name, number).get("kernel"):
+            publish.serve_generation(self.tftp_root, name, number)
+        self.store.switch(name, number)
+        log.info("image.generation.served", image=name, generation=number)
+
+    def _stages(self, stages: list[Stage], root: Path, logfile: Path, recipe: Recipe | None,
+                first: Callable[[], None] | None = None) -> dict:
+        prog = Progress(self.out, len(stages), time.monotonic())
+        if first is not None:
+            first()
+        with Chroot(root, self.runner, logfile) as ch:
+            for st in stages:
+                t = prog.stage(st)
+                run_stage(st, root, ch, recipe)
+                prog.done(st, t)
+        meta: dict = {}
+        try:
+            bf = publish.find_boot_files(root)
+            meta.update(kernel=bf.kernel.name, initrd=bf.initrd.name, kver=bf.kver)
+        except BackendError:
+            pass
+        return meta
+
+    def build(self, recipe: Recipe, switch: bool = True, keep_failed: bool = False) -> int:
+        """Bootstrap and configure a new generation of ``recipe.name``; its number."""
+        mirror = recipe.mirror or host_mirror(recipe.suite)
+        stages = plan(recipe, mirror=mirror, initramfs=initramfs_files())
+
+        def work(part: Path, logfile: Path) -> dict:
+            boot = Stage("debootstrap", f"{recipe.suite} {recipe.variant} {recipe.architecture} from {mirror}",
+                         timeout_s=DEBOOTSTRAP_TIMEOUT_S)
+            def first() -> None:
+                print(f"[0/{len(stages)}] debootstrap: {boot.summary}", file=self.out, flush=True)
+                log.info("image.stage.start", stage="debootstrap")
+                t = time.monotonic()
+                if self.cache_dir is not None:
+                    self.cache_dir.mkdir(parents=True, exist_ok=True)
+                argv = debootstrap_argv(recipe, str(part), mirror,
+                                        str(self.cache_dir.resolve()) if self.cache_dir else None)
+                res = self.runner.run(argv, timeout_s=DEBOOTSTRAP_TIMEOUT_S)
+                with open(logfile, "ab") as f:
+                    f.write(f"$ {' '.join(argv)}   (rc {res.rc}, {res.duration_s:.1f} s)\n".encode())
+                    f.write(res.stdout + res.stderr)
+                if not res.ok:
+                    raise StageFailed("debootstrap", f"exited with status {res.rc}",
+                                      (res.err.strip() or res.out.strip())[-1500:])
+                print(f"      ok {time.monotonic() - t:.1f} s", file=self.out, flush=True)
+                log.info("image.stage.done", stage="debootstrap", elapsed_s=round(time.monotonic() - t, 1))
+            meta = self._stages(stages, part, logfile, recipe, first)
+            meta.update(recipe=recipe.source, suite=recipe.suite, mirror=mirror)
+            return meta
+
+        return self._new_generation(recipe.name, None, "build", work, switch, keep_failed)
+
+    def update(self, name: str, switch: bool = True, keep_failed: bool = False) -> int:
+        """apt update + full-upgrade (+ initramfs) in a copy of the served generation."""
+        parent = self._served(name)
+        return self._new_generation(name, parent, "update",
+                                    lambda part, logfile: self._stages(update_plan(), part, logfile, None),
+                                    switch, keep_failed)
+
+    def run(self, name: str, argv: Sequence[str], interactive: bool = False, switch: bool = True,
+            keep_failed: bool = False) -> int:
+        """Run ``argv`` (or an interactive shell) in a copy of the served generation; commit if it succeeds."""
+        parent = self._served(name)
+
+        def work(part: Path, logfile: Path) -> dict:
+            with Chroot(part, self.runner, logfile) as ch:
+                if interactive:
+                    # the one program not run through Runner: it needs the terminal
+                    rc = subprocess.call(ch.argv(argv), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                                             "TERM": os.environ.get("TERM", "vt100"),
+                                                             "HOME": "/root", "PS1": f"(sidus-image {name}) # "})
+                else:
+                    res = ch.run(argv, timeout_s=3600)
+                    rc = res.rc
+                    self.out.write(res.out + res.err)
+                if rc != 0:
+                    raise StageFailed("run", f"{' '.join(argv[:4])} exited with status {rc}")
+            meta = {"command": list(argv)[:20]}
+            try:
+                bf = publish.find_boot_files(part)
+                meta.update(kernel=bf.kernel.name, initrd=bf.initrd.name, kver=bf.kver)
+            except BackendError:
+                pass
+            return meta
+
+        return self._new_generation(name, parent, "shell" if interactive else "run", work, switch, keep_failed)
+
+    def rollback(self, name: str, to: int | None = None) -> int:
+        """Serve the previous generation (or ``to``); its number."""
+        with ImageLock(self.store.image_dir(name), "rollback"):
+            target = self.store.rollback_target(name, to)
+            self.serve(name, target)
+            return target
+
+    def gc(self, name: str, keep: int = 2, in_use: Sequence[int] = ()) -> list[int]:
+        """Remove generations that are not served, not in use and not among the ``keep`` newest."""
+        from sidusd.image.generations import gc_candidates
+        with ImageLock(self.store.image_dir(name), "gc"):
+            doomed = gc_candidates(self.store.numbers(name), self.store.current(name), keep, in_use)
+            for n in doomed:
+                self.store.remove(name, n)
+                publish.unpublish_generation(self.tftp_root, name, n)
+            return doomed
+
+    def _served(self, name: str) -> int:
+        cur = self.store.current(name)
+        if cur is None:
+            raise BackendError(f"image {name} has no served generation (build it first)",
+                               detail=f"looked in {self.store.image_dir(name)}")
+        return cur

@@ -1,0 +1,226 @@
+"""Image generations: every build or update is a new root; the served one switches atomically.
+
+Layout of one image under the images directory (docs/images.md)::
+
+    <images_dir>/<name>/
+        .lock                 flock of administrations (sidusd.image.chroot.ImageLock)
+        gen-0001/             a complete root file system (generation 1)
+        gen-0002.partial/     a generation being built (never served, removed on failure)
+        current -> gen-0002   the served generation: a relative symlink, replaced by rename(2)
+        meta/gen-0001.json    what made it (build/update, parent, recipe, kernel), when, how long
+        logs/gen-0001.log     the full log of the build or update
+
+A generation directory appears under its final name only once complete
+(rename of ``.partial``), and ``current`` is switched with a new symlink
+renamed over the old one, so a reader sees the old or the new generation,
+never a half-built one.
+
+:class:`ImageStore` does the file operations; :func:`gc_candidates` is the
+pure policy of what ``gc`` may remove.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidusd.errors import BackendError
+from sidusd.fsutil import atomic_write, _fsync_dir
+from sidusd.storage.runner import Runner
+from sidusd.yamlstrict import check_name
+
+_GEN = re.compile(r"^gen-(\d{4,9})$")
+COPY_TIMEOUT_S = 3600
+
+
+def gen_dirname(number: int) -> str:
+    return f"gen-{number:04d}"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One complete generation of an image."""
+    image: str
+    number: int
+    path: Path
+    created: str
+    kind: str
+    parent: int | None
+    size_bytes: int | None
+    current: bool
+    meta: dict
+
+
+def tree_size(path: Path) -> int:
+    """Bytes used by the files under ``path`` (st_blocks, hard links counted once, same file system)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    dev = os.lstat(path).st_dev
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in filenames + dirnames:
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except OSError:
+                continue
+            if st.st_dev != dev or (st.st_ino, st.st_dev) in seen:
+                continue
+            seen.add((st.st_ino, st.st_dev))
+            total += st.st_blocks * 512
+        dirnames[:] = [d for d in dirnames if os.lstat(os.path.join(dirpath, d)).st_dev == dev]
+    return total
+
+
+def gc_candidates(numbers: Iterable[int], current: int | None, keep: int, in_use: Iterable[int] = ()) -> list[int]:
+    """Generations ``gc`` may remove (pure): not current, not in use, not among the ``keep`` newest."""
+    nums = sorted(set(numbers), reverse=True)
+    protected = set(nums[:max(keep, 0)]) | set(in_use)
+    if current is not None:
+        protected.add(current)
+    return sorted(n for n in nums if n not in protected)
+
+
+class ImageStore:
+    """Generations of the images under one directory."""
+
+    def __init__(self, images_dir: Path, runner: Runner | None = None):
+        self.dir = Path(images_dir)
+        self.runner = runner or Runner()
+
+    def image_dir(self, name: str) -> Path:
+        check_name("image", name, what="image name")
+        return self.dir / name
+
+    def names(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name for p in self.dir.iterdir() if p.is_dir() and not p.is_symlink())
+
+    def numbers(self, name: str) -> list[int]:
+        d = self.image_dir(name)
+        if not d.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in d.iterdir() if (m := _GEN.fullmatch(p.name)) and p.is_dir()
+                      and not p.is_symlink())
+
+    def current(self, name: str) -> int | None:
+        """The served generation (where ``current`` points), or None."""
+        try:
+            target = os.readlink(self.image_dir(name) / "current")
+        except FileNotFoundError:
+            return None
+        m = _GEN.fullmatch(target)
+        return int(m.group(1)) if m else None
+
+    def path(self, name: str, number: int) -> Path:
+        return self.image_dir(name) / gen_dirname(number)
+
+    def served_path(self, name: str) -> Path:
+        """The stable path of the served root (the ``current`` symlink) for the ``images:`` config."""
+        return self.image_dir(name) / "current"
+
+    def meta(self, name: str, number: int) -> dict:
+        try:
+            return json.loads((self.image_dir(name) / "meta" / f"{gen_dirname(number)}.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def log_path(self, name: str, number: int) -> Path:
+        return self.image_dir(name) / "logs" / f"{gen_dirname(number)}.log"
+
+    def list(self, name: str, sizes: bool = True) -> list[Generation]:
+        cur = self.current(name)
+        out = []
+        for n in self.numbers(name):
+            m = self.meta(name, n)
+            p = self.path(name, n)
+            out.append(Generation(name, n, p, m.get("created", ""), m.get("kind", "?"), m.get("parent"),
+                                  tree_size(p) if sizes else None, n == cur, m))
+        return out
+
+    # -- making generations ------------------------------------------------------
+
+    def begin(self, name: str, parent: int | None) -> tuple[int, Path]:
+        """A new ``gen-N.partial`` directory (a copy of ``parent`` with hard links never shared:
+        ``cp -a --reflink=auto``), and its number N.  Stale partials are removed first."""
+        d = self.image_dir(name)
+        for sub in ("", "meta", "logs"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        for p in d.iterdir():
+            if p.name.endswith(".partial"):
+                self._remove_tree(p)
+        nums = self.numbers(name)
+        number = (max(nums) + 1) if nums else 1
+        part = d / f"{gen_dirname(number)}.partial"
+        if parent is None:
+            part.mkdir(mode=0o755)
+        else:
+            src = self.path(name, parent)
+            if not src.is_dir():
+                raise BackendError(f"image {name} has no generation {parent}")
+            self.runner.run(["cp", "-a", "--reflink=auto", "--one-file-system", str(src), str(part)],
+                            timeout_s=COPY_TIMEOUT_S).check()
+        return number, part
+
+    def commit(self, name: str, number: int, meta: dict) -> Path:
+        """Make ``gen-N.partial`` the complete generation N (rename) and record its metadata."""
+        d = self.image_dir(name)
+        final = self.path(name, number)
+        meta = dict(meta, generation=number,
+                    created=meta.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        atomic_write(d / "meta" / f"{gen_dirname(number)}.json", (json.dumps(meta, indent=1) + "\n").encode())
+        os.rename(d / f"{gen_dirname(number)}.partial", final)
+        _fsync_dir(d)
+        return final
+
+    def abort(self, name: str, number: int) -> None:
+        """Remove an unfinished ``gen-N.partial``."""
+        self._remove_tree(self.image_dir(name) / f"{gen_dirname(number)}.partial")
+
+    def switch(self, name: str, number: int) -> None:
+        """Serve generation ``number``: a new symlink renamed over ``current`` (atomic)."""
+        d = self.image_dir(name)
+        if number not in self.numbers(name):
+            raise BackendError(f"image {name} has no complete generation {number}")
+        tmp = d / f".current.{os.getpid()}.tmp"
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(gen_dirname(number), tmp)
+        os.rename(tmp, d / "current")
+        _fsync_dir(d)
+
+    def rollback_target(self, name: str, to: int | None = None) -> int:
+        """The generation a rollback serves: ``to``, or the newest one older than the current."""
+        nums = self.numbers(name)
+        cur = self.current(name)
+        if to is not None:
+            if to not in nums:
+                raise BackendError(f"image {name} has no generation {to}", detail=f"generations: {nums}")
+            return to
+        older = [n for n in nums if cur is None or n < cur]
+        if not older:
+            raise BackendError(f"image {name}: no generation older than {cur} to roll back to")
+        return max(older)
+
+    def remove(self, name: str, number: int) -> None:
+        """Delete generation ``number`` (never the current one)."""
+        if number == self.current(name):
+            raise BackendError(f"image {name}: generation {number} is served (current); roll back first")
+        self._remove_tree(self.path(name, number))
+        d = self.image_dir(name)
+        for extra in (d / "meta" / f"{gen_dirname(number)}.json", self.log_path(name, number)):
+            extra.unlink(missing_ok=True)
+
+    def _remove_tree(self, path: Path) -> None:
+        from sidusd.image.chroot import mounts_under
+        if not path.exists():
+            return
+        left = mounts_under(path)
+        if left:
+            raise BackendError(f"refusing to remove {path}: something is mounted in it", detail=", ".join(left))
+        shutil.rmtree(path)

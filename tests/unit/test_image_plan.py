@@ -1,0 +1,218 @@
+"""The stage plan (pure), generation bookkeeping on a temporary directory, TFTP publishing."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sidusd.errors import BackendError
+from sidusd.image import publish
+from sidusd.image.build import StageFailed, copy_site_files, run_stage
+from sidusd.image.generations import ImageStore, gc_candidates
+from sidusd.image.recipe import parse_recipe
+from sidusd.image.stages import (INTERFACES, Stage, debootstrap_argv, packages_to_install, plan, resolv_conf,
+                                 update_plan)
+from sidusd.storage.runner import RecordingRunner
+
+INITRAMFS = {"hooks/sidus-overlay": b"#!/bin/sh\n", "scripts/init-bottom/sidus-overlay": b"#!/bin/sh\n",
+             "modules": b"overlay\n"}
+MIRROR = "http://mirror.example/debian"
+
+
+def names(stages):
+    return [s.name for s in stages]
+
+
+def test_minimal_plan_order_and_contents():
+    st = plan(parse_recipe("name: m\n"), mirror=MIRROR, initramfs=INITRAMFS)
+    assert names(st) == ["apt-sources", "packages", "locale", "timezone", "network", "secrets", "machine-id", "clean"]
+    by = {s.name: s for s in st}
+    assert by["apt-sources"].files[0][1] == (f"deb {MIRROR} bookworm main\n"
+                                             f"deb {MIRROR} bookworm-updates main\n").encode()
+    assert by["packages"].commands == (("apt-get", "-q", "update"),)        # nothing to install
+    assert by["network"].remove == ("etc/hostname",)
+    assert dict((p, d) for p, d, _ in by["network"].files)["etc/network/interfaces"] == INTERFACES
+    assert by["secrets"].remove == ("etc/ssh/ssh_host_*",)
+    assert by["secrets"].commands == (("usermod", "-p", "*", "root"),)      # no password: locked
+    assert all(s.chroot for s in st if s.commands and s.name != "apt-sources")
+
+
+def test_kernel_recipe_gets_initramfs_stage_and_packages():
+    r = parse_recipe("name: k\npackages: [linux-image-amd64, nfs-common]\nlocale: fr_FR.UTF-8\n"
+                     "timezone: Europe/Paris\nkeyboard: {layout: fr}\ninstall_suggests: true\n"
+                     "purge: [nano]\nlimits: [{domain: '*', type: soft, item: nofile, value: 10}]\n"
+                     "site_files: /s\nenable_units: [a.service]\n"
+                     "root_password_hash: '$y$j9T$abcdefghijklmnop'\n")
+    st = plan(r, mirror=MIRROR, initramfs=INITRAMFS)
+    assert names(st) == ["apt-sources", "packages", "purge", "locale", "timezone", "keyboard", "network", "limits",
+                         "site-files", "units", "secrets", "machine-id", "initramfs", "clean"]
+    by = {s.name: s for s in st}
+    install = by["packages"].commands[1]
+    assert install[-6:] == ("linux-image-amd64", "nfs-common", "locales", "tzdata", "keyboard-configuration",
+                            "initramfs-tools")
+    assert "-o" in install and "APT::Install-Suggests=true" in install and "--no-install-recommends" in install
+    assert by["purge"].commands[0][-1] == "nano"
+    files = {p: (d, m) for p, d, m in by["initramfs"].files}
+    assert files["etc/initramfs-tools/hooks/sidus-overlay"][1] == 0o755
+    assert files["etc/initramfs-tools/modules"] == (b"overlay\n", 0o644)
+    assert b"fr_FR.UTF-8 UTF-8" in dict((p, d) for p, d, _ in by["locale"].files)["etc/locale.gen"]
+    assert by["secrets"].commands == (("usermod", "-p", "$y$j9T$abcdefghijklmnop", "root"),)
+    assert by["limits"].files[0][1].endswith(b"*\tsoft\tnofile\t10\n")
+
+
+def test_packages_to_install_skips_purged_helpers_and_duplicates():
+    r = parse_recipe("name: k\npackages: [tzdata, vim]\ntimezone: Europe/Paris\n")
+    assert packages_to_install(r) == ("tzdata", "vim")
+
+
+def test_debootstrap_argv():
+    r = parse_recipe("name: d\ninclude: [a1, b2]\nexclude: [c3]\ncomponents: [main, contrib]\n")
+    assert debootstrap_argv(r, "/x/root", MIRROR, "/cache") == (
+        "debootstrap", "--variant=minbase", "--arch=amd64", "--components=main,contrib", "--include=a1,b2",
+        "--exclude=c3", "--cache-dir=/cache", "bookworm", "/x/root", MIRROR)
+    assert "--cache-dir" not in " ".join(debootstrap_argv(parse_recipe("name: d\n"), "/r", MIRROR, None))
+
+
+def test_resolv_conf_and_unstable_sources():
+    r = parse_recipe("name: r\nsuite: sid\nresolv_conf: {nameservers: [192.0.2.9], search: [a.example]}\n")
+    assert resolv_conf(r).splitlines()[1:] == [b"search a.example", b"nameserver 192.0.2.9"]
+    assert plan(r, mirror=MIRROR, initramfs=INITRAMFS)[0].files[0][1] == f"deb {MIRROR} sid main\n".encode()
+
+
+def test_update_plan_names():
+    assert names(update_plan()) == ["upgrade", "initramfs", "secrets", "clean"]
+
+
+def test_stage_names_unique():
+    r = parse_recipe("name: k\npackages: [linux-image-amd64]\npurge: [nano]\nkeyboard: {}\n")
+    n = names(plan(r, mirror=MIRROR, initramfs=INITRAMFS))
+    assert len(n) == len(set(n))
+
+
+class FakeChroot:
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, argv, timeout_s=600, env=None, input=None):
+        return self.runner.run(["chroot", "R", *argv])
+
+
+def test_run_stage_writes_removes_and_is_idempotent(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc/ssh").mkdir(parents=True)
+    (root / "etc/ssh/ssh_host_rsa_key").write_text("secret")
+    (root / "etc/hostname").write_text("builder")
+    os.symlink("../run/resolv.conf", root / "etc/resolv.conf")
+    st = Stage("t", "test", chroot=True, commands=(("true",),),
+               files=(("etc/resolv.conf", b"nameserver 192.0.2.1\n", 0o644), ("etc/new/dir/f", b"x", 0o600)),
+               remove=("etc/hostname", "etc/ssh/ssh_host_*"))
+    runner = RecordingRunner()
+    for _ in range(2):
+        run_stage(st, root, FakeChroot(runner))
+        assert not (root / "etc/resolv.conf").is_symlink()
+        assert (root / "etc/resolv.conf").read_bytes() == b"nameserver 192.0.2.1\n"
+        assert (root / "etc/new/dir/f").stat().st_mode & 0o777 == 0o600
+        assert not (root / "etc/hostname").exists() and not list((root / "etc/ssh").iterdir())
+    assert runner.calls == [["chroot", "R", "true"]] * 2
+
+
+def test_run_stage_failure_names_the_stage(tmp_path):
+    runner = RecordingRunner()
+    runner.script(["chroot", "R", "apt-get"], rc=100, stderr=b"E: Unable to locate package nosuch")
+    with pytest.raises(StageFailed) as ei:
+        run_stage(Stage("packages", "x", chroot=True, commands=(("apt-get", "install", "nosuch"),)),
+                  tmp_path, FakeChroot(runner))
+    assert ei.value.stage == "packages"
+    assert "stage packages failed" in str(ei.value) and "Unable to locate package nosuch" in str(ei.value)
+
+
+def test_run_stage_refuses_paths_escaping_the_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    os.symlink(str(tmp_path / "outside"), root / "etc/evil")
+    (tmp_path / "outside").mkdir()
+    for rel in ("../x", "etc/evil/f"):
+        with pytest.raises(StageFailed, match="outside|escapes"):
+            run_stage(Stage("t", "t", files=((rel, b"x", 0o644),)), root, FakeChroot(RecordingRunner()))
+    assert not (tmp_path / "outside/f").exists() and not (tmp_path / "x").exists()
+
+
+def test_copy_site_files(tmp_path):
+    src = tmp_path / "site"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc/idmapd.conf").write_text("[General]\n")
+    os.chmod(src / "etc/idmapd.conf", 0o640)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert copy_site_files(src, root) == 1
+    assert (root / "etc/idmapd.conf").read_text() == "[General]\n"
+    assert (root / "etc/idmapd.conf").stat().st_mode & 0o777 == 0o640
+    os.symlink("/etc/shadow", src / "etc/link")
+    with pytest.raises(BackendError, match="not a regular file"):
+        copy_site_files(src, root)
+
+
+def test_gc_candidates():
+    assert gc_candidates([1, 2, 3, 4, 5], current=5, keep=2) == [1, 2, 3]
+    assert gc_candidates([1, 2, 3, 4, 5], current=2, keep=2, in_use=[1]) == [3]
+    assert gc_candidates([1, 2], current=None, keep=0) == [1, 2]
+    assert gc_candidates([], current=None, keep=2) == []
+
+
+def test_store_generations_switch_rollback_remove(tmp_path):
+    store = ImageStore(tmp_path / "images")
+    assert store.current("img") is None and store.numbers("img") == []
+    n1, part = store.begin("img", None)
+    (part / "marker").write_text("one")
+    assert n1 == 1 and store.numbers("img") == []          # a partial is not a generation
+    store.commit("img", 1, {"kind": "build"})
+    store.switch("img", 1)
+    assert store.current("img") == 1
+    assert (store.served_path("img") / "marker").read_text() == "one"
+    n2, part2 = store.begin("img", 1)                      # a copy of generation 1 (real cp -a)
+    assert n2 == 2 and (part2 / "marker").read_text() == "one"
+    (part2 / "marker").write_text("two")
+    with pytest.raises(BackendError):
+        store.switch("img", 2)                             # not complete: never served
+    store.commit("img", 2, {"kind": "update"})
+    store.switch("img", 2)
+    assert (store.served_path("img") / "marker").read_text() == "two"
+    assert os.readlink(store.served_path("img")) == "gen-0002"
+    gens = store.list("img")
+    assert [(g.number, g.current, g.kind) for g in gens] == [(1, False, "build"), (2, True, "update")]
+    assert gens[0].size_bytes > 0 and gens[0].created
+    assert store.rollback_target("img") == 1
+    store.switch("img", 1)
+    with pytest.raises(BackendError, match="no generation older"):
+        store.rollback_target("img")
+    with pytest.raises(BackendError, match="served"):
+        store.remove("img", 1)
+    store.remove("img", 2)
+    assert store.numbers("img") == [1]
+    n3, _ = store.begin("img", 1)
+    assert n3 == 2                                          # numbers follow the generations on disk
+    store.abort("img", n3)
+    assert not any(p.name.endswith(".partial") for p in store.image_dir("img").iterdir())
+
+
+def test_publish_finds_newest_kernel_and_serves_copies(tmp_path):
+    root = tmp_path / "root"
+    (root / "boot").mkdir(parents=True)
+    for v in ("6.1.0-9-amd64", "6.1.0-10-amd64"):
+        (root / f"boot/vmlinuz-{v}").write_bytes(b"k" + v.encode())
+        (root / f"boot/initrd.img-{v}").write_bytes(b"i" + v.encode())
+    (root / "boot/vmlinuz-6.2.0-1-amd64").write_bytes(b"no initrd")
+    bf = publish.find_boot_files(root)
+    assert bf.kver == "6.1.0-10-amd64"
+    tftp = tmp_path / "tftp"
+    publish.publish_generation(root, tftp, "img", 3)
+    publish.serve_generation(tftp, "img", 3)
+    d = tftp / "images" / "img"
+    assert (d / "vmlinuz").read_bytes() == b"k6.1.0-10-amd64" and not (d / "vmlinuz").is_symlink()
+    assert (d / "initrd.img").read_bytes() == b"i6.1.0-10-amd64"
+    with pytest.raises(BackendError, match="no published"):
+        publish.serve_generation(tftp, "img", 4)
+    with pytest.raises(BackendError, match="no kernel"):
+        publish.find_boot_files(tmp_path / "empty")
+    snippet = publish.config_snippet("img", Path("/srv/images/img/current"))
+    assert "root: /srv/images/img/current" in snippet and "kernel: images/img/vmlinuz" in snippet
