@@ -1,0 +1,125 @@
+"""The TFTP servers a boot storm runs against: sidusd and its C peers.
+
+Peers: dnsmasq (Debian ``dnsmasq-base``, installed), tftpd-hpa and atftpd.  The
+last two conflict as Debian packages, so :func:`ensure_peers` fetches them with
+``apt-get download`` into ``bench/.peers/`` (git-ignored) and unpacks them with
+``dpkg-deb -x``; their binaries run from there.  Every server listens on
+127.0.0.1:69 inside the network namespace the benchmark runs in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+PEERS_DIR = BENCH / ".peers"
+PACKAGES = {"tftpd-hpa": "usr/sbin/in.tftpd", "atftpd": "usr/sbin/atftpd"}
+SERVERS = ("sidusd", "dnsmasq", "tftpd-hpa", "atftpd")
+
+
+class BenchSetupError(RuntimeError):
+    """A tool or package the benchmark needs is missing (the message names it)."""
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)), None)
+    if not path:
+        raise BenchSetupError(f"missing tool: {name}")
+    return path
+
+
+def peer_binary(package: str) -> Path:
+    """Where the unpacked binary of ``package`` lives under bench/.peers/."""
+    return PEERS_DIR / package / PACKAGES[package]
+
+
+def ensure_peers(packages: list[str] | tuple[str, ...] = tuple(PACKAGES)) -> dict[str, Path]:
+    """Download and unpack the peer packages that are not there yet; returns their binaries."""
+    out = {}
+    for pkg in packages:
+        binary = peer_binary(pkg)
+        if not binary.exists():
+            PEERS_DIR.mkdir(parents=True, exist_ok=True)
+            debs = PEERS_DIR / "debs"
+            debs.mkdir(exist_ok=True)
+            for old in debs.glob(f"{pkg}_*.deb"):
+                old.unlink()
+            r = subprocess.run([_tool("apt-get"), "download", pkg], cwd=debs,
+                               capture_output=True, text=True, timeout=300)
+            found = sorted(debs.glob(f"{pkg}_*.deb"))
+            if r.returncode != 0 or not found:
+                raise BenchSetupError(f"apt-get download {pkg} failed: {r.stderr.strip()[-400:]}")
+            subprocess.run([_tool("dpkg-deb"), "-x", str(found[-1]), str(PEERS_DIR / pkg)],
+                           check=True, timeout=120)
+            if not binary.exists():
+                raise BenchSetupError(f"{pkg}: {PACKAGES[pkg]} not in the package")
+        out[pkg] = binary
+    return out
+
+
+@dataclass
+class ServerSpec:
+    """How to start one server: argv, and the files it needs written first."""
+
+    name: str
+    argv: list[str]
+    workdir: Path
+
+
+def server_spec(name: str, root: Path, workdir: Path, max_transfers: int,
+                port: int = 69) -> ServerSpec:
+    """The command line that serves ``root`` over TFTP on 127.0.0.1:``port``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if name == "sidusd":
+        return ServerSpec(name, [sys.executable, "-m", "sidusd", "--config",
+                                 str(write_sidusd_config(root, workdir, max_transfers, port))], workdir)
+    if name == "dnsmasq":
+        if port != 69:
+            raise BenchSetupError("dnsmasq serves TFTP on port 69 only")
+        return ServerSpec(name, [_tool("dnsmasq"), "--keep-in-foreground", "--conf-file=/dev/null",
+                                 "--port=0", "--enable-tftp", f"--tftp-root={root}",
+                                 f"--tftp-max={max_transfers}", "--quiet-tftp", "--user=root",
+                                 "--pid-file=", "--listen-address=127.0.0.1", "--bind-interfaces",
+                                 "--log-facility=-"], workdir)
+    if name == "tftpd-hpa":
+        # -L: stay in the foreground; forks one child per transfer.
+        return ServerSpec(name, [str(peer_binary("tftpd-hpa")), "-L", "-u", "root", "-s", str(root),
+                                 "-a", f"127.0.0.1:{port}"], workdir)
+    if name == "atftpd":
+        return ServerSpec(name, [str(peer_binary("atftpd")), "--daemon", "--no-fork", "--user", "root",
+                                 "--group", "root", "--port", str(port), "--bind-address", "127.0.0.1",
+                                 "--logfile", "/dev/null", "--maxthread", str(max_transfers),
+                                 str(root)], workdir)
+    raise BenchSetupError(f"unknown server {name!r} (known: {', '.join(SERVERS)})")
+
+
+def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int) -> Path:
+    """A sidusd config serving ``root`` on 127.0.0.1 with DHCP off and logging at warning."""
+    (workdir / "state").mkdir(exist_ok=True)
+    (workdir / "image").mkdir(exist_ok=True)
+    cfg = {
+        "state_dir": str(workdir / "state"),
+        "inventory_file": str(workdir / "inventory.yaml"),
+        "log": {"format": "json", "level": "warning"},
+        "control": {"socket_path": str(workdir / "control.sock")},
+        "dhcp": {"mode": "off"},
+        "tftp": {"address": "127.0.0.1", "port": port, "root": str(root),
+                 "max_transfers": max_transfers, "max_transfers_per_client": 16},
+        "nfs": {"backend": "none", "server_address": "127.0.0.1"},
+        "images": {"demo": {"root": str(workdir / "image"), "kernel": "images/demo/vmlinuz",
+                            "initrd": "images/demo/initrd.img", "append": "console=ttyS0"}},
+    }
+    inv = {"profiles": {"default": {"image": "demo", "overlay": "tmpfs", "append": ""}}, "hosts": []}
+    (workdir / "inventory.yaml").write_text(yaml.safe_dump(inv))
+    path = workdir / "sidus.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,452 @@
+"""Boot storm: N simulated PXE clients against sidusd, dnsmasq, tftpd-hpa and atftpd.
+
+    python3 -m bench.storm                      # N = 1,32,64,128, both modes, 3 repeats
+    python3 -m bench.storm --quick              # tiny sizes: checks it runs, not how fast
+    python3 -m bench.storm --clients 32 --modes lockstep --repeats 5 --servers sidusd,dnsmasq
+
+Each client fetches what PXELINUX firmware fetches, one file after the other:
+pxelinux.0, ldlinux.c32, pxelinux.cfg/01-<mac>, a kernel (10 MB) and an initrd
+(50 MB), with the atftp C client (so the client side costs little Python):
+``lockstep`` is blksize 1468 with one block in flight (PXE ROMs, iPXE);
+``window16`` adds windowsize 16 (RFC 7440; U-Boot, UEFI, atftp).  Servers that
+do not implement windowsize answer without it and run lockstep.
+
+The whole run happens in a private network namespace (``unshare --net``): every
+server listens on 127.0.0.1:69 there, one at a time, taken in rotation
+(repeat -> N -> mode -> server), so a noisy machine hurts all servers alike and
+the ratios sidusd/peer come from the same minutes.  Reported per server: time
+until the last client finished, aggregate MB/s, per-client p50/p99 and
+slowest/median, server CPU seconds per GB (utime+stime of the server and its
+reaped children, /proc/<pid>/stat), peak RSS (VmHWM), failures and sha256
+mismatches; medians and ranges over repeats; a table on stdout and a JSON file
+in bench/results/.  DHCP offer latency is not measured yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .peers import BENCH, REPO, SERVERS, BenchSetupError, ensure_peers, server_spec
+
+MB = 1_000_000
+KERNEL = "images/demo/vmlinuz"
+INITRD = "images/demo/initrd.img"
+BLKSIZE = 1468
+MODES = {"lockstep": 1, "window16": 16}
+_INNER = "SIDUS_BENCH_IN_NETNS"
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+# -- the tree every server serves ------------------------------------------------
+def make_tree(root: Path, kernel_mb: float, initrd_mb: float) -> dict[str, str]:
+    """Write the boot files; returns sha256 per static name (same bytes for every server)."""
+    files = {
+        "pxelinux.0": Path("/usr/lib/PXELINUX/pxelinux.0").read_bytes(),
+        "ldlinux.c32": Path("/usr/lib/syslinux/modules/bios/ldlinux.c32").read_bytes(),
+        KERNEL: os.urandom(int(kernel_mb * MB)),
+        INITRD: os.urandom(int(initrd_mb * MB)),
+    }
+    out = {}
+    for name, data in files.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        out[name] = hashlib.sha256(data).hexdigest()
+    (root / "pxelinux.cfg").mkdir(exist_ok=True)
+    for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        d.chmod(0o755)
+    return out
+
+
+def mac_of(i: int) -> str:
+    return f"52:54:00:be:{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"
+
+
+def write_static_configs(root: Path, n: int) -> None:
+    """The per-MAC pxelinux configs the C servers serve as files (sidusd renders its own)."""
+    for i in range(n):
+        p = root / "pxelinux.cfg" / ("01-" + mac_of(i).replace(":", "-"))
+        p.write_text(f"DEFAULT sidus\nLABEL sidus\n  KERNEL {KERNEL}\n  APPEND initrd={INITRD}\n")
+        p.chmod(0o644)
+
+
+# -- one simulated client ----------------------------------------------------------
+def client_argv(name: str, mode: str, port: int) -> list[str]:
+    argv = ["atftp", "--option", f"blksize {BLKSIZE}", "--tftp-timeout", "2"]
+    if MODES[mode] > 1:
+        argv += ["--option", f"windowsize {MODES[mode]}"]
+    return argv + ["-g", "-r", name, "-l", "/dev/stdout", "127.0.0.1", str(port)]
+
+
+async def fetch(name: str, mode: str, port: int, pin: str | None) -> tuple[int, bytes, str, int]:
+    """One file with atftp: (returncode, sha256 digest or cfg text, ..., bytes)."""
+    argv = client_argv(name, mode, port)
+    if pin:
+        argv = ["taskset", "-c", pin, *argv]
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE,
+                                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    h, n, head = hashlib.sha256(), 0, b""
+    assert proc.stdout is not None
+    while chunk := await proc.stdout.read(1 << 20):
+        h.update(chunk)
+        if n < 4096:
+            head += chunk[:4096]
+        n += len(chunk)
+    rc = await proc.wait()
+    return rc, head, h.hexdigest(), n
+
+
+async def run_client(i: int, mode: str, port: int, expect: dict[str, str], delay: float,
+                     pin: str | None) -> dict[str, Any]:
+    """Fetch the PXELINUX sequence as client ``i``; never raises."""
+    await asyncio.sleep(delay)
+    mac = mac_of(i)
+    names = ["pxelinux.0", "ldlinux.c32", "pxelinux.cfg/01-" + mac.replace(":", "-"), KERNEL, INITRD]
+    t0 = time.monotonic()
+    rec: dict[str, Any] = {"client": i, "bytes": 0, "failed": [], "mismatch": []}
+    for name in names:
+        try:
+            rc, head, digest, n = await fetch(name, mode, port, pin)
+        except OSError as exc:
+            rec["failed"].append(f"{name}: {exc}")
+            continue
+        rec["bytes"] += n
+        if rc != 0:
+            rec["failed"].append(f"{name}: atftp rc {rc}")
+        elif name in expect:
+            if digest != expect[name]:
+                rec["mismatch"].append(name)
+        elif KERNEL.encode() not in head:           # the per-MAC config
+            rec["mismatch"].append(name)
+    rec["duration_s"] = time.monotonic() - t0
+    rec["end"] = time.monotonic()
+    return rec
+
+
+# -- one server ----------------------------------------------------------------------
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime + cutime + cstime of ``pid`` in seconds (children once reaped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / _CLK
+
+
+_CPUACCT = Path("/sys/fs/cgroup/cpuacct")
+
+
+class CpuMeter:
+    """CPU seconds of a server and every process it forks.
+
+    A cgroup v1 ``cpuacct`` group when one can be made (tftpd-hpa's per-transfer
+    children are never waited for, so they never reach the parent's cutime);
+    else utime+stime+cutime+cstime from /proc/<pid>/stat.
+    """
+
+    def __init__(self, tag: str):
+        self.group: Path | None = _CPUACCT / f"sidus-bench-{os.getpid()}-{tag}"
+        try:
+            self.group.mkdir()
+        except OSError:
+            self.group = None
+        self.source = "cgroup-cpuacct" if self.group else "proc-stat"
+
+    def preexec(self) -> None:
+        """In the child before exec: join the group."""
+        if self.group is not None:
+            (self.group / "cgroup.procs").write_text(str(os.getpid()))
+
+    def seconds(self, pid: int) -> float:
+        if self.group is not None:
+            return int((self.group / "cpuacct.usage").read_text()) / 1e9
+        return proc_cpu_s(pid)
+
+    def close(self) -> None:
+        if self.group is not None:
+            for _ in range(50):
+                try:
+                    self.group.rmdir()
+                    return
+                except OSError:
+                    time.sleep(0.1)         # processes still leaving
+
+
+def proc_hwm_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchSetupError(f"server exited with {proc.returncode} before serving")
+        rc, _h, _d, n = await fetch("pxelinux.0", "lockstep", port, None)
+        if rc == 0 and n > 0:
+            return
+        await asyncio.sleep(0.2)
+    raise BenchSetupError(f"server not serving after {timeout_s}s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)     # children (tftpd-hpa forks per transfer)
+    except ProcessLookupError:
+        pass
+
+
+async def run_one(server: str, n: int, mode: str, root: Path, work: Path, expect: dict[str, str],
+                  spread_s: float, timeout_s: float, port: int = 69) -> dict[str, Any]:
+    """Start ``server``, run a storm of ``n`` clients, stop it; the run's record."""
+    spec = server_spec(server, root, work / server, max_transfers=max(64, 2 * n), port=port)
+    argv = spec.argv
+    pin_server = pin_client = None
+    if n == 1 and (os.cpu_count() or 1) >= 2:      # single client: server and client on their own cores
+        pin_server, pin_client = "0", "1"
+        argv = ["taskset", "-c", pin_server, *argv]
+    log = open(spec.workdir / "server.log", "ab")
+    meter = CpuMeter(server)
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=meter.preexec)
+    try:
+        await wait_ready(proc, port)
+        cpu0 = meter.seconds(proc.pid)
+        t0 = time.monotonic()
+        tasks = [asyncio.create_task(run_client(i, mode, port, expect,
+                                                spread_s * i / n if n > 1 else 0.0, pin_client))
+                 for i in range(n)]
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for t in pending:
+            t.cancel()
+        clients = [t.result() for t in done]
+        timed_out = len(pending)
+        await asyncio.sleep(0.2)                        # let the server reap its children
+        cpu = meter.seconds(proc.pid) - cpu0
+        rss = proc_hwm_mb(proc.pid)
+        alive = proc.poll() is None
+    finally:
+        stop_server(proc)
+        log.close()
+        meter.close()
+        if pending_tasks := [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            await asyncio.gather(*pending_tasks, return_exceptions=True)
+    total = sum(c["bytes"] for c in clients)
+    durs = sorted(c["duration_s"] for c in clients)
+    t_last = (max(c["end"] for c in clients) - t0) if clients else float("nan")
+    failures = timed_out + sum(1 for c in clients if c["failed"])
+    return {
+        "server": server, "clients": n, "mode": mode, "spread_s": spread_s,
+        "time_to_last_s": round(t_last, 4),
+        "aggregate_mb_s": round(total / MB / t_last, 2) if clients and t_last > 0 else 0.0,
+        "client_p50_s": round(pct(durs, 50), 4), "client_p99_s": round(pct(durs, 99), 4),
+        "slowest_over_median": round(durs[-1] / pct(durs, 50), 3) if durs and pct(durs, 50) > 0 else None,
+        "bytes": total, "cpu_s": round(cpu, 3), "cpu_source": meter.source,
+        "cpu_s_per_gb": round(cpu / (total / 1e9), 3) if total else None,
+        "peak_rss_mb": round(rss, 1), "failures": failures,
+        "sha256_mismatches": sum(len(c["mismatch"]) for c in clients),
+        "server_survived": alive,
+        "errors": sorted({e for c in clients for e in c["failed"]})[:10],
+    }
+
+
+def pct(sorted_vals: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list (nan if empty)."""
+    if not sorted_vals:
+        return float("nan")
+    k = max(1, -(-len(sorted_vals) * p // 100))
+    return sorted_vals[int(k) - 1]
+
+
+# -- summary ---------------------------------------------------------------------------
+_METRICS = ("time_to_last_s", "aggregate_mb_s", "client_p50_s", "client_p99_s", "slowest_over_median",
+            "cpu_s_per_gb", "peak_rss_mb")
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median and range per (mode, N, server) and the ratios sidusd/peer, repeat by repeat."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["mode"], r["clients"], r["server"]), []).append(r)
+    out = []
+    for (mode, n, server), rs in groups.items():
+        row: dict[str, Any] = {"mode": mode, "clients": n, "server": server, "repeats": len(rs),
+                               "failures": sum(r["failures"] for r in rs),
+                               "sha256_mismatches": sum(r["sha256_mismatches"] for r in rs)}
+        for m in _METRICS:
+            vals = [r[m] for r in rs if r[m] is not None]
+            row[m] = ({"median": round(statistics.median(vals), 4), "min": min(vals), "max": max(vals)}
+                      if vals else None)
+        if server != "sidusd":
+            mine = {r["repeat"]: r for r in groups.get((mode, n, "sidusd"), [])}
+            for key, name in (("aggregate_mb_s", "ratio_mb_s"), ("cpu_s_per_gb", "ratio_cpu_per_gb"),
+                              ("time_to_last_s", "ratio_time_to_last")):
+                vals = [mine[r["repeat"]][key] / r[key] for r in rs
+                        if r["repeat"] in mine and r[key] and mine[r["repeat"]][key] is not None]
+                row[name] = ({"median": round(statistics.median(vals), 3), "min": round(min(vals), 3),
+                              "max": round(max(vals), 3)} if vals else None)
+        out.append(row)
+    return out
+
+
+def _m(v: Any, fmt: str = "{:.2f}") -> str:
+    if v is None:
+        return "-"
+    if v["min"] == v["max"]:
+        return fmt.format(v["median"])
+    return f"{fmt.format(v['median'])} [{fmt.format(v['min'])}-{fmt.format(v['max'])}]"
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    """The human table: medians with [min-max] over repeats; ratios are sidusd / that peer."""
+    head = (f"{'mode':9} {'N':>4} {'server':10} {'last client s':>20} {'MB/s':>22} {'p50 s':>8} "
+            f"{'p99 s':>8} {'slow/med':>8} {'CPU s/GB':>9} {'RSS MB':>7} {'fail':>4} {'bad':>4} "
+            f"{'sidusd/peer MB/s':>22} {'CPU ratio':>9}")
+    lines = [head, "-" * len(head)]
+    order = {s: i for i, s in enumerate(SERVERS)}
+    for r in sorted(summary, key=lambda r: (r["mode"], r["clients"], order.get(r["server"], 9))):
+        lines.append(
+            f"{r['mode']:9} {r['clients']:>4} {r['server']:10} {_m(r['time_to_last_s']):>20} "
+            f"{_m(r['aggregate_mb_s'], '{:.1f}'):>22} {_m(r['client_p50_s']).split(' ')[0]:>8} "
+            f"{_m(r['client_p99_s']).split(' ')[0]:>8} {_m(r['slowest_over_median']).split(' ')[0]:>8} "
+            f"{_m(r['cpu_s_per_gb']).split(' ')[0]:>9} {_m(r['peak_rss_mb'], '{:.0f}').split(' ')[0]:>7} "
+            f"{r['failures']:>4} {r['sha256_mismatches']:>4} "
+            f"{_m(r.get('ratio_mb_s')) if r['server'] != 'sidusd' else '':>22} "
+            f"{_m(r.get('ratio_cpu_per_gb')).split(' ')[0] if r['server'] != 'sidusd' else '':>9}")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                      if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
+
+
+# -- driver ---------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python3 -m bench.storm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="N=1,4, 1+3 MB files, 1 repeat (CI: runs, not speed)")
+    p.add_argument("--servers", default=",".join(SERVERS))
+    p.add_argument("--clients", default="1,32,64,128", help="comma-separated N values")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kernel-mb", type=float, default=10)
+    p.add_argument("--initrd-mb", type=float, default=50)
+    p.add_argument("--spread-s", type=float, default=0.0, help="arrivals spread over this window (0: all at once)")
+    p.add_argument("--timeout-s", type=float, default=900, help="per run; clients still running count as failures")
+    p.add_argument("--out", type=Path, default=None, help="JSON results file (default bench/results/storm-<time>.json)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.clients, a.repeats, a.kernel_mb, a.initrd_mb = "1,4", 1, 1, 3
+    a.server_list = [s.strip() for s in a.servers.split(",") if s.strip()]
+    a.client_list = [int(x) for x in a.clients.split(",") if x.strip()]
+    a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
+    for s in a.server_list:
+        if s not in SERVERS:
+            p.error(f"unknown server {s!r} (known: {', '.join(SERVERS)})")
+    for m in a.mode_list:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r} (known: {', '.join(MODES)})")
+    if not a.client_list or min(a.client_list) < 1 or a.repeats < 1:
+        p.error("--clients values and --repeats must be >= 1")
+    return a
+
+
+async def storm(a: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="sidus-storm-"))
+    work.chmod(0o755)
+    try:
+        root = work / "root"
+        expect = make_tree(root, a.kernel_mb, a.initrd_mb)
+        write_static_configs(root, max(a.client_list))
+        runs = []
+        for rep in range(a.repeats):
+            for n in a.client_list:
+                for mode in a.mode_list:
+                    for server in a.server_list:
+                        r = await run_one(server, n, mode, root, work, expect, a.spread_s, a.timeout_s)
+                        r["repeat"] = rep
+                        runs.append(r)
+                        print(f"rep {rep} N={n:<3} {mode:8} {server:9} last={r['time_to_last_s']:.2f}s "
+                              f"{r['aggregate_mb_s']:.1f} MB/s cpu/GB={r['cpu_s_per_gb']} "
+                              f"fail={r['failures']} bad={r['sha256_mismatches']}", file=sys.stderr, flush=True)
+        return {"runs": runs, "summary": summarize(runs)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def inner(a: argparse.Namespace) -> int:
+    """In the private namespace: loopback up, then the storm."""
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    if [ln.split(":")[1].strip() for ln in links.splitlines()] != ["lo"]:
+        raise BenchSetupError("not in a private network namespace (expected only lo)")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    # glibc's AI_ADDRCONFIG ignores loopback addresses; tftpd-hpa resolves its -a with it.
+    subprocess.run(["ip", "addr", "add", "10.255.255.1/32", "dev", "lo"], check=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    info = machine()
+    res = asyncio.run(storm(a))
+    doc = {"started": started, "machine": info, "command": " ".join(sys.argv),
+           "settings": {"servers": a.server_list, "clients": a.client_list, "modes": a.mode_list,
+                        "repeats": a.repeats, "kernel_mb": a.kernel_mb, "initrd_mb": a.initrd_mb,
+                        "spread_s": a.spread_s, "blksize": BLKSIZE, "quick": a.quick},
+           "dhcp_latency": "not measured", **res}
+    out = a.out or BENCH / "results" / f"storm-{started.replace(':', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(table(res["summary"]))
+    print(f"\nresults: {out}")
+    bad = any(r["failures"] or r["sha256_mismatches"] for r in res["runs"])
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
+    try:
+        if os.environ.get(_INNER) == "1":
+            return inner(a)
+        for tool in ("atftp", "unshare", "ip", "taskset"):
+            if not shutil.which(tool):
+                raise BenchSetupError(f"missing tool: {tool}")
+        if os.geteuid() != 0:
+            raise BenchSetupError("needs root (a private network namespace, servers on port 69)")
+        ensure_peers([s for s in ("tftpd-hpa", "atftpd") if s in a.server_list])
+        env = {**os.environ, _INNER: "1", "PYTHONPATH": os.pathsep.join(
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        return subprocess.run(["unshare", "--net", sys.executable, "-m", "bench.storm", *argv],
+                              cwd=REPO, env=env).returncode
+    except BenchSetupError as exc:
+        print(f"bench.storm: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
