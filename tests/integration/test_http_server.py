@@ -327,3 +327,30 @@ def test_stop_closes_everything(tmp_path):
     s.thread.join(10)
     s.loop.close()
     s._logs.__exit__(None, None, None)
+
+
+def test_real_daemon_serves_http_and_follows_reload(tmp_path):
+    """``python3 -m sidusd`` with ``http.enabled``: listener in status, script changes on reload."""
+    from daemon_fixture import SidusDaemon, base_config, free_udp_port
+    cfg = base_config(tmp_path, free_udp_port())
+    port = free_port()
+    cfg["http"] = {"enabled": True, "address": "127.0.0.1", "port": port}
+    (tmp_path / "tftp" / "images" / "demo" / "vmlinuz").write_bytes(b"kernel" * 5000)
+    host = {"mac": MAC, "hostname": "h1", "profile": "default", "append": "sidus.test=one"}
+    with SidusDaemon(tmp_path, hosts=[host], config=cfg) as d:
+        url = f"http://127.0.0.1:{port}"
+        code, body = curl_status(f"{url}/boot/{MAC.replace(':', '-')}.ipxe")
+        assert code == 200 and b"sidus.test=one" in body and f"{url}/images/demo/vmlinuz".encode() in body
+        code, body = curl_status(f"{url}/images/demo/vmlinuz")
+        assert code == 200 and body == b"kernel" * 5000
+        status = d.ctl_json("status")
+        assert {"proto": "tcp", "service": "http", "address": "127.0.0.1", "port": port} \
+            in status["listeners"]["http"], status["listeners"]
+        d.ctl("hosts", "add", MAC, "--profile", "default", "--hostname", "h1", "--append", "sidus.test=two")
+        code, body = curl_status(f"{url}/boot/{MAC.replace(':', '-')}.ipxe")
+        assert code == 200 and b"sidus.test=two" in body and b"sidus.test=one" not in body
+        clients = d.ctl_json("clients", MAC)
+        assert any(e["event"] == "http" for e in clients[0]["timeline"]), clients
+        assert d.stop() == 0
+    transfers = [e for e in d.events() if e.get("event") == "http.transfer"]
+    assert len(transfers) == 3 and all(e["status"] == 200 for e in transfers), transfers
