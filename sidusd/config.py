@@ -16,6 +16,8 @@ units, in ``config/sidus.yaml``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ipaddress
 import posixpath
 import re
@@ -170,6 +172,7 @@ class Config:
     nfs: NfsConfig = field(default_factory=NfsConfig)
     iscsi: IscsiConfig = field(default_factory=IscsiConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=lambda: types.MappingProxyType({}))
+    images_file: Path | None = None
     source: str = field(default="<string>", compare=False)
 
     def listener_key(self) -> tuple:
@@ -216,7 +219,29 @@ def read(path: Path | str) -> Config:
         raise ConfigError(str(p), f"not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ConfigError(str(p), f"cannot read: {e.strerror or e}") from None
-    return parse(text, source=str(p), base_dir=p.absolute().parent)
+    cfg = parse(text, source=str(p), base_dir=p.absolute().parent)
+    if cfg.images_file is None:
+        return cfg
+    try:
+        gen_text = cfg.images_file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return cfg                       # nothing built yet
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(cfg.images_file), f"cannot read the images file: {e}") from None
+    return merge_images_file(cfg, gen_text, str(cfg.images_file))
+
+
+def merge_images_file(config: Config, text: str, source: str) -> Config:
+    """``config`` plus the images of the generated images file (``images_file:``, written by
+    ``sidus-image``: one ``images:`` mapping, same schema).  Pure; a name defined in both is refused."""
+    root = Section(load_yaml(text, source), "")
+    root.allow("images")
+    base = config.images_file.parent if config.images_file is not None else None
+    extra = _parse_images(root.section("images"), _path_resolver(base))
+    for name in extra:
+        if name in config.images:
+            raise ConfigError(f"images.{name}", f"defined both in {config.source} and in {source}")
+    return dataclasses.replace(config, images=types.MappingProxyType({**config.images, **extra}))
 
 
 # ---------------------------------------------------------------- pure parsing
@@ -225,18 +250,8 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
     """Parse configuration ``text`` (pure).  Raises :class:`ConfigError` on the first refusal."""
     root = Section(load_yaml(text, source), "")
     root.allow("state_dir", "inventory_file", "log", "control", "dhcp", "boot", "tftp",
-               "http", "nfs", "iscsi", "images")
-
-    def path_of(sec: Section, key: str, default: Path | None = None) -> Path | None:
-        raw = sec.get(key, str, None)
-        if raw is None:
-            return default
-        if not raw or "\x00" in raw or "\n" in raw:
-            raise ConfigError(sec.key(key), "expected a non-empty path on one line")
-        p = Path(posixpath.normpath(raw))
-        if not p.is_absolute() and base_dir is not None:
-            p = Path(posixpath.normpath(str(Path(base_dir) / p)))
-        return p
+               "http", "nfs", "iscsi", "images", "images_file")
+    path_of = _path_resolver(base_dir)
 
     state_dir = path_of(root, "state_dir", Path("/var/lib/sidus"))
     inventory_file = path_of(root, "inventory_file", state_dir / "inventory.yaml")
@@ -282,8 +297,29 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
     nfs = _parse_nfs(root.section("nfs"), path_of)
     iscsi = _parse_iscsi(root.section("iscsi"), path_of, state_dir)
 
+    images = _parse_images(root.section("images"), path_of)
+    return Config(state_dir=state_dir, inventory_file=inventory_file, log=log, control=control,
+                  dhcp=dhcp, boot=boot, tftp=tftp, http=http, nfs=nfs, iscsi=iscsi,
+                  images=types.MappingProxyType(images), images_file=path_of(root, "images_file"),
+                  source=source)
+
+
+def _path_resolver(base_dir: Path | None):
+    def path_of(sec: Section, key: str, default: Path | None = None) -> Path | None:
+        raw = sec.get(key, str, None)
+        if raw is None:
+            return default
+        if not raw or "\x00" in raw or "\n" in raw:
+            raise ConfigError(sec.key(key), "expected a non-empty path on one line")
+        p = Path(posixpath.normpath(raw))
+        if not p.is_absolute() and base_dir is not None:
+            p = Path(posixpath.normpath(str(Path(base_dir) / p)))
+        return p
+    return path_of
+
+
+def _parse_images(img_sec: Section, path_of) -> dict[str, ImageConfig]:
     images: dict[str, ImageConfig] = {}
-    img_sec = root.section("images")
     for name in img_sec.keys():
         check_name(img_sec.key(name), name, what="image name")
         s = img_sec.section(name, required=True)
@@ -294,10 +330,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         images[name] = ImageConfig(root=img_root, kernel=_tftp_relative(s, "kernel"),
                                    initrd=_tftp_relative(s, "initrd"),
                                    append=check_kernel_args(s.key("append"), s.get("append", str, "")))
-
-    return Config(state_dir=state_dir, inventory_file=inventory_file, log=log, control=control,
-                  dhcp=dhcp, boot=boot, tftp=tftp, http=http, nfs=nfs, iscsi=iscsi,
-                  images=types.MappingProxyType(images), source=source)
+    return images
 
 
 def _parse_dhcp(s: Section, path_of, state_dir: Path) -> DhcpConfig:
