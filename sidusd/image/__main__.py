@@ -9,10 +9,11 @@ Commands (docs/images.md)::
     sidus-image shell NAME
     sidus-image rollback NAME [--to N]
     sidus-image gc NAME [--keep N]
-    sidus-image snippet NAME            (the images: entry for sidus.yaml)
 
 Global options: ``--images-dir`` (default /var/lib/sidus/images),
-``--tftp-root`` (default /srv/tftp), ``--cache-dir`` (debootstrap package cache).
+``--tftp-root`` (default /srv/tftp), ``--cache-dir`` (debootstrap package cache),
+``--images-file`` (the generated images file sidus.yaml names in ``images_file:``,
+default <images-dir>/images.yaml), ``--control-socket`` (sidusd's: reload after a switch).
 Exit codes: 0 ok, 1 operation failed (the message names the stage), 2 usage or
 recipe error, 75 the image is busy (another administration holds its lock),
 130 interrupted (everything was unmounted).
@@ -29,7 +30,6 @@ from pathlib import Path
 from sidusd.errors import ConfigError, SidusError
 from sidusd.image.build import Administrator
 from sidusd.image.chroot import LockBusy
-from sidusd.image.publish import config_snippet
 from sidusd.image.recipe import read_recipe
 from sidusd.observability import setup_logging
 
@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidus-image", description="Build and administer sidus network-boot images.")
     p.add_argument("--images-dir", type=Path, default=Path(os.environ.get("SIDUS_IMAGES_DIR", "/var/lib/sidus/images")))
     p.add_argument("--tftp-root", type=Path, default=Path(os.environ.get("SIDUS_TFTP_ROOT", "/srv/tftp")))
+    p.add_argument("--images-file", type=Path, default=None,
+                   help="generated images file (sidus.yaml images_file); default <images-dir>/images.yaml")
+    p.add_argument("--control-socket", type=Path, default=None,
+                   help="sidusd's control socket: run `sidusctl reload` after switching generations")
     p.add_argument("-v", "--verbose", action="store_true", help="log events at info level (default: warnings)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="debootstrap package cache (kept between builds)")
@@ -74,8 +78,6 @@ def _parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="remove old unserved generations")
     gc.add_argument("name")
     gc.add_argument("--keep", type=int, default=2)
-    sn = sub.add_parser("snippet", help="the images: entry for sidus.yaml")
-    sn.add_argument("name")
     return p
 
 
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sidus-image``."""
     args = _parser().parse_args(argv)
     setup_logging(args.log_format, "info" if args.verbose else "warning")
-    adm = Administrator(args.images_dir, args.tftp_root, cache_dir=args.cache_dir)
+    adm = Administrator(args.images_dir, args.tftp_root, cache_dir=args.cache_dir,
+                        images_file=args.images_file, control_socket=args.control_socket)
     try:
         if args.cmd == "build":
             adm.build(read_recipe(args.recipe), switch=not args.no_switch, keep_failed=args.keep_failed)
@@ -122,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "gc":
             gone = adm.gc(args.name, args.keep)
             print(f"{args.name}: removed generation(s) {', '.join(map(str, gone)) or 'none'}")
-        elif args.cmd == "snippet":
-            print(config_snippet(args.name, adm.store.served_path(args.name)), end="")
     except LockBusy as e:
         print(f"sidus-image: {e}", file=sys.stderr)
         return EXIT_BUSY

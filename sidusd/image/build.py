@@ -158,8 +158,11 @@ class Administrator:
     """Build, update and administer the images of one images directory."""
 
     def __init__(self, images_dir: Path, tftp_root: Path, runner: Runner | None = None,
-                 out: TextIO | None = None, cache_dir: Path | None = None):
+                 out: TextIO | None = None, cache_dir: Path | None = None, images_file: Path | None = None,
+                 control_socket: Path | None = None):
         self.runner = runner or Runner()
+        self.images_file = Path(images_file) if images_file else Path(images_dir) / "images.yaml"
+        self.control_socket = control_socket
         self.store = ImageStore(images_dir, self.runner)
         self.tftp_root = Path(tftp_root)
         self.out = out or sys.stderr
@@ -195,11 +198,21 @@ class Administrator:
             return number
 
     def serve(self, name: str, number: int) -> None:
-        """Switch the served generation (TFTP pair, then the ``current`` symlink)."""
-        if self.store.meta(name, number).get("kernel"):
-            publish.serve_generation(self.tftp_root, name, number)
+        """Switch the served generation: the ``current`` symlink, then the generated images
+        file (atomic rewrite), then ``sidusctl reload`` when a control socket is given."""
         self.store.switch(name, number)
+        self.write_images_file()
         log.info("image.generation.served", image=name, generation=number)
+
+    def write_images_file(self) -> None:
+        """Rewrite the generated images file from the generations on disk; reload sidusd if asked."""
+        publish.write_images_file(self.images_file, publish.images_entries(self.store, self.tftp_root))
+        if self.control_socket is not None:
+            res = self.runner.run([sys.executable, "-m", "sidusd.ctl", "--socket", str(self.control_socket),
+                                   "reload"], timeout_s=60)
+            if not res.ok:
+                raise BackendError("sidusctl reload failed (the images file is written; sidusd still "
+                                   "serves the previous one)", detail=(res.err or res.out).strip())
 
     def _stages(self, stages: list[Stage], root: Path, logfile: Path, recipe: Recipe | None,
                 first: Callable[[], None] | None = None) -> dict:
@@ -300,6 +313,8 @@ class Administrator:
             for n in doomed:
                 self.store.remove(name, n)
                 publish.unpublish_generation(self.tftp_root, name, n)
+            if doomed:
+                self.write_images_file()
             return doomed
 
     def _served(self, name: str) -> int:

@@ -1,13 +1,16 @@
 """Publishing a generation's kernel and initrd where sidusd serves them over TFTP.
 
-The TFTP server refuses symlinks (sidusd.net.files.open_confined), so the
-served kernel and initrd are *copies*::
+The TFTP server refuses symlinks (sidusd.net.files.open_confined) and
+nfs-ganesha refuses an export path through a symlink (ELOOP), so nothing
+served goes through ``current``: each generation has its own kernel/initrd
+copies and its own root directory, and the *generated images file*
+(``images_file:`` in sidus.yaml) says which generation each image name serves::
 
     <tftp_root>/images/<name>/gen-0002/vmlinuz, initrd.img   one copy per generation
-    <tftp_root>/images/<name>/vmlinuz, initrd.img            the served generation's, replaced by rename(2)
+    <images_dir>/images.yaml     images: {<name>: gen N's root/kernel/initrd, <name>.gen-N: ...}
 
-The ``images:`` entry of sidus.yaml names the stable pair and the stable root
-``<images_dir>/<name>/current`` (see :func:`config_snippet` and docs/images.md).
+Switching generations = rewriting that file atomically + ``sidusctl reload``
+(see docs/images.md).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidusd.errors import BackendError
-from sidusd.fsutil import _fsync_dir
+from sidusd.fsutil import _fsync_dir, atomic_write
+from sidusd.yamlstrict import dump_yaml
 
 TFTP_SUBDIR = "images"
 _KVER = re.compile(r"^vmlinuz-(\d+\.\d+[A-Za-z0-9.+~_-]*)$")
@@ -80,26 +84,34 @@ def publish_generation(root: Path, tftp_root: Path, name: str, number: int) -> B
     return bf
 
 
-def serve_generation(tftp_root: Path, name: str, number: int) -> None:
-    """Make generation ``number``'s published pair the served one (initrd first, then kernel)."""
-    d = tftp_dir(tftp_root, name)
-    src = d / f"gen-{number:04d}"
-    if not (src / "vmlinuz").is_file() or not (src / "initrd.img").is_file():
-        raise BackendError(f"generation {number} of {name} has no published kernel/initrd in {src}")
-    _copy_atomic(src / "initrd.img", d / "initrd.img")
-    _copy_atomic(src / "vmlinuz", d / "vmlinuz")
-    _fsync_dir(d)
-
-
 def unpublish_generation(tftp_root: Path, name: str, number: int) -> None:
     """Remove generation ``number``'s copies from the TFTP root (gc)."""
     shutil.rmtree(tftp_dir(tftp_root, name) / f"gen-{number:04d}", ignore_errors=True)
 
 
-def config_snippet(name: str, served_root: Path, append: str = "") -> str:
-    """The ``images:`` entry of sidus.yaml for an image built here."""
-    lines = [f"  {name}:", f"    root: {served_root}",
-             f"    kernel: {TFTP_SUBDIR}/{name}/vmlinuz", f"    initrd: {TFTP_SUBDIR}/{name}/initrd.img"]
-    if append:
-        lines.append(f"    append: \"{append}\"")
-    return "images:\n" + "\n".join(lines) + "\n"
+def images_entries(store, tftp_root: Path) -> dict[str, dict[str, str]]:
+    """The ``images:`` mapping for sidus.yaml's ``images_file``: per image, its served generation
+    under the image's name and every generation as ``<name>.gen-N`` (to pin hosts); only
+    generations with a published kernel + initrd are bootable, so only those are listed."""
+    out: dict[str, dict[str, str]] = {}
+    for name in store.names():
+        cur = store.current(name)
+        for n in store.numbers(name):
+            d = tftp_dir(tftp_root, name) / f"gen-{n:04d}"
+            if not ((d / "vmlinuz").is_file() and (d / "initrd.img").is_file()):
+                continue
+            rel = f"{TFTP_SUBDIR}/{name}/gen-{n:04d}"
+            entry = {"root": str(store.path(name, n).resolve()), "kernel": f"{rel}/vmlinuz",
+                     "initrd": f"{rel}/initrd.img"}
+            out[f"{name}.gen-{n}"] = entry
+            if n == cur:
+                out[name] = dict(entry)
+    return dict(sorted(out.items()))
+
+
+def write_images_file(path: Path, entries: dict[str, dict[str, str]]) -> None:
+    """Replace the generated images file atomically (readers see the old or the new one)."""
+    text = ("# written by sidus-image: do not edit (docs/images.md); sidus.yaml names it in images_file\n"
+            + dump_yaml({"images": entries}))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), text.encode())

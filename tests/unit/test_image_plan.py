@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sidusd.errors import BackendError
+from sidusd.errors import BackendError, ConfigError
 from sidusd.image import publish
 from sidusd.image.build import StageFailed, copy_site_files, run_stage
 from sidusd.image.generations import ImageStore, gc_candidates
@@ -195,7 +195,7 @@ def test_store_generations_switch_rollback_remove(tmp_path):
     assert not any(p.name.endswith(".partial") for p in store.image_dir("img").iterdir())
 
 
-def test_publish_finds_newest_kernel_and_serves_copies(tmp_path):
+def test_publish_finds_newest_kernel_and_copies_per_generation(tmp_path):
     root = tmp_path / "root"
     (root / "boot").mkdir(parents=True)
     for v in ("6.1.0-9-amd64", "6.1.0-10-amd64"):
@@ -206,13 +206,49 @@ def test_publish_finds_newest_kernel_and_serves_copies(tmp_path):
     assert bf.kver == "6.1.0-10-amd64"
     tftp = tmp_path / "tftp"
     publish.publish_generation(root, tftp, "img", 3)
-    publish.serve_generation(tftp, "img", 3)
-    d = tftp / "images" / "img"
+    d = tftp / "images" / "img" / "gen-0003"
     assert (d / "vmlinuz").read_bytes() == b"k6.1.0-10-amd64" and not (d / "vmlinuz").is_symlink()
     assert (d / "initrd.img").read_bytes() == b"i6.1.0-10-amd64"
-    with pytest.raises(BackendError, match="no published"):
-        publish.serve_generation(tftp, "img", 4)
     with pytest.raises(BackendError, match="no kernel"):
         publish.find_boot_files(tmp_path / "empty")
-    snippet = publish.config_snippet("img", Path("/srv/images/img/current"))
-    assert "root: /srv/images/img/current" in snippet and "kernel: images/img/vmlinuz" in snippet
+
+
+def _generation_with_kernel(store, tftp, name, parent=None):
+    n, part = store.begin(name, parent)
+    (part / "boot").mkdir(exist_ok=True)
+    (part / "boot/vmlinuz-6.1.0-1-amd64").write_bytes(b"k%d" % n)
+    (part / "boot/initrd.img-6.1.0-1-amd64").write_bytes(b"i%d" % n)
+    store.commit(name, n, {"kernel": "vmlinuz-6.1.0-1-amd64"})
+    publish.publish_generation(store.path(name, n), tftp, name, n)
+    return n
+
+
+def test_images_file_follows_switches_and_sidusd_config_reads_it(tmp_path):
+    from sidusd import config
+    store = ImageStore(tmp_path / "images")
+    tftp = tmp_path / "tftp"
+    g1 = _generation_with_kernel(store, tftp, "deb")
+    g2 = _generation_with_kernel(store, tftp, "deb", g1)
+    nokernel, _ = store.begin("small", None)
+    store.commit("small", nokernel, {})
+    store.switch("small", nokernel)
+    images_file = tmp_path / "images" / "images.yaml"
+    cfg_file = tmp_path / "sidus.yaml"
+    cfg_file.write_text(f"dhcp: {{mode: 'off'}}\ntftp: {{root: {tftp}}}\nimages_file: {images_file}\n"
+                        "images: {demo: {root: /srv/demo, kernel: d/k, initrd: d/i}}\n")
+    assert set(config.read(cfg_file).images) == {"demo"}                  # no images file yet
+    for served in (g2, g1):
+        store.switch("deb", served)
+        publish.write_images_file(images_file, publish.images_entries(store, tftp))
+        cfg = config.read(cfg_file)
+        assert set(cfg.images) == {"demo", "deb", "deb.gen-1", "deb.gen-2"}  # no kernel: not bootable
+        assert cfg.images["deb"].root == store.path("deb", served).resolve()
+        assert cfg.images["deb"].kernel == f"images/deb/gen-{served:04d}/vmlinuz"
+        assert (tftp / cfg.images["deb"].initrd).read_bytes() == b"i%d" % served
+        assert cfg.images["deb.gen-1"].root == store.path("deb", 1).resolve()
+    images_file.write_text("images: {demo: {root: /x, kernel: a, initrd: b}}\n")
+    with pytest.raises(ConfigError, match="defined both"):
+        config.read(cfg_file)
+    images_file.write_text("images: {x: {root: /x, kernel: a, initrd: b}}\nother: 1\n")
+    with pytest.raises(ConfigError, match="other"):
+        config.read(cfg_file)
