@@ -2,9 +2,13 @@
 -> ldlinux.e64 -> the per-MAC pxelinux config -> kernel + initrd over TFTP -> NFS root from
 nfs-ganesha -> overlay on tmpfs -> the demo image's markers.
 
-The firmware is OVMF's own PXE (EDK2 NetworkPkg) over the SNP that iPXE's EFI
-ROM provides; the address comes from the site's DHCP server (dnsmasq), the
-boot file from sidusd's proxy offer.
+The PXE client is the NIC's ROM: qemu loads iPXE's EFI build
+(``efi-virtio.rom``), which OVMF runs as a boot option; it asks with option
+93 = 7 (x64 UEFI) and option 175 (iPXE), takes its address from the site's
+DHCP server (dnsmasq) and the boot file from sidusd's proxy offer (with
+``boot.ipxe_chain`` off an iPXE client gets its family's file), then runs
+syslinux.efi, which reuses the cached DHCP packets ("Getting cached packet")
+to find sidusd as its TFTP server.
 """
 
 from __future__ import annotations
