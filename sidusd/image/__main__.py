@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="generated images file (sidus.yaml images_file); default <images-dir>/images.yaml")
     p.add_argument("--control-socket", type=Path, default=None,
                    help="sidusd's control socket: run `sidusctl reload` after switching generations")
+    p.add_argument("--config", type=Path, default=None,
+                   help="sidus.yaml: gc keeps the generations its inventory pins (<name>.gen-N)")
     p.add_argument("-v", "--verbose", action="store_true", help="log events at info level (default: warnings)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="debootstrap package cache (kept between builds)")
@@ -96,6 +98,22 @@ def _list(adm: Administrator, name: str | None, as_json: bool) -> None:
               f"{r['created']:<26} {_human(r['size_bytes']):>10}  {r['kernel'] or '-'}")
 
 
+def _pinned(config_path: Path | None, name: str) -> set[int]:
+    if config_path is None:
+        return set()
+    from sidusd import config as config_mod
+    from sidusd.boot.inventory import parse_inventory
+    from sidusd.image.generations import pinned_generations
+    cfg = config_mod.read(config_path)
+    try:
+        text = cfg.inventory_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return set()
+    inv = parse_inventory(text, str(cfg.inventory_file))
+    used = [p.image for p in inv.profiles.values()] + [h.image for h in inv.hosts.values() if h.image]
+    return pinned_generations(used, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sidus-image``."""
     args = _parser().parse_args(argv)
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             n = adm.rollback(args.name, args.to)
             print(f"{args.name}: generation {n} served")
         elif args.cmd == "gc":
-            gone = adm.gc(args.name, args.keep)
+            gone = adm.gc(args.name, args.keep, sorted(_pinned(args.config, args.name)))
             print(f"{args.name}: removed generation(s) {', '.join(map(str, gone)) or 'none'}")
     except LockBusy as e:
         print(f"sidus-image: {e}", file=sys.stderr)

@@ -85,6 +85,14 @@ def gc_candidates(numbers: Iterable[int], current: int | None, keep: int, in_use
     return sorted(n for n in nums if n not in protected)
 
 
+def pinned_generations(image_names: Iterable[str], name: str) -> set[int]:
+    """Generations of image ``name`` that an inventory pins (pure): ``<name>.gen-N`` among the
+    image names its hosts and profiles use."""
+    prefix = f"{name}.gen-"
+    return {int(n[len(prefix):]) for n in image_names
+            if n.startswith(prefix) and n[len(prefix):].isdigit()}
+
+
 class ImageStore:
     """Generations of the images under one directory."""
 

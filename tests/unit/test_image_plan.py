@@ -152,6 +152,11 @@ def test_copy_site_files(tmp_path):
         copy_site_files(src, root)
 
 
+def test_pinned_generations():
+    from sidusd.image.generations import pinned_generations
+    assert pinned_generations(["deb", "deb.gen-3", "deb.gen-x", "debx.gen-4", "other.gen-1"], "deb") == {3}
+
+
 def test_gc_candidates():
     assert gc_candidates([1, 2, 3, 4, 5], current=5, keep=2) == [1, 2, 3]
     assert gc_candidates([1, 2, 3, 4, 5], current=2, keep=2, in_use=[1]) == [3]
