@@ -470,8 +470,9 @@ class Lab:
 
     def timeline(self, vm: Vm) -> BootTimeline:
         """A timeline that follows ``vm``'s boot from now on."""
-        # an iPXE ROM asking sidusd with ipxe_chain on gets the HTTP script; UEFI gets syslinux.efi
-        path = "uefi" if vm.uefi else "ipxe-http" if (self.ipxe_chain and self.http) else "bios"
+        # qemu's NIC ROMs are iPXE (BIOS and EFI builds): with ipxe_chain on they get the HTTP
+        # script; otherwise UEFI gets syslinux.efi and BIOS pxelinux.0
+        path = "ipxe-http" if (self.ipxe_chain and self.http) else "uefi" if vm.uefi else "bios"
         tl = BootTimeline(vm.mac, self.sidusd_log, vm.console_log,
                           log_offset=self.sidusd_log.stat().st_size if self.sidusd_log.exists() else 0,
                           site_leases=self.site.leases if self.site is not None else None, path=path)
