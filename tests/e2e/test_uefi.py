@@ -78,3 +78,34 @@ def test_uefi_pxe_syslinux_efi_nfs_root_overlay(uefi_lab, demo_image):
     assert ("dhcp.offer", "syslinux.efi") in seen, seen
     assert ("tftp", "pxelinux.cfg/01-" + mac.replace(":", "-")) in seen, seen
     assert not [f for ev, f in seen if f == "pxelinux.0"], "a UEFI client was given the BIOS loader"
+
+
+def test_uefi_ipxe_fetches_script_kernel_initrd_over_http(tmp_path, demo_image):
+    """UEFI iPXE with ``boot.ipxe_chain``: the HTTP script, then kernel (EFI stub) + initrd over HTTP."""
+    require_lab()
+    require_uefi()
+    mac = mac_for(31)
+    lab = Lab(tmp_path / "lab", mode="proxy", progress=lambda msg: None, http=True, ipxe_chain=True)
+    try:
+        lab.up(demo_image, [HostSpec(mac, "e2e-uefi-http", "sidus.demo=poweroff sidus.test=uefi-http")])
+        vm = lab.boot_vm(mac, name="uefihttp1", uefi=True)
+        tl = lab.timeline(vm)
+        assert lab.follow(vm, tl, BOOT_TIMEOUT_S), (f"no READY; first missing step: {tl.first_missing()}\n"
+                                                    + lab.diagnostics(vm))
+        assert tl.first_missing() is None, lab.diagnostics(vm)
+        markers = boot_markers(vm.console_text())
+        assert any("sidus.test=uefi-http" in m for m in markers if m.startswith("cmdline:")), markers
+        assert "writable: yes" in markers, markers
+        clients = lab.sidusctl("clients", mac)
+        assert clients[0]["arch"] == "efi-x64", clients
+        http = {e["file"]: e for e in clients[0]["timeline"] if e["event"] == "http" and e["status"] == 200}
+        assert http.get("demo/vmlinuz", {}).get("bytes") == demo_image.kernel.stat().st_size, http
+        assert http.get("demo/initrd.img", {}).get("bytes") == demo_image.initrd.stat().st_size, http
+    except BaseException:
+        for vm in list(lab.vms) or [None]:
+            print(lab.diagnostics(vm))       # shown by pytest with the failure
+        raise
+    finally:
+        names = [lab.topology.lab_ns, lab.topology.site_ns] if lab.topology is not None else []
+        lab.close()
+    assert not set(names) & set(netns_list()), "lab namespaces left behind"
