@@ -113,7 +113,9 @@ def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int
         "control": {"socket_path": str(workdir / "control.sock")},
         "dhcp": {"mode": "off"},
         "tftp": {"address": "127.0.0.1", "port": port, "root": str(root),
-                 "max_transfers": max_transfers, "max_transfers_per_client": 16},
+                 "max_transfers": max_transfers,
+                 # every simulated client is 127.0.0.1: the per-client cap must not bite
+                 "max_transfers_per_client": max_transfers},
         "nfs": {"backend": "none", "server_address": "127.0.0.1"},
         "images": {"demo": {"root": str(workdir / "image"), "kernel": "images/demo/vmlinuz",
                             "initrd": "images/demo/initrd.img", "append": "console=ttyS0"}},

@@ -174,6 +174,15 @@ class CpuMeter:
             return int((self.group / "cpuacct.usage").read_text()) / 1e9
         return proc_cpu_s(pid)
 
+    def user_sys(self, pid: int) -> tuple[float, float]:
+        """(user, system) CPU seconds so far."""
+        if self.group is not None:
+            st = dict(ln.split() for ln in (self.group / "cpuacct.stat").read_text().splitlines())
+            return int(st["user"]) / _CLK, int(st["system"]) / _CLK
+        with open(f"/proc/{pid}/stat") as f:
+            v = [int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15]]
+        return (v[0] + v[2]) / _CLK, (v[1] + v[3]) / _CLK
+
     def close(self) -> None:
         if self.group is not None:
             for _ in range(50):
@@ -233,7 +242,7 @@ async def run_one(server: str, n: int, mode: str, root: Path, work: Path, expect
                             start_new_session=True, preexec_fn=meter.preexec)
     try:
         await wait_ready(proc, port)
-        cpu0 = meter.seconds(proc.pid)
+        cpu0, us0 = meter.seconds(proc.pid), meter.user_sys(proc.pid)
         t0 = time.monotonic()
         tasks = [asyncio.create_task(run_client(i, mode, port, expect,
                                                 spread_s * i / n if n > 1 else 0.0, pin_client))
@@ -245,6 +254,7 @@ async def run_one(server: str, n: int, mode: str, root: Path, work: Path, expect
         timed_out = len(pending)
         await asyncio.sleep(0.2)                        # let the server reap its children
         cpu = meter.seconds(proc.pid) - cpu0
+        us1 = meter.user_sys(proc.pid)
         rss = proc_hwm_mb(proc.pid)
         alive = proc.poll() is None
     finally:
@@ -264,6 +274,7 @@ async def run_one(server: str, n: int, mode: str, root: Path, work: Path, expect
         "client_p50_s": round(pct(durs, 50), 4), "client_p99_s": round(pct(durs, 99), 4),
         "slowest_over_median": round(durs[-1] / pct(durs, 50), 3) if durs and pct(durs, 50) > 0 else None,
         "bytes": total, "cpu_s": round(cpu, 3), "cpu_source": meter.source,
+        "cpu_user_s": round(us1[0] - us0[0], 2), "cpu_sys_s": round(us1[1] - us0[1], 2),
         "cpu_s_per_gb": round(cpu / (total / 1e9), 3) if total else None,
         "peak_rss_mb": round(rss, 1), "failures": failures,
         "sha256_mismatches": sum(len(c["mismatch"]) for c in clients),
@@ -396,6 +407,7 @@ async def storm(a: argparse.Namespace) -> dict[str, Any]:
                         runs.append(r)
                         print(f"rep {rep} N={n:<3} {mode:8} {server:9} last={r['time_to_last_s']:.2f}s "
                               f"{r['aggregate_mb_s']:.1f} MB/s cpu/GB={r['cpu_s_per_gb']} "
+                              f"(user {r['cpu_user_s']} s, sys {r['cpu_sys_s']} s) "
                               f"fail={r['failures']} bad={r['sha256_mismatches']}", file=sys.stderr, flush=True)
         return {"runs": runs, "summary": summarize(runs)}
     finally:
@@ -410,6 +422,8 @@ def inner(a: argparse.Namespace) -> int:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     # glibc's AI_ADDRCONFIG ignores loopback addresses; tftpd-hpa resolves its -a with it.
     subprocess.run(["ip", "addr", "add", "10.255.255.1/32", "dev", "lo"], check=True)
+    # SIGTERM unwinds like Ctrl-C: every run's finally stops its server and clients
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     info = machine()
     res = asyncio.run(storm(a))
