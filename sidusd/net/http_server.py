@@ -26,9 +26,9 @@ files are opened with :func:`sidusd.net.files.open_confined` below
   known (from the name, or the client IP's last DHCP exchange), a ``http``
   entry in that machine's boot timeline (``sidusctl clients``).
 
-Counters (``http.``): requests, connections, refused.<busy|per_client|method|name|
-encoding|not_found|access|render|stopping>, transfers.done/failed, bytes,
-ranges, timeouts.<idle|send>, internal_errors.
+Counters (``http.``): requests, connections, malformed, refused.<busy|per_client|
+stopping|method|encoding|name|not_found|access|range>, transfers.done/failed,
+bytes, ranges, timeouts.<idle|send>, read_errors, internal_errors.
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ class HttpService:
 
     def _summary(self, request: web.BaseRequest, rec: _Record, peer: Any, duration_s: float) -> None:
         obs = self.runtime.observer
-        ok = rec.outcome == "ok" and rec.status in (200, 206)
+        ok = rec.outcome == "ok" and rec.status in (200, 206, 304)
         obs.count("http.transfers.done" if ok else "http.transfers.failed")
         obs.count("http.bytes", rec.bytes)
         mac = rec.mac or (obs.mac_for_ip(peer[0]) if peer else None)
@@ -416,7 +416,11 @@ class HttpService:
                     transport.close()
                     return resp
                 if not sent:
-                    raise ConnectionResetError("file shrank or peer went away")
+                    # the file shrank under us: the promised Content-Length cannot be kept
+                    rec.outcome = "read-error"
+                    self.runtime.observer.count("http.read_errors")
+                    transport.close()
+                    return resp
                 offset += sent
                 rec.bytes = offset - start
         await resp.write_eof()

@@ -195,6 +195,8 @@ def test_head_and_conditional_get(server):
     assert headers["accept-ranges"] == "bytes" and "etag" in headers and "last-modified" in headers
     code, body = curl_status("-H", f"If-None-Match: {headers['etag']}", server.url("/demo/vmlinuz"))
     assert code == 304 and body == b""
+    assert server.counters()["http.transfers.done"] == 2      # the HEAD and the 304
+    assert "http.transfers.failed" not in server.counters()
     head = [e for e in server.transfers() if e["method"] == "HEAD"]
     assert head and head[0]["bytes"] == 0 and head[0]["status"] == 200
 
@@ -354,3 +356,24 @@ def test_real_daemon_serves_http_and_follows_reload(tmp_path):
         assert d.stop() == 0
     transfers = [e for e in d.events() if e.get("event") == "http.transfer"]
     assert len(transfers) == 3 and all(e["status"] == 200 for e in transfers), transfers
+
+
+def test_file_shrinking_mid_transfer_ends_it_cleanly(server):
+    big = server.root / "shrinks.img"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as c:
+        c.sendall(b"GET /shrinks.img HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = c.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200 ")
+        os.truncate(big, 0)
+        while True:
+            chunk = c.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+    assert len(got) < 64 << 20
+    server.wait_counter("http.read_errors")
+    ev = [e for e in server.transfers() if e["file"] == "shrinks.img"]
+    assert len(ev) == 1 and ev[0]["outcome"] == "read-error" and ev[0]["bytes"] < 64 << 20, ev
+    assert "http.internal_errors" not in server.counters()
