@@ -56,6 +56,7 @@ SEND_CHUNK = 1 << 20          # bytes per sendfile() call, each bounded by idle_
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
          b"Content-Length: 0\r\n\r\n")
 _REFUSE_LINGER_S = 2.0
+_MAX_REFUSING = 256           # refused connections lingering at once; beyond, reset at once
 
 
 class _Conn:
@@ -93,6 +94,7 @@ class _Gate(asyncio.Protocol):
     def __init__(self, svc: "HttpService"):
         self.svc = svc
         self.timer: asyncio.TimerHandle | None = None
+        self.svc_counted = False
 
     def connection_made(self, transport: Any) -> None:
         svc = self.svc
@@ -101,6 +103,11 @@ class _Gate(asyncio.Protocol):
             transport.set_protocol(handler)
             handler.connection_made(transport)
             return
+        if svc._refusing >= _MAX_REFUSING:
+            transport.abort()         # a flood: no lingering, the kernel answers with a reset
+            return
+        svc._refusing += 1
+        self.svc_counted = True
         transport.write(_BUSY)
         if transport.can_write_eof():
             transport.write_eof()
@@ -116,6 +123,9 @@ class _Gate(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.svc_counted:
+            self.svc._refusing -= 1
+            self.svc_counted = False
 
 
 class _ParserLog(logging.Logger):
@@ -175,6 +185,7 @@ class HttpService:
         self._watchdog: asyncio.Task | None = None
         self._stopping = False
         self._active = 0
+        self._refusing = 0
         self._idle = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------

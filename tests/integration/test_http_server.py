@@ -377,3 +377,25 @@ def test_file_shrinking_mid_transfer_ends_it_cleanly(server):
     ev = [e for e in server.transfers() if e["file"] == "shrinks.img"]
     assert len(ev) == 1 and ev[0]["outcome"] == "read-error" and ev[0]["bytes"] < 64 << 20, ev
     assert "http.internal_errors" not in server.counters()
+
+
+def test_refusal_flood_is_reset_not_lingered(tmp_path, monkeypatch):
+    import sidusd.net.http_server as http_server
+    monkeypatch.setattr(http_server, "_MAX_REFUSING", 1)
+    s = Server(tmp_path, max_connections=1, idle_timeout_s=30)
+    try:
+        held = socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S)
+        s.wait_counter("http.connections", 1)
+        first = socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S)   # lingers with its 503
+        assert first.recv(100).startswith(b"HTTP/1.1 503 ")
+        second = socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S)
+        try:
+            got = second.recv(100)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""                                   # reset at once, no 503 written
+        assert s.counters()["http.refused.busy"] == 2
+        for c in (held, first, second):
+            c.close()
+    finally:
+        s.close()
