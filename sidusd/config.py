@@ -444,7 +444,7 @@ def _parse_iscsi(s: Section, path_of, state_dir: Path) -> IscsiConfig:
                        portal=s.ipv4("portal", None), port=s.int("port", 3260, 1, 65535),
                        iqn_prefix=prefix,
                        default_size_mib=s.int("default_size_mib", 1024, 16, 16 * 1024 * 1024),
-                       tgt_control_port=s.int("tgt_control_port", 0, 0, 65535))
+                       tgt_control_port=s.int("tgt_control_port", 0, 0, 32767))   # tgtd -C limit
 
 
 def _tftp_relative(s: Section, key: str) -> str:

@@ -134,6 +134,7 @@ BAD = [
     ("iscsi.default_size_mib", 8, "iscsi.default_size_mib", "out of range"),
     ("iscsi.secrets_file", "", "iscsi.secrets_file", "non-empty path"),
     ("iscsi.chap", "off", "iscsi.chap", "unknown key"),
+    ("iscsi.tgt_control_port", 32768, "iscsi.tgt_control_port", "between 0 and 32767"),
 ]
 
 
