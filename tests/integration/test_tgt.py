@@ -1,0 +1,180 @@
+"""The iSCSI manager against a real tgtd, checked with a real initiator (libiscsi's iscsi-ls).
+
+tgtd listens on 127.0.0.1 on a high port with its own control port, so it
+does not touch a tgtd of the machine.  The initiator is libiscsi's userspace
+one (package libiscsi-bin): these machines' kernel has no iscsi_tcp, so the
+kernel initiator (iscsiadm/iscsistart) runs in the e2e VM instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require_root, require_tool
+from sidusd import config
+from sidusd.boot.inventory import Host, Inventory, Profile
+from sidusd.errors import BackendError
+from sidusd.storage import iscsi
+from sidusd.storage.runner import Runner
+
+M1, M2 = "52:54:00:00:10:01", "52:54:00:00:10:02"
+PREFIX = "iqn.2026-11.org.example"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Tgtd:
+    """One tgtd in the foreground, portal 127.0.0.1:<port>, control port <cport>."""
+
+    def __init__(self, workdir: Path, port: int, cport: int):
+        self.workdir, self.port, self.cport = workdir, port, cport
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.workdir / f"tgtd-{time.monotonic_ns()}.log", "wb")
+        self.proc = subprocess.Popen([require_tool("tgtd"), "-f", "-C", str(self.cport), "--iscsi",
+                                      f"portal=127.0.0.1:{self.port}"], stdout=log, stderr=log,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r = subprocess.run(["tgtadm", "-C", str(self.cport), "--lld", "iscsi", "--mode", "target",
+                                "--op", "show"], capture_output=True)
+            if r.returncode == 0:
+                return
+            assert self.proc.poll() is None, "tgtd exited at start"
+            time.sleep(0.1)
+        raise AssertionError("tgtd did not answer tgtadm within 60 s")
+
+    def stop(self) -> None:
+        """tgtd ignores SIGTERM while it has targets: ask it to shut down, then make sure."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        subprocess.run(["tgtadm", "-C", str(self.cport), "--lld", "iscsi", "--mode", "system",
+                        "--op", "delete"], capture_output=True)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        for p in Path("/var/run/tgtd").glob(f"socket.{self.cport}*"):   # tgtd leaves them behind
+            p.unlink(missing_ok=True)
+
+
+def ls(port: int, initiator: str, user: str | None, secret: str | None, target: str | None = None):
+    auth = f"{user}%{secret}@" if user is not None else ""
+    url = f"iscsi://{auth}127.0.0.1:{port}" + (f"/{target}/1" if target else "")
+    tool = "iscsi-readcapacity16" if target else "iscsi-ls"
+    argv = [require_tool(tool), "-i", initiator] + (["-s"] if not target else []) + [url]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    require_root()
+    require_tool("tgtd")
+    require_tool("tgtadm")
+    require_tool("iscsi-ls")
+    port, cport = free_port(), 1000 + os.getpid() % 30000      # tgtd -C takes 0..32767
+    text = f"""
+state_dir: {tmp_path / 'state'}
+dhcp: {{mode: off}}
+tftp: {{root: {tmp_path}}}
+iscsi: {{backend: tgt, iqn_prefix: {PREFIX}, default_size_mib: 32, tgt_control_port: {cport},
+         portal: 127.0.0.1, port: {port}}}
+images:
+  demo: {{root: {tmp_path}, kernel: k, initrd: i}}
+"""
+    cfg = config.parse(text)
+    inv = Inventory({"default": Profile("default", "demo"),
+                     "persist": Profile("persist", "demo", overlay="iscsi", disk_size_mib=48)},
+                    {M1: Host(M1, "persist", hostname="p1"), M2: Host(M2, "persist", hostname="p2")})
+    tgtd = Tgtd(tmp_path, port, cport)
+    tgtd.start()
+    try:
+        yield cfg, inv, tgtd, iscsi.IscsiManager(cfg, Runner())
+    finally:
+        tgtd.stop()
+
+
+def test_targets_acl_chap_restart_reset_remove(lab, tmp_path):
+    cfg, inv, tgtd, mgr = lab
+    done = asyncio.run(mgr.apply(cfg, inv))
+    assert len(done["created"]) == 2
+    secrets = json.loads(cfg.iscsi.secrets_file.read_text())
+    d1, d2 = mgr.disk(M1), mgr.disk(M2)
+    assert d1.secret == secrets[M1] and d2.secret == secrets[M2] and d1.secret != d2.secret
+
+    # the right initiator with its secret sees exactly its own disk, of the profile's size
+    ok = ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, d1.secret, d1.plan.target_iqn)
+    assert ok.returncode == 0, ok.stderr
+    assert f"Total size:{48 << 20}" in ok.stdout
+    disc = ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, d1.secret)
+    assert d1.plan.target_iqn in disc.stdout and d2.plan.target_iqn not in disc.stdout
+
+    # refusals: wrong secret, no CHAP at all, host 2 with its own valid credentials on host 1's target
+    bad = ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, d1.secret[:-1] + "x", d1.plan.target_iqn)
+    assert bad.returncode != 0 and "Authentication failure" in bad.stdout + bad.stderr
+    anon = ls(tgtd.port, d1.plan.initiator_iqn, None, None, d1.plan.target_iqn)
+    assert anon.returncode != 0
+    other = ls(tgtd.port, d2.plan.initiator_iqn, d2.plan.user, d2.secret, d1.plan.target_iqn)
+    assert other.returncode != 0
+    other2 = ls(tgtd.port, d1.plan.initiator_iqn, d2.plan.user, d2.secret, d1.plan.target_iqn)
+    assert other2.returncode != 0
+    assert ls(tgtd.port, d2.plan.initiator_iqn, d2.plan.user, d2.secret, d2.plan.target_iqn).returncode == 0
+
+    # applying again changes nothing live (a booted machine keeps its session)
+    again = asyncio.run(mgr.apply(cfg, inv))
+    assert again["created"] == [] and sorted(again["kept"]) == sorted([d1.plan.target_iqn, d2.plan.target_iqn])
+    assert asyncio.run(mgr.ensure()) is False
+
+    # data on the disk, then tgtd restarts (its targets are gone) and sidusd restores them
+    with open(d1.plan.backing_file, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"persistent-marker")
+    tgtd.stop()
+    tgtd.start()
+    assert ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, d1.secret, d1.plan.target_iqn).returncode != 0
+    assert asyncio.run(mgr.ensure()) is True
+    assert ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, d1.secret, d1.plan.target_iqn).returncode == 0
+    with open(d1.plan.backing_file, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(17) == b"persistent-marker"
+
+    # a new manager (sidusd restarted) keeps the secrets and the disks
+    mgr2 = iscsi.IscsiManager(cfg, Runner())
+    asyncio.run(mgr2.apply(cfg, inv))
+    assert mgr2.disk(M1).secret == d1.secret
+    assert ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, d1.secret, d1.plan.target_iqn).returncode == 0
+
+    info = asyncio.run(mgr2.info(M1))
+    assert info["served"] and not info["logged_in"] and info["size_bytes"] == 48 << 20
+    assert info["used_bytes"] > 0 and "secret" not in json.dumps(info).lower()
+    after = asyncio.run(mgr2.reset(M1))
+    assert after["size_bytes"] == 48 << 20 and after["used_bytes"] == 0
+    with open(d1.plan.backing_file, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(17) == b"\0" * 17
+
+    # host 2 leaves the inventory: its target goes, its disk stays
+    asyncio.run(mgr2.apply(cfg, inv.without_host(M2)))
+    assert ls(tgtd.port, d2.plan.initiator_iqn, d2.plan.user, d2.secret, d2.plan.target_iqn).returncode != 0
+    assert d2.plan.backing_file.exists()
+    with pytest.raises(BackendError, match="has no iSCSI disk"):
+        asyncio.run(mgr2.info(M2))
+    asyncio.run(mgr2.remove_all())
+    live = asyncio.run(mgr2.backend.show())
+    assert not any(iscsi.MANAGED_MARK in iqn for iqn in live)
