@@ -164,7 +164,9 @@ def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
         out += [f"                  note: {x}" for x in lr.get("restart_needed") or []]
     else:
         out.append(f"last reload       REFUSED at {fmt_time(lr.get('t'), tz)}: {lr.get('error')}")
-    out.append(f"TFTP transfers    {r.get('active_transfers', 0)} in flight")
+    by = r.get("transfers_by_service") or {}
+    detail = f" ({', '.join(f'{k} {v}' for k, v in sorted(by.items()))})" if by else ""
+    out.append(f"transfers         {r.get('active_transfers', 0)} in flight{detail}")
     rows = [{"service": name, **l} for name, ls in (r.get("listeners") or {}).items() for l in ls]
     out += [""] + (table([k.upper() for k in _keys(rows, ["service"])],
                          [[d.get(k) for k in _keys(rows, ["service"])] for d in rows])

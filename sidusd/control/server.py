@@ -199,12 +199,12 @@ class ControlServer:
     async def _status(self) -> dict[str, Any]:
         st = dict(self.runtime.status())
         listeners: dict[str, Any] = {}
-        active = 0
+        per_service: dict[str, int] = {}
         for name, svc in self.services.items():
             try:
                 listeners[name] = list(svc.listeners())
                 if hasattr(svc, "active_transfers"):
-                    active += int(svc.active_transfers())
+                    per_service[name] = int(svc.active_transfers())
             except Exception as exc:  # one broken service must not hide the others
                 listeners[name] = [{"error": f"{type(exc).__name__}: {exc}"}]
         started = st.get("started_at")
@@ -216,7 +216,8 @@ class ControlServer:
             "started_at": started, "uptime_s": uptime,
             "config_path": st.get("config_path"), "generation": st.get("generation"),
             "last_reload": st.get("last_reload"), "listeners": listeners,
-            "active_transfers": active, "counters": self.runtime.observer.snapshot(),
+            "active_transfers": sum(per_service.values()),
+            "transfers_by_service": per_service, "counters": self.runtime.observer.snapshot(),
             "backend_status": st.get("backend_status", {}),
         }
 

@@ -42,7 +42,7 @@ STATUS = {
                  {"proto": "udp", "address": "0.0.0.0", "port": 4011, "interface": "eth1"}],
         "tftp": [{"proto": "udp", "address": "127.0.0.1", "port": 6969}],
     },
-    "active_transfers": 2,
+    "active_transfers": 2, "transfers_by_service": {"tftp": 2, "http": 0},
     "counters": {"dhcp.rx": 12, "tftp.transfers.done": 140, "dhcp.malformed": 1},
     "backend_status": {"nfs": {"ok": True, "detail": "2 exports"}},
 }
@@ -51,7 +51,7 @@ STATUS_TEXT = """\
 sidusd 0.1.0  pid 4242  up 1 h 2 min
 config            /etc/sidus/sidus.yaml (generation 3)
 last reload       REFUSED at 2025-11-24 15:59:00: images.demo.kernel: required key is missing
-TFTP transfers    2 in flight
+transfers         2 in flight (http 0, tftp 2)
 
 SERVICE  PROTO  ADDRESS    PORT  INTERFACE
 dhcp     udp    0.0.0.0    67    eth1
@@ -81,7 +81,7 @@ sidusd 0.1.0  pid 1  up 5.00 s
 config            /c.yaml (generation 2)
 last reload       ok at 2025-11-24 16:00:00
                   note: listeners changed: restart sidusd to apply them
-TFTP transfers    0 in flight
+transfers         0 in flight
 
 no listeners
 
