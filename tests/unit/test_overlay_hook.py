@@ -169,8 +169,8 @@ def test_without_sidus_overlay_nothing_happens(tmp_path):
 
 
 @pytest.mark.parametrize("cmdline,message", [
-    ("sidus.overlay=iscsi", "sidus-overlay: sidus.overlay=iscsi: the iSCSI persistent overlay is not implemented yet"),
-    ("sidus.overlay=zram", "sidus-overlay: sidus.overlay=zram: unknown mode (known: tmpfs; reserved: iscsi)"),
+    ("sidus.overlay=iscsi sidus.fallback=stop", "sidus-overlay: iSCSI disk: sidus.iscsi.target= is missing"),
+    ("sidus.overlay=zram", "sidus-overlay: sidus.overlay=zram: unknown mode (known: tmpfs, iscsi)"),
     ("sidus.overlay=tmpfs sidus.overlay_size=lots", "sidus-overlay: sidus.overlay_size=lots: not a tmpfs size"),
 ])
 def test_refused_command_lines_panic(tmp_path, cmdline, message):
