@@ -360,3 +360,138 @@ def test_runtime_without_backend_drops_the_manager(tmp_path):
     assert rt.iscsi is not None and sorted(rt.iscsi.disks) == [M1, M2]
     assert rt.iscsi_login(M3, "10.0.0.1") is None
     assert rt.iscsi_login(M1, "10.0.0.1").user == "sidus-525400000001"
+
+
+# -- the initramfs script's iscsi mode, run for real ---------------------------
+# As in test_overlay_hook.py: a throwaway mount namespace, a read-only tmpfs as
+# the "NFS root", stub initramfs functions.  The disk is a regular file (mounted
+# through a loop device) that a fake sysfs names as LUN 1 of the session; a stub
+# iscsistart records its arguments.  The kernel initiator itself is proven by
+# the VM boot (tests/e2e/test_iscsi_boot.py).
+
+HOOK_SCRIPT = __import__("pathlib").Path(__file__).resolve().parents[2] / \
+    "config/initramfs/scripts/init-bottom/sidus-overlay"
+SECRET = "Zq9_hidden-Secret-4f7a2b"
+ISCSI_ARGS = (f"sidus.overlay=iscsi sidus.iscsi.target=iqn.2026-11.org.example:sidus-disk-525400000001 "
+              f"sidus.iscsi.portal=10.9.9.1:3260 sidus.iscsi.initiator=iqn.2026-11.org.example:sidus-host-1 "
+              f"sidus.iscsi.user=sidus-525400000001 sidus.iscsi.secret={SECRET} sidus.iscsi.wait=2")
+
+HOOK_STUBS = """\
+panic() { echo "PANIC: $*" >> "$STUB_LOG"; }
+log_begin_msg() { echo "BEGIN: $*" >> "$STUB_LOG"; }
+log_end_msg() { echo "END" >> "$STUB_LOG"; }
+log_success_msg() { echo "OK: $*" >> "$STUB_LOG"; }
+log_failure_msg() { echo "FAIL: $*" >> "$STUB_LOG"; }
+log_warning_msg() { echo "WARN: $*" >> "$STUB_LOG"; }
+"""
+
+HOOK_DRIVER = r"""
+set -u
+w=$1; script=$2; action=$3
+root=$w/root; mkdir -p "$root"
+mount -t tmpfs -o size=4m fake-nfs "$root"
+echo original > "$root/file"; mkdir "$root/dev"
+mount -o remount,ro "$root"
+rootmnt=$root sh "$script" 2>"$w/stderr"
+echo "RC=$?"
+echo "MODE=$(cat "$w/base/mode" 2>/dev/null)"
+while read -r dev mnt fs opts rest; do
+  [ "$mnt" = "$w/base/rw" ] && echo "RWFS=$fs"
+done < /proc/mounts
+echo "SEEN=$(cat "$root/persist" 2>/dev/null)"
+[ "$action" = write ] && echo "written by boot one" > "$root/persist"
+echo "LOWER=$(cat "$w/base/ro/persist" 2>/dev/null)"
+sync
+"""
+
+
+def hook_run(tmp_path, cmdline, action="read", login_rc=0, disk_bytes=None):
+    from conftest import require_root, require_tool
+    require_root()
+    require_tool("unshare")
+    require_tool("mke2fs")
+    w = tmp_path / "w"
+    if w.exists():
+        import shutil
+        shutil.rmtree(w)
+    (w / "sys/class/iscsi_session/session1/device/target1:0:0/1:0:0:1/block/sdz").mkdir(parents=True)
+    dev = tmp_path / "dev"
+    dev.mkdir(exist_ok=True)
+    disk = dev / "sdz"
+    if not disk.exists():
+        with open(disk, "wb") as f:
+            f.truncate(64 << 20)
+    if disk_bytes is not None:
+        with open(disk, "r+b") as f:
+            f.write(disk_bytes)
+    stub = tmp_path / "iscsistart"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/iscsistart.args"\n'
+                    f'for a; do last=$a; done\n'
+                    f'[ {login_rc} = 0 ] || echo "iscsistart: login failed to authenticate with target '
+                    f'(secret was $last)" >&2\nexit {login_rc}\n')
+    stub.chmod(0o755)
+    (tmp_path / "functions").write_text(HOOK_STUBS)
+    log = tmp_path / "stub.log"
+    log.unlink(missing_ok=True)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SIDUS_FUNCTIONS": str(tmp_path / "functions"),
+           "SIDUS_CMDLINE": cmdline, "SIDUS_OVERLAY_BASE": str(w / "base"), "STUB_LOG": str(log),
+           "SIDUS_ISCSISTART": str(stub), "SIDUS_SYSFS": str(w / "sys"), "SIDUS_DEV": str(dev)}
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", HOOK_DRIVER, "driver",
+                           str(w), str(HOOK_SCRIPT), action], env=env, capture_output=True, text=True,
+                          timeout=120)
+    facts = dict(ln.split("=", 1) for ln in proc.stdout.splitlines() if "=" in ln)
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert "RC" in facts, proc.stderr
+    everything = proc.stdout + proc.stderr + "\n".join(calls) + (w / "stderr").read_text()
+    assert SECRET not in everything, "the CHAP secret reached the console"
+    return facts, calls
+
+
+import subprocess  # noqa: E402  (used by the hook tests only)
+
+
+def test_hook_iscsi_blank_disk_formatted_once_and_changes_persist(tmp_path):
+    facts, calls = hook_run(tmp_path, ISCSI_ARGS + " sidus.fallback=stop", action="write")
+    assert facts["RC"] == "0", calls
+    assert facts["MODE"] == "iscsi" and facts["RWFS"] == "ext4"
+    assert facts["SEEN"] == "" and facts["LOWER"] == ""
+    assert any("is blank: making a new ext4" in c for c in calls)
+    args = (tmp_path / "iscsistart.args").read_text().split()
+    assert args[args.index("-t") + 1] == "iqn.2026-11.org.example:sidus-disk-525400000001"
+    assert args[args.index("-a") + 1] == "10.9.9.1" and args[args.index("-p") + 1] == "3260"
+    assert args[args.index("-i") + 1] == "iqn.2026-11.org.example:sidus-host-1"
+    assert args[args.index("-u") + 1] == "sidus-525400000001" and args[args.index("-w") + 1] == SECRET
+    # the "reboot": same disk, new namespace; the file is there, no new file system
+    facts, calls = hook_run(tmp_path, ISCSI_ARGS + " sidus.fallback=stop")
+    assert facts["RC"] == "0" and facts["MODE"] == "iscsi", calls
+    assert facts["SEEN"] == "written by boot one" and facts["LOWER"] == ""
+    assert not any("is blank" in c for c in calls)
+
+
+def test_hook_iscsi_login_failure_falls_back_loudly_or_stops(tmp_path):
+    facts, calls = hook_run(tmp_path, ISCSI_ARGS, login_rc=24, action="write")
+    assert facts["RC"] == "0" and facts["MODE"] == "tmpfs-fallback" and facts["RWFS"] == "tmpfs", calls
+    warns = [c for c in calls if c.startswith("WARN")]
+    assert any("login to iqn.2026-11.org.example:sidus-disk-525400000001 at 10.9.9.1:3260 failed" in c
+               and "(secret was ****)" in c for c in warns), warns
+    assert any("LOST at reboot" in c for c in warns)
+    facts, calls = hook_run(tmp_path, ISCSI_ARGS + " sidus.fallback=stop", login_rc=24)
+    assert facts["RC"] == "1" and facts["MODE"] == "", calls
+    assert calls[-1].startswith("PANIC: sidus-overlay: iSCSI disk: login to")
+    assert "sidus.fallback=stop" in calls[-1]
+
+
+def test_hook_iscsi_never_formats_a_disk_with_data(tmp_path):
+    facts, calls = hook_run(tmp_path, ISCSI_ARGS, disk_bytes=b"\x01not a file system" * 100)
+    assert facts["MODE"] == "tmpfs-fallback", calls
+    assert any("not formatted by sidus: left untouched" in c for c in calls)
+    with open(tmp_path / "dev" / "sdz", "rb") as f:
+        assert f.read(19) == b"\x01not a file system\x01"[:19]
+
+
+def test_hook_iscsi_missing_argument_or_no_lun(tmp_path):
+    facts, calls = hook_run(tmp_path, ISCSI_ARGS.replace(f"sidus.iscsi.secret={SECRET}", ""))
+    assert facts["MODE"] == "tmpfs-fallback"
+    assert any("sidus.iscsi.secret= is missing" in c for c in calls), calls
+    args_file = tmp_path / "iscsistart.args"
+    assert not args_file.exists()       # no login attempted without credentials
