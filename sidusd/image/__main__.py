@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--control-socket", type=Path, default=None,
                    help="sidusd's control socket: run `sidusctl reload` after switching generations")
     p.add_argument("--config", type=Path, default=None,
-                   help="sidus.yaml: gc keeps the generations its inventory pins (<name>.gen-N)")
+                   help="sidus.yaml: list shows which hosts use what; gc keeps what its inventory pins (<name>.gen-N)")
     p.add_argument("-v", "--verbose", action="store_true", help="log events at info level (default: warnings)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="debootstrap package cache (kept between builds)")
@@ -83,35 +83,53 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _list(adm: Administrator, name: str | None, as_json: bool) -> None:
+def _list(adm: Administrator, name: str | None, as_json: bool, config_path: Path | None) -> None:
+    users = _image_users(config_path)
     rows = []
     for n in ([name] if name else adm.store.names()):
         for g in adm.store.list(n):
+            used = users.get(f"{n}.gen-{g.number}", []) + (users.get(n, []) if g.current else [])
             rows.append({"image": n, "generation": g.number, "served": g.current, "kind": g.kind,
-                         "created": g.created, "size_bytes": g.size_bytes, "kernel": g.meta.get("kver")})
+                         "created": g.created, "size_bytes": g.size_bytes, "kernel": g.meta.get("kver"),
+                         "hosts": used})
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'IMAGE':<16} {'GEN':>4} {'SERVED':<6} {'KIND':<7} {'CREATED':<26} {'SIZE':>10}  KERNEL")
+    print(f"{'IMAGE':<16} {'GEN':>4} {'SERVED':<6} {'KIND':<7} {'CREATED':<26} {'SIZE':>10}  {'KERNEL':<16} HOSTS")
     for r in rows:
         print(f"{r['image']:<16} {r['generation']:>4} {'*' if r['served'] else '':<6} {r['kind']:<7} "
-              f"{r['created']:<26} {_human(r['size_bytes']):>10}  {r['kernel'] or '-'}")
+              f"{r['created']:<26} {_human(r['size_bytes']):>10}  {r['kernel'] or '-':<16} "
+              f"{', '.join(r['hosts']) or '-'}")
 
 
-def _pinned(config_path: Path | None, name: str) -> set[int]:
+def _image_users(config_path: Path | None) -> dict[str, list[str]]:
+    """Image name -> hosts of the inventory (hostname or MAC) that boot it; "(unknown hosts)" for
+    the default profile's image when sidusd serves unknown machines."""
     if config_path is None:
-        return set()
+        return {}
     from sidusd import config as config_mod
     from sidusd.boot.inventory import parse_inventory
-    from sidusd.image.generations import pinned_generations
     cfg = config_mod.read(config_path)
     try:
         text = cfg.inventory_file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return set()
+        return {}
     inv = parse_inventory(text, str(cfg.inventory_file))
-    used = [p.image for p in inv.profiles.values()] + [h.image for h in inv.hosts.values() if h.image]
-    return pinned_generations(used, name)
+    users: dict[str, list[str]] = {}
+    for h in inv.hosts.values():
+        prof = inv.profiles.get(h.profile)
+        image = h.image or (prof.image if prof else None)
+        if image:
+            users.setdefault(image, []).append(h.hostname or h.mac)
+    default = inv.profiles.get(cfg.boot.default_profile)
+    if default is not None and cfg.dhcp.unknown_hosts == "default":
+        users.setdefault(default.image, []).append("(unknown hosts)")
+    return users
+
+
+def _pinned(config_path: Path | None, name: str) -> set[int]:
+    from sidusd.image.generations import pinned_generations
+    return pinned_generations(_image_users(config_path), name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         / "bin/bash").exists() else ["/bin/sh", "-i"],
                     interactive=True, switch=not args.no_switch, keep_failed=args.keep_failed)
         elif args.cmd == "list":
-            _list(adm, args.name, args.json)
+            _list(adm, args.name, args.json, args.config)
         elif args.cmd == "rollback":
             n = adm.rollback(args.name, args.to)
             print(f"{args.name}: generation {n} served")

@@ -159,6 +159,31 @@ def _is_real_dir(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode)
 
 
+def release(root: Path, runner: Runner | None = None) -> None:
+    """Stop every process rooted in ``root`` and unmount everything under it (deepest first,
+    lazily as a last resort), then verify with /proc/self/mountinfo; BackendError says what is left.
+    Also used on a failed debootstrap, which mounts /proc and /sys in its target itself."""
+    runner = runner or Runner()
+    errors = []
+    try:
+        kill_processes_in(root)
+    except BackendError as e:
+        errors.append(str(e))
+    for mp in mounts_under(root):
+        res = runner.run(["umount", mp])
+        if not res.ok:
+            res = runner.run(["umount", "-l", mp])
+            if not res.ok:
+                errors.append(f"umount {mp}: {res.err.strip()}")
+    left = mounts_under(root)
+    if left:
+        errors.append("still mounted: " + ", ".join(left))
+    if errors:
+        log.error("image.chroot.cleanup_failed", root=str(root), errors=errors)
+        raise BackendError(f"cleaning up {root} failed", detail="; ".join(errors))
+    log.info("image.chroot.unmounted", root=str(root))
+
+
 class Chroot:
     """Mounts + policy-rc.d around work inside an image root (see module doc)."""
 
@@ -207,29 +232,14 @@ class Chroot:
 
     def cleanup(self) -> None:
         """Kill leftovers, unmount everything under the root, remove our policy-rc.d; verify."""
-        errors = []
         try:
-            kill_processes_in(self.root)
-        except BackendError as e:
-            errors.append(str(e))
-        for mp in mounts_under(self.root):
-            res = self.runner.run(["umount", mp])
-            if not res.ok:
-                res = self.runner.run(["umount", "-l", mp])
-                if not res.ok:
-                    errors.append(f"umount {mp}: {res.err.strip()}")
-        self.mounted.clear()
-        if self.added_policy:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.root / "usr/sbin/policy-rc.d")
-            self.added_policy = False
-        left = mounts_under(self.root)
-        if left:
-            errors.append("still mounted: " + ", ".join(left))
-        if errors:
-            log.error("image.chroot.cleanup_failed", root=str(self.root), errors=errors)
-            raise BackendError(f"cleaning up {self.root} failed", detail="; ".join(errors))
-        log.info("image.chroot.unmounted", root=str(self.root))
+            release(self.root, self.runner)
+        finally:
+            self.mounted.clear()
+            if self.added_policy:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / "usr/sbin/policy-rc.d")
+                self.added_policy = False
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         """``argv`` wrapped to run inside the root."""

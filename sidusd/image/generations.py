@@ -160,7 +160,9 @@ class ImageStore:
         for sub in ("", "meta", "logs"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         for p in d.iterdir():
-            if p.name.endswith(".partial"):
+            if p.name.endswith(".partial"):       # left by a crash: release, then remove
+                from sidusd.image.chroot import release
+                release(p, self.runner)
                 self._remove_tree(p)
         nums = self.numbers(name)
         number = (max(nums) + 1) if nums else 1
@@ -187,8 +189,12 @@ class ImageStore:
         return final
 
     def abort(self, name: str, number: int) -> None:
-        """Remove an unfinished ``gen-N.partial``."""
-        self._remove_tree(self.image_dir(name) / f"{gen_dirname(number)}.partial")
+        """Remove an unfinished ``gen-N.partial`` (its processes stopped and mounts released first)."""
+        from sidusd.image.chroot import release
+        part = self.image_dir(name) / f"{gen_dirname(number)}.partial"
+        if part.exists():
+            release(part, self.runner)
+        self._remove_tree(part)
 
     def switch(self, name: str, number: int) -> None:
         """Serve generation ``number``: a new symlink renamed over ``current`` (atomic)."""

@@ -103,7 +103,8 @@ def packages_to_install(recipe: Recipe) -> tuple[str, ...]:
     if recipe.keyboard is not None:
         extra.append("keyboard-configuration")
     if recipe.has_kernel:
-        extra.append("initramfs-tools")
+        # busybox: the overlay script's `mount -o remount,ro DIR` fails with klibc's mount
+        extra += ["initramfs-tools", "busybox"]
     return tuple(dict.fromkeys(recipe.packages + tuple(e for e in extra if e not in recipe.purge)))
 
 
@@ -186,9 +187,10 @@ def plan(recipe: Recipe, *, mirror: str, initramfs: dict[str, bytes]) -> list[St
     if recipe.has_kernel:
         files = tuple((f"etc/initramfs-tools/{rel}", data, 0o755 if rel != "modules" else 0o644)
                       for rel, data in sorted(initramfs.items()))
-        stages.append(Stage("initramfs", "overlay hook + modules, BOOT=nfs, update-initramfs inside",
+        stages.append(Stage("initramfs", "overlay hook + modules, BOOT=nfs, BUSYBOX=y, update-initramfs inside",
                             chroot=True, files=files,
-                            commands=(("sed", "-i", "s/^BOOT=.*/BOOT=nfs/", "/etc/initramfs-tools/initramfs.conf"),
+                            commands=(("sed", "-i", "-e", "s/^BOOT=.*/BOOT=nfs/", "-e", "s/^BUSYBOX=.*/BUSYBOX=y/",
+                                       "/etc/initramfs-tools/initramfs.conf"),
                                       ("sh", "-c", INITRAMFS_SCRIPT)),
                             remove=("boot/initrd.img-*.old-dkms",), timeout_s=1800))
     stages.append(Stage("clean", "apt-get clean", chroot=True, commands=(("apt-get", "clean"),)))

@@ -178,3 +178,26 @@ def test_update_list_rollback_gc(built):
     assert r.returncode == 0, r.stderr
     assert built.store.numbers("minimal") == [start]                 # only the served one is left
     assert cli(built, "rollback", "minimal", "--to", "999").returncode == 1
+
+
+def test_ctrl_c_during_debootstrap_releases_its_mounts(built, tmp_path):
+    """debootstrap mounts /proc and /sys in its target itself: a Ctrl-C in the middle must not leave them."""
+    adm = Administrator(tmp_path / "images", tmp_path / "tftp")
+    proc = subprocess.Popen([sys.executable, "-m", "sidusd.image", "--images-dir", str(adm.store.dir),
+                             "--tftp-root", str(adm.tftp_root), "--cache-dir", str(CACHE),
+                             "build", str(REPO / "config" / "recipes" / "minimal.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: mounts_under(tmp_path / "images"), "debootstrap's own mounts", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert mounts_under(tmp_path) == []
+    assert processes_in(tmp_path) == []
+    assert adm.store.numbers("minimal") == [] and adm.store.current("minimal") is None
+    assert not any(p.name.endswith(".partial") for p in adm.store.image_dir("minimal").iterdir())

@@ -48,8 +48,8 @@ def test_kernel_recipe_gets_initramfs_stage_and_packages():
                          "site-files", "units", "secrets", "machine-id", "initramfs", "clean"]
     by = {s.name: s for s in st}
     install = by["packages"].commands[1]
-    assert install[-6:] == ("linux-image-amd64", "nfs-common", "locales", "tzdata", "keyboard-configuration",
-                            "initramfs-tools")
+    assert install[-7:] == ("linux-image-amd64", "nfs-common", "locales", "tzdata", "keyboard-configuration",
+                            "initramfs-tools", "busybox")
     assert "-o" in install and "APT::Install-Suggests=true" in install and "--no-install-recommends" in install
     assert by["purge"].commands[0][-1] == "nano"
     files = {p: (d, m) for p, d, m in by["initramfs"].files}
