@@ -7,11 +7,17 @@
 * Each transfer has its own socket bound to ``(local address, 0)`` (its TID,
   RFC 1350 section 4), not connected, so that a datagram from a wrong TID can be
   answered with ERROR 5 while the transfer goes on.
+* Transfer sockets are watched by one epoll set of their own, itself one
+  reader of the event loop: a loop turn hands over every ready transfer at
+  once (one ``epoll_wait``), each gets one datagram read (level-triggered: the
+  rest comes next turn), and an ACK (4 bytes) is read without building an
+  object.  What the session wants sent goes straight to ``sendto``; only what
+  the kernel refuses is queued.
 * One timer for all transfers: a heap of deadlines (at most one live entry per
   transfer) and one ``loop.call_at`` re-armed to the earliest.
 * Bounded: ``max_transfers`` in all, ``max_transfers_per_client`` per client IP
-  (refused with an ERROR and counted), at most ``_BATCH`` datagrams read per
-  socket per loop turn, the listening socket's receive buffer sized for
+  (refused with an ERROR and counted), at most ``_BATCH`` requests read from
+  the listening socket and one datagram per transfer per loop turn, the listening socket's receive buffer sized for
   ``intake_queue`` requests, outgoing datagrams queued per transfer only up to
   one window (the kernel buffer drains them through ``add_writer``).
 * A transfer keeps its descriptor (or rendered bytes) and its negotiated
@@ -32,6 +38,7 @@ import collections
 import errno
 import heapq
 import itertools
+import select
 import socket
 import struct
 from typing import Any
@@ -46,12 +53,21 @@ from .files import FileSource, NotServable, open_confined
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)        # Linux value
 _PKTINFO = struct.Struct("=i4s4s")                    # struct in_pktinfo
 _CMSG_LEN = socket.CMSG_SPACE(_PKTINFO.size)
-_BATCH = 64                 # datagrams read per socket per loop turn
+_BATCH = 64                 # requests read from the listening socket per loop turn
 _RECV_MAX = 2048            # requests are <= 512 bytes (RFC 2347); ACKs 4
 _MAX_REQUEST = 1024         # a bigger "request" is refused as malformed
 NETASCII_MAX = 16 << 20     # netascii is converted in memory: bounded
 _MTU_TTL_S = 30.0
 _TIMER_SLACK_S = 1e-3
+_READY_MAX = 1024           # transfer sockets handled per loop turn
+_OP_ACK = 4
+
+
+class _FileSource(FileSource):
+    """A file read with ``os.pread``; a window's blocks are read with one call."""
+
+    __slots__ = ()
+    contiguous = True
 
 
 class _Transfer:
@@ -85,6 +101,8 @@ class TftpService:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._mtu: dict[int, tuple[float, int]] = {}
+        self._ep: Any = None                            # select.epoll of transfer sockets
+        self._by_fd: dict[int, _Transfer] = {}
         self._stopping = False
         self._idle = asyncio.Event()
 
@@ -105,6 +123,8 @@ class TftpService:
             raise StartupError(f"tftp: cannot listen on {addr[0]}:{addr[1]}: {exc.strerror}") from None
         self._sock = sock
         self._bound = sock.getsockname()
+        self._ep = select.epoll()
+        self._loop.add_reader(self._ep.fileno(), self._on_transfers_ready)
         self._loop.add_reader(sock.fileno(), self._on_request_readable)
         self.log.info("tftp.listening", address=self._bound[0], port=self._bound[1], root=str(cfg.root))
 
@@ -130,6 +150,10 @@ class TftpService:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._ep is not None and not self._transfers:
+            self._loop.remove_reader(self._ep.fileno())
+            self._ep.close()
+            self._ep = None
 
     def listeners(self) -> list[dict[str, Any]]:
         """Where this service listens (for ``sidusctl status``)."""
@@ -250,7 +274,7 @@ class TftpService:
                     return self._refuse(peer, local, tftp.ERR_NOT_FOUND, "file not found",
                                         "not_found", name)
                 return self._refuse(peer, local, tftp.ERR_ACCESS, "access violation", "access", name)
-            source = FileSource(fd, size)
+            source = _FileSource(fd, size)
         if mode == "netascii":
             source = self._netascii(source, peer, local, name)
             if source is None:
@@ -294,7 +318,8 @@ class TftpService:
         self._transfers[peer] = t
         self._per_client[peer[0]] += 1
         self.runtime.observer.count("tftp.transfers.started")
-        self._loop.add_reader(t.fd, self._on_transfer_readable, t)
+        self._by_fd[t.fd] = t
+        self._ep.register(t.fd, select.EPOLLIN)
         now = self._loop.time()
         session.start(now)
         self._pump(t, now)
@@ -318,35 +343,50 @@ class TftpService:
         return mtu
 
     # -- transfer sockets ------------------------------------------------------
-    def _on_transfer_readable(self, t: _Transfer) -> None:
-        assert self._loop is not None
-        obs = self.runtime.observer
-        now = self._loop.time()
+    def _on_transfers_ready(self) -> None:
+        """Every transfer socket with a datagram waiting: one datagram each."""
+        if self._ep is None:
+            return
         try:
-            for _ in range(_BATCH):
-                if t.finished:
-                    return
+            ready = self._ep.poll(0, _READY_MAX)
+        except InterruptedError:
+            return
+        now = self._loop.time()             # type: ignore[union-attr]
+        by_fd = self._by_fd
+        for fd, _events in ready:
+            t = by_fd.get(fd)
+            if t is not None:
+                self._on_transfer_readable(t, now)
+
+    def _on_transfer_readable(self, t: _Transfer, now: float) -> None:
+        obs = self.runtime.observer
+        if t.finished:
+            return
+        try:
+            try:
+                data, addr = t.sock.recvfrom(_RECV_MAX)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                obs.count("tftp.rx_errors")
+                return
+            obs.count("tftp.rx")
+            if addr != t.peer:
+                # RFC 1350 section 4: wrong TID -> ERROR 5 to that port, transfer untouched.
+                obs.count("tftp.wrong_tid")
                 try:
-                    data, addr = t.sock.recvfrom(_RECV_MAX)
-                except (BlockingIOError, InterruptedError):
-                    break
+                    t.sock.sendto(tftp.error_packet(tftp.ERR_UNKNOWN_TID, "unknown transfer ID"), addr)
                 except OSError:
-                    obs.count("tftp.rx_errors")
-                    break
-                obs.count("tftp.rx")
-                if addr != t.peer:
-                    # RFC 1350 section 4: wrong TID -> ERROR 5 to that port, transfer untouched.
-                    obs.count("tftp.wrong_tid")
-                    try:
-                        t.sock.sendto(tftp.error_packet(tftp.ERR_UNKNOWN_TID, "unknown transfer ID"), addr)
-                    except OSError:
-                        obs.count("tftp.send_errors")
-                    continue
+                    obs.count("tftp.send_errors")
+                return
+            if len(data) == 4 and data[1] == _OP_ACK and data[0] == 0:
+                t.session.receive_ack((data[2] << 8) | data[3], now)
+            else:
                 try:
                     pkt = tftp.decode(data)
                 except RemoteProtocolError:
                     obs.count("tftp.malformed")
-                    continue
+                    return
                 t.session.receive(pkt, now)
             self._pump(t, now)
         except Exception:
@@ -360,16 +400,31 @@ class TftpService:
         if t.finished:
             return
         try:
-            t.outbox.extend(t.session.datagrams_to_send(now))
+            out = t.session.datagrams_to_send(now)
         except OSError as exc:      # the file could not be read any more
             t.session.abort(now, "read error")
-            t.outbox.extend(t.session.datagrams_to_send(now))
+            out = t.session.datagrams_to_send(now)
             self.log.warning("tftp.read_error", file=t.file, error=exc.strerror)
-        self._flush(t)
+        if out:
+            self._send(t, out)
         if t.session.done:
             self._finish(t, now)
         else:
             self._schedule(t)
+
+    def _send(self, t: _Transfer, out: list[bytes]) -> None:
+        """Send ``out`` now; what the kernel does not take waits in the outbox (``_flush``)."""
+        if not t.outbox:
+            sendto, peer, i = t.sock.sendto, t.peer, 0
+            try:
+                for d in out:
+                    sendto(d, peer)
+                    i += 1
+                return
+            except OSError:
+                out = out[i:]           # _flush retries it and handles the error
+        t.outbox.extend(out)
+        self._flush(t)
 
     def _flush(self, t: _Transfer) -> None:
         sock, box = t.sock, t.outbox
@@ -453,7 +508,8 @@ class TftpService:
             self._flush(t)              # e.g. our final ERROR; best effort
         t.finished = True
         assert self._loop is not None
-        self._loop.remove_reader(t.fd)
+        if self._by_fd.pop(t.fd, None) is not None and self._ep is not None:
+            self._ep.unregister(t.fd)
         if t.writing:
             self._loop.remove_writer(t.fd)
         t.sock.close()
@@ -477,3 +533,7 @@ class TftpService:
                      outcome=s.outcome)
         if not self._transfers:
             self._idle.set()
+            if self._stopping and self._ep is not None:
+                self._loop.remove_reader(self._ep.fileno())
+                self._ep.close()
+                self._ep = None
