@@ -1,0 +1,144 @@
+"""TFTP through a lossy link: real clients (curl lockstep, atftp with an RFC 7440
+window) talk to the real daemon through tests/integration/lossy_relay.py.
+
+* sha256-exact files at up to 10% loss (plus duplication and reordering),
+  1 MB in each mode, and one > 96 MB transfer (block numbers wrap past 65535);
+* every ACK duplicated: the server sends at most 1.01 x the blocks in DATA
+  packets (no Sorcerer's Apprentice, RFC 1123 §4.2.3.1), counted at the relay;
+* a silent peer (ACKs the OACK, then nothing) costs at most
+  (1 + retries) x window x blksize bytes before the server gives up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import require_tool
+from daemon_fixture import SidusDaemon, base_config, free_udp_port
+from hardening_util import OP_OACK, RawClient, ack, rrq, tracebacks, wait_until
+from lossy_relay import LossyRelay
+
+MB = 1 << 20
+BLK = 1468
+
+
+def make_daemon(tmp: Path, timeout_s: float, retries: int) -> SidusDaemon:
+    port = free_udp_port()
+    cfg = base_config(tmp, port)
+    cfg["tftp"].update(timeout_s=timeout_s, retries=retries)
+    d = SidusDaemon(tmp, config=cfg)
+    d.tftp_port = port
+    return d
+
+
+@pytest.fixture(scope="module")
+def lossy_daemon(tmp_path_factory):
+    """Short retransmission timer (the relay loses a lot), many retries (10% loss both
+    ways makes ~19% of round trips fail; 13 in a row is ~1e-9)."""
+    d = make_daemon(tmp_path_factory.mktemp("lossy"), timeout_s=0.2, retries=12)
+    small = os.urandom(MB + 333)
+    (d.tmp / "tftp" / "small.img").write_bytes(small)
+    d.small_sha = hashlib.sha256(small).hexdigest()
+    with d:
+        yield d
+    assert not tracebacks(d.events()), tracebacks(d.events())
+
+
+def fetch(client: str, port: int, name: str, out: Path, window: int = 16) -> bytes:
+    if client == "curl":
+        # curl asks for the RFC 2349 timeout option = its own retry interval, derived from
+        # --connect-timeout (300 s default -> 6 s per retransmission; 3 s -> 1 s)
+        argv = [require_tool("curl"), "-sS", "--tftp-blksize", str(BLK), "--connect-timeout", "3",
+                "-o", str(out), f"tftp://127.0.0.1:{port}/{name}"]
+    else:
+        argv = [require_tool("atftp"), "--tftp-timeout", "1", "--option", f"windowsize {window}",
+                "--option", f"blksize {BLK}", "-g", "-r", name, "-l", str(out), "127.0.0.1", str(port)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{client}: rc={r.returncode} {r.stderr[-800:]}"
+    return out.read_bytes()
+
+
+def idle(d: SidusDaemon) -> None:
+    # the client may exit before its last ACK arrives; the server then retries and gives up
+    wait_until(lambda: d.ctl_json("status")["active_transfers"] == 0, timeout_s=60, what="0 transfers")
+
+
+@pytest.mark.parametrize("client,loss", [("curl", 0.10), ("atftp", 0.05), ("atftp", 0.10)])
+def test_exact_file_through_loss_dup_reorder(lossy_daemon, tmp_path, client, loss):
+    with LossyRelay(lossy_daemon.tftp_port, drop=loss, dup=0.02, reorder=0.02,
+                    seed=hash((client, loss)) & 0xFFFF) as relay:
+        got = fetch(client, relay.port, "small.img", tmp_path / "out")
+        stats = relay.stats
+    print(f"\nlossy {client} loss={loss}: data_packets={stats.data_packets} "
+          f"dropped={stats.dropped} dup={stats.duplicated} reordered={stats.reordered}")
+    assert hashlib.sha256(got).hexdigest() == lossy_daemon.small_sha
+    assert stats.dropped > 0 and stats.duplicated > 0 and stats.reordered > 0   # the link was lossy
+    idle(lossy_daemon)
+
+
+def test_silent_peer_costs_at_most_retries_windows(lossy_daemon):
+    retries, window = lossy_daemon.config["tftp"]["retries"], 8
+    c = RawClient(lossy_daemon.tftp_port)
+    c.send_request(rrq("small.img", blksize=BLK, windowsize=window))
+    op, val = c.recv()
+    assert op == OP_OACK and val["windowsize"] == str(window)
+    c.send(ack(0))                                 # then silence
+    idle(lossy_daemon)
+    c.sock.settimeout(0.5)
+    try:
+        while True:
+            c.recv()
+    except OSError:
+        pass
+    c.close()
+    sent = sum(len(p) - 4 for p in c.received if p[:2] == b"\x00\x03")
+    bound = (1 + retries) * window * BLK
+    print(f"\nsilent peer: {sent} bytes of DATA, bound {bound}")
+    assert window * BLK <= sent <= bound
+    ev = [e for e in lossy_daemon.events() if e.get("event") == "tftp.transfer"][-1]
+    assert ev["outcome"] == "timeout", ev
+
+
+@pytest.mark.parametrize("client", ["curl", "atftp"])
+def test_duplicated_acks_do_not_duplicate_data(tmp_path, client):
+    d = make_daemon(tmp_path, timeout_s=3.0, retries=3)      # no spurious timeouts
+    data = os.urandom(MB + 77)
+    (d.tmp / "tftp" / "f.img").write_bytes(data)
+    blocks = len(data) // BLK + 1
+    with d, LossyRelay(d.tftp_port, dup_acks=True) as relay:
+        got = fetch(client, relay.port, "f.img", tmp_path / "out")
+        idle(d)
+        stats = relay.stats
+    print(f"\ndup-acks {client}: blocks={blocks} data_packets={stats.data_packets} acks={stats.acks}")
+    assert got == data
+    assert stats.acks > 0 and stats.data_packets >= blocks
+    assert stats.data_packets <= 1.01 * blocks
+
+
+def test_big_file_block_wrap_through_lossy_link(lossy_daemon, tmp_path):
+    """97 MiB at blksize 1468 is ~69 300 blocks: the 16-bit block number wraps.
+    One run, windowed (atftp, window 16), 1% drop + 1% dup + 1% reorder."""
+    big = lossy_daemon.tmp / "tftp" / "big.img"
+    digest = hashlib.sha256()
+    with open(big, "wb") as f:
+        for _ in range(97):
+            chunk = os.urandom(MB)
+            digest.update(chunk)
+            f.write(chunk)
+    assert big.stat().st_size // BLK > 65535
+    try:
+        with LossyRelay(lossy_daemon.tftp_port, drop=0.01, dup=0.01, reorder=0.01, seed=97) as relay:
+            got = fetch("atftp", relay.port, "big.img", tmp_path / "out")
+            stats = relay.stats
+        print(f"\nbig: data_packets={stats.data_packets} dropped={stats.dropped}")
+        assert len(got) == big.stat().st_size and hashlib.sha256(got).hexdigest() == digest.hexdigest()
+        assert stats.dropped > 0
+        idle(lossy_daemon)
+    finally:
+        big.unlink()
+        (tmp_path / "out").unlink(missing_ok=True)
