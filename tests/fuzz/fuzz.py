@@ -40,9 +40,8 @@ def main(argv: list[str]) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     if "--merge" in rest:
         rest = [a for a in rest if a != "--merge"]
-        fresh = SCRATCH / f"{name}.merged"
-        fresh.mkdir(parents=True, exist_ok=True)
-        args = [argv[0], "-merge=1", *rest, str(fresh), str(corpus), str(scratch)]
+        # adds to the repository corpus only the scratch inputs with new coverage
+        args = [argv[0], "-merge=1", *rest, str(corpus), str(scratch)]
     else:
         args = [argv[0], "-max_len=1500", *rest, str(scratch), str(corpus)]
     atheris.Setup(args, lambda data: target(bytes(data)))
