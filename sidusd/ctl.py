@@ -3,8 +3,10 @@
     sidusctl [--socket PATH] [--json] status
     sidusctl clients [MAC]
     sidusctl hosts list
-    sidusctl hosts add MAC --profile P [--hostname H] [--image I] [--ip A] [--append ARGS]
-    sidusctl hosts remove MAC
+    sidusctl hosts add MAC --profile P [--hostname H] [--image I] [--ip A] [--append ARGS] [--persistent]
+    sidusctl hosts remove MAC [--delete-disk]
+    sidusctl hosts disk MAC [--show-secret]
+    sidusctl hosts reset-disk MAC
     sidusctl reload
 
 It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``,
@@ -229,6 +231,18 @@ def render_hosts(hosts: list[dict[str, Any]]) -> str:
     return "\n".join(table([k.upper() for k in keys], [[h.get(k) for k in keys] for h in hosts]))
 
 
+def render_disk(d: dict[str, Any]) -> str:
+    """A host's iSCSI disk, one ``key: value`` per line (the secret only if the daemon sent it)."""
+    rows = [("disk", d.get("backing_file")), ("size", fmt_size(d.get("size_bytes"))),
+            ("used", fmt_size(d.get("used_bytes"))), ("target", d.get("target")),
+            ("initiator", d.get("initiator")), ("chap user", d.get("user")),
+            ("served", "yes" if d.get("served") else "NO (target missing: see sidusctl status)"),
+            ("logged in", "yes" if d.get("logged_in") else "no")]
+    if "secret" in d:
+        rows.append(("chap secret", d["secret"]))
+    return "\n".join(f"{k + ':':<12} {_cell(v)}" for k, v in rows)
+
+
 def render(op: str, result: Any, tz: dt.tzinfo | None = None) -> str:
     """The human output of ``op`` for a successful ``result``."""
     if op == m.OP_STATUS:
@@ -240,10 +254,15 @@ def render(op: str, result: Any, tz: dt.tzinfo | None = None) -> str:
     if op == m.OP_HOSTS_ADD:
         host, prev = result.get("host") or {}, result.get("previous")
         if not prev:
-            return f"host {host.get('mac')} added\n" + render_hosts([host])
-        return f"host {host.get('mac')} replaced (before / after)\n" + render_hosts([prev, host])
+            out = f"host {host.get('mac')} added\n" + render_hosts([host])
+        else:
+            out = f"host {host.get('mac')} replaced (before / after)\n" + render_hosts([prev, host])
+        return out + ("\n" + render_disk(result["disk"]) if result.get("disk") else "")
     if op == m.OP_HOSTS_REMOVE:
-        return f"host {result.get('removed')} removed"
+        return f"host {result.get('removed')} removed" + (" (disk deleted)" if result.get("disk_deleted") else "")
+    if op in (m.OP_HOSTS_DISK, m.OP_HOSTS_RESET_DISK):
+        return ("disk wiped: the next boot makes a new file system\n" if op == m.OP_HOSTS_RESET_DISK
+                else "") + render_disk(result)
     if op == m.OP_RELOAD:
         lines = [f"reloaded (generation {result.get('generation', '-')})"]
         return "\n".join(lines + [f"warning: {x}" for x in result.get("restart_needed") or []])
@@ -275,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("clients", parents=[common], help="recently seen machines and their boot timeline")
     c.add_argument("mac", nargs="?", help="only this machine")
     h = sub.add_parser("hosts", parents=[common], help="the inventory's hosts")
-    hs = h.add_subparsers(dest="hosts_cmd", required=True, metavar="list|add|remove")
+    hs = h.add_subparsers(dest="hosts_cmd", required=True, metavar="list|add|remove|disk|reset-disk")
     hs.add_parser("list", parents=[common], help="list the hosts")
     a = hs.add_parser("add", parents=[common],
                       help="add a host, or replace the one with this MAC (written to the inventory file)")
@@ -285,8 +304,17 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--image", help="image name (default: the profile's)")
     a.add_argument("--ip", help="reserved address (full DHCP mode)")
     a.add_argument("--append", metavar="ARGS", help="extra kernel command line arguments")
-    r = hs.add_parser("remove", parents=[common], help="remove a host")
+    a.add_argument("--persistent", action="store_true",
+                   help="the profile must be overlay: iscsi; create the host's disk now and show it")
+    r = hs.add_parser("remove", parents=[common], help="remove a host (and its iSCSI target)")
     r.add_argument("mac")
+    r.add_argument("--delete-disk", action="store_true", help="also delete its iSCSI disk and secret")
+    d = hs.add_parser("disk", parents=[common], help="a persistent host's disk: size, use, logged in")
+    d.add_argument("mac")
+    d.add_argument("--show-secret", action="store_true", help="also print its CHAP secret")
+    z = hs.add_parser("reset-disk", parents=[common],
+                      help="wipe a persistent host's disk (factory reset; refused while it is logged in)")
+    z.add_argument("mac")
     sub.add_parser("reload", parents=[common], help="re-read config and inventory (like SIGHUP)")
     return p
 
@@ -306,9 +334,15 @@ def _request(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if ns.hosts_cmd == "list":
             return m.OP_HOSTS_LIST, {}
         if ns.hosts_cmd == "remove":
-            return m.OP_HOSTS_REMOVE, {"mac": _mac(ns.mac)}
+            return m.OP_HOSTS_REMOVE, {"mac": _mac(ns.mac), **({"delete_disk": True} if ns.delete_disk else {})}
+        if ns.hosts_cmd == "disk":
+            return m.OP_HOSTS_DISK, {"mac": _mac(ns.mac), **({"show_secret": True} if ns.show_secret else {})}
+        if ns.hosts_cmd == "reset-disk":
+            return m.OP_HOSTS_RESET_DISK, {"mac": _mac(ns.mac)}
         args = {"mac": _mac(ns.mac), "profile": ns.profile}
         args.update({k: getattr(ns, k) for k in ("hostname", "image", "ip", "append") if getattr(ns, k) is not None})
+        if ns.persistent:
+            args["persistent"] = True
         return m.OP_HOSTS_ADD, args
     return {"status": m.OP_STATUS, "reload": m.OP_RELOAD}[ns.cmd], {}
 

@@ -37,9 +37,12 @@ OP_HOSTS_LIST = "hosts.list"
 OP_HOSTS_ADD = "hosts.add"
 OP_HOSTS_REMOVE = "hosts.remove"
 OP_RELOAD = "reload"
+OP_HOSTS_DISK = "hosts.disk"
+OP_HOSTS_RESET_DISK = "hosts.reset-disk"
 
 _STR = "str"
 _OPT_STR = "str|null"
+_OPT_BOOL = "bool|null"
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,12 @@ OPS: dict[str, dict[str, ArgSpec]] = {
         "image": ArgSpec(_OPT_STR),
         "ip": ArgSpec(_OPT_STR),
         "append": ArgSpec(_OPT_STR),
+        "persistent": ArgSpec(_OPT_BOOL),
     },
-    OP_HOSTS_REMOVE: {"mac": ArgSpec(_STR, required=True)},
+    OP_HOSTS_REMOVE: {"mac": ArgSpec(_STR, required=True), "delete_disk": ArgSpec(_OPT_BOOL)},
     OP_RELOAD: {},
+    OP_HOSTS_DISK: {"mac": ArgSpec(_STR, required=True), "show_secret": ArgSpec(_OPT_BOOL)},
+    OP_HOSTS_RESET_DISK: {"mac": ArgSpec(_STR, required=True)},
 }
 
 MAX_ARG_CHARS = 4096    # any single string argument
@@ -112,7 +118,11 @@ def _loads_object(line: bytes, cap: int, what: str) -> dict[str, Any]:
 
 
 def _check_arg(op: str, name: str, spec: ArgSpec, value: Any) -> None:
-    if value is None and spec.kind == _OPT_STR:
+    if value is None and spec.kind in (_OPT_STR, _OPT_BOOL):
+        return
+    if spec.kind == _OPT_BOOL:
+        if not isinstance(value, bool):
+            raise RemoteProtocolError(f"{op}: argument {name!r} must be true or false")
         return
     if spec.kind in (_STR, _OPT_STR):
         if not isinstance(value, str):

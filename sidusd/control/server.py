@@ -193,6 +193,8 @@ class ControlServer:
             m.OP_HOSTS_ADD: self._hosts_add,
             m.OP_HOSTS_REMOVE: self._hosts_remove,
             m.OP_RELOAD: self._reload,
+            m.OP_HOSTS_DISK: self._hosts_disk,
+            m.OP_HOSTS_RESET_DISK: self._hosts_reset_disk,
         }[req.op]
         return await handler(**req.args)
 
@@ -236,24 +238,43 @@ class ControlServer:
         return [host_dict(h) for _, h in sorted(hosts.items())]
 
     async def _hosts_add(self, mac: str, profile: str, hostname: str | None = None, image: str | None = None,
-                         ip: str | None = None, append: str | None = None) -> dict[str, Any]:
-        """Add the host, or replace the one with the same MAC (``previous`` is then returned)."""
+                         ip: str | None = None, append: str | None = None,
+                         persistent: bool | None = None) -> dict[str, Any]:
+        """Add the host, or replace the one with the same MAC (``previous`` is then returned).
+
+        ``persistent``: the profile must have ``overlay: iscsi``; the host's disk
+        and target are made now and described in ``disk``.
+        """
         from ..boot.inventory import Host
         mac = _normalize(mac)
         host = Host(mac=mac, hostname=hostname, profile=profile, image=image, ip=ip, append=append)
         previous: list[Any] = []
 
         def add(inv: Any) -> Any:
+            if persistent:
+                p = inv.profiles.get(profile)
+                if p is not None and p.overlay != "iscsi":
+                    iscsi = sorted(n for n, q in inv.profiles.items() if q.overlay == "iscsi")
+                    raise ControlError(f"--persistent needs a profile with overlay: iscsi; {profile!r} is "
+                                       f"{p.overlay} (iscsi profiles: {', '.join(iscsi) or 'none'})")
             previous[:] = [inv.hosts.get(mac)]
             return inv.with_host(host)
 
         new = await self.runtime.edit_inventory(add)
         old = previous[0] if previous else None
         self.log.info("control.host_saved", mac=mac, profile=profile, replaced=old is not None)
-        return {"host": host_dict(new.hosts[mac]), "previous": host_dict(old) if old is not None else None}
+        out = {"host": host_dict(new.hosts[mac]), "previous": host_dict(old) if old is not None else None}
+        if persistent:
+            out["disk"] = await self._disk_info(mac)
+        return out
 
-    async def _hosts_remove(self, mac: str) -> dict[str, Any]:
+    async def _hosts_remove(self, mac: str, delete_disk: bool | None = None) -> dict[str, Any]:
+        """Remove the host; its iSCSI target goes with it, its disk only with ``delete_disk``."""
         mac = _normalize(mac)
+        mgr = getattr(self.runtime, "iscsi", None)
+        disk = mgr.disk(mac) if mgr is not None else None
+        if delete_disk and disk is None:
+            raise ControlError(f"host {mac} has no iSCSI disk to delete")
 
         def remove(inv: Any) -> Any:
             if mac not in inv.hosts:
@@ -261,8 +282,35 @@ class ControlServer:
             return inv.without_host(mac)
 
         await self.runtime.edit_inventory(remove)
-        self.log.info("control.host_removed", mac=mac)
-        return {"removed": mac}
+        if disk is not None and delete_disk:
+            await mgr.remove_host(mac, disk.plan, delete_disk=True)
+        self.log.info("control.host_removed", mac=mac, disk_deleted=bool(delete_disk))
+        return {"removed": mac, "disk_deleted": bool(delete_disk)}
+
+    async def _disk_info(self, mac: str) -> dict[str, Any]:
+        mgr = getattr(self.runtime, "iscsi", None)
+        if mgr is None:
+            raise ControlError("no iSCSI backend: iscsi.backend is none (or failed: see sidusctl status)")
+        if mgr.disk(mac) is None:
+            raise ControlError(f"host {mac} has no iSCSI disk (its profile's overlay is not iscsi)")
+        return await mgr.info(mac)
+
+    async def _hosts_disk(self, mac: str, show_secret: bool | None = None) -> dict[str, Any]:
+        """Size, use and login state of a host's disk; the CHAP secret only when asked."""
+        mac = _normalize(mac)
+        info = await self._disk_info(mac)
+        if show_secret:
+            info["secret"] = self.runtime.iscsi.disk(mac).secret
+            self.log.warning("control.secret_shown", mac=mac)
+        return info
+
+    async def _hosts_reset_disk(self, mac: str) -> dict[str, Any]:
+        """Wipe a host's disk (refused while it is logged in)."""
+        mac = _normalize(mac)
+        await self._disk_info(mac)
+        info = await self.runtime.iscsi.reset(mac)
+        self.log.warning("control.disk_reset", mac=mac)
+        return info
 
     async def _reload(self) -> dict[str, Any]:
         res = await self.runtime.reload()

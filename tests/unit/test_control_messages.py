@@ -27,6 +27,8 @@ def test_request_round_trip_every_op():
                          "image": None, "ip": "10.0.0.5", "append": "quiet"},
         m.OP_HOSTS_REMOVE: {"mac": "52:54:00:00:00:01"},
         m.OP_RELOAD: {},
+        m.OP_HOSTS_DISK: {"mac": "52:54:00:00:00:01", "show_secret": True},
+        m.OP_HOSTS_RESET_DISK: {"mac": "52:54:00:00:00:01"},
     }
     assert set(samples) == set(m.OPS)
     for op, args in samples.items():
@@ -55,7 +57,7 @@ def test_request_without_args_field_means_no_args():
     ({"v": 1, "op": "hosts.add", "args": {"mac": 5, "profile": "p"}}, "'mac' must be a string"),
     ({"v": 1, "op": "hosts.add", "args": {"mac": None, "profile": "p"}}, "'mac' must be a string"),
     ({"v": 1, "op": "hosts.add", "args": {"mac": "a", "profile": "p", "replace": True}},
-     "unknown argument(s) replace (allowed: mac, profile, hostname, image, ip, append)"),
+     "unknown argument(s) replace (allowed: mac, profile, hostname, image, ip, append, persistent)"),
     ({"v": 1, "op": "hosts.add", "args": {"mac": "a", "profile": None}}, "'profile' must be a string"),
     ({"v": 1, "op": "hosts.add", "args": {"mac": "a", "profile": "p", "hostname": "x" * 5000}},
      "'hostname' is too long"),
