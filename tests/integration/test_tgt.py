@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 
 from conftest import require_root, require_tool
 from sidusd import config
@@ -178,3 +179,73 @@ def test_targets_acl_chap_restart_reset_remove(lab, tmp_path):
     asyncio.run(mgr2.remove_all())
     live = asyncio.run(mgr2.backend.show())
     assert not any(iscsi.MANAGED_MARK in iqn for iqn in live)
+
+
+def test_sidusctl_disk_ops_through_the_control_socket(lab, tmp_path, capsys):
+    """hosts add --persistent / disk / reset-disk / remove --delete-disk, real tgtd behind them."""
+    from sidusd import ctl
+    from sidusd.boot.inventory import dump_inventory
+    from sidusd.control.server import ControlServer
+    from sidusd.observability import Observer, setup_logging
+    from sidusd.runtime import Runtime, Snapshot
+
+    cfg, inv, tgtd, _ = lab
+    base = Inventory(inv.profiles, {M1: inv.hosts[M1]})
+    cfg.inventory_file.parent.mkdir(parents=True, exist_ok=True)
+    cfg.inventory_file.write_text(dump_inventory(base))
+    sock = tmp_path / "control.sock"
+    M3 = "52:54:00:00:10:03"
+
+    def sidusctl(*argv: str) -> tuple[int, str, str]:
+        rc = ctl.main(["--socket", str(sock), *argv])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    setup_logging("json", "info")      # logs to stderr: stdout is sidusctl's alone
+
+    async def scenario():
+        rt = Runtime(tmp_path / "sidus.yaml", Snapshot(cfg, base, 1), observer=Observer(), iscsi_watch_s=0)
+        await rt.apply_backends()
+        assert rt.backend_status["iscsi"]["ok"], rt.backend_status
+        server = ControlServer(rt, {}, socket_path=sock)
+        await server.start()
+        try:
+            rc, out, err = await asyncio.to_thread(sidusctl, "hosts", "add", M3, "--profile", "default",
+                                                   "--persistent")
+            assert rc == 1 and "--persistent needs a profile with overlay: iscsi" in err
+            rc, out, err = await asyncio.to_thread(sidusctl, "hosts", "add", M3, "--profile", "persist",
+                                                   "--hostname", "p3", "--persistent")
+            assert rc == 0, err
+            size_line = next(ln for ln in out.splitlines() if ln.startswith("size:"))
+            assert "disk-525400001003.img" in out and "48" in size_line, out
+            secret3 = rt.iscsi.disk(M3).secret
+            assert secret3 not in out
+            assert ls(tgtd.port, rt.iscsi.disk(M3).plan.initiator_iqn, rt.iscsi.disk(M3).plan.user, secret3,
+                      rt.iscsi.disk(M3).plan.target_iqn).returncode == 0
+
+            rc, out, err = await asyncio.to_thread(sidusctl, "hosts", "disk", M3)
+            assert rc == 0 and "logged in:   no" in out and secret3 not in out, out
+            rc, out, err = await asyncio.to_thread(sidusctl, "--json", "hosts", "disk", M3, "--show-secret")
+            assert rc == 0 and json.loads(out)["secret"] == secret3
+            rc, out, err = await asyncio.to_thread(sidusctl, "hosts", "reset-disk", M3)
+            assert rc == 0 and out.startswith("disk wiped"), err
+            rc, out, err = await asyncio.to_thread(sidusctl, "hosts", "disk", "52:54:00:00:99:99")
+            assert rc == 1 and "has no iSCSI disk" in err
+
+            plan3 = rt.iscsi.disk(M3).plan
+            rc, out, err = await asyncio.to_thread(sidusctl, "hosts", "remove", M3, "--delete-disk")
+            assert rc == 0 and "(disk deleted)" in out, err
+            assert not plan3.backing_file.exists()
+            assert M3 not in json.loads(cfg.iscsi.secrets_file.read_text())
+            assert plan3.target_iqn not in await rt.iscsi.backend.show()
+            # host 1 untouched
+            assert ls(tgtd.port, rt.iscsi.disk(M1).plan.initiator_iqn, rt.iscsi.disk(M1).plan.user,
+                      rt.iscsi.disk(M1).secret, rt.iscsi.disk(M1).plan.target_iqn).returncode == 0
+        finally:
+            await server.stop()
+            await rt.remove_backends()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        structlog.reset_defaults()
