@@ -91,7 +91,7 @@ def lab(tmp_path):
             lab.blast.close()
 
 
-def configure(lab: Lab) -> bytes:
+def configure(lab: Lab, **tftp_extra) -> bytes:
     tmp = lab.tmp
     data = os.urandom(BOOT_FILE_BYTES)
     (tmp / "tftp" / "images" / "demo").mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def configure(lab: Lab) -> bytes:
            "control": {"socket_path": str(tmp / "control.sock")},
            "dhcp": {"mode": "proxy", "interfaces": ["vs0"]},
            "tftp": {"address": SERVER_IP, "port": 69, "root": str(tmp / "tftp"),
-                    "timeout_s": 1.0, "retries": 5},
+                    "timeout_s": 1.0, "retries": 5, **tftp_extra},
            "nfs": {"backend": "none"},
            "images": {"demo": {"root": str(tmp / "images" / "demo"),
                                "kernel": "images/demo/vmlinuz", "initrd": "images/demo/initrd.img"}}}
@@ -209,3 +209,56 @@ def test_barrage_while_transferring(lab):
     assert c["tftp.rx"] >= (sent["69"] + sent["transfer"]) // 2
     assert c["dhcp.malformed"] > 0 and c["tftp.malformed"] > 0 and c.get("tftp.wrong_tid", 0) > 0
     assert rss_after - rss_before <= RSS_SLACK_KIB, (rss_before, rss_after)
+
+
+def test_rrq_flood_stays_within_session_caps(lab):
+    """Thousands of valid RRQs from 20 addresses and fresh ports (peers that vanish):
+    the session caps hold, the excess is refused and counted, proxyDHCP keeps
+    answering, and every session and descriptor is gone afterwards."""
+    import socket
+
+    from hardening_util import fd_count, rrq
+    configure(lab, max_transfers=64, max_transfers_per_client=16)
+    sources = [f"10.77.0.{i}" for i in range(101, 121)]
+    for ip in sources:
+        lab.client.run("ip", "addr", "add", f"{ip}/24", "dev", "vc0")
+    lab.start()
+    pid = lab.proc.pid
+    fd_base = fd_count(pid)
+
+    def flood(n: int) -> int:
+        def run():
+            sent = 0
+            for i in range(n):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind((sources[i % len(sources)], 0))
+                    s.sendto(rrq("images/demo/initrd.img", blksize=1468), (SERVER_IP, 69))
+                    sent += 1
+            return sent
+        return socket_in_netns(lab.client.name, run)
+
+    peak, answered, latencies = 0, 0, []
+    for round_ in range(5):
+        flood(1000)
+        peak = max(peak, lab.ctl_json("status")["active_transfers"])
+        lab.drain()
+        mac = f"52:54:00:00:70:{round_:02x}"
+        discover = request(mac, 0x7100 + round_, "discover", b"PXEClient:Arch:00000:UNDI:002001", 0)
+        t0 = time.monotonic()
+        got = lab.exchange(discover, ("255.255.255.255", 67), 0x7100 + round_)
+        latencies.append(time.monotonic() - t0)
+        assert got is not None, lab.log_tail()
+        check_proxy_reply(got[0], 0x7100 + round_, mac, 2, "pxelinux.0", UUID)
+        answered += 1
+    c = lab.counters()
+    refused = {k: v for k, v in c.items() if k.startswith("tftp.refused")}
+    print(f"\nrrq flood: 5000 RRQs from {len(sources)} addresses; peak active transfers {peak} (cap 64); "
+          f"started={c.get('tftp.transfers.started')} refused={refused}; proxyDHCP answered {answered}/5, "
+          f"latency ms {[round(x * 1000, 1) for x in latencies]}")
+    assert peak <= 64
+    assert c["tftp.transfers.started"] < 5000
+    assert refused.get("tftp.refused.busy", 0) + refused.get("tftp.refused.per_client", 0) > 0
+    wait_until(lambda: lab.ctl_json("status")["active_transfers"] == 0, timeout_s=120, what="idle")
+    wait_until(lambda: fd_count(pid) <= fd_base, timeout_s=30, what="descriptors released")
+    assert lab.proc.poll() is None
+    assert not tracebacks(lab.events())

@@ -135,7 +135,8 @@ def test_big_file_block_wrap_through_lossy_link(lossy_daemon, tmp_path):
         with LossyRelay(lossy_daemon.tftp_port, drop=0.01, dup=0.01, reorder=0.01, seed=97) as relay:
             got = fetch("atftp", relay.port, "big.img", tmp_path / "out")
             stats = relay.stats
-        print(f"\nbig: data_packets={stats.data_packets} dropped={stats.dropped}")
+        print(f"\nbig: blocks={big.stat().st_size // BLK + 1} data_packets={stats.data_packets} "
+              f"dropped={stats.dropped} dup={stats.duplicated} reordered={stats.reordered}")
         assert len(got) == big.stat().st_size and hashlib.sha256(got).hexdigest() == digest.hexdigest()
         assert stats.dropped > 0
         idle(lossy_daemon)
