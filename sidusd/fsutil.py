@@ -97,6 +97,27 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise FileWriteError(path, e, "fsync the directory") from e
 
 
+def remove_stale_temps(path: Path) -> int:
+    """Remove temporary files that :func:`atomic_write` left for ``path`` when its
+    writer died (kill -9, power loss).  Only files of dead writers are removed.
+    Returns how many were removed."""
+    path = Path(path)
+    removed = 0
+    for tmp in path.parent.glob(f"{_TMP_PREFIX}{path.name}.*{_TMP_SUFFIX}"):
+        parts = tmp.name[len(_TMP_PREFIX) + len(path.name) + 1:].split(".")
+        try:
+            pid = int(parts[0])
+        except (ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                tmp.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def append_durable(path: Path, line: bytes, mode: int = 0o600) -> None:
     """Append one record ``line`` to ``path`` and fsync it before returning.
 

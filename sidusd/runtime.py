@@ -19,7 +19,7 @@ from . import config as config_mod
 from .boot import inventory as inv_mod
 from .boot import render
 from .errors import BackendError, ConfigError, SidusError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, remove_stale_temps
 from .observability import Observer, get_logger
 
 
@@ -92,7 +92,10 @@ class Runtime:
 
     @classmethod
     def load(cls, config_path: Path, **kw: Any) -> "Runtime":
-        return cls(config_path, load_snapshot(Path(config_path)), **kw)
+        snap = load_snapshot(Path(config_path))
+        # temporaries of inventory writes cut short by a crash (kill -9)
+        remove_stale_temps(snap.config.inventory_file)
+        return cls(config_path, snap, **kw)
 
     # -- the current view -------------------------------------------------
     @property

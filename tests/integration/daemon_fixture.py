@@ -73,6 +73,8 @@ class SidusDaemon:
         return Path(self.config["control"]["socket_path"])
 
     def start(self, timeout_s: float = 15) -> None:
+        # a restart appends to the same log: only lines written from now on count
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "sidusd", "--config", str(self.config_path)],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
@@ -81,15 +83,18 @@ class SidusDaemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sidusd exited {self.proc.returncode}:\n{self.log_tail()}")
-            if any(e.get("event") == "daemon.ready" for e in self.events()):
+            if any(e.get("event") == "daemon.ready" for e in self.events(since=self._log_offset)):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"sidusd not ready after {timeout_s}s:\n{self.log_tail()}")
 
-    def events(self) -> list[dict]:
+    def events(self, since: int = 0) -> list[dict]:
+        """Log events (JSON lines) from byte offset ``since`` of the log file."""
         out = []
         try:
-            lines = self.log_path.read_text().splitlines()
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                lines = f.read().decode(errors="replace").splitlines()
         except FileNotFoundError:
             return out
         for line in lines:

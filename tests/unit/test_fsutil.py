@@ -158,3 +158,20 @@ def test_real_full_disk(tiny_fs):
     with pytest.raises(FileWriteError):
         append_durable(j, b"y" * (1024 * 1024))
     assert j.read_bytes() == b"one\n"
+
+
+def test_remove_stale_temps_only_of_dead_writers(tmp_path):
+    import subprocess
+    from sidusd import fsutil
+    target = tmp_path / "inventory.yaml"
+    target.write_text("x")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    prefix, suffix = fsutil._TMP_PREFIX, fsutil._TMP_SUFFIX
+    stale = tmp_path / f"{prefix}inventory.yaml.{dead.pid}.abcd{suffix}"
+    live = tmp_path / f"{prefix}inventory.yaml.{os.getppid()}.abcd{suffix}"
+    other = tmp_path / f"{prefix}other.yaml.{dead.pid}.abcd{suffix}"
+    for p in (stale, live, other):
+        p.write_text("partial")
+    assert fsutil.remove_stale_temps(target) == 1
+    assert not stale.exists() and live.exists() and other.exists() and target.read_text() == "x"
