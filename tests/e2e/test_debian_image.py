@@ -5,14 +5,16 @@ linux-image-amd64, initramfs-tools, nfs-common, systemd-sysv, a marker unit
 that prints ``SIDUS-IMAGE: multi-user generation=N`` on ttyS0) into the lab's
 TFTP root; sidusd serves it through the generated images file; qemu + iPXE
 boots it from nfs-ganesha with the tmpfs overlay.  Then ``sidus-image run``
-makes generation 2 (served at once, sidusd reloaded through its control
-socket), the VM boots it, ``sidus-image rollback`` serves generation 1 again
+makes generation 2 (a marker file) and ``sidus-image update`` generation 3
+(served at once, sidusd reloaded through its control socket); the VM boots 3
+and sees 2's change; ``sidus-image rollback --to 1`` serves generation 1 again
 and the VM boots that.  The debootstrap download is cached in
 lab-state/image-cache/debootstrap (git-ignored) between runs.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -93,14 +95,21 @@ def test_build_boot_update_rollback(tmp_path_factory):
     try:
         lab.up(image, [HostSpec(mac, "deb1", "console=ttyS0")])
         assert boot_generation(lab, mac, "deb-gen1") == (1, str(root1))
-        # generation 2: a change made with the chroot administration, served at once
+        # generation 2: a change made with the chroot administration; generation 3: `update`
+        # (apt update + full-upgrade + initramfs in a copy of 2), served at once, sidusd reloaded
         r = image_cli(lab, "run", NAME, "--", "sh", "-c", "echo 2 > /etc/sidus-generation")
         assert r.returncode == 0, r.stderr
-        assert adm.store.current(NAME) == 2 and mounts_under(adm.store.dir) == []
-        lab.ganesha.wait_exported(str(adm.store.path(NAME, 2).resolve()), 60)
-        assert boot_generation(lab, mac, "deb-gen2") == (2, str(adm.store.path(NAME, 2).resolve()))
-        # rollback: generation 1 again
-        r = image_cli(lab, "rollback", NAME)
+        r = image_cli(lab, "update", NAME)
+        assert r.returncode == 0, r.stderr
+        assert adm.store.current(NAME) == 3 and mounts_under(adm.store.dir) == []
+        root3 = adm.store.path(NAME, 3).resolve()
+        lab.ganesha.wait_exported(str(root3), 60)
+        assert boot_generation(lab, mac, "deb-gen3") == (2, str(root3))     # gen 2's change, gen 3's root
+        rows = json.loads(image_cli(lab, "list", NAME, "--json").stdout)
+        assert [(r["generation"], r["served"], r["kind"]) for r in rows] == [
+            (1, False, "build"), (2, False, "run"), (3, True, "update")]
+        # rollback to generation 1: booted again
+        r = image_cli(lab, "rollback", NAME, "--to", "1")
         assert r.returncode == 0 and "generation 1 served" in r.stdout, r.stderr
         assert boot_generation(lab, mac, "deb-rollback") == (1, str(root1))
         assert (adm.store.path(NAME, 2) / "etc/sidus-generation").read_text() == "2\n"   # kept, not served
