@@ -495,3 +495,42 @@ def test_hook_iscsi_missing_argument_or_no_lun(tmp_path):
     assert any("sidus.iscsi.secret= is missing" in c for c in calls), calls
     args_file = tmp_path / "iscsistart.args"
     assert not args_file.exists()       # no login attempted without credentials
+
+
+def test_runtime_watch_restores_targets_a_restarted_tgtd_lost(tmp_path):
+    """tgtd keeps targets in memory only: the watch loop re-creates them when show lacks them."""
+    cfg = config.parse(cfg_text(str(tmp_path / "state")))
+    r = RecordingRunner()
+    show = ["tgtadm", "-C", "0", "--lld", "iscsi", "--mode", "target", "--op", "show"]
+    rt = Runtime(tmp_path / "sidus.yaml", Snapshot(cfg, make_inv(), 1), observer=Observer(),
+                 iscsi_factory=lambda c: iscsi.IscsiManager(c, r), iscsi_watch_s=0.01)
+
+    def created():
+        return [c for c in r.calls if c[5:9] == ["--mode", "target", "--op", "new"]]
+
+    async def scenario():
+        await rt.apply_backends()
+        assert len(created()) == 2
+        # tgtd now reports both targets: the watch leaves them alone
+        plans = iscsi.plan_disks(cfg, make_inv())
+        live = "".join(f"Target {i + 1}: {p.target_iqn}\n    LUN information:\n"
+                       f"            Backing store path: {p.backing_file}\n    Account information:\n"
+                       f"        {p.user}\n    ACL information:\n        {p.initiator_iqn}\n"
+                       for i, p in enumerate(plans))
+        r.script(show, stdout=live.encode())
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+        assert len(created()) == 2 and "iscsi.restored" not in rt.observer.snapshot()
+        # tgtd restarted: no targets any more -> restored once
+        r.script(show, stdout=b"")
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if rt.observer.snapshot().get("iscsi.restored"):
+                break
+        r.script(show, stdout=live.encode())
+        await asyncio.sleep(0.05)
+        await rt.remove_backends()
+
+    asyncio.run(scenario())
+    assert rt.observer.snapshot().get("iscsi.restored", 0) >= 1
+    assert len(created()) >= 4
