@@ -24,7 +24,7 @@ from conftest import require_root, require_tool
 from sidusd import config
 from sidusd.boot.inventory import Host, Inventory, Profile
 from sidusd.errors import BackendError
-from sidusd.storage import iscsi
+from sidusd.storage import iscsi, iscsi_manager
 from sidusd.storage.runner import Runner
 
 M1, M2 = "52:54:00:00:10:01", "52:54:00:00:10:02"
@@ -106,7 +106,7 @@ images:
     tgtd = Tgtd(tmp_path, port, cport)
     tgtd.start()
     try:
-        yield cfg, inv, tgtd, iscsi.IscsiManager(cfg, Runner())
+        yield cfg, inv, tgtd, iscsi_manager.IscsiManager(cfg, Runner())
     finally:
         tgtd.stop()
 
@@ -156,7 +156,7 @@ def test_targets_acl_chap_restart_reset_remove(lab, tmp_path):
         assert f.read(17) == b"persistent-marker"
 
     # a new manager (sidusd restarted) keeps the secrets and the disks
-    mgr2 = iscsi.IscsiManager(cfg, Runner())
+    mgr2 = iscsi_manager.IscsiManager(cfg, Runner())
     asyncio.run(mgr2.apply(cfg, inv))
     assert mgr2.disk(M1).secret == d1.secret
     assert ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, d1.secret, d1.plan.target_iqn).returncode == 0

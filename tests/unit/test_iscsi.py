@@ -23,7 +23,7 @@ from sidusd.boot.inventory import Host, Inventory, Profile
 from sidusd.errors import BackendError, InventoryError
 from sidusd.observability import Observer, setup_logging
 from sidusd.runtime import Runtime, Snapshot
-from sidusd.storage import iscsi
+from sidusd.storage import iscsi, iscsi_manager
 from sidusd.storage.runner import RecordingRunner
 
 M1, M2, M3 = "52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03"
@@ -139,12 +139,12 @@ def test_disk_repr_hides_the_secret(cfg):
 
 def test_backing_file_is_sparse_private_and_created_once(tmp_path):
     path = tmp_path / "d" / "disk.img"
-    assert iscsi.create_backing_file(path, 64 << 20)
+    assert iscsi_manager.create_backing_file(path, 64 << 20)
     st = path.stat()
     assert st.st_size == 64 << 20 and st.st_blocks * 512 < 1 << 20
     assert stat.S_IMODE(st.st_mode) == 0o600
     path.write_bytes(b"data")
-    assert not iscsi.create_backing_file(path, 64 << 20)
+    assert not iscsi_manager.create_backing_file(path, 64 << 20)
     assert path.read_bytes() == b"data"
 
 
@@ -311,7 +311,7 @@ def make_runtime(tmp_path) -> Runtime:
     r = RecordingRunner()       # tgtd answers "no targets": every target is created
 
     def factory(c):
-        return iscsi.IscsiManager(c, r)
+        return iscsi_manager.IscsiManager(c, r)
     rt = Runtime(tmp_path / "sidus.yaml", Snapshot(cfg, make_inv(), 1), observer=Observer(),
                  iscsi_factory=factory, iscsi_watch_s=0)
     rt.test_runner = r
@@ -503,7 +503,7 @@ def test_runtime_watch_restores_targets_a_restarted_tgtd_lost(tmp_path):
     r = RecordingRunner()
     show = ["tgtadm", "-C", "0", "--lld", "iscsi", "--mode", "target", "--op", "show"]
     rt = Runtime(tmp_path / "sidus.yaml", Snapshot(cfg, make_inv(), 1), observer=Observer(),
-                 iscsi_factory=lambda c: iscsi.IscsiManager(c, r), iscsi_watch_s=0.01)
+                 iscsi_factory=lambda c: iscsi_manager.IscsiManager(c, r), iscsi_watch_s=0.01)
 
     def created():
         return [c for c in r.calls if c[5:9] == ["--mode", "target", "--op", "new"]]
