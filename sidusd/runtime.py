@@ -64,7 +64,7 @@ def load_snapshot(config_path: Path, generation: int = 1) -> Snapshot:
 
 def default_iscsi_factory(config: Any) -> Any:
     """The iSCSI manager of ``config`` (tgt driven with tgtadm)."""
-    from .storage.iscsi import IscsiManager
+    from .storage.iscsi_manager import IscsiManager
     from .storage.runner import Runner
     return IscsiManager(config, Runner())
 
@@ -85,7 +85,7 @@ class Runtime:
         self._nfs_factory = nfs_factory
         self._nfs = None
         self._iscsi_factory = iscsi_factory or default_iscsi_factory
-        self.iscsi = None                  # storage.iscsi.IscsiManager when iscsi.backend is set
+        self.iscsi = None                  # storage.iscsi_manager.IscsiManager when iscsi.backend is set
         self._iscsi_watch_s = iscsi_watch_s
         self._iscsi_watch: asyncio.Task | None = None
         self.log = get_logger("runtime")
