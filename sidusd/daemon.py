@@ -110,6 +110,7 @@ async def serve(runtime: Runtime) -> int:
         loop.remove_signal_handler(sig)
     for svc in reversed(started):
         await _stop(svc)
+    await runtime.stop_watchers()
     log.info("daemon.stopped")
     return 0
 

@@ -271,10 +271,19 @@ class Runtime:
                 self.backend_status["iscsi"] = {"ok": False, "detail": str(exc)}
                 self.log.error("iscsi.watch_failed", error=str(exc))
 
-    async def remove_backends(self) -> None:
+    async def stop_watchers(self) -> None:
+        """Stop background work (the tgtd watch).  Exports and targets stay up:
+        machines that booted keep their root and their disk while sidusd restarts."""
         if self._iscsi_watch is not None:
             self._iscsi_watch.cancel()
+            try:
+                await self._iscsi_watch
+            except (asyncio.CancelledError, Exception):
+                pass
             self._iscsi_watch = None
+
+    async def remove_backends(self) -> None:
+        await self.stop_watchers()
         if self.iscsi is not None:
             try:
                 await self.iscsi.remove_all()
