@@ -175,6 +175,90 @@ def test_window_partial_ack_goes_back() -> None:
     assert [p.block for p in data_packets(s.datagrams_to_send(1.2))] == [7, 8, 9, 10]
 
 
+def _blocks(s: ReadSession, now: float) -> list[int]:
+    return [p.block for p in data_packets(s.datagrams_to_send(now))]
+
+
+def test_mid_window_ack_resends_in_flight_blocks_at_most_once() -> None:
+    """A duplicated DATA 2 makes the client ACK 2 while 3..8 are in flight (traced atftp):
+    one go-back, then its later partial ACKs only slide the window (no cascade)."""
+    s = ReadSession(BytesSource(bytes(512 * 100)), blksize=512, windowsize=8)
+    s.start(0)
+    sent = _blocks(s, 0)
+    assert sent == list(range(1, 9))
+    s.receive(ACK(2), 0.01)                     # mid-flight: the first gap ACK of this flight
+    sent += _blocks(s, 0.01)
+    assert sent[8:] == list(range(3, 11))       # 3..8 once more, 9..10 new
+    for n in (4, 6, 8):                         # originals of 3..8 arrive, ACKed mid-flight
+        s.receive(ACK(n), 0.02)
+        sent += _blocks(s, 0.02)
+    assert sent[16:] == [11, 12, 13, 14, 15, 16]   # slides let out new blocks only
+    s.receive(ACK(8), 0.025)                    # the resent copies of 3..8: duplicate ACKs
+    assert s.datagrams_to_send(0.025) == []
+    s.receive(ACK(16), 0.03)                    # the whole flight ACKed
+    sent += _blocks(s, 0.03)
+    assert all(sent.count(b) <= 2 for b in range(1, 25))
+    assert [b for b in range(1, 25) if sent.count(b) == 2] == [3, 4, 5, 6, 7, 8]
+    assert sent[-1] == 24 and s.retransmits == 6
+    assert s.next_timer() is not None
+
+
+def test_drop_is_recovered_by_one_resend_from_the_gap() -> None:
+    """After a drop atftp ACKs once at the gap: the server resends from it at once,
+    no timer, and every block goes out at most twice."""
+    s = ReadSession(BytesSource(bytes(512 * 40 + 1)), blksize=512, windowsize=8)
+    s.start(0)
+    sent = _blocks(s, 0)                        # 1..8; 5 is lost
+    s.receive(ACK(4), 0.01)                     # one ACK at the gap, 6..8 ignored by the client
+    again = _blocks(s, 0.01)
+    assert again == list(range(5, 13))
+    s.receive(ACK(12), 0.02)
+    sent += again + _blocks(s, 0.02)
+    assert sent[-8:] == list(range(13, 21)) and s.retransmits == 4
+    assert [b for b in set(sent) if sent.count(b) > 1] == [5, 6, 7, 8]
+    # the next flight's first gap goes back at once again (a new round)
+    s.receive(ACK(15), 0.03)
+    assert _blocks(s, 0.03) == list(range(16, 24))
+    assert s.retransmits == 9
+
+
+def test_second_loss_in_a_resent_flight_waits_for_the_timer() -> None:
+    s = ReadSession(BytesSource(bytes(512 * 40 + 1)), blksize=512, windowsize=4, timeout_s=1.0)
+    s.start(0)
+    assert _blocks(s, 0) == [1, 2, 3, 4]
+    s.receive(ACK(1), 0.01)
+    assert _blocks(s, 0.01) == [2, 3, 4, 5]     # go-back, recovery mark 4
+    s.receive(ACK(2), 0.02)                     # below the mark: slide only
+    assert _blocks(s, 0.02) == [6]
+    s.receive(ACK(3), 0.03)
+    assert _blocks(s, 0.03) == [7]
+    s.handle_timer(s.next_timer())              # 4 was lost again: the timer resends
+    assert _blocks(s, 1.03) == [4, 5, 6, 7]
+
+
+def test_hostile_partial_acks_get_bounded_sends() -> None:
+    """A peer ACKing every block in mid-flight, with duplicates and replays, looks like
+    a peer losing one block per flight: it gets one go-back per flight (at most a window
+    per window of new data, <= 2x), never a window per 4-byte ACK (was 16x)."""
+    window, acked = 16, 2000
+    s = ReadSession(BytesSource(bytes(512 * 5000)), blksize=512, windowsize=window)
+    s.start(0)
+    sent = _blocks(s, 0)
+    for n in range(1, acked + 1):
+        for _ in range(3):                      # each ACK three times: duplicates send nothing
+            s.receive(ACK(n & 0xFFFF), 0)
+            sent += _blocks(s, 0)
+        s.receive(ACK((n - 1) & 0xFFFF), 0)     # and a stale one
+        sent += _blocks(s, 0)
+    distinct = len(set(sent))
+    assert distinct == acked + window           # the window slid one block per ACK
+    # per flight: one go-back (< window blocks), then only new blocks
+    flights = acked // window + 1
+    assert len(sent) <= distinct + flights * (window - 1) <= 2 * acked + 2 * window
+    assert s.retransmits == len(sent) - distinct
+    assert s.ignored_acks == 3 * acked
+
+
 def test_block_numbers_roll_over_to_zero() -> None:
     blocks = 65536 + 10                        # > 65535 blocks of 8 bytes
     src = CountingSource(blocks * 8 - 3)
