@@ -10,9 +10,8 @@ Behaviour (RFC 1350 section 6, RFC 2347, RFC 7440 section 4):
 * with options accepted, the OACK goes first and the transfer waits for ACK 0;
 * DATA blocks go out a window (``windowsize`` blocks) at a time; the transfer
   waits for the ACK of the window's last block.  An ACK for an earlier block of
-  the window slides the window; the first such ACK of a round also resends
-  from the block after it (go-back-N, RFC 7440 section 4), at most once per
-  flight (see :meth:`ReadSession._on_ack`);
+  the window means the peer lost the next one: the next window starts right
+  after it (go-back-N, RFC 7440 section 4);
 * only an ACK that advances the window, or a timeout, causes sending: a
   duplicated or stale ACK is ignored (no Sorcerer's Apprentice, RFC 1123
   section 4.2.3.1);
@@ -108,7 +107,6 @@ class ReadSession:
         self._base = 1          # first unacknowledged block (absolute)
         self._next = 1          # next block to send (absolute)
         self._max_sent = 0      # highest block ever sent
-        self._recover = 0       # max_sent at the last go-back: no other go-back below it
         self._control: list[bytes] = []
         self._deadline: float | None = None
         self._tries = 0
@@ -177,22 +175,6 @@ class ReadSession:
             self._on_ack(block & 0xFFFF, now)
 
     def _on_ack(self, block: int, now: float) -> None:
-        # RFC 7440 section 4: an ACK for a block inside the window means the peer
-        # got up to it and the sender continues from the next block.  Taken
-        # literally (rewind on every partial ACK) this resends blocks still in
-        # flight: traced with atftp, a *duplicated* or reordered DATA makes it ACK
-        # at once in mid-flight, the rewind's copies arrive as duplicates and the
-        # cascade ran to 7.6x the file's blocks at 1% duplication; a hostile peer
-        # got a whole window per 4-byte ACK.  After a *drop* atftp ACKs once at
-        # the gap and ignores the rest of the window, so resending from the gap
-        # at once (not after the timer) is what keeps drops cheap.
-        # Rule (NewReno-like recovery mark): a partial ACK n resends from n + 1
-        # only if n > _recover, where _recover is max_sent at the previous
-        # go-back (or timeout); it then sets _recover = max_sent.  So at most one
-        # go-back per flight: a later partial ACK below the mark only slides the
-        # window (base = n + 1) and lets out new blocks beyond max_sent, up to
-        # windowsize past n; a second loss inside a resent flight waits for the
-        # timer.  Duplicate and stale ACKs still never send (RFC 1123 4.2.3.1).
         if self._state == _WAIT_OACK:
             if block != 0:
                 self.ignored_acks += 1
@@ -207,14 +189,7 @@ class ReadSession:
             self.ignored_acks += 1          # duplicate or stale: never send on it
             return
         self._base = n + 1
-        if n < self._max_sent and n > self._recover:
-            # A gap ACK, the first of this round: go back to n + 1 now, and once.
-            self._next = self._base
-            self._recover = self._max_sent
-        else:
-            # The whole flight is ACKed, or a partial ACK inside a flight that was
-            # already resent: slide only, new blocks beyond max_sent may go out.
-            self._next = max(self._next, self._base)
+        self._next = self._base             # go-back-N after a partial window ACK
         self._progress()
         if n == self._last:
             self._finish(now, "ok")
@@ -242,7 +217,6 @@ class ReadSession:
             self.retransmits += 1
         else:
             self._next = self._base
-            self._recover = self._max_sent  # the resent flight is this round's go-back
 
     # -- output --------------------------------------------------------------
     def datagrams_to_send(self, now: float) -> list[bytes]:
@@ -269,8 +243,7 @@ class ReadSession:
                 if end > self._max_sent:
                     self._max_sent = end
                 self._next = end + 1
-        if not self.done and (out or (self._state == _DATA and self._deadline is None)):
-            # also after a slide that let nothing new out: blocks are still in flight
+        if out and not self.done:
             self._deadline = now + self.timeout_s
         return out
 

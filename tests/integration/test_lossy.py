@@ -5,8 +5,6 @@ window) talk to the real daemon through tests/integration/lossy_relay.py.
   1 MB in each mode, and one > 96 MB transfer (block numbers wrap past 65535);
 * every ACK duplicated: the server sends at most 1.01 x the blocks in DATA
   packets (no Sorcerer's Apprentice, RFC 1123 §4.2.3.1), counted at the relay;
-* 2% duplicated or reordered DATA (atftp, window 16): DATA sent <= 1.5 x blocks
-  (no window amplification, docs/security.md);
 * a silent peer (ACKs the OACK, then nothing) costs at most
   (1 + retries) x window x blksize bytes before the server gives up.
 """
@@ -83,33 +81,6 @@ def test_exact_file_through_loss_dup_reorder(lossy_daemon, tmp_path, client, los
     idle(lossy_daemon)
 
 
-# DATA sent / blocks with atftp, windowsize 16: before the once-per-flight go-back
-# (proto/tftp_session.py) 1% duplication gave 7.6x and 1% reordering 5.9x.
-AMPLIFICATION_BOUND = 1.5       # observed 1.11-1.18 after (4 MiB, seed 5)
-
-
-@pytest.mark.parametrize("dup,reorder", [(0.02, 0.0), (0.0, 0.02), (0.01, 0.01)])
-def test_dup_and_reorder_do_not_amplify_the_window(lossy_daemon, tmp_path, dup, reorder):
-    """A duplicated or reordered DATA makes atftp ACK in mid-flight: the server must not
-    resend the rest of the flight each time (window amplification, docs/security.md)."""
-    name = "amp.img"
-    data = os.urandom(4 * MB + 99)
-    (lossy_daemon.tmp / "tftp" / name).write_bytes(data)
-    blocks = len(data) // BLK + 1
-    # seed 5: the OACK itself is not duplicated (atftp aborts on a second OACK)
-    with LossyRelay(lossy_daemon.tftp_port, dup=dup, reorder=reorder, seed=5) as relay:
-        got = fetch("atftp", relay.port, name, tmp_path / "out", window=16)
-        idle(lossy_daemon)
-        stats = relay.stats
-    ratio = stats.data_packets / blocks
-    print(f"\namplification dup={dup} reorder={reorder}: blocks={blocks} "
-          f"data_packets={stats.data_packets} ratio={ratio:.3f} "
-          f"dup={stats.duplicated} reordered={stats.reordered}")
-    assert got == data
-    assert stats.duplicated + stats.reordered > 0                # the link was impaired
-    assert blocks <= stats.data_packets <= AMPLIFICATION_BOUND * blocks
-
-
 def test_silent_peer_costs_at_most_retries_windows(lossy_daemon):
     retries, window = lossy_daemon.config["tftp"]["retries"], 8
     c = RawClient(lossy_daemon.tftp_port)
@@ -168,8 +139,6 @@ def test_big_file_block_wrap_through_lossy_link(lossy_daemon, tmp_path):
               f"dropped={stats.dropped} dup={stats.duplicated} reordered={stats.reordered}")
         assert len(got) == big.stat().st_size and hashlib.sha256(got).hexdigest() == digest.hexdigest()
         assert stats.dropped > 0
-        # 1.27 observed after the window-amplification fix (6.2 before); ~1.3x margin
-        assert stats.data_packets <= 1.7 * (big.stat().st_size // BLK + 1)
         idle(lossy_daemon)
     finally:
         big.unlink()
