@@ -73,6 +73,12 @@ class LossyRelay:
 
     # -- impairment --------------------------------------------------------------
     def _emit(self, way: str, sock: socket.socket, data: bytes, dest: tuple[str, int], force_dup: bool) -> None:
+        if data[:2] not in (b"\x00\x03", b"\x00\x04"):
+            # Only the data phase (DATA, ACK) is impaired. The negotiation is passed
+            # as is: atftp aborts on a duplicated OACK ("unexpected OACK"), a client
+            # limitation, and a lost RRQ/OACK only tests the client's first timer.
+            self._send(sock, data, dest)
+            return
         r = self.rng.random()
         if r < self.drop:
             self.stats.dropped += 1
