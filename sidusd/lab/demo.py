@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import yaml
 
 from sidusd.errors import StartupError
 
+from .proc import terminate
 from .sitedhcp import RANGE, SiteDhcp
 from .topology import BRIDGE, NETWORK, SERVER_IP, Topology, teardown_stale
 from .vm import Vm
@@ -539,14 +539,7 @@ class Lab:
     def stop_sidusd(self) -> None:
         """SIGTERM sidusd (by PID): it finishes transfers and exits; SIGKILL after a grace."""
         proc, self.sidusd = self.sidusd, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        terminate(proc, STOP_TIMEOUT_S)
 
     def close(self) -> None:
         """Stop everything this lab started (by PID), remove its namespaces.  Idempotent."""

@@ -10,8 +10,6 @@ no configuration file but the argv built here.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from pathlib import Path
 
 from sidusd.errors import StartupError
 
+from .proc import terminate
 from .topology import SITE_IF, Topology
 
 RANGE = ("10.13.20.100", "10.13.20.199", "255.255.255.0", "1h")
@@ -107,11 +106,4 @@ class SiteDhcp:
     def stop(self) -> None:
         """SIGTERM the dnsmasq we started (by PID), SIGKILL if it lingers.  Idempotent."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(STOP_TIMEOUT_S)
+        terminate(proc, STOP_TIMEOUT_S)

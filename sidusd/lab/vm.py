@@ -10,10 +10,8 @@ qemu (Ctrl-A X) ends the VM.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from pathlib import Path
 
 from sidusd.errors import StartupError
 
+from .proc import terminate
 from .topology import Topology
 
 STOP_TIMEOUT_S = 5.0
@@ -167,11 +166,4 @@ class Vm:
     def stop(self) -> None:
         """End qemu (SIGTERM by PID, SIGKILL if it lingers).  Idempotent."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(STOP_TIMEOUT_S)
+        terminate(proc, STOP_TIMEOUT_S)
