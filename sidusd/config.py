@@ -40,6 +40,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 NFS_BACKENDS = ("ganesha", "kernel", "none")
 ISCSI_BACKENDS = ("tgt", "lio", "none")
 MAX_LEASE_TIME_S = 0xFFFFFFFE        # RFC 2132 §9.2: 32-bit seconds, all ones = infinite
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 MAX_BOOT_FILE_BYTES = 127            # RFC 951 'file' field: 128 bytes including the NUL
 
 
@@ -54,6 +55,18 @@ class LogConfig:
 class ControlConfig:
     """``control:`` section: the unix socket of ``sidusctl`` (mode 0600)."""
     socket_path: Path = Path("/run/sidus/control.sock")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """``security:`` section: privilege separation (docs/security.md, "Least privilege").
+
+    ``privsep: true``: a root supervisor binds the sockets and writes the state;
+    the code that parses network input runs in a worker process as
+    ``worker_user``, with no capabilities.
+    """
+    privsep: bool = True
+    worker_user: str = "sidus"
 
 
 @dataclass(frozen=True)
@@ -171,6 +184,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     nfs: NfsConfig = field(default_factory=NfsConfig)
     iscsi: IscsiConfig = field(default_factory=IscsiConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=lambda: types.MappingProxyType({}))
     images_file: Path | None = None
     source: str = field(default="<string>", compare=False)
@@ -194,6 +208,7 @@ def _listener_items(c: Config) -> list[tuple[str, object]]:
         ("http.enabled", c.http.enabled), ("http.address", c.http.address),
         ("http.port", c.http.port), ("control.socket_path", c.control.socket_path),
         ("log.format", c.log.format),
+        ("security.privsep", c.security.privsep), ("security.worker_user", c.security.worker_user),
     ]
 
 
@@ -250,7 +265,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
     """Parse configuration ``text`` (pure).  Raises :class:`ConfigError` on the first refusal."""
     root = Section(load_yaml(text, source), "")
     root.allow("state_dir", "inventory_file", "log", "control", "dhcp", "boot", "tftp",
-               "http", "nfs", "iscsi", "images", "images_file")
+               "http", "nfs", "iscsi", "images", "images_file", "security")
     path_of = _path_resolver(base_dir)
 
     state_dir = path_of(root, "state_dir", Path("/var/lib/sidus"))
@@ -297,9 +312,17 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
     nfs = _parse_nfs(root.section("nfs"), path_of)
     iscsi = _parse_iscsi(root.section("iscsi"), path_of, state_dir)
 
+    s = root.section("security")
+    s.allow("privsep", "worker_user")
+    worker_user = s.get("worker_user", str, SecurityConfig.worker_user)
+    if not _USER_NAME.fullmatch(worker_user) or worker_user == "root":
+        raise ConfigError("security.worker_user", f"{worker_user!r} is not an unprivileged user name "
+                          "(lower-case letters, digits, _ and -, at most 32, not root)")
+    security = SecurityConfig(privsep=s.get("privsep", bool, True), worker_user=worker_user)
+
     images = _parse_images(root.section("images"), path_of)
     return Config(state_dir=state_dir, inventory_file=inventory_file, log=log, control=control,
-                  dhcp=dhcp, boot=boot, tftp=tftp, http=http, nfs=nfs, iscsi=iscsi,
+                  dhcp=dhcp, boot=boot, tftp=tftp, http=http, nfs=nfs, iscsi=iscsi, security=security,
                   images=types.MappingProxyType(images), images_file=path_of(root, "images_file"),
                   source=source)
 

@@ -135,6 +135,11 @@ BAD = [
     ("iscsi.secrets_file", "", "iscsi.secrets_file", "non-empty path"),
     ("iscsi.chap", "off", "iscsi.chap", "unknown key"),
     ("iscsi.tgt_control_port", 32768, "iscsi.tgt_control_port", "between 0 and 32767"),
+    ("security.privsep", "yes", "security.privsep", "expected a boolean"),
+    ("security.worker_user", "root", "security.worker_user", "not an unprivileged user name"),
+    ("security.worker_user", "Bad User", "security.worker_user", "not an unprivileged user name"),
+    ("security.worker_user", "../x", "security.worker_user", "not an unprivileged user name"),
+    ("security.sandbox", True, "security.sandbox", "unknown key"),
 ]
 
 
@@ -186,6 +191,7 @@ def test_minimal_config_gets_documented_defaults():
     assert cfg.inventory_file == Path("/var/lib/sidus/inventory.yaml")
     assert (cfg.log.format, cfg.log.level) == ("auto", "info")
     assert cfg.control.socket_path == Path("/run/sidus/control.sock")
+    assert (cfg.security.privsep, cfg.security.worker_user) == (True, "sidus")
     d = cfg.dhcp
     assert (d.mode, d.interfaces, d.port, d.pxe_port, d.client_port, d.unknown_hosts, d.pool) == \
         ("proxy", ("eth0",), 67, 4011, 68, "default", None)
@@ -238,7 +244,7 @@ def _all_keys(cls, prefix=""):
         sub = {"log": config.LogConfig, "control": config.ControlConfig, "dhcp": config.DhcpConfig,
                "pool": config.PoolConfig, "boot": config.BootConfig, "boot_files": config.BootFiles,
                "tftp": config.TftpConfig, "http": config.HttpConfig, "nfs": config.NfsConfig,
-               "iscsi": config.IscsiConfig}.get(f.name)
+               "iscsi": config.IscsiConfig, "security": config.SecurityConfig}.get(f.name)
         out.add(prefix + f.name)
         if sub is not None:
             out |= _all_keys(sub, prefix + f.name + ".")
@@ -363,3 +369,10 @@ def test_dump_yaml_reads_back_identically_with_both_loaders(doc):
     text = config.dump_yaml({"k": doc})
     assert config.load_yaml(text) == {"k": doc}
     assert yaml.safe_load(text) == {"k": doc}
+
+
+def test_security_keys_need_a_restart():
+    a = config.parse("dhcp: {mode: off}\ntftp: {root: /t}\n")
+    b = config.parse("dhcp: {mode: off}\ntftp: {root: /t}\nsecurity: {privsep: false, worker_user: nobody}\n")
+    assert (b.security.privsep, b.security.worker_user) == (False, "nobody")
+    assert config.restart_needed(a, b) == ["security.privsep", "security.worker_user"]
