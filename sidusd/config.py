@@ -118,10 +118,18 @@ class TftpConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """``http:`` section (iPXE / UEFI HTTP boot)."""
+    """``http:`` section (iPXE / UEFI HTTP boot): listener and the server's limits.
+
+    ``max_connections`` open at once, ``max_per_client`` from one client IP
+    (over either: 503 + Retry-After), ``idle_timeout_s`` without progress before
+    a connection is closed (no complete request, or a response not read).
+    """
     enabled: bool = False
     address: IPv4Address = IPv4Address("0.0.0.0")
     port: int = 8080
+    max_connections: int = 256
+    max_per_client: int = 32
+    idle_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -289,10 +297,14 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
     )
 
     s = root.section("http")
-    s.allow("enabled", "address", "port")
+    s.allow("enabled", "address", "port", "max_connections", "max_per_client", "idle_timeout_s")
+    max_connections = s.int("max_connections", 256, 1, 65535)
     http = HttpConfig(enabled=s.get("enabled", bool, False),
                       address=s.ipv4("address", IPv4Address("0.0.0.0")),
-                      port=s.int("port", 8080, 1, 65535))
+                      port=s.int("port", 8080, 1, 65535),
+                      max_connections=max_connections,
+                      max_per_client=s.int("max_per_client", min(32, max_connections), 1, max_connections),
+                      idle_timeout_s=s.float("idle_timeout_s", 30.0, 0.1, 3600.0))
 
     nfs = _parse_nfs(root.section("nfs"), path_of)
     iscsi = _parse_iscsi(root.section("iscsi"), path_of, state_dir)
