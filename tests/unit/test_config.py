@@ -248,7 +248,7 @@ def _all_keys(cls, prefix=""):
         sub = {"log": config.LogConfig, "control": config.ControlConfig, "dhcp": config.DhcpConfig,
                "pool": config.PoolConfig, "boot": config.BootConfig, "boot_files": config.BootFiles,
                "tftp": config.TftpConfig, "http": config.HttpConfig, "nfs": config.NfsConfig,
-               "iscsi": config.IscsiConfig}.get(f.name)
+               "iscsi": config.IscsiConfig, "booted": config.BootedConfig}.get(f.name)
         out.add(prefix + f.name)
         if sub is not None:
             out |= _all_keys(sub, prefix + f.name + ".")
@@ -410,3 +410,18 @@ def test_http_service_takes_its_limits_from_the_live_config():
     # explicit constructor values pin a limit (tests of the server use that)
     pinned = HttpService(runtime, max_per_client=2, idle_timeout_s=1.0)
     assert (pinned.max_connections, pinned.max_per_client, pinned.idle_timeout_s) == (41, 2, 1.0)
+
+
+def test_booted_section_defaults_follow_images_file_and_bounds_are_checked():
+    base = "state_dir: /s\ndhcp: {mode: \"off\"}\ntftp: {root: /t}\n"
+    assert config.parse(base).booted.file is None
+    c = config.parse(base + "images_file: /s/images/images.yaml\n")
+    assert c.booted == config.BootedConfig(file=Path("/s/booted.json"), ttl_s=30 * 86400, max_hosts=10000)
+    c = config.parse(base + "booted: {file: b.json, ttl_s: 0, max_hosts: 5}\n", base_dir=Path("/etc/sidus"))
+    assert c.booted == config.BootedConfig(file=Path("/etc/sidus/b.json"), ttl_s=0, max_hosts=5)
+    with pytest.raises(ConfigError, match="booted.max_hosts"):
+        config.parse(base + "booted: {max_hosts: 0}\n")
+    with pytest.raises(ConfigError, match="booted.ttl_s"):
+        config.parse(base + "booted: {ttl_s: -1}\n")
+    with pytest.raises(ConfigError, match="booted.ttl_h"):
+        config.parse(base + "booted: {ttl_h: 1}\n")
