@@ -257,3 +257,66 @@ def test_images_file_follows_switches_and_sidusd_config_reads_it(tmp_path):
     images_file.write_text("images: {x: {root: /x, kernel: a, initrd: b}}\nother: 1\n")
     with pytest.raises(ConfigError, match="other"):
         config.read(cfg_file)
+
+
+def test_booted_generations_matches_roots():
+    from sidusd.image.generations import booted_generations
+    roots = {1: "/i/deb/gen-0001", 2: "/i/deb/gen-0002", 3: "/i/deb/gen-0003"}
+    assert booted_generations(["/i/deb/gen-0002", "/i/deb//gen-0003/", "/i/other/gen-0001"], roots) == {2, 3}
+    assert booted_generations([], roots) == set()
+
+
+def test_gc_keeps_what_a_machine_booted_until_it_boots_another_generation(tmp_path, capsys):
+    """The whole chain without a VM: sidusd's runtime renders a boot config (records the root),
+    `sidus-image gc` keeps that generation, `list` shows who booted it; once the machine is
+    served another generation, gc removes the old one and its TFTP copies."""
+    import asyncio
+    import json as _json
+    from sidusd.image.__main__ import main
+    from sidusd.image.build import Administrator
+    from sidusd.runtime import Runtime
+    try:
+        _gc_chain(tmp_path, capsys, asyncio, _json, main, Administrator, Runtime)
+    finally:
+        import structlog
+        structlog.reset_defaults()          # main() set logging up on capsys's stream
+
+
+def _gc_chain(tmp_path, capsys, asyncio, _json, main, Administrator, Runtime):
+    store = ImageStore(tmp_path / "images")
+    tftp = tmp_path / "tftp"
+    for parent in (None, 1, 2):
+        _generation_with_kernel(store, tftp, "deb", parent)
+    images_file = tmp_path / "images" / "images.yaml"
+    adm = Administrator(store.dir, tftp, images_file=images_file)
+    adm.serve("deb", 2)
+    (tmp_path / "inventory.yaml").write_text(
+        "profiles: {default: {image: deb}}\nhosts:\n  - {mac: '52:54:00:00:00:01', hostname: vm1, profile: default}\n")
+    cfg_file = tmp_path / "sidus.yaml"
+    cfg_file.write_text(f"state_dir: {tmp_path / 'state'}\ninventory_file: {tmp_path / 'inventory.yaml'}\n"
+                        f"dhcp: {{mode: 'off'}}\ntftp: {{root: {tftp}}}\nimages_file: {images_file}\n")
+    rt = Runtime.load(cfg_file)
+    assert b"gen-0002" in rt.render("pxelinux", "52:54:00:00:00:01", "10.0.0.1", "10.0.0.5")
+    adm.serve("deb", 3)                                        # a new generation is served
+    base = ["--images-dir", str(store.dir), "--tftp-root", str(tftp), "--images-file", str(images_file),
+            "--config", str(cfg_file)]
+    capsys.readouterr()
+    assert main(base + ["list", "deb", "--json"]) == 0
+    rows = {r["generation"]: r for r in _json.loads(capsys.readouterr().out)}
+    assert [b["hostname"] for b in rows[2]["booted"]] == ["vm1"] and rows[1]["booted"] == []
+    assert rows[3]["hosts"] == ["vm1", "(unknown hosts)"] and rows[3]["served"]   # who boots the served one
+    assert main(base + ["gc", "deb", "--keep", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "keeping generation 2: booted by vm1" in out and "removed generation(s) 1" in out
+    assert store.numbers("deb") == [2, 3]
+    assert (tftp / "images/deb/gen-0002/vmlinuz").is_file() and not (tftp / "images/deb/gen-0001").exists()
+    assert "deb.gen-2" in images_file.read_text()              # still exported while in use
+    # the machine reboots: sidusd (reloaded by the switch) serves it generation 3
+    assert asyncio.run(rt.reload()).ok
+    assert b"gen-0003" in rt.render("pxelinux", "52:54:00:00:00:01", "10.0.0.1", "10.0.0.5")
+    assert main(base + ["gc", "deb", "--keep", "0"]) == 0
+    assert "removed generation(s) 2" in capsys.readouterr().out
+    assert store.numbers("deb") == [3] and "deb.gen-2" not in images_file.read_text()
+    # without --config gc says what it cannot know
+    assert main(base[:-2] + ["gc", "deb"]) == 0
+    assert "without --config" in capsys.readouterr().err
