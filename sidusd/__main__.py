@@ -30,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sidusd: {path}: {exc}", file=sys.stderr)
             return 2
         cfg = snap.config
+        if cfg.security.privsep:
+            from .errors import StartupError
+            from .privsep.creds import lookup_user
+            try:
+                lookup_user(cfg.security.worker_user)
+            except StartupError as exc:
+                print(f"sidusd: {path}: {exc}", file=sys.stderr)
+                return 2
         print(f"{path}: OK (dhcp {cfg.dhcp.mode}, tftp {'on' if cfg.tftp.enabled else 'off'}, "
               f"{len(cfg.images)} image(s), {len(snap.inventory.profiles)} profile(s), "
               f"{len(snap.inventory.hosts)} host(s))")

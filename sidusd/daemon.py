@@ -131,4 +131,8 @@ def run(config_path: Path) -> int:
     setup_logging(runtime.config.log.format, runtime.config.log.level)
     if runtime.config.nfs.backend == "none":
         runtime._nfs_factory = None
+    if runtime.config.security.privsep:
+        # root supervisor + unprivileged network worker (sidusd/privsep, docs/security.md)
+        from .privsep.supervisor import serve as serve_split
+        return asyncio.run(serve_split(runtime))
     return asyncio.run(serve(runtime))

@@ -91,6 +91,10 @@ class Runtime:
         self._iscsi_watch: asyncio.Task | None = None
         # which generation each MAC was served (config.booted; docs/images.md): a durable write
         self.booted = BootedRecorder(self.observer)
+        # privilege separation (sidusd/privsep): called after every snapshot or iSCSI change
+        self.on_change: list[Callable[[], None]] = []
+        self.sync_worker: Callable[[], Any] | None = None      # async: the worker's counters are in
+        self.process_info: Callable[[], list[dict[str, Any]]] | None = None
         self.log = get_logger("runtime")
 
     @classmethod
@@ -198,6 +202,7 @@ class Runtime:
                 self.observer.count("reload.ok")
                 self.log.info("reload.ok", generation=new.generation, restart_needed=restart)
                 await self.apply_backends()
+                self._changed()
                 result = ReloadResult(True, None, restart)
             self.last_reload = {"t": time.time(), **result.as_dict()}
             return result
@@ -217,7 +222,15 @@ class Runtime:
             self.observer.count("inventory.writes")
             self.log.info("inventory.written", hosts=len(new_inv.hosts), generation=self.generation)
             await self.apply_iscsi()
+            self._changed()
             return new_inv
+
+    def _changed(self) -> None:
+        for fn in list(self.on_change):
+            try:
+                fn()
+            except Exception as exc:  # a subscriber must not undo a good reload
+                self.log.error("runtime.on_change_failed", error=repr(exc))
 
     # -- storage backends ---------------------------------------------------
     async def apply_backends(self) -> None:
@@ -313,4 +326,14 @@ class Runtime:
         return {"pid": os.getpid(), "started_at": self.started_at,
                 "uptime_s": round(time.time() - self.started_at, 1),
                 "config_path": str(self.config_path), "generation": self.generation,
-                "last_reload": self.last_reload, "backend_status": self.backend_status}
+                "last_reload": self.last_reload, "backend_status": self.backend_status,
+                "privsep": self.process_info is not None,
+                "processes": self.process_info() if self.process_info is not None else [_this_process()]}
+
+
+def _this_process() -> dict[str, Any]:
+    """The one process of a daemon without privilege separation, for status."""
+    from .privsep.creds import describe
+    d = describe("self")
+    return {"role": "sidusd", "pid": os.getpid(),
+            **{k: d.get(k) for k in ("user", "uid", "groups", "cap_eff", "cap_prm", "cap_bnd", "no_new_privs")}}

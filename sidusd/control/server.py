@@ -198,7 +198,14 @@ class ControlServer:
         }[req.op]
         return await handler(**req.args)
 
+    async def _sync_worker(self) -> None:
+        """With privilege separation: wait for the worker's counters and clients first."""
+        sync = getattr(self.runtime, "sync_worker", None)
+        if sync is not None:
+            await sync()
+
     async def _status(self) -> dict[str, Any]:
+        await self._sync_worker()
         st = dict(self.runtime.status())
         listeners: dict[str, Any] = {}
         per_service: dict[str, int] = {}
@@ -221,9 +228,11 @@ class ControlServer:
             "active_transfers": sum(per_service.values()),
             "transfers_by_service": per_service, "counters": self.runtime.observer.snapshot(),
             "backend_status": st.get("backend_status", {}),
+            "privsep": st.get("privsep", False), "processes": st.get("processes", []),
         }
 
     async def _clients(self, mac: str | None = None) -> list[dict[str, Any]]:
+        await self._sync_worker()
         records = list(self.runtime.observer.clients.values())
         records.reverse()                               # most recently seen first
         if mac is not None:
