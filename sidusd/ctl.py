@@ -173,6 +173,11 @@ def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
     out += [""] + (table([k.upper() for k in _keys(rows, ["service"])],
                          [[d.get(k) for k in _keys(rows, ["service"])] for d in rows])
                    if rows else ["no listeners"])
+    procs = r.get("processes") or []
+    if procs:
+        out += [""] + table(["PROCESS", "PID", "USER", "STATE", "CAPABILITIES", "RESTARTS"],
+                            [[p.get("role"), p.get("pid"), p.get("user"), p.get("state", "running"),
+                              _caps(p.get("cap_eff")), p.get("restarts", "-")] for p in procs])
     backends = r.get("backend_status") or {}
     if backends:
         brows = [{"backend": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in backends.items()]
@@ -181,6 +186,14 @@ def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
     counters = r.get("counters") or {}
     out += [""] + (table(["COUNTER", "VALUE"], sorted(counters.items())) if counters else ["no counters yet"])
     return "\n".join(out)
+
+
+def _caps(hexmask: Any) -> str:
+    """A capability mask from /proc (hex) for people: none, or the mask."""
+    try:
+        return "none" if int(str(hexmask), 16) == 0 else f"0x{int(str(hexmask), 16):x}"
+    except ValueError:
+        return "-"
 
 
 def _field(v: Any) -> str:

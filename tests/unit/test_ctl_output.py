@@ -216,3 +216,17 @@ def test_socket_path_precedence(monkeypatch):
     ctl.main(["reload"])
     ctl.main(["--socket", "/opt.sock", "reload"])
     assert seen == [m.DEFAULT_SOCKET_PATH, "/env.sock", "/opt.sock"]
+
+
+def test_status_shows_the_supervisor_and_the_worker():
+    r = {"version": "0.1.0", "pid": 10, "uptime_s": 5, "config_path": "/c", "generation": 1,
+         "listeners": {}, "counters": {}, "privsep": True,
+         "processes": [{"role": "supervisor", "pid": 10, "user": "root", "cap_eff": "000001ffffffffff"},
+                       {"role": "worker", "pid": 11, "user": "sidus", "state": "running",
+                        "cap_eff": "0000000000000000", "restarts": 2}]}
+    text = ctl.render_status(r, UTC)
+    lines = text.splitlines()
+    head = next(i for i, l in enumerate(lines) if l.startswith("PROCESS"))
+    assert lines[head].split() == ["PROCESS", "PID", "USER", "STATE", "CAPABILITIES", "RESTARTS"]
+    assert lines[head + 1].split() == ["supervisor", "10", "root", "running", "0x1ffffffffff", "-"]
+    assert lines[head + 2].split() == ["worker", "11", "sidus", "running", "none", "2"]
