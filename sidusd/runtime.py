@@ -202,7 +202,7 @@ class Runtime:
                 self.observer.count("reload.ok")
                 self.log.info("reload.ok", generation=new.generation, restart_needed=restart)
                 await self.apply_backends()
-                self._changed()
+                await self._changed()
                 result = ReloadResult(True, None, restart)
             self.last_reload = {"t": time.time(), **result.as_dict()}
             return result
@@ -222,13 +222,15 @@ class Runtime:
             self.observer.count("inventory.writes")
             self.log.info("inventory.written", hosts=len(new_inv.hosts), generation=self.generation)
             await self.apply_iscsi()
-            self._changed()
+            await self._changed()
             return new_inv
 
-    def _changed(self) -> None:
+    async def _changed(self) -> None:
         for fn in list(self.on_change):
             try:
-                fn()
+                res = fn()
+                if asyncio.iscoroutine(res):
+                    await res
             except Exception as exc:  # a subscriber must not undo a good reload
                 self.log.error("runtime.on_change_failed", error=repr(exc))
 

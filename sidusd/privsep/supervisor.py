@@ -238,6 +238,7 @@ class Supervisor:
             if not exited.done():
                 exited.cancel()
         if not w.ready.done():
+            self._on_ctl(w)                  # a "fatal" sent just before the exit
             why = w.fatal or (f"exited with status {proc.returncode}" if proc.returncode is not None
                               else f"not ready after {READY_TIMEOUT_S:.0f} s")
             await self._kill(w)
@@ -338,22 +339,25 @@ class Supervisor:
             for dgram in ipc.encode_parent(obj):
                 await asyncio.wait_for(loop.sock_sendall(w.ctl, dgram), SEND_TIMEOUT_S)
 
-    def push(self) -> None:
-        """Send the current snapshot (and iSCSI credentials) to the worker, in the background."""
+    async def push(self) -> None:
+        """Send the current snapshot (and iSCSI credentials) and wait until the worker uses it.
+
+        The wait is a ``sync`` behind the snapshot on the same ordered channel:
+        once it is answered, every request the worker reads is served with
+        the new snapshot (``sidusctl hosts add`` then a fetch sees the host).
+        A worker that does not take it in time is killed (and restarted with
+        the current snapshot).
+        """
         w = self.worker
         if w is None or w.closed:
             return
-
-        async def go() -> None:
-            try:
-                await self._send(w, ("snapshot", self.runtime.snapshot, self._disks()))
-            except (asyncio.TimeoutError, OSError) as exc:
-                self.log.error("privsep.push_failed", error=str(exc) or type(exc).__name__)
-                await self._kill(w)
-
-        t = asyncio.get_running_loop().create_task(go())
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        try:
+            await self._send(w, ("snapshot", self.runtime.snapshot, self._disks()))
+        except (asyncio.TimeoutError, OSError) as exc:
+            self.log.error("privsep.push_failed", error=str(exc) or type(exc).__name__)
+            await self._kill(w)
+            return
+        await self.sync()
 
     async def sync(self) -> None:
         """Wait until the worker has sent everything it counted so far (for status / clients)."""
@@ -649,7 +653,7 @@ async def serve(runtime: Any) -> int:
 
     await runtime.apply_backends()
     runtime.on_change.append(sup.push)
-    sup.push()                         # the iSCSI credentials apply_backends made
+    await sup.push()                   # the iSCSI credentials apply_backends made
     monitor = loop.create_task(sup.monitor())
 
     reloads: set[asyncio.Task] = set()
