@@ -53,12 +53,23 @@ class Stage:
     timeout_s: float = 600
 
 
-def sources_list(recipe: Recipe, mirror: str) -> bytes:
-    """/etc/apt/sources.list of the image: the mirror, the suite (+ -updates for stable suites)."""
+ROLLING_SUITES = ("sid", "unstable", "experimental")
+
+
+def has_security_archive(suite: str) -> bool:
+    """Suites with ``-updates`` and ``-security`` archives (not sid/unstable/experimental)."""
+    return suite not in ROLLING_SUITES
+
+
+def sources_list(recipe: Recipe, mirror: str, security: str | None = None) -> bytes:
+    """/etc/apt/sources.list of the image: the mirror's suite and ``suite-updates``, and the
+    security archive ``security`` with ``suite-security`` (stable suites only; None: none)."""
     comps = " ".join(recipe.components)
-    lines = [f"deb {mirror} {recipe.suite} {comps}"]
-    if recipe.suite not in ("sid", "unstable", "experimental"):
+    lines = ["# sidus: from the image recipe (docs/images.md)", f"deb {mirror} {recipe.suite} {comps}"]
+    if has_security_archive(recipe.suite):
         lines.append(f"deb {mirror} {recipe.suite}-updates {comps}")
+        if security:
+            lines.append(f"deb {security} {recipe.suite}-security {comps}")
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -121,17 +132,18 @@ def debootstrap_argv(recipe: Recipe, root: str, mirror: str, cache_dir: str | No
     return tuple(argv + [recipe.suite, root, mirror])
 
 
-def plan(recipe: Recipe, *, mirror: str, initramfs: dict[str, bytes]) -> list[Stage]:
+def plan(recipe: Recipe, *, mirror: str, initramfs: dict[str, bytes], security: str | None = None) -> list[Stage]:
     """The ordered stages of a build on top of a bootstrapped root.
 
     ``initramfs`` maps a path under /etc/initramfs-tools (``hooks/sidus-overlay``,
     ``scripts/init-bottom/sidus-overlay``, ``modules``) to its content (from
-    config/initramfs/).  Debootstrap itself is not a Stage here: it runs outside
+    config/initramfs/).  ``security``: the security archive's URI (None: none).  Debootstrap itself is not a Stage here: it runs outside
     any chroot before the plan (see :func:`debootstrap_argv`).
     """
     stages: list[Stage] = [
-        Stage("apt-sources", "apt sources from the recipe's mirror",
-              files=(("etc/apt/sources.list", sources_list(recipe, mirror), 0o644),)),
+        Stage("apt-sources", "apt sources: the mirror, -updates" + (", -security" if security and
+                                                                    has_security_archive(recipe.suite) else ""),
+              files=(("etc/apt/sources.list", sources_list(recipe, mirror, security), 0o644),)),
     ]
     pkgs = packages_to_install(recipe)
     install = ["apt-get", *APT_OPTS, "install"]

@@ -27,7 +27,8 @@ def test_minimal_plan_order_and_contents():
     st = plan(parse_recipe("name: m\n"), mirror=MIRROR, initramfs=INITRAMFS)
     assert names(st) == ["apt-sources", "packages", "locale", "timezone", "network", "secrets", "machine-id", "clean"]
     by = {s.name: s for s in st}
-    assert by["apt-sources"].files[0][1] == (f"deb {MIRROR} bookworm main\n"
+    assert by["apt-sources"].files[0][1] == (f"# sidus: from the image recipe (docs/images.md)\n"
+                                             f"deb {MIRROR} bookworm main\n"
                                              f"deb {MIRROR} bookworm-updates main\n").encode()
     assert by["packages"].commands == (("apt-get", "-q", "update"),)        # nothing to install
     assert by["network"].remove == ("etc/hostname",)
@@ -76,7 +77,39 @@ def test_debootstrap_argv():
 def test_resolv_conf_and_unstable_sources():
     r = parse_recipe("name: r\nsuite: sid\nresolv_conf: {nameservers: [192.0.2.9], search: [a.example]}\n")
     assert resolv_conf(r).splitlines()[1:] == [b"search a.example", b"nameserver 192.0.2.9"]
-    assert plan(r, mirror=MIRROR, initramfs=INITRAMFS)[0].files[0][1] == f"deb {MIRROR} sid main\n".encode()
+    assert plan(r, mirror=MIRROR, initramfs=INITRAMFS, security=SECURITY)[0].files[0][1] == (
+        f"# sidus: from the image recipe (docs/images.md)\ndeb {MIRROR} sid main\n".encode())  # no -updates/-security
+
+
+SECURITY = "http://security.example/debian-security"
+
+
+def test_sources_list_has_updates_and_security_for_stable_suites():
+    r = parse_recipe("name: s\nsuite: trixie\ncomponents: [main, contrib]\n")
+    st = plan(r, mirror=MIRROR, initramfs=INITRAMFS, security=SECURITY)[0]
+    assert st.name == "apt-sources" and st.summary.endswith("-updates, -security")
+    assert st.files[0][0] == "etc/apt/sources.list" and st.files[0][2] == 0o644
+    assert st.files[0][1].decode().splitlines()[1:] == [
+        f"deb {MIRROR} trixie main contrib", f"deb {MIRROR} trixie-updates main contrib",
+        f"deb {SECURITY} trixie-security main contrib"]
+    assert b"security" not in plan(r, mirror=MIRROR, initramfs=INITRAMFS)[0].files[0][1]   # security=None
+
+
+def test_security_mirror_from_recipe_host_or_disabled(tmp_path):
+    from sidusd.image.build import security_mirror
+    apt = tmp_path / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    (apt / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://m.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n"
+        "Types: deb\n# a comment inside a stanza\nURIs: http://s.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n")
+    assert security_mirror(parse_recipe("name: a\n"), apt) == "http://s.example/debian-security"
+    assert security_mirror(parse_recipe(f"name: a\nsecurity_mirror: {SECURITY}/\n"), apt) == SECURITY
+    assert security_mirror(parse_recipe("name: a\nsecurity_mirror: false\n"), apt) is None
+    assert security_mirror(parse_recipe("name: a\nsuite: sid\n"), apt) is None
+    with pytest.raises(BackendError, match="no trixie-security archive") as ei:
+        security_mirror(parse_recipe("name: a\nsuite: trixie\n"), apt)
+    assert "security_mirror: false" in ei.value.detail
 
 
 def test_update_plan_names():
