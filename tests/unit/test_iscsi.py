@@ -744,6 +744,8 @@ def test_hook_iscsi_blank_disk_formatted_once_and_changes_persist(tmp_path):
     assert args[args.index("-a") + 1] == "10.9.9.1" and args[args.index("-p") + 1] == "3260"
     assert args[args.index("-i") + 1] == "iqn.2026-11.org.example:sidus-host-1"
     assert args[args.index("-u") + 1] == "sidus-525400000001" and args[args.index("-w") + 1] == SECRET
+    # iscsistart's own retry budget (30 x 15 s) would hold an unreachable target's boot for 7.5 min
+    assert args[args.index("-P") + 1] == "node.session.initial_login_retry_max=4"
     # the "reboot": same disk, new namespace; the file is there, no new file system
     facts, calls = hook_run(tmp_path, ISCSI_ARGS + " sidus.fallback=stop")
     assert facts["RC"] == "0" and facts["MODE"] == "iscsi", calls
@@ -762,6 +764,17 @@ def test_hook_iscsi_login_failure_falls_back_loudly_or_stops(tmp_path):
     assert facts["RC"] == "1" and facts["MODE"] == "", calls
     assert calls[-1].startswith("PANIC: sidus-overlay: iSCSI disk: login to")
     assert "sidus.fallback=stop" in calls[-1]
+
+
+def test_hook_iscsi_retries_is_passed_to_iscsistart_and_checked(tmp_path):
+    facts, calls = hook_run(tmp_path, ISCSI_ARGS + " sidus.iscsi.retries=1", login_rc=8)
+    assert facts["MODE"] == "tmpfs-fallback", calls
+    args = (tmp_path / "iscsistart.args").read_text().split()
+    assert args[args.index("-P") + 1] == "node.session.initial_login_retry_max=1"
+    for bad in ("0", "x", ""):
+        facts, calls = hook_run(tmp_path, ISCSI_ARGS + f" sidus.iscsi.retries={bad}")
+        assert facts["RC"] == "1" and facts["MODE"] == "", calls
+        assert calls[-1].startswith(f"PANIC: sidus-overlay: sidus.iscsi.retries={bad}: not a number"), calls
 
 
 def test_hook_iscsi_never_formats_a_disk_with_data(tmp_path):
