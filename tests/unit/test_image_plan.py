@@ -353,3 +353,61 @@ def _gc_chain(tmp_path, capsys, asyncio, _json, main, Administrator, Runtime):
     # without --config gc says what it cannot know
     assert main(base[:-2] + ["gc", "deb"]) == 0
     assert "without --config" in capsys.readouterr().err
+
+
+def test_network_stage_removes_hostname_and_installs_the_boot_time_namer():
+    from sidusd.image.stages import HOSTNAME_SCRIPT, HOSTNAME_UNIT, HOSTS
+    by = {s.name: s for s in plan(parse_recipe("name: m\n"), mirror=MIRROR, initramfs=INITRAMFS)}
+    net = by["network"]
+    files = {p: (d, m) for p, d, m in net.files}
+    assert net.remove == ("etc/hostname",) and net.chroot
+    assert files["etc/hosts"][0] == HOSTS and b"127.0.1.1" not in HOSTS        # no fixed name
+    assert files["usr/lib/sidus/sidus-hostname"] == (HOSTNAME_SCRIPT, 0o755)
+    assert files["etc/systemd/system/sidus-hostname.service"] == (HOSTNAME_UNIT, 0o644)
+    assert b"WantedBy=sysinit.target" in HOSTNAME_UNIT
+    assert net.commands[-1][-1] == "/etc/systemd/system/sysinit.target.wants/sidus-hostname.service"
+
+
+def _run_namer(tmp_path, cmdline: str, net_conf: str | None = None, hosts: str = "127.0.0.1\tlocalhost\n"):
+    import subprocess
+    from sidusd.image.stages import HOSTNAME_SCRIPT
+    from tests.conftest import require_tool
+    require_tool("sh")
+    d = tmp_path / "fs"
+    for sub in ("etc", "run", "proc"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    script = d / "sidus-hostname"
+    script.write_bytes(HOSTNAME_SCRIPT)
+    (d / "proc/cmdline").write_text(cmdline + "\n")
+    (d / "proc/hostname").write_text("localhost\n")
+    (d / "etc/hosts").write_text(hosts)
+    if net_conf is not None:
+        (d / "run/net-eth0.conf").write_text(net_conf)
+    env = {"PATH": "/usr/bin:/bin", "SIDUS_HOSTNAME_CMDLINE": str(d / "proc/cmdline"),
+           "SIDUS_HOSTNAME_ETC": str(d / "etc"), "SIDUS_HOSTNAME_RUN": str(d / "run"),
+           "SIDUS_HOSTNAME_KERNEL": str(d / "proc/hostname")}
+    r = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    hostname = d / "etc/hostname"
+    return (r.stdout, (d / "proc/hostname").read_text(), hostname.read_text() if hostname.exists() else None,
+            (d / "etc/hosts").read_text())
+
+
+def test_hostname_script_takes_the_kernel_argument_first(tmp_path):
+    out, kernel, etc, hosts = _run_namer(
+        tmp_path, "root=/dev/nfs ip=dhcp sidus.overlay=tmpfs sidus.hostname=node7.lab.example console=ttyS0",
+        "DEVICE='eth0'\nHOSTNAME='fromdhcp'\n", hosts="127.0.0.1\tlocalhost\n127.0.1.1\told\n")
+    assert kernel == etc == "node7.lab.example\n"
+    assert hosts == "127.0.0.1\tlocalhost\n127.0.1.1\tnode7.lab.example node7\n"     # old name replaced
+    assert "from sidus.hostname" in out
+
+
+def test_hostname_script_falls_back_to_dhcp_then_keeps_the_kernel_name(tmp_path):
+    out, kernel, etc, hosts = _run_namer(tmp_path / "a", "root=/dev/nfs ip=dhcp",
+                                         "DEVICE='eth0'\nIPV4ADDR='10.0.0.5'\nHOSTNAME='deb2'\n")
+    assert kernel == etc == "deb2\n" and "127.0.1.1\tdeb2\n" in hosts and "from DHCP" in out
+    # hostile or missing names are not used: nothing written
+    for cmdline, conf in (("sidus.hostname=$(reboot)", None), ("x", "HOSTNAME='a;b'\n"),
+                          ("sidus.hostname=-bad", None), ("", None), ("sidus.hostname=" + "a" * 65, None)):
+        out, kernel, etc, hosts = _run_namer(tmp_path / str(abs(hash(cmdline + str(conf)))), cmdline, conf)
+        assert kernel == "localhost\n" and etc is None and "127.0.1.1" not in hosts, (cmdline, out)
