@@ -225,9 +225,14 @@ class Administrator:
         self.write_images_file()
         log.info("image.generation.served", image=name, generation=number)
 
-    def write_images_file(self) -> None:
-        """Rewrite the generated images file from the generations on disk; reload sidusd if asked."""
-        publish.write_images_file(self.images_file, publish.images_entries(self.store, self.tftp_root))
+    def write_images_file(self, leaving: dict[str, set[int]] | None = None) -> None:
+        """Rewrite the generated images file from the generations on disk (without the generations
+        in ``leaving``: name -> numbers about to be removed); reload sidusd if asked."""
+        entries = publish.images_entries(self.store, self.tftp_root)
+        for name, numbers in (leaving or {}).items():
+            for n in numbers:
+                entries.pop(f"{name}.gen-{n}", None)
+        publish.write_images_file(self.images_file, entries)
         if self.control_socket is not None:
             res = self.runner.run([sys.executable, "-m", "sidusd.ctl", "--socket", str(self.control_socket),
                                    "reload"], timeout_s=60)
@@ -332,11 +337,14 @@ class Administrator:
         from sidusd.image.generations import gc_candidates
         with ImageLock(self.store.image_dir(name), "gc"):
             doomed = gc_candidates(self.store.numbers(name), self.store.current(name), keep, in_use)
+            if doomed:
+                # first out of the images file (sidusd reloaded: no longer exported nor bootable),
+                # then off the disk
+                self.write_images_file({name: set(doomed)})
             for n in doomed:
                 self.store.remove(name, n)
                 publish.unpublish_generation(self.tftp_root, name, n)
-            if doomed:
-                self.write_images_file()
+                log.info("image.generation.removed", image=name, generation=n)
             return doomed
 
     def _served(self, name: str) -> int:
