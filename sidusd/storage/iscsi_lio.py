@@ -275,7 +275,7 @@ class LioBackend:
         return done
 
     async def _create(self, disk: Disk, backstore_exists: bool) -> None:
-        """Backstore, target (closed first), portal, LUN 1, ACL, CHAP secret, LUN mapped last."""
+        """Backstore, target (closed first, then enabled), portal, LUN 1, ACL, CHAP secret, LUN mapped last."""
         p = disk.plan
         bs = backstore_name(p.mac)
         tpg = self._tpg(p.target_iqn)
@@ -285,6 +285,7 @@ class LioBackend:
         await self._run("/iscsi", "create", p.target_iqn)
         await self._run(tpg, "set", "attribute", *(f"{k}={v}" for k, v in CLOSED_ATTRIBUTES.items()))
         await self._run(tpg, "set", "parameter", "AuthMethod=CHAP")
+        await self._run(tpg, "enable")          # (targetcli's auto_enable_tpgt may be off)
         tdir = self.root / "iscsi" / p.target_iqn / TPG / "np"
         current = sorted(x.name for x in tdir.iterdir()) if tdir.is_dir() else []
         await self._fix_portals(p.target_iqn, current)

@@ -275,8 +275,9 @@ def test_tgt_not_running_is_a_backend_error(cfg):
 # Anything it does not know fails, so an unplanned command shows up.
 
 class FakeTargetcli:
-    def __init__(self, root, default_portal="[::0]:3260", sessions=()):
+    def __init__(self, root, default_portal="[::0]:3260", sessions=(), auto_enable=True):
         self.root = root
+        self.auto_enable = auto_enable       # targetcli's auto_enable_tpgt preference
         self.default_portal = default_portal
         self.sessions = set(sessions)        # initiator names shown as logged in
         root.mkdir(parents=True, exist_ok=True)
@@ -319,7 +320,7 @@ class FakeTargetcli:
                 assert not tpg.exists()
                 for d in ("attrib", "param", "np", "lun", "acls"):
                     (tpg / d).mkdir(parents=True)
-                (tpg / "enable").write_text("1\n")
+                (tpg / "enable").write_text("1\n" if self.auto_enable else "0\n")
                 for k, v in {"authentication": "0", "generate_node_acls": "0",
                              "demo_mode_write_protect": "1", "cache_dynamic_acls": "0"}.items():
                     (tpg / "attrib" / k).write_text(v + "\n")
@@ -336,6 +337,10 @@ class FakeTargetcli:
             for k, v in self.kv(args[1:]).items():
                 assert (tpg / "attrib" / k).exists(), k
                 (tpg / "attrib" / k).write_text(v + "\n")
+            return
+        if sub == "" and cmd == "enable":
+            assert (tpg / "attrib" / "authentication").read_text() == "1\n", "enabled before closed"
+            (tpg / "enable").write_text("1\n")
             return
         if sub == "" and cmd == "set" and args[0] == "parameter":
             for k, v in self.kv(args[1:]).items():
@@ -416,6 +421,7 @@ def test_lio_creates_closed_targets_and_writes_the_secret_only_into_configfs(tmp
         [tpg, "set", "attribute", "authentication=1", "generate_node_acls=0", "demo_mode_write_protect=1",
          "cache_dynamic_acls=0"],
         [tpg, "set", "parameter", "AuthMethod=CHAP"],
+        [tpg, "enable"],
         [f"{tpg}/portals", "delete", "::0", "3260"],           # targetcli's default portal
         [f"{tpg}/portals", "create", "10.0.0.1", "3260"],
         [f"{tpg}/luns", "create", "/backstores/fileio/sidus-525400000001", "lun=1", "add_mapped_luns=false"],
@@ -439,7 +445,7 @@ def test_lio_creates_closed_targets_and_writes_the_secret_only_into_configfs(tmp
 
 
 def test_lio_reapply_is_idempotent_refresh_rewrites_the_secret_removal_cleans_up(tmp_path):
-    cfg, root, r, lio, disks = lio_setup(tmp_path, default_portal="0.0.0.0:3260")
+    cfg, root, r, lio, disks = lio_setup(tmp_path, default_portal="0.0.0.0:3260", auto_enable=False)
     run_apply(lio, disks)
     # a foreign target (not sidus's) that must never be touched
     FakeTargetcli(root).do("/iscsi", "create", ["iqn.2003-01.org.linux-iscsi.other:sn.1"])
@@ -744,6 +750,8 @@ def test_hook_iscsi_blank_disk_formatted_once_and_changes_persist(tmp_path):
     assert args[args.index("-a") + 1] == "10.9.9.1" and args[args.index("-p") + 1] == "3260"
     assert args[args.index("-i") + 1] == "iqn.2026-11.org.example:sidus-host-1"
     assert args[args.index("-u") + 1] == "sidus-525400000001" and args[args.index("-w") + 1] == SECRET
+    # iscsistart's own retry budget (30 x 15 s) would hold an unreachable target's boot for 7.5 min
+    assert args[args.index("-P") + 1] == "node.session.initial_login_retry_max=4"
     # the "reboot": same disk, new namespace; the file is there, no new file system
     facts, calls = hook_run(tmp_path, ISCSI_ARGS + " sidus.fallback=stop")
     assert facts["RC"] == "0" and facts["MODE"] == "iscsi", calls
@@ -762,6 +770,17 @@ def test_hook_iscsi_login_failure_falls_back_loudly_or_stops(tmp_path):
     assert facts["RC"] == "1" and facts["MODE"] == "", calls
     assert calls[-1].startswith("PANIC: sidus-overlay: iSCSI disk: login to")
     assert "sidus.fallback=stop" in calls[-1]
+
+
+def test_hook_iscsi_retries_is_passed_to_iscsistart_and_checked(tmp_path):
+    facts, calls = hook_run(tmp_path, ISCSI_ARGS + " sidus.iscsi.retries=1", login_rc=8)
+    assert facts["MODE"] == "tmpfs-fallback", calls
+    args = (tmp_path / "iscsistart.args").read_text().split()
+    assert args[args.index("-P") + 1] == "node.session.initial_login_retry_max=1"
+    for bad in ("0", "x", ""):
+        facts, calls = hook_run(tmp_path, ISCSI_ARGS + f" sidus.iscsi.retries={bad}")
+        assert facts["RC"] == "1" and facts["MODE"] == "", calls
+        assert calls[-1].startswith(f"PANIC: sidus-overlay: sidus.iscsi.retries={bad}: not a number"), calls
 
 
 def test_hook_iscsi_never_formats_a_disk_with_data(tmp_path):
