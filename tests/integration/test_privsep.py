@@ -158,9 +158,9 @@ class Daemon:
             {"profiles": {"default": {"image": "demo", "overlay": "tmpfs", "append": ""}}, "hosts": []}))
         self.proc: subprocess.Popen | None = None
 
-    def start(self, expect_ready: bool = True) -> None:
+    def start(self, expect_ready: bool = True, prefix: list[str] | None = None) -> None:
         log = open(self.log_path, "ab")
-        self.proc = self.ns.popen([sys.executable, "-m", "sidusd", "--config", str(self.config_path)],
+        self.proc = self.ns.popen([*(prefix or []), sys.executable, "-m", "sidusd", "--config", str(self.config_path)],
                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         log.close()
         if not expect_ready:
@@ -414,3 +414,48 @@ def test_a_missing_worker_user_is_refused_clearly(tmp_path):
         failed = [e for e in d.events() if e.get("event") == "startup.failed"]
         assert failed and "sidus-no-such-user" in failed[0]["error"]
         assert not any(e.get("event") == "daemon.ready" for e in d.events())
+
+
+def unit_capabilities() -> list[str]:
+    """The CapabilityBoundingSet of systemd/sidusd.service, as setpriv names."""
+    for line in (REPO / "systemd" / "sidusd.service").read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            return [c.lower().removeprefix("cap_") for c in line.split("=", 1)[1].split()]
+    raise AssertionError("no CapabilityBoundingSet in systemd/sidusd.service")
+
+
+def setpriv(caps: list[str]) -> list[str]:
+    return [require_tool("setpriv"), "--bounding-set=-all" + "".join(f",+{c}" for c in caps),
+            "--inh-caps=-all", "--no-new-privs"]
+
+
+def test_the_units_capability_set_is_enough(daemon):
+    """The daemon under the unit's bounding set and NoNewPrivileges: starts, serves a 0600 kernel,
+    restarts a killed worker, stops cleanly.  Without CAP_NET_BIND_SERVICE it cannot start."""
+    caps = unit_capabilities()
+    assert "sys_admin" not in caps and "dac_override" not in caps and "net_raw" not in caps
+    daemon.start(prefix=setpriv(caps))
+    sup = status_of(daemon.proc.pid)
+    assert sup["NoNewPrivs"] == "1"
+    bits = {"net_bind_service": 10, "setuid": 7, "setgid": 6, "setpcap": 8, "kill": 5, "dac_read_search": 2}
+    assert int(sup["CapBnd"], 16) == sum(1 << bits[c] for c in caps)
+    assert daemon.tftp_get("images/demo/vmlinuz") == daemon.payload
+    w1 = daemon.worker()
+    assert w1["cap_bnd"] == "0000000000000000" and w1["user"] == "sidus"
+    os.kill(w1["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while daemon.worker().get("pid") in (None, w1["pid"]) or daemon.worker()["state"] != "running":
+        assert time.monotonic() < deadline, daemon.log_tail()
+        time.sleep(0.2)
+    assert daemon.tftp_get("images/demo/vmlinuz") == daemon.payload
+    w2 = daemon.worker()["pid"]
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{w2}") or status_of(w2).get("State", "").startswith("Z")
+
+    daemon.log_path.unlink()
+    daemon.start(expect_ready=False, prefix=setpriv([c for c in caps if c != "net_bind_service"]))
+    assert daemon.proc.wait(60) == 1
+    failed = [e for e in daemon.events() if e.get("event") == "startup.failed"]
+    assert failed and "cannot listen on d0 udp/67: Permission denied" in failed[0]["error"]
