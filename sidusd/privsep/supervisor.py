@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import dataclasses
 import errno
 import itertools
 import json
@@ -33,6 +34,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from .. import config as config_mod
 from ..errors import RemoteProtocolError, SidusError, StartupError
 from ..observability import get_logger
 from . import creds, ipc
@@ -147,6 +149,7 @@ class Supervisor:
         self.runtime = runtime
         self.obs = runtime.observer
         self.listeners = listeners
+        self.bound_config = runtime.config          # the listener keys of ``listeners``
         self.user = creds.lookup_user(runtime.config.security.worker_user)
         self.log = get_logger("privsep")
         self.worker: _Worker | None = None
@@ -229,7 +232,7 @@ class Supervisor:
         loop.add_reader(rpc_p.fileno(), self._on_rpc, w)
         self.obs.count("privsep.worker_starts")
         self.log.info("privsep.worker_started", pid=proc.pid, user=self.user.name)
-        await self._send(w, ("snapshot", self.runtime.snapshot, self._disks()))
+        await self._send(w, ("snapshot", self._snapshot(), self._disks()))
         exited = loop.create_task(proc.wait())
         try:
             done, _ = await asyncio.wait({w.ready, exited}, timeout=READY_TIMEOUT_S,
@@ -327,6 +330,30 @@ class Supervisor:
             self._lease_store.close()
 
     # -- supervisor -> worker ------------------------------------------------------------
+    def _snapshot(self) -> Any:
+        """The current snapshot, with the listener keys of the sockets actually bound.
+
+        A reload that changes a listener key (a port, an interface...) only
+        says "restart needed"; a worker restarted after it must still serve
+        the sockets the supervisor holds, as the one process did before.
+        """
+        snap = self.runtime.snapshot
+        bound = self.bound_config
+        if bound is None or not config_mod.restart_needed(bound, snap.config):
+            return snap
+        c = snap.config
+        cfg = dataclasses.replace(
+            c,
+            dhcp=dataclasses.replace(c.dhcp, mode=bound.dhcp.mode, interfaces=bound.dhcp.interfaces,
+                                     port=bound.dhcp.port, pxe_port=bound.dhcp.pxe_port,
+                                     client_port=bound.dhcp.client_port,
+                                     pool=c.dhcp.pool if c.dhcp.pool is not None else bound.dhcp.pool),
+            tftp=dataclasses.replace(c.tftp, enabled=bound.tftp.enabled, address=bound.tftp.address,
+                                     port=bound.tftp.port, intake_queue=bound.tftp.intake_queue),
+            http=dataclasses.replace(c.http, enabled=bound.http.enabled, address=bound.http.address,
+                                     port=bound.http.port))
+        return dataclasses.replace(snap, config=cfg)
+
     def _disks(self) -> dict[str, Any] | None:
         mgr = getattr(self.runtime, "iscsi", None)
         return dict(mgr.disks) if mgr is not None else None
@@ -352,7 +379,7 @@ class Supervisor:
         if w is None or w.closed:
             return
         try:
-            await self._send(w, ("snapshot", self.runtime.snapshot, self._disks()))
+            await self._send(w, ("snapshot", self._snapshot(), self._disks()))
         except (asyncio.TimeoutError, OSError) as exc:
             self.log.error("privsep.push_failed", error=str(exc) or type(exc).__name__)
             await self._kill(w)

@@ -319,6 +319,13 @@ def test_traffic_is_handled_by_an_unprivileged_worker(daemon):
 
 def test_a_killed_worker_is_restarted_and_serves_again(daemon):
     daemon.start()
+    # a reload that moves the TFTP port needs a restart: a restarted worker keeps serving port 69
+    cfg = yaml.safe_load(daemon.config_path.read_text())
+    cfg["tftp"]["port"] = 6969
+    daemon.config_path.write_text(yaml.safe_dump(cfg))
+    r = daemon.ctl("--json", "reload")
+    assert r.returncode == 0, r.stderr
+    assert any("tftp.port" in x for x in json.loads(r.stdout)["restart_needed"])
     w1 = daemon.worker()
     os.kill(w1["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 60
