@@ -44,6 +44,7 @@ MAX_COUNTERS = 512                   # counter deltas in one message
 MAX_FIELDS = 16                      # fields of one timeline entry
 MAX_STR = 512                        # any string field
 MAX_PARTS = 64                       # path components of an open request
+MAX_ENTRY = 1024                     # one timeline entry's fields, as JSON (64 x 1024 clients kept)
 
 WORKER_TYPES = ("hello", "ready", "fatal", "events", "stats")
 RPC_TYPES = ("open", "lease.load", "lease.append")
@@ -247,8 +248,11 @@ def check_event(e: Any, what: str = "event") -> tuple:
         return ("booted", _str(e[1], f"{what}.mac", _MAC), _str(e[2], f"{what}.image", _NAME),
                 _str(e[3], f"{what}.hostname", none=True))
     if e[0] == "tl" and len(e) == 5:
+        fields = _fields(e[4], f"{what}.fields")
+        if len(json.dumps(fields)) > MAX_ENTRY:
+            raise RemoteProtocolError(f"{what}.fields: more than {MAX_ENTRY} bytes")
         return ("tl", _str(e[1], f"{what}.mac", _MAC), _num(e[2], f"{what}.t"),
-                _str(e[3], f"{what}.event", _NAME), _fields(e[4], f"{what}.fields"))
+                _str(e[3], f"{what}.event", _NAME), fields)
     raise RemoteProtocolError(f"{what}: unknown event")
 
 

@@ -46,6 +46,7 @@ SYNC_TIMEOUT_S = 2.0
 SEND_TIMEOUT_S = 10.0
 REFUSED_LOG_INTERVAL_S = 10.0
 BATCH = 64
+MAX_COUNTER_NAMES = 4096     # distinct counters the worker may create (memory bound)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 
@@ -511,6 +512,9 @@ class Supervisor:
     def _apply_events(self, b: dict[str, Any]) -> None:
         obs = self.obs
         for name, n in b["counters"].items():
+            if name not in obs.counters and len(obs.counters) >= MAX_COUNTER_NAMES:
+                self._refuse("bad_field", f"counter {name}: more than {MAX_COUNTER_NAMES} counter names")
+                continue
             obs.count(name, n)
         if b["dropped"]:
             obs.count("privsep.events_dropped", b["dropped"])

@@ -82,6 +82,9 @@ def test_event_and_string_bounds():
         ipc.decode_worker(enc(many))
     with pytest.raises(RemoteProtocolError):
         ipc.decode_worker(enc({"t": "fatal", "error": "x" * (ipc.MAX_STR + 1)}))
+    big = {f"f{i}": "x" * 100 for i in range(11)}                       # > MAX_ENTRY as JSON
+    with pytest.raises(RemoteProtocolError):
+        ipc.decode_worker(enc({"t": "events", "events": [["tl", "52:54:00:00:00:01", 1, "e", big]]}))
     fields = {f"f{i}": i for i in range(ipc.MAX_FIELDS + 1)}
     with pytest.raises(RemoteProtocolError):
         ipc.decode_worker(enc({"t": "events", "events": [["tl", "52:54:00:00:00:01", 1, "e", fields]]}))
