@@ -233,7 +233,10 @@ class Supervisor:
         loop.add_reader(rpc_p.fileno(), self._on_rpc, w)
         self.obs.count("privsep.worker_starts")
         self.log.info("privsep.worker_started", pid=proc.pid, user=self.user.name)
-        await self._send(w, ("snapshot", self._snapshot(), self._disks()))
+        try:
+            await self._send(w, ("snapshot", self._snapshot(), self._disks()))
+        except (asyncio.TimeoutError, OSError):
+            pass                             # the worker died at once: its status or "fatal" says why
         exited = loop.create_task(proc.wait())
         try:
             done, _ = await asyncio.wait({w.ready, exited}, timeout=READY_TIMEOUT_S,
