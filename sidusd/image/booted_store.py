@@ -106,16 +106,24 @@ class BootedStore:
         self._dirty = False
         return self.table.snapshot()
 
-    def _write(self, records: list) -> bool:
+    def _write_file(self, records: list) -> OSError | None:
+        """Encode and write (may run in a thread: touches no shared state); the error, if any."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, booted.encode_records(records), 0o644)
-            return True
+            return None
         except (FileWriteError, OSError) as e:
-            self._dirty = True            # written again with the next change or on close
-            self._count("booted.write_errors")
-            self.log.error("booted.write_failed", error=str(e))
-            return False
+            return e
+
+    def _failed(self, e: OSError) -> bool:
+        self._dirty = True            # written again with the next change or on close
+        self._count("booted.write_errors")
+        self.log.error("booted.write_failed", error=str(e))
+        return False
+
+    def _write(self, records: list) -> bool:
+        e = self._write_file(records)
+        return True if e is None else self._failed(e)
 
     def flush(self, now: float | None = None) -> bool:
         """Write now if something changed (synchronous)."""
@@ -125,7 +133,9 @@ class BootedStore:
 
     async def _flush_later(self) -> None:
         while self._dirty:
-            if not await asyncio.to_thread(self._write, self._data(time.time())):
+            e = await asyncio.to_thread(self._write_file, self._data(time.time()))
+            if e is not None:
+                self._failed(e)
                 return
 
     async def aclose(self) -> None:

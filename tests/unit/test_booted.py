@@ -133,8 +133,8 @@ def test_store_coalesces_writes_in_the_event_loop(tmp_path):
     f = tmp_path / "booted.json"
     st = BootedStore(f, max_hosts=1000, ttl_s=0)
     writes = []
-    real = st._write
-    st._write = lambda data: (writes.append(data), real(data))[1]
+    real = st._write_file
+    st._write_file = lambda data: (writes.append(data), real(data))[1]
 
     async def storm():
         for i in range(200):
@@ -233,3 +233,19 @@ def test_recorder_follows_a_config_reload_to_a_new_file(tmp_path):
     assert len(read_table(tmp_path / "other.json")) == 1
     rec.note(rt.config, "not-a-mac", target)                  # refused quietly, nothing written
     assert len(read_table(tmp_path / "state" / "booted.json")) == 1
+
+
+def test_store_write_failure_in_the_event_loop_is_counted_and_retried_on_close(tmp_path):
+    (tmp_path / "file").write_text("x")
+    obs = Observer()
+    st = BootedStore(tmp_path / "file" / "booted.json", max_hosts=10, ttl_s=0, observer=obs)
+
+    async def boot():
+        st.note(M1, "deb", G1, None, 1.0)
+        await asyncio.sleep(0)
+        await st._task
+        assert obs.snapshot()["booted.write_errors"] == 1 and st._dirty
+        st.path = tmp_path / "ok" / "booted.json"          # the disk is back
+        await st.aclose()
+    asyncio.run(boot())
+    assert [r.mac for r in read_table(tmp_path / "ok" / "booted.json").records()] == [M1]
