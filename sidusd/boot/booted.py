@@ -9,7 +9,10 @@ MAC, the last root it was served, and the rule of "still running" is:
 * a record stays until that MAC is served **another root** (it rebooted into
   another generation: the old one is no longer its root), or
 * until ``ttl_s`` passed since it was last served (``booted.ttl_s``; 0 = never);
-* at most ``max_hosts`` records: beyond, the least recently served is dropped.
+* at most ``max_hosts`` records: beyond, the least recently served is dropped --
+  first among machines the inventory does not list (``known`` False: their MAC
+  is only a name in a TFTP/HTTP request, anyone can make up thousands); a new
+  unknown MAC never pushes out an inventory host's record.
 
 ``last_s`` is refreshed at most every ``refresh_s`` so that a machine that
 reboots often into the same generation does not rewrite the file each time.
@@ -46,10 +49,11 @@ class BootRecord:
     hostname: str | None
     first_s: float          # first served this root (Unix time)
     last_s: float           # last served (refreshed every refresh_s at most)
+    known: bool = True      # the inventory lists this MAC
 
     def as_dict(self) -> dict:
         return {"mac": self.mac, "image": self.image, "root": self.root, "hostname": self.hostname,
-                "first_s": round(self.first_s, 3), "last_s": round(self.last_s, 3)}
+                "first_s": round(self.first_s, 3), "last_s": round(self.last_s, 3), "known": self.known}
 
 
 def _expired(rec: BootRecord, now: float, ttl_s: float) -> bool:
@@ -69,7 +73,7 @@ class BootedTable:
         for r in sorted(records, key=lambda r: r.last_s):
             self._by_mac[r.mac] = r
         while len(self._by_mac) > max_hosts:
-            self._evict_oldest()
+            self._evict_oldest(True)
 
     def __len__(self) -> int:
         return len(self._by_mac)
@@ -77,29 +81,43 @@ class BootedTable:
     def get(self, mac: str) -> BootRecord | None:
         return self._by_mac.get(mac)
 
+    def snapshot(self) -> list[BootRecord]:
+        """The records, unsorted (O(n) pointer copy: the records are immutable)."""
+        return list(self._by_mac.values())
+
     def records(self) -> list[BootRecord]:
         return sorted(self._by_mac.values(), key=lambda r: r.mac)
 
-    def _evict_oldest(self) -> None:
-        oldest = min(self._by_mac.values(), key=lambda r: (r.last_s, r.mac))
+    def _evict_oldest(self, may_evict_known: bool) -> bool:
+        """Drop the least recently served unknown machine, else (if allowed) known one."""
+        pool = [r for r in self._by_mac.values() if not r.known]
+        if not pool and may_evict_known:
+            pool = list(self._by_mac.values())
+        if not pool:
+            return False
+        oldest = min(pool, key=lambda r: (r.last_s, r.mac))
         del self._by_mac[oldest.mac]
+        return True
 
-    def note(self, mac: str, image: str, root: str, hostname: str | None, now: float) -> bool:
-        """Record that ``mac`` was served ``image`` (root ``root``) at ``now``.
+    def note(self, mac: str, image: str, root: str, hostname: str | None, now: float,
+             known: bool = True) -> bool:
+        """Record that ``mac`` (``known``: listed in the inventory) was served ``image`` (root
+        ``root``) at ``now``.
 
         Returns True when the table changed in a way worth persisting: a new
         MAC, another root/image/hostname, or ``last_s`` older than ``refresh_s``.
+        False also when the table is full of inventory hosts and ``mac`` is unknown.
         """
         old = self._by_mac.get(mac)
-        if old is not None and old.root == root and old.image == image and old.hostname == hostname:
+        if old is not None and (old.root, old.image, old.hostname, old.known) == (root, image, hostname, known):
             if now - old.last_s < self.refresh_s:
                 return False
-            self._by_mac[mac] = BootRecord(mac, image, root, hostname, old.first_s, now)
+            self._by_mac[mac] = BootRecord(mac, image, root, hostname, old.first_s, now, known)
             return True
         first = old.first_s if old is not None and old.root == root else now
-        if old is None and len(self._by_mac) >= self.max_hosts:
-            self._evict_oldest()
-        self._by_mac[mac] = BootRecord(mac, image, root, hostname, first, now)
+        if old is None and len(self._by_mac) >= self.max_hosts and not self._evict_oldest(known):
+            return False
+        self._by_mac[mac] = BootRecord(mac, image, root, hostname, first, now, known)
         return True
 
     def prune(self, now: float, ttl_s: float) -> int:
@@ -114,8 +132,13 @@ class BootedTable:
         return [r for r in self.records() if not _expired(r, now, ttl_s)]
 
     def encode(self) -> bytes:
-        doc = {"version": VERSION, "records": [r.as_dict() for r in self.records()]}
-        return (json.dumps(doc, indent=0, sort_keys=True) + "\n").encode()
+        return encode_records(self.records())
+
+
+def encode_records(records: Iterable[BootRecord]) -> bytes:
+    """The file's bytes for ``records`` (the store encodes a snapshot off the event loop)."""
+    doc = {"version": VERSION, "records": [r.as_dict() for r in sorted(records, key=lambda r: r.mac)]}
+    return (json.dumps(doc, indent=0, sort_keys=True) + "\n").encode()
 
 
 def _field(d: Mapping, key: str, types: tuple, where: str):
@@ -144,10 +167,13 @@ def decode(data: bytes, max_hosts: int = DEFAULT_MAX_HOSTS,
         hostname = d.get("hostname")
         if hostname is not None:
             hostname = _field(d, "hostname", (str,), where)
+        known = d.get("known", True)
+        if not isinstance(known, bool):
+            raise BootedFileError(f"{where}.known: expected true or false")
         recs.append(BootRecord(mac=_field(d, "mac", (str,), where), image=_field(d, "image", (str,), where),
                                root=_field(d, "root", (str,), where), hostname=hostname,
                                first_s=float(_field(d, "first_s", (int, float), where)),
-                               last_s=float(_field(d, "last_s", (int, float), where))))
+                               last_s=float(_field(d, "last_s", (int, float), where)), known=known))
     return BootedTable(recs, max_hosts=max_hosts, refresh_s=refresh_s)
 
 

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--control-socket", type=Path, default=None,
                    help="sidusd's control socket: run `sidusctl reload` after switching generations")
     p.add_argument("--config", type=Path, default=None,
-                   help="sidus.yaml: list shows which hosts use what; gc keeps what its inventory pins (<name>.gen-N)")
+                   help="sidus.yaml: list shows which hosts use what (inventory and booted); gc keeps what its inventory pins (<name>.gen-N) and what machines booted (docs/images.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="log events at info level (default: warnings)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="debootstrap package cache (kept between builds)")

@@ -16,7 +16,8 @@ writes what is pending on shutdown.
 Log events: ``booted.recorded`` (info: a machine was served another root),
 ``booted.write_failed``, ``booted.load_failed`` (the bad file is renamed
 ``<file>.bad`` and kept for the operator); counters ``booted.records``,
-``booted.write_errors``.
+``booted.write_errors``, ``booted.full`` (an unknown MAC not recorded: the table is full of
+inventory hosts).
 """
 
 from __future__ import annotations
@@ -78,9 +79,12 @@ class BootedStore:
         if self.observer is not None:
             self.observer.count(name)
 
-    def note(self, mac: str, image: str, root: str, hostname: str | None, now: float) -> bool:
+    def note(self, mac: str, image: str, root: str, hostname: str | None, now: float,
+             known: bool = True) -> bool:
         old = self.table.get(mac)
-        if not self.table.note(mac, image, root, hostname, now):
+        if not self.table.note(mac, image, root, hostname, now, known):
+            if old is None and self.table.get(mac) is None:
+                self._count("booted.full")          # an unknown MAC and a table full of known hosts
             return False
         if old is None or old.root != root:
             self._count("booted.records")
@@ -96,21 +100,30 @@ class BootedStore:
             self._task = loop.create_task(self._flush_later())
         return True
 
-    def _data(self, now: float) -> bytes:
+    def _data(self, now: float) -> list:
+        """A snapshot of the records (cheap, in the loop); encoded by :meth:`_write` (in a thread)."""
         self.table.prune(now, self.ttl_s)
         self._dirty = False
-        return self.table.encode()
+        return self.table.snapshot()
 
-    def _write(self, data: bytes) -> bool:
+    def _write_file(self, records: list) -> OSError | None:
+        """Encode and write (may run in a thread: touches no shared state); the error, if any."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, data, 0o644)
-            return True
+            atomic_write(self.path, booted.encode_records(records), 0o644)
+            return None
         except (FileWriteError, OSError) as e:
-            self._dirty = True            # written again with the next change or on close
-            self._count("booted.write_errors")
-            self.log.error("booted.write_failed", error=str(e))
-            return False
+            return e
+
+    def _failed(self, e: OSError) -> bool:
+        self._dirty = True            # written again with the next change or on close
+        self._count("booted.write_errors")
+        self.log.error("booted.write_failed", error=str(e))
+        return False
+
+    def _write(self, records: list) -> bool:
+        e = self._write_file(records)
+        return True if e is None else self._failed(e)
 
     def flush(self, now: float | None = None) -> bool:
         """Write now if something changed (synchronous)."""
@@ -120,7 +133,9 @@ class BootedStore:
 
     async def _flush_later(self) -> None:
         while self._dirty:
-            if not await asyncio.to_thread(self._write, self._data(time.time())):
+            e = await asyncio.to_thread(self._write_file, self._data(time.time()))
+            if e is not None:
+                self._failed(e)
                 return
 
     async def aclose(self) -> None:
@@ -164,7 +179,7 @@ class BootedRecorder:
             st = self._store_for(config)
             if st is not None:
                 st.note(mac, target.image, str(target.image_root), target.hostname,
-                        time.time() if now is None else now)
+                        time.time() if now is None else now, known=target.mac is not None)
         except (SidusError, OSError, ValueError) as e:      # a record must never cost a boot
             if self.observer is not None:
                 self.observer.count("booted.write_errors")

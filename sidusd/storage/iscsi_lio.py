@@ -222,11 +222,20 @@ class LioBackend:
             finally:
                 os.close(fd)
 
+    async def _read_tree(self) -> tuple[dict[str, LioTarget], dict[str, str]]:
+        """:func:`read_configfs` off the loop; an OSError (a target deleted while it
+        is read, configfs gone) becomes a BackendError, as callers expect."""
+        self.check()
+        try:
+            return await asyncio.to_thread(read_configfs, self.root)
+        except OSError as exc:
+            raise BackendError(f"cannot read LIO's configfs tree {self.root}",
+                               detail=f"{exc.filename}: {os.strerror(exc.errno or errno.EIO)}") from None
+
     # -- the backend interface -------------------------------------------------
     async def show(self) -> dict[str, LioTarget]:
         """The iSCSI targets LIO has now (read from configfs)."""
-        self.check()
-        targets, _ = await asyncio.to_thread(read_configfs, self.root)
+        targets, _ = await self._read_tree()
         return targets
 
     async def apply(self, disks: Sequence[Disk], refresh: Sequence[str] = ()) -> dict[str, list[str]]:
@@ -236,8 +245,7 @@ class LioBackend:
         session); for the IQNs in ``refresh`` its CHAP secret is written again
         (CHAP is checked at login only).
         """
-        self.check()
-        live, backstores = await asyncio.to_thread(read_configfs, self.root)
+        live, backstores = await self._read_tree()
         wanted = {d.plan.target_iqn: d for d in disks}
         refresh = set(refresh)
         done: dict[str, list[str]] = {"created": [], "kept": [], "removed": []}
@@ -266,7 +274,7 @@ class LioBackend:
             await self._create(disk, backstore_name(disk.plan.mac) in have)
             done["created"].append(iqn)
         if done["created"]:
-            now, _ = await asyncio.to_thread(read_configfs, self.root)
+            now, _ = await self._read_tree()
             for iqn in done["created"]:
                 t = now.get(iqn)
                 if t is None or not lio_matches(t, wanted[iqn].plan):
@@ -309,8 +317,7 @@ class LioBackend:
 
     async def remove(self, iqn: str) -> bool:
         """Delete target ``iqn`` and its sidus backstores (not the backing files)."""
-        self.check()
-        live, _ = await asyncio.to_thread(read_configfs, self.root)
+        live, _ = await self._read_tree()
         t = live.get(iqn)
         if t is None:
             return False

@@ -68,6 +68,25 @@ def test_bounded_least_recently_served_evicted():
     assert [r.mac for r in t2.records()] == ["m7", "m8", "m9"]
 
 
+def test_unknown_macs_never_push_out_inventory_hosts():
+    t = booted.BootedTable(max_hosts=3)
+    t.note(M1, "deb", G1, "vm1", 1.0)
+    t.note(M2, "deb", G1, "vm2", 2.0)
+    t.note("02:00:00:00:00:01", "deb", G1, None, 3.0, known=False)
+    # a flood of made-up MACs (a TFTP request names any MAC): they replace each other only
+    for i in range(2, 50):
+        assert t.note(f"02:00:00:00:00:{i:02x}", "deb", G1, None, 3.0 + i, known=False) is True
+    assert {r.mac for r in t.records()} == {M1, M2, "02:00:00:00:00:31"}
+    # a known host evicts the unknown one first
+    assert t.note(M3, "deb", G2, "vm3", 100.0) is True
+    assert {r.mac for r in t.records()} == {M1, M2, M3}
+    # full of known hosts: an unknown MAC is not recorded, a known one evicts the oldest known
+    assert t.note("02:00:00:00:01:00", "deb", G1, None, 101.0, known=False) is False
+    assert t.note("52:54:00:00:00:09", "deb", G1, "vm9", 102.0) is True
+    assert {r.mac for r in t.records()} == {M2, M3, "52:54:00:00:00:09"}
+    assert booted.decode(t.encode()).records() == t.records()
+
+
 def test_encode_decode_round_trip():
     t = booted.BootedTable()
     t.note(M1, "deb", G1, "vm1", 1.5)
@@ -85,6 +104,7 @@ def test_encode_decode_round_trip():
     b'{"version": 1, "records": [{"mac": "x", "image": "d", "root": "/r", "first_s": true, "last_s": 1}]}',
     b'{"version": 1, "records": [{"mac": "x", "image": "d", "root": "/r\\n", "first_s": 1, "last_s": 1}]}',
     b'{"version": 1, "records": [{"mac": "x", "image": "d", "root": "/r", "hostname": 3, "first_s": 1, "last_s": 1}]}',
+    b'{"version": 1, "records": [{"mac": "x", "image": "d", "root": "/r", "first_s": 1, "last_s": 1, "known": 1}]}',
     b"[" * 100000,
 ])
 def test_decode_refuses_malformed_files(data):
@@ -113,8 +133,8 @@ def test_store_coalesces_writes_in_the_event_loop(tmp_path):
     f = tmp_path / "booted.json"
     st = BootedStore(f, max_hosts=1000, ttl_s=0)
     writes = []
-    real = st._write
-    st._write = lambda data: (writes.append(data), real(data))[1]
+    real = st._write_file
+    st._write_file = lambda data: (writes.append(data), real(data))[1]
 
     async def storm():
         for i in range(200):
@@ -187,7 +207,8 @@ def test_rendering_a_boot_config_records_the_root_it_names(tmp_path):
     recs = {r.mac: r for r in read_table(tmp_path / "state" / "booted.json").records()}
     assert (recs[M1].image, recs[M1].root, recs[M1].hostname) == ("deb", str(tmp_path / "deb/gen-0001"), "vm1")
     assert (recs[M2].image, recs[M2].root) == ("deb.gen-2", str(tmp_path / "deb/gen-0002"))
-    assert (recs[M3].image, recs[M3].hostname) == ("deb", None)
+    assert (recs[M3].image, recs[M3].hostname, recs[M3].known) == ("deb", None, False)
+    assert recs[M1].known and recs[M2].known
     assert rt.observer.snapshot()["booted.records"] == 3
 
 
@@ -212,3 +233,19 @@ def test_recorder_follows_a_config_reload_to_a_new_file(tmp_path):
     assert len(read_table(tmp_path / "other.json")) == 1
     rec.note(rt.config, "not-a-mac", target)                  # refused quietly, nothing written
     assert len(read_table(tmp_path / "state" / "booted.json")) == 1
+
+
+def test_store_write_failure_in_the_event_loop_is_counted_and_retried_on_close(tmp_path):
+    (tmp_path / "file").write_text("x")
+    obs = Observer()
+    st = BootedStore(tmp_path / "file" / "booted.json", max_hosts=10, ttl_s=0, observer=obs)
+
+    async def boot():
+        st.note(M1, "deb", G1, None, 1.0)
+        await asyncio.sleep(0)
+        await st._task
+        assert obs.snapshot()["booted.write_errors"] == 1 and st._dirty
+        st.path = tmp_path / "ok" / "booted.json"          # the disk is back
+        await st.aclose()
+    asyncio.run(boot())
+    assert [r.mac for r in read_table(tmp_path / "ok" / "booted.json").records()] == [M1]

@@ -537,6 +537,14 @@ def test_lio_without_configfs_is_refused_naming_what_is_missing(tmp_path):
     root.rmdir()
     with pytest.raises(BackendError, match="absent: load target_core_mod"):
         asyncio.run(lio.show())
+    # a tree that cannot be read (a target deleted while it is read): BackendError, not OSError
+    import unittest.mock
+    root.mkdir()
+    with unittest.mock.patch.object(iscsi_lio, "read_configfs",
+                                    side_effect=FileNotFoundError(2, "No such file", "iscsi/x/tpgt_1/lun")):
+        with pytest.raises(BackendError, match="cannot read LIO's configfs tree") as exc:
+            asyncio.run(lio.show())
+    assert "iscsi/x/tpgt_1/lun" in exc.value.detail
     # the default factory on this kind of machine: the runtime reports it in its status
     if not iscsi_lio.LIO_CONFIGFS.is_dir():
         rt = Runtime(tmp_path / "sidus.yaml", Snapshot(cfg, make_inv(), 1), observer=Observer(),
