@@ -533,7 +533,9 @@ class Supervisor:
                 if img is None:
                     obs.count("privsep.refused.bad_field")
                     continue
-                target = _BootedTarget(e[2], img.root, e[3])
+                # known: the MAC is an inventory host (an unknown one never evicts a known one)
+                known = e[1] in self.runtime.inventory.hosts
+                target = _BootedTarget(e[2], img.root, e[3], e[1] if known else None)
                 self.runtime.booted.note(cfg, e[1], target)
 
     def _on_rpc(self, w: _Worker) -> None:
@@ -625,6 +627,7 @@ class _BootedTarget:
     image: str
     image_root: Path
     hostname: str | None
+    mac: str | None = None          # set when the MAC is in the inventory (BootTarget.mac)
 
 
 def _caps(d: dict[str, Any]) -> dict[str, Any]:
