@@ -358,9 +358,14 @@ class Supervisor:
                                      port=bound.http.port))
         return dataclasses.replace(snap, config=cfg)
 
-    def _disks(self) -> dict[str, Any] | None:
+    def _disks(self) -> dict[str, dict[str, str]] | None:
+        """What the worker needs to render a persistent host's config: its login, nothing else
+        (plain values: the worker unpickles no storage class, and never learns backing paths)."""
         mgr = getattr(self.runtime, "iscsi", None)
-        return dict(mgr.disks) if mgr is not None else None
+        if mgr is None:
+            return None
+        return {mac: {"target_iqn": d.plan.target_iqn, "initiator_iqn": d.plan.initiator_iqn,
+                      "user": d.plan.user, "secret": d.secret} for mac, d in mgr.disks.items()}
 
     async def _send(self, w: _Worker, obj: Any) -> None:
         loop = asyncio.get_running_loop()

@@ -44,6 +44,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -315,11 +316,25 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
-class _Disks:
-    """What the worker knows of the iSCSI manager: each persistent host's disk plan and secret."""
+@dataclass(frozen=True)
+class _Plan:
+    target_iqn: str
+    initiator_iqn: str
+    user: str
 
-    def __init__(self, disks: dict[str, Any]):
-        self.disks = disks
+
+@dataclass(frozen=True)
+class _Disk:
+    plan: _Plan
+    secret: str
+
+
+class _Disks:
+    """What the worker knows of the iSCSI manager: each persistent host's login (for its config)."""
+
+    def __init__(self, disks: dict[str, dict[str, str]]):
+        self.disks = {mac: _Disk(_Plan(d["target_iqn"], d["initiator_iqn"], d["user"]), d["secret"])
+                      for mac, d in disks.items()}
 
     def disk(self, mac: str) -> Any:
         return self.disks.get(mac)
@@ -376,6 +391,7 @@ class Worker:
         self.services: dict[str, Any] = {}
         self.reasm = ipc.Reassembler()
         self.grace_s = STOP_GRACE_S
+        self.exit_code = 0
 
     def send(self, msg: dict[str, Any]) -> None:
         self.ctl.send(ipc.encode_worker(msg))
@@ -428,7 +444,7 @@ class Worker:
         except OSError:
             pass
         self.log.info("worker.stopped")
-        return 0
+        return self.exit_code
 
     async def _ticker(self) -> None:
         import asyncio
@@ -452,7 +468,14 @@ class Worker:
             self.grace_s = 0
             self.stop.set()
             return
-        msg = self.reasm.feed(data)
+        try:
+            msg = self.reasm.feed(data)
+        except Exception as exc:  # noqa: BLE001 - serving a stale snapshot silently is worse
+            self.log.error("worker.bad_snapshot", error=repr(exc))
+            self.exit_code = 1
+            self.grace_s = 0
+            self.stop.set()
+            return
         if msg is None:
             return
         kind = msg[0]
@@ -474,6 +497,25 @@ async def _stop(svc: Any, grace_s: float) -> None:
             await svc.stop()
     except Exception:       # stopping must reach every service
         pass
+
+
+class _LateImports:
+    """Logs ``worker.late_import`` for a module first imported after the privilege drop.
+
+    Such an import reads files as the worker user; where the interpreter's
+    library is not readable by it (a Python under /root) it fails.  Nothing is
+    changed: the normal finders run next.
+    """
+
+    def __init__(self, log: Any):
+        self.log = log
+        self.seen: set[str] = set()
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name not in self.seen:
+            self.seen.add(name)
+            self.log.warning("worker.late_import", module=name)
+        return None
 
 
 def _recv_first(ctl: socket.socket) -> Any:
@@ -498,8 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
 
-    # 1. everything imported now, while the code is surely readable
+    # 1. everything imported now, while the code is surely readable (the interpreter's own
+    #    library may not be readable by the worker user: a later import would fail)
     import asyncio  # noqa: F401
+    import email.utils  # noqa: F401
+    import encodings.idna  # noqa: F401  (getaddrinfo of a str host)
+    import hashlib  # noqa: F401
+    import secrets  # noqa: F401
+    import traceback  # noqa: F401
     from .. import daemon  # noqa: F401
     from ..net import dhcp_server, files, tftp_server  # noqa: F401
     try:
@@ -525,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 3
     creds.set_parent_death_signal(signal.SIGKILL)
+    sys.meta_path.insert(0, _LateImports(log))
     ctl.send(ipc.encode_worker({"t": "hello", "pid": os.getpid()}))
 
     # 3. the snapshot, the routes to the supervisor, the services

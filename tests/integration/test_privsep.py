@@ -311,6 +311,11 @@ def test_traffic_is_handled_by_an_unprivileged_worker(daemon):
     cfg = daemon.tftp_get("pxelinux.cfg/01-52-54-00-aa-00-01")
     assert b"52:54:00:aa:00:01" in cfg
 
+    # every module the worker uses was imported before the drop (a Python under /root is not
+    # readable by the worker user: a later import fails there)
+    late = [e.get("module") for e in daemon.events() if e.get("event") == "worker.late_import"]
+    assert late == [], late
+
     # sidusctl status (table) shows both processes
     r = daemon.ctl("status")
     assert r.returncode == 0
