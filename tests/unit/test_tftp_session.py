@@ -562,3 +562,25 @@ def test_atftp_model_through_impaired_link(name: str, seed: int) -> None:
     ratio = res.data_sent / blocks
     print(f"{name} seed={seed}: ratio={ratio:.3f} {res}")
     assert ratio <= bound, (name, ratio, res)
+
+
+def test_backoff_keeps_atftp_from_stalling(monkeypatch) -> None:
+    """The livelock that stalled the reverted attempt: atftp's window ACK and its one
+    extra ACK both lost, it holds every block the server resends and ignores them
+    silently, and speaks again only after its own timer (1 s) passes with no packet at
+    all.  Through the same impaired links every transfer completes; the control run
+    without the backoff (a fixed 0.2 s timer) stalls some of them."""
+    def runs() -> int:
+        stalled = 0
+        for seed in range(1, 11):
+            for drop, dup, reorder in ((0.01, 0.01, 0.01), (0.05, 0.0, 0.0)):
+                data = random.Random(seed).randbytes(1468 * 2999 + 100)
+                s = ReadSession(BytesSource(data), blksize=1468, windowsize=16, timeout_s=0.2, retries=12)
+                client = AtftpModel(windowsize=16, blksize=1468, timeout_s=1.0)
+                simulate(s, client, seed=seed, drop=drop, dup=dup, reorder=reorder, horizon_s=900)
+                stalled += not (client.done and bytes(client.data) == data)
+        return stalled
+
+    assert runs() == 0
+    monkeypatch.setattr(ReadSession, "_rto", lambda self: self.timeout_s)
+    assert runs() > 0
