@@ -48,7 +48,7 @@ from sidusd.boot.leases import LeaseDB
 
 MACS = [f"52:54:00:aa:{i // 256:02x}:{i % 256:02x}" for i in range(48)]
 TARGET_WRITES = 2000
-MAX_ROUNDS = 80
+MAX_ROUNDS = 200
 
 
 class Writer(threading.Thread):
@@ -101,7 +101,13 @@ def test_kill_9_during_inventory_writes(tmp_path):
             assert not tracebacks(d.events())
             w = Writer(str(d.socket_path), seq, acked)
             w.start()
-            time.sleep(rng.uniform(0.05, 1.0))
+            # a random moment: after a random number of acknowledged writes (so the
+            # count of writes does not depend on how loaded the machine is), then a
+            # random fraction of a write's duration
+            want, t_end = w.writes + rng.randint(1, 60), time.monotonic() + 10
+            while w.writes < want and w.is_alive() and time.monotonic() < t_end:
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0, 0.03))
             os.killpg(d.proc.pid, signal.SIGKILL)
             d.proc.wait(10)
             d._log.close()
