@@ -11,6 +11,12 @@ owns the socket, a :class:`~sidusd.net.mmsg.Receiver` and a
 * :meth:`SharedPort.queue` collects datagrams during a loop turn and
   :meth:`SharedPort.flush` sends them all with ``sendmmsg`` (in queue order,
   so each peer's datagrams stay in order);
+* consecutive datagrams of the same size for one peer (a TFTP window: every
+  DATA but the last has ``blksize + 4`` bytes) go as one UDP GSO message
+  (``UDP_SEGMENT``) when the kernel supports it: the stack is crossed once per
+  window, not once per block.  If the kernel refuses a GSO message (``EIO``:
+  the route's device cannot checksum it; ``EINVAL``), GSO is switched off for
+  this socket and the group is sent as single datagrams;
 * what the kernel refuses with ``EAGAIN`` waits in a bounded outbox drained by
   the event loop's writer callback; a datagram refused for another reason
   (``EMSGSIZE``, ``ENETUNREACH``...) is dropped and counted, the retransmission
@@ -33,6 +39,7 @@ from . import mmsg
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _RETRYABLE = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS)
+_GSO_ERRORS = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.EMSGSIZE)
 
 
 def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> int:
@@ -51,7 +58,8 @@ class SharedPort:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, local: str,
                  count: Callable[[str, int], None], *, rx_capacity: int = 64,
-                 tx_capacity: int = 256, buffer_bytes: int = 8 << 20, outbox_max: int = 65536):
+                 tx_capacity: int = 256, buffer_bytes: int = 8 << 20, outbox_max: int = 65536,
+                 gso: bool = True):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -66,6 +74,7 @@ class SharedPort:
         self._loop, self._count = loop, count
         self._rx = mmsg.Receiver(rx_capacity)
         self._tx = mmsg.Sender(tx_capacity)
+        self.gso = gso and mmsg.gso_supported(sock)
         self.rx_capacity = rx_capacity
         self._payloads: list[bytes] = []
         self._peers: list[mmsg.Peer] = []
@@ -89,8 +98,22 @@ class SharedPort:
     # -- sending ---------------------------------------------------------------
     def queue(self, payloads: list[bytes], peer: mmsg.Peer) -> None:
         """Add datagrams for ``peer`` to the batch :meth:`flush` sends."""
-        self._payloads.extend(payloads)
-        self._peers.extend([peer] * len(payloads))
+        if len(payloads) == 1 or not self.gso:
+            self._payloads.extend(payloads)
+            self._peers.extend([peer] * len(payloads))
+            return
+        out, n, i = self._payloads, len(payloads), 0
+        while i < n:
+            size = len(payloads[i])
+            most = min(mmsg.GSO_MAX_SEGMENTS, mmsg.GSO_MAX_BYTES // max(size, 1))
+            j = i + 1
+            while j < n and j - i < most and len(payloads[j]) == size:
+                j += 1
+            if j < n and j - i < most and len(payloads[j]) < size:
+                j += 1                              # the short last block ends a group
+            out.append(payloads[i] if j - i == 1 else tuple(payloads[i:j]))
+            self._peers.append(peer)
+            i = j
 
     def send_now(self, payload: bytes, addr: tuple[str, int]) -> None:
         """One datagram outside the batch (ERROR 5 to a stranger); dropped if refused."""
@@ -118,8 +141,22 @@ class SharedPort:
                 self._count("tftp.send_blocked", 1)
                 self._enqueue(payloads, peers, start)
                 return
+            if self._gso_refused(payloads, peers, start, err):
+                continue
             self._count("tftp.send_errors", 1)  # this datagram is dropped; timers recover
             start += 1
+
+    def _gso_refused(self, payloads: list, peers: list, at: int, err: int) -> bool:
+        """A GSO message refused: GSO off for this socket, its parts put back as datagrams."""
+        group = payloads[at]
+        if type(group) is not tuple or err not in _GSO_ERRORS:
+            return False
+        if self.gso:
+            self.gso = False
+            self._count("tftp.gso_off", 1)
+        payloads[at:at + 1] = list(group)
+        peers[at:at + 1] = [peers[at]] * len(group)
+        return True
 
     def _enqueue(self, payloads: list[bytes], peers: list[mmsg.Peer], start: int) -> None:
         box = self._outbox
@@ -142,8 +179,14 @@ class SharedPort:
             if err in _RETRYABLE:
                 return                          # still full: called again when writable
             if err:
-                self._count("tftp.send_errors", 1)
-                box.popleft()
+                group, peer = box.popleft()
+                if type(group) is tuple and err in _GSO_ERRORS:
+                    if self.gso:
+                        self.gso = False
+                        self._count("tftp.gso_off", 1)
+                    box.extendleft((part, peer) for part in reversed(group))
+                else:
+                    self._count("tftp.send_errors", 1)
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self.fd)

@@ -139,3 +139,33 @@ def test_capacity_is_checked():
         mmsg.Receiver(capacity=0)
     with pytest.raises(ValueError):
         mmsg.Sender(capacity=5000)
+
+
+def test_gso_group_is_cut_into_datagrams(mode):
+    """A tuple payload is one UDP_SEGMENT message (or, in the fallback, one datagram per part)."""
+    a, b = udp(), udp()
+    if mode == "batched" and not mmsg.gso_supported(a):
+        pytest.skip("kernel without UDP_SEGMENT (Linux >= 4.18)")
+    pb = mmsg.Peer(mmsg.peer_key(b.getsockname()))
+    group = tuple(bytes([0, 3, 0, i]) + os.urandom(1468) for i in range(16)) + (b"\x00\x03\x00\x10end",)
+    assert mmsg.Sender().send(a, [b"x", group, b"y"], [pb] * 3) == (3, 0)
+    got = drain(mmsg.Receiver(), b, 19)
+    assert [p for p, _, _ in got] == [b"x", *group, b"y"]
+    a.close()
+    b.close()
+
+
+def test_many_groups_need_several_calls(mode):
+    """More iovecs than one call holds: the batch is split, nothing lost, order kept."""
+    a, b = udp(), udp()
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    if mode == "batched" and not mmsg.gso_supported(a):
+        pytest.skip("kernel without UDP_SEGMENT (Linux >= 4.18)")
+    pb = mmsg.Peer(mmsg.peer_key(b.getsockname()))
+    groups = [tuple(bytes([g, k]) * 50 for k in range(10)) for g in range(12)]
+    tx = mmsg.Sender(capacity=4, max_iov=25)
+    assert tx.send(a, groups, [pb] * 12) == (12, 0)
+    got = drain(mmsg.Receiver(capacity=128), b, 120)
+    assert [p for p, _, _ in got] == [part for g in groups for part in g]
+    a.close()
+    b.close()

@@ -55,9 +55,10 @@ def test_flush_sends_the_batch_in_order_and_reads_come_back(loop):
     peer_sock.close()
 
 
-def test_refused_datagram_is_dropped_and_the_rest_goes(loop):
+@pytest.mark.parametrize("gso", [True, False])
+def test_refused_datagram_is_dropped_and_the_rest_goes(loop, gso):
     counts = Counts()
-    port = SharedPort(loop, "127.0.0.1", counts.count)
+    port = SharedPort(loop, "127.0.0.1", counts.count, gso=gso)
     peer_sock = udp()
     peer = mmsg.Peer(mmsg.peer_key(peer_sock.getsockname()))
     port.queue([b"one", b"x" * 70000, b"three"], peer)     # the middle one: EMSGSIZE
@@ -84,7 +85,7 @@ class FullOnce(mmsg.Sender):
 
 def test_eagain_parks_the_rest_until_writable_in_order(loop):
     counts = Counts()
-    port = SharedPort(loop, "127.0.0.1", counts.count)
+    port = SharedPort(loop, "127.0.0.1", counts.count, gso=False)
     port._tx = FullOnce(1)
     peer_sock = udp()
     peer = mmsg.Peer(mmsg.peer_key(peer_sock.getsockname()))
@@ -103,7 +104,7 @@ def test_eagain_parks_the_rest_until_writable_in_order(loop):
 
 def test_drop_queued_forgets_one_peer_only(loop):
     counts = Counts()
-    port = SharedPort(loop, "127.0.0.1", counts.count)
+    port = SharedPort(loop, "127.0.0.1", counts.count, gso=False)
     port._tx = FullOnce(1)
     s1, s2 = udp(), udp()
     p1, p2 = mmsg.Peer(mmsg.peer_key(s1.getsockname())), mmsg.Peer(mmsg.peer_key(s2.getsockname()))
@@ -126,7 +127,7 @@ def test_drop_queued_forgets_one_peer_only(loop):
 
 def test_outbox_is_bounded(loop):
     counts = Counts()
-    port = SharedPort(loop, "127.0.0.1", counts.count, outbox_max=5)
+    port = SharedPort(loop, "127.0.0.1", counts.count, outbox_max=5, gso=False)
     port._tx = FullOnce(1)
     peer = mmsg.Peer(mmsg.peer_key(("127.0.0.1", 9)))
     port.queue([b"p"] * 20, peer)
@@ -134,3 +135,62 @@ def test_outbox_is_bounded(loop):
     assert port.waiting == 5 and counts["tftp.send_dropped"] == 14
     port.close()
     assert port.waiting == 0
+
+
+def window(n: int, size: int, last: int) -> list[bytes]:
+    return [bytes([0, 3, i >> 8, i & 255]) + bytes([i & 255]) * (size - 4) for i in range(n)] + \
+        [b"\x00\x03\xff\xff" + b"L" * (last - 4)]
+
+
+def test_a_window_goes_as_one_gso_message_and_arrives_as_datagrams(loop):
+    counts = Counts()
+    port = SharedPort(loop, "127.0.0.1", counts.count)
+    if not port.gso:
+        port.close()
+        pytest.skip("kernel without UDP_SEGMENT (Linux >= 4.18)")
+    peer_sock = udp()
+    peer = mmsg.Peer(mmsg.peer_key(peer_sock.getsockname()))
+    w = window(16, 1472, 100)
+    port.queue([b"\x00\x06blksize\x001468\x00"], peer)       # a lone datagram
+    port.queue(w, peer)
+    port.queue(window(70, 1472, 1472), peer)                  # more than one GSO message holds
+    assert [type(p) for p in port._payloads] == [bytes, tuple, tuple, tuple]
+    assert [len(p) for p in port._payloads[1:]] == [17, 44, 27]
+    port.flush()
+    got = [peer_sock.recvfrom(2000)[0] for _ in range(1 + 17 + 71)]
+    assert got == [b"\x00\x06blksize\x001468\x00"] + w + window(70, 1472, 1472)
+    assert not counts
+    port.close()
+    peer_sock.close()
+
+
+class GsoRefused(mmsg.Sender):
+    """A kernel whose route cannot checksum a GSO message (EIO, e.g. a device without offload)."""
+
+    def send(self, sock, payloads, peers, start=0):
+        for i in range(start, len(payloads)):
+            if type(payloads[i]) is tuple:
+                sent, err = super().send(sock, payloads[start:i], peers[start:i])
+                return sent, err or errno.EIO
+        return super().send(sock, payloads, peers, start)
+
+
+def test_gso_refused_falls_back_to_datagrams_for_good(loop):
+    counts = Counts()
+    port = SharedPort(loop, "127.0.0.1", counts.count)
+    port.gso = True
+    port._tx = GsoRefused()
+    peer_sock = udp()
+    peer = mmsg.Peer(mmsg.peer_key(peer_sock.getsockname()))
+    w = window(5, 600, 30)
+    port.queue([b"first"], peer)
+    port.queue(w, peer)
+    port.flush()
+    assert [peer_sock.recvfrom(2000)[0] for _ in range(7)] == [b"first"] + w
+    assert port.gso is False and counts == {"tftp.gso_off": 1}
+    port.queue(w, peer)                                       # no group any more
+    assert all(type(p) is bytes for p in port._payloads)
+    port.flush()
+    assert [peer_sock.recvfrom(2000)[0] for _ in range(6)] == w
+    port.close()
+    peer_sock.close()
