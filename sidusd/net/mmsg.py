@@ -56,8 +56,8 @@ _IOV = ctypes.sizeof(_iovec)
 _OFF_NAME = _msghdr.msg_name.offset
 _OFF_FLAGS = _msghdr.msg_flags.offset
 _OFF_LEN = _mmsghdr.msg_len.offset
-_LEN_FLAGS = struct.Struct("=I")       # msg_len
-_FLAGS = struct.Struct("=i")
+_FLAGS_LEN = struct.Struct("=i4xI")    # msg_flags, padding, msg_len (mmsghdr from msg_flags on)
+assert _OFF_LEN == _OFF_FLAGS + 8
 _IOV_PACK = struct.Struct("PN")        # iov_base, iov_len
 _SOCKADDR = struct.Struct("=H6s8x")    # sin_family (host order), port + address, zero
 # msghdr from msg_name to msg_controllen: name, namelen, iov, iovlen, control, controllen
@@ -170,14 +170,14 @@ class Receiver:
             raise OSError(err, os.strerror(err))
         out = []
         mvm, mvd, mvn, bs = self._mv_msgs, self._mv_data, self._mv_names, self.bufsize
-        ulen, uflags = _LEN_FLAGS.unpack_from, _FLAGS.unpack_from
+        unpack, append = _FLAGS_LEN.unpack_from, out.append
         for i in range(n):
-            base = i * _MM
-            ln = ulen(mvm, base + _OFF_LEN)[0]
-            trunc = bool(uflags(mvm, base + _OFF_FLAGS)[0] & MSG_TRUNC) or ln > bs
+            flags, ln = unpack(mvm, i * _MM + _OFF_FLAGS)
             off = i * bs
-            out.append((mvd[off:off + min(ln, bs)].tobytes(),
-                        mvn[i * 16 + 2:i * 16 + 8].tobytes(), trunc))
+            if ln <= bs and not flags & MSG_TRUNC:
+                append((mvd[off:off + ln].tobytes(), mvn[i * 16 + 2:i * 16 + 8].tobytes(), False))
+            else:
+                append((mvd[off:off + bs].tobytes(), mvn[i * 16 + 2:i * 16 + 8].tobytes(), True))
         return out
 
     def _recv_fallback(self, sock: socket.socket) -> list[tuple[bytes, bytes, bool]]:

@@ -461,7 +461,11 @@ class TftpService:
             out = session.datagrams_to_send(now)
             self.log.warning("tftp.read_error", file=t.file, error=exc.strerror)
         if out:
-            t.port.queue(out, t.dest)
+            port = t.port
+            if len(out) == 1:       # lockstep: one DATA per ACK
+                port.queue_one(out[0], t.dest)
+            else:
+                port.queue(out, t.dest)
         if session.done:
             self._finish(t, now)
         else:

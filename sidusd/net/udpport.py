@@ -96,6 +96,11 @@ class SharedPort:
         return self._rx.recv(self.sock)
 
     # -- sending ---------------------------------------------------------------
+    def queue_one(self, payload: bytes, peer: mmsg.Peer) -> None:
+        """Add one datagram for ``peer`` to the batch (the lockstep case)."""
+        self._payloads.append(payload)
+        self._peers.append(peer)
+
     def queue(self, payloads: list[bytes], peer: mmsg.Peer) -> None:
         """Add datagrams for ``peer`` to the batch :meth:`flush` sends."""
         if len(payloads) == 1 or not self.gso:
