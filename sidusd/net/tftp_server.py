@@ -11,12 +11,15 @@
   ``--tftp-single-port``.  A datagram from a peer with no transfer there is a
   wrong TID: ERROR 5 to it, nothing else touched; one from a peer whose
   transfer just ended (a late duplicate ACK) is dropped and counted ``late``.
+  The socket is closed once it serves no transfer (the next one opens another).
 * A readable transfer socket is drained with ``recvmmsg`` (up to ``_RX_BATCH``
   datagrams per call, at most ``_RX_ROUNDS`` calls per loop turn); an ACK
   (4 bytes) is handed to ``ReadSession.receive_ack`` without building an
   object; everything the sessions release during the turn is sent with one
-  ``sendmmsg`` per ``_TX_BATCH`` datagrams (:mod:`sidusd.net.mmsg`).  Only
-  what the kernel refuses is queued (bounded outbox, ``add_writer``).
+  ``sendmmsg`` per ``_TX_BATCH`` messages (:mod:`sidusd.net.mmsg`); a window
+  for one client is one UDP GSO message the kernel cuts into its DATA
+  datagrams.  Only what the kernel refuses is queued (bounded outbox,
+  ``add_writer``).
 * Files are read through :class:`~sidusd.net.files.ReadAheadSource`: one
   ``pread`` per 64 KiB, not per block.
 * One timer for all transfers: a heap of deadlines (at most one live entry per
@@ -34,7 +37,8 @@ refused.<write|mode|busy|per_client|name|not_found|access|render|socket|stopping
 netascii_size|read>,
 transfers.started/done/failed/probe, retransmits, bytes, send_errors, send_blocked
 (the kernel send buffer was full; the rest waits for add_writer), send_dropped
-(the outbox was full), internal_errors.
+(the outbox was full), gso_off (the kernel refused a GSO message: datagrams
+from then on), rx_errors, internal_errors.
 Every transfer ends with one ``tftp.transfer`` log event.
 """
 
