@@ -35,7 +35,8 @@
 Counters (``tftp.``): rx, malformed, unexpected, duplicate_rrq, wrong_tid, late,
 refused.<write|mode|busy|per_client|name|not_found|access|render|socket|stopping|
 netascii_size|read>,
-transfers.started/done/failed/probe, retransmits, bytes, send_errors, send_blocked
+transfers.started/done/failed/probe, rx_batches (recvmmsg calls that returned datagrams:
+rx / rx_batches is the batch size), retransmits, bytes, send_errors, send_blocked
 (the kernel send buffer was full; the rest waits for add_writer), send_dropped
 (the outbox was full), gso_off (the kernel refused a GSO message: datagrams
 from then on), rx_errors, internal_errors.
@@ -389,7 +390,7 @@ class TftpService:
         obs = self.runtime.observer
         now = self._loop.time()             # type: ignore[union-attr]
         transfers = port.owners
-        rx = 0
+        rx = calls = 0
         try:
             for _ in range(_RX_ROUNDS):
                 try:
@@ -398,7 +399,10 @@ class TftpService:
                     obs.count("tftp.rx_errors")
                     self.log.warning("tftp.rx_error", error=exc.strerror)
                     break
+                if not batch:
+                    break
                 rx += len(batch)
+                calls += 1
                 for data, key, trunc in batch:
                     t = transfers.get(key)
                     if t is None:
@@ -428,6 +432,7 @@ class TftpService:
         finally:
             if rx:
                 obs.count("tftp.rx", rx)
+                obs.count("tftp.rx_batches", calls)
 
     def _stranger(self, port: SharedPort, data: bytes, key: bytes) -> None:
         """A datagram from a peer with no transfer on this socket."""
