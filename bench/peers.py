@@ -23,6 +23,8 @@ REPO = BENCH.parent
 PEERS_DIR = BENCH / ".peers"
 PACKAGES = {"tftpd-hpa": "usr/sbin/in.tftpd", "atftpd": "usr/sbin/atftpd"}
 SERVERS = ("sidusd", "dnsmasq", "tftpd-hpa", "atftpd")
+DHCP_SERVERS = ("sidusd", "dnsmasq")      # proxyDHCP
+HTTP_SERVERS = ("sidusd",)                # HTTP boot (the C peers have none)
 
 
 class BenchSetupError(RuntimeError):
@@ -66,6 +68,16 @@ def ensure_peers(packages: list[str] | tuple[str, ...] = tuple(PACKAGES)) -> dic
     return out
 
 
+@dataclass(frozen=True)
+class DhcpSide:
+    """The server end of the bench's DHCP link: interface and address (a /24)."""
+
+    iface: str = "sb0"
+    server_ip: str = "10.77.0.1"
+    network: str = "10.77.0.0"
+    netmask: str = "255.255.255.0"
+
+
 @dataclass
 class ServerSpec:
     """How to start one server: argv, and the files it needs written first."""
@@ -75,21 +87,42 @@ class ServerSpec:
     workdir: Path
 
 
-def server_spec(name: str, root: Path, workdir: Path, max_transfers: int,
-                port: int = 69) -> ServerSpec:
-    """The command line that serves ``root`` over TFTP on 127.0.0.1:``port``."""
+def server_spec(name: str, root: Path, workdir: Path, max_transfers: int, port: int = 69,
+                dhcp: DhcpSide | None = None, http_port: int | None = None,
+                http_clients: int = 0) -> ServerSpec:
+    """The command line that serves ``root`` over TFTP on 127.0.0.1:``port``.
+
+    ``dhcp``: also answer proxyDHCP on that interface (sidusd and dnsmasq
+    only), TFTP then on every address (the boot server address is the
+    interface's).  ``http_port``: sidusd also serves HTTP boot there, with
+    iPXE chainloading, and limits fitting ``http_clients`` clients that all
+    come from one address.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
+    if dhcp is not None and name not in DHCP_SERVERS:
+        raise BenchSetupError(f"{name} has no DHCP server")
+    if http_port is not None and name not in HTTP_SERVERS:
+        raise BenchSetupError(f"{name} has no HTTP server")
     if name == "sidusd":
-        return ServerSpec(name, [sys.executable, "-m", "sidusd", "--config",
-                                 str(write_sidusd_config(root, workdir, max_transfers, port))], workdir)
+        cfg = write_sidusd_config(root, workdir, max_transfers, port, dhcp=dhcp, http_port=http_port,
+                                  http_clients=http_clients)
+        return ServerSpec(name, [sys.executable, "-m", "sidusd", "--config", str(cfg)], workdir)
     if name == "dnsmasq":
         if port != 69:
             raise BenchSetupError("dnsmasq serves TFTP on port 69 only")
-        return ServerSpec(name, [_tool("dnsmasq"), "--keep-in-foreground", "--conf-file=/dev/null",
-                                 "--port=0", "--enable-tftp", f"--tftp-root={root}",
-                                 f"--tftp-max={max_transfers}", "--quiet-tftp", "--user=root",
-                                 "--pid-file=", "--listen-address=127.0.0.1", "--bind-interfaces",
-                                 "--log-facility=-"], workdir)
+        argv = [_tool("dnsmasq"), "--keep-in-foreground", "--conf-file=/dev/null",
+                "--port=0", "--enable-tftp", f"--tftp-root={root}",
+                f"--tftp-max={max_transfers}", "--quiet-tftp", "--user=root",
+                "--pid-file=", "--listen-address=127.0.0.1", "--bind-interfaces",
+                "--log-facility=-"]
+        if dhcp is not None:
+            # proxyDHCP (dnsmasq(8): a dhcp-range with "proxy") + a PXE service for BIOS
+            # clients: OFFER on 67, ACK on 4011, boot file pxelinux.0 (".0" added by dnsmasq).
+            argv += [f"--interface={dhcp.iface}", f"--listen-address={dhcp.server_ip}",
+                     f"--dhcp-range={dhcp.network},proxy,{dhcp.netmask}",
+                     '--pxe-service=x86PC,"sidus",pxelinux', "--quiet-dhcp",
+                     f"--dhcp-leasefile={workdir / 'leases'}"]
+        return ServerSpec(name, argv, workdir)
     if name == "tftpd-hpa":
         # -L: stay in the foreground; forks one child per transfer.
         return ServerSpec(name, [str(peer_binary("tftpd-hpa")), "-L", "-u", "root", "-s", str(root),
@@ -102,8 +135,16 @@ def server_spec(name: str, root: Path, workdir: Path, max_transfers: int,
     raise BenchSetupError(f"unknown server {name!r} (known: {', '.join(SERVERS)})")
 
 
-def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int) -> Path:
-    """A sidusd config serving ``root`` on 127.0.0.1 with DHCP off and logging at warning."""
+def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int,
+                        dhcp: DhcpSide | None = None, http_port: int | None = None,
+                        http_clients: int = 0) -> Path:
+    """A sidusd config serving ``root`` on 127.0.0.1 (DHCP off) and logging at warning.
+
+    With ``dhcp``: proxyDHCP on that interface, TFTP on 0.0.0.0.  With
+    ``http_port``: HTTP boot on 0.0.0.0 and ``boot.ipxe_chain`` (BIOS clients
+    get undionly.kpxe, iPXE gets its script's URL); every simulated client
+    connects from one address, so ``http.max_per_client`` is raised to fit them.
+    """
     (workdir / "state").mkdir(exist_ok=True)
     (workdir / "image").mkdir(exist_ok=True)
     cfg = {
@@ -120,6 +161,14 @@ def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int
         "images": {"demo": {"root": str(workdir / "image"), "kernel": "images/demo/vmlinuz",
                             "initrd": "images/demo/initrd.img", "append": "console=ttyS0"}},
     }
+    if dhcp is not None:
+        cfg["dhcp"] = {"mode": "proxy", "interfaces": [dhcp.iface]}
+        cfg["tftp"]["address"] = "0.0.0.0"
+    if http_port is not None:
+        conns = max(64, 4 * http_clients)
+        cfg["http"] = {"enabled": True, "address": "0.0.0.0", "port": http_port,
+                       "max_connections": conns, "max_per_client": conns}
+        cfg["boot"] = {"ipxe_chain": True}
     inv = {"profiles": {"default": {"image": "demo", "overlay": "tmpfs", "append": ""}}, "hosts": []}
     (workdir / "inventory.yaml").write_text(yaml.safe_dump(inv))
     path = workdir / "sidus.yaml"

@@ -118,10 +118,18 @@ class TftpConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """``http:`` section (iPXE / UEFI HTTP boot)."""
+    """``http:`` section (iPXE / UEFI HTTP boot): listener and the server's limits.
+
+    ``max_connections`` open at once, ``max_per_client`` from one client IP
+    (over either: 503 + Retry-After), ``idle_timeout_s`` without progress before
+    a connection is closed (no complete request, or a response not read).
+    """
     enabled: bool = False
     address: IPv4Address = IPv4Address("0.0.0.0")
     port: int = 8080
+    max_connections: int = 256
+    max_per_client: int = 32
+    idle_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,19 @@ class ImageConfig:
 
 
 @dataclass(frozen=True)
+class BootedConfig:
+    """Which generation each machine was served (sidusd/boot/booted.py; docs/images.md).
+
+    ``file`` None: not recorded.  Default: ``<state_dir>/booted.json`` when
+    ``images_file`` is set (generations exist only with sidus-image), else None.
+    ``ttl_s``: a record not served again for that long no longer protects its
+    generation (0: forever).  ``max_hosts``: bound on the records kept."""
+    file: Path | None = None
+    ttl_s: int = 30 * 86400
+    max_hosts: int = 10_000
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, one immutable snapshot (swapped whole on reload)."""
     tftp: TftpConfig
@@ -173,6 +194,7 @@ class Config:
     iscsi: IscsiConfig = field(default_factory=IscsiConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=lambda: types.MappingProxyType({}))
     images_file: Path | None = None
+    booted: BootedConfig = field(default_factory=BootedConfig)
     source: str = field(default="<string>", compare=False)
 
     def listener_key(self) -> tuple:
@@ -250,7 +272,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
     """Parse configuration ``text`` (pure).  Raises :class:`ConfigError` on the first refusal."""
     root = Section(load_yaml(text, source), "")
     root.allow("state_dir", "inventory_file", "log", "control", "dhcp", "boot", "tftp",
-               "http", "nfs", "iscsi", "images", "images_file")
+               "http", "nfs", "iscsi", "images", "images_file", "booted")
     path_of = _path_resolver(base_dir)
 
     state_dir = path_of(root, "state_dir", Path("/var/lib/sidus"))
@@ -289,19 +311,30 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
     )
 
     s = root.section("http")
-    s.allow("enabled", "address", "port")
+    s.allow("enabled", "address", "port", "max_connections", "max_per_client", "idle_timeout_s")
+    max_connections = s.int("max_connections", 256, 1, 65535)
     http = HttpConfig(enabled=s.get("enabled", bool, False),
                       address=s.ipv4("address", IPv4Address("0.0.0.0")),
-                      port=s.int("port", 8080, 1, 65535))
+                      port=s.int("port", 8080, 1, 65535),
+                      max_connections=max_connections,
+                      max_per_client=s.int("max_per_client", min(32, max_connections), 1, max_connections),
+                      idle_timeout_s=s.float("idle_timeout_s", 30.0, 0.1, 3600.0))
 
     nfs = _parse_nfs(root.section("nfs"), path_of)
     iscsi = _parse_iscsi(root.section("iscsi"), path_of, state_dir)
 
     images = _parse_images(root.section("images"), path_of)
+    images_file = path_of(root, "images_file")
+    s = root.section("booted")
+    s.allow("file", "ttl_s", "max_hosts")
+    booted = BootedConfig(
+        file=path_of(s, "file", state_dir / "booted.json" if images_file is not None else None),
+        ttl_s=s.int("ttl_s", BootedConfig.ttl_s, 0, 10 * 365 * 86400),
+        max_hosts=s.int("max_hosts", BootedConfig.max_hosts, 1, 1_000_000))
     return Config(state_dir=state_dir, inventory_file=inventory_file, log=log, control=control,
                   dhcp=dhcp, boot=boot, tftp=tftp, http=http, nfs=nfs, iscsi=iscsi,
-                  images=types.MappingProxyType(images), images_file=path_of(root, "images_file"),
-                  source=source)
+                  images=types.MappingProxyType(images), images_file=images_file,
+                  booted=booted, source=source)
 
 
 def _path_resolver(base_dir: Path | None):

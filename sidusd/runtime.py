@@ -20,6 +20,7 @@ from .boot import inventory as inv_mod
 from .boot import render
 from .errors import BackendError, ConfigError, SidusError
 from .fsutil import atomic_write, remove_stale_temps
+from .image.booted_store import BootedRecorder
 from .observability import Observer, get_logger
 
 
@@ -88,6 +89,8 @@ class Runtime:
         self.iscsi = None                  # storage.iscsi_manager.IscsiManager when iscsi.backend is set
         self._iscsi_watch_s = iscsi_watch_s
         self._iscsi_watch: asyncio.Task | None = None
+        # which generation each MAC was served (config.booted; docs/images.md): a durable write
+        self.booted = BootedRecorder(self.observer)
         self.log = get_logger("runtime")
 
     @classmethod
@@ -142,7 +145,10 @@ class Runtime:
         snap = self._snap
         ctx = self.render_context(server_ip)
         if kind == "pxelinux-default":
-            return render.pxelinux_default(ctx, snap.inventory.resolve(None, snap.config))
+            target = snap.inventory.resolve(None, snap.config)
+            if target is not None:     # booted record: the MAC is the one that did DHCP from this IP
+                self.booted.note(snap.config, self.observer.mac_for_ip(client_ip), target)
+            return render.pxelinux_default(ctx, target)
         if mac is None:
             return None
         target = snap.inventory.resolve(mac, snap.config)
@@ -159,11 +165,11 @@ class Runtime:
                                         "address that did the DHCP exchange for that MAC")
                 return None
             login = self.iscsi_login(target.mac, server_ip)
-        if kind == "pxelinux":
-            return render.pxelinux_config(target, ctx, login)
-        if kind == "ipxe":
-            return render.ipxe_script(target, ctx, login)
-        return None
+        if kind not in ("pxelinux", "ipxe"):
+            return None
+        doc = (render.pxelinux_config if kind == "pxelinux" else render.ipxe_script)(target, ctx, login)
+        self.booted.note(snap.config, mac, target)      # booted record (after a successful render)
+        return doc
 
     def iscsi_login(self, mac: str, server_ip: str) -> render.IscsiLogin | None:
         """Host ``mac``'s disk login for its boot config (None: no disk applied)."""
@@ -274,6 +280,7 @@ class Runtime:
     async def stop_watchers(self) -> None:
         """Stop background work (the tgtd watch).  Exports and targets stay up:
         machines that booted keep their root and their disk while sidusd restarts."""
+        await self.booted.aclose()      # pending booted records written
         if self._iscsi_watch is not None:
             self._iscsi_watch.cancel()
             try:

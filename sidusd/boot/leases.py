@@ -169,7 +169,22 @@ class LeaseDB:
 
     # -- changes -------------------------------------------------------------
     def apply(self, lease: Lease) -> None:
-        """Record ``lease`` (from a decision or a journal line); ``free`` removes it."""
+        """Record ``lease`` (from a decision or a journal line); ``free`` removes it.
+
+        An offer to the client that holds the address bound (a PXE client that
+        reboots DISCOVERs again, RFC 2131 §4.3.1) leaves the bound lease in
+        place: offers live in memory only, so turning the binding into a 60 s
+        offer would drop it from the next compaction, and after a restart the
+        address could go to someone else while its holder still uses it (found
+        by tests/integration/test_crash_safety.py::test_kill_9_during_lease_writes).
+        If the binding ends before the offer's hold, it is extended to it.
+        """
+        if lease.state == "offered":
+            cur = self._by_ip.get(lease.ip)
+            if cur is not None and cur.mac == lease.mac and cur.state == "bound":
+                if cur.expires >= lease.expires:
+                    return
+                lease = Lease(cur.ip, cur.mac, "bound", lease.expires)
         old_ip = self._by_mac.get(lease.mac)
         if lease.state == "free":
             cur = self._by_ip.get(lease.ip)

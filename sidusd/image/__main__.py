@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--control-socket", type=Path, default=None,
                    help="sidusd's control socket: run `sidusctl reload` after switching generations")
     p.add_argument("--config", type=Path, default=None,
-                   help="sidus.yaml: list shows which hosts use what; gc keeps what its inventory pins (<name>.gen-N)")
+                   help="sidus.yaml: list shows which hosts use what (inventory and booted); gc keeps what its inventory pins (<name>.gen-N) and what machines booted (docs/images.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="log events at info level (default: warnings)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="debootstrap package cache (kept between builds)")
@@ -85,21 +85,73 @@ def _parser() -> argparse.ArgumentParser:
 
 def _list(adm: Administrator, name: str | None, as_json: bool, config_path: Path | None) -> None:
     users = _image_users(config_path)
+    booted_by_root = _booted_by_root(config_path)
     rows = []
     for n in ([name] if name else adm.store.names()):
         for g in adm.store.list(n):
             used = users.get(f"{n}.gen-{g.number}", []) + (users.get(n, []) if g.current else [])
+            recs = booted_by_root.get(os.path.realpath(g.path), [])
             rows.append({"image": n, "generation": g.number, "served": g.current, "kind": g.kind,
                          "created": g.created, "size_bytes": g.size_bytes, "kernel": g.meta.get("kver"),
-                         "hosts": used})
+                         "hosts": used,
+                         "booted": [{"mac": r.mac, "hostname": r.hostname, "image": r.image,
+                                     "first_served": _iso(r.first_s), "last_served": _iso(r.last_s)}
+                                    for r in recs]})
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'IMAGE':<16} {'GEN':>4} {'SERVED':<6} {'KIND':<7} {'CREATED':<26} {'SIZE':>10}  {'KERNEL':<16} HOSTS")
+    print(f"{'IMAGE':<16} {'GEN':>4} {'SERVED':<6} {'KIND':<7} {'CREATED':<26} {'SIZE':>10}  {'KERNEL':<16} "
+          "HOSTS (inventory) / BOOTED")
     for r in rows:
+        booted_names = [f"{b['hostname'] or b['mac']} (booted)" for b in r["booted"]]
         print(f"{r['image']:<16} {r['generation']:>4} {'*' if r['served'] else '':<6} {r['kind']:<7} "
               f"{r['created']:<26} {_human(r['size_bytes']):>10}  {r['kernel'] or '-':<16} "
-              f"{', '.join(r['hosts']) or '-'}")
+              f"{', '.join(r['hosts'] + booted_names) or '-'}")
+
+
+def _iso(t: float) -> str:
+    import datetime as dt
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _booted_by_root(config_path: Path | None, now: float | None = None) -> dict[str, list]:
+    """Resolved root directory -> live booted records (sidusd's booted file, ``booted:`` of
+    sidus.yaml; docs/images.md "Booted generations").  Empty without --config or records."""
+    if config_path is None:
+        return {}
+    import time
+    from sidusd import config as config_mod
+    from sidusd.boot.booted import users_by_root
+    from sidusd.image.booted_store import read_table
+    cfg = config_mod.read(config_path)
+    if cfg.booted.file is None:
+        return {}
+    table = read_table(cfg.booted.file, cfg.booted.max_hosts)
+    live = table.live(time.time() if now is None else now, cfg.booted.ttl_s)
+    out: dict[str, list] = {}
+    for root, recs in users_by_root(live).items():
+        out.setdefault(os.path.realpath(root), []).extend(recs)
+    return out
+
+
+def _gc(adm: Administrator, name: str, keep: int, config_path: Path | None) -> int:
+    from sidusd.image.generations import booted_generations
+    if config_path is None:
+        print("sidus-image gc: without --config, gc knows neither the inventory's pins nor the machines "
+              "that booted a generation: only the served one and the --keep newest are kept",
+              file=sys.stderr)
+    pinned = _pinned(config_path, name)
+    by_root = _booted_by_root(config_path)
+    roots = {n: os.path.realpath(adm.store.path(name, n)) for n in adm.store.numbers(name)}
+    booted = booted_generations(by_root, roots)
+    for n in sorted(booted):
+        who = ", ".join(r.hostname or r.mac for r in by_root[roots[n]])
+        print(f"{name}: keeping generation {n}: booted by {who}")
+    for n in sorted(pinned - booted):
+        print(f"{name}: keeping generation {n}: pinned by the inventory")
+    gone = adm.gc(name, keep, sorted(pinned | booted))
+    print(f"{name}: removed generation(s) {', '.join(map(str, gone)) or 'none'}")
+    return 0
 
 
 def _image_users(config_path: Path | None) -> dict[str, list[str]]:
@@ -159,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             n = adm.rollback(args.name, args.to)
             print(f"{args.name}: generation {n} served")
         elif args.cmd == "gc":
-            gone = adm.gc(args.name, args.keep, sorted(_pinned(args.config, args.name)))
-            print(f"{args.name}: removed generation(s) {', '.join(map(str, gone)) or 'none'}")
+            return _gc(adm, args.name, args.keep, args.config)
     except LockBusy as e:
         print(f"sidus-image: {e}", file=sys.stderr)
         return EXIT_BUSY

@@ -33,8 +33,8 @@ from sidusd.fsutil import atomic_write
 from sidusd.image import publish
 from sidusd.image.chroot import Chroot, ImageLock, signals_as_exceptions
 from sidusd.image.generations import ImageStore
-from sidusd.image.recipe import Recipe, mirror_from_sources
-from sidusd.image.stages import Stage, debootstrap_argv, plan, update_plan
+from sidusd.image.recipe import Recipe, mirror_from_sources, security_from_sources
+from sidusd.image.stages import Stage, debootstrap_argv, has_security_archive, plan, update_plan
 from sidusd.observability import get_logger
 from sidusd.storage.runner import Runner
 
@@ -52,18 +52,39 @@ class StageFailed(BackendError):
         super().__init__(f"stage {stage} failed: {reason}", detail=detail)
 
 
-def host_mirror(suite: str | None, etc_apt: Path = Path("/etc/apt")) -> str:
-    """The Debian mirror of this host's apt sources (never a host name written in code)."""
+def _host_sources(etc_apt: Path) -> list[str]:
     texts = []
     for p in [etc_apt / "sources.list", *sorted((etc_apt / "sources.list.d").glob("*"))]:
         if p.suffix in (".list", ".sources") and p.is_file():
             texts.append(p.read_text(errors="replace"))
+    return texts
+
+
+def host_mirror(suite: str | None, etc_apt: Path = Path("/etc/apt")) -> str:
+    """The Debian mirror of this host's apt sources (never a host name written in code)."""
+    texts = _host_sources(etc_apt)
     for t in texts:
         m = mirror_from_sources(t, suite)
         if m:
             return m
     raise BackendError("no Debian mirror found in the host's apt sources",
                        detail=f"set mirror: in the recipe (looked in {etc_apt})")
+
+
+def security_mirror(recipe: Recipe, etc_apt: Path = Path("/etc/apt")) -> str | None:
+    """The security archive for the image's apt sources: the recipe's ``security_mirror``, none when
+    it is ``false`` or the suite has none (sid), else the host's entry for ``<suite>-security``."""
+    if recipe.security_mirror is False or not has_security_archive(recipe.suite):
+        return None
+    if isinstance(recipe.security_mirror, str):
+        return recipe.security_mirror
+    for t in _host_sources(etc_apt):
+        m = security_from_sources(t, recipe.suite)
+        if m:
+            return m
+    raise BackendError(f"no {recipe.suite}-security archive in the host's apt sources",
+                       detail=f"set security_mirror: URL in the recipe, or security_mirror: false for an image "
+                              f"without security updates (looked in {etc_apt})")
 
 
 def initramfs_files(src: Path = INITRAMFS_SRC) -> dict[str, bytes]:
@@ -204,9 +225,14 @@ class Administrator:
         self.write_images_file()
         log.info("image.generation.served", image=name, generation=number)
 
-    def write_images_file(self) -> None:
-        """Rewrite the generated images file from the generations on disk; reload sidusd if asked."""
-        publish.write_images_file(self.images_file, publish.images_entries(self.store, self.tftp_root))
+    def write_images_file(self, leaving: dict[str, set[int]] | None = None) -> None:
+        """Rewrite the generated images file from the generations on disk (without the generations
+        in ``leaving``: name -> numbers about to be removed); reload sidusd if asked."""
+        entries = publish.images_entries(self.store, self.tftp_root)
+        for name, numbers in (leaving or {}).items():
+            for n in numbers:
+                entries.pop(f"{name}.gen-{n}", None)
+        publish.write_images_file(self.images_file, entries)
         if self.control_socket is not None:
             res = self.runner.run([sys.executable, "-m", "sidusd.ctl", "--socket", str(self.control_socket),
                                    "reload"], timeout_s=60)
@@ -235,7 +261,8 @@ class Administrator:
     def build(self, recipe: Recipe, switch: bool = True, keep_failed: bool = False) -> int:
         """Bootstrap and configure a new generation of ``recipe.name``; its number."""
         mirror = recipe.mirror or host_mirror(recipe.suite)
-        stages = plan(recipe, mirror=mirror, initramfs=initramfs_files())
+        security = security_mirror(recipe)
+        stages = plan(recipe, mirror=mirror, initramfs=initramfs_files(), security=security)
 
         def work(part: Path, logfile: Path) -> dict:
             boot = Stage("debootstrap", f"{recipe.suite} {recipe.variant} {recipe.architecture} from {mirror}",
@@ -258,7 +285,7 @@ class Administrator:
                 print(f"      ok {time.monotonic() - t:.1f} s", file=self.out, flush=True)
                 log.info("image.stage.done", stage="debootstrap", elapsed_s=round(time.monotonic() - t, 1))
             meta = self._stages(stages, part, logfile, recipe, first)
-            meta.update(recipe=recipe.source, suite=recipe.suite, mirror=mirror)
+            meta.update(recipe=recipe.source, suite=recipe.suite, mirror=mirror, security_mirror=security)
             return meta
 
         return self._new_generation(recipe.name, None, "build", work, switch, keep_failed)
@@ -310,11 +337,14 @@ class Administrator:
         from sidusd.image.generations import gc_candidates
         with ImageLock(self.store.image_dir(name), "gc"):
             doomed = gc_candidates(self.store.numbers(name), self.store.current(name), keep, in_use)
+            if doomed:
+                # first out of the images file (sidusd reloaded: no longer exported nor bootable),
+                # then off the disk
+                self.write_images_file({name: set(doomed)})
             for n in doomed:
                 self.store.remove(name, n)
                 publish.unpublish_generation(self.tftp_root, name, n)
-            if doomed:
-                self.write_images_file()
+                log.info("image.generation.removed", image=name, generation=n)
             return doomed
 
     def _served(self, name: str) -> int:

@@ -6,7 +6,9 @@ kill what was left running, unmount) made safe:
 * :class:`ImageLock` — an exclusive ``flock`` on ``<image dir>/.lock`` (the
   holder's pid is written in it): two administrations of one image cannot run
   at once; the kernel drops the lock when the holder dies, so no stale lock.
-* :class:`Chroot` — a context manager: installs ``/usr/sbin/policy-rc.d``
+* :class:`Chroot` — a context manager (commands run with ``chroot`` in their own mount
+  namespace, the host's resolv.conf bound read-only over the image's for the command only,
+  see :data:`CHROOT_WRAPPER`): installs ``/usr/sbin/policy-rc.d``
   (exit 101: no service starts) unless the image has its own, mounts proc,
   sysfs, a private devpts and a tmpfs on /dev/shm, and on exit — normal,
   exception, Ctrl-C or SIGTERM (turned into an exception by :func:`signals_as_exceptions`)
@@ -43,6 +45,16 @@ MOUNTS = (  # (target inside the root, fstype, source, options)
     ("dev/shm", "tmpfs", "shm", "nosuid,nodev,size=256m"),
 )
 KILL_GRACE_S = 5.0
+# Every command runs in a private mount namespace where the host's resolv.conf is bound read-only
+# over the image's (a shared image has a static, often empty, resolv.conf: without this `apt-get`
+# inside cannot resolve the mirror).  The bind lives only as long as the command: nothing to
+# unmount, and the stages can rewrite the image's own /etc/resolv.conf in between.
+CHROOT_WRAPPER = (
+    'r=$1; shift; c="$r/etc/resolv.conf"; '
+    'if [ -f /etc/resolv.conf ] && [ -f "$c" ] && [ ! -L "$c" ]; then '
+    'mount --bind /etc/resolv.conf "$c" && mount -o remount,bind,ro "$c" '
+    '|| echo "sidus: no host resolver inside the image" >&2; fi; '
+    'exec chroot "$r" "$@"')
 
 
 class LockBusy(BackendError):
@@ -242,8 +254,9 @@ class Chroot:
                 self.added_policy = False
 
     def argv(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` wrapped to run inside the root."""
-        return ["chroot", str(self.root), *argv]
+        """``argv`` wrapped to run inside the root (own mount namespace with the host's resolver)."""
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", CHROOT_WRAPPER,
+                "sidus-chroot", str(self.root), *argv]
 
     def run(self, argv: Sequence[str], timeout_s: float = 600, env: Mapping[str, str] | None = None,
             input: bytes | None = None) -> Result:

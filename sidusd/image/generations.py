@@ -93,6 +93,14 @@ def pinned_generations(image_names: Iterable[str], name: str) -> set[int]:
             if n.startswith(prefix) and n[len(prefix):].isdigit()}
 
 
+def booted_generations(roots_in_use: Iterable[str], generation_roots: dict[int, str]) -> set[int]:
+    """Generations whose root a booted machine still uses (pure): ``generation_roots`` maps each
+    generation number to its root directory (resolved), ``roots_in_use`` are the roots of the live
+    booted records (sidusd/boot/booted.py)."""
+    used = {os.path.normpath(r) for r in roots_in_use}
+    return {n for n, root in generation_roots.items() if os.path.normpath(root) in used}
+
+
 class ImageStore:
     """Generations of the images under one directory."""
 

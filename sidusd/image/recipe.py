@@ -73,6 +73,7 @@ class Recipe:
     variant: str = "minbase"
     components: tuple[str, ...] = ("main",)
     mirror: str | None = None                # None: the host's apt sources
+    security_mirror: str | bool | None = None   # None: the host's; False: no security archive
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     packages: tuple[str, ...] = ()
@@ -142,7 +143,7 @@ def parse_recipe(text: str, source: str = "<string>", base_dir: Path | None = No
     """Parse and check a recipe (pure).  Raises ConfigError naming the dotted key path."""
     root = Section(load_yaml(text, source), "")
     root.allow("name", "suite", "architecture", "variant", "components", "mirror", "include", "exclude",
-               "packages", "install_recommends", "install_suggests", "purge", "locale", "timezone",
+               "security_mirror", "packages", "install_recommends", "install_suggests", "purge", "locale", "timezone",
                "keyboard", "site_files", "resolv_conf", "limits", "root_password_hash", "enable_units")
     root.require("name")
     name = check_name("name", root.get("name", str), what="image name")
@@ -157,6 +158,13 @@ def parse_recipe(text: str, source: str = "<string>", base_dir: Path | None = No
     mirror = root.get("mirror", str, None)
     if mirror is not None:
         _match("mirror", mirror, _MIRROR, "an http://, https:// or file:// URL")
+    security = root.raw("security_mirror") if root.has("security_mirror") else None
+    if security is True or (security is not None and not isinstance(security, (bool, str))):
+        raise ConfigError("security_mirror", "expected an http://, https:// or file:// URL, or false "
+                          "(no security archive)")
+    if isinstance(security, str):
+        _match("security_mirror", security, _MIRROR, "an http://, https:// or file:// URL")
+        security = security.rstrip("/")
     include, exclude = _packages(root, "include"), _packages(root, "exclude")
     both = sorted(set(include) & set(exclude))
     if both:
@@ -204,7 +212,7 @@ def parse_recipe(text: str, source: str = "<string>", base_dir: Path | None = No
     for i, u in enumerate(units):
         _match(f"enable_units[{i}]", u, _UNIT, "a systemd unit name like foo.service")
     return Recipe(name=name, suite=suite, architecture=arch, variant=variant, components=tuple(components),
-                  mirror=mirror, include=include, exclude=exclude, packages=packages,
+                  mirror=mirror, security_mirror=security, include=include, exclude=exclude, packages=packages,
                   install_recommends=root.get("install_recommends", bool, False),
                   install_suggests=root.get("install_suggests", bool, False), purge=purge,
                   locale=locale, timezone=tz, keyboard=keyboard, site_files=site_path,
@@ -222,21 +230,20 @@ def read_recipe(path: Path) -> Recipe:
     return parse_recipe(text, str(path), path.resolve().parent)
 
 
-def mirror_from_sources(text: str, suite: str | None = None) -> str | None:
-    """The first Debian archive URI in apt sources text (deb822 ``URIs:`` or ``deb URI suite ...``).
-
-    Security archives (``*-security``) are skipped; with ``suite`` given, an entry
-    listing that suite is preferred.  Pure; None when nothing fits.
-    """
+def _source_entries(text: str) -> list[tuple[str, list[str]]]:
+    """(URI, suites) of every ``deb`` entry in apt sources text (deb822 or one-line form)."""
     entries: list[tuple[str, list[str]]] = []
     uris: list[str] = []
     suites: list[str] = []
+    types_ok = True
     for raw in text.splitlines() + [""]:
+        if raw.lstrip().startswith("#"):
+            continue                     # a comment line does not end a deb822 stanza
         line = raw.split("#", 1)[0].rstrip()
         if not line.strip():
-            if uris:
+            if uris and types_ok:
                 entries.extend((u, suites) for u in uris)
-            uris, suites = [], []
+            uris, suites, types_ok = [], [], True
             continue
         if line.startswith(("deb ", "deb\t")):
             parts = line.split()[1:]
@@ -252,10 +259,30 @@ def mirror_from_sources(text: str, suite: str | None = None) -> str | None:
             uris = value.split()
         elif key.strip().lower() == "suites":
             suites = value.split()
-    good = [(u.rstrip("/"), s) for u, s in entries
-            if _MIRROR.fullmatch(u) and not all(x.endswith("-security") for x in s or ["x"])]
+        elif key.strip().lower() == "types":
+            types_ok = "deb" in value.split()
+    return [(u.rstrip("/"), s) for u, s in entries if _MIRROR.fullmatch(u)]
+
+
+def mirror_from_sources(text: str, suite: str | None = None) -> str | None:
+    """The first Debian archive URI in apt sources text (deb822 ``URIs:`` or ``deb URI suite ...``).
+
+    Security archives (``*-security``) are skipped; with ``suite`` given, an entry
+    listing that suite is preferred.  Pure; None when nothing fits.
+    """
+    good = [(u, s) for u, s in _source_entries(text)
+            if not all(x.endswith("-security") for x in s or ["x"])]
     if suite is not None:
         for u, s in good:
             if suite in s:
                 return u
     return good[0][0] if good else None
+
+
+def security_from_sources(text: str, suite: str) -> str | None:
+    """The URI of the security archive of ``suite`` (an entry listing ``<suite>-security``) in apt
+    sources text; None when the host has none.  Pure; no host name is written in code."""
+    for u, s in _source_entries(text):
+        if f"{suite}-security" in s:
+            return u
+    return None

@@ -38,6 +38,73 @@ ExecStart=/usr/bin/ssh-keygen -A
 WantedBy=multi-user.target
 """
 
+# The image has no /etc/hostname: at boot this names the machine from sidusd's per-host
+# `sidus.hostname=` kernel argument, else from the host name the initramfs got by DHCP
+# (/run/net-<dev>.conf, written by ipconfig), before sysinit.target (docs/images.md).
+# The SIDUS_HOSTNAME_* variables exist for the tests only (systemd runs it with none set).
+HOSTNAME_SCRIPT = br"""#!/bin/sh
+# sidus: this machine's host name (the shared image has none).  docs/images.md
+cmdline=${SIDUS_HOSTNAME_CMDLINE:-/proc/cmdline}
+etc=${SIDUS_HOSTNAME_ETC:-/etc}
+run=${SIDUS_HOSTNAME_RUN:-/run}
+kernel=${SIDUS_HOSTNAME_KERNEL:-/proc/sys/kernel/hostname}
+name=""
+from="sidus.hostname"
+for a in $(cat "$cmdline"); do
+  case "$a" in sidus.hostname=*) name="${a#sidus.hostname=}" ;; esac
+done
+if [ -z "$name" ]; then
+  from="DHCP"
+  for f in "$run"/net-*.conf; do
+    [ -r "$f" ] || continue
+    name=$(sed -n "s/^HOSTNAME=['\"]\{0,1\}\([^'\"]*\)['\"]\{0,1\}\$/\1/p" "$f" | head -n 1)
+    [ -n "$name" ] && break
+  done
+fi
+case "$name" in
+  ""|*[!A-Za-z0-9.-]*|-*|.*|*.)
+    echo "sidus-hostname: no usable host name from sidus.hostname= or DHCP; keeping $(cat "$kernel")"
+    exit 0 ;;
+esac
+if [ ${#name} -gt 64 ]; then
+  echo "sidus-hostname: $name is longer than 64 characters; keeping $(cat "$kernel")"
+  exit 0
+fi
+short=${name%%.*}
+printf '%s\n' "$name" > "$kernel" || echo "sidus-hostname: cannot set the kernel host name"
+if printf '%s\n' "$name" > "$etc/.hostname.sidus-tmp"; then
+  mv -f "$etc/.hostname.sidus-tmp" "$etc/hostname"
+else
+  echo "sidus-hostname: cannot write $etc/hostname"
+fi
+if [ -w "$etc/hosts" ]; then
+  sed -i '/^127\.0\.1\.1[[:space:]]/d' "$etc/hosts"
+  if [ "$short" = "$name" ]; then
+    printf '127.0.1.1\t%s\n' "$name" >> "$etc/hosts"
+  else
+    printf '127.0.1.1\t%s %s\n' "$name" "$short" >> "$etc/hosts"
+  fi
+fi
+echo "sidus-hostname: $name (from $from)"
+"""
+HOSTNAME_UNIT = b"""[Unit]
+Description=sidus: this machine's host name from sidus.hostname= or DHCP (the image has none)
+DefaultDependencies=no
+After=systemd-remount-fs.service
+Before=sysinit.target systemd-hostnamed.service network-pre.target
+Wants=network-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/lib/sidus/sidus-hostname
+StandardOutput=journal+console
+
+[Install]
+WantedBy=sysinit.target
+"""
+HOSTNAME_UNIT_PATH = "etc/systemd/system/sidus-hostname.service"
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -53,12 +120,23 @@ class Stage:
     timeout_s: float = 600
 
 
-def sources_list(recipe: Recipe, mirror: str) -> bytes:
-    """/etc/apt/sources.list of the image: the mirror, the suite (+ -updates for stable suites)."""
+ROLLING_SUITES = ("sid", "unstable", "experimental")
+
+
+def has_security_archive(suite: str) -> bool:
+    """Suites with ``-updates`` and ``-security`` archives (not sid/unstable/experimental)."""
+    return suite not in ROLLING_SUITES
+
+
+def sources_list(recipe: Recipe, mirror: str, security: str | None = None) -> bytes:
+    """/etc/apt/sources.list of the image: the mirror's suite and ``suite-updates``, and the
+    security archive ``security`` with ``suite-security`` (stable suites only; None: none)."""
     comps = " ".join(recipe.components)
-    lines = [f"deb {mirror} {recipe.suite} {comps}"]
-    if recipe.suite not in ("sid", "unstable", "experimental"):
+    lines = ["# sidus: from the image recipe (docs/images.md)", f"deb {mirror} {recipe.suite} {comps}"]
+    if has_security_archive(recipe.suite):
         lines.append(f"deb {mirror} {recipe.suite}-updates {comps}")
+        if security:
+            lines.append(f"deb {security} {recipe.suite}-security {comps}")
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -121,17 +199,18 @@ def debootstrap_argv(recipe: Recipe, root: str, mirror: str, cache_dir: str | No
     return tuple(argv + [recipe.suite, root, mirror])
 
 
-def plan(recipe: Recipe, *, mirror: str, initramfs: dict[str, bytes]) -> list[Stage]:
+def plan(recipe: Recipe, *, mirror: str, initramfs: dict[str, bytes], security: str | None = None) -> list[Stage]:
     """The ordered stages of a build on top of a bootstrapped root.
 
     ``initramfs`` maps a path under /etc/initramfs-tools (``hooks/sidus-overlay``,
     ``scripts/init-bottom/sidus-overlay``, ``modules``) to its content (from
-    config/initramfs/).  Debootstrap itself is not a Stage here: it runs outside
+    config/initramfs/).  ``security``: the security archive's URI (None: none).  Debootstrap itself is not a Stage here: it runs outside
     any chroot before the plan (see :func:`debootstrap_argv`).
     """
     stages: list[Stage] = [
-        Stage("apt-sources", "apt sources from the recipe's mirror",
-              files=(("etc/apt/sources.list", sources_list(recipe, mirror), 0o644),)),
+        Stage("apt-sources", "apt sources: the mirror, -updates" + (", -security" if security and
+                                                                    has_security_archive(recipe.suite) else ""),
+              files=(("etc/apt/sources.list", sources_list(recipe, mirror, security), 0o644),)),
     ]
     pkgs = packages_to_install(recipe)
     install = ["apt-get", *APT_OPTS, "install"]
@@ -164,10 +243,16 @@ def plan(recipe: Recipe, *, mirror: str, initramfs: dict[str, bytes]) -> list[St
     if recipe.keyboard is not None:
         stages.append(Stage("keyboard", f"keyboard {recipe.keyboard.layout}",
                             files=(("etc/default/keyboard", keyboard_file(recipe), 0o644),)))
-    stages.append(Stage("network", "no hostname (DHCP names the machine), static resolv.conf, loopback",
+    stages.append(Stage("network", "no hostname (sidus.hostname= or DHCP names the machine at boot), "
+                        "static resolv.conf, loopback", chroot=True,
                         files=(("etc/resolv.conf", resolv_conf(recipe), 0o644),
                                ("etc/network/interfaces", INTERFACES, 0o644),
-                               ("etc/hosts", HOSTS, 0o644)),
+                               ("etc/hosts", HOSTS, 0o644),
+                               ("usr/lib/sidus/sidus-hostname", HOSTNAME_SCRIPT, 0o755),
+                               (HOSTNAME_UNIT_PATH, HOSTNAME_UNIT, 0o644)),
+                        commands=(("mkdir", "-p", "/etc/systemd/system/sysinit.target.wants"),
+                                  ("ln", "-sfn", f"/{HOSTNAME_UNIT_PATH}",
+                                   "/etc/systemd/system/sysinit.target.wants/sidus-hostname.service")),
                         remove=("etc/hostname",)))
     if recipe.limits:
         stages.append(Stage("limits", f"{len(recipe.limits)} limits.conf line(s)",

@@ -54,6 +54,11 @@ probe=absent
 [ -e /var/sidus-reboot-probe ] && probe=present
 if touch /.sidus-write-probe 2>/dev/null; then rm -f /.sidus-write-probe; w=yes; else w=no; fi
 say "writable: $w"
+upper=none
+while read -r dev mnt fs rest; do
+  [ "$mnt" = /run/sidus/rw ] && upper="$fs"
+done < /proc/mounts
+say "overlay upper: $upper, mode $(cat /run/sidus/mode 2>/dev/null || echo none)"
 say "probe-before: $probe"
 
 demo=poweroff

@@ -18,7 +18,9 @@ files are opened with :func:`sidusd.net.files.open_confined` below
 * Files go out with ``loop.sendfile`` (``sendfile(2)``), in chunks of
   ``SEND_CHUNK`` bytes, each with ``idle_timeout_s``: a client that stops
   reading is cut after that long without progress.
-* Bounded: ``max_connections`` in all and ``max_per_client`` per client IP (a
+* Bounded (config ``http.max_connections``, ``http.max_per_client``,
+  ``http.idle_timeout_s``, applied to new connections on reload):
+  ``max_connections`` in all and ``max_per_client`` per client IP (a
   connection over the limit gets ``503`` + ``Retry-After`` and is closed
   before anything is parsed); a connection that does not finish its request
   headers, or sits idle between requests, for ``idle_timeout_s`` is closed.
@@ -168,13 +170,13 @@ class _Record:
 class HttpService:
     """HTTP boot server on ``http.address:http.port``, serving ``tftp.root`` and rendered scripts."""
 
-    def __init__(self, runtime: Any, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 max_per_client: int = DEFAULT_MAX_PER_CLIENT,
-                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
+    def __init__(self, runtime: Any, max_connections: int | None = None,
+                 max_per_client: int | None = None, idle_timeout_s: float | None = None):
         self.runtime = runtime
-        self.max_connections = max_connections
-        self.max_per_client = max_per_client
-        self.idle_timeout_s = idle_timeout_s
+        # None: the value of the live config (``http.max_connections`` ...), so a
+        # reload changes the limits for what comes next; a number pins it (tests).
+        self._fixed = {"max_connections": max_connections, "max_per_client": max_per_client,
+                       "idle_timeout_s": idle_timeout_s}
         self.log = get_logger("http")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: _Server | None = None
@@ -188,13 +190,35 @@ class HttpService:
         self._refusing = 0
         self._idle = asyncio.Event()
 
+    def _limit(self, name: str, default: float) -> Any:
+        fixed = self._fixed[name]
+        if fixed is not None:
+            return fixed
+        return getattr(self.runtime.config.http, name, default)
+
+    @property
+    def max_connections(self) -> int:
+        """Open connections at most (``http.max_connections``); over it: 503."""
+        return int(self._limit("max_connections", DEFAULT_MAX_CONNECTIONS))
+
+    @property
+    def max_per_client(self) -> int:
+        """Open connections from one client IP at most (``http.max_per_client``); over it: 503."""
+        return int(self._limit("max_per_client", DEFAULT_MAX_PER_CLIENT))
+
+    @property
+    def idle_timeout_s(self) -> float:
+        """Seconds without progress before a connection is cut (``http.idle_timeout_s``)."""
+        return float(self._limit("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S))
+
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         """Listen; raises :class:`StartupError` if the address cannot be bound."""
         self._loop = asyncio.get_running_loop()
         cfg = self.runtime.config.http
         # aiohttp's own keep-alive timer is only a backstop: the watchdog closes idle connections
-        self._server = _Server(self, keepalive_timeout=2 * self.idle_timeout_s + 10, access_log=None,
+        # (after the largest idle_timeout_s a reload may set)
+        self._server = _Server(self, keepalive_timeout=2 * max(self.idle_timeout_s, 3600.0) + 10, access_log=None,
                                logger=_ParserLog(self), max_line_size=4096, max_field_size=4096, max_headers=64)
         try:
             self._listener = await self._loop.create_server(
@@ -277,9 +301,8 @@ class HttpService:
     async def _watch(self) -> None:
         """Close connections that sent no complete request for ``idle_timeout_s``."""
         assert self._loop is not None
-        period = min(1.0, self.idle_timeout_s / 2)
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(min(1.0, self.idle_timeout_s / 2))
             now = self._loop.time()
             for conn in list(self._conns.values()):
                 if not conn.busy and now - conn.idle_since > self.idle_timeout_s:

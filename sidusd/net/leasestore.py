@@ -5,13 +5,20 @@ a lease line is appended and ``fsync``-ed *before* the DHCPACK that grants it
 is sent, so ``kill -9`` right after an ACK loses nothing.  On start the journal
 is replayed line by line; a torn last line (crash in the middle of a write) is
 counted, skipped and terminated so the next line is not glued to it.  When the
-journal has ``compact_after`` lines it is rewritten from the live leases:
+journal has ``compact_after`` lines, and at least twice the lines its last
+rewrite had (so a pool with more live leases than ``compact_after`` is not
+rewritten after every single write), it is rewritten from the live leases:
 temp file in the same directory, fsync, rename over the journal, fsync of the
 directory (an atomic replace: the journal is always either old or new).
 
 The fsync runs on the event loop thread on purpose: the ACK must wait for it
 anyway, and doing it inline keeps decisions strictly ordered (no two REQUESTs
 can race for one address).
+
+A compaction killed before its rename leaves its temp file
+(``.<journal>.tmp<pid>``); :meth:`LeaseStore.load` removes those of dead
+processes.  ``SIDUSD_LEASE_COMPACT_AFTER`` (environment) overrides the
+compaction threshold, for tests that kill the daemon during compactions.
 """
 
 from __future__ import annotations
@@ -44,11 +51,18 @@ def _write_all(fd: int, data: bytes) -> None:
 class LeaseStore:
     """Append-only JSON-lines journal of leases with atomic compaction."""
 
-    def __init__(self, path: Path | str, compact_after: int = COMPACT_AFTER):
+    def __init__(self, path: Path | str, compact_after: int | None = None):
         self.path = Path(path)
+        if compact_after is None:
+            try:
+                compact_after = int(os.environ.get("SIDUSD_LEASE_COMPACT_AFTER", COMPACT_AFTER))
+            except ValueError:
+                compact_after = COMPACT_AFTER
         self.compact_after = max(1, compact_after)
         self._fd: int | None = None
         self._lines = 0
+        self._compact_at = self.compact_after
+        self.stale_temps_removed = 0
 
     # -- start ---------------------------------------------------------------
     def load(self, db: LeaseDB) -> tuple[int, int]:
@@ -58,6 +72,7 @@ class LeaseStore:
         (0750) and the file (0640) if missing.  Raises OSError if it cannot.
         """
         self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self.stale_temps_removed = self._remove_stale_temps()
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -70,7 +85,26 @@ class LeaseStore:
             _write_all(self._fd, b"\n")          # terminate a torn last line
             os.fsync(self._fd)
         self._lines = len(lines)
+        self._compact_at = max(self.compact_after, 2 * len(db))
         return good, bad
+
+    def _tmp_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+
+    def _remove_stale_temps(self) -> int:
+        """Remove compaction temp files of processes that died before their rename."""
+        prefix = f".{self.path.name}.tmp"
+        removed = 0
+        for tmp in self.path.parent.glob(f"{prefix}*"):
+            pid = tmp.name[len(prefix):]
+            if not pid.isdigit() or int(pid) == os.getpid() or os.path.exists(f"/proc/{pid}"):
+                continue
+            try:
+                tmp.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
 
     def _open(self) -> None:
         if self._fd is not None:
@@ -88,8 +122,9 @@ class LeaseStore:
         self._lines += 1
 
     def maybe_compact(self, db: LeaseDB, now: float) -> bool:
-        """Compact when the journal has grown to ``compact_after`` lines."""
-        if self._lines < self.compact_after:
+        """Compact when the journal has ``compact_after`` lines and twice what the last
+        rewrite left (amortized O(1) per write whatever the number of leases)."""
+        if self._lines < self._compact_at:
             return False
         self.compact(db, now)
         return True
@@ -98,7 +133,7 @@ class LeaseStore:
         """Rewrite the journal from ``db`` atomically (temp + fsync + rename + fsync dir)."""
         lines = db.journal_lines(now)
         data = "".join(l + "\n" for l in lines).encode()
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp = self._tmp_path()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
             _write_all(fd, data)
@@ -113,6 +148,7 @@ class LeaseStore:
         _fsync_dir(self.path.parent)
         self._open()
         self._lines = len(lines)
+        self._compact_at = max(self.compact_after, 2 * len(lines))
 
     @property
     def lines(self) -> int:

@@ -10,11 +10,17 @@ Behaviour (RFC 1350 section 6, RFC 2347, RFC 7440 section 4):
 * with options accepted, the OACK goes first and the transfer waits for ACK 0;
 * DATA blocks go out a window (``windowsize`` blocks) at a time; the transfer
   waits for the ACK of the window's last block.  An ACK for an earlier block of
-  the window means the peer lost the next one: the next window starts right
-  after it (go-back-N, RFC 7440 section 4);
+  the window moves the window start after it; the first such ACK of a flight
+  also resends from there (go-back-N, RFC 7440 section 4), later ones in the
+  same flight only slide the window (see :meth:`ReadSession._on_ack`: this is
+  what keeps duplicated or reordered DATA from multiplying the traffic);
 * only an ACK that advances the window, or a timeout, causes sending: a
   duplicated or stale ACK is ignored (no Sorcerer's Apprentice, RFC 1123
-  section 4.2.3.1);
+  section 4.2.3.1).  One exception: after a timeout, a repeat of the last ACK
+  means the peer is still waiting for the window start; it is answered with
+  that window at once, once per timer round;
+* the retransmission timer backs off (RFC 1123 section 4.2.3.2): ``timeout_s``,
+  then twice, four, eight times it after consecutive timeouts without progress;
 * block numbers are 16 bits on the wire and roll over from 65535 to 0 (what
   iPXE, curl, atftp and busybox expect); internally blocks are absolute;
 * a timeout resends the OACK or the whole unacknowledged window; after
@@ -107,6 +113,8 @@ class ReadSession:
         self._base = 1          # first unacknowledged block (absolute)
         self._next = 1          # next block to send (absolute)
         self._max_sent = 0      # highest block ever sent
+        self._recover = 0       # max_sent at the last go-back: no other go-back up to it
+        self._rescue = False    # a repeat of the last ACK may resend once (after a timeout)
         self._control: list[bytes] = []
         self._deadline: float | None = None
         self._tries = 0
@@ -175,6 +183,34 @@ class ReadSession:
             self._on_ack(block & 0xFFFF, now)
 
     def _on_ack(self, block: int, now: float) -> None:
+        """One ACK (RFC 1350 section 5, RFC 7440 section 4); sends nothing itself.
+
+        RFC 7440 says an ACK for a block inside the window means the peer got up
+        to it and the sender continues from the next block.  Taken literally
+        (go back on every such ACK) this multiplies the traffic on a link that
+        duplicates or reorders: a windowed receiver such as atftp ACKs at once
+        when a block arrives twice or out of order ("extra ACK", once per run of
+        in-order blocks), and it counts its window from its last ACK.  A go-back
+        on that ACK resends blocks the peer is still receiving; their copies
+        arrive as duplicates, which make it ACK mid-flight again, and so on: 7.6x
+        the file's blocks at 1% duplication, and a whole window per 4-byte ACK
+        for a peer that sends increasing partial ACKs.  The rule here:
+
+        * an ACK below the window start, beyond the highest block sent, or a
+          repeat of the last one never sends (Sorcerer's Apprentice);
+        * an ACK n inside the flight moves the window start to n + 1; it resends
+          from n + 1 only if n is beyond ``_recover`` (the highest block sent at
+          the previous go-back or timeout), and then sets ``_recover`` to the
+          highest block sent: one go-back per flight.  A drop costs one go-back
+          without waiting for the timer (atftp ignores the rest of the window
+          after a gap, so the go-back is what it needs); partial ACKs caused by
+          our own resent copies only slide the window (new blocks up to
+          n + windowsize may go out), and a second loss inside a resent flight
+          waits for the timer;
+        * after a timeout (``_rescue``), a repeat of the last ACK is the peer's
+          own retry: it is still waiting for the window start, so the window is
+          resent at once, once per timer round.
+        """
         if self._state == _WAIT_OACK:
             if block != 0:
                 self.ignored_acks += 1
@@ -185,11 +221,20 @@ class ReadSession:
         # Map the 16-bit number into the window [base - 1, max_sent].
         ref = self._base - 1
         n = ref + ((block - ref) & 0xFFFF)
+        if n == ref and self._rescue:
+            self._rescue = False                 # the peer's retry after our timeout
+            self._next = self._base
+            self._recover = self._max_sent
+            return
         if n < self._base or n > self._max_sent:
             self.ignored_acks += 1          # duplicate or stale: never send on it
             return
         self._base = n + 1
-        self._next = self._base             # go-back-N after a partial window ACK
+        if n < self._max_sent and n > self._recover:
+            self._next = self._base         # a gap: go back, once for this flight
+            self._recover = self._max_sent
+        elif self._next < self._base:
+            self._next = self._base         # slide only
         self._progress()
         if n == self._last:
             self._finish(now, "ok")
@@ -197,6 +242,18 @@ class ReadSession:
     def _progress(self) -> None:
         self._tries = 0
         self._deadline = None
+        self._rescue = False
+
+    def _rto(self) -> float:
+        """The retransmission timeout: doubles with each timeout in a row, up to 8x (RFC 1123 4.2.3.2).
+
+        Besides being what RFC 1123 asks for, the backoff breaks a livelock with
+        atftp: a client that already holds the resent window ignores it silently
+        (after one extra ACK) and re-ACKs only after its own timer runs out with
+        no packet at all; resending faster than that timer, forever, would never
+        let it speak.
+        """
+        return self.timeout_s * (1 << min(self._tries, 3))
 
     # -- timers --------------------------------------------------------------
     def next_timer(self) -> float | None:
@@ -217,6 +274,8 @@ class ReadSession:
             self.retransmits += 1
         else:
             self._next = self._base
+            self._recover = self._max_sent  # the resent flight is this round's go-back
+            self._rescue = True
 
     # -- output --------------------------------------------------------------
     def datagrams_to_send(self, now: float) -> list[bytes]:
@@ -243,8 +302,10 @@ class ReadSession:
                 if end > self._max_sent:
                     self._max_sent = end
                 self._next = end + 1
-        if out and not self.done:
-            self._deadline = now + self.timeout_s
+        if not self.done and (out or (self._deadline is None and self._state == _DATA
+                                      and self._base <= self._max_sent)):
+            # also after a slide that let nothing new out: blocks are still in flight
+            self._deadline = now + self._rto()
         return out
 
     def summary(self, now: float | None = None) -> TransferSummary:

@@ -19,9 +19,9 @@ target has no ACL entry).
   the call lasts (root-only readable on hardened hosts with ``hidepid``).
 * :class:`~sidusd.storage.iscsi_manager.IscsiManager` (iscsi_manager.py) is
   the facade the runtime calls: disks, secrets and targets together.
-* :func:`lio_commands` is the LIO plan as ``targetcli`` argv lists (LIO needs
-  kernel modules these development machines lack: plan-level only, tested as
-  a plan).
+* :class:`~sidusd.storage.iscsi_lio.LioBackend` (iscsi_lio.py) drives the
+  kernel's LIO target: targetcli for structure, the CHAP secret written
+  straight into configfs (never in an argv).
 """
 
 from __future__ import annotations
@@ -310,35 +310,3 @@ class TgtBackend:
             return False
         await self._delete(t)
         return True
-
-
-# -- LIO (plan only) ----------------------------------------------------------
-
-def lio_commands(disk: Disk, portal: str = "0.0.0.0", port: int = 3260) -> list[list[str]]:
-    """targetcli argv lists for one disk on LIO: fileio backstore, target, LUN, ACL with CHAP.
-
-    Demo mode and generate_node_acls stay off and authentication on
-    (``authentication=1``): only the ACL's initiator, with its CHAP secret, logs in.
-    """
-    p = disk.plan
-    bs = f"sidus-{mac_key(p.mac)}"
-    tpg = f"/iscsi/{p.target_iqn}/tpg1"
-    return [
-        ["targetcli", f"/backstores/fileio", "create", f"name={bs}", f"file_or_dev={p.backing_file}",
-         f"size={p.size_bytes}", "sparse=true"],
-        ["targetcli", "/iscsi", "create", p.target_iqn],
-        ["targetcli", tpg, "set", "attribute", "authentication=1", "demo_mode_write_protect=1",
-         "generate_node_acls=0", "cache_dynamic_acls=0"],
-        ["targetcli", f"{tpg}/portals", "delete", "0.0.0.0", "3260"],
-        ["targetcli", f"{tpg}/portals", "create", portal, str(port)],
-        ["targetcli", f"{tpg}/luns", "create", f"/backstores/fileio/{bs}"],
-        ["targetcli", f"{tpg}/acls", "create", p.initiator_iqn, "add_mapped_luns=true"],
-        ["targetcli", f"{tpg}/acls/{p.initiator_iqn}", "set", "auth", f"userid={p.user}",
-         f"password={disk.secret}"],
-    ]
-
-
-def lio_delete_commands(p: DiskPlan) -> list[list[str]]:
-    """targetcli argv lists removing one disk's target and backstore (not the file)."""
-    return [["targetcli", "/iscsi", "delete", p.target_iqn],
-            ["targetcli", "/backstores/fileio", "delete", f"sidus-{mac_key(p.mac)}"]]

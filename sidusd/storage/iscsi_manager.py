@@ -1,8 +1,11 @@
 """The facade the runtime calls for persistent hosts: disks, secrets and targets together.
 
-The pure parts (plan, secrets file, tgt and LIO command plans) are in
-:mod:`sidusd.storage.iscsi`; see its docstring for the model (RFC 3720 targets,
-one per host, ACL + CHAP, never open).
+The pure parts (plan, secrets file, tgt commands) are in
+:mod:`sidusd.storage.iscsi`, the LIO backend in :mod:`sidusd.storage.iscsi_lio`;
+see their docstrings for the model (RFC 3720 targets, one per host, ACL + CHAP,
+never open).  ``iscsi.backend`` picks the backend: ``tgt`` (tgtd via tgtadm) or
+``lio`` (refused at once, naming what is missing, on a host without LIO's
+configfs tree).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from sidusd.errors import BackendError
 from sidusd.observability import get_logger
 from sidusd.storage.iscsi import Disk, DiskPlan, SecretStore, TgtBackend, plan_disks
+from sidusd.storage.iscsi_lio import LIO_CONFIGFS, LioBackend
 from sidusd.storage.runner import Runner
 
 
@@ -41,13 +45,19 @@ class IscsiManager:
     ``disk(mac)`` gives the credentials to render into that host's boot config.
     """
 
-    def __init__(self, config: Any, runner: Runner, backend: TgtBackend | None = None):
+    def __init__(self, config: Any, runner: Runner, backend: TgtBackend | LioBackend | None = None,
+                 lio_root: Path = LIO_CONFIGFS):
         ic = config.iscsi
         if backend is None:
-            if ic.backend != "tgt":
-                raise BackendError(f"iscsi.backend {ic.backend!r} cannot be driven here",
-                                   detail="lio is plan-level only (lio_commands); use tgt")
-            backend = TgtBackend(runner, ic.tgt_control_port)
+            if ic.backend == "tgt":
+                backend = TgtBackend(runner, ic.tgt_control_port)
+            elif ic.backend == "lio":
+                # raises BackendError naming the missing configfs tree / modules
+                backend = LioBackend(runner, lio_root, portal=str(ic.portal) if ic.portal else None,
+                                     port=ic.port)
+            else:
+                raise BackendError(f"iscsi.backend {ic.backend!r} has no target manager",
+                                   detail="use tgt or lio")
         self.backend = backend
         self.secrets = SecretStore(ic.secrets_file)
         self.disks: dict[str, Disk] = {}
@@ -84,7 +94,7 @@ class IscsiManager:
         return done
 
     async def ensure(self) -> bool:
-        """Re-create the targets tgtd lost (restart); True if something was restored."""
+        """Re-create the targets the backend lost (tgtd restart); True if something was restored."""
         live = await self.backend.show()
         if all(d.plan.target_iqn in live for d in self.disks.values()):
             return False

@@ -36,6 +36,7 @@ class IscsiLab(Lab):
     """The demo lab with an iSCSI profile and a tgtd in the lab namespace."""
 
     tgtd: subprocess.Popen | None = None
+    profiles: dict[str, str] = {}          # mac -> profile (default: persist, fallback stop)
 
     def config_dict(self, exports_file, pid_file):
         cfg = super().config_dict(exports_file, pid_file)
@@ -48,8 +49,10 @@ class IscsiLab(Lab):
         import yaml
         inv = yaml.safe_load(self.inventory_file.read_text())
         inv["profiles"]["persist"] = {"image": "demo", "overlay": "iscsi", "append": "", "fallback": "stop"}
+        inv["profiles"]["persist-tmpfs"] = {"image": "demo", "overlay": "iscsi", "append": "",
+                                            "fallback": "tmpfs"}
         for h in inv["hosts"]:
-            h["profile"] = "persist"
+            h["profile"] = self.profiles.get(h["mac"], "persist")
         self.inventory_file.write_text(yaml.safe_dump(inv, sort_keys=False))
 
     def start_tgtd(self) -> None:
@@ -138,6 +141,7 @@ def test_iscsi_disk_persists_across_reboots_and_restarts(iscsi_lab, demo_image):
     assert "sidus.overlay=iscsi" in " ".join(values(boot1, "cmdline")), boot1
     assert "making a new ext4" in text[:first.end()], "no first-use mkfs on the console"
     assert values(boot2, "probe-before") == ["present"], boot2        # the disk kept it
+    assert values(boot1, "overlay upper") == values(boot2, "overlay upper") == ["ext4, mode iscsi"], boot2
     assert "making a new ext4" not in text[first.end():]
     assert tree_fingerprint(demo_image.root) == before, "the guest wrote into the NFS root"
     disk = lab.sidusctl("hosts", "disk", one)
@@ -192,3 +196,54 @@ def test_iscsi_disk_persists_across_reboots_and_restarts(iscsi_lab, demo_image):
     log = lab.sidusd_log.read_text()
     for s in secrets.values():
         assert s not in log
+
+
+def test_unreachable_target_falls_back_to_tmpfs_loudly_or_stops(iscsi_lab, demo_image):
+    """tgtd gone: with ``fallback: tmpfs`` the machine boots on a tmpfs upper layer and says so
+    on the console; switched to ``fallback: stop``, its next boot stops in the initramfs."""
+    lab = iscsi_lab
+    mac = mac_for(42)
+    lab.profiles = {mac: "persist-tmpfs"}
+    # one login attempt window (15 s) instead of the default 4: the target is down on purpose
+    append = "sidus.demo=reboot-after-write sidus.iscsi.retries=1"
+    lab.up(demo_image, [HostSpec(mac, "fallback-one", append)])
+    target = "iqn.2026-11.test.sidus:sidus-disk-" + mac.replace(":", "")
+    assert target in lab.tgtadm("--mode", "target", "--op", "show").stdout
+    secret = json.loads((lab.workdir / "state" / "iscsi" / "secrets.json").read_text())[mac]
+    # the target becomes unreachable: tgtd stopped (sidusd keeps rendering the login; its
+    # watch cannot restore targets without a tgtd)
+    lab.stop_tgtd()
+
+    vm = lab.boot_vm(mac, name="fallback1", reboot=True)
+    first = vm.wait_for(r"SIDUS-BOOT: probe written", BOOT_TIMEOUT_S)
+    assert first, lab.diagnostics(vm)
+    # the operator now asks for "stop" (the host's next boot config says sidus.fallback=stop)
+    lab.sidusctl("hosts", "add", mac, "--profile", "persist", "--hostname", "fallback-one", "--append", append)
+    text = vm.console_text()
+    boot1 = boot_markers(text[:first.end()])
+    assert "sidus.fallback=tmpfs" in " ".join(values(boot1, "cmdline")), boot1
+    warning = (f"sidus-overlay: WARNING: iSCSI disk unusable: login to {target} at {SERVER_IP}:3260 failed")
+    assert text[:first.end()].count(warning) >= 3, "no loud fallback message\n" + lab.diagnostics(vm)
+    assert "sidus-overlay: WARNING: falling back to a tmpfs overlay: what this boot writes is LOST at reboot" \
+        in text[:first.end()]
+    assert values(boot1, "writable") == ["yes"], boot1
+    assert values(boot1, "overlay upper") == ["tmpfs, mode tmpfs-fallback"], boot1
+    assert " overlay " in values(boot1, "root mounted")[0], boot1
+
+    # second boot: fallback stop -> the initramfs panics with the reason, the system never starts
+    second = vm.wait_for(r"Linux version", BOOT_TIMEOUT_S, start=first.end())
+    assert second, "no second boot\n" + lab.diagnostics(vm)
+    stop = vm.wait_for(r"sidus-overlay: iSCSI disk: login to \S+ at \S+ failed.*\(sidus\.fallback=stop\)",
+                       BOOT_TIMEOUT_S, start=second.start())
+    assert stop, "no stop message on the second boot\n" + lab.diagnostics(vm)
+    assert target in stop.group(0)
+    text = vm.console_text()
+    after = text[second.start():]
+    assert boot_markers(after) == [], after[-2000:]          # /sbin/init never ran
+    assert "falling back to a tmpfs overlay" not in after
+    vm.stop()
+    # (the kernel and the demo init print the command line, secret included: the hook's own
+    # messages must not add it)
+    hook_lines = [ln for ln in text.splitlines() if "sidus-overlay:" in ln]
+    assert hook_lines and not any(secret in ln for ln in hook_lines), hook_lines
+    assert secret not in lab.sidusd_log.read_text()

@@ -86,6 +86,16 @@ def test_build_made_a_shared_root(built):
     assert shadow_root[0] == "root" and shadow_root[1] == "*"       # no password: locked
     log = built.store.log_path("minimal", 1).read_text()
     assert "$ debootstrap" in log and "$ apt-get -q update" in log
+    # no fixed name: the boot-time namer is enabled; /etc/hosts names only localhost
+    wants = root / "etc/systemd/system/sysinit.target.wants/sidus-hostname.service"
+    assert os.readlink(wants) == "/etc/systemd/system/sidus-hostname.service"
+    assert os.access(root / "usr/lib/sidus/sidus-hostname", os.X_OK)
+    assert "127.0.1.1" not in (root / "etc/hosts").read_text()
+    # the security archive (the host's) and -updates; `apt-get update` inside fetched them
+    sources = (root / "etc/apt/sources.list").read_text()
+    assert " bookworm-updates main" in sources and " bookworm-security main" in sources
+    lists = [p.name for p in (root / "var/lib/apt/lists").iterdir()]
+    assert any("bookworm-security" in n and n.endswith("_InRelease") for n in lists), lists
 
 
 def test_run_mounts_policy_and_kills_leftovers(built):

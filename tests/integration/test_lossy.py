@@ -5,6 +5,9 @@ window) talk to the real daemon through tests/integration/lossy_relay.py.
   1 MB in each mode, and one > 96 MB transfer (block numbers wrap past 65535);
 * every ACK duplicated: the server sends at most 1.01 x the blocks in DATA
   packets (no Sorcerer's Apprentice, RFC 1123 §4.2.3.1), counted at the relay;
+* no window amplification: with 1% / 10% duplicated or reordered datagrams
+  (no drop), atftp window 16, the DATA packets stay within a bound of the
+  blocks (the old go-back-on-every-partial-ACK rule sent 7.6x at 1% dup);
 * a silent peer (ACKs the OACK, then nothing) costs at most
   (1 + retries) x window x blksize bytes before the server gives up.
 """
@@ -82,6 +85,42 @@ def test_exact_file_through_loss_dup_reorder(lossy_daemon, tmp_path, client, los
     idle(lossy_daemon)
 
 
+# impairment -> bound on DATA packets / blocks.  The rule (proto/tftp_session.py,
+# ReadSession._on_ack) goes back at most once per flight, so duplication alone costs
+# at most 15 resent blocks per 16 new ones (< 2x) even in the worst case; the
+# virtual-time model in tests/unit/test_tftp_session.py measures 1.1x (1%) and 1.65x
+# (10%).  atftp drops an out-of-order block, so a reorder is a loss to it plus a
+# go-back: 1.14x (1%) and 2.5x (10%) in the model.  The bounds leave room for a few
+# spurious timeouts (0.2 s timer on a loaded machine: one window each).
+AMPLIFICATION_CASES = {
+    "dup 1%": (dict(dup=0.01), 1.3),
+    "dup 10%": (dict(dup=0.10), 2.0),
+    "reorder 1%": (dict(reorder=0.01), 1.3),
+    "reorder 10%": (dict(reorder=0.10), 3.0),
+}
+
+
+@pytest.mark.parametrize("case", list(AMPLIFICATION_CASES))
+def test_no_window_amplification_under_dup_and_reorder(lossy_daemon, tmp_path, case):
+    impair, bound = AMPLIFICATION_CASES[case]
+    name = "amp.img"
+    path = lossy_daemon.tmp / "tftp" / name
+    if not path.exists():
+        path.write_bytes(os.urandom(4 * MB + 99))
+    data = path.read_bytes()
+    blocks = len(data) // BLK + 1
+    with LossyRelay(lossy_daemon.tftp_port, seed=zlib.crc32(case.encode()), **impair) as relay:
+        got = fetch("atftp", relay.port, name, tmp_path / "out")
+        stats = relay.stats
+    ratio = stats.data_packets / blocks
+    print(f"\namplification {case}: blocks={blocks} data_packets={stats.data_packets} ratio={ratio:.3f} "
+          f"dup={stats.duplicated} reordered={stats.reordered}")
+    assert got == data
+    assert stats.duplicated + stats.reordered > 0              # the link was impaired
+    assert blocks <= stats.data_packets <= bound * blocks, ratio
+    idle(lossy_daemon)
+
+
 def test_silent_peer_costs_at_most_retries_windows(lossy_daemon):
     retries, window = lossy_daemon.config["tftp"]["retries"], 8
     c = RawClient(lossy_daemon.tftp_port)
@@ -136,10 +175,14 @@ def test_big_file_block_wrap_through_lossy_link(lossy_daemon, tmp_path):
         with LossyRelay(lossy_daemon.tftp_port, drop=0.01, dup=0.01, reorder=0.01, seed=97) as relay:
             got = fetch("atftp", relay.port, "big.img", tmp_path / "out")
             stats = relay.stats
-        print(f"\nbig: blocks={big.stat().st_size // BLK + 1} data_packets={stats.data_packets} "
+        blocks = big.stat().st_size // BLK + 1
+        print(f"\nbig: blocks={blocks} data_packets={stats.data_packets} "
+              f"ratio={stats.data_packets / blocks:.3f} "
               f"dropped={stats.dropped} dup={stats.duplicated} reordered={stats.reordered}")
         assert len(got) == big.stat().st_size and hashlib.sha256(got).hexdigest() == digest.hexdigest()
         assert stats.dropped > 0
+        # 1% drop + 1% dup + 1% reorder: 6.2x with the old rule; the model says ~1.4x
+        assert stats.data_packets <= 2.0 * blocks
         idle(lossy_daemon)
     finally:
         big.unlink()

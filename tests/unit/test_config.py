@@ -98,6 +98,16 @@ BAD = [
     ("tftp.retries", -1, "tftp.retries", "out of range"),
     ("tftp.enabled", "yes", "tftp.enabled", "expected a boolean (true or false), got string 'yes'"),
     ("http.enabled", 1, "http.enabled", "expected a boolean (true or false), got integer 1"),
+    ("http.max_connections", 0, "http.max_connections", "between 1 and 65535, got 0"),
+    ("http.max_connections", 65536, "http.max_connections", "between 1 and 65535"),
+    ("http.max_connections", True, "http.max_connections", "expected an integer, got boolean True"),
+    ("http.max_conections", 9, "http.max_conections", "did you mean max_connections?"),
+    ("http.max_per_client", 0, "http.max_per_client", "between 1 and 256, got 0"),
+    ("http.max_per_client", 257, "http.max_per_client", "between 1 and 256, got 257"),
+    ("http.idle_timeout_s", 0, "http.idle_timeout_s", "between 0.1 and 3600.0, got 0"),
+    ("http.idle_timeout_s", 3601, "http.idle_timeout_s", "out of range"),
+    ("http.idle_timeout_s", float("nan"), "http.idle_timeout_s", "out of range"),
+    ("http.idle_timeout_s", "30", "http.idle_timeout_s", "expected a number, got string '30'"),
     ("log.level", "verbose", "log.level", "must be one of: debug, info, warning, error"),
     ("log.format", "xml", "log.format", "must be one of: auto, json, console"),
     ("nfs.backend", "nfsd", "nfs.backend", "must be one of: ganesha, kernel, none"),
@@ -238,7 +248,7 @@ def _all_keys(cls, prefix=""):
         sub = {"log": config.LogConfig, "control": config.ControlConfig, "dhcp": config.DhcpConfig,
                "pool": config.PoolConfig, "boot": config.BootConfig, "boot_files": config.BootFiles,
                "tftp": config.TftpConfig, "http": config.HttpConfig, "nfs": config.NfsConfig,
-               "iscsi": config.IscsiConfig}.get(f.name)
+               "iscsi": config.IscsiConfig, "booted": config.BootedConfig}.get(f.name)
         out.add(prefix + f.name)
         if sub is not None:
             out |= _all_keys(sub, prefix + f.name + ".")
@@ -363,3 +373,55 @@ def test_dump_yaml_reads_back_identically_with_both_loaders(doc):
     text = config.dump_yaml({"k": doc})
     assert config.load_yaml(text) == {"k": doc}
     assert yaml.safe_load(text) == {"k": doc}
+
+
+def test_http_limits_defaults_ranges_and_the_per_client_bound():
+    cfg = config.parse("dhcp: {mode: off}\ntftp: {root: /t}\n")
+    h = cfg.http
+    assert (h.max_connections, h.max_per_client, h.idle_timeout_s) == (256, 32, 30.0)
+    cfg = config.parse("dhcp: {mode: off}\ntftp: {root: /t}\n"
+                       "http: {max_connections: 65535, max_per_client: 65535, idle_timeout_s: 0.1}\n")
+    assert (cfg.http.max_connections, cfg.http.max_per_client, cfg.http.idle_timeout_s) == (65535, 65535, 0.1)
+    # a small max_connections lowers the per-client default instead of refusing it
+    cfg = config.parse("dhcp: {mode: off}\ntftp: {root: /t}\nhttp: {max_connections: 8}\n")
+    assert (cfg.http.max_connections, cfg.http.max_per_client) == (8, 8)
+    with pytest.raises(ConfigError) as exc:
+        config.parse("dhcp: {mode: off}\ntftp: {root: /t}\nhttp: {max_connections: 8, max_per_client: 9}\n")
+    assert exc.value.path == "http.max_per_client" and "between 1 and 8, got 9" in exc.value.reason
+    assert isinstance(config.parse("dhcp: {mode: off}\ntftp: {root: /t}\nhttp: {idle_timeout_s: 5}\n")
+                      .http.idle_timeout_s, float)
+    # limits apply on reload: they are not restart keys
+    a = config.parse("dhcp: {mode: off}\ntftp: {root: /t}\n")
+    b = config.parse("dhcp: {mode: off}\ntftp: {root: /t}\nhttp: {max_connections: 9, idle_timeout_s: 2}\n")
+    assert config.restart_needed(a, b) == []
+
+
+def test_http_service_takes_its_limits_from_the_live_config():
+    from types import SimpleNamespace
+
+    from sidusd.net.http_server import HttpService
+    text = "dhcp: {mode: off}\ntftp: {root: /t}\nhttp: {max_connections: 40, max_per_client: 7, idle_timeout_s: 4.5}\n"
+    runtime = SimpleNamespace(config=config.parse(text))
+    svc = HttpService(runtime)
+    assert (svc.max_connections, svc.max_per_client, svc.idle_timeout_s) == (40, 7, 4.5)
+    # a reload swaps runtime.config: the service follows it
+    runtime.config = config.parse(text.replace("40", "41").replace("7,", "3,"))
+    assert (svc.max_connections, svc.max_per_client, svc.idle_timeout_s) == (41, 3, 4.5)
+    # explicit constructor values pin a limit (tests of the server use that)
+    pinned = HttpService(runtime, max_per_client=2, idle_timeout_s=1.0)
+    assert (pinned.max_connections, pinned.max_per_client, pinned.idle_timeout_s) == (41, 2, 1.0)
+
+
+def test_booted_section_defaults_follow_images_file_and_bounds_are_checked():
+    base = "state_dir: /s\ndhcp: {mode: \"off\"}\ntftp: {root: /t}\n"
+    assert config.parse(base).booted.file is None
+    c = config.parse(base + "images_file: /s/images/images.yaml\n")
+    assert c.booted == config.BootedConfig(file=Path("/s/booted.json"), ttl_s=30 * 86400, max_hosts=10000)
+    c = config.parse(base + "booted: {file: b.json, ttl_s: 0, max_hosts: 5}\n", base_dir=Path("/etc/sidus"))
+    assert c.booted == config.BootedConfig(file=Path("/etc/sidus/b.json"), ttl_s=0, max_hosts=5)
+    with pytest.raises(ConfigError, match="booted.max_hosts"):
+        config.parse(base + "booted: {max_hosts: 0}\n")
+    with pytest.raises(ConfigError, match="booted.ttl_s"):
+        config.parse(base + "booted: {ttl_s: -1}\n")
+    with pytest.raises(ConfigError, match="booted.ttl_h"):
+        config.parse(base + "booted: {ttl_h: 1}\n")

@@ -27,7 +27,8 @@ def test_minimal_plan_order_and_contents():
     st = plan(parse_recipe("name: m\n"), mirror=MIRROR, initramfs=INITRAMFS)
     assert names(st) == ["apt-sources", "packages", "locale", "timezone", "network", "secrets", "machine-id", "clean"]
     by = {s.name: s for s in st}
-    assert by["apt-sources"].files[0][1] == (f"deb {MIRROR} bookworm main\n"
+    assert by["apt-sources"].files[0][1] == (f"# sidus: from the image recipe (docs/images.md)\n"
+                                             f"deb {MIRROR} bookworm main\n"
                                              f"deb {MIRROR} bookworm-updates main\n").encode()
     assert by["packages"].commands == (("apt-get", "-q", "update"),)        # nothing to install
     assert by["network"].remove == ("etc/hostname",)
@@ -76,7 +77,39 @@ def test_debootstrap_argv():
 def test_resolv_conf_and_unstable_sources():
     r = parse_recipe("name: r\nsuite: sid\nresolv_conf: {nameservers: [192.0.2.9], search: [a.example]}\n")
     assert resolv_conf(r).splitlines()[1:] == [b"search a.example", b"nameserver 192.0.2.9"]
-    assert plan(r, mirror=MIRROR, initramfs=INITRAMFS)[0].files[0][1] == f"deb {MIRROR} sid main\n".encode()
+    assert plan(r, mirror=MIRROR, initramfs=INITRAMFS, security=SECURITY)[0].files[0][1] == (
+        f"# sidus: from the image recipe (docs/images.md)\ndeb {MIRROR} sid main\n".encode())  # no -updates/-security
+
+
+SECURITY = "http://security.example/debian-security"
+
+
+def test_sources_list_has_updates_and_security_for_stable_suites():
+    r = parse_recipe("name: s\nsuite: trixie\ncomponents: [main, contrib]\n")
+    st = plan(r, mirror=MIRROR, initramfs=INITRAMFS, security=SECURITY)[0]
+    assert st.name == "apt-sources" and st.summary.endswith("-updates, -security")
+    assert st.files[0][0] == "etc/apt/sources.list" and st.files[0][2] == 0o644
+    assert st.files[0][1].decode().splitlines()[1:] == [
+        f"deb {MIRROR} trixie main contrib", f"deb {MIRROR} trixie-updates main contrib",
+        f"deb {SECURITY} trixie-security main contrib"]
+    assert b"security" not in plan(r, mirror=MIRROR, initramfs=INITRAMFS)[0].files[0][1]   # security=None
+
+
+def test_security_mirror_from_recipe_host_or_disabled(tmp_path):
+    from sidusd.image.build import security_mirror
+    apt = tmp_path / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    (apt / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://m.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n"
+        "Types: deb\n# a comment inside a stanza\nURIs: http://s.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n")
+    assert security_mirror(parse_recipe("name: a\n"), apt) == "http://s.example/debian-security"
+    assert security_mirror(parse_recipe(f"name: a\nsecurity_mirror: {SECURITY}/\n"), apt) == SECURITY
+    assert security_mirror(parse_recipe("name: a\nsecurity_mirror: false\n"), apt) is None
+    assert security_mirror(parse_recipe("name: a\nsuite: sid\n"), apt) is None
+    with pytest.raises(BackendError, match="no trixie-security archive") as ei:
+        security_mirror(parse_recipe("name: a\nsuite: trixie\n"), apt)
+    assert "security_mirror: false" in ei.value.detail
 
 
 def test_update_plan_names():
@@ -257,3 +290,124 @@ def test_images_file_follows_switches_and_sidusd_config_reads_it(tmp_path):
     images_file.write_text("images: {x: {root: /x, kernel: a, initrd: b}}\nother: 1\n")
     with pytest.raises(ConfigError, match="other"):
         config.read(cfg_file)
+
+
+def test_booted_generations_matches_roots():
+    from sidusd.image.generations import booted_generations
+    roots = {1: "/i/deb/gen-0001", 2: "/i/deb/gen-0002", 3: "/i/deb/gen-0003"}
+    assert booted_generations(["/i/deb/gen-0002", "/i/deb//gen-0003/", "/i/other/gen-0001"], roots) == {2, 3}
+    assert booted_generations([], roots) == set()
+
+
+def test_gc_keeps_what_a_machine_booted_until_it_boots_another_generation(tmp_path, capsys):
+    """The whole chain without a VM: sidusd's runtime renders a boot config (records the root),
+    `sidus-image gc` keeps that generation, `list` shows who booted it; once the machine is
+    served another generation, gc removes the old one and its TFTP copies."""
+    import asyncio
+    import json as _json
+    from sidusd.image.__main__ import main
+    from sidusd.image.build import Administrator
+    from sidusd.runtime import Runtime
+    try:
+        _gc_chain(tmp_path, capsys, asyncio, _json, main, Administrator, Runtime)
+    finally:
+        import structlog
+        structlog.reset_defaults()          # main() set logging up on capsys's stream
+
+
+def _gc_chain(tmp_path, capsys, asyncio, _json, main, Administrator, Runtime):
+    store = ImageStore(tmp_path / "images")
+    tftp = tmp_path / "tftp"
+    for parent in (None, 1, 2):
+        _generation_with_kernel(store, tftp, "deb", parent)
+    images_file = tmp_path / "images" / "images.yaml"
+    adm = Administrator(store.dir, tftp, images_file=images_file)
+    adm.serve("deb", 2)
+    (tmp_path / "inventory.yaml").write_text(
+        "profiles: {default: {image: deb}}\nhosts:\n  - {mac: '52:54:00:00:00:01', hostname: vm1, profile: default}\n")
+    cfg_file = tmp_path / "sidus.yaml"
+    cfg_file.write_text(f"state_dir: {tmp_path / 'state'}\ninventory_file: {tmp_path / 'inventory.yaml'}\n"
+                        f"dhcp: {{mode: 'off'}}\ntftp: {{root: {tftp}}}\nimages_file: {images_file}\n")
+    rt = Runtime.load(cfg_file)
+    assert b"gen-0002" in rt.render("pxelinux", "52:54:00:00:00:01", "10.0.0.1", "10.0.0.5")
+    adm.serve("deb", 3)                                        # a new generation is served
+    base = ["--images-dir", str(store.dir), "--tftp-root", str(tftp), "--images-file", str(images_file),
+            "--config", str(cfg_file)]
+    capsys.readouterr()
+    assert main(base + ["list", "deb", "--json"]) == 0
+    rows = {r["generation"]: r for r in _json.loads(capsys.readouterr().out)}
+    assert [b["hostname"] for b in rows[2]["booted"]] == ["vm1"] and rows[1]["booted"] == []
+    assert rows[3]["hosts"] == ["vm1", "(unknown hosts)"] and rows[3]["served"]   # who boots the served one
+    assert main(base + ["gc", "deb", "--keep", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "keeping generation 2: booted by vm1" in out and "removed generation(s) 1" in out
+    assert store.numbers("deb") == [2, 3]
+    assert (tftp / "images/deb/gen-0002/vmlinuz").is_file() and not (tftp / "images/deb/gen-0001").exists()
+    assert "deb.gen-2" in images_file.read_text()              # still exported while in use
+    # the machine reboots: sidusd (reloaded by the switch) serves it generation 3
+    assert asyncio.run(rt.reload()).ok
+    assert b"gen-0003" in rt.render("pxelinux", "52:54:00:00:00:01", "10.0.0.1", "10.0.0.5")
+    assert main(base + ["gc", "deb", "--keep", "0"]) == 0
+    assert "removed generation(s) 2" in capsys.readouterr().out
+    assert store.numbers("deb") == [3] and "deb.gen-2" not in images_file.read_text()
+    # without --config gc says what it cannot know
+    assert main(base[:-2] + ["gc", "deb"]) == 0
+    assert "without --config" in capsys.readouterr().err
+
+
+def test_network_stage_removes_hostname_and_installs_the_boot_time_namer():
+    from sidusd.image.stages import HOSTNAME_SCRIPT, HOSTNAME_UNIT, HOSTS
+    by = {s.name: s for s in plan(parse_recipe("name: m\n"), mirror=MIRROR, initramfs=INITRAMFS)}
+    net = by["network"]
+    files = {p: (d, m) for p, d, m in net.files}
+    assert net.remove == ("etc/hostname",) and net.chroot
+    assert files["etc/hosts"][0] == HOSTS and b"127.0.1.1" not in HOSTS        # no fixed name
+    assert files["usr/lib/sidus/sidus-hostname"] == (HOSTNAME_SCRIPT, 0o755)
+    assert files["etc/systemd/system/sidus-hostname.service"] == (HOSTNAME_UNIT, 0o644)
+    assert b"WantedBy=sysinit.target" in HOSTNAME_UNIT
+    assert net.commands[-1][-1] == "/etc/systemd/system/sysinit.target.wants/sidus-hostname.service"
+
+
+def _run_namer(tmp_path, cmdline: str, net_conf: str | None = None, hosts: str = "127.0.0.1\tlocalhost\n"):
+    import subprocess
+    from sidusd.image.stages import HOSTNAME_SCRIPT
+    from tests.conftest import require_tool
+    require_tool("sh")
+    d = tmp_path / "fs"
+    for sub in ("etc", "run", "proc"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    script = d / "sidus-hostname"
+    script.write_bytes(HOSTNAME_SCRIPT)
+    (d / "proc/cmdline").write_text(cmdline + "\n")
+    (d / "proc/hostname").write_text("localhost\n")
+    (d / "etc/hosts").write_text(hosts)
+    if net_conf is not None:
+        (d / "run/net-eth0.conf").write_text(net_conf)
+    env = {"PATH": "/usr/bin:/bin", "SIDUS_HOSTNAME_CMDLINE": str(d / "proc/cmdline"),
+           "SIDUS_HOSTNAME_ETC": str(d / "etc"), "SIDUS_HOSTNAME_RUN": str(d / "run"),
+           "SIDUS_HOSTNAME_KERNEL": str(d / "proc/hostname")}
+    r = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    hostname = d / "etc/hostname"
+    return (r.stdout, (d / "proc/hostname").read_text(), hostname.read_text() if hostname.exists() else None,
+            (d / "etc/hosts").read_text())
+
+
+def test_hostname_script_takes_the_kernel_argument_first(tmp_path):
+    out, kernel, etc, hosts = _run_namer(
+        tmp_path, "root=/dev/nfs ip=dhcp sidus.overlay=tmpfs sidus.hostname=node7.lab.example console=ttyS0",
+        "DEVICE='eth0'\nHOSTNAME='fromdhcp'\n", hosts="127.0.0.1\tlocalhost\n127.0.1.1\told\n")
+    assert kernel == etc == "node7.lab.example\n"
+    assert hosts == "127.0.0.1\tlocalhost\n127.0.1.1\tnode7.lab.example node7\n"     # old name replaced
+    assert "from sidus.hostname" in out
+
+
+def test_hostname_script_falls_back_to_dhcp_then_keeps_the_kernel_name(tmp_path):
+    out, kernel, etc, hosts = _run_namer(tmp_path / "a", "root=/dev/nfs ip=dhcp",
+                                         "DEVICE='eth0'\nIPV4ADDR='10.0.0.5'\nHOSTNAME='deb2'\n")
+    assert kernel == etc == "deb2\n" and "127.0.1.1\tdeb2\n" in hosts and "from DHCP" in out
+    # hostile or missing names are not used: nothing written
+    for cmdline, conf in (("sidus.hostname=$(reboot)", None), ("x", "HOSTNAME='a;b'\n"),
+                          ("sidus.hostname=-bad", None), ("", None), ("sidus.hostname=" + "a" * 65, None)):
+        out, kernel, etc, hosts = _run_namer(tmp_path / str(abs(hash(cmdline + str(conf)))), cmdline, conf)
+        assert kernel == "localhost\n" and etc is None and "127.0.1.1" not in hosts, (cmdline, out)

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import stat
-import sys
 
 import pytest
 import structlog
@@ -267,23 +266,321 @@ def test_tgt_not_running_is_a_backend_error(cfg):
         asyncio.run(iscsi.TgtBackend(r).show())
 
 
-# -- LIO plan -----------------------------------------------------------------
+# -- LIO ----------------------------------------------------------------------
+# LIO cannot run on the development machines (no target modules, no configfs),
+# so the backend is driven against a fake configfs tree: FakeTargetcli answers
+# the targetcli argv lists by making in the tree what targetcli-fb / rtslib-fb
+# make in /sys/kernel/config/target (core/fileio_N/<name>/udev_path,
+# iscsi/<iqn>/tpgt_1/{enable,attrib,np,lun/lun_N/<link>,acls/<init>/{auth,info,lun_N}}).
+# Anything it does not know fails, so an unplanned command shows up.
 
-def test_lio_plan_has_auth_on_acl_only_and_the_secret_in_one_place(cfg):
-    d = iscsi.Disk(iscsi.plan_disks(cfg, make_inv())[0], "lio-secret-lio-secret")
-    cmds = iscsi.lio_commands(d, portal="10.0.0.1", port=3260)
-    flat = [" ".join(c) for c in cmds]
-    assert all(c[0] == "targetcli" for c in cmds)
-    attrs = next(c for c in cmds if "attribute" in c)
-    assert {"authentication=1", "generate_node_acls=0", "demo_mode_write_protect=1"} <= set(attrs)
-    acl_i = next(i for i, c in enumerate(cmds) if c[1].endswith("/acls") and c[2] == "create")
-    assert d.plan.initiator_iqn in cmds[acl_i]
-    assert cmds.index(attrs) < acl_i                        # auth required before anyone is admitted
-    assert sum("lio-secret-lio-secret" in f for f in flat) == 1
-    assert f"file_or_dev={d.plan.backing_file}" in cmds[0] and f"size={d.plan.size_bytes}" in cmds[0]
-    assert ["targetcli", f"/iscsi/{d.plan.target_iqn}/tpg1/portals", "create", "10.0.0.1", "3260"] in cmds
-    dels = iscsi.lio_delete_commands(d.plan)
-    assert dels[0] == ["targetcli", "/iscsi", "delete", d.plan.target_iqn]
+class FakeTargetcli:
+    def __init__(self, root, default_portal="[::0]:3260", sessions=(), auto_enable=True):
+        self.root = root
+        self.auto_enable = auto_enable       # targetcli's auto_enable_tpgt preference
+        self.default_portal = default_portal
+        self.sessions = set(sessions)        # initiator names shown as logged in
+        root.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, argv):
+        from sidusd.storage.runner import Result
+        assert argv[0] == "targetcli"
+        try:
+            self.do(argv[1], argv[2], argv[3:])
+        except (AssertionError, KeyError, OSError, ValueError) as exc:
+            return Result(tuple(argv), 1, b"", f"fake targetcli: {exc!r}".encode())
+        return Result(tuple(argv), 0)
+
+    @staticmethod
+    def kv(args):
+        return dict(a.split("=", 1) for a in args if "=" in a)
+
+    def tpg_dir(self, iqn):
+        return self.root / "iscsi" / iqn / "tpgt_1"
+
+    def do(self, path, cmd, args):
+        import shutil
+        r = self.root
+        if path == "/backstores/fileio":
+            if cmd == "create":
+                kv = self.kv(args)
+                so = r / "core" / "fileio_0" / kv["name"]
+                assert not so.exists(), f"{so} exists"
+                so.mkdir(parents=True)
+                (so / "udev_path").write_text(kv["file_or_dev"] + "\n")
+                assert kv["sparse"] == "true" and int(kv["size"]) > 0
+                return
+            if cmd == "delete":
+                shutil.rmtree(r / "core" / "fileio_0" / args[0])
+                return
+        if path == "/iscsi":
+            if cmd == "create":
+                iqn, = args
+                tpg = self.tpg_dir(iqn)
+                assert not tpg.exists()
+                for d in ("attrib", "param", "np", "lun", "acls"):
+                    (tpg / d).mkdir(parents=True)
+                (tpg / "enable").write_text("1\n" if self.auto_enable else "0\n")
+                for k, v in {"authentication": "0", "generate_node_acls": "0",
+                             "demo_mode_write_protect": "1", "cache_dynamic_acls": "0"}.items():
+                    (tpg / "attrib" / k).write_text(v + "\n")
+                (tpg / "np" / self.default_portal).mkdir()
+                return
+            if cmd == "delete":
+                shutil.rmtree(r / "iscsi" / args[0])
+                return
+        m = __import__("re").match(r"^/iscsi/([^/]+)/tpg1(/.*)?$", path)
+        assert m, path
+        tpg, sub = self.tpg_dir(m.group(1)), m.group(2) or ""
+        assert tpg.is_dir(), f"no {tpg}"
+        if sub == "" and cmd == "set" and args[0] == "attribute":
+            for k, v in self.kv(args[1:]).items():
+                assert (tpg / "attrib" / k).exists(), k
+                (tpg / "attrib" / k).write_text(v + "\n")
+            return
+        if sub == "" and cmd == "enable":
+            assert (tpg / "attrib" / "authentication").read_text() == "1\n", "enabled before closed"
+            (tpg / "enable").write_text("1\n")
+            return
+        if sub == "" and cmd == "set" and args[0] == "parameter":
+            for k, v in self.kv(args[1:]).items():
+                (tpg / "param" / k).write_text(v + "\n")
+            return
+        if sub == "/portals":
+            ip, port = args
+            name = f"{ip}:{port}" if "." in ip else f"[{ip}]:{port}"
+            if cmd == "create":
+                (tpg / "np" / name).mkdir()
+            else:
+                assert cmd == "delete"
+                (tpg / "np" / name).rmdir()
+            return
+        if sub == "/luns" and cmd == "create":
+            kv = self.kv(args[1:])
+            so = r / "core" / "fileio_0" / args[0].rsplit("/", 1)[1]
+            assert so.is_dir(), f"no storage object {so}"
+            assert kv["add_mapped_luns"] == "false"
+            lun = tpg / "lun" / f"lun_{kv['lun']}"
+            lun.mkdir()
+            (lun / "a1b2c3d4e5").symlink_to(so)
+            return
+        if sub == "/acls" and cmd == "create":
+            init = args[0]
+            assert self.kv(args[1:])["add_mapped_luns"] == "false"
+            acl = tpg / "acls" / init
+            (acl / "auth").mkdir(parents=True)
+            for name in ("userid", "password", "userid_mutual", "password_mutual"):
+                (acl / "auth" / name).write_text("\n")
+                os.chmod(acl / "auth" / name, 0o600)
+            (acl / "info").write_text(
+                f"InitiatorName: {init}\nLIO Session ID: 1   ISID: 0x1 TSIH: 1  SessionType: Normal\n"
+                if init in self.sessions else f"No active iSCSI Session for Initiator Endpoint: {init}\n")
+            return
+        if sub.startswith("/acls/") and cmd == "create":
+            kv = self.kv(args)
+            acl = tpg / "acls" / sub[len("/acls/"):]
+            assert (acl / "auth" / "password").read_text() not in ("", "\n"), "LUN mapped before the secret"
+            lun = tpg / "lun" / f"lun_{kv['tpg_lun_or_backstore']}"
+            mapped = acl / f"lun_{kv['mapped_lun']}"
+            mapped.mkdir()
+            (mapped / "link").symlink_to(lun)
+            return
+        raise ValueError(f"unknown targetcli command {path} {cmd} {args}")
+
+
+def lio_setup(tmp_path, **kw):
+    from sidusd.storage import iscsi_lio
+    cfg = config.parse(cfg_text(str(tmp_path / "state"), backend="lio"))
+    root = tmp_path / "configfs" / "target"
+    fake = FakeTargetcli(root, **kw)
+    r = RecordingRunner()
+    r.results[("targetcli",)] = fake
+    disks = [iscsi.Disk(p, f"lio-secret-{p.user}-x") for p in iscsi.plan_disks(cfg, make_inv())]
+    return cfg, root, r, iscsi_lio.LioBackend(r, root, portal="10.0.0.1", port=3260), disks
+
+
+def tc(calls):
+    """The targetcli calls, without the program name."""
+    return [c[1:] for c in calls if c[0] == "targetcli"]
+
+
+def test_lio_creates_closed_targets_and_writes_the_secret_only_into_configfs(tmp_path):
+    from sidusd.storage import iscsi_lio
+    cfg, root, r, lio, disks = lio_setup(tmp_path)
+    done = run_apply(lio, disks)
+    assert done == {"created": [d.plan.target_iqn for d in disks], "kept": [], "removed": []}
+    d1 = disks[0]
+    p = d1.plan
+    tpg = f"/iscsi/{p.target_iqn}/tpg1"
+    mine = [c for c in tc(r.calls) if p.target_iqn in c[0] or p.target_iqn in c[2:] or
+            any("525400000001" in a for a in c)]
+    assert mine == [
+        ["/backstores/fileio", "create", "name=sidus-525400000001", f"file_or_dev={p.backing_file}",
+         f"size={128 << 20}", "sparse=true", "write_back=false"],
+        ["/iscsi", "create", p.target_iqn],
+        [tpg, "set", "attribute", "authentication=1", "generate_node_acls=0", "demo_mode_write_protect=1",
+         "cache_dynamic_acls=0"],
+        [tpg, "set", "parameter", "AuthMethod=CHAP"],
+        [tpg, "enable"],
+        [f"{tpg}/portals", "delete", "::0", "3260"],           # targetcli's default portal
+        [f"{tpg}/portals", "create", "10.0.0.1", "3260"],
+        [f"{tpg}/luns", "create", "/backstores/fileio/sidus-525400000001", "lun=1", "add_mapped_luns=false"],
+        [f"{tpg}/acls", "create", p.initiator_iqn, "add_mapped_luns=false"],
+        # (the secret is written here, into configfs: FakeTargetcli refuses the mapping otherwise)
+        [f"{tpg}/acls/{p.initiator_iqn}", "create", "mapped_lun=1", "tpg_lun_or_backstore=1",
+         "write_protect=false"],
+    ]
+    # no argv carries a secret
+    for c in r.calls:
+        for d in disks:
+            assert not any(d.secret in a for a in c), c
+    auth = root / "iscsi" / p.target_iqn / "tpgt_1" / "acls" / p.initiator_iqn / "auth"
+    assert (auth / "password").read_bytes() == d1.secret.encode()      # no newline: the kernel keeps it
+    assert (auth / "userid").read_bytes() == p.user.encode()
+    assert stat.S_IMODE(os.stat(auth / "password").st_mode) == 0o600   # written, not re-created
+    live = asyncio.run(lio.show())
+    t = live[p.target_iqn]
+    assert iscsi_lio.lio_matches(t, p) and t.portals == ["10.0.0.1:3260"] and t.sessions == 0
+    assert t.attributes["authentication"] == "1" and t.attributes["generate_node_acls"] == "0"
+
+
+def test_lio_reapply_is_idempotent_refresh_rewrites_the_secret_removal_cleans_up(tmp_path):
+    cfg, root, r, lio, disks = lio_setup(tmp_path, default_portal="0.0.0.0:3260", auto_enable=False)
+    run_apply(lio, disks)
+    # a foreign target (not sidus's) that must never be touched
+    FakeTargetcli(root).do("/iscsi", "create", ["iqn.2003-01.org.linux-iscsi.other:sn.1"])
+    r.calls.clear()
+    assert run_apply(lio, disks) == {"created": [], "kept": [d.plan.target_iqn for d in disks], "removed": []}
+    assert tc(r.calls) == []                      # nothing to do: configfs read only
+    # new secret for vm1: written into configfs, still no program run
+    p = disks[0].plan
+    new = iscsi.Disk(p, "rotated-secret-rotated-secret")
+    run_apply(lio, [new, disks[1]], refresh=[p.target_iqn])
+    assert tc(r.calls) == []
+    pw = root / "iscsi" / p.target_iqn / "tpgt_1" / "acls" / p.initiator_iqn / "auth" / "password"
+    assert pw.read_bytes() == b"rotated-secret-rotated-secret"
+    # vm2 leaves the plan: its target and backstore go, vm1 and the foreign target stay
+    done = run_apply(lio, [new])
+    assert done == {"created": [], "kept": [p.target_iqn], "removed": [disks[1].plan.target_iqn]}
+    assert tc(r.calls) == [["/iscsi", "delete", disks[1].plan.target_iqn],
+                           ["/backstores/fileio", "delete", "sidus-525400000002"]]
+    assert sorted(x.name for x in (root / "iscsi").iterdir()) == [
+        "iqn.2003-01.org.linux-iscsi.other:sn.1", p.target_iqn]
+    # remove(iqn): target and backstore; False for an unknown one
+    r.calls.clear()
+    assert asyncio.run(lio.remove(p.target_iqn)) is True
+    assert tc(r.calls) == [["/iscsi", "delete", p.target_iqn], ["/backstores/fileio", "delete",
+                                                                "sidus-525400000001"]]
+    assert asyncio.run(lio.remove(p.target_iqn)) is False
+    assert list((root / "core" / "fileio_0").iterdir()) == []
+
+
+def test_lio_tampered_target_is_recreated_and_sessions_are_counted(tmp_path):
+    cfg, root, r, lio, disks = lio_setup(tmp_path, sessions={"iqn.2026-11.org.example:sidus-host-525400000002"})
+    run_apply(lio, disks)
+    live = asyncio.run(lio.show())
+    assert [live[d.plan.target_iqn].sessions for d in disks] == [0, 1]
+    # someone opened vm1's target (authentication off): sidus deletes it and builds it closed again
+    p = disks[0].plan
+    (root / "iscsi" / p.target_iqn / "tpgt_1" / "attrib" / "authentication").write_text("0\n")
+    r.calls.clear()
+    done = run_apply(lio, disks)
+    assert done["created"] == [p.target_iqn] and done["kept"] == [disks[1].plan.target_iqn]
+    calls = tc(r.calls)
+    assert calls[0] == ["/iscsi", "delete", p.target_iqn]
+    assert ["/iscsi", "create", p.target_iqn] in calls
+    assert not any(c[0] == "/backstores/fileio" for c in calls)     # same file: the backstore is reused
+    assert (root / "iscsi" / p.target_iqn / "tpgt_1" / "attrib" / "authentication").read_text() == "1\n"
+
+
+def test_lio_targetcli_failure_and_missing_attribute_never_show_the_secret(tmp_path, capsys):
+    cfg, root, r, lio, disks = lio_setup(tmp_path)
+    r.script(["targetcli", "/iscsi", "create"], rc=1, stderr=b"Could not create Target in configFS")
+    with pytest.raises(BackendError) as exc:
+        run_apply(lio, disks)
+    assert "/iscsi create failed" in str(exc.value) and "configFS" in exc.value.detail
+    # an ACL whose auth/password does not exist: refused, never created by sidus
+    from sidusd.storage import iscsi_lio
+    cfg, root, r, lio, disks = lio_setup(tmp_path / "b")
+    p = disks[0].plan
+    acl = root / "iscsi" / p.target_iqn / "tpgt_1" / "acls" / p.initiator_iqn
+    real = r.results[("targetcli",)]
+
+    def no_password(argv):
+        res = real(argv)
+        if argv[1:3] == [f"/iscsi/{p.target_iqn}/tpg1/acls", "create"]:
+            (acl / "auth" / "password").unlink()
+        return res
+    r.results[("targetcli",)] = no_password
+    with pytest.raises(BackendError) as exc:
+        run_apply(lio, disks)
+    assert "auth/password" in str(exc.value) and not (acl / "auth" / "password").exists()
+    text = f"{exc.value} {exc.value.detail}" + capsys.readouterr().err
+    assert disks[0].secret not in text
+    # an argument targetcli would split is refused before anything runs
+    with pytest.raises(BackendError, match="re-parse"):
+        iscsi_lio.LioBackend(r, root).argv("/backstores/fileio", "create", "file_or_dev=/a b")
+
+
+def test_lio_without_configfs_is_refused_naming_what_is_missing(tmp_path):
+    from sidusd.storage import iscsi_lio
+    cfg = config.parse(cfg_text(str(tmp_path / "state"), backend="lio"))
+    missing = tmp_path / "sys" / "kernel" / "config" / "target"
+    with pytest.raises(BackendError) as exc:
+        iscsi_manager.IscsiManager(cfg, RecordingRunner(), lio_root=missing)
+    assert f"{missing} absent" in str(exc.value) and "target_core_mod" in str(exc.value)
+    assert "iscsi_target_mod" in str(exc.value)
+    # a tree that disappears later (modules unloaded): show/apply say the same
+    root = tmp_path / "t"
+    root.mkdir()
+    lio = iscsi_lio.LioBackend(RecordingRunner(), root)
+    root.rmdir()
+    with pytest.raises(BackendError, match="absent: load target_core_mod"):
+        asyncio.run(lio.show())
+    # a tree that cannot be read (a target deleted while it is read): BackendError, not OSError
+    import unittest.mock
+    root.mkdir()
+    with unittest.mock.patch.object(iscsi_lio, "read_configfs",
+                                    side_effect=FileNotFoundError(2, "No such file", "iscsi/x/tpgt_1/lun")):
+        with pytest.raises(BackendError, match="cannot read LIO's configfs tree") as exc:
+            asyncio.run(lio.show())
+    assert "iscsi/x/tpgt_1/lun" in exc.value.detail
+    # the default factory on this kind of machine: the runtime reports it in its status
+    if not iscsi_lio.LIO_CONFIGFS.is_dir():
+        rt = Runtime(tmp_path / "sidus.yaml", Snapshot(cfg, make_inv(), 1), observer=Observer(),
+                     iscsi_watch_s=0)
+        asyncio.run(rt.apply_iscsi())
+        assert "/sys/kernel/config/target absent" in rt.backend_status["iscsi"]["detail"]
+        assert rt.observer.snapshot()["iscsi.errors"] == 1
+
+
+def test_lio_manager_end_to_end_logs_no_secret(tmp_path, capsys):
+    """IscsiManager on LIO: disks, secrets file, targets, info (sessions) and host removal."""
+    setup_logging("json", "debug")
+    try:
+        cfg = config.parse(cfg_text(str(tmp_path / "state"), backend="lio"))
+        root = tmp_path / "configfs" / "target"
+        r = RecordingRunner()
+        r.results[("targetcli",)] = FakeTargetcli(root, sessions={"iqn.2026-11.org.example:sidus-host-525400000001"})
+        mgr = iscsi_manager.IscsiManager(cfg, r, lio_root=root)
+        assert mgr.backend.name == "lio"
+        done = asyncio.run(mgr.apply(cfg, make_inv()))
+        assert len(done["created"]) == 2
+        info = asyncio.run(mgr.info(M1))
+        assert info["served"] and info["logged_in"] and "secret" not in info
+        assert asyncio.run(mgr.ensure()) is False          # everything there
+        plan = mgr.disks[M2].plan
+        asyncio.run(mgr.remove_host(M2, plan, delete_disk=True))
+        assert not plan.backing_file.exists()
+        assert sorted(x.name for x in (root / "iscsi").iterdir()) == [mgr.disks[M1].plan.target_iqn]
+        secrets = json.loads(cfg.iscsi.secrets_file.read_text())
+    finally:
+        structlog.reset_defaults()
+    err = capsys.readouterr().err
+    assert '"iscsi.applied"' in err
+    for s in secrets.values():
+        assert s not in err
+        assert not any(s in a for c in r.calls for a in c)
 
 
 # -- render + runtime ---------------------------------------------------------
@@ -461,6 +758,8 @@ def test_hook_iscsi_blank_disk_formatted_once_and_changes_persist(tmp_path):
     assert args[args.index("-a") + 1] == "10.9.9.1" and args[args.index("-p") + 1] == "3260"
     assert args[args.index("-i") + 1] == "iqn.2026-11.org.example:sidus-host-1"
     assert args[args.index("-u") + 1] == "sidus-525400000001" and args[args.index("-w") + 1] == SECRET
+    # iscsistart's own retry budget (30 x 15 s) would hold an unreachable target's boot for 7.5 min
+    assert args[args.index("-P") + 1] == "node.session.initial_login_retry_max=4"
     # the "reboot": same disk, new namespace; the file is there, no new file system
     facts, calls = hook_run(tmp_path, ISCSI_ARGS + " sidus.fallback=stop")
     assert facts["RC"] == "0" and facts["MODE"] == "iscsi", calls
@@ -479,6 +778,17 @@ def test_hook_iscsi_login_failure_falls_back_loudly_or_stops(tmp_path):
     assert facts["RC"] == "1" and facts["MODE"] == "", calls
     assert calls[-1].startswith("PANIC: sidus-overlay: iSCSI disk: login to")
     assert "sidus.fallback=stop" in calls[-1]
+
+
+def test_hook_iscsi_retries_is_passed_to_iscsistart_and_checked(tmp_path):
+    facts, calls = hook_run(tmp_path, ISCSI_ARGS + " sidus.iscsi.retries=1", login_rc=8)
+    assert facts["MODE"] == "tmpfs-fallback", calls
+    args = (tmp_path / "iscsistart.args").read_text().split()
+    assert args[args.index("-P") + 1] == "node.session.initial_login_retry_max=1"
+    for bad in ("0", "x", ""):
+        facts, calls = hook_run(tmp_path, ISCSI_ARGS + f" sidus.iscsi.retries={bad}")
+        assert facts["RC"] == "1" and facts["MODE"] == "", calls
+        assert calls[-1].startswith(f"PANIC: sidus-overlay: sidus.iscsi.retries={bad}: not a number"), calls
 
 
 def test_hook_iscsi_never_formats_a_disk_with_data(tmp_path):

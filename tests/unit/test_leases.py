@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -157,3 +158,92 @@ def test_store_refuses_unwritable_place(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OSError):
         LeaseStore(blocker / "leases.jsonl").load(db())
+
+
+def test_store_removes_temps_of_dead_compactions_only(tmp_path):
+    """A compaction killed before its rename leaves .leases.jsonl.tmp<pid>: removed at
+    the next load if that process is dead; a live writer's temp is left alone."""
+    import subprocess
+    import sys
+    path = tmp_path / "leases.jsonl"
+    path.write_text(Lease(IP("10.0.0.10"), "a", "bound", 100.0).to_json() + "\n")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = tmp_path / f".leases.jsonl.tmp{int(dead.stdout)}"
+    stale.write_text("half a compaction")
+    alive = tmp_path / f".leases.jsonl.tmp{os.getppid()}"
+    alive.write_text("someone else's")
+    other = tmp_path / ".inventory.yaml.tmp1"                  # not ours
+    other.write_text("x")
+    store = LeaseStore(path)
+    d = db()
+    assert store.load(d) == (1, 0) and store.stale_temps_removed == 1
+    assert not stale.exists() and alive.exists() and other.exists()
+    store.close()
+
+
+def test_store_compaction_threshold_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIDUSD_LEASE_COMPACT_AFTER", "7")
+    assert LeaseStore(tmp_path / "l.jsonl").compact_after == 7
+    monkeypatch.setenv("SIDUSD_LEASE_COMPACT_AFTER", "junk")
+    assert LeaseStore(tmp_path / "l.jsonl").compact_after == 10_000
+    assert LeaseStore(tmp_path / "l.jsonl", compact_after=3).compact_after == 3
+
+
+def test_offer_to_the_holder_keeps_its_bound_lease(tmp_path):
+    """A bound client that DISCOVERs again (PXE reboot) is offered its address; the
+    offer (memory only) must not replace the binding, or the next compaction drops
+    it and a restart hands the address to someone else."""
+    d = db()
+    bound = Lease(IP("10.0.0.10"), "a", "bound", 5000.0)
+    d.apply(bound)
+    d.apply(Lease(IP("10.0.0.10"), "a", "offered", 100.0 + 60))      # DISCOVER at t=100
+    assert d.by_mac("a") == bound
+    path = tmp_path / "leases.jsonl"
+    store = LeaseStore(path, compact_after=1)
+    store.load(db())
+    store.compact(d, now=100.0)
+    store.close()
+    again = db()
+    LeaseStore(path).load(again)
+    assert again.by_mac("a") == bound
+    assert again.choose("b", now=200.0) != IP("10.0.0.10")
+    # a binding that ends before the offer's hold is extended to it, still bound
+    d.apply(Lease(IP("10.0.0.11"), "c", "bound", 150.0))
+    d.apply(Lease(IP("10.0.0.11"), "c", "offered", 140.0 + 60))
+    assert d.by_mac("c") == Lease(IP("10.0.0.11"), "c", "bound", 200.0)
+    # an offer to someone else for a free address is still an offer
+    d.apply(Lease(IP("10.0.0.12"), "e", "offered", 160.0))
+    assert d.by_mac("e").state == "offered"
+
+
+def test_store_does_not_rewrite_after_every_write_when_leases_outnumber_the_threshold(tmp_path):
+    """With more live leases than compact_after, a rewrite leaves more lines than the
+    threshold: the next rewrite waits until the journal has doubled."""
+    big = LeaseDB(ipaddress.IPv4Network("10.1.0.0/20"), IP("10.1.0.10"), IP("10.1.15.200"))
+    store = LeaseStore(tmp_path / "leases.jsonl", compact_after=5)
+    store.load(big)
+    for i in range(20):
+        lease = Lease(IP(f"10.1.0.{10 + i}"), f"m{i}", "bound", 1e9)
+        store.append(lease)
+        big.apply(lease)
+    assert store.maybe_compact(big, now=0.0) is True and store.lines == 20
+    compactions = 0
+    for i in range(19):                      # renewals: the live set stays at 20
+        lease = Lease(IP(f"10.1.0.{10 + i}"), f"m{i}", "bound", 2e9)
+        store.append(lease)
+        big.apply(lease)
+        compactions += store.maybe_compact(big, now=0.0)
+    assert compactions == 0 and store.lines == 39
+    lease = Lease(IP("10.1.0.29"), "m19", "bound", 2e9)
+    store.append(lease)
+    big.apply(lease)
+    assert store.maybe_compact(big, now=0.0) is True and store.lines == 20
+    store.close()
+    again = LeaseDB(ipaddress.IPv4Network("10.1.0.0/20"), IP("10.1.0.10"), IP("10.1.15.200"))
+    reopened = LeaseStore(tmp_path / "leases.jsonl", compact_after=5)
+    reopened.load(again)
+    assert again.leases() == big.leases()
+    reopened.append(lease)
+    assert reopened.maybe_compact(again, now=0.0) is False    # 21 lines < 2 x 20 leases
+    reopened.close()

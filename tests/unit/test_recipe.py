@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sidusd.errors import ConfigError
-from sidusd.image.recipe import Keyboard, Limit, mirror_from_sources, parse_recipe, read_recipe
+from sidusd.image.recipe import Keyboard, Limit, mirror_from_sources, parse_recipe, read_recipe, security_from_sources
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,3 +141,25 @@ def test_mirror_from_one_line_form():
     assert mirror_from_sources(text, None) == "http://one.example/debian"
     assert mirror_from_sources("deb cdrom:[x]/ bookworm main\n", "bookworm") is None
     assert mirror_from_sources("", None) is None
+
+
+def test_security_from_sources_both_forms():
+    assert security_from_sources(DEB822, "bookworm") == "http://mirror-a.example/debian-security"
+    assert security_from_sources(DEB822, "trixie") is None
+    one = ("deb http://two.example/debian bookworm main\n"
+           "deb [signed-by=/k.gpg] http://sec.example/debian-security/ bookworm-security main\n"
+           "deb-src http://src.example/debian-security trixie-security main\n")
+    assert security_from_sources(one, "bookworm") == "http://sec.example/debian-security"
+    assert security_from_sources(one, "trixie") is None                      # deb-src is not an archive to use
+    src_only = "Types: deb-src\nURIs: http://x.example/debian-security\nSuites: bookworm-security\n"
+    assert security_from_sources(src_only, "bookworm") is None
+    assert mirror_from_sources(src_only, "bookworm") is None
+
+
+def test_security_mirror_key():
+    assert parse_recipe("name: a\n").security_mirror is None                 # the host's
+    assert parse_recipe("name: a\nsecurity_mirror: false\n").security_mirror is False
+    assert parse_recipe("name: a\nsecurity_mirror: http://s.example/ds/\n").security_mirror == "http://s.example/ds"
+    for bad in ("security_mirror: true", "security_mirror: ftp://x", "security_mirror: 3",
+                "security_mirror: 'http://x y'"):
+        assert refused(f"name: a\n{bad}\n").path == "security_mirror"

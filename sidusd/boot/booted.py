@@ -1,0 +1,185 @@
+"""Which image generation each machine was served (pure; docs/images.md, "Booted generations").
+
+sidusd cannot see whether a machine still runs.  What it sees is the moment
+it renders a machine's boot config (``pxelinux.cfg/01-<mac>`` or the iPXE
+script): that document names the image root -- one generation directory --
+that the machine is about to mount over NFS.  :class:`BootedTable` keeps, per
+MAC, the last root it was served, and the rule of "still running" is:
+
+* a record stays until that MAC is served **another root** (it rebooted into
+  another generation: the old one is no longer its root), or
+* until ``ttl_s`` passed since it was last served (``booted.ttl_s``; 0 = never);
+* at most ``max_hosts`` records: beyond, the least recently served is dropped --
+  first among machines the inventory does not list (``known`` False: their MAC
+  is only a name in a TFTP/HTTP request, anyone can make up thousands); a new
+  unknown MAC never pushes out an inventory host's record.
+
+``last_s`` is refreshed at most every ``refresh_s`` so that a machine that
+reboots often into the same generation does not rewrite the file each time.
+
+The table is encoded as one JSON document (version 1) that the store
+(sidusd/image/booted_store.py) writes atomically; :func:`decode` refuses
+anything malformed with :class:`BootedFileError` (never a partial table).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from sidusd.errors import SidusError
+
+VERSION = 1
+DEFAULT_MAX_HOSTS = 10_000
+DEFAULT_REFRESH_S = 3600.0
+MAX_FIELD = 4096
+
+
+class BootedFileError(SidusError):
+    """The booted-records file is not a valid version-1 table."""
+
+
+@dataclass(frozen=True)
+class BootRecord:
+    """Machine ``mac`` was served image ``image`` whose root is ``root``."""
+    mac: str
+    image: str
+    root: str
+    hostname: str | None
+    first_s: float          # first served this root (Unix time)
+    last_s: float           # last served (refreshed every refresh_s at most)
+    known: bool = True      # the inventory lists this MAC
+
+    def as_dict(self) -> dict:
+        return {"mac": self.mac, "image": self.image, "root": self.root, "hostname": self.hostname,
+                "first_s": round(self.first_s, 3), "last_s": round(self.last_s, 3), "known": self.known}
+
+
+def _expired(rec: BootRecord, now: float, ttl_s: float) -> bool:
+    return ttl_s > 0 and now - rec.last_s > ttl_s
+
+
+class BootedTable:
+    """MAC -> :class:`BootRecord`; bounded to ``max_hosts`` records."""
+
+    def __init__(self, records: Iterable[BootRecord] = (), max_hosts: int = DEFAULT_MAX_HOSTS,
+                 refresh_s: float = DEFAULT_REFRESH_S):
+        if max_hosts < 1:
+            raise ValueError("max_hosts must be at least 1")
+        self.max_hosts = max_hosts
+        self.refresh_s = refresh_s
+        self._by_mac: dict[str, BootRecord] = {}
+        for r in sorted(records, key=lambda r: r.last_s):
+            self._by_mac[r.mac] = r
+        while len(self._by_mac) > max_hosts:
+            self._evict_oldest(True)
+
+    def __len__(self) -> int:
+        return len(self._by_mac)
+
+    def get(self, mac: str) -> BootRecord | None:
+        return self._by_mac.get(mac)
+
+    def snapshot(self) -> list[BootRecord]:
+        """The records, unsorted (O(n) pointer copy: the records are immutable)."""
+        return list(self._by_mac.values())
+
+    def records(self) -> list[BootRecord]:
+        return sorted(self._by_mac.values(), key=lambda r: r.mac)
+
+    def _evict_oldest(self, may_evict_known: bool) -> bool:
+        """Drop the least recently served unknown machine, else (if allowed) known one."""
+        pool = [r for r in self._by_mac.values() if not r.known]
+        if not pool and may_evict_known:
+            pool = list(self._by_mac.values())
+        if not pool:
+            return False
+        oldest = min(pool, key=lambda r: (r.last_s, r.mac))
+        del self._by_mac[oldest.mac]
+        return True
+
+    def note(self, mac: str, image: str, root: str, hostname: str | None, now: float,
+             known: bool = True) -> bool:
+        """Record that ``mac`` (``known``: listed in the inventory) was served ``image`` (root
+        ``root``) at ``now``.
+
+        Returns True when the table changed in a way worth persisting: a new
+        MAC, another root/image/hostname, or ``last_s`` older than ``refresh_s``.
+        False also when the table is full of inventory hosts and ``mac`` is unknown.
+        """
+        old = self._by_mac.get(mac)
+        if old is not None and (old.root, old.image, old.hostname, old.known) == (root, image, hostname, known):
+            if now - old.last_s < self.refresh_s:
+                return False
+            self._by_mac[mac] = BootRecord(mac, image, root, hostname, old.first_s, now, known)
+            return True
+        first = old.first_s if old is not None and old.root == root else now
+        if old is None and len(self._by_mac) >= self.max_hosts and not self._evict_oldest(known):
+            return False
+        self._by_mac[mac] = BootRecord(mac, image, root, hostname, first, now, known)
+        return True
+
+    def prune(self, now: float, ttl_s: float) -> int:
+        """Drop records not served for more than ``ttl_s`` (0: keep forever); how many."""
+        gone = [m for m, r in self._by_mac.items() if _expired(r, now, ttl_s)]
+        for m in gone:
+            del self._by_mac[m]
+        return len(gone)
+
+    def live(self, now: float, ttl_s: float) -> list[BootRecord]:
+        """Records that still count as running at ``now``."""
+        return [r for r in self.records() if not _expired(r, now, ttl_s)]
+
+    def encode(self) -> bytes:
+        return encode_records(self.records())
+
+
+def encode_records(records: Iterable[BootRecord]) -> bytes:
+    """The file's bytes for ``records`` (the store encodes a snapshot off the event loop)."""
+    doc = {"version": VERSION, "records": [r.as_dict() for r in sorted(records, key=lambda r: r.mac)]}
+    return (json.dumps(doc, indent=0, sort_keys=True) + "\n").encode()
+
+
+def _field(d: Mapping, key: str, types: tuple, where: str):
+    v = d.get(key)
+    if not isinstance(v, types) or isinstance(v, bool):
+        raise BootedFileError(f"{where}.{key}: expected {'/'.join(t.__name__ for t in types)}")
+    if isinstance(v, str) and (not v or len(v) > MAX_FIELD or "\x00" in v or "\n" in v):
+        raise BootedFileError(f"{where}.{key}: bad string")
+    return v
+
+
+def decode(data: bytes, max_hosts: int = DEFAULT_MAX_HOSTS,
+           refresh_s: float = DEFAULT_REFRESH_S) -> BootedTable:
+    """Parse the file written by :meth:`BootedTable.encode`.  Raises :class:`BootedFileError`."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BootedFileError(f"not JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("records"), list):
+        raise BootedFileError(f"expected {{\"version\": {VERSION}, \"records\": [...]}}")
+    recs = []
+    for i, d in enumerate(doc["records"]):
+        where = f"records[{i}]"
+        if not isinstance(d, dict):
+            raise BootedFileError(f"{where}: expected an object")
+        hostname = d.get("hostname")
+        if hostname is not None:
+            hostname = _field(d, "hostname", (str,), where)
+        known = d.get("known", True)
+        if not isinstance(known, bool):
+            raise BootedFileError(f"{where}.known: expected true or false")
+        recs.append(BootRecord(mac=_field(d, "mac", (str,), where), image=_field(d, "image", (str,), where),
+                               root=_field(d, "root", (str,), where), hostname=hostname,
+                               first_s=float(_field(d, "first_s", (int, float), where)),
+                               last_s=float(_field(d, "last_s", (int, float), where)), known=known))
+    return BootedTable(recs, max_hosts=max_hosts, refresh_s=refresh_s)
+
+
+def users_by_root(records: Iterable[BootRecord]) -> dict[str, list[BootRecord]]:
+    """Root directory -> the records of the machines that booted it (for ``gc`` and ``list``)."""
+    out: dict[str, list[BootRecord]] = {}
+    for r in records:
+        out.setdefault(r.root, []).append(r)
+    return out
