@@ -4,12 +4,14 @@ Inside the storm's private namespace: ``sb0`` (10.77.0.1/24) is the server end,
 where sidusd (``dhcp.mode: proxy``) or dnsmasq (``dhcp-range=...,proxy`` +
 ``pxe-service``) answer; ``sc0`` is moved into the namespace of a
 :mod:`bench.dhcpclient` process (started with ``unshare --net``) and gets
-10.77.0.2/24.  Why a veth and not loopback: PXE clients broadcast their
-DISCOVER from 0.0.0.0 and the proxy OFFER comes back as a broadcast to port 68;
-dnsmasq answers DHCP only on an interface with an address in a configured
-subnet, not on ``lo`` — a broadcast-capable link is what both servers honestly
-support.  The transfers (TFTP, HTTP) stay on the storm side, to the address the
-DHCP answer named (local to the storm's namespace).
+10.77.0.2/24.  Why a veth and not loopback: a PXE ROM has no address yet and
+broadcasts its DISCOVER from 0.0.0.0 out of an Ethernet link, and the proxy
+OFFER comes back as a broadcast to port 68; a veth between two namespaces is
+that path, and both servers honour it unchanged.  (Both would also answer a
+DISCOVER sent unicast to 127.0.0.1:67 on ``lo``, given a 127.0.0.0 range for
+dnsmasq: checked, but not what firmware does.)  The transfers (TFTP, HTTP)
+stay on the storm side, to the address the DHCP answer named (local to the
+storm's namespace).
 """
 
 from __future__ import annotations

@@ -451,7 +451,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-dhcp-latency", dest="dhcp_latency", action="store_false",
                    help="skip the proxyDHCP latency phase (sidusd and dnsmasq, idle and under a TFTP storm)")
     p.add_argument("--dhcp-probes", type=int, default=200, help="idle probes per server and repeat")
-    p.add_argument("--dhcp-max-probes", type=int, default=2000, help="at most this many probes during the storm")
+    p.add_argument("--dhcp-max-probes", type=int, default=6000, help="at most this many probes during the storm")
     p.add_argument("--dhcp-load-clients", type=int, default=32, help="TFTP clients (lockstep) loading the server")
     a = p.parse_args(argv)
     if a.quick:

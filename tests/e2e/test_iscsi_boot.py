@@ -11,9 +11,12 @@ makes an ext4 on first use and mounts it under the overlay.  The demo image's
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +28,17 @@ from sidusd.lab.vm import mac_for
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
 BOOT_TIMEOUT_S = 420          # ~1 min alone under TCG; teammates' VMs share the 2 cores
-TGT_CONTROL_PORT = 3261       # tgtadm -C: this lab's tgtd, not the machine's
+TGTD_RUN = Path("/var/run/tgtd")
+
+
+def free_control_port() -> int:
+    """A tgtadm -C number for this lab's tgtd: its control socket, /var/run/tgtd/socket.<N>, is on
+    the shared file system, and teammates' labs run at the same time (tgt allows N <= 32767)."""
+    base = 4000 + os.getpid() % 20000
+    for n in range(base, base + 200):
+        if not any(TGTD_RUN.glob(f"socket.{n}*")):
+            return n
+    raise AssertionError("no free tgtd control port")
 
 
 def values(markers: list[str], key: str) -> list[str]:
@@ -36,12 +49,15 @@ class IscsiLab(Lab):
     """The demo lab with an iSCSI profile and a tgtd in the lab namespace."""
 
     tgtd: subprocess.Popen | None = None
+    tgt_port: int = 0                      # tgtadm -C: this lab's tgtd, not the machine's
     profiles: dict[str, str] = {}          # mac -> profile (default: persist, fallback stop)
 
     def config_dict(self, exports_file, pid_file):
         cfg = super().config_dict(exports_file, pid_file)
+        if not self.tgt_port:
+            self.tgt_port = free_control_port()
         cfg["iscsi"] = {"backend": "tgt", "iqn_prefix": "iqn.2026-11.test.sidus", "default_size_mib": 64,
-                        "tgt_control_port": TGT_CONTROL_PORT}
+                        "tgt_control_port": self.tgt_port}
         return cfg
 
     def write_inventory(self, hosts):
@@ -56,7 +72,7 @@ class IscsiLab(Lab):
         self.inventory_file.write_text(yaml.safe_dump(inv, sort_keys=False))
 
     def start_tgtd(self) -> None:
-        argv = self.topology.lab_argv([require_tool("tgtd"), "-f", "-C", str(TGT_CONTROL_PORT),
+        argv = self.topology.lab_argv([require_tool("tgtd"), "-f", "-C", str(self.tgt_port),
                                        "--iscsi", f"portal={SERVER_IP}:3260"])
         with open(self.workdir / "tgtd.log", "ab") as log:
             self.tgtd = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -69,21 +85,24 @@ class IscsiLab(Lab):
         raise AssertionError("tgtd did not answer")
 
     def tgtadm(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["tgtadm", "-C", str(TGT_CONTROL_PORT), "--lld", "iscsi", *args],
+        return subprocess.run(["tgtadm", "-C", str(self.tgt_port), "--lld", "iscsi", *args],
                               capture_output=True, text=True, timeout=30)
 
     def stop_tgtd(self) -> None:
         proc, self.tgtd = self.tgtd, None
         if proc is None or proc.poll() is not None:
             return
-        self.tgtadm("--mode", "system", "--op", "delete")    # tgtd ignores SIGTERM while it has targets
+        # tgtd ignores SIGTERM while it has targets, and "system delete" is refused while any
+        # target is left (a killed VM's session keeps one busy): delete them all, forced, first
+        for tid in re.findall(r"^Target (\d+):", self.tgtadm("--mode", "target", "--op", "show").stdout, re.M):
+            self.tgtadm("--mode", "target", "--op", "delete", "--force", "--tid", tid)
+        self.tgtadm("--mode", "system", "--op", "delete")
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-            proc.wait(5)
-        from pathlib import Path
-        for p in Path("/var/run/tgtd").glob(f"socket.{TGT_CONTROL_PORT}*"):
+            proc.wait(60)            # a loaded machine: tgtd may sit in an fsync of a backing file
+        for p in TGTD_RUN.glob(f"socket.{self.tgt_port}*"):
             p.unlink(missing_ok=True)
 
     def start_sidusd(self) -> None:
@@ -132,9 +151,12 @@ def test_iscsi_disk_persists_across_reboots_and_restarts(iscsi_lab, demo_image):
     assert first, lab.diagnostics(vm)
     lab.sidusctl("hosts", "add", one, "--profile", "persist", "--hostname", "persist-one",
                  "--append", "sidus.demo=poweroff")
-    second = vm.wait_for(r"SIDUS-BOOT: READY", BOOT_TIMEOUT_S, start=first.end())
+    # (boot 1 prints READY after "probe written": look for boot 2's from its kernel banner on)
+    booting = vm.wait_for(r"Linux version", BOOT_TIMEOUT_S, start=first.end())
+    assert booting, "no reboot\n" + lab.diagnostics(vm)
+    second = vm.wait_for(r"SIDUS-BOOT: READY", BOOT_TIMEOUT_S, start=booting.end())
     assert second, "no second boot\n" + lab.diagnostics(vm)
-    assert vm.wait_exit(120) is not None, lab.diagnostics(vm)
+    assert vm.wait_exit(BOOT_TIMEOUT_S) is not None, lab.diagnostics(vm)
     text = vm.console_text()
     boot1, boot2 = boot_markers(text[:first.end()]), boot_markers(text[first.end():])
     assert values(boot1, "probe-before") == ["absent"], boot1
@@ -165,7 +187,7 @@ def test_iscsi_disk_persists_across_reboots_and_restarts(iscsi_lab, demo_image):
     ready = vm.wait_for(r"SIDUS-BOOT: READY", BOOT_TIMEOUT_S)
     assert ready, lab.diagnostics(vm)
     assert values(boot_markers(vm.console_text()), "probe-before") == ["present"]
-    assert vm.wait_exit(120) is not None, lab.diagnostics(vm)
+    assert vm.wait_exit(BOOT_TIMEOUT_S) is not None, lab.diagnostics(vm)
 
     # the second machine has its own, fresh disk: it does not see the first one's file
     vm2 = lab.boot_vm(two, name="persist2")
@@ -174,7 +196,7 @@ def test_iscsi_disk_persists_across_reboots_and_restarts(iscsi_lab, demo_image):
     markers2 = boot_markers(vm2.console_text())
     assert values(markers2, "probe-before") == ["absent"], markers2
     assert "sidus-disk-" + two.replace(":", "") in " ".join(values(markers2, "cmdline"))
-    assert vm2.wait_exit(120) is not None, lab.diagnostics(vm2)
+    assert vm2.wait_exit(BOOT_TIMEOUT_S) is not None, lab.diagnostics(vm2)
 
     # from the host side of the test network: two's credentials do not open one's target
     prefix = "iqn.2026-11.test.sidus:sidus-"
