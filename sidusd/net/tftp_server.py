@@ -2,32 +2,44 @@
 
 * One listening socket on ``tftp.address:tftp.port`` read with ``recvmsg`` and
   ``IP_PKTINFO``: the local address a request arrived on becomes the server IP
-  of rendered configs and the address of the transfer's own socket; the
+  of rendered configs and the address its transfer is served from; the
   interface index gives the MTU that caps ``blksize`` (MTU - 32).
-* Each transfer has its own socket bound to ``(local address, 0)`` (its TID,
-  RFC 1350 section 4), not connected, so that a datagram from a wrong TID can be
-  answered with ERROR 5 while the transfer goes on.
-* Transfer sockets are watched by one epoll set of their own, itself one
-  reader of the event loop: a loop turn hands over every ready transfer at
-  once (one ``epoll_wait``), each gets one datagram read (level-triggered: the
-  rest comes next turn), and an ACK (4 bytes) is read without building an
-  object.  What the session wants sent goes straight to ``sendto``; only what
-  the kernel refuses is queued.
+* **One transfer socket per local address** (:class:`~sidusd.net.udpport.SharedPort`,
+  bound to ``(local address, 0)``), shared by every transfer from that
+  address.  RFC 1350 section 4 identifies a transfer by both ends, so the
+  peer's address and port tell transfers apart, as with dnsmasq's
+  ``--tftp-single-port``.  A datagram from a peer with no transfer there is a
+  wrong TID: ERROR 5 to it, nothing else touched; one from a peer whose
+  transfer just ended (a late duplicate ACK) is dropped and counted ``late``.
+  The socket is closed once it serves no transfer (the next one opens another).
+* A readable transfer socket is drained with ``recvmmsg`` (up to ``_RX_BATCH``
+  datagrams per call, at most ``_RX_ROUNDS`` calls per loop turn); an ACK
+  (4 bytes) is handed to ``ReadSession.receive_ack`` without building an
+  object; everything the sessions release during the turn is sent with one
+  ``sendmmsg`` per ``_TX_BATCH`` messages (:mod:`sidusd.net.mmsg`); a window
+  for one client is one UDP GSO message the kernel cuts into its DATA
+  datagrams.  Only what the kernel refuses is queued (bounded outbox,
+  ``add_writer``).
+* Files are read through :class:`~sidusd.net.files.ReadAheadSource`: one
+  ``pread`` per 64 KiB, not per block.
 * One timer for all transfers: a heap of deadlines (at most one live entry per
   transfer) and one ``loop.call_at`` re-armed to the earliest.
 * Bounded: ``max_transfers`` in all, ``max_transfers_per_client`` per client IP
   (refused with an ERROR and counted), at most ``_BATCH`` requests read from
-  the listening socket and one datagram per transfer per loop turn, the listening socket's receive buffer sized for
-  ``intake_queue`` requests, outgoing datagrams queued per transfer only up to
-  one window (the kernel buffer drains them through ``add_writer``).
+  the listening socket per loop turn, the listening socket's receive buffer
+  sized for ``intake_queue`` requests, at most ``_MAX_PORTS`` local addresses,
+  the recently-ended table ``_RECENT_MAX`` entries for ``_RECENT_S`` seconds.
 * A transfer keeps its descriptor (or rendered bytes) and its negotiated
   parameters: a config reload never changes a transfer in flight.
 
-Counters (``tftp.``): rx, malformed, unexpected, duplicate_rrq, wrong_tid,
+Counters (``tftp.``): rx, malformed, unexpected, duplicate_rrq, wrong_tid, late,
 refused.<write|mode|busy|per_client|name|not_found|access|render|socket|stopping|
 netascii_size|read>,
-transfers.started/done/failed/probe, retransmits, bytes, send_errors, send_blocked
-(the kernel send buffer was full; the rest waits for add_writer), internal_errors.
+transfers.started/done/failed/probe, rx_batches (recvmmsg calls that returned datagrams:
+rx / rx_batches is the batch size), retransmits, bytes, send_errors, send_blocked
+(the kernel send buffer was full; the rest waits for add_writer), send_dropped
+(the outbox was full), gso_off (the kernel refused a GSO message: datagrams
+from then on), rx_errors, internal_errors.
 Every transfer ends with one ``tftp.transfer`` log event.
 """
 
@@ -35,10 +47,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import heapq
 import itertools
-import select
 import socket
 import struct
 from typing import Any
@@ -48,7 +58,9 @@ from ..errors import RemoteProtocolError, StartupError
 from ..observability import get_logger
 from ..proto import tftp
 from ..proto.tftp_session import BytesSource, ReadSession
-from .files import FileSource, NotServable, open_confined
+from . import mmsg
+from .files import FileSource, NotServable, ReadAheadSource, open_confined
+from .udpport import SharedPort
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)        # Linux value
 _PKTINFO = struct.Struct("=i4s4s")                    # struct in_pktinfo
@@ -59,27 +71,25 @@ _MAX_REQUEST = 1024         # a bigger "request" is refused as malformed
 NETASCII_MAX = 16 << 20     # netascii is converted in memory: bounded
 _MTU_TTL_S = 30.0
 _TIMER_SLACK_S = 1e-3
-_READY_MAX = 1024           # transfer sockets handled per loop turn
+_RX_BATCH = 64              # datagrams per recvmmsg on a transfer socket
+_RX_ROUNDS = 8              # recvmmsg calls per transfer socket per loop turn
+_TX_BATCH = 256             # datagrams per sendmmsg
+_MAX_PORTS = 64             # local addresses with a transfer socket
+_RECENT_S = 10.0            # a peer whose transfer ended: its late datagrams are dropped
+_RECENT_MAX = 4096
 _OP_ACK = 4
 
 
-class _FileSource(FileSource):
-    """A file read with ``os.pread``; a window's blocks are read with one call."""
-
-    __slots__ = ()
-    contiguous = True
-
-
 class _Transfer:
-    __slots__ = ("sock", "fd", "peer", "local", "file", "session", "source", "mac",
-                 "outbox", "writing", "deadline", "heap_at", "finished")
+    __slots__ = ("port", "peer", "key", "dest", "local", "file", "session", "source", "mac",
+                 "deadline", "heap_at", "finished")
 
-    def __init__(self, sock: socket.socket, peer: tuple[str, int], local: str, file: str,
+    def __init__(self, port: SharedPort, peer: tuple[str, int], local: str, file: str,
                  session: ReadSession, source: Any, mac: str | None):
-        self.sock, self.fd, self.peer, self.local = sock, sock.fileno(), peer, local
+        self.port, self.peer, self.local = port, peer, local
+        self.key = mmsg.peer_key(peer)
+        self.dest = mmsg.Peer(self.key)
         self.file, self.session, self.source, self.mac = file, session, source, mac
-        self.outbox: collections.deque[bytes] = collections.deque()
-        self.writing = False
         self.deadline: float | None = None
         self.heap_at: float | None = None
         self.finished = False
@@ -101,8 +111,8 @@ class TftpService:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._mtu: dict[int, tuple[float, int]] = {}
-        self._ep: Any = None                            # select.epoll of transfer sockets
-        self._by_fd: dict[int, _Transfer] = {}
+        self._ports: dict[str, SharedPort] = {}         # local address -> its transfer socket
+        self._recent: collections.OrderedDict[tuple[str, bytes], float] = collections.OrderedDict()
         self._stopping = False
         self._idle = asyncio.Event()
 
@@ -123,8 +133,6 @@ class TftpService:
             raise StartupError(f"tftp: cannot listen on {addr[0]}:{addr[1]}: {exc.strerror}") from None
         self._sock = sock
         self._bound = sock.getsockname()
-        self._ep = select.epoll()
-        self._loop.add_reader(self._ep.fileno(), self._on_transfers_ready)
         self._loop.add_reader(sock.fileno(), self._on_request_readable)
         self.log.info("tftp.listening", address=self._bound[0], port=self._bound[1], root=str(cfg.root))
 
@@ -147,13 +155,12 @@ class TftpService:
             for t in list(self._transfers.values()):
                 t.session.abort(now, "server shutting down")
                 self._pump(t, now)
+            self._flush_ports()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._ep is not None and not self._transfers:
-            self._loop.remove_reader(self._ep.fileno())
-            self._ep.close()
-            self._ep = None
+        if not self._transfers:
+            self._close_ports()
 
     def listeners(self) -> list[dict[str, Any]]:
         """Where this service listens (for ``sidusctl status``)."""
@@ -274,7 +281,7 @@ class TftpService:
                     return self._refuse(peer, local, tftp.ERR_NOT_FOUND, "file not found",
                                         "not_found", name)
                 return self._refuse(peer, local, tftp.ERR_ACCESS, "access violation", "access", name)
-            source = _FileSource(fd, size)
+            source = ReadAheadSource(fd, size)
         if mode == "netascii":
             source = self._netascii(source, peer, local, name)
             if source is None:
@@ -304,25 +311,58 @@ class TftpService:
         neg = tftp.negotiate(pkt.option_map, tftp.Limits(max_blk, int(cfg.max_windowsize), source.size))
         session = ReadSession(source, neg.blksize, neg.windowsize,
                               neg.timeout_s or float(cfg.timeout_s), int(cfg.retries), neg.oack)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.setblocking(False)
-            sock.bind((local if local != "0.0.0.0" else "", 0))
+            port = self._port_for(local)
         except OSError as exc:
-            sock.close()
             if isinstance(source, FileSource):
                 source.close()
-            self.log.error("tftp.socket_failed", error=exc.strerror)
+            self.log.error("tftp.socket_failed", error=exc.strerror or str(exc), local=local)
             return self._refuse(peer, local, tftp.ERR_UNDEFINED, "server error", "socket", name)
-        t = _Transfer(sock, peer, local, name, session, source, mac or self.runtime.observer.mac_for_ip(peer[0]))
+        t = _Transfer(port, peer, local, name, session, source, mac or self.runtime.observer.mac_for_ip(peer[0]))
         self._transfers[peer] = t
+        self._recent.pop((port.local, t.key), None)
+        port.owners[t.key] = t
         self._per_client[peer[0]] += 1
         self.runtime.observer.count("tftp.transfers.started")
-        self._by_fd[t.fd] = t
-        self._ep.register(t.fd, select.EPOLLIN)
         now = self._loop.time()
         session.start(now)
         self._pump(t, now)
+        port.flush()
+
+    def _port_for(self, local: str) -> SharedPort:
+        """The transfer socket of ``local`` (made on first use); raises OSError."""
+        port = self._ports.get(local)
+        if port is None or port.closed:
+            if len(self._ports) >= _MAX_PORTS:
+                raise OSError(0, f"more than {_MAX_PORTS} local addresses")
+            assert self._loop is not None
+            port = SharedPort(self._loop, local, self.runtime.observer.count,
+                              rx_capacity=_RX_BATCH, tx_capacity=_TX_BATCH)
+            port.start_reading(self._on_port_readable, port)
+            self._ports[local] = port
+            self.log.info("tftp.transfer_socket", local=local, port=port.address[1],
+                          sndbuf=port.sndbuf, rcvbuf=port.rcvbuf, batched=mmsg.AVAILABLE)
+        return port
+
+    def _release_if_idle(self, port: SharedPort) -> None:
+        """Close a transfer socket that serves no transfer any more (after sending what is queued)."""
+        if port.owners or port.closed:
+            return
+        port.flush()
+        port.close()
+        if self._ports.get(port.local) is port:
+            del self._ports[port.local]
+        for k in [k for k in self._recent if k[0] == port.local]:
+            del self._recent[k]
+
+    def _flush_ports(self) -> None:
+        for port in self._ports.values():
+            port.flush()
+
+    def _close_ports(self) -> None:
+        for port in self._ports.values():
+            port.close()
+        self._ports.clear()
 
     def _mtu_for(self, ifindex: int) -> int:
         """MTU of the interface a request came in on (cached briefly); 1500 if unknown."""
@@ -343,124 +383,111 @@ class TftpService:
         return mtu
 
     # -- transfer sockets ------------------------------------------------------
-    def _on_transfers_ready(self) -> None:
-        """Every transfer socket with a datagram waiting: one datagram each."""
-        if self._ep is None:
+    def _on_port_readable(self, port: SharedPort) -> None:
+        """Drain a transfer socket in batches; send what the sessions release, batched too."""
+        if port.closed:
             return
-        try:
-            ready = self._ep.poll(0, _READY_MAX)
-        except InterruptedError:
-            return
-        now = self._loop.time()             # type: ignore[union-attr]
-        by_fd = self._by_fd
-        for fd, _events in ready:
-            t = by_fd.get(fd)
-            if t is not None:
-                self._on_transfer_readable(t, now)
-
-    def _on_transfer_readable(self, t: _Transfer, now: float) -> None:
         obs = self.runtime.observer
-        if t.finished:
-            return
+        now = self._loop.time()             # type: ignore[union-attr]
+        transfers = port.owners
+        rx = calls = 0
         try:
-            try:
-                data, addr = t.sock.recvfrom(_RECV_MAX)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                obs.count("tftp.rx_errors")
-                return
-            obs.count("tftp.rx")
-            if addr != t.peer:
-                # RFC 1350 section 4: wrong TID -> ERROR 5 to that port, transfer untouched.
-                obs.count("tftp.wrong_tid")
+            for _ in range(_RX_ROUNDS):
                 try:
-                    t.sock.sendto(tftp.error_packet(tftp.ERR_UNKNOWN_TID, "unknown transfer ID"), addr)
-                except OSError:
-                    obs.count("tftp.send_errors")
-                return
-            if len(data) == 4 and data[1] == _OP_ACK and data[0] == 0:
-                t.session.receive_ack((data[2] << 8) | data[3], now)
-            else:
-                try:
-                    pkt = tftp.decode(data)
-                except RemoteProtocolError:
-                    obs.count("tftp.malformed")
-                    return
-                t.session.receive(pkt, now)
-            self._pump(t, now)
-        except Exception:
-            obs.count("tftp.internal_errors")
-            self.log.exception("tftp.internal_error", file=t.file, peer=f"{t.peer[0]}:{t.peer[1]}")
+                    batch = port.recv()
+                except OSError as exc:
+                    obs.count("tftp.rx_errors")
+                    self.log.warning("tftp.rx_error", error=exc.strerror)
+                    break
+                if not batch:
+                    break
+                rx += len(batch)
+                calls += 1
+                for data, key, trunc in batch:
+                    t = transfers.get(key)
+                    if t is None:
+                        self._stranger(port, data, key)
+                        continue
+                    try:
+                        if len(data) == 4 and data[1] == _OP_ACK and data[0] == 0:
+                            t.session.receive_ack((data[2] << 8) | data[3], now)
+                        else:
+                            if trunc:
+                                obs.count("tftp.malformed")
+                                continue
+                            try:
+                                pkt = tftp.decode(data)
+                            except RemoteProtocolError:
+                                obs.count("tftp.malformed")
+                                continue
+                            t.session.receive(pkt, now)
+                        self._pump(t, now)
+                    except Exception:
+                        self._internal_error(t, now)
+                if port.closed:
+                    break
+                port.flush()
+                if len(batch) < port.rx_capacity:
+                    break
+        finally:
+            if rx:
+                obs.count("tftp.rx", rx)
+                obs.count("tftp.rx_batches", calls)
+
+    def _stranger(self, port: SharedPort, data: bytes, key: bytes) -> None:
+        """A datagram from a peer with no transfer on this socket."""
+        obs = self.runtime.observer
+        recent = self._recent.get((port.local, key))
+        if recent is not None and recent > self._loop.time():    # type: ignore[union-attr]
+            obs.count("tftp.late")          # e.g. a duplicated last ACK: no ERROR to a finished peer
+            return
+        # RFC 1350 section 4: wrong TID -> ERROR 5 to that port, no transfer touched.
+        obs.count("tftp.wrong_tid")
+        port.send_now(tftp.error_packet(tftp.ERR_UNKNOWN_TID, "unknown transfer ID"), mmsg.peer_addr(key))
+
+    def _internal_error(self, t: _Transfer, now: float) -> None:
+        """A bug of ours in one transfer: log it, end that transfer (ERROR 0), go on."""
+        self.runtime.observer.count("tftp.internal_errors")
+        self.log.exception("tftp.internal_error", file=t.file, peer=f"{t.peer[0]}:{t.peer[1]}")
+        try:
             t.session.abort(now, "internal error")
-            self._finish(t, now)
+            out = t.session.datagrams_to_send(now)
+            if out:
+                t.port.queue(out, t.dest)
+        except Exception:
+            pass
+        self._finish(t, now)
 
     def _pump(self, t: _Transfer, now: float) -> None:
-        """Queue what the session wants sent, send it, re-arm its timer or finish it."""
+        """Queue what the session wants sent (sent by the port's flush), re-arm its timer or finish it."""
         if t.finished:
             return
+        session = t.session
         try:
-            out = t.session.datagrams_to_send(now)
+            out = session.datagrams_to_send(now)
         except OSError as exc:      # the file could not be read any more
-            t.session.abort(now, "read error")
-            out = t.session.datagrams_to_send(now)
+            session.abort(now, "read error")
+            out = session.datagrams_to_send(now)
             self.log.warning("tftp.read_error", file=t.file, error=exc.strerror)
         if out:
-            self._send(t, out)
-        if t.session.done:
+            port = t.port
+            if len(out) == 1:       # lockstep: one DATA per ACK
+                port.queue_one(out[0], t.dest)
+            else:
+                port.queue(out, t.dest)
+        if session.done:
             self._finish(t, now)
         else:
-            self._schedule(t)
-
-    def _send(self, t: _Transfer, out: list[bytes]) -> None:
-        """Send ``out`` now; what the kernel does not take waits in the outbox (``_flush``)."""
-        if not t.outbox:
-            sendto, peer, i = t.sock.sendto, t.peer, 0
-            try:
-                for d in out:
-                    sendto(d, peer)
-                    i += 1
-                return
-            except OSError:
-                out = out[i:]           # _flush retries it and handles the error
-        t.outbox.extend(out)
-        self._flush(t)
-
-    def _flush(self, t: _Transfer) -> None:
-        sock, box = t.sock, t.outbox
-        while box:
-            try:
-                sock.sendto(box[0], t.peer)
-            except (BlockingIOError, InterruptedError):
-                self.runtime.observer.count("tftp.send_blocked")
-                if not t.writing and not t.finished and self._loop is not None:
-                    t.writing = True
-                    self._loop.add_writer(t.fd, self._on_writable, t)
-                return
-            except OSError as exc:
-                self.runtime.observer.count("tftp.send_errors")
-                if exc.errno in (errno.EMSGSIZE, errno.ENETUNREACH, errno.EHOSTUNREACH):
-                    box.popleft()       # dropped; the retransmission timer recovers or gives up
-                    continue
-                box.clear()
-                return
-            box.popleft()
-        if t.writing and self._loop is not None:
-            t.writing = False
-            self._loop.remove_writer(t.fd)
-
-    def _on_writable(self, t: _Transfer) -> None:
-        if not t.finished:
-            self._flush(t)
+            d = session.next_timer()
+            t.deadline = d
+            if d is not None and (t.heap_at is None or d < t.heap_at):
+                self._schedule(t, d)
 
     # -- the one timer ---------------------------------------------------------
-    def _schedule(self, t: _Transfer) -> None:
-        d = t.session.next_timer()
-        t.deadline = d
-        if d is not None and (t.heap_at is None or d < t.heap_at):
-            t.heap_at = d
-            heapq.heappush(self._heap, (d, next(self._seq), t))
-            self._arm()
+    def _schedule(self, t: _Transfer, d: float) -> None:
+        t.heap_at = d
+        heapq.heappush(self._heap, (d, next(self._seq), t))
+        self._arm()
 
     def _arm(self) -> None:
         assert self._loop is not None
@@ -490,29 +517,30 @@ class TftpService:
                 heapq.heappush(self._heap, (t.deadline, next(self._seq), t))
                 continue
             try:
-                t.outbox.clear()                # a retransmission supersedes what is unsent
+                t.port.drop_queued(t.dest)      # a retransmission supersedes what is unsent
                 t.session.handle_timer(max(now, t.deadline))
                 self._pump(t, now)
             except Exception:
-                self.runtime.observer.count("tftp.internal_errors")
-                self.log.exception("tftp.internal_error", file=t.file)
-                t.session.abort(now, "internal error")
-                self._finish(t, now)
+                self._internal_error(t, now)
+        self._flush_ports()
         self._arm()
 
     # -- the end -----------------------------------------------------------------
     def _finish(self, t: _Transfer, now: float) -> None:
         if t.finished:
             return
-        if t.outbox:
-            self._flush(t)              # e.g. our final ERROR; best effort
-        t.finished = True
+        t.finished = True                # what it queued (e.g. our final ERROR) is still sent
         assert self._loop is not None
-        if self._by_fd.pop(t.fd, None) is not None and self._ep is not None:
-            self._ep.unregister(t.fd)
-        if t.writing:
-            self._loop.remove_writer(t.fd)
-        t.sock.close()
+        port = t.port
+        if port.owners.get(t.key) is t:
+            del port.owners[t.key]
+            if not port.owners:
+                self._loop.call_soon(self._release_if_idle, port)
+        recent = self._recent
+        recent[(port.local, t.key)] = now + _RECENT_S
+        recent.move_to_end((port.local, t.key))
+        while len(recent) > _RECENT_MAX or (recent and next(iter(recent.values())) <= now):
+            recent.popitem(last=False)
         if isinstance(t.source, FileSource):
             t.source.close()
         self._transfers.pop(t.peer, None)
@@ -533,7 +561,6 @@ class TftpService:
                      outcome=s.outcome)
         if not self._transfers:
             self._idle.set()
-            if self._stopping and self._ep is not None:
-                self._loop.remove_reader(self._ep.fileno())
-                self._ep.close()
-                self._ep = None
+            if self._stopping:
+                self._flush_ports()
+                self._close_ports()
