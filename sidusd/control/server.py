@@ -95,6 +95,7 @@ class ControlServer:
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         obs = self.runtime.observer
+        self._conns.add(task)          # tracked from the first await: stop() cancels every one
         try:
             uid = _peer_uid(writer)
             if uid is not None and uid not in (0, os.geteuid()):
@@ -102,13 +103,12 @@ class ControlServer:
                 self.log.warning("control.refused", reason="uid", uid=uid)
                 await self._send(writer, m.encode_error("permission denied: the control socket is for root"))
                 return
-            if len(self._conns) >= self.max_connections:
+            if len(self._conns) > self.max_connections:
                 obs.count("control.refused")
                 self.log.warning("control.refused", reason="too_many_connections", limit=self.max_connections)
                 await self._send(writer, m.encode_error(
                     f"too many control connections (limit {self.max_connections}), try again"))
                 return
-            self._conns.add(task)
             async for line in self._lines(reader):
                 await self._send(writer, await self._answer(line))
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -121,7 +121,9 @@ class ControlServer:
             writer.close()
             try:
                 await writer.wait_closed()
-            except (ConnectionError, OSError):
+            except (ConnectionError, OSError, asyncio.CancelledError):
+                # stop() cancelled this connection while it closed: the
+                # transport is closed already, nothing to wait for.
                 pass
 
     async def _lines(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes | object]:

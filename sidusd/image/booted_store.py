@@ -110,7 +110,7 @@ class BootedStore:
         """Encode and write (may run in a thread: touches no shared state); the error, if any."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, booted.encode_records(records), 0o644)
+            atomic_write(self.path, booted.encode_records(records), 0o640)  # state: root-only write, root group read
             return None
         except (FileWriteError, OSError) as e:
             return e

@@ -122,7 +122,7 @@ def test_store_writes_atomically_only_on_change(tmp_path):
     assert st.note(M1, "deb", G1, "vm1", 101.0) is False
     assert f.stat().st_mtime_ns == m1
     assert [(r.mac, r.root) for r in read_table(f).records()] == [(M1, G1)]
-    assert oct(f.stat().st_mode & 0o777) == "0o644"
+    assert oct(f.stat().st_mode & 0o777) == "0o640"
     assert not [p for p in f.parent.iterdir() if p.name != "booted.json"]   # no temporaries left
     # a second store (a restarted sidusd) starts from the file
     st2 = BootedStore(f, max_hosts=100, ttl_s=0)
