@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +16,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+def pytest_configure(config) -> None:
+    """Start every test, and every process a test starts, with the default signal dispositions.
+
+    The tests send SIGINT (a Ctrl-C to a process group), SIGTERM and SIGHUP to
+    real processes and check what they do.  An ignored disposition is inherited
+    through fork and exec, and a shell cannot trap a signal ignored at its entry:
+    when the suite itself is started under ``nohup`` (SIGHUP ignored) or as a
+    background job of a non-interactive shell (SIGINT and SIGQUIT ignored), those
+    processes would not see the signals and the tests would fail for a reason
+    that is not in the code under test.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def require_tool(name: str) -> str:
