@@ -155,10 +155,18 @@ def fake_ganesha(tmp_path):
     """A real process named ganesha.nfsd that counts the SIGHUPs it gets."""
     exe = tmp_path / "ganesha.nfsd"
     exe.write_text("#!/bin/sh\nn=0\ntrap 'n=$((n+1)); echo $n > \"$1\"' HUP\n"
+                   ": > \"$1.ready\"\n"
                    "while :; do sleep 0.05; done\n")
     exe.chmod(0o755)
     hups = tmp_path / "hups"
     p = subprocess.Popen([str(exe), str(hups)])
+    ready = tmp_path / "hups.ready"      # its trap is set: a SIGHUP before that would kill it
+    for _ in range(500):
+        if ready.exists():
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    else:
+        raise AssertionError("the fake ganesha.nfsd never set its SIGHUP trap")
     (tmp_path / "ganesha.pid").write_text(f"{p.pid}\n")
     yield p, hups
     p.kill()
