@@ -16,8 +16,8 @@ anyway, and doing it inline keeps decisions strictly ordered (no two REQUESTs
 can race for one address).
 
 A compaction killed before its rename leaves its temp file
-(``.<journal>.tmp<pid>``); :meth:`LeaseStore.load` removes those of dead
-processes.  ``SIDUSD_LEASE_COMPACT_AFTER`` (environment) overrides the
+(:func:`sidusd.fsutil.atomic_write` names it); :meth:`LeaseStore.load` removes
+those of dead processes (:func:`sidusd.fsutil.remove_stale_temps`).  ``SIDUSD_LEASE_COMPACT_AFTER`` (environment) overrides the
 compaction threshold, for tests that kill the daemon during compactions.
 """
 
@@ -27,25 +27,11 @@ import os
 from pathlib import Path
 
 from sidusd.boot.leases import Lease, LeaseDB
+from sidusd.fsutil import _write_all, atomic_write, remove_stale_temps
 
 COMPACT_AFTER = 10_000          # journal lines before a rewrite
 FILE_MODE = 0o640
 DIR_MODE = 0o750
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class LeaseStore:
@@ -72,7 +58,7 @@ class LeaseStore:
         (0750) and the file (0640) if missing.  Raises OSError if it cannot.
         """
         self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        self.stale_temps_removed = self._remove_stale_temps()
+        self.stale_temps_removed = remove_stale_temps(self.path)
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -87,24 +73,6 @@ class LeaseStore:
         self._lines = len(lines)
         self._compact_at = max(self.compact_after, 2 * len(db))
         return good, bad
-
-    def _tmp_path(self) -> Path:
-        return self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-
-    def _remove_stale_temps(self) -> int:
-        """Remove compaction temp files of processes that died before their rename."""
-        prefix = f".{self.path.name}.tmp"
-        removed = 0
-        for tmp in self.path.parent.glob(f"{prefix}*"):
-            pid = tmp.name[len(prefix):]
-            if not pid.isdigit() or int(pid) == os.getpid() or os.path.exists(f"/proc/{pid}"):
-                continue
-            try:
-                tmp.unlink()
-                removed += 1
-            except FileNotFoundError:
-                pass
-        return removed
 
     def _open(self) -> None:
         if self._fd is not None:
@@ -133,19 +101,7 @@ class LeaseStore:
         """Rewrite the journal from ``db`` atomically (temp + fsync + rename + fsync dir)."""
         lines = db.journal_lines(now)
         data = "".join(l + "\n" for l in lines).encode()
-        tmp = self._tmp_path()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.path.parent)
+        atomic_write(self.path, data, FILE_MODE)
         self._open()
         self._lines = len(lines)
         self._compact_at = max(self.compact_after, 2 * len(lines))

@@ -360,7 +360,7 @@ def check_leases(db: LeaseDB, acked: dict[str, str], sent: set[str]) -> None:
 
 
 def compaction_temps(state: Path) -> list[str]:
-    return [n for n in os.listdir(state) if n.startswith(".leases.jsonl.tmp")]
+    return [n for n in os.listdir(state) if n.startswith(".leases.jsonl.") and n.endswith(".sidus-tmp")]
 
 
 @pytest.mark.netns
@@ -478,15 +478,14 @@ def test_kill_9_during_lease_compaction(tmp_path):
                 time.sleep(rng.uniform(0.02, 0.6))
             else:                    # the moment a compaction has its temp file open
                 deadline = time.monotonic() + 5
-                while time.monotonic() < deadline and not any(
-                        x.startswith(".leases.jsonl.tmp") for x in os.listdir(tmp_path)):
+                while time.monotonic() < deadline and not compaction_temps(tmp_path):
                     pass
         finally:
             child.kill()
             child.wait(10)
             child.stdout.close()
         kills += 1
-        temps = [p for p in tmp_path.iterdir() if p.name.startswith(".leases.jsonl.tmp")]
+        temps = compaction_temps(tmp_path)
         mid += bool(temps)
         db = LeaseDB(ipaddress.IPv4Network("10.80.0.0/16"), ipaddress.IPv4Address("10.80.0.10"),
                      ipaddress.IPv4Address("10.80.255.200"))

@@ -131,7 +131,7 @@ def test_store_append_replay_compact(tmp_path):
     assert len(path.read_text().splitlines()) == 5
     assert store.maybe_compact(d, now=0.0) is True            # 5 lines >= compact_after
     assert len(path.read_text().splitlines()) == 3
-    assert not list(path.parent.glob("*.tmp*"))
+    assert not list(path.parent.glob("*sidus-tmp*"))
     store.close()
     again = db()
     assert LeaseStore(path).load(again) == (3, 0)
@@ -161,7 +161,7 @@ def test_store_refuses_unwritable_place(tmp_path):
 
 
 def test_store_removes_temps_of_dead_compactions_only(tmp_path):
-    """A compaction killed before its rename leaves .leases.jsonl.tmp<pid>: removed at
+    """A compaction killed before its rename leaves .leases.jsonl.<pid>.<rand>.sidus-tmp: removed at
     the next load if that process is dead; a live writer's temp is left alone."""
     import subprocess
     import sys
@@ -169,11 +169,11 @@ def test_store_removes_temps_of_dead_compactions_only(tmp_path):
     path.write_text(Lease(IP("10.0.0.10"), "a", "bound", 100.0).to_json() + "\n")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    stale = tmp_path / f".leases.jsonl.tmp{int(dead.stdout)}"
+    stale = tmp_path / f".leases.jsonl.{int(dead.stdout)}.0a1b.sidus-tmp"
     stale.write_text("half a compaction")
-    alive = tmp_path / f".leases.jsonl.tmp{os.getppid()}"
+    alive = tmp_path / f".leases.jsonl.{os.getppid()}.0a1b.sidus-tmp"
     alive.write_text("someone else's")
-    other = tmp_path / ".inventory.yaml.tmp1"                  # not ours
+    other = tmp_path / f".inventory.yaml.{int(dead.stdout)}.0a1b.sidus-tmp"                  # not ours
     other.write_text("x")
     store = LeaseStore(path)
     d = db()
