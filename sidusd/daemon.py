@@ -61,10 +61,37 @@ def nfs_factory(config: Any) -> Any:
     return NfsManager(config, Runner())
 
 
+async def serve_signals(runtime: Runtime, stop: asyncio.Event, log: Any, **ready: Any) -> None:
+    """Serve until SIGTERM/SIGINT: SIGHUP reloads (sd_notify around it), ``daemon.ready``
+    (with ``ready``) and READY=1 first, STOPPING=1 last; the handlers are removed on return."""
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task] = set()
+
+    async def do_reload() -> None:
+        sd_notify("RELOADING=1")
+        await runtime.reload()
+        sd_notify("READY=1")
+
+    def on_hup() -> None:
+        t = loop.create_task(do_reload())
+        reloads.add(t)
+        t.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    log.info("daemon.ready", pid=os.getpid(), config=str(runtime.config_path), **ready)
+    sd_notify("READY=1")
+    await stop.wait()
+    sd_notify("STOPPING=1")
+    log.info("daemon.stopping")
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+
+
 async def serve(runtime: Runtime) -> int:
     """Run the daemon until a stop signal.  Returns the exit code."""
     log = get_logger("daemon")
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     services = build_services(runtime)
     from .control.server import ControlServer
@@ -84,30 +111,8 @@ async def serve(runtime: Runtime) -> int:
 
     await runtime.apply_backends()
 
-    reloads: set[asyncio.Task] = set()
-
-    async def do_reload() -> None:
-        sd_notify("RELOADING=1")
-        await runtime.reload()
-        sd_notify("READY=1")
-
-    def on_hup() -> None:
-        t = loop.create_task(do_reload())
-        reloads.add(t)
-        t.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     listeners = [l for svc in services.values() for l in svc.listeners()]
-    log.info("daemon.ready", pid=os.getpid(), config=str(runtime.config_path),
-             listeners=listeners)
-    sd_notify("READY=1")
-    await stop.wait()
-    sd_notify("STOPPING=1")
-    log.info("daemon.stopping")
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
+    await serve_signals(runtime, stop, log, listeners=listeners)
     for svc in reversed(started):
         await _stop(svc)
     await runtime.stop_watchers()

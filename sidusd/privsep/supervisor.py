@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import select
-import signal
 import socket
 import sys
 import time
@@ -661,7 +660,7 @@ def _log_format(fmt: str) -> str:
 async def serve(runtime: Any) -> int:
     """:func:`sidusd.daemon.serve` for ``security.privsep: true``."""
     from ..control.server import ControlServer
-    from ..daemon import STOP_GRACE_S, sd_notify
+    from ..daemon import STOP_GRACE_S, serve_signals
     log = get_logger("daemon")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -698,30 +697,9 @@ async def serve(runtime: Any) -> int:
     await sup.push()                   # the iSCSI credentials apply_backends made
     monitor = loop.create_task(sup.monitor())
 
-    reloads: set[asyncio.Task] = set()
-
-    async def do_reload() -> None:
-        sd_notify("RELOADING=1")
-        await runtime.reload()
-        sd_notify("READY=1")
-
-    def on_hup() -> None:
-        t = loop.create_task(do_reload())
-        reloads.add(t)
-        t.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     ready = [l for ls in sup.worker_listeners.values() for l in ls]
-    log.info("daemon.ready", pid=os.getpid(), config=str(runtime.config_path), listeners=ready,
-             worker_pid=sup.worker.proc.pid if sup.worker else None, worker_user=sup.user.name)
-    sd_notify("READY=1")
-    await stop.wait()
-    sd_notify("STOPPING=1")
-    log.info("daemon.stopping")
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
+    await serve_signals(runtime, stop, log, listeners=ready,
+                        worker_pid=sup.worker.proc.pid if sup.worker else None, worker_user=sup.user.name)
     await sup.stop(STOP_GRACE_S)
     monitor.cancel()
     try:
