@@ -56,6 +56,49 @@ def get_logger(name: str = "sidusd", **ctx: Any) -> Any:
     return structlog.get_logger(name, component=name, **ctx)
 
 
+class RepeatBackoff:
+    """Whether to log a failure that repeats: the first at once, then at growing intervals.
+
+    A background check that fails every few seconds (tgtd down) must not fill
+    the journal with one identical error per check.  :meth:`failed` returns
+    True for the first failure, for a failure whose text changed, and then
+    when ``first_s``, 2x, 4x ... up to ``max_s`` have passed since the last
+    logged one (with the number suppressed in between); :meth:`recovered`
+    returns how many failures the streak had (0: there was none) and resets.
+    Pure: the caller passes the time.
+    """
+
+    def __init__(self, first_s: float = 30.0, max_s: float = 600.0):
+        self.first_s, self.max_s = first_s, max_s
+        self.streak = 0           # failures since the last success
+        self.suppressed = 0       # failures not logged since the last logged one
+        self._text: str | None = None
+        self._next_at = 0.0
+        self._interval = first_s
+
+    def failed(self, text: str, now: float) -> bool:
+        self.streak += 1
+        if self.streak == 1 or text != self._text or now >= self._next_at:
+            if self.streak > 1 and text == self._text:
+                self._interval = min(self._interval * 2, self.max_s)
+            else:
+                self._interval = self.first_s
+            self._text, self._next_at = text, now + self._interval
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+    def recovered(self) -> int:
+        n = self.streak
+        self.streak, self.suppressed, self._text = 0, 0, None
+        self._interval = self.first_s
+        return n
+
+
 @dataclass
 class ClientRecord:
     """What sidusd knows about one recently seen machine."""

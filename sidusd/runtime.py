@@ -21,7 +21,7 @@ from .boot import render
 from .errors import BackendError, ConfigError, SidusError
 from .fsutil import atomic_write, remove_stale_temps
 from .image.booted_store import BootedRecorder
-from .observability import Observer, get_logger
+from .observability import Observer, RepeatBackoff, get_logger
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,15 @@ class Runtime:
             self._iscsi_watch = asyncio.get_running_loop().create_task(self._watch_iscsi())
 
     async def _watch_iscsi(self) -> None:
-        """Restore the targets a restarted tgtd lost (its targets live in memory only)."""
+        """Restore the targets a restarted tgtd lost (its targets live in memory only).
+
+        Checked every ``iscsi_watch_s``; while the check keeps failing (tgtd
+        down) every failure is counted and shown by ``sidusctl status``, but
+        logged only at growing intervals (:class:`RepeatBackoff`), and once
+        more when it works again (``iscsi.watch_recovered``).
+        """
+        backoff = RepeatBackoff()
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._iscsi_watch_s)
             if self.iscsi is None:
@@ -290,7 +298,13 @@ class Runtime:
             except BackendError as exc:
                 self.observer.count("iscsi.errors")
                 self.backend_status["iscsi"] = {"ok": False, "detail": str(exc)}
-                self.log.error("iscsi.watch_failed", error=str(exc))
+                if backoff.failed(str(exc), loop.time()):
+                    self.log.error("iscsi.watch_failed", error=str(exc), failures=backoff.streak,
+                                   suppressed=backoff.take_suppressed())
+            else:
+                failures = backoff.recovered()
+                if failures:
+                    self.log.warning("iscsi.watch_recovered", failures=failures)
 
     async def stop_watchers(self) -> None:
         """Stop background work (the tgtd watch).  Exports and targets stay up:

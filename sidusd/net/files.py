@@ -146,7 +146,9 @@ class ReadAheadSource(FileSource):
 
     def read_block(self, offset: int, size: int) -> bytes:
         rel = offset - self._at
-        end = min(offset + size, self.size)
+        end = offset + size
+        if end > self.size:
+            end = self.size
         if 0 <= rel and end - self._at <= len(self._buf):
             return self._buf[rel:end - self._at]
         if offset >= self.size:

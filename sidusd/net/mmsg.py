@@ -154,6 +154,9 @@ class Receiver:
             h.msg_namelen = 16
             h.msg_iov = ctypes.addressof(self._iovs[i])
             h.msg_iovlen = 1
+        # per datagram: where its flags+length, its payload, and its peer key (port + address) are
+        self._offsets = [(i * _MM + _OFF_FLAGS, i * bufsize, i * 16 + 2, i * 16 + 8)
+                         for i in range(capacity)]
 
     def recv(self, sock: socket.socket) -> list[tuple[bytes, bytes, bool]]:
         """The datagrams waiting (at most ``capacity``): ``[(payload, peer_key, truncated)]``.
@@ -169,15 +172,15 @@ class Receiver:
                 return []
             raise OSError(err, os.strerror(err))
         out = []
-        mvm, mvd, mvn, bs = self._mv_msgs, self._mv_data, self._mv_names, self.bufsize
+        mvm, mvd, bs = self._mv_msgs, self._mv_data, self.bufsize
+        names = self._mv_names[:n * 16].tobytes()      # one copy; keys are then plain slices
         unpack, append = _FLAGS_LEN.unpack_from, out.append
-        for i in range(n):
-            flags, ln = unpack(mvm, i * _MM + _OFF_FLAGS)
-            off = i * bs
+        for fl, off, ka, kb in self._offsets[:n]:
+            flags, ln = unpack(mvm, fl)
             if ln <= bs and not flags & MSG_TRUNC:
-                append((mvd[off:off + ln].tobytes(), mvn[i * 16 + 2:i * 16 + 8].tobytes(), False))
+                append((mvd[off:off + ln].tobytes(), names[ka:kb], False))
             else:
-                append((mvd[off:off + bs].tobytes(), mvn[i * 16 + 2:i * 16 + 8].tobytes(), True))
+                append((mvd[off:off + bs].tobytes(), names[ka:kb], True))
         return out
 
     def _recv_fallback(self, sock: socket.socket) -> list[tuple[bytes, bytes, bool]]:
@@ -214,6 +217,8 @@ class Sender:
         self._ctrl_base = ctypes.addressof(self._ctrl)
         for i in range(capacity):
             _CMSG_HDR.pack_into(self._mv_ctrl, i * _CMSG_SPACE, _CMSG_LEN, SOL_UDP, UDP_SEGMENT)
+        # message i: its header, its iovec when every message before it is one datagram
+        self._offsets = [(i * _MM, i * _IOV, self._iov_base + i * _IOV) for i in range(capacity)]
 
     def send(self, sock: socket.socket, payloads: list, peers: list[Peer],
              start: int = 0) -> tuple[int, int]:
@@ -231,9 +236,20 @@ class Sender:
         pack_iov, pack_hdr, pack_seg = _IOV_PACK.pack_into, _HDR_PACK.pack_into, _SEG.pack_into
         mvm, mvi, mvc, addr_of = self._mv_msgs, self._mv_iovs, self._mv_ctrl, _address_of
         iov_base, ctrl_base = self._iov_base, self._ctrl_base
+        offs, boff = self._offsets, _BYTES_OFF
         while i < total:
             k = 0
-            v = 0
+            if boff is not None:
+                # the common batch: plain datagrams, message k uses iovec k (precomputed offsets)
+                end = i + cap if i + cap < total else total
+                for p, peer in zip(payloads[i:end], peers[i:end]):
+                    if type(p) is not bytes:
+                        break
+                    mo, io, ia = offs[k]
+                    pack_iov(mvi, io, id(p) + boff, len(p))
+                    pack_hdr(mvm, mo, peer.ptr, 16, ia, 1, 0, 0)
+                    k += 1
+            v = k
             while k < cap and i + k < total:
                 p = payloads[i + k]
                 if type(p) is bytes:

@@ -82,7 +82,7 @@ _OP_ACK = 4
 
 class _Transfer:
     __slots__ = ("port", "peer", "key", "dest", "local", "file", "session", "source", "mac",
-                 "deadline", "heap_at", "finished")
+                 "heap_at", "finished")
 
     def __init__(self, port: SharedPort, peer: tuple[str, int], local: str, file: str,
                  session: ReadSession, source: Any, mac: str | None):
@@ -90,7 +90,6 @@ class _Transfer:
         self.key = mmsg.peer_key(peer)
         self.dest = mmsg.Peer(self.key)
         self.file, self.session, self.source, self.mac = file, session, source, mac
-        self.deadline: float | None = None
         self.heap_at: float | None = None
         self.finished = False
 
@@ -403,6 +402,7 @@ class TftpService:
                     break
                 rx += len(batch)
                 calls += 1
+                payloads, peers = port.pending()
                 for data, key, trunc in batch:
                     t = transfers.get(key)
                     if t is None:
@@ -410,7 +410,19 @@ class TftpService:
                         continue
                     try:
                         if len(data) == 4 and data[1] == _OP_ACK and data[0] == 0:
-                            t.session.receive_ack((data[2] << 8) | data[3], now)
+                            block = (data[2] << 8) | data[3]
+                            try:
+                                out = t.session.ack_lockstep(block, now)
+                            except OSError as exc:      # the file could not be read any more
+                                self._read_error(t, exc, now)
+                                continue
+                            if out is not None:     # lockstep: the next DATA, nothing else to do
+                                payloads.append(out)
+                                peers.append(t.dest)
+                                if t.heap_at is None:
+                                    self._schedule(t, now + t.session.timeout_s)
+                                continue
+                            t.session.receive_ack(block, now)
                         else:
                             if trunc:
                                 obs.count("tftp.malformed")
@@ -466,9 +478,8 @@ class TftpService:
         try:
             out = session.datagrams_to_send(now)
         except OSError as exc:      # the file could not be read any more
-            session.abort(now, "read error")
-            out = session.datagrams_to_send(now)
-            self.log.warning("tftp.read_error", file=t.file, error=exc.strerror)
+            self._read_error(t, exc, now)
+            return
         if out:
             port = t.port
             if len(out) == 1:       # lockstep: one DATA per ACK
@@ -479,9 +490,14 @@ class TftpService:
             self._finish(t, now)
         else:
             d = session.next_timer()
-            t.deadline = d
             if d is not None and (t.heap_at is None or d < t.heap_at):
                 self._schedule(t, d)
+
+    def _read_error(self, t: _Transfer, exc: OSError, now: float) -> None:
+        """The file could not be read any more: end the transfer with an ERROR."""
+        self.log.warning("tftp.read_error", file=t.file, error=exc.strerror)
+        t.session.abort(now, "read error")
+        self._pump(t, now)
 
     # -- the one timer ---------------------------------------------------------
     def _schedule(self, t: _Transfer, d: float) -> None:
@@ -510,15 +526,16 @@ class TftpService:
             if at != t.heap_at:
                 continue                        # superseded by an earlier entry
             t.heap_at = None
-            if t.finished or t.deadline is None:
+            deadline = t.session.next_timer()
+            if t.finished or deadline is None:
                 continue
-            if t.deadline > now + _TIMER_SLACK_S:   # moved later: one entry again
-                t.heap_at = t.deadline
-                heapq.heappush(self._heap, (t.deadline, next(self._seq), t))
+            if deadline > now + _TIMER_SLACK_S:     # moved later: one entry again
+                t.heap_at = deadline
+                heapq.heappush(self._heap, (deadline, next(self._seq), t))
                 continue
             try:
                 t.port.drop_queued(t.dest)      # a retransmission supersedes what is unsent
-                t.session.handle_timer(max(now, t.deadline))
+                t.session.handle_timer(max(now, deadline))
                 self._pump(t, now)
             except Exception:
                 self._internal_error(t, now)

@@ -96,6 +96,14 @@ class SharedPort:
         return self._rx.recv(self.sock)
 
     # -- sending ---------------------------------------------------------------
+    def pending(self) -> tuple[list, list[mmsg.Peer]]:
+        """The batch being built (payloads, peers), for a caller that appends in a tight loop.
+
+        Valid until the next :meth:`flush` (which starts new lists); append to
+        both, one peer per payload, bytes only (a lockstep DATA).
+        """
+        return self._payloads, self._peers
+
     def queue_one(self, payload: bytes, peer: mmsg.Peer) -> None:
         """Add one datagram for ``peer`` to the batch (the lockstep case)."""
         self._payloads.append(payload)

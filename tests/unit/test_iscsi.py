@@ -844,3 +844,40 @@ def test_runtime_watch_restores_targets_a_restarted_tgtd_lost(tmp_path):
     asyncio.run(scenario())
     assert rt.observer.snapshot().get("iscsi.restored", 0) >= 1
     assert len(created()) >= 4
+
+
+def test_runtime_watch_logs_a_lasting_tgtd_failure_once_and_its_recovery(tmp_path):
+    """tgtd down for many checks: every failure counted, one log line (not one per check);
+    when tgtd answers again, one ``iscsi.watch_recovered`` with the number of failed checks."""
+    from structlog.testing import capture_logs
+    cfg = config.parse(cfg_text(str(tmp_path / "state")))
+    r = RecordingRunner()
+    show = ["tgtadm", "-C", "0", "--lld", "iscsi", "--mode", "target", "--op", "show"]
+    rt = Runtime(tmp_path / "sidus.yaml", Snapshot(cfg, make_inv(), 1), observer=Observer(),
+                 iscsi_factory=lambda c: iscsi_manager.IscsiManager(c, r), iscsi_watch_s=0.005)
+
+    async def scenario():
+        await rt.apply_backends()
+        r.script(show, rc=107, stderr=b"tgtadm: can't send the request to the tgt daemon, "
+                                      b"Transport endpoint is not connected")
+        for _ in range(400):
+            await asyncio.sleep(0.005)
+            if rt.observer.snapshot().get("iscsi.errors", 0) >= 30:
+                break
+        r.script(show, stdout=b"")                 # tgtd back (empty: the targets are restored)
+        for _ in range(400):
+            await asyncio.sleep(0.005)
+            if rt.observer.snapshot().get("iscsi.restored"):
+                break
+        await asyncio.sleep(0.05)
+        await rt.remove_backends()
+
+    with capture_logs() as logs:
+        asyncio.run(scenario())
+    errors = rt.observer.snapshot().get("iscsi.errors", 0)
+    failed = [e for e in logs if e["event"] == "iscsi.watch_failed"]
+    recovered = [e for e in logs if e["event"] == "iscsi.watch_recovered"]
+    assert errors >= 30
+    assert len(failed) == 1, failed                # 30 s before the second one: not in this test
+    assert len(recovered) == 1 and recovered[0]["failures"] >= 30
+    assert rt.observer.snapshot().get("iscsi.restored", 0) >= 1

@@ -169,3 +169,23 @@ def test_many_groups_need_several_calls(mode):
     assert [p for p, _, _ in got] == [part for g in groups for part in g]
     a.close()
     b.close()
+
+
+def test_mixed_plain_and_groups_across_calls_keep_order(mode):
+    """Plain datagrams (the precomputed fast layout) before, between and after GSO groups,
+    with a capacity that splits the batch at every kind of boundary."""
+    a, b = udp(), udp()
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    if mode == "batched" and not mmsg.gso_supported(a):
+        pytest.skip("kernel without UDP_SEGMENT (Linux >= 4.18)")
+    pb = mmsg.Peer(mmsg.peer_key(b.getsockname()))
+    g1 = tuple(bytes([1, k]) * 100 for k in range(5))
+    g2 = tuple(bytes([2, k]) * 100 for k in range(3)) + (b"short",)
+    batch = [b"p0", b"p1", g1, b"p2", b"p3", b"p4", g2, b"p5", b"p6"]
+    for cap in (1, 2, 3, 4, 16):
+        assert mmsg.Sender(capacity=cap).send(a, batch, [pb] * len(batch)) == (len(batch), 0)
+        want = [x for p in batch for x in (p if type(p) is tuple else (p,))]
+        got = drain(mmsg.Receiver(capacity=64), b, len(want))
+        assert [p for p, _, _ in got] == want, cap
+    a.close()
+    b.close()

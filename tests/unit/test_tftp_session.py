@@ -584,3 +584,114 @@ def test_backoff_keeps_atftp_from_stalling(monkeypatch) -> None:
     assert runs() == 0
     monkeypatch.setattr(ReadSession, "_rto", lambda self: self.timeout_s)
     assert runs() > 0
+
+
+# -- the lockstep fast path ----------------------------------------------------------------
+
+def _state(s: ReadSession) -> tuple:
+    return (s.done, s.outcome, s.next_timer(), s.retransmits, s.bytes_acked, s.ignored_acks,
+            s._base, s._next, s._max_sent, s._recover, s._rescue, s._tries)
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(0, 40_000), blksize=st.sampled_from([8, 512, 1432, 1468]),
+       window=st.sampled_from([1, 1, 1, 2, 4]), oack=st.booleans(),
+       steps=st.lists(st.tuples(st.sampled_from(["ack-next", "ack-next", "ack-next", "ack-any",
+                                                 "timer"]),
+                                st.integers(-3, 3), st.floats(0.0, 3.0)), max_size=80))
+def test_ack_lockstep_is_receive_ack_then_send(size, blksize, window, oack, steps) -> None:
+    """Whatever happened before, ``ack_lockstep`` either does exactly what ``receive_ack`` +
+    ``datagrams_to_send`` would (same datagram, same state) or returns None and changes nothing."""
+    opts = (("blksize", str(blksize)),) if oack else ()
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    fast = ReadSession(BytesSource(data), blksize, window, oack=opts)
+    slow = ReadSession(BytesSource(data), blksize, window, oack=opts)
+    for s in (fast, slow):
+        s.start(0.0)
+    assert fast.datagrams_to_send(0.0) == slow.datagrams_to_send(0.0)
+    now, hits = 0.0, 0
+    for kind, delta, dt in steps:
+        now += dt
+        if kind == "timer":
+            for s in (fast, slow):
+                s.handle_timer(now)
+            assert fast.datagrams_to_send(now) == slow.datagrams_to_send(now)
+            continue
+        block = (slow._max_sent if kind == "ack-next" else slow._base + delta) & 0xFFFF
+        before = _state(fast)
+        got = fast.ack_lockstep(block, now)
+        if got is None:
+            assert _state(fast) == before
+            fast.receive_ack(block, now)
+            out_fast = fast.datagrams_to_send(now)
+        else:
+            hits += 1
+            out_fast = [got]
+        slow.receive_ack(block, now)
+        out_slow = slow.datagrams_to_send(now)
+        assert out_fast == out_slow
+        assert _state(fast) == _state(slow)
+    # the fast path must be exercised by plain lockstep runs (else this test proves nothing)
+    if window == 1 and steps and all(k == "ack-next" for k, _, _ in steps) and size > 3 * blksize \
+            and not oack:
+        assert hits > 0
+
+
+def test_ack_lockstep_serves_a_whole_file_and_refuses_what_it_must() -> None:
+    data = bytes(range(256)) * 40                      # 10240 bytes
+    s = ReadSession(BytesSource(data), 512, 1)
+    s.start(0.0)
+    got = bytearray(decode(s.datagrams_to_send(0.0)[0]).data)
+    hits = 0
+    while True:
+        nxt = s.ack_lockstep(s._max_sent & 0xFFFF, 1.0)
+        if nxt is None:
+            break
+        hits += 1
+        p = decode(nxt)
+        got += p.data
+        assert s.next_timer() == 2.0
+    assert hits == 20                                  # blocks 2..21 (21 is the empty last one)
+    assert bytes(got) == data and not s.done           # the ACK of the last block: general path
+    assert s.ack_lockstep(21, 1.0) is None
+    s.receive_ack(21, 1.0)
+    assert s.done and s.outcome == "ok"
+    # windowed, waiting for the OACK's ACK, a duplicate ACK: never the fast path
+    w = ReadSession(BytesSource(data), 512, 4)
+    w.start(0.0)
+    w.datagrams_to_send(0.0)
+    assert w.ack_lockstep(1, 0.0) is None
+    o = ReadSession(BytesSource(data), 512, 1, oack=(("blksize", "512"),))
+    o.start(0.0)
+    o.datagrams_to_send(0.0)
+    assert o.ack_lockstep(0, 0.0) is None
+    d = ReadSession(BytesSource(data), 512, 1)
+    d.start(0.0)
+    d.datagrams_to_send(0.0)
+    assert d.ack_lockstep(1, 0.0) is not None
+    assert d.ack_lockstep(1, 0.0) is None              # duplicate of the last ACK
+
+
+class _Failing:
+    size = 100_000
+    contiguous = False
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def read_block(self, offset: int, size: int) -> bytes:
+        if self.fail:
+            raise OSError(5, "Input/output error")
+        return b"x" * size
+
+
+def test_ack_lockstep_read_error_changes_nothing() -> None:
+    src = _Failing()
+    s = ReadSession(src, 512, 1)
+    s.start(0.0)
+    s.datagrams_to_send(0.0)
+    src.fail = True
+    before = _state(s)
+    with pytest.raises(OSError):
+        s.ack_lockstep(1, 0.5)
+    assert _state(s) == before
