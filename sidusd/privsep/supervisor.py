@@ -462,26 +462,31 @@ class Supervisor:
             return None
         return data
 
-    def _on_ctl(self, w: _Worker) -> None:
+    def _drain(self, w: _Worker, sock: socket.socket, decode: Any, serve: Any) -> None:
+        """Up to ``BATCH`` datagrams from one of the worker's channels: each checked, decoded
+        (refused ones counted), then served; a bug in serving one is logged, not fatal."""
         for _ in range(BATCH):
             if w.closed:
                 return
-            got = self._recv(w.ctl, w)
+            got = self._recv(sock, w)
             if got is None:
                 return
             data = self._classify(got[0], got[2])
             if data is None:
                 continue
             try:
-                msg = ipc.decode_worker(data)
+                msg = decode(data)
             except RemoteProtocolError as exc:
                 self._refuse(_reason(exc), str(exc))
                 continue
             try:
-                self._handle(w, msg)
+                serve(w, msg)
             except Exception as exc:  # a bug here must not stop the supervisor
                 self.obs.count("privsep.internal_errors")
                 self.log.exception("privsep.internal_error", t=msg.t, error=repr(exc))
+
+    def _on_ctl(self, w: _Worker) -> None:
+        self._drain(w, w.ctl, ipc.decode_worker, self._handle)
 
     def _handle(self, w: _Worker, msg: ipc.WorkerMessage) -> None:
         b = msg.body
@@ -543,36 +548,26 @@ class Supervisor:
                 self.runtime.booted.note(cfg, e[1], target)
 
     def _on_rpc(self, w: _Worker) -> None:
-        for _ in range(BATCH):
-            if w.closed:
-                return
-            got = self._recv(w.rpc, w)
-            if got is None:
-                return
-            data = self._classify(got[0], got[2])
-            if data is None:
-                continue
-            try:
-                req = ipc.decode_rpc(data)
-            except RemoteProtocolError as exc:
-                self._refuse(_reason(exc), str(exc))
-                continue
-            fd = None
-            try:
-                reply, fd = self._serve_rpc(req)
-            except Exception as exc:  # a bug here must not stop the supervisor
-                self.obs.count("privsep.internal_errors")
-                self.log.exception("privsep.internal_error", t=req.t, error=repr(exc))
-                reply = {"ok": False, "error": "internal error"}
-            try:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
-                w.rpc.sendmsg([json.dumps({"id": req.id, **reply}).encode()], anc)
-            except OSError as exc:
-                self.obs.count("privsep.rpc.errors")
-                self.log.warning("privsep.rpc_reply_failed", t=req.t, error=str(exc))
-            finally:
-                if fd is not None:
-                    os.close(fd)
+        self._drain(w, w.rpc, ipc.decode_rpc, self._answer_rpc)
+
+    def _answer_rpc(self, w: _Worker, req: ipc.RpcRequest) -> None:
+        """Serve one request and always answer it (an internal error is an answer too)."""
+        fd = None
+        try:
+            reply, fd = self._serve_rpc(req)
+        except Exception as exc:  # a bug here must not stop the supervisor
+            self.obs.count("privsep.internal_errors")
+            self.log.exception("privsep.internal_error", t=req.t, error=repr(exc))
+            reply = {"ok": False, "error": "internal error"}
+        try:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+            w.rpc.sendmsg([json.dumps({"id": req.id, **reply}).encode()], anc)
+        except OSError as exc:
+            self.obs.count("privsep.rpc.errors")
+            self.log.warning("privsep.rpc_reply_failed", t=req.t, error=str(exc))
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _serve_rpc(self, req: ipc.RpcRequest) -> tuple[dict[str, Any], int | None]:
         if req.t == "open":
