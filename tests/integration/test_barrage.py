@@ -26,7 +26,7 @@ import yaml
 
 from conftest import require_root, require_tool
 from hardening_util import rss_kib, tracebacks, wait_until
-from netns import NetNs
+from netns import NetNs, veth_link
 from test_dhcp_netns import (CLIENT_IP, SERVER_IP, UUID, Lab, check_proxy_reply, request,
                              socket_in_netns)
 
@@ -78,11 +78,7 @@ def lab(tmp_path):
     require_tool("ss")
     pytest.importorskip("scapy", reason="missing tool: scapy (installed by .ci/run)")
     with NetNs("sidus-t-bars") as s, NetNs("sidus-t-barc") as c:
-        s.run("ip", "link", "add", "vs0", "type", "veth", "peer", "name", "vc0", "netns", c.name)
-        s.run("ip", "addr", "add", f"{SERVER_IP}/24", "dev", "vs0")
-        s.run("ip", "link", "set", "vs0", "up")
-        c.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", "vc0")
-        c.run("ip", "link", "set", "vc0", "up")
+        veth_link(s, c, SERVER_IP, CLIENT_IP)
         lab = Lab(tmp_path, s, c)
         try:
             yield lab

@@ -10,7 +10,6 @@ Counters are read with ``sidusctl --json status``.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import json
 import os
@@ -19,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import pytest
 import yaml
 
 from conftest import require_root, require_tool
-from netns import NetNs
+from netns import NetNs, socket_in_netns, veth_link
 
 pytestmark = pytest.mark.netns
 
@@ -35,34 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden" / "dhcp"
 SERVER_IP = "10.77.0.1"
 CLIENT_IP = "10.77.0.50"
-CLONE_NEWNET = 0x40000000
 WAIT_S = 3.0                     # bound on every wait for a reply
 SILENCE_S = 1.5                  # how long "no answer" is listened for
-
-
-def socket_in_netns(ns: str, fn):
-    """Run ``fn()`` in a thread that entered network namespace ``ns`` (sockets keep it)."""
-    out: dict = {}
-
-    def run():
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            out["value"] = fn()
-        except BaseException as exc:   # handed to the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def client_socket() -> socket.socket:
@@ -180,11 +152,7 @@ def lab(tmp_path):
     require_tool("ip")
     pytest.importorskip("scapy", reason="missing tool: scapy (installed by .ci/run)")
     with NetNs("sidus-t-dhcps") as s, NetNs("sidus-t-dhcpc") as c:
-        s.run("ip", "link", "add", "vs0", "type", "veth", "peer", "name", "vc0", "netns", c.name)
-        s.run("ip", "addr", "add", f"{SERVER_IP}/24", "dev", "vs0")
-        s.run("ip", "link", "set", "vs0", "up")
-        c.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", "vc0")
-        c.run("ip", "link", "set", "vc0", "up")
+        veth_link(s, c, SERVER_IP, CLIENT_IP)
         lab = Lab(tmp_path, s, c)
         try:
             yield lab

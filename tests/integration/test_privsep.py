@@ -26,7 +26,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,38 +33,13 @@ import pytest
 import yaml
 
 from conftest import require_root, require_tool
-from netns import NetNs
+from netns import NetNs, socket_in_netns
 
 pytestmark = pytest.mark.netns
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_IP = "10.79.0.1"
-CLONE_NEWNET = 0x40000000
 SYS_PIDFD_GETFD = 438
-
-
-def in_netns(ns: str, fn):
-    out: dict = {}
-
-    def run():
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            out["value"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def status_of(pid: int) -> dict[str, str]:
@@ -209,7 +183,7 @@ class Daemon:
             buf = io.BytesIO()
             tftpy.TftpClient(SERVER_IP, 69, options={"blksize": 1400}).download(name, buf, timeout=5)
             return buf.getvalue()
-        return in_netns(self.ns.name, fetch)
+        return socket_in_netns(self.ns.name, fetch)
 
 
 @pytest.fixture
@@ -286,7 +260,7 @@ def test_traffic_is_handled_by_an_unprivileged_worker(daemon):
         s.sendto(b"\x00\x01images/demo/vmlinuz\x00octet\x00", (SERVER_IP, 69))
         data, src = s.recvfrom(2048)
         return s, data, src
-    cli, first, src = in_netns(daemon.ns.name, rrq)
+    cli, first, src = socket_in_netns(daemon.ns.name, rrq)
     try:
         assert first[:4] == b"\x00\x03\x00\x01" and first[4:] == daemon.payload[:512]
         new = {ino: port for ino, port in all_udp().items() if ino not in before}
