@@ -127,7 +127,9 @@ def test_targets_acl_chap_restart_reset_remove(lab, tmp_path):
     assert d1.plan.target_iqn in disc.stdout and d2.plan.target_iqn not in disc.stdout
 
     # refusals: wrong secret, no CHAP at all, host 2 with its own valid credentials on host 1's target
-    bad = ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, d1.secret[:-1] + "x", d1.plan.target_iqn)
+    wrong = d1.secret[:-1] + ("y" if d1.secret.endswith("x") else "x")     # never the secret itself
+    assert wrong != d1.secret
+    bad = ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, wrong, d1.plan.target_iqn)
     assert bad.returncode != 0 and "Authentication failure" in bad.stdout + bad.stderr
     anon = ls(tgtd.port, d1.plan.initiator_iqn, None, None, d1.plan.target_iqn)
     assert anon.returncode != 0
