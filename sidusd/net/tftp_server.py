@@ -439,8 +439,9 @@ class TftpService:
                 if port.closed:
                     break
                 port.flush()
-                if len(batch) < port.rx_capacity:
-                    break
+                # no break on a short batch: ACKs that arrived while this one was served are
+                # read now, not after a trip through the event loop (measured: ~10 % less user
+                # CPU per GB in a 32-client lockstep storm; an empty read costs one system call)
         finally:
             if rx:
                 obs.count("tftp.rx", rx)
