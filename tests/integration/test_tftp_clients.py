@@ -305,6 +305,43 @@ def test_wrong_tid_gets_error5_and_transfer_goes_on(server) -> None:
     assert server.transfers()[0]["outcome"] == "ok" and server.counters()["tftp.wrong_tid"] == 1
 
 
+def test_file_shrinking_mid_transfer_ends_it_with_an_error(server) -> None:
+    """The lockstep fast path reads ahead: a file cut under it is an ERROR to that client
+    (not a crash, not garbage), counted as a failed transfer, and the server goes on serving."""
+    data = os.urandom(1468 * 200)
+    path = server.root / "shrinks.img"
+    path.write_bytes(data)
+    raw = Raw(server.port)
+    raw.rrq(b"shrinks.img", options={"blksize": "1468"})
+    pkt, addr = raw.recv()
+    assert isinstance(pkt, tftp.OACK)
+    raw.send(tftp.ACK(0), addr)
+    got = bytearray()
+    err = None
+    for _ in range(400):
+        pkt, _ = raw.recv()
+        if isinstance(pkt, tftp.ERROR):
+            err = pkt
+            break
+        got += pkt.data
+        if pkt.block == 10:
+            with open(path, "r+b") as f:
+                f.truncate(60_000)              # the next read-ahead (at 64 KiB) comes up short
+        raw.send(tftp.ACK(pkt.block), addr)
+    raw.close()
+    assert err is not None and err.code == tftp.ERR_UNDEFINED and "read error" in err.message
+    assert bytes(got) == data[:len(got)] and len(got) < len(data)
+    server.wait_idle()
+    (ev,) = [e for e in server.transfers() if e["file"] == "shrinks.img"]
+    assert ev["outcome"] == "stopped" and ev["error"] == "read error"
+    c = server.counters()
+    assert c.get("tftp.transfers.failed") == 1 and "tftp.internal_errors" not in c
+    (server.root / "after").write_bytes(b"z" * 5000)
+    after = Raw(server.port)
+    assert after.get(b"after")[0] == b"z" * 5000
+    after.close()
+
+
 def test_silent_peer_is_dropped_after_retries(server) -> None:
     (server.root / "f").write_bytes(b"x" * 3000)
     raw = Raw(server.port)
