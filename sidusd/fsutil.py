@@ -42,7 +42,7 @@ class FileWriteError(SidusError, OSError):
         return self.message
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -72,7 +72,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise FileWriteError(path, e, "create a temporary file") from e
     try:
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fchmod(fd, mode)
             os.fsync(fd)
         finally:
@@ -97,13 +97,19 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise FileWriteError(path, e, "fsync the directory") from e
 
 
+def temp_files(path: Path) -> list[Path]:
+    """The temporary files of :func:`atomic_write` for ``path`` that exist now (live or dead writers)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{_TMP_PREFIX}{path.name}.*{_TMP_SUFFIX}"))
+
+
 def remove_stale_temps(path: Path) -> int:
     """Remove temporary files that :func:`atomic_write` left for ``path`` when its
     writer died (kill -9, power loss).  Only files of dead writers are removed.
     Returns how many were removed."""
     path = Path(path)
     removed = 0
-    for tmp in path.parent.glob(f"{_TMP_PREFIX}{path.name}.*{_TMP_SUFFIX}"):
+    for tmp in temp_files(path):
         parts = tmp.name[len(_TMP_PREFIX) + len(path.name) + 1:].split(".")
         try:
             pid = int(parts[0])
@@ -139,7 +145,7 @@ def append_durable(path: Path, line: bytes, mode: int = 0o600) -> None:
         if created:
             os.fchmod(fd, mode)
         try:
-            _write_all(fd, line)
+            write_all(fd, line)
             os.fsync(fd)
         except OSError:
             try:

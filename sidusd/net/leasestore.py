@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 from sidusd.boot.leases import Lease, LeaseDB
-from sidusd.fsutil import _write_all, atomic_write, remove_stale_temps
+from sidusd.fsutil import write_all, atomic_write, remove_stale_temps
 
 COMPACT_AFTER = 10_000          # journal lines before a rewrite
 FILE_MODE = 0o640
@@ -68,7 +68,7 @@ class LeaseStore:
         good = sum(1 for l in lines if l.strip()) - bad
         self._open()
         if data and not data.endswith(b"\n"):
-            _write_all(self._fd, b"\n")          # terminate a torn last line
+            write_all(self._fd, b"\n")          # terminate a torn last line
             os.fsync(self._fd)
         self._lines = len(lines)
         self._compact_at = max(self.compact_after, 2 * len(db))
@@ -85,7 +85,7 @@ class LeaseStore:
         """Write one lease line and fsync it.  Raises OSError (disk full...)."""
         if self._fd is None:
             self._open()
-        _write_all(self._fd, (lease.to_json() + "\n").encode())
+        write_all(self._fd, (lease.to_json() + "\n").encode())
         os.fsync(self._fd)
         self._lines += 1
 

@@ -420,7 +420,7 @@ class TftpService:
                                 payloads.append(out)
                                 peers.append(t.dest)
                                 if t.heap_at is None:
-                                    self._schedule(t, now + t.session.timeout_s)
+                                    self._schedule(t, t.session.next_timer())
                                 continue
                             t.session.receive_ack(block, now)
                         else:

@@ -89,8 +89,8 @@ class TransferSummary:
 
 
 _WAIT_OACK, _DATA, _DONE = "wait-oack-ack", "data", "done"
-_pack_hdr = struct.Struct("!HH").pack       # opcode (3 = DATA), 16-bit block: tftp.data_header inlined
-assert tftp.OP_DATA == 3
+_pack_hdr = struct.Struct("!HH").pack       # opcode, 16-bit block: tftp.data_header without the call
+_OP_DATA = tftp.OP_DATA
 
 
 class ReadSession:
@@ -202,7 +202,7 @@ class ReadSession:
                 or b >= self._last or self._state != _DATA or self._control):
             return None
         bs = self.blksize
-        out = _pack_hdr(3, (b + 1) & 0xFFFF) + self.source.read_block(b * bs, bs)
+        out = _pack_hdr(_OP_DATA, (b + 1) & 0xFFFF) + self.source.read_block(b * bs, bs)
         self._base = self._max_sent = b + 1
         self._next = b + 2
         self._tries = 0

@@ -47,6 +47,7 @@ from netns import NetNs
 from sidusd import ctl
 from sidusd.boot.inventory import parse_inventory
 from sidusd.boot.leases import LeaseDB
+from sidusd.fsutil import temp_files
 
 MACS = [f"52:54:00:aa:{i // 256:02x}:{i % 256:02x}" for i in range(48)]
 TARGET_WRITES = 2000
@@ -360,7 +361,7 @@ def check_leases(db: LeaseDB, acked: dict[str, str], sent: set[str]) -> None:
 
 
 def compaction_temps(state: Path) -> list[str]:
-    return [n for n in os.listdir(state) if n.startswith(".leases.jsonl.") and n.endswith(".sidus-tmp")]
+    return [p.name for p in temp_files(state / "leases.jsonl")]
 
 
 @pytest.mark.netns
