@@ -20,6 +20,14 @@
   for one client is one UDP GSO message the kernel cuts into its DATA
   datagrams.  Only what the kernel refuses is queued (bounded outbox,
   ``add_writer``).
+* With the C lockstep engine (``SharedPort.accel``, :mod:`sidusd.net._lockstep`),
+  a transfer in lockstep gets a *run*: its session decides the next ~64 KiB of
+  steps in advance (``ReadSession.lockstep_run``) and C takes them as the ACKs
+  arrive, without returning to Python per ACK.  Whatever else arrives comes
+  back in order; before its transfer handles it (or its timer fires, or it
+  ends) the run is *settled*: the session hears how many steps were taken
+  (``lockstep_advance``).  The ACK that ends a run begins the next one, with one
+  read for all of it.
 * Files are read through :class:`~sidusd.net.files.ReadAheadSource`: one
   ``pread`` per 64 KiB, not per block.
 * One timer for all transfers: a heap of deadlines (at most one live entry per
@@ -39,7 +47,7 @@ transfers.started/done/failed/probe, rx_batches (recvmmsg calls that returned da
 rx / rx_batches is the batch size), retransmits, bytes, send_errors, send_blocked
 (the kernel send buffer was full; the rest waits for add_writer), send_dropped
 (the outbox was full), gso_off (the kernel refused a GSO message: datagrams
-from then on), rx_errors, internal_errors.
+from then on), rx_errors, internal_errors, accel_steps (DATA sent by the C engine's runs).
 Every transfer ends with one ``tftp.transfer`` log event.
 """
 
@@ -49,6 +57,7 @@ import asyncio
 import collections
 import heapq
 import itertools
+import os
 import socket
 import struct
 from typing import Any
@@ -57,10 +66,12 @@ from ..boot import content
 from ..errors import RemoteProtocolError, StartupError
 from ..observability import get_logger
 from ..proto import tftp
-from ..proto.tftp_session import BytesSource, ReadSession
-from . import mmsg
+from ..proto.tftp_session import BytesSource, LockstepRun, ReadSession
+from . import mmsg, udpport
 from .files import FileSource, NotServable, ReadAheadSource, open_confined
 from .udpport import SharedPort
+
+_lockstep = udpport._lockstep
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)        # Linux value
 _PKTINFO = struct.Struct("=i4s4s")                    # struct in_pktinfo
@@ -78,11 +89,12 @@ _MAX_PORTS = 64             # local addresses with a transfer socket
 _RECENT_S = 10.0            # a peer whose transfer ended: its late datagrams are dropped
 _RECENT_MAX = 4096
 _OP_ACK = 4
+_RUN_BYTES = 64 * 1024      # DATA per lockstep run handed to C (about the read-ahead: one pread)
 
 
 class _Transfer:
     __slots__ = ("port", "peer", "key", "dest", "local", "file", "session", "source", "mac",
-                 "heap_at", "finished")
+                 "heap_at", "finished", "run", "plan")
 
     def __init__(self, port: SharedPort, peer: tuple[str, int], local: str, file: str,
                  session: ReadSession, source: Any, mac: str | None):
@@ -92,6 +104,8 @@ class _Transfer:
         self.file, self.session, self.source, self.mac = file, session, source, mac
         self.heap_at: float | None = None
         self.finished = False
+        self.run: Any = None            # its _lockstep.Run while C may take its steps
+        self.plan: LockstepRun | None = None    # what that run carries out (the session's decision)
 
 
 class TftpService:
@@ -152,6 +166,10 @@ class TftpService:
         if self._loop is not None:
             now = self._loop.time()
             for t in list(self._transfers.values()):
+                try:
+                    self._settle(t)
+                except Exception:
+                    self._drop_run(t)
                 t.session.abort(now, "server shutting down")
                 self._pump(t, now)
             self._flush_ports()
@@ -174,6 +192,11 @@ class TftpService:
     def transfers(self) -> list[dict[str, Any]]:
         """The transfers in flight, for status displays."""
         now = self._loop.time() if self._loop else 0.0
+        for t in self._transfers.values():
+            try:
+                self._sync(t)           # progress C made, without ending its run
+            except ValueError:
+                pass
         return [{"file": t.file, "peer": f"{t.peer[0]}:{t.peer[1]}", "bytes": t.session.bytes_acked,
                  "size": t.source.size, "blksize": t.session.blksize,
                  "windowsize": t.session.windowsize,
@@ -336,11 +359,13 @@ class TftpService:
                 raise OSError(0, f"more than {_MAX_PORTS} local addresses")
             assert self._loop is not None
             port = SharedPort(self._loop, local, self.runtime.observer.count,
-                              rx_capacity=_RX_BATCH, tx_capacity=_TX_BATCH)
+                              rx_capacity=_RX_BATCH, tx_capacity=_TX_BATCH,
+                              accel=udpport.accel_enabled())
             port.start_reading(self._on_port_readable, port)
             self._ports[local] = port
             self.log.info("tftp.transfer_socket", local=local, port=port.address[1],
-                          sndbuf=port.sndbuf, rcvbuf=port.rcvbuf, batched=mmsg.AVAILABLE)
+                          sndbuf=port.sndbuf, rcvbuf=port.rcvbuf, batched=mmsg.AVAILABLE,
+                          accel=port.accel)
         return port
 
     def _release_if_idle(self, port: SharedPort) -> None:
@@ -388,9 +413,18 @@ class TftpService:
             return
         obs = self.runtime.observer
         now = self._loop.time()             # type: ignore[union-attr]
-        transfers = port.owners
         rx = calls = 0
         try:
+            if port.accel:
+                # C takes the lockstep steps of the runs (no Python per ACK); the rest is ours
+                rest, rx, calls, err = port.pump(now, _RX_ROUNDS)
+                if err:
+                    obs.count("tftp.rx_errors")
+                    self.log.warning("tftp.rx_error", error=os.strerror(err))
+                if rest:
+                    self._dispatch(port, rest, now)
+                    port.flush()
+                return
             for _ in range(_RX_ROUNDS):
                 try:
                     batch = port.recv()
@@ -402,40 +436,7 @@ class TftpService:
                     break
                 rx += len(batch)
                 calls += 1
-                payloads, peers = port.pending()
-                for data, key, trunc in batch:
-                    t = transfers.get(key)
-                    if t is None:
-                        self._stranger(port, data, key)
-                        continue
-                    try:
-                        if len(data) == 4 and data[1] == _OP_ACK and data[0] == 0:
-                            block = (data[2] << 8) | data[3]
-                            try:
-                                out = t.session.ack_lockstep(block, now)
-                            except OSError as exc:      # the file could not be read any more
-                                self._read_error(t, exc, now)
-                                continue
-                            if out is not None:     # lockstep: the next DATA, nothing else to do
-                                payloads.append(out)
-                                peers.append(t.dest)
-                                if t.heap_at is None:
-                                    self._schedule(t, t.session.next_timer())
-                                continue
-                            t.session.receive_ack(block, now)
-                        else:
-                            if trunc:
-                                obs.count("tftp.malformed")
-                                continue
-                            try:
-                                pkt = tftp.decode(data)
-                            except RemoteProtocolError:
-                                obs.count("tftp.malformed")
-                                continue
-                            t.session.receive(pkt, now)
-                        self._pump(t, now)
-                    except Exception:
-                        self._internal_error(t, now)
+                self._dispatch(port, batch, now)
                 if port.closed:
                     break
                 port.flush()
@@ -446,6 +447,107 @@ class TftpService:
             if rx:
                 obs.count("tftp.rx", rx)
                 obs.count("tftp.rx_batches", calls)
+
+    def _dispatch(self, port: SharedPort, batch: list[tuple[bytes, bytes, bool]], now: float) -> None:
+        """Hand each datagram to its transfer; what they release joins the port's batch."""
+        obs = self.runtime.observer
+        transfers = port.owners
+        payloads, peers = port.pending()
+        accel = port.accel
+        for data, key, trunc in batch:
+            t = transfers.get(key)
+            if t is None:
+                self._stranger(port, data, key)
+                continue
+            try:
+                if t.run is not None:
+                    self._settle(t)         # the session hears of the steps C took first
+                if len(data) == 4 and data[1] == _OP_ACK and data[0] == 0:
+                    block = (data[2] << 8) | data[3]
+                    if accel and self._step_into_run(t, block, now, payloads, peers):
+                        continue            # a new run began with this ACK (one read for it all)
+                    try:
+                        out = t.session.ack_lockstep(block, now)
+                    except OSError as exc:      # the file could not be read any more
+                        self._read_error(t, exc, now)
+                        continue
+                    if out is not None:     # lockstep: the next DATA, nothing else to do
+                        payloads.append(out)
+                        peers.append(t.dest)
+                        if t.heap_at is None:
+                            self._schedule(t, t.session.next_timer())
+                        if accel:
+                            self._plan(t)
+                        continue
+                    t.session.receive_ack(block, now)
+                else:
+                    if trunc:
+                        obs.count("tftp.malformed")
+                        continue
+                    try:
+                        pkt = tftp.decode(data)
+                    except RemoteProtocolError:
+                        obs.count("tftp.malformed")
+                        continue
+                    t.session.receive(pkt, now)
+                self._pump(t, now)
+            except Exception:
+                self._internal_error(t, now)
+
+    # -- lockstep runs (the C accelerator) ---------------------------------------
+    def _plan(self, t: _Transfer, taken: int = 0) -> LockstepRun | None:
+        """Give C the transfer's next lockstep steps, decided by its session (accel ports only).
+
+        ``taken``: the first steps were taken here already (C starts after them).
+        """
+        try:
+            plan = t.session.lockstep_run(_RUN_BYTES)
+        except OSError:
+            return None             # no run: the next ACK meets the read error on the Python path
+        if plan is None:
+            return None
+        t.plan = plan
+        t.run = _lockstep.Run(plan.ack, plan.data, plan.blksize, plan.count, t.dest, taken)
+        t.port.runs[t.key] = t.run
+        return plan
+
+    def _step_into_run(self, t: _Transfer, block: int, now: float, payloads: list,
+                       peers: list) -> bool:
+        """The ACK of the block in flight (the one that ended C's last run): begin the next run
+        with its first step, taken here.  One read serves the run, first block included."""
+        session = t.session
+        if not session.lockstep_awaits(block):
+            return False
+        plan = self._plan(t, taken=1)
+        if plan is None:
+            return False
+        payloads.append(plan.datagram(0))
+        peers.append(t.dest)
+        session.lockstep_advance(plan, 1, now)
+        if t.heap_at is None:
+            self._schedule(t, session.next_timer())
+        return True
+
+    def _sync(self, t: _Transfer) -> None:
+        """Tell the session how far C went with its run (the run goes on)."""
+        run = t.run
+        if run is not None and run.used:
+            t.session.lockstep_advance(t.plan, run.used, run.at)
+
+    def _settle(self, t: _Transfer) -> None:
+        """Tell the session how far C went with its run, and end the run."""
+        run, plan = t.run, t.plan
+        self._drop_run(t)
+        if run is not None and run.used:
+            self.runtime.observer.count("tftp.accel_steps", run.used)
+            t.session.lockstep_advance(plan, run.used, run.at)  # type: ignore[arg-type]
+
+    def _drop_run(self, t: _Transfer) -> None:
+        if t.run is not None:
+            if t.port.runs.get(t.key) is t.run:
+                del t.port.runs[t.key]
+            t.run = None
+        t.plan = None
 
     def _stranger(self, port: SharedPort, data: bytes, key: bytes) -> None:
         """A datagram from a peer with no transfer on this socket."""
@@ -462,6 +564,7 @@ class TftpService:
         """A bug of ours in one transfer: log it, end that transfer (ERROR 0), go on."""
         self.runtime.observer.count("tftp.internal_errors")
         self.log.exception("tftp.internal_error", file=t.file, peer=f"{t.peer[0]}:{t.peer[1]}")
+        self._drop_run(t)
         try:
             t.session.abort(now, "internal error")
             out = t.session.datagrams_to_send(now)
@@ -493,6 +596,8 @@ class TftpService:
             d = session.next_timer()
             if d is not None and (t.heap_at is None or d < t.heap_at):
                 self._schedule(t, d)
+            if t.port.accel and t.run is None:
+                self._plan(t)
 
     def _read_error(self, t: _Transfer, exc: OSError, now: float) -> None:
         """The file could not be read any more: end the transfer with an ERROR."""
@@ -527,8 +632,16 @@ class TftpService:
             if at != t.heap_at:
                 continue                        # superseded by an earlier entry
             t.heap_at = None
+            if t.finished:
+                continue
+            if t.run is not None:
+                try:
+                    self._settle(t)             # C's steps moved the deadline: the session knows
+                except Exception:
+                    self._internal_error(t, now)
+                    continue
             deadline = t.session.next_timer()
-            if t.finished or deadline is None:
+            if deadline is None:
                 continue
             if deadline > now + _TIMER_SLACK_S:     # moved later: one entry again
                 t.heap_at = deadline
@@ -548,6 +661,7 @@ class TftpService:
         if t.finished:
             return
         t.finished = True                # what it queued (e.g. our final ERROR) is still sent
+        self._drop_run(t)
         assert self._loop is not None
         port = t.port
         if port.owners.get(t.key) is t:

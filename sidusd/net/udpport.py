@@ -22,6 +22,12 @@ owns the socket, a :class:`~sidusd.net.mmsg.Receiver` and a
   (``EMSGSIZE``, ``ENETUNREACH``...) is dropped and counted, the retransmission
   timer of its transfer recovers or gives up.
 
+* with ``accel`` (the optional C module :mod:`sidusd.net._lockstep`, built at
+  install when a C compiler is there): :meth:`SharedPort.pump` reads the socket
+  and carries out the lockstep runs in :attr:`SharedPort.runs` (steps the TFTP
+  sessions decided in advance) without returning to Python per ACK; what is not
+  a step comes back as :meth:`recv` would return it.
+
 The socket's buffers are sized for many transfers at once (``SO_SNDBUFFORCE``
 when allowed, else ``SO_SNDBUF`` up to ``net.core.wmem_max``).
 """
@@ -31,10 +37,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import os
 import socket
 from typing import Any, Callable
 
 from . import mmsg
+
+try:
+    from . import _lockstep                 # C, optional (setup.py): absent -> the Python path
+except ImportError:                         # pragma: no cover - depends on the install
+    _lockstep = None                        # type: ignore[assignment]
+
+ACCEL_BUILT = _lockstep is not None and mmsg.AVAILABLE
+
+
+def accel_enabled() -> bool:
+    """Whether transfer sockets use the C lockstep engine: built, and not switched off
+    (``SIDUS_TFTP_ACCEL=0`` in sidusd's environment, docs/operations.md)."""
+    return ACCEL_BUILT and os.environ.get("SIDUS_TFTP_ACCEL", "1") != "0"
 
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -59,7 +79,7 @@ class SharedPort:
     def __init__(self, loop: asyncio.AbstractEventLoop, local: str,
                  count: Callable[[str, int], None], *, rx_capacity: int = 64,
                  tx_capacity: int = 256, buffer_bytes: int = 8 << 20, outbox_max: int = 65536,
-                 gso: bool = True):
+                 gso: bool = True, accel: bool = False):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -84,6 +104,10 @@ class SharedPort:
         self.closed = False
         self._reading = False
         self.owners: dict[bytes, Any] = {}      # the caller's state per peer key
+        # peer key -> _lockstep.Run: the steps pump() may take for that peer (accel only)
+        self.runs: dict[bytes, Any] = {}
+        self.accel = bool(accel and ACCEL_BUILT)
+        self._engine = _lockstep.Engine(rx_capacity, 2048, tx_capacity) if self.accel else None
 
     def start_reading(self, callback: Callable[..., None], *args: Any) -> None:
         """Call ``callback(*args)`` whenever the socket is readable."""
@@ -94,6 +118,26 @@ class SharedPort:
     def recv(self) -> list[tuple[bytes, bytes, bool]]:
         """Waiting datagrams, ``[(payload, peer_key, truncated)]`` (empty: none)."""
         return self._rx.recv(self.sock)
+
+    def pump(self, now: float, rounds: int) -> tuple[list[tuple[bytes, bytes, bool]], int, int, int]:
+        """Up to ``rounds`` reads; the lockstep steps of :attr:`runs` are taken and sent in C.
+
+        Returns ``(rest, rx, calls, rx_errno)``: the datagrams that were not a
+        step (as :meth:`recv` returns them, in order), how many were read, in
+        how many ``recvmmsg`` calls, and a receive error (0: none).  DATA the
+        kernel refuses for now waits in the outbox; behind a non-empty outbox
+        nothing is sent directly (order).  Only with ``accel``.
+        """
+        assert self._engine is not None
+        rest, unsent, rx, calls, errors, blocked, rx_errno = self._engine.pump(
+            self.fd, self.runs, now, rounds, not self._outbox and not self.closed)
+        if errors:
+            self._count("tftp.send_errors", errors)
+        if unsent:
+            if blocked:
+                self._count("tftp.send_blocked", 1)
+            self._enqueue([p for p, _ in unsent], [q for _, q in unsent], 0)
+        return rest, rx, calls, rx_errno
 
     # -- sending ---------------------------------------------------------------
     def pending(self) -> tuple[list, list[mmsg.Peer]]:
@@ -227,4 +271,5 @@ class SharedPort:
             self._loop.remove_writer(self.fd)
             self._writing = False
         self._outbox.clear()
+        self.runs.clear()
         self.sock.close()

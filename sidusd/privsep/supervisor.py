@@ -47,6 +47,7 @@ REFUSED_LOG_INTERVAL_S = 10.0
 BATCH = 64
 MAX_COUNTER_NAMES = 4096     # distinct counters the worker may create (memory bound)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+_WORKER_ENV = ("SIDUS_TFTP_ACCEL",)   # passed to the worker when set (docs/operations.md)
 
 
 @dataclass
@@ -214,6 +215,9 @@ class Supervisor:
         code_dir = str(Path(sidusd.__file__).resolve().parents[1])
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
                "PYTHONPATH": code_dir, "PYTHONDONTWRITEBYTECODE": "1"}
+        for name in _WORKER_ENV:                 # operator switches the worker honours
+            if name in os.environ:
+                env[name] = os.environ[name]
         argv = [sys.executable, "-m", "sidusd.privsep.worker",
                 "--ctl-fd", str(ctl_w.fileno()), "--rpc-fd", str(rpc_w.fileno()),
                 "--listeners", json.dumps([l.describe() for l in self.listeners]),

@@ -88,6 +88,32 @@ class TransferSummary:
     error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class LockstepRun:
+    """Lockstep steps decided in advance, for an edge that carries them out itself.
+
+    Step ``i`` (``0 <= i < count``): when the peer ACKs block ``ack + i`` (16
+    bits on the wire), send :meth:`datagram` ``(i)``, DATA block ``ack + i + 1``
+    whose payload is ``data[i * blksize:(i + 1) * blksize]`` (the last may be
+    shorter, or empty).  Any other datagram from the peer ends the run.  The
+    edge then reports how many steps it took with
+    :meth:`ReadSession.lockstep_advance`, which leaves the session exactly as
+    that many :meth:`ReadSession.ack_lockstep` calls would have.
+    """
+
+    ack: int        # absolute number of the block in flight: its ACK triggers step 0
+    data: bytes     # the payloads of blocks ack + 1 .. ack + count, joined
+    blksize: int
+    count: int
+
+    def datagram(self, i: int) -> bytes:
+        """The DATA sent at step ``i`` (the reference for any other executor)."""
+        if not 0 <= i < self.count:
+            raise IndexError(f"step {i} outside 0..{self.count - 1}")
+        bs = self.blksize
+        return _pack_hdr(_OP_DATA, (self.ack + i + 1) & 0xFFFF) + self.data[i * bs:(i + 1) * bs]
+
+
 _WAIT_OACK, _DATA, _DONE = "wait-oack-ack", "data", "done"
 _pack_hdr = struct.Struct("!HH").pack       # opcode, 16-bit block: tftp.data_header without the call
 _OP_DATA = tftp.OP_DATA
@@ -121,6 +147,7 @@ class ReadSession:
         self._control: list[bytes] = []
         self._deadline: float | None = None
         self._tries = 0
+        self._run: LockstepRun | None = None    # the last lockstep_run (its steps may be reported)
         self._started: float | None = None
         self._ended: float | None = None
         self.retransmits = 0
@@ -209,6 +236,63 @@ class ReadSession:
         self._rescue = False
         self._deadline = now + self.timeout_s
         return out
+
+    def _lockstep_ready(self) -> bool:
+        """The one block in flight is unacknowledged, nothing else pending: ack_lockstep's case."""
+        b = self._max_sent
+        return (b == self._base and self._next == b + 1 and self.windowsize == 1
+                and b < self._last and self._state == _DATA and not self._control)
+
+    def lockstep_awaits(self, block: int) -> bool:
+        """Whether an ACK of ``block`` (16 bits) is the lockstep step :meth:`ack_lockstep` takes."""
+        return block == self._max_sent & 0xFFFF and self._lockstep_ready()
+
+    def lockstep_run(self, max_bytes: int) -> LockstepRun | None:
+        """The next lockstep steps decided now, about ``max_bytes`` of DATA (at least one block).
+
+        None unless the session is where :meth:`ack_lockstep` could step (the
+        block in flight awaits its ACK, windowsize 1, nothing else pending) and
+        the source reads contiguous runs.  Reads the run's blocks at once (a
+        read error propagates, nothing changes); the session itself does not
+        change until :meth:`lockstep_advance`.
+        """
+        if not self._lockstep_ready() or not getattr(self.source, "contiguous", False):
+            return None
+        b, bs = self._max_sent, self.blksize
+        count = min(max(1, -(-max_bytes // bs)), self._last - b)
+        data = self.source.read_block(b * bs, count * bs)
+        want = min(count * bs, self.source.size - b * bs)
+        if len(data) != want:
+            raise OSError(5, "short read from the transfer's source")    # EIO
+        self._run = LockstepRun(b, data, bs, count)
+        return self._run
+
+    def lockstep_advance(self, run: LockstepRun, steps: int, now: float) -> None:
+        """Record that ``steps`` steps of ``run`` were taken in all, the last one at ``now``.
+
+        Afterwards the session is exactly as after that many :meth:`ack_lockstep`
+        calls from the run's start (the last at ``now``).  Reporting the same
+        total again changes nothing, so an edge may report a run's progress
+        more than once.  Raises ``ValueError`` for a run that is not the last
+        one made, a step count outside the run, or a session that moved past
+        the run or out of lockstep in between: the edge must report a run's
+        steps before anything else touches the session.
+        """
+        if run is not self._run:
+            raise ValueError("lockstep_advance: not the session's current run")
+        if not 0 <= steps <= run.count:
+            raise ValueError(f"lockstep_advance: {steps} steps of a run of {run.count}")
+        b = run.ack + steps
+        if b == self._max_sent:
+            return
+        if not self._lockstep_ready() or not run.ack <= self._max_sent < b:
+            raise ValueError(f"lockstep_advance: the session is at block {self._max_sent}, "
+                             f"not on the run from {run.ack} to {b}")
+        self._base = self._max_sent = b
+        self._next = b + 1
+        self._tries = 0
+        self._rescue = False
+        self._deadline = now + self.timeout_s
 
     def _on_ack(self, block: int, now: float) -> None:
         """One ACK (RFC 1350 section 5, RFC 7440 section 4); sends nothing itself.

@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 
 from conftest import require_root, require_tool
 from sidusd import config as config_mod
+from sidusd.net import udpport
 from sidusd.net.tftp_server import TftpService
 from sidusd.observability import Observer
 from sidusd.proto import tftp
@@ -106,9 +107,25 @@ class Server:
             self._logs.__exit__(None, None, None)
 
 
-@pytest.fixture
-def server(tmp_path):
+ENGINES = ["accel", "python"]
+
+
+def use_engine(engine: str, monkeypatch) -> None:
+    """Transfer sockets made from now on use the C lockstep engine or the pure-Python path."""
+    if engine == "accel":
+        if not udpport.ACCEL_BUILT:
+            pytest.skip("needs the C extension sidusd.net._lockstep, built by scripts/setup "
+                        "(gcc, libc6-dev, python3-dev)")
+        monkeypatch.setenv("SIDUS_TFTP_ACCEL", "1")
+    else:
+        monkeypatch.setenv("SIDUS_TFTP_ACCEL", "0")
+
+
+@pytest.fixture(params=ENGINES)
+def server(tmp_path, request, monkeypatch):
+    use_engine(request.param, monkeypatch)
     s = Server(tmp_path)
+    s.engine = request.param
     yield s
     s.close()
 
@@ -379,6 +396,44 @@ def test_duplicate_acks_cause_no_sends(server) -> None:
     raw.close()
     server.wait_idle()
     assert server.transfers()[0]["retransmits"] == 0
+
+
+def test_lockstep_with_a_stall_and_stale_acks_in_both_engines(server) -> None:
+    """A long lockstep read with a stall (the timer resends) and stale ACKs (ignored), through
+    the C runs or the Python path: the same bytes, one retransmission, no stray DATA; with the
+    C engine most steps are taken in C (counted ``tftp.accel_steps``), without it none."""
+    data = os.urandom(300_000)                            # 586 blocks of 512 + a short one
+    (server.root / "big").write_bytes(data)
+    raw = Raw(server.port)
+    raw.rrq(b"big")
+    got, want_block, stalled, stale = bytearray(), 1, False, False
+    pkt, addr = raw.recv()
+    while True:
+        assert isinstance(pkt, tftp.DATA) and pkt.block == want_block, (pkt, want_block)
+        if pkt.block == 100 and not stalled:              # no ACK: the timer resends block 100
+            stalled = True
+            pkt, _ = raw.recv(timeout=5)
+            continue
+        if pkt.block == 200 and not stale:                # stale ACKs must not send anything
+            stale = True
+            for _ in range(3):
+                raw.send(tftp.ACK(150), addr)
+        got += pkt.data
+        raw.send(tftp.ACK(pkt.block), addr)
+        if len(pkt.data) < 512:
+            break
+        want_block += 1
+        pkt, _ = raw.recv()
+    raw.close()
+    assert bytes(got) == data
+    server.wait_idle()
+    [rec] = server.transfers()
+    assert (rec["outcome"], rec["bytes"], rec["retransmits"]) == ("ok", len(data), 1)
+    steps = server.counters().get("tftp.accel_steps", 0)
+    if server.engine == "accel":
+        assert steps >= 500, steps
+    else:
+        assert steps == 0
 
 
 # -- hostile names ---------------------------------------------------------------------

@@ -18,11 +18,12 @@ import pytest
 
 from conftest import require_tool
 from sidusd.proto import tftp
-from test_tftp_clients import WAIT_S, Raw, Server, sha
+from test_tftp_clients import ENGINES, WAIT_S, Raw, Server, sha, use_engine
 
 
-@pytest.fixture
-def server(tmp_path):
+@pytest.fixture(params=ENGINES)
+def server(tmp_path, request, monkeypatch):
+    use_engine(request.param, monkeypatch)
     s = Server(tmp_path)
     yield s
     s.close()

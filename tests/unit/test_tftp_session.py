@@ -593,6 +593,23 @@ def _state(s: ReadSession) -> tuple:
             s._base, s._next, s._max_sent, s._recover, s._rescue, s._tries)
 
 
+def _twin_sessions(data: bytes, blksize: int, window: int, oack: bool) -> tuple[ReadSession, ReadSession]:
+    """Two equal sessions of ``data``, started, their first datagrams sent (and equal)."""
+    opts = (("blksize", str(blksize)),) if oack else ()
+    a = ReadSession(BytesSource(data), blksize, window, oack=opts)
+    b = ReadSession(BytesSource(data), blksize, window, oack=opts)
+    for s in (a, b):
+        s.start(0.0)
+    assert a.datagrams_to_send(0.0) == b.datagrams_to_send(0.0)
+    return a, b
+
+
+def _timer_both(a: ReadSession, b: ReadSession, now: float) -> None:
+    for s in (a, b):
+        s.handle_timer(now)
+    assert a.datagrams_to_send(now) == b.datagrams_to_send(now)
+
+
 @settings(max_examples=300, deadline=None)
 @given(size=st.integers(0, 40_000), blksize=st.sampled_from([8, 512, 1432, 1468]),
        window=st.sampled_from([1, 1, 1, 2, 4]), oack=st.booleans(),
@@ -602,20 +619,12 @@ def _state(s: ReadSession) -> tuple:
 def test_ack_lockstep_is_receive_ack_then_send(size, blksize, window, oack, steps) -> None:
     """Whatever happened before, ``ack_lockstep`` either does exactly what ``receive_ack`` +
     ``datagrams_to_send`` would (same datagram, same state) or returns None and changes nothing."""
-    opts = (("blksize", str(blksize)),) if oack else ()
-    data = (bytes(range(256)) * (size // 256 + 1))[:size]
-    fast = ReadSession(BytesSource(data), blksize, window, oack=opts)
-    slow = ReadSession(BytesSource(data), blksize, window, oack=opts)
-    for s in (fast, slow):
-        s.start(0.0)
-    assert fast.datagrams_to_send(0.0) == slow.datagrams_to_send(0.0)
+    fast, slow = _twin_sessions((bytes(range(256)) * (size // 256 + 1))[:size], blksize, window, oack)
     now, hits = 0.0, 0
     for kind, delta, dt in steps:
         now += dt
         if kind == "timer":
-            for s in (fast, slow):
-                s.handle_timer(now)
-            assert fast.datagrams_to_send(now) == slow.datagrams_to_send(now)
+            _timer_both(fast, slow, now)
             continue
         block = (slow._max_sent if kind == "ack-next" else slow._base + delta) & 0xFFFF
         before = _state(fast)
@@ -695,3 +704,103 @@ def test_ack_lockstep_read_error_changes_nothing() -> None:
     with pytest.raises(OSError):
         s.ack_lockstep(1, 0.5)
     assert _state(s) == before
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(0, 40_000), blksize=st.sampled_from([8, 512, 1432, 1468]),
+       window=st.sampled_from([1, 1, 1, 2]), oack=st.booleans(),
+       max_bytes=st.sampled_from([1, 2000, 8192, 65536]),
+       steps=st.lists(st.tuples(st.sampled_from(["run", "run", "ack-next", "ack-any", "timer"]),
+                                st.integers(-3, 60), st.floats(0.0, 3.0)), max_size=60))
+def test_lockstep_run_then_advance_is_ack_lockstep_step_by_step(size, blksize, window, oack,
+                                                               max_bytes, steps) -> None:
+    """A run taken k steps (its datagrams, then ``lockstep_advance(k)``) sends and leaves the
+    session exactly as k ``ack_lockstep`` calls; where ack_lockstep would not step, there is
+    no run; other events in between keep both sessions equal."""
+    fast, ref = _twin_sessions(bytes((i * 7 + i // 251) & 0xFF for i in range(size)), blksize,
+                               window, oack)
+    now, taken = 0.0, 0
+    for kind, k, dt in steps:
+        now += dt
+        if kind == "timer":
+            _timer_both(fast, ref, now)
+        elif kind == "run":
+            run = fast.lockstep_run(max_bytes)
+            if run is None:
+                before = _state(ref)
+                assert ref.ack_lockstep(ref._max_sent & 0xFFFF, now) is None
+                assert _state(ref) == before
+                continue
+            assert run.count >= 1 and run.ack == ref._max_sent
+            k = max(1, min(run.count, k))
+            got = [run.datagram(i) for i in range(k)]
+            want = []
+            for i in range(k):
+                want.append(ref.ack_lockstep((run.ack + i) & 0xFFFF, now - (k - 1 - i) * 1e-3))
+            assert got == want
+            fast.lockstep_advance(run, k, now)
+            fast.lockstep_advance(run, k, now)          # reported twice: no change
+            taken += k
+        else:
+            block = (ref._max_sent if kind == "ack-next" else ref._base + k % 7 - 3) & 0xFFFF
+            for s in (fast, ref):
+                s.receive_ack(block, now)
+            assert fast.datagrams_to_send(now) == ref.datagrams_to_send(now)
+        assert _state(fast) == _state(ref)
+    if window == 1 and not oack and size > 4 * blksize and steps and steps[0][0] == "run":
+        assert taken > 0            # plain lockstep must take the run path (else this proves nothing)
+
+
+def test_lockstep_run_serves_a_whole_file_and_guards_its_steps() -> None:
+    data = bytes(range(256)) * 40                      # 10240 bytes: blocks 1..20 full, 21 empty
+    s = ReadSession(BytesSource(data), 512, 1)
+    s.start(0.0)
+    got = bytearray(decode(s.datagrams_to_send(0.0)[0]).data)
+    runs = 0
+    while (run := s.lockstep_run(2048)) is not None:
+        runs += 1
+        assert run.count == min(4, 21 - run.ack)
+        for i in range(run.count):
+            p = decode(run.datagram(i))
+            assert p.block == run.ack + i + 1
+            got += p.data
+        with pytest.raises(IndexError):
+            run.datagram(run.count)
+        with pytest.raises(ValueError):
+            s.lockstep_advance(run, run.count + 1, 5.0)    # more steps than the run has
+        s.lockstep_advance(run, 1, 4.0)                    # progress reported in two parts
+        assert s.next_timer() == 5.0 and s._max_sent == run.ack + 1
+        s.lockstep_advance(run, run.count, 5.0)
+        assert s.next_timer() == 6.0
+        with pytest.raises(ValueError):
+            s.lockstep_advance(run, 1, 5.0)                # backwards
+    assert runs == 5 and bytes(got) == data and not s.done
+    s.receive_ack(21, 6.0)
+    assert s.done and s.outcome == "ok"
+    # a superseded run, or a session that left lockstep, refuses a report
+    t = ReadSession(BytesSource(data), 512, 1)
+    t.start(0.0)
+    t.datagrams_to_send(0.0)
+    old = t.lockstep_run(4096)
+    new = t.lockstep_run(1024)
+    assert old is not None and new is not None and (old.count, new.count) == (8, 2)
+    with pytest.raises(ValueError):
+        t.lockstep_advance(old, 1, 1.0)
+    t.handle_timer(10.0)                               # a timeout: block 1 goes again
+    t.datagrams_to_send(10.0)
+    t.lockstep_advance(new, 1, 10.5)                   # its ACK then steps, as ack_lockstep would
+    assert (t._max_sent, t._rescue, t.next_timer()) == (2, False, 11.5)
+    for block in (2, 3):                               # the general path moved past the run
+        t.receive_ack(block, 11.0)
+        t.datagrams_to_send(11.0)
+    with pytest.raises(ValueError):
+        t.lockstep_advance(new, 2, 11.5)
+    # a windowed transfer or one waiting for its OACK's ACK has no run
+    w = ReadSession(BytesSource(data), 512, 4)
+    w.start(0.0)
+    w.datagrams_to_send(0.0)
+    assert w.lockstep_run(65536) is None
+    o = ReadSession(BytesSource(data), 512, 1, oack=(("blksize", "512"),))
+    o.start(0.0)
+    o.datagrams_to_send(0.0)
+    assert o.lockstep_run(65536) is None
