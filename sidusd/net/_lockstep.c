@@ -259,7 +259,7 @@ send_slots(EngineObject *self, int fd, unsigned int k, int sending, PyObject *un
             off += (unsigned int)m;
             continue;
         }
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ENOBUFS) {
+        if (m == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ENOBUFS) {
             *blocked = 1;
             break;
         }
@@ -279,6 +279,14 @@ send_slots(EngineObject *self, int fd, unsigned int k, int sending, PyObject *un
     for (unsigned int i = 0; i < k; i++)
         Py_CLEAR(self->sruns[i]);
     return rc;
+}
+
+/* On an error: drop the references of slots [0, k) without sending (the timers recover). */
+static void
+release_slots(EngineObject *self, unsigned int k)
+{
+    for (unsigned int i = 0; i < k; i++)
+        Py_CLEAR(self->sruns[i]);
 }
 
 PyDoc_STRVAR(pump_doc,
@@ -332,13 +340,13 @@ Engine_pump(EngineObject *self, PyObject *args)
             int trunc = (self->rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC) || len > bs;
             PyObject *key = PyBytes_FromStringAndSize((const char *)&self->rnames[i].sin_port, 6);
             if (key == NULL) {
-                send_slots(self, fd, k, 0, unsent, &errors, &blocked);
+                release_slots(self, k);
                 goto fail;
             }
             PyObject *found = PyDict_GetItemWithError(runs, key);        /* borrowed */
             if (found == NULL && PyErr_Occurred()) {
                 Py_DECREF(key);
-                send_slots(self, fd, k, 0, unsent, &errors, &blocked);
+                release_slots(self, k);
                 goto fail;
             }
             if (found != NULL && Py_IS_TYPE(found, &RunType)) {
@@ -380,7 +388,7 @@ Engine_pump(EngineObject *self, PyObject *args)
             Py_DECREF(key);
             if (item == NULL || PyList_Append(rest, item) < 0) {
                 Py_XDECREF(item);
-                send_slots(self, fd, k, 0, unsent, &errors, &blocked);
+                release_slots(self, k);
                 goto fail;
             }
             Py_DECREF(item);
