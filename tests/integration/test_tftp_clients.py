@@ -645,8 +645,12 @@ def test_ipxe_then_pxelinux_boot_through_sidus_tftp(tmp_path) -> None:
 
 # -- the real daemon (python3 -m sidusd --config FILE) -------------------------------------
 
-def test_real_daemon_serves_every_client_and_refuses_escapes(tmp_path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_real_daemon_serves_every_client_and_refuses_escapes(tmp_path, engine, monkeypatch) -> None:
+    """Through the real daemon (supervisor + worker): with the C engine by default, without
+    it when sidusd is started with SIDUS_TFTP_ACCEL=0 (the supervisor passes it on)."""
     from daemon_fixture import SidusDaemon
+    use_engine(engine, monkeypatch)
     host = {"mac": MAC, "hostname": "node01", "profile": "default", "append": "sidus.test=daemon"}
     d = SidusDaemon(tmp_path, hosts=[host])
     root = Path(d.config["tftp"]["root"])
@@ -671,6 +675,11 @@ def test_real_daemon_serves_every_client_and_refuses_escapes(tmp_path) -> None:
     assert len(events) == len(CLIENTS) + 1 and all(e["outcome"] == "ok" for e in events)
     assert status["counters"]["tftp.transfers.done"] == len(CLIENTS) + 1
     assert status["counters"]["tftp.refused.access"] + status["counters"]["tftp.refused.name"] == 4
+    sockets = [e for e in d.events() if e.get("event") == "tftp.transfer_socket"]
+    assert sockets and all(e["accel"] is (engine == "accel") for e in sockets)
+    steps = status["counters"].get("tftp.accel_steps", 0)
+    lockstep_blocks = 3 * (len(data) // 1468)          # curl, busybox, tftpy read in lockstep
+    assert steps > 0.9 * lockstep_blocks if engine == "accel" else steps == 0, steps
 
 
 @pytest.mark.netns
