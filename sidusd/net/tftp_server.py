@@ -169,7 +169,7 @@ class TftpService:
                 try:
                     self._settle(t)
                 except Exception:
-                    self._drop_run(t)
+                    pass                        # the run is ended either way; the abort follows
                 t.session.abort(now, "server shutting down")
                 self._pump(t, now)
             self._flush_ports()
@@ -476,8 +476,6 @@ class TftpService:
                         peers.append(t.dest)
                         if t.heap_at is None:
                             self._schedule(t, t.session.next_timer())
-                        if accel:
-                            self._plan(t)
                         continue
                     t.session.receive_ack(block, now)
                 else:
@@ -536,11 +534,15 @@ class TftpService:
 
     def _settle(self, t: _Transfer) -> None:
         """Tell the session how far C went with its run, and end the run."""
-        run, plan = t.run, t.plan
-        self._drop_run(t)
-        if run is not None and run.used:
+        run = t.run
+        if run is None:
+            return
+        try:
+            self._sync(t)
+        finally:
+            self._drop_run(t)                   # ended even if the session refused the report
+        if run.used:
             self.runtime.observer.count("tftp.accel_steps", run.used)
-            t.session.lockstep_advance(plan, run.used, run.at)  # type: ignore[arg-type]
 
     def _drop_run(self, t: _Transfer) -> None:
         if t.run is not None:
