@@ -1,0 +1,321 @@
+/*
+ * sidusd.net._lockstep, the Engine: Engine.pump() reads a transfer socket with recvmmsg(2),
+ * takes the steps of the runs whose ACK arrives exactly as expected and sends their DATA with
+ * sendmmsg(2) straight from the run's buffer (_lockstep.c says what a run is and why).
+ */
+#include "_lockstep.h"
+
+#include <structmember.h>
+
+#include <errno.h>
+#include <string.h>
+#include <sys/uio.h>
+
+/* --------------------------------------------------------------- Engine */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned int capacity, tx_capacity;
+    size_t bufsize;
+    struct mmsghdr *rmsgs;
+    struct iovec *riov;
+    struct sockaddr_in *rnames;
+    unsigned char *rdata;
+    struct mmsghdr *smsgs;
+    struct iovec *siov;          /* two per message: header, block */
+    struct sockaddr_in *snames;
+    unsigned char (*shdr)[4];
+    RunObject **sruns;           /* a reference per message being sent */
+} EngineObject;
+
+static void
+Engine_dealloc(EngineObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyMem_Free(self->rmsgs);
+    PyMem_Free(self->riov);
+    PyMem_Free(self->rnames);
+    PyMem_Free(self->rdata);
+    PyMem_Free(self->smsgs);
+    PyMem_Free(self->siov);
+    PyMem_Free(self->snames);
+    PyMem_Free(self->shdr);
+    PyMem_Free(self->sruns);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"capacity", "bufsize", "tx_capacity", NULL};
+    unsigned int capacity = 64, tx_capacity = 256;
+    Py_ssize_t bufsize = 2048;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|InI", kwlist, &capacity, &bufsize, &tx_capacity))
+        return NULL;
+    if (capacity < 1 || capacity > MAX_VLEN || tx_capacity < 1 || tx_capacity > MAX_VLEN
+        || bufsize < 16 || bufsize > 65536) {
+        PyErr_SetString(PyExc_ValueError, "Engine: capacity and tx_capacity 1..1024, bufsize 16..65536");
+        return NULL;
+    }
+    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->capacity = capacity;
+    self->tx_capacity = tx_capacity;
+    self->bufsize = (size_t)bufsize;
+    self->rmsgs = PyMem_Calloc(capacity, sizeof(struct mmsghdr));
+    self->riov = PyMem_Calloc(capacity, sizeof(struct iovec));
+    self->rnames = PyMem_Calloc(capacity, sizeof(struct sockaddr_in));
+    self->rdata = PyMem_Malloc((size_t)capacity * (size_t)bufsize);
+    self->smsgs = PyMem_Calloc(tx_capacity, sizeof(struct mmsghdr));
+    self->siov = PyMem_Calloc((size_t)tx_capacity * 2, sizeof(struct iovec));
+    self->snames = PyMem_Calloc(tx_capacity, sizeof(struct sockaddr_in));
+    self->shdr = PyMem_Calloc(tx_capacity, 4);
+    self->sruns = PyMem_Calloc(tx_capacity, sizeof(RunObject *));
+    if (!self->rmsgs || !self->riov || !self->rnames || !self->rdata || !self->smsgs || !self->siov
+        || !self->snames || !self->shdr || !self->sruns) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    for (unsigned int i = 0; i < capacity; i++) {
+        self->riov[i].iov_base = self->rdata + (size_t)i * (size_t)bufsize;
+        self->riov[i].iov_len = (size_t)bufsize;
+        self->rmsgs[i].msg_hdr.msg_iov = &self->riov[i];
+        self->rmsgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    for (unsigned int i = 0; i < tx_capacity; i++) {
+        self->siov[2 * i].iov_base = self->shdr[i];
+        self->siov[2 * i].iov_len = 4;
+        self->smsgs[i].msg_hdr.msg_name = &self->snames[i];
+        self->smsgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
+        self->smsgs[i].msg_hdr.msg_iov = &self->siov[2 * i];
+        self->smsgs[i].msg_hdr.msg_iovlen = 2;
+    }
+    return (PyObject *)self;
+}
+
+/* The bytes of slot i as one datagram (header + block), for the caller's outbox. */
+static PyObject *
+slot_bytes(EngineObject *self, unsigned int i)
+{
+    size_t n = self->siov[2 * i + 1].iov_len;
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(4 + n));
+    if (b == NULL)
+        return NULL;
+    memcpy(PyBytes_AS_STRING(b), self->shdr[i], 4);
+    if (n)
+        memcpy(PyBytes_AS_STRING(b) + 4, self->siov[2 * i + 1].iov_base, n);
+    return b;
+}
+
+/* Send slots [0, k) (or, with `sending` false, none); what is refused with EAGAIN or not sent
+ * goes to `unsent` as (bytes, peer); with `unsent` NULL (an error path) it is dropped.  The
+ * slots' references are released either way.  Returns -1 on a Python error. */
+static int
+send_slots(EngineObject *self, int fd, unsigned int k, int sending, PyObject *unsent,
+           Py_ssize_t *errors, int *blocked)
+{
+    unsigned int off = 0;
+    int rc = 0;
+    while (sending && off < k) {
+        int m = sendmmsg(fd, self->smsgs + off, k - off, MSG_DONTWAIT);
+        if (m > 0) {
+            off += (unsigned int)m;
+            continue;
+        }
+        if (m == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ENOBUFS) {
+            *blocked = 1;
+            break;
+        }
+        (*errors)++;                 /* this datagram is dropped; the transfer's timer recovers */
+        off++;
+    }
+    for (unsigned int i = off; i < k && unsent != NULL && rc == 0; i++) {
+        PyObject *b = slot_bytes(self, i);
+        PyObject *item = b ? PyTuple_Pack(2, b, self->sruns[i]->peer) : NULL;
+        Py_XDECREF(b);
+        if (item == NULL || PyList_Append(unsent, item) < 0)
+            rc = -1;
+        Py_XDECREF(item);
+    }
+    for (unsigned int i = 0; i < k; i++)
+        Py_CLEAR(self->sruns[i]);
+    return rc;
+}
+
+/* Whether datagram d (len bytes, not truncated) is the ACK `run` waits for. */
+static inline int
+takes_step(const RunObject *run, const unsigned char *d, size_t len)
+{
+    return !run->stopped && len == 4 && d[0] == 0 && d[1] == 4
+           && (((unsigned int)d[2] << 8) | d[3]) == run->ack && run->used < run->count;
+}
+
+/* Put the next step of `run` for the peer `name` in slot k (a reference to run is taken). */
+static void
+fill_slot(EngineObject *self, unsigned int k, RunObject *run, const struct sockaddr_in *name,
+          double now)
+{
+    Py_ssize_t dlen = PyBytes_GET_SIZE(run->data);
+    Py_ssize_t off = run->used * run->blksize;
+    Py_ssize_t take = dlen - off < run->blksize ? dlen - off : run->blksize;
+    unsigned int block = (run->ack + 1) & 0xFFFF;
+    self->shdr[k][0] = 0;
+    self->shdr[k][1] = 3;                     /* DATA */
+    self->shdr[k][2] = (unsigned char)(block >> 8);
+    self->shdr[k][3] = (unsigned char)(block & 0xFF);
+    self->siov[2 * k + 1].iov_base = PyBytes_AS_STRING(run->data) + off;
+    self->siov[2 * k + 1].iov_len = (size_t)(take > 0 ? take : 0);
+    self->snames[k] = *name;
+    self->sruns[k] = (RunObject *)Py_NewRef(run);
+    run->used++;
+    run->ack = block;
+    run->at = now;
+}
+
+PyDoc_STRVAR(pump_doc,
+"pump(fd, runs, now, rounds, sending) -> PumpResult\n\n"
+"Up to `rounds` recvmmsg calls on the non-blocking UDP socket `fd`.  A datagram that is\n"
+"exactly the 4-byte ACK a Run in `runs` (dict: 6-byte peer key -> Run) waits for takes\n"
+"that run's next step: its DATA is sent (sendmmsg, once per round) or, if `sending` is\n"
+"false or the kernel refuses it for now, returned in `unsent` as (bytes, run.peer).\n"
+"Every other datagram is returned in `rest` as (payload, key, truncated), in order, and\n"
+"stops its peer's run; one from a sender that is not IPv4 is dropped and counted.\n"
+"PumpResult(rest, unsent, rx, calls, send_errors, blocked, rx_errno; dropped).");
+
+static PyObject *
+Engine_pump(EngineObject *self, PyObject *args)
+{
+    int fd, rounds, sending;
+    PyObject *runs;
+    double now;
+    if (!PyArg_ParseTuple(args, "iO!dip", &fd, &PyDict_Type, &runs, &now, &rounds, &sending))
+        return NULL;
+    lockstep_state *st = PyType_GetModuleState(Py_TYPE(self));
+    if (st == NULL)
+        return NULL;
+    Py_ssize_t rx = 0, calls = 0, errors = 0, dropped = 0;
+    int blocked = 0, rx_errno = 0;
+    const size_t bs = self->bufsize;
+    unsigned int k = 0;                 /* slots filled, not yet sent */
+    PyObject *rest = PyList_New(0), *unsent = PyList_New(0);
+    if (rest == NULL || unsent == NULL)
+        goto fail;
+
+    for (int r = 0; r < rounds && !blocked; r++) {
+        for (unsigned int i = 0; i < self->capacity; i++) {
+            struct msghdr *h = &self->rmsgs[i].msg_hdr;
+            h->msg_name = &self->rnames[i];
+            h->msg_namelen = sizeof(struct sockaddr_in);
+            h->msg_control = NULL;
+            h->msg_controllen = 0;
+            h->msg_flags = 0;
+        }
+        int n = recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                rx_errno = errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        calls++;
+        rx += n;
+        for (int i = 0; i < n; i++) {
+            const unsigned char *d = self->rdata + (size_t)i * bs;
+            size_t len = self->rmsgs[i].msg_len;
+            int trunc = (self->rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC) || len > bs;
+            if (!is_inet_peer(&self->rnames[i], self->rmsgs[i].msg_hdr.msg_namelen)) {
+                dropped++;
+                continue;
+            }
+            PyObject *key = peer_key_bytes(&self->rnames[i]);
+            if (key == NULL)
+                goto fail;
+            /* a strong reference: sending a full batch below may run Python code (GC) */
+            PyObject *found = Py_XNewRef(PyDict_GetItemWithError(runs, key));
+            if (found == NULL && PyErr_Occurred()) {
+                Py_DECREF(key);
+                goto fail;
+            }
+            if (found != NULL && Py_IS_TYPE(found, st->run_type)) {
+                RunObject *run = (RunObject *)found;
+                if (!trunc && takes_step(run, d, len)) {
+                    if (k == self->tx_capacity) {             /* a full batch: send it first */
+                        int rc = send_slots(self, fd, k, sending && !blocked, unsent, &errors,
+                                            &blocked);
+                        k = 0;
+                        if (rc < 0) {
+                            Py_DECREF(found);
+                            Py_DECREF(key);
+                            goto fail;
+                        }
+                    }
+                    fill_slot(self, k++, run, &self->rnames[i], now);
+                    Py_DECREF(found);
+                    Py_DECREF(key);
+                    continue;
+                }
+                run->stopped = 1;
+            }
+            Py_XDECREF(found);
+            PyObject *payload = PyBytes_FromStringAndSize((const char *)d, (Py_ssize_t)(len > bs ? bs : len));
+            PyObject *item = payload ? PyTuple_Pack(3, payload, key, trunc ? Py_True : Py_False) : NULL;
+            Py_XDECREF(payload);
+            Py_DECREF(key);
+            if (item == NULL || PyList_Append(rest, item) < 0) {
+                Py_XDECREF(item);
+                goto fail;
+            }
+            Py_DECREF(item);
+        }
+        int rc = send_slots(self, fd, k, sending && !blocked, unsent, &errors, &blocked);
+        k = 0;
+        if (rc < 0)
+            goto fail;
+    }
+    PyObject *res = PyStructSequence_New(st->pump_result_type);
+    if (res == NULL)
+        goto fail;
+    PyObject *fields[] = {rest, unsent, PyLong_FromSsize_t(rx), PyLong_FromSsize_t(calls),
+                          PyLong_FromSsize_t(errors), PyLong_FromLong(blocked),
+                          PyLong_FromLong(rx_errno), PyLong_FromSsize_t(dropped)};
+    int bad = 0;
+    for (int f = 0; f < 8; f++) {
+        bad |= fields[f] == NULL;
+        PyStructSequence_SET_ITEM(res, f, fields[f]);   /* steals; NULL stays NULL */
+    }
+    if (bad) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    return res;
+
+fail:
+    send_slots(self, fd, k, 0, NULL, &errors, &blocked);    /* release the batch, unsent */
+    Py_XDECREF(rest);
+    Py_XDECREF(unsent);
+    return NULL;
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"pump", (PyCFunction)Engine_pump, METH_VARARGS, pump_doc},
+    {NULL}
+};
+
+static PyType_Slot Engine_slots[] = {
+    {Py_tp_doc, "Engine(capacity=64, bufsize=2048, tx_capacity=256): recvmmsg/sendmmsg buffers."},
+    {Py_tp_new, Engine_new},
+    {Py_tp_dealloc, Engine_dealloc},
+    {Py_tp_methods, Engine_methods},
+    {0, NULL}
+};
+
+PyType_Spec Engine_spec = {
+    .name = "sidusd.net._lockstep.Engine",
+    .basicsize = sizeof(EngineObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Engine_slots,
+};
+

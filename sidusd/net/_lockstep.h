@@ -1,0 +1,66 @@
+/*
+ * sidusd.net._lockstep: what its two C files share (_lockstep.c: the module, Run and
+ * Engine; _batchio.c: Receiver and Sender, the batched system calls behind net/mmsg.py).
+ */
+#ifndef SIDUS_LOCKSTEP_H
+#define SIDUS_LOCKSTEP_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <netinet/in.h>
+#include <stddef.h>
+#include <sys/socket.h>
+
+#define MAX_VLEN 1024          /* UIO_MAXIOV: the kernel's cap per call */
+#define KEY_LEN 6              /* a peer key: sin_port then sin_addr, as they lie in sockaddr_in */
+
+/* The peer key is read straight out of a sockaddr_in: port (2 bytes) then address (4). */
+_Static_assert(sizeof(((struct sockaddr_in *)0)->sin_port) == 2, "sin_port is 16 bits");
+_Static_assert(sizeof(((struct sockaddr_in *)0)->sin_addr) == 4, "sin_addr is 32 bits");
+_Static_assert(offsetof(struct sockaddr_in, sin_addr) == offsetof(struct sockaddr_in, sin_port) + 2,
+               "sin_addr follows sin_port: the 6 key bytes are contiguous");
+
+/* The module's state (multi-phase init, PEP 489): its heap types and an interned name. */
+typedef struct {
+    PyTypeObject *run_type;
+    PyTypeObject *engine_type;
+    PyTypeObject *pump_result_type;
+    PyTypeObject *receiver_type;
+    PyTypeObject *sender_type;
+    PyObject *str_key;          /* "key": the attribute of an mmsg.Peer */
+} lockstep_state;
+
+/* Whether a received name is an IPv4 peer the key can describe. */
+static inline int
+is_inet_peer(const struct sockaddr_in *sa, socklen_t namelen)
+{
+    return namelen == sizeof(struct sockaddr_in) && sa->sin_family == AF_INET;
+}
+
+static inline PyObject *
+peer_key_bytes(const struct sockaddr_in *sa)
+{
+    return PyBytes_FromStringAndSize((const char *)&sa->sin_port, KEY_LEN);
+}
+
+/* _lockstep.c: a run of lockstep steps (what Engine.pump reads and advances). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *data;            /* bytes: the payloads of the run's blocks, joined */
+    PyObject *peer;            /* the caller's object for this peer (returned with unsent DATA) */
+    unsigned int ack;          /* 16-bit number of the ACK that takes the next step */
+    Py_ssize_t blksize;
+    Py_ssize_t count;          /* steps in the run */
+    Py_ssize_t used;           /* steps taken */
+    double at;                 /* the `now` of the last step taken */
+    int stopped;               /* another datagram came from the peer: no more steps */
+} RunObject;
+
+extern PyType_Spec Run_spec;       /* _lockstep.c */
+extern PyType_Spec Engine_spec;    /* _engine.c */
+
+/* _batchio.c: add Receiver and Sender to the module (from its exec slot). */
+int batchio_exec(PyObject *module, lockstep_state *st);
+
+#endif
