@@ -27,6 +27,8 @@ owns the socket, a :class:`~sidusd.net.mmsg.Receiver` and a
   and carries out the lockstep runs in :attr:`SharedPort.runs` (steps the TFTP
   sessions decided in advance) without returning to Python per ACK; what is not
   a step comes back as :meth:`recv` would return it.
+* a datagram whose sender is not an IPv4 address (it cannot be one on this
+  socket; the check keeps the C code honest) is dropped and counted ``tftp.rx_dropped``.
 
 The socket's buffers are sized for many transfers at once (``SO_SNDBUFFORCE``
 when allowed, else ``SO_SNDBUF`` up to ``net.core.wmem_max``).
@@ -43,10 +45,7 @@ from typing import Any, Callable
 
 from . import mmsg
 
-try:
-    from . import _lockstep                 # C, optional (setup.py): absent -> the Python path
-except ImportError:                         # pragma: no cover - depends on the install
-    _lockstep = None                        # type: ignore[assignment]
+_lockstep = mmsg._lockstep                  # C, optional (setup.py): None -> the Python path
 
 ACCEL_BUILT = _lockstep is not None and mmsg.AVAILABLE
 
@@ -93,6 +92,7 @@ class SharedPort:
         self.address = sock.getsockname()
         self._loop, self._count = loop, count
         self._rx = mmsg.Receiver(rx_capacity)
+        self._rx_dropped = 0
         self._tx = mmsg.Sender(tx_capacity)
         self.gso = gso and mmsg.gso_supported(sock)
         self.rx_capacity = rx_capacity
@@ -116,8 +116,16 @@ class SharedPort:
 
     # -- receiving -------------------------------------------------------------
     def recv(self) -> list[tuple[bytes, bytes, bool]]:
-        """Waiting datagrams, ``[(payload, peer_key, truncated)]`` (empty: none)."""
-        return self._rx.recv(self.sock)
+        """Waiting datagrams, ``[(payload, peer_key, truncated)]`` (empty: none).
+
+        One from a sender that is not IPv4 is dropped and counted (``tftp.rx_dropped``).
+        """
+        batch = self._rx.recv(self.sock)
+        dropped = self._rx.dropped
+        if dropped != self._rx_dropped:
+            self._count("tftp.rx_dropped", dropped - self._rx_dropped)
+            self._rx_dropped = dropped
+        return batch
 
     def pump(self, now: float, rounds: int) -> tuple[list[tuple[bytes, bytes, bool]], int, int, int]:
         """Up to ``rounds`` reads; the lockstep steps of :attr:`runs` are taken and sent in C.
@@ -129,15 +137,17 @@ class SharedPort:
         nothing is sent directly (order).  Only with ``accel``.
         """
         assert self._engine is not None
-        rest, unsent, rx, calls, errors, blocked, rx_errno = self._engine.pump(
-            self.fd, self.runs, now, rounds, not self._outbox and not self.closed)
-        if errors:
-            self._count("tftp.send_errors", errors)
+        res = self._engine.pump(self.fd, self.runs, now, rounds, not self._outbox and not self.closed)
+        if res.send_errors:
+            self._count("tftp.send_errors", res.send_errors)
+        if res.dropped:
+            self._count("tftp.rx_dropped", res.dropped)
+        unsent = res.unsent
         if unsent:
-            if blocked:
+            if res.blocked:
                 self._count("tftp.send_blocked", 1)
             self._enqueue([p for p, _ in unsent], [q for _, q in unsent], 0)
-        return rest, rx, calls, rx_errno
+        return res.rest, res.rx, res.calls, res.rx_errno
 
     # -- sending ---------------------------------------------------------------
     def pending(self) -> tuple[list, list[mmsg.Peer]]:

@@ -9,7 +9,9 @@ driven with the same datagrams and must send and return exactly the same.
 from __future__ import annotations
 
 import socket
-import time
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from hypothesis import given, settings
@@ -50,11 +52,11 @@ def pump_all(engine, server: socket.socket, runs: dict, now: float, want_rx: int
     """Pump until ``want_rx`` datagrams were read (they are on loopback: at once)."""
     rest, unsent, rx = [], [], 0
     for _ in range(200):
-        r, u, n, _calls, errors, blocked, err = engine.pump(server.fileno(), runs, now, 8, sending)
-        assert (errors, blocked, err) == (0, 0, 0)
-        rest += r
-        unsent += u
-        rx += n
+        res = engine.pump(server.fileno(), runs, now, 8, sending)
+        assert (res.send_errors, res.blocked, res.rx_errno, res.dropped) == (0, 0, 0, 0)
+        rest += res.rest
+        unsent += res.unsent
+        rx += res.rx
         if rx >= want_rx:
             break
         wait_readable(server)
@@ -151,9 +153,7 @@ def test_not_sending_hands_the_data_back_with_the_peer() -> None:
     runs = {key_of(a): ra, key_of(b): rb}
     a.sendto(ack(3), server.getsockname())
     b.sendto(ack(9), server.getsockname())
-    time.sleep(0.05)
     b.sendto(ack(10), server.getsockname())
-    time.sleep(0.05)
     rest, unsent, _ = pump_all(engine := _lockstep.Engine(), server, runs, 1.0, 3, sending=False)
     assert rest == []
     assert unsent == [(pa.datagram(0), "A"), (pb.datagram(0), "B"), (pb.datagram(1), "B")]
@@ -235,7 +235,6 @@ def test_engine_matches_the_reference_on_random_traffic(script, blksize, counts,
             datagrams.append((peer, d))
         for peer, d in datagrams:
             peers[peer].sendto(d, server.getsockname())
-        time.sleep(0.01)
         rest, unsent, _ = pump_all(_lockstep.Engine(capacity=8), server, runs, 3.0, len(datagrams))
         want_sent, want_rest = reference_pump(datagrams, model)
         keys = {key_of(p): i for i, p in enumerate(peers)}
@@ -252,3 +251,120 @@ def test_engine_matches_the_reference_on_random_traffic(script, blksize, counts,
         server.close()
         for p in peers:
             p.close()
+
+
+def test_pump_result_is_a_struct_sequence_with_named_fields() -> None:
+    server, client = udp(), udp(blocking=True)
+    plan = make_run(4, 64, 2)
+    runs = {key_of(client): _lockstep.Run(plan.ack, plan.data, plan.blksize, plan.count, "P")}
+    engine = _lockstep.Engine()
+    client.sendto(ack(4), server.getsockname())
+    client.sendto(b"\x00\x05stray", server.getsockname())
+    wait_readable(server)
+    res = engine.pump(server.fileno(), runs, 1.0, 8, False)
+    while res.rx < 2:                                 # loopback: at once, but poll with a bound
+        wait_readable(server)
+        more = engine.pump(server.fileno(), runs, 1.0, 8, False)
+        assert more.rx, "the second datagram did not arrive"
+        res = _lockstep.PumpResult((res.rest + more.rest, res.unsent + more.unsent, res.rx + more.rx,
+                                    res.calls + more.calls, 0, 0, 0, 0))
+    assert type(res) is _lockstep.PumpResult and isinstance(res, tuple)
+    assert res.rest == [(b"\x00\x05stray", key_of(client), False)]
+    assert res.unsent == [(plan.datagram(0), "P")]
+    assert (res.rx, res.send_errors, res.blocked, res.rx_errno, res.dropped) == (2, 0, 0, 0, 0)
+    assert 1 <= res.calls <= 2
+    assert len(res) == 7 and tuple(res) == (res.rest, res.unsent, res.rx, res.calls,
+                                            res.send_errors, res.blocked, res.rx_errno)
+    server.close()
+    client.close()
+
+
+def test_a_sender_that_is_not_ipv4_is_dropped_and_counted() -> None:
+    """The engine reads the peer key out of a sockaddr_in: a datagram whose name is anything
+    else (here an unnamed AF_UNIX peer) is dropped and counted, never read as a key."""
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    here.setblocking(False)
+    plan = make_run(1, 8, 2)
+    runs = {b"\x00" * 6: _lockstep.Run(plan.ack, plan.data, plan.blksize, plan.count, None)}
+    there.send(ack(1))
+    there.send(b"\x00\x05junk")
+    wait_readable(here)
+    dropped = rx = 0
+    for _ in range(200):
+        res = _lockstep.Engine(capacity=4).pump(here.fileno(), runs, 1.0, 4, True)
+        assert (res.rest, res.unsent, res.send_errors, res.rx_errno) == ([], [], 0, 0)
+        dropped, rx = dropped + res.dropped, rx + res.rx
+        if rx >= 2:
+            break
+        wait_readable(here)
+    assert (rx, dropped) == (2, 2)
+    assert runs[b"\x00" * 6].used == 0
+    here.close()
+    there.close()
+
+
+class _KeyThatDropsAnother(bytes):
+    """A dict key for one peer whose comparison (in the engine's lookup), once, removes another
+    peer's run from the dict: Python code that runs in the middle of pump()."""
+
+    __hash__ = bytes.__hash__
+
+    def __eq__(self, other):
+        victim, self.victim = self.victim, None
+        if victim is not None:
+            self.runs.pop(victim, None)
+        return bytes.__eq__(self, other)
+
+
+class _ClearsRunsWhenFreed:
+    def __init__(self, runs: dict):
+        self.runs = runs
+
+    def __del__(self):
+        self.runs.clear()
+
+
+def dropped_during_pump() -> None:
+    """Runs taken out of the dict from Python while pump() holds them: with tx_capacity 1, B's
+    ACK finds B, sending the full batch before B's step frees A, whose peer's finalizer clears
+    the dict: B is then held by the engine alone, and its step must still be right."""
+    for _attempt in range(20):
+        server, a, b = udp(), udp(blocking=True), udp(blocking=True)
+        pa, pb = make_run(3, 100, 3, seed=1), make_run(9, 100, 2, seed=2)
+        runs: dict = {}
+        kb = _KeyThatDropsAnother(key_of(b))
+        kb.runs, kb.victim = runs, key_of(a)
+        runs[key_of(a)] = _lockstep.Run(pa.ack, pa.data, pa.blksize, pa.count, _ClearsRunsWhenFreed(runs))
+        runs[kb] = _lockstep.Run(pb.ack, pb.data, pb.blksize, pb.count, "B")
+        del kb
+        a.sendto(ack(3), server.getsockname())
+        b.sendto(ack(9), server.getsockname())
+        wait_readable(server)
+        res = _lockstep.Engine(capacity=8, tx_capacity=1).pump(server.fileno(), runs, 1.0, 1, True)
+        if res.rx == 2:                               # both in one recvmmsg: the case under test
+            assert (res.rest, res.unsent, res.send_errors, res.blocked) == ([], [], 0, 0)
+            assert runs == {}
+            assert recv_all(a, 1) == [pa.datagram(0)]
+            assert recv_all(b, 1) == [pb.datagram(0)]
+            for s in (server, a, b):
+                s.close()
+            return
+        for s in (server, a, b):
+            s.close()
+    raise AssertionError("the two ACKs never came in one recvmmsg")
+
+
+def test_runs_dropped_from_python_during_pump_are_kept_alive() -> None:
+    dropped_during_pump()
+
+
+def test_runs_dropped_during_pump_under_the_debug_allocator() -> None:
+    """The same in `python -X dev` (freed memory is overwritten): a borrowed reference to a run
+    freed during pump() would send garbage or crash there."""
+    code = textwrap.dedent(f"""
+        import runpy
+        runpy.run_path({__file__!r})["dropped_during_pump"]()
+    """)
+    proc = subprocess.run([sys.executable, "-X", "dev", "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]

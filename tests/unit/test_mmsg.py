@@ -1,4 +1,4 @@
-"""sidusd.net.mmsg: recvmmsg/sendmmsg through ctypes, on loopback sockets (high ports).
+"""sidusd.net.mmsg: recvmmsg/sendmmsg (the C module), on loopback sockets (high ports).
 
 Every case runs twice: with the batched system calls and with the one-call-per-datagram
 fallback (``AVAILABLE`` forced false), which must behave the same.
@@ -19,7 +19,7 @@ from sidusd.net import mmsg
 def mode(request, monkeypatch):
     if request.param == "batched":
         if not mmsg.AVAILABLE:
-            pytest.skip("libc has no recvmmsg/sendmmsg")
+            pytest.skip("the C module sidusd.net._lockstep is not built")
     else:
         monkeypatch.setattr(mmsg, "AVAILABLE", False)
     return request.param
@@ -107,7 +107,7 @@ def test_refused_datagram_is_reported_and_the_rest_can_follow(mode):
 def test_batched_send_takes_only_bytes():
     """The batched path points the kernel at a bytes object's buffer: anything else is refused."""
     if not mmsg.AVAILABLE:
-        pytest.skip("libc has no recvmmsg/sendmmsg")
+        pytest.skip("the C module sidusd.net._lockstep is not built")
     a, b = udp(), udp()
     pb = mmsg.Peer(mmsg.peer_key(b.getsockname()))
     with pytest.raises(TypeError):
@@ -189,3 +189,45 @@ def test_mixed_plain_and_groups_across_calls_keep_order(mode):
         assert [p for p, _, _ in got] == want, cap
     a.close()
     b.close()
+
+
+def test_a_sender_that_is_not_ipv4_is_dropped_and_counted(mode):
+    """Only a sockaddr_in makes a peer key: anything else (an unnamed AF_UNIX peer) is dropped."""
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    here.setblocking(False)
+    there.send(b"one")
+    there.send(b"two")
+    rx = mmsg.Receiver(capacity=8)
+    got: list = []
+    for _ in range(1000):
+        got += rx.recv(here)
+        if rx.dropped >= 2:
+            break
+    assert (got, rx.dropped) == ([], 2)
+    assert rx.recv(here) == []
+    here.close()
+    there.close()
+
+
+def test_a_peer_is_its_key(mode):
+    a, b = udp(), udp()
+    with pytest.raises(Exception):
+        mmsg.Peer(b"short")
+    pb = mmsg.Peer(bytearray(mmsg.peer_key(b.getsockname())))   # type: ignore[arg-type]
+    assert type(pb.key) is bytes and pb.addr == b.getsockname()
+    assert mmsg.Sender().send(a, [b"hi"], [pb]) == (1, 0)
+    assert drain(mmsg.Receiver(), b, 1) == [(b"hi", mmsg.peer_key(a.getsockname()), False)]
+    a.close()
+    b.close()
+
+
+def test_batched_send_takes_peers_with_a_6_byte_key():
+    if not mmsg.AVAILABLE:
+        pytest.skip("the C module sidusd.net._lockstep is not built")
+    a = udp()
+    for bad in (object(), type("P", (), {"key": b"12345"})(), type("P", (), {"key": "123456"})()):
+        with pytest.raises((TypeError, AttributeError)):
+            mmsg.Sender().send(a, [b"x"], [bad])             # type: ignore[list-item]
+    with pytest.raises(IndexError):
+        mmsg.Sender().send(a, [b"x", b"y"], [mmsg.Peer(mmsg.peer_key(("127.0.0.1", 9)))])
+    a.close()

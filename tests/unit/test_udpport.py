@@ -26,6 +26,16 @@ class Counts(collections.Counter):
         self[name] += n
 
 
+def run_until(loop: asyncio.AbstractEventLoop, done, timeout_s: float = 5.0) -> None:
+    """Turn the loop (its callbacks run) until ``done()``, failing after ``timeout_s``."""
+    async def turn() -> None:
+        deadline = loop.time() + timeout_s
+        while not done():
+            assert loop.time() < deadline, "the loop did not get there in time"
+            await asyncio.sleep(0)
+    loop.run_until_complete(turn())
+
+
 @pytest.fixture
 def loop():
     lp = asyncio.new_event_loop()
@@ -95,7 +105,7 @@ def test_eagain_parks_the_rest_until_writable_in_order(loop):
     port.queue([b"4"], peer)
     port.flush()                          # behind what waits, never before it
     assert port.waiting == 3
-    loop.run_until_complete(asyncio.sleep(0.05))     # the writer callback drains it
+    run_until(loop, lambda: port.waiting == 0)       # the writer callback drains it
     assert port.waiting == 0
     assert [peer_sock.recvfrom(100)[0] for _ in range(3)] == [b"2", b"3", b"4"]
     port.close()
@@ -115,7 +125,7 @@ def test_drop_queued_forgets_one_peer_only(loop):
     assert port.waiting == 3
     port.drop_queued(p1)
     assert port.waiting == 1
-    loop.run_until_complete(asyncio.sleep(0.05))
+    run_until(loop, lambda: port.waiting == 0)
     assert s2.recvfrom(100)[0] == b"keep"
     s1.settimeout(0.2)
     with pytest.raises(TimeoutError):
