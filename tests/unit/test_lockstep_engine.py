@@ -165,6 +165,23 @@ def test_not_sending_hands_the_data_back_with_the_peer() -> None:
         s.close()
 
 
+
+def test_not_sending_holds_back_a_full_batch_too() -> None:
+    """With `sending` false (an outbox waits: order), a batch that fills up mid-read is not sent
+    either: every step's DATA comes back in `unsent`, in arrival order."""
+    server, a, b = udp(), udp(blocking=True), udp(blocking=True)
+    pa, pb = make_run(3, 100, 3, seed=1), make_run(9, 100, 2, seed=2)
+    runs = {key_of(a): _lockstep.Run(pa.ack, pa.data, pa.blksize, pa.count, "A"),
+            key_of(b): _lockstep.Run(pb.ack, pb.data, pb.blksize, pb.count, "B")}
+    a.sendto(ack(3), server.getsockname())
+    b.sendto(ack(9), server.getsockname())
+    rest, unsent, _ = pump_all(_lockstep.Engine(tx_capacity=1), server, runs, 1.0, 2, sending=False)
+    assert rest == [] and unsent == [(pa.datagram(0), "A"), (pb.datagram(0), "B")]
+    assert_silent(a)
+    assert_silent(b)
+    for s in (server, a, b):
+        s.close()
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError):
         _lockstep.Run(1, b"x" * 10, 4, 2, None)      # 2 blocks of 4 hold at most 8 bytes
