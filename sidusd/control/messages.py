@@ -164,10 +164,10 @@ def parse_args(op: str, args: Any) -> Args:
         f = next((f for f in names if f.name == name), None)
         if f is None:                                    # not expected: msgspec said where
             raise RemoteProtocolError(f"{op}: {text[:200]}") from None
-        if isinstance(args[name], str):
-            raise RemoteProtocolError(f"{op}: argument {name!r} is too long (limit {MAX_ARG_CHARS})") from None
         if f.type in (bool, bool | None):
             raise RemoteProtocolError(f"{op}: argument {name!r} must be true or false") from None
+        if isinstance(args[name], str):
+            raise RemoteProtocolError(f"{op}: argument {name!r} is too long (limit {MAX_ARG_CHARS})") from None
         raise RemoteProtocolError(f"{op}: argument {name!r} must be a string") from None
 
 
