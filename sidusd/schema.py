@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -39,7 +40,7 @@ import msgspec
 from sidusd.errors import ConfigError
 
 Meta = msgspec.Meta
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?:(?P<key>key) in )?\$(?P<path>[^`]*)`)?$", re.S)
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at (?:`(?P<key>key)` in )?`\$(?P<path>[^`]*)`)?$", re.S)
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean (true or false)",
                float: "a number", list: "a list", tuple: "a list", dict: "a mapping"}
 
@@ -102,14 +103,26 @@ def _strip(tp: Any) -> tuple[Any, list[msgspec.Meta]]:
     return tp, metas
 
 
-def _non_none(tp: Any) -> tuple[Any, bool]:
-    """(the type without ``None``, whether None was allowed)."""
-    tp, _ = _strip(tp)
+@functools.lru_cache(maxsize=1024)
+def _unwrap(tp: Any) -> tuple[Any, bool, list[msgspec.Meta]]:
+    """(the type without ``None`` and ``Annotated``, whether None was allowed, the constraints)."""
+    tp, metas = _strip(tp)
+    optional = False
     if typing.get_origin(tp) in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = len(args) < len(typing.get_args(tp))
-        return (args[0] if len(args) == 1 else tp), optional
-    return tp, False
+        if len(args) == 1:
+            tp, more = _strip(args[0])
+            metas = metas + more
+        else:
+            tp = Union[tuple(args)] if optional else tp
+    return tp, optional, metas
+
+
+def _non_none(tp: Any) -> tuple[Any, bool]:
+    """(the type without ``None`` and ``Annotated``, whether None was allowed)."""
+    base, optional, _ = _unwrap(tp)
+    return base, optional
 
 
 def _is_record(tp: Any) -> bool:
@@ -153,15 +166,18 @@ def _prepare(raw: Any, tp: Any, path: str, error: Callable[[str, str], Exception
                 raise error(join(path, k), unknown_key_reason(k, [f for f in fields if f not in skip]))
             ftp, _required = fields[k]
             fbase, optional = _non_none(ftp)
-            if v is None and not optional and (fbase is Path or _is_record(fbase)):
-                if fbase is Path:
-                    continue                 # a path given as null: its default
+            if v is None and not optional and fbase is Path:
+                continue                     # a path given as null: its default (a section: empty)
             out[k] = _prepare(v, ftp, join(path, k), error, frozenset())
         for k, (_, required) in fields.items():
             if required and k not in out and k not in skip:
                 raise error(join(path, k), "required key is missing")
         return out
     origin = typing.get_origin(base)
+    if origin is dict and isinstance(raw, dict):
+        for k in raw:
+            if not isinstance(k, str):
+                raise error(join(path, str(k)), f"a key must be a string, got {describe(k)}")
     if origin in (list, tuple) and isinstance(raw, list):
         item = typing.get_args(base)[0]
         if _is_record(_non_none(item)[0]):
@@ -231,8 +247,7 @@ def _matches(value: Any, tp: Any) -> bool:
 
 def reason_for(message: str, value: Any, tp: Any) -> str:
     """Our reason for msgspec's ``message`` about ``value`` declared as ``tp``."""
-    base, _ = _non_none(tp)
-    _, metas = _strip(tp if _strip(tp)[1] else base)
+    base, _, metas = _unwrap(tp)
     if typing.get_origin(base) is Literal and isinstance(value, str):
         return f"must be one of: {', '.join(map(str, typing.get_args(base)))} (got {value!r})"
     if not _matches(value, tp):
@@ -254,13 +269,18 @@ def reason_for(message: str, value: Any, tp: Any) -> str:
 
 
 def convert(raw: Any, tp: Any, path: str = "", *, error: Callable[[str, str], Exception] = ConfigError,
-            dec_hook: Callable[[type, Any], Any] | None = None, skip: frozenset[str] = frozenset()) -> Any:
+            dec_hook: Callable[[type, Any], Any] | None = None, skip: frozenset[str] = frozenset(),
+            extra: dict[str, Any] | None = None) -> Any:
     """``raw`` (decoded YAML/JSON) checked against the declaration ``tp``, as ``tp``.
 
     Raises ``error(dotted_path, reason)`` on the first refusal.  ``skip``: fields
-    of the top record that the caller fills in itself (they are refused as keys).
+    of the top record that the document may not set (refused as unknown keys);
+    ``extra``: values for some of them that the caller supplies (a profile's name
+    is its key in the mapping).
     """
-    prepared = _prepare(raw, tp, path, error, skip)
+    prepared = _prepare(raw, tp, path, error, skip | frozenset(extra or ()))
+    if extra:
+        prepared = {**prepared, **extra}
     try:
         return msgspec.convert(prepared, tp, strict=True, dec_hook=dec_hook)
     except msgspec.ValidationError as e:
@@ -268,7 +288,7 @@ def convert(raw: Any, tp: Any, path: str = "", *, error: Callable[[str, str], Ex
         assert m is not None
         where, value, ftp = _locate(prepared, tp, m["path"] or "")
         if m["key"]:
-            raise error(join(path, where), f"a key must be a string, got {m['msg']}") from None
+            raise error(join(path, where), f"a key: {m['msg'][:1].lower() + m['msg'][1:]}") from None
         if e.__cause__ is not None or e.__context__ is not None:     # a dec_hook or __post_init__ said why
             raise error(join(path, where), m["msg"]) from None
         raise error(join(path, where), reason_for(m["msg"], value, ftp)) from None
