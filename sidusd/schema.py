@@ -87,8 +87,8 @@ def unknown_key_reason(key: str, allowed: tuple[str, ...] | list[str]) -> str:
 
 def join(path: str, key: str) -> str:
     """Dotted path of ``key`` under ``path`` (``[i]`` keys attach without a dot)."""
-    if not path:
-        return key
+    if not path or not key:
+        return path or key
     return path + key if key.startswith("[") else f"{path}.{key}"
 
 
@@ -255,6 +255,8 @@ def reason_for(message: str, value: Any, tp: Any) -> str:
             return f"cannot be null (expected {_type_name(tp)})"
         return f"expected {_type_name(tp)}, got {describe(value)}"
     for m in metas:
+        if isinstance(value, str) and m.max_length is not None and len(value) > m.max_length:
+            return f"longer than {m.max_length} characters"
         if m.description:
             return m.description.format(value=value)
         lo = m.ge if m.ge is not None else m.gt
