@@ -158,10 +158,14 @@ def _prepare(raw: Any, tp: Any, path: str, error: Callable[[str, str], Exception
         if not isinstance(raw, dict):
             raise error(path or "<document>", f"expected a mapping, got {describe(raw)}")
         fields = record_fields(base)
+        tag_field = base.__struct_config__.tag_field if issubclass(base, msgspec.Struct) else None
         out = {}
         for k, v in raw.items():
             if not isinstance(k, str):
                 raise error(join(path, str(k)), f"a key must be a string, got {describe(k)}")
+            if k == tag_field:
+                out[k] = v
+                continue
             if k not in fields or k in skip:
                 raise error(join(path, k), unknown_key_reason(k, [f for f in fields if f not in skip]))
             ftp, _required = fields[k]
@@ -187,6 +191,9 @@ def _prepare(raw: Any, tp: Any, path: str, error: Callable[[str, str], Exception
 
 # -- msgspec's refusal in our words --------------------------------------------------------
 
+_UNKNOWN: Any = object()
+
+
 def _locate(raw: Any, tp: Any, msgspec_path: str) -> tuple[str, Any, Any]:
     """Follow ``.a.b[0]`` in ``raw`` and in the declaration: (dotted path, value, declared type)."""
     steps = re.findall(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]", msgspec_path)
@@ -209,7 +216,7 @@ def _locate(raw: Any, tp: Any, msgspec_path: str) -> tuple[str, Any, Any]:
                 else:
                     tp = args[int(index)] if len(args) > 1 and args[-1] is not Ellipsis else args[0]
             else:
-                tp = typing.get_args(base)[-1]
+                tp, value = typing.get_args(base)[-1], _UNKNOWN     # msgspec does not say which key
     return dotted, value, tp
 
 
@@ -263,6 +270,9 @@ def reason_for(message: str, value: Any, tp: Any) -> str:
         hi = m.le if m.le is not None else m.lt
         if lo is not None and hi is not None:
             return f"out of range: must be between {lo} and {hi}, got {value}"
+        if lo is not None or hi is not None:
+            bound = f"at least {lo}" if lo is not None else f"at most {hi}"
+            return f"out of range: must be {bound}, got {value}"
         if m.max_length is not None and m.min_length is not None:
             return f"expected {m.min_length} to {m.max_length} items or characters, got {len(value)}"
         if m.max_length is not None:
@@ -288,9 +298,15 @@ def convert(raw: Any, tp: Any, path: str = "", *, error: Callable[[str, str], Ex
     except msgspec.ValidationError as e:
         m = _AT.match(str(e))
         assert m is not None
-        where, value, ftp = _locate(prepared, tp, m["path"] or "")
+        said = m["msg"][:1].lower() + m["msg"][1:]
+        try:
+            where, value, ftp = _locate(prepared, tp, m["path"] or "")
+        except (KeyError, IndexError, TypeError, AttributeError):    # a shape _locate does not follow
+            where, value, ftp = (m["path"] or "").lstrip("."), _UNKNOWN, Any
         if m["key"]:
-            raise error(join(path, where), f"a key: {m['msg'][:1].lower() + m['msg'][1:]}") from None
+            raise error(join(path, where), f"a key: {said}") from None
         if e.__cause__ is not None or e.__context__ is not None:     # a dec_hook or __post_init__ said why
             raise error(join(path, where), m["msg"]) from None
+        if value is _UNKNOWN:
+            raise error(join(path, where), said) from None
         raise error(join(path, where), reason_for(m["msg"], value, ftp)) from None

@@ -20,6 +20,7 @@ so no host name is ever written in code.
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -31,8 +32,6 @@ from sidusd.errors import ConfigError
 from sidusd.schema import convert, describe
 from sidusd.yamlstrict import check_line, load_yaml
 
-VARIANTS = ("minbase", "buildd", "fakechroot", "standard")
-ARCHITECTURES = ("amd64", "arm64", "i386", "armhf", "ppc64el", "riscv64", "s390x")
 MAX_PACKAGES = 2000
 
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{1,100}$")      # Debian Policy §5.6.1
@@ -45,22 +44,31 @@ _KBD = re.compile(r"^[A-Za-z0-9_,:()+-]{0,64}$")
 _CRYPT = re.compile(r"^\$(?:y|gy|7|2[abxy]|5|6)\$[./A-Za-z0-9$=,-]{8,200}$")  # crypt(5) hashes
 _UNIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.@-]{0,200}\.(?:service|socket|timer|target|path|mount)$")
 _LIMIT_DOMAIN = re.compile(r"^(?:\*|@?[A-Za-z0-9_.-]{1,32}|%[A-Za-z0-9_.-]{0,32}|\d+:\d*)$")
-_LIMIT_ITEMS = ("core", "data", "fsize", "memlock", "nofile", "rss", "stack", "cpu", "nproc", "as",
-                "maxlogins", "maxsyslogins", "priority", "locks", "sigpending", "msgqueue", "nice",
-                "rtprio", "chroot", "nonewprivs")
 
 
-def _rx(pattern: str, what: str, max_chars: int = 200) -> Any:
-    """A string type that must match ``pattern`` (one line, at most ``max_chars``) and is "not ``what``" otherwise."""
-    return Annotated[str, Meta(max_length=max_chars, pattern=pattern,
-                               description="{value!r} is not " + what)]
+def _rx(pattern: re.Pattern, what: str, max_chars: int = 200) -> Meta:
+    """The constraint of a string that must match ``pattern`` (one line, at most ``max_chars``)."""
+    return Meta(max_length=max_chars, pattern=pattern.pattern, description="{value!r} is not " + what)
 
 
-Package = _rx(_PACKAGE.pattern, "a Debian package name (lower case letters, digits, '+', '-', '.'; "
-              "at least 2 characters)")
+Package = Annotated[str, _rx(_PACKAGE, "a Debian package name (lower case letters, digits, '+', '-', '.'; "
+                                       "at least 2 characters)")]
 Packages = Annotated[tuple[Package, ...], Meta(max_length=MAX_PACKAGES, description=f"more than {MAX_PACKAGES} packages")]
-Url = _rx(_MIRROR.pattern, "an http://, https:// or file:// URL")
-KbdValue = _rx(_KBD.pattern, "a keyboard(5) value")
+Url = Annotated[str, _rx(_MIRROR, "an http://, https:// or file:// URL")]
+KbdValue = Annotated[str, _rx(_KBD, "a keyboard(5) value")]
+LimitDomain = Annotated[str, _rx(_LIMIT_DOMAIN, "a limits.conf domain")]
+LimitItem = Literal["core", "data", "fsize", "memlock", "nofile", "rss", "stack", "cpu", "nproc", "as",
+                    "maxlogins", "maxsyslogins", "priority", "locks", "sigpending", "msgqueue", "nice",
+                    "rtprio", "chroot", "nonewprivs"]
+Domain = Annotated[str, _rx(re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})\Z"), "a DNS domain")]
+Suite = Annotated[str, _rx(_SUITE, "a Debian suite name")]
+Architecture = Literal["amd64", "arm64", "i386", "armhf", "ppc64el", "riscv64", "s390x"]
+Variant = Literal["minbase", "buildd", "fakechroot", "standard"]
+Component = Annotated[str, _rx(_COMPONENT, "an archive component like main or contrib")]
+Locale = Annotated[str, _rx(_LOCALE, "a locale like en_US.UTF-8")]
+Timezone = Annotated[str, _rx(_TIMEZONE, "a timezone like Europe/Paris")]
+CryptHash = Annotated[str, _rx(_CRYPT, "a crypt(5) hash (e.g. from `mkpasswd -m yescrypt`), never a clear-text password", 300)]
+Unit = Annotated[str, _rx(_UNIT, "a systemd unit name like foo.service")]
 ImageName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z", description=(
     "{value!r} is not a valid image name: letters, digits, '_', '.', '-', 1-63 characters, "
     "starting with a letter or digit"))]
@@ -75,6 +83,10 @@ class Keyboard:
     options: KbdValue = ""
 
 
+VARIANTS = typing.get_args(Variant)
+ARCHITECTURES = typing.get_args(Architecture)
+
+
 class LimitValue(str):
     """A limits.conf(5) value: an integer (YAML may write it as one), ``unlimited`` or ``infinity``."""
 
@@ -82,9 +94,9 @@ class LimitValue(str):
 @dataclass(frozen=True)
 class Limit:
     """One limits.conf(5) line: ``domain type item value``."""
-    domain: _rx(_LIMIT_DOMAIN.pattern, "a limits.conf domain")            # type: ignore[valid-type]
+    domain: LimitDomain
     type: Literal["soft", "hard", "-"]
-    item: Literal[_LIMIT_ITEMS]                                            # type: ignore[valid-type]
+    item: LimitItem
     value: LimitValue
 
     def line(self) -> str:
@@ -96,17 +108,17 @@ class ResolvConf:
     """``resolv_conf:``: a static resolv.conf(5)."""
     nameservers: Annotated[tuple[IPv4Address, ...],
                            Meta(max_length=3, description="resolv.conf(5) uses at most 3 name servers")] = ()
-    search: tuple[_rx(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})\Z", "a DNS domain"), ...] = ()  # type: ignore[valid-type]
+    search: tuple[Domain, ...] = ()
 
 
 @dataclass(frozen=True)
 class RecipeFile:
     """A recipe as written (config/recipes/example.yaml): each key, its default and its constraint."""
     name: ImageName
-    suite: _rx(_SUITE.pattern, "a Debian suite name") = "bookworm"                # type: ignore[valid-type]
-    architecture: Literal[ARCHITECTURES] = "amd64"                                 # type: ignore[valid-type]
-    variant: Literal[VARIANTS] = "minbase"                                         # type: ignore[valid-type]
-    components: Annotated[tuple[_rx(_COMPONENT.pattern, "an archive component like main or contrib"), ...],  # type: ignore[valid-type]
+    suite: Suite = "bookworm"
+    architecture: Architecture = "amd64"
+    variant: Variant = "minbase"
+    components: Annotated[tuple[Component, ...],
                           Meta(min_length=1, description="at least one component is needed (e.g. main)")] = ("main",)
     mirror: Url | None = None
     security_mirror: Any = None                         # a URL, or false (no security archive): checked below
@@ -116,15 +128,14 @@ class RecipeFile:
     install_recommends: bool = False
     install_suggests: bool = False
     purge: Packages = ()
-    locale: _rx(_LOCALE.pattern, "a locale like en_US.UTF-8") = "C.UTF-8"           # type: ignore[valid-type]
-    timezone: _rx(_TIMEZONE.pattern, "a timezone like Europe/Paris") = "Etc/UTC"     # type: ignore[valid-type]
+    locale: Locale = "C.UTF-8"
+    timezone: Timezone = "Etc/UTC"
     keyboard: Keyboard | None = None
     site_files: str | None = None
     resolv_conf: ResolvConf = field(default_factory=ResolvConf)
     limits: tuple[Limit, ...] = ()
-    root_password_hash: _rx(_CRYPT.pattern, "a crypt(5) hash (e.g. from `mkpasswd -m yescrypt`), "  # type: ignore[valid-type]
-                            "never a clear-text password", 300) | None = None
-    enable_units: tuple[_rx(_UNIT.pattern, "a systemd unit name like foo.service"), ...] = ()  # type: ignore[valid-type]
+    root_password_hash: CryptHash | None = None
+    enable_units: tuple[Unit, ...] = ()
 
 
 @dataclass(frozen=True)
