@@ -132,25 +132,28 @@ def _dec_hook(base_dir: Path | None) -> Callable[[type, Any], Any]:
 
 
 def _complete(c: Config, raw: dict[str, Any], images: dict[str, ImageConfig], source: str) -> Config:
-    """The rules that join two keys, and the defaults that follow another key."""
+    """The rules that join two keys, and the defaults that follow another key (a file keeps the
+    name of its declared default, in the directory the document chose: ``state_dir: /data``
+    moves ``inventory_file`` to ``/data/inventory.yaml``)."""
     state = c.state_dir
     t, h = c.tftp, c.http
     if not 1 <= t.max_transfers_per_client <= t.max_transfers:
         raise ConfigError("tftp.max_transfers_per_client", "out of range: must be between 1 and "
                           f"{t.max_transfers}, got {t.max_transfers_per_client}")
-    per_client = h.max_per_client if _given(raw, "http.max_per_client") else min(32, h.max_connections)
+    per_client = (h.max_per_client if _given(raw, "http.max_per_client")
+                  else min(HttpConfig.max_per_client, h.max_connections))
     if not 1 <= per_client <= h.max_connections:
         raise ConfigError("http.max_per_client", "out of range: must be between 1 and "
                           f"{h.max_connections}, got {per_client}")
     if c.nfs.backend != "none" and not c.nfs.client_networks:
         raise ConfigError("nfs.client_networks", f"required when backend is {c.nfs.backend}: "
                           "list the networks allowed to mount the images")
-    iscsi_dir = c.iscsi.state_dir if _given(raw, "iscsi.state_dir") else state / "iscsi"
-    secrets = c.iscsi.secrets_file if _given(raw, "iscsi.secrets_file") else iscsi_dir / "secrets.json"
+    iscsi_dir = c.iscsi.state_dir if _given(raw, "iscsi.state_dir") else state / IscsiConfig.state_dir.name
+    secrets = c.iscsi.secrets_file if _given(raw, "iscsi.secrets_file") else iscsi_dir / IscsiConfig.secrets_file.name
     booted_file = c.booted.file if _given(raw, "booted.file") else (
         state / "booted.json" if c.images_file is not None else None)
     return dataclasses.replace(
-        c, inventory_file=c.inventory_file if _given(raw, "inventory_file") else state / "inventory.yaml",
+        c, inventory_file=c.inventory_file if _given(raw, "inventory_file") else state / Config.inventory_file.name,
         dhcp=_check_dhcp(c.dhcp, raw, state), boot=_check_boot(c.boot),
         http=dataclasses.replace(h, max_per_client=per_client),
         iscsi=dataclasses.replace(c.iscsi, state_dir=iscsi_dir, secrets_file=secrets),
@@ -205,7 +208,7 @@ def _check_dhcp(d: DhcpConfig, raw: dict[str, Any], state_dir: Path) -> DhcpConf
     if p.domain is not None:
         for label in p.domain.rstrip(".").split("."):
             check_name("dhcp.pool.domain", label, what="domain label", dns=True)
-    lease_file = p.lease_file if _given(raw, "dhcp.pool.lease_file") else state_dir / "leases.jsonl"
+    lease_file = p.lease_file if _given(raw, "dhcp.pool.lease_file") else state_dir / PoolConfig.lease_file.name
     return dataclasses.replace(d, pool=dataclasses.replace(p, lease_file=lease_file))
 
 
