@@ -34,6 +34,13 @@ from sidusd.schema import convert, describe
 # dump_yaml is re-exported: tests/unit/test_config.py calls config.dump_yaml / config.load_yaml.
 from sidusd.yamlstrict import check_kernel_args, check_name, dump_yaml, load_yaml  # noqa: F401
 
+__all__ = [
+    "DHCP_MODES", "ISCSI_BACKENDS", "LOG_FORMATS", "LOG_LEVELS", "MAX_BOOT_FILE_BYTES", "MAX_LEASE_TIME_S",
+    "NFS_BACKENDS", "UNKNOWN_HOSTS", "BootConfig", "BootedConfig", "BootFiles", "Config", "ControlConfig",
+    "DhcpConfig", "HttpConfig", "ImageConfig", "ImagesFile", "IPv4Address", "IPv4Network", "IscsiConfig",
+    "LogConfig", "NfsConfig", "PoolConfig", "SecurityConfig", "TftpConfig", "dump_yaml", "listener_items",
+    "load_yaml", "merge_images_file", "parse", "read", "restart_needed"]
+
 SAFE_FILE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+~/@=,-")
 
 

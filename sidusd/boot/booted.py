@@ -55,7 +55,7 @@ class BootRecord:
     last_s: float           # last served (refreshed every refresh_s at most)
     known: bool = True      # the inventory lists this MAC
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {"mac": self.mac, "image": self.image, "root": self.root, "hostname": self.hostname,
                 "first_s": round(self.first_s, 3), "last_s": round(self.last_s, 3), "known": self.known}
 

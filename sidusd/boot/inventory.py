@@ -222,7 +222,7 @@ class Inventory:
             profile = self.profiles.get(host.profile)
             image_name = (host.image or profile.image) if profile else None
         image: ImageConfig | None = config.images.get(image_name) if image_name else None
-        if profile is None or image is None:
+        if profile is None or image is None or image_name is None:
             return None
         parts = [image.append, profile.append, host.append if host else ""]
         return BootTarget(mac=host.mac if host else None, hostname=host.hostname if host else None,

@@ -54,11 +54,11 @@ class Args(Struct, frozen=True, forbid_unknown_fields=True):
     """The arguments of an op that takes none; every op's arguments are a subclass."""
 
 
-class ClientsArgs(Args):
+class ClientsArgs(Args, frozen=True):
     mac: Text | None = None
 
 
-class HostsAddArgs(Args):
+class HostsAddArgs(Args, frozen=True):
     mac: Text
     profile: Text
     hostname: Text | None = None
@@ -68,17 +68,17 @@ class HostsAddArgs(Args):
     persistent: bool | None = None
 
 
-class HostsRemoveArgs(Args):
+class HostsRemoveArgs(Args, frozen=True):
     mac: Text
     delete_disk: bool | None = None
 
 
-class HostsDiskArgs(Args):
+class HostsDiskArgs(Args, frozen=True):
     mac: Text
     show_secret: bool | None = None
 
 
-class MacArgs(Args):
+class MacArgs(Args, frozen=True):
     mac: Text
 
 

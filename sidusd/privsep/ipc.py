@@ -144,19 +144,19 @@ class _Message(Struct, frozen=True, forbid_unknown_fields=True, tag_field="t"):
     pass
 
 
-class Hello(_Message, tag="hello"):
+class Hello(_Message, tag="hello", frozen=True):
     pid: Annotated[int, Meta(ge=1, le=2**22)]
 
 
-class Fatal(_Message, tag="fatal"):
+class Fatal(_Message, tag="fatal", frozen=True):
     error: Str
 
 
-class Ready(_Message, tag="ready"):
+class Ready(_Message, tag="ready", frozen=True):
     listeners: Listeners
 
 
-class Stats(_Message, tag="stats"):
+class Stats(_Message, tag="stats", frozen=True):
     id: Id
     listeners: Listeners
     transfers: Annotated[dict[Name, Count], Meta(max_length=8)]
@@ -166,14 +166,14 @@ class _Event(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     pass
 
 
-class Seen(_Event, tag="seen"):
+class Seen(_Event, tag="seen", frozen=True):
     """``["seen", mac, ip|null, arch|null]``: a DHCP request was answered."""
     mac: Mac
     ip: ipaddress.IPv4Address | None
     arch: Arch | None
 
 
-class Timeline(_Event, tag="tl"):
+class Timeline(_Event, tag="tl", frozen=True):
     """``["tl", mac, t, event, {fields}]``: one boot-timeline entry."""
     mac: Mac
     t: Finite
@@ -181,7 +181,7 @@ class Timeline(_Event, tag="tl"):
     fields: Fields
 
 
-class Booted(_Event, tag="booted"):
+class Booted(_Event, tag="booted", frozen=True):
     """``["booted", mac, image, hostname|null]``: a boot config was served (docs/images.md)."""
     mac: Mac
     image: Name
@@ -191,7 +191,7 @@ class Booted(_Event, tag="booted"):
 Event = Union[Seen, Timeline, Booted]
 
 
-class Events(_Message, tag="events"):
+class Events(_Message, tag="events", frozen=True):
     counters: Annotated[dict[Name, Count], Meta(max_length=MAX_COUNTERS)] = field(default_factory=dict)
     events: Annotated[list[Event], Meta(max_length=MAX_EVENTS)] = field(default_factory=list)
     dropped: Count = 0
@@ -261,13 +261,13 @@ class RpcRequest:
 Part = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^(?!\.\.?\Z)[^/\x00]+\Z")]
 
 
-class Open(_Message, tag="open"):
+class Open(_Message, tag="open", frozen=True):
     """A file below ``tftp.root``, as its plain path components."""
     id: Id
     parts: Annotated[list[Part], Meta(min_length=1, max_length=MAX_PARTS)]
 
 
-class LeaseLoad(_Message, tag="lease.load"):
+class LeaseLoad(_Message, tag="lease.load", frozen=True):
     id: Id
 
 
@@ -278,7 +278,7 @@ class Lease(Struct, frozen=True, forbid_unknown_fields=True):
     expires: Finite
 
 
-class LeaseAppend(_Message, tag="lease.append"):
+class LeaseAppend(_Message, tag="lease.append", frozen=True):
     id: Id
     lease: Lease
 
