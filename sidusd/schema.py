@@ -11,7 +11,7 @@ for a number) and turns a :class:`msgspec.ValidationError` (``... - at
 refused value (``out of range: must be between 1 and 65535, got 0``,
 ``must be one of: proxy, full (got 'x')``, ``expected an integer, got string
 '69'``).  A constraint may say its own reason in ``Meta(description=...)``,
-formatted with ``{value!r}``.
+where ``{value!r}`` stands for the refused value.
 
 Before msgspec runs, :func:`convert` walks the mappings once, guided by the
 declaration, for what msgspec does not say the way an operator needs it:
@@ -227,6 +227,8 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if origin is Literal:
         return "a string"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(base))
     return _TYPE_NAMES.get(origin, f"a {getattr(origin, '__name__', origin)}")
 
 
@@ -265,7 +267,7 @@ def reason_for(message: str, value: Any, tp: Any) -> str:
         if isinstance(value, str) and m.max_length is not None and len(value) > m.max_length:
             return f"longer than {m.max_length} characters"
         if m.description:
-            return m.description.format(value=value)
+            return m.description.replace("{value!r}", repr(value))
         lo = m.ge if m.ge is not None else m.gt
         hi = m.le if m.le is not None else m.lt
         if lo is not None and hi is not None:
