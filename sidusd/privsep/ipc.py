@@ -114,14 +114,14 @@ def _bad_constant(name: str) -> Any:
 def loads_strict(data: bytes) -> dict[str, Any]:
     """One JSON object from ``data``; RemoteProtocolError for anything else."""
     if len(data) > MAX_MSG:
-        raise RemoteProtocolError(f"message of {len(data)} bytes (limit {MAX_MSG})")
+        raise RemoteProtocolError("oversized", f"message of {len(data)} bytes (limit {MAX_MSG})")
     try:
         obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_dups,
                          parse_constant=_bad_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise RemoteProtocolError(f"not strict JSON: {str(exc)[:120]}") from None
+        raise RemoteProtocolError("bad_json", f"not strict JSON: {str(exc)[:120]}") from None
     if not isinstance(obj, dict):
-        raise RemoteProtocolError("not a JSON object")
+        raise RemoteProtocolError("bad_json", "not a JSON object")
     return obj
 
 
@@ -202,7 +202,7 @@ def decode_worker(data: bytes) -> WorkerMessage:
     obj = loads_strict(data)
     t = obj.get("t")
     if t not in WORKER_TYPES:
-        raise RemoteProtocolError(f"unknown message type {str(t)[:40]!r}")
+        raise RemoteProtocolError("unknown_type", f"unknown message type {str(t)[:40]!r}")
     keys = set(obj) - {"t"}
     if t == "hello":
         _only(keys, {"pid"}, t)
@@ -276,7 +276,7 @@ def decode_rpc(data: bytes) -> RpcRequest:
     obj = loads_strict(data)
     t = obj.get("t")
     if t not in RPC_TYPES:
-        raise RemoteProtocolError(f"unknown request type {str(t)[:40]!r}")
+        raise RemoteProtocolError("unknown_type", f"unknown request type {str(t)[:40]!r}")
     rid = _int(obj.get("id"), "id", 0, 2**53)
     keys = set(obj) - {"t", "id"}
     if t == "open":

@@ -13,7 +13,7 @@ from sidusd import config
 from sidusd.boot import inventory
 from sidusd.errors import RemoteProtocolError
 from sidusd.privsep import ipc
-from sidusd.privsep.supervisor import _reason
+from sidusd.privsep.channel import refusal_code
 from sidusd.runtime import Snapshot
 
 
@@ -73,7 +73,7 @@ def test_hostile_messages_are_refused_with_a_reason(data, reason):
         assert reason == "oversized"
     with pytest.raises(RemoteProtocolError) as exc:
         ipc.decode_worker(data)
-    assert _reason(exc.value) == reason, str(exc.value)
+    assert refusal_code(exc.value) == reason, str(exc.value)
 
 
 def test_event_and_string_bounds():
