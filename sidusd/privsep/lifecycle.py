@@ -102,7 +102,7 @@ async def launch(listeners: list[Any], user: str, log_format: str, log_level: st
 
 
 async def wait_ready(w: WorkerProc, timeout_s: float) -> None:
-    """Until the worker said ``ready``; False if it exited or did not in ``timeout_s``."""
+    """Until the worker said ``ready``, exited, or ``timeout_s`` passed (``w.ready`` tells which)."""
     exited = asyncio.get_running_loop().create_task(w.proc.wait())
     try:
         await asyncio.wait({w.ready, exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)

@@ -239,3 +239,70 @@ def test_the_worker_patches_no_module():
         src = inspect.getsource(mod)
         for needle in ("socket.socket = ", "global ", ".open_confined = ", ".LeaseStore = "):
             assert needle not in src, (mod.__name__, needle)
+
+
+# -- the broker (supervisor side) answering the worker's journal, end to end -------------
+
+class _Obs:
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+
+class _Log:
+    def __getattr__(self, name):
+        return lambda *a, **kw: None
+
+
+def test_the_broker_journals_what_the_remote_journal_sends_in_order(tmp_path: Path):
+    """RemoteLeaseJournal (worker) -> Broker (supervisor) -> LeaseStore on disk: load gives the
+    journal, appends are answered once written, in the order sent; outside the pool is refused."""
+    import dataclasses
+    import ipaddress
+    from types import SimpleNamespace
+
+    from sidusd.boot.leases import Lease, LeaseDB
+    from sidusd.config import DhcpConfig, PoolConfig
+    from sidusd.privsep.broker import Broker
+    from sidusd.privsep.channel import Refusals
+    from sidusd.privsep.lifecycle import WorkerProc
+    from sidusd.privsep.rpc import RemoteLeaseJournal
+
+    IP = ipaddress.IPv4Address
+    journal = tmp_path / "leases.jsonl"
+    journal.write_text(Lease(IP("10.9.0.10"), "52:54:00:00:00:01", "bound", 1e10).to_json() + "\n")
+    pool = PoolConfig(ipaddress.IPv4Network("10.9.0.0/24"), IP("10.9.0.10"), IP("10.9.0.20"),
+                      lease_file=journal)
+    obs = _Obs()
+    runtime = SimpleNamespace(observer=obs, config=SimpleNamespace(
+        dhcp=dataclasses.replace(DhcpConfig(), mode="full", pool=pool)))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        w_sock, s_sock = pair()
+        broker = Broker(runtime, Refusals(obs, _Log()), _Log())
+        await broker.open_leases()
+        proc = SimpleNamespace(pid=0)
+        wp = WorkerProc(proc, socket.socket(), s_sock, 0.0, loop.create_future())
+        loop.add_reader(s_sock.fileno(), broker.on_readable, wp)
+        remote = RemoteLeaseJournal(RpcClient(w_sock, timeout_s=5.0), journal)
+        db = LeaseDB.for_pool(pool)
+        loaded = await remote.load(db)
+        leases = [Lease(IP(f"10.9.0.{11 + i}"), f"52:54:00:00:01:{i:02x}", "bound", 1e10) for i in range(5)]
+        await asyncio.gather(*(remote.append(l) for l in leases))
+        with pytest.raises(OSError, match="outside the pool"):
+            await remote.append(Lease(IP("192.0.2.1"), "52:54:00:00:02:01", "bound", 1e10))
+        loop.remove_reader(s_sock.fileno())
+        broker.close()
+        wp.close()
+        w_sock.close()
+        return loaded, len(db)
+
+    loaded, in_db = asyncio.run(main())
+    assert loaded == (1, 0) and in_db == 1
+    lines = [json.loads(l) for l in journal.read_text().splitlines()]
+    assert [l["ip"] for l in lines] == ["10.9.0.10"] + [f"10.9.0.{11 + i}" for i in range(5)]
+    assert obs.counters["privsep.rpc.lease_append"] == 5
+    assert obs.counters["privsep.refused.bad_field"] == 1
