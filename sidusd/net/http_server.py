@@ -50,6 +50,7 @@ from ..errors import StartupError
 from ..observability import get_logger
 from ..proto.http import RangeNotSatisfiable, parse_range, request_name
 from .files import NotServable, open_confined
+from .io import ServiceIO, local_io
 
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_PER_CLIENT = 32
@@ -170,9 +171,10 @@ class _Record:
 class HttpService:
     """HTTP boot server on ``http.address:http.port``, serving ``tftp.root`` and rendered scripts."""
 
-    def __init__(self, runtime: Any, max_connections: int | None = None,
+    def __init__(self, runtime: Any, io: ServiceIO | None = None, max_connections: int | None = None,
                  max_per_client: int | None = None, idle_timeout_s: float | None = None):
         self.runtime = runtime
+        self.io = io if io is not None else local_io()
         # None: the value of the live config (``http.max_connections`` ...), so a
         # reload changes the limits for what comes next; a number pins it (tests).
         self._fixed = {"max_connections": max_connections, "max_per_client": max_per_client,
@@ -220,11 +222,12 @@ class HttpService:
         # (after the largest idle_timeout_s a reload may set)
         self._server = _Server(self, keepalive_timeout=2 * max(self.idle_timeout_s, 3600.0) + 10, access_log=None,
                                logger=_ParserLog(self), max_line_size=4096, max_field_size=4096, max_headers=64)
+        sock = self.io.listener("http", str(cfg.address), int(cfg.port))
         try:
             self._listener = await self._loop.create_server(
-                lambda: _Gate(self), str(cfg.address), int(cfg.port), reuse_address=True,
-                backlog=min(1024, self.max_connections))
+                lambda: _Gate(self), sock=sock, backlog=min(1024, self.max_connections))
         except OSError as exc:
+            sock.close()
             raise StartupError(f"http: cannot listen on {cfg.address}:{cfg.port}: {exc.strerror}") from None
         self._bound = self._listener.sockets[0].getsockname()[:2]
         self._watchdog = self._loop.create_task(self._watch())

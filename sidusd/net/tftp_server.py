@@ -69,6 +69,7 @@ from ..proto import tftp
 from ..proto.tftp_session import BytesSource, LockstepRun, ReadSession
 from . import mmsg, udpport
 from .files import FileSource, NotServable, ReadAheadSource, open_confined
+from .io import ServiceIO, local_io
 from .udpport import SharedPort
 
 _lockstep = udpport._lockstep
@@ -111,8 +112,9 @@ class _Transfer:
 class TftpService:
     """TFTP read server (RFC 1350, 2347, 2348, 2349, 7440) driven by ``runtime``."""
 
-    def __init__(self, runtime: Any):
+    def __init__(self, runtime: Any, io: ServiceIO | None = None):
         self.runtime = runtime
+        self.io = io if io is not None else local_io()
         self.log = get_logger("tftp")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
@@ -135,15 +137,7 @@ class TftpService:
         self._loop = asyncio.get_running_loop()
         cfg = self.runtime.config.tftp
         addr = (str(cfg.address), int(cfg.port))
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(65536, cfg.intake_queue * 512))
-            sock.setblocking(False)
-            sock.bind(addr)
-        except OSError as exc:
-            sock.close()
-            raise StartupError(f"tftp: cannot listen on {addr[0]}:{addr[1]}: {exc.strerror}") from None
+        sock = self.io.listener("tftp", addr[0], addr[1], rcvbuf=cfg.intake_queue * 512)
         self._sock = sock
         self._bound = sock.getsockname()
         self._loop.add_reader(sock.fileno(), self._on_request_readable)

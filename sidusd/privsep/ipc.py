@@ -123,14 +123,14 @@ def _bad_constant(name: str) -> Any:
 def loads_strict(data: bytes) -> dict[str, Any]:
     """One JSON object from ``data``; RemoteProtocolError for anything else."""
     if len(data) > MAX_MSG:
-        raise RemoteProtocolError(f"message of {len(data)} bytes (limit {MAX_MSG})")
+        raise RemoteProtocolError("oversized", f"message of {len(data)} bytes (limit {MAX_MSG})")
     try:
         obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_dups,
                          parse_constant=_bad_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise RemoteProtocolError(f"not strict JSON: {str(exc)[:120]}") from None
+        raise RemoteProtocolError("bad_json", f"not strict JSON: {str(exc)[:120]}") from None
     if not isinstance(obj, dict):
-        raise RemoteProtocolError("not a JSON object")
+        raise RemoteProtocolError("bad_json", "not a JSON object")
     return obj
 
 
@@ -215,7 +215,7 @@ def _convert(obj: Any, tp: Any, what: str) -> Any:
     try:
         return msgspec.convert(obj, tp, strict=True, dec_hook=_ipv4)
     except msgspec.ValidationError as exc:
-        raise RemoteProtocolError(f"{what}: {str(exc)[:200]}") from None
+        raise RemoteProtocolError("bad_field", f"{what}: {str(exc)[:200]}") from None
 
 
 def decode_worker(data: bytes) -> WorkerMessage:
@@ -223,7 +223,7 @@ def decode_worker(data: bytes) -> WorkerMessage:
     obj = loads_strict(data)
     t = obj.get("t")
     if t not in WORKER_MESSAGES:
-        raise RemoteProtocolError(f"unknown message type {str(t)[:40]!r}")
+        raise RemoteProtocolError("unknown_type", f"unknown message type {str(t)[:40]!r}")
     msg = _convert(obj, WORKER_MESSAGES[t], t)
     if isinstance(msg, Events):
         events = [_event_tuple(e, f"events[{i}]") for i, e in enumerate(msg.events)]
@@ -237,7 +237,7 @@ def _event_tuple(e: Any, what: str) -> tuple:
     if isinstance(e, Booted):
         return ("booted", e.mac, e.image, e.hostname)
     if len(json.dumps(e.fields)) > MAX_ENTRY:
-        raise RemoteProtocolError(f"{what}.fields: more than {MAX_ENTRY} bytes")
+        raise RemoteProtocolError("bad_field", f"{what}.fields: more than {MAX_ENTRY} bytes")
     return ("tl", e.mac, e.t, e.event, e.fields)
 
 
@@ -245,7 +245,7 @@ def check_event(e: Any, what: str = "event") -> tuple:
     """One client event (:class:`Seen`, :class:`Timeline` or :class:`Booted`, as a list or tuple),
     checked and returned as a tuple."""
     if not isinstance(e, (list, tuple)) or not e:
-        raise RemoteProtocolError(f"{what}: expected a list")
+        raise RemoteProtocolError("bad_field", f"{what}: expected a list")
     return _event_tuple(_convert(list(e), Event, what), what)
 
 
@@ -292,12 +292,12 @@ def decode_rpc(data: bytes) -> RpcRequest:
     obj = loads_strict(data)
     t = obj.get("t")
     if t not in RPC_REQUESTS:
-        raise RemoteProtocolError(f"unknown request type {str(t)[:40]!r}")
+        raise RemoteProtocolError("unknown_type", f"unknown request type {str(t)[:40]!r}")
     req = _convert(obj, RPC_REQUESTS[t], t)
     if isinstance(req, Open):
         for p in req.parts:
             if len(p.encode()) > 255:
-                raise RemoteProtocolError(f"parts: {p[:40]!r} is not a plain file name")
+                raise RemoteProtocolError("bad_field", f"parts: {p[:40]!r} is not a plain file name")
         return RpcRequest(t, req.id, {"parts": tuple(req.parts)})
     if isinstance(req, LeaseAppend):
         lease = req.lease
