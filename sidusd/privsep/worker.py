@@ -582,9 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     RPC = RpcClient(rpc_sock)
     INHERITED = Inherited(json.loads(args.listeners))
     socket.socket = AdoptingSocket                       # type: ignore[misc]
-    tftp_server.open_confined = remote_open_confined     # type: ignore[assignment]
-    if http_server is not None:
-        http_server.open_confined = remote_open_confined  # type: ignore[assignment]
+    # until the worker passes its RPC-backed ServiceIO (h1): local_io() opens through files.open_confined
+    files.open_confined = remote_open_confined           # type: ignore[assignment]
     dhcp_server.LeaseStore = RemoteLeaseStore             # type: ignore[assignment,misc]
     observer = _make_observer_class()()
     runtime = _make_runtime_class()(snapshot, disks, observer)

@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 
 from conftest import require_root, require_tool
 from sidusd import config as config_mod
+from sidusd.boot import content, provider
 from sidusd.net import udpport
 from sidusd.net.tftp_server import TftpService
 from sidusd.observability import Observer
@@ -56,7 +57,7 @@ class Server:
         self.observer = Observer()
         self.renders: list[tuple] = []
         self.runtime = SimpleNamespace(config=self.make_config(**tftp_cfg), observer=self.observer,
-                                       render=self.render)
+                                       render=self.render, provide=self.provide)
         self._logs = capture_logs()
         self.events = self._logs.__enter__()
         self.loop = asyncio.new_event_loop()
@@ -70,6 +71,18 @@ class Server:
                  "timeout_s": 0.5, "retries": 3, **tftp_cfg}
         body = ", ".join(f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {v}" for k, v in items.items())
         return config_mod.parse(f"dhcp: {{mode: 'off'}}\ntftp: {{{body}}}\n")
+
+    def provide(self, name, server_ip, client_ip):
+        """RuntimeView.provide over this stand-in's ``render`` (names resolved as the runtime does)."""
+        res = content.resolve(name)
+        if isinstance(res, content.Refused):
+            return provider.Refusal(provider.NAME, res.reason)
+        if isinstance(res, content.StaticPath):
+            return provider.FileAt(Path(self.runtime.config.tftp.root), res.parts)
+        doc = self.runtime.render(res.kind, res.mac, server_ip, client_ip)
+        if doc is None:
+            return provider.Refusal(provider.NOT_FOUND, "no document", res.mac)
+        return provider.Document(doc, res.kind, res.mac)
 
     def render(self, kind, mac, server_ip, client_ip):
         self.renders.append((kind, mac, server_ip, client_ip))
