@@ -25,6 +25,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from ..boot import provider
+from ..config import TftpConfig
 from ..errors import RemoteProtocolError
 from ..proto import tftp
 from ..proto.tftp_session import BytesSource
@@ -156,16 +157,20 @@ class Intake:
             return self.refuse_decision(peer, local, decision, name)
         self.per_client[peer[0]] += 1         # admitted: counted until the transfer ends
         if isinstance(decision, provider.Document):
-            if not self._begin(pkt, peer, local, ifindex, name, BytesSource(decision.body),
-                               decision.mac, cfg):
-                self.release(peer[0])
+            begun = False
+            try:
+                begun = self._begin(pkt, peer, local, ifindex, name, BytesSource(decision.body),
+                                    decision.mac, cfg)
+            finally:
+                if not begun:
+                    self.release(peer[0])
             return
         assert svc._loop is not None
         self.pending[peer] = svc._loop.create_task(
             self._open(pkt, peer, local, ifindex, name, decision, cfg))
 
     async def _open(self, pkt: tftp.RRQ, peer: Peer, local: str, ifindex: int, name: str,
-                    at: provider.FileAt, cfg: Any) -> None:
+                    at: provider.FileAt, cfg: TftpConfig) -> None:
         """Open the file (asynchronously: maybe in another process), then begin the transfer."""
         begun = False
         try:
@@ -189,7 +194,7 @@ class Intake:
             self.svc._maybe_idle()
 
     def _begin(self, pkt: tftp.RRQ, peer: Peer, local: str, ifindex: int, name: str, source: Any,
-               mac: str | None, cfg: Any) -> bool:
+               mac: str | None, cfg: TftpConfig) -> bool:
         """Netascii converted, then the service begins the transfer; False (nothing held) if not."""
         if pkt.mode.lower() == "netascii":
             source = self._netascii(source, peer, local, name)      # the file is closed either way

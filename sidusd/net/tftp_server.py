@@ -42,6 +42,7 @@ import asyncio
 import socket
 from typing import Any
 
+from ..config import TftpConfig
 from ..errors import StartupError
 from ..observability import get_logger
 from ..proto import tftp
@@ -167,7 +168,7 @@ class TftpService:
 
     # -- a transfer's life -----------------------------------------------------------
     def _begin(self, pkt: tftp.RRQ, peer: tuple[str, int], local: str, ifindex: int, name: str,
-               source: Any, mac: str | None, cfg: Any) -> bool:
+               source: Any, mac: str | None, cfg: TftpConfig) -> bool:
         """Negotiate and start the transfer of an admitted request; False if it could not begin."""
         loop = self.loop
         try:
