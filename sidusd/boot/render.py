@@ -52,7 +52,7 @@ class RenderError(SidusError):
     """A value cannot be written into a boot file safely (the inventory or config should have refused it)."""
 
 
-def _check(what: str, value: str, pattern: re.Pattern) -> str:
+def _check(what: str, value: str, pattern: re.Pattern[str]) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise RenderError(f"refusing to render {what}={value!r}: unsafe characters for a boot file")
     return value
