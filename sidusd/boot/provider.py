@@ -23,9 +23,9 @@ DHCP exchange for that MAC; any other asker is refused ``not_found`` with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from sidusd.boot import content, render
 from sidusd.boot.inventory import BootTarget, Inventory, normalize_mac

@@ -35,7 +35,7 @@ class Conn:
 class Server(web.Server):
     """aiohttp's low-level server, telling the service when connections come and go."""
 
-    def __init__(self, svc: "HttpService", **kw: Any):
+    def __init__(self, svc: HttpService, **kw: Any):
         super().__init__(svc._handle, **kw)
         self._svc = svc
 
@@ -57,7 +57,7 @@ class Gate(asyncio.Protocol):
     of the 503.
     """
 
-    def __init__(self, svc: "HttpService"):
+    def __init__(self, svc: HttpService):
         self.svc = svc
         self.timer: asyncio.TimerHandle | None = None
         self.svc_counted = False
@@ -101,7 +101,7 @@ class ParserLog(logging.Logger):
     traceback at ERROR; a hostile peer must not be able to fill the log.
     """
 
-    def __init__(self, svc: "HttpService"):
+    def __init__(self, svc: HttpService):
         super().__init__("sidusd.http.aiohttp")
         self.svc = svc
 

@@ -52,7 +52,7 @@ from ..proto.http import RangeNotSatisfiable, parse_range, request_name
 from ..runtime_view import RuntimeView
 from .files import NotServable
 from .http_conns import Conn
-from .http_conns import Gate as _Gate              # (names as in start(), which binds the listener)
+from .http_conns import Gate as _Gate  # (names as in start(), which binds the listener)
 from .http_conns import ParserLog as _ParserLog
 from .http_conns import Server as _Server
 from .io import ServiceIO, local_io
@@ -160,7 +160,7 @@ class HttpService:
             self._idle.clear()
             try:
                 await asyncio.wait_for(self._idle.wait(), grace_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         for conn in list(self._conns.values()):
             conn.transport.close()
@@ -375,7 +375,7 @@ class HttpService:
                 try:
                     sent = await asyncio.wait_for(
                         self._loop.sendfile(transport, fobj, offset, n), self.idle_timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     # the client stopped reading: cut it (the rest of the file is never sent)
                     rec.outcome = "timeout"
                     self.runtime.observer.count("http.timeouts.send")

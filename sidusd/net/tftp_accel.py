@@ -12,7 +12,7 @@ with one read for all of it (:func:`step_into_run`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..proto.tftp_session import LockstepRun
 from . import udpport
@@ -57,9 +57,9 @@ def step_into_run(t: Transfer, block: int, now: float, payloads: list, peers: li
 
 def sync(t: Transfer) -> None:
     """Tell the session how far C went with its run (the run goes on)."""
-    run = t.run
-    if run is not None and run.used:
-        t.session.lockstep_advance(t.plan, run.used, run.at)
+    run, p = t.run, t.plan
+    if run is not None and p is not None and run.used:
+        t.session.lockstep_advance(p, run.used, run.at)
 
 
 def settle(t: Transfer, count: Callable[..., None]) -> None:

@@ -31,7 +31,7 @@ RX_ROUNDS = 8               # recvmmsg calls per transfer socket per loop turn
 _OP_ACK = 4
 
 
-def on_port_readable(svc: "TftpService", port: SharedPort) -> None:
+def on_port_readable(svc: TftpService, port: SharedPort) -> None:
     """Drain a transfer socket in batches; send what the sessions release, batched too."""
     if port.closed:
         return
@@ -73,7 +73,7 @@ def on_port_readable(svc: "TftpService", port: SharedPort) -> None:
             obs.count("tftp.rx_batches", calls)
 
 
-def dispatch(svc: "TftpService", port: SharedPort, batch: list[tuple[bytes, bytes, bool]],
+def dispatch(svc: TftpService, port: SharedPort, batch: list[tuple[bytes, bytes, bool]],
              now: float) -> None:
     """Hand each datagram to its transfer; what they release joins the port's batch."""
     obs = svc.runtime.observer
@@ -123,7 +123,7 @@ def dispatch(svc: "TftpService", port: SharedPort, batch: list[tuple[bytes, byte
             svc._internal_error(t, now)
 
 
-def stranger(svc: "TftpService", port: SharedPort, data: bytes, key: bytes) -> None:
+def stranger(svc: TftpService, port: SharedPort, data: bytes, key: bytes) -> None:
     """A datagram from a peer with no transfer on this socket."""
     obs = svc.runtime.observer
     if svc.ports.is_late(port.local, key, svc.loop.time()):

@@ -56,7 +56,7 @@ Peer = tuple[str, int]
 class Intake:
     """The requests of one :class:`~sidusd.net.tftp_server.TftpService` (its listening socket)."""
 
-    def __init__(self, svc: "TftpService"):
+    def __init__(self, svc: TftpService):
         self.svc = svc
         self.log = svc.log
         self.per_client: collections.Counter[str] = collections.Counter()

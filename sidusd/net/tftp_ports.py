@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import mmsg, udpport
 from .udpport import SharedPort

@@ -125,7 +125,7 @@ class TftpService:
             self._idle.clear()
             try:
                 await asyncio.wait_for(self._idle.wait(), grace_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         await self._intake.cancel_pending()
         self._close_listener()

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 TIMER_SLACK_S = 1e-3        # deadlines this close to now are due
 

@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     import secrets  # noqa: F401
     import traceback  # noqa: F401
     from .. import daemon  # noqa: F401
-    from ..net import dhcp_server, files, tftp_server  # noqa: F401
+    from ..net import dhcp_server, files, listeners, tftp_server  # noqa: F401  (listeners: local_io)
     try:
         from ..net import http_server
     except ImportError:                      # aiohttp missing: http.enabled then fails clearly

@@ -621,7 +621,7 @@ class SlowOpener:
         self.opened.append(fd)
         return fd, size
 
-    def go(self, server: "Server") -> None:
+    def go(self, server: Server) -> None:
         server.loop.call_soon_threadsafe(self.gate.set)
 
 
