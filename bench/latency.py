@@ -26,14 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .clients import run_client, wait_ready
 from .dhcplink import DhcpLink
-from .peers import DHCP_SERVERS, REPO, DhcpSide, server_spec
+from .measure import CpuMeter, pct
+from .peers import DHCP_SERVERS, REPO, DhcpSide, server_spec, stop_server
 
 MIN_LOADED_S = 2.0       # probes under load at least this long (small --quick storms run again)
 
 
 def _stats(vals: list[float]) -> dict[str, Any]:
-    from .storm import pct
     v = sorted(vals)
     if not v:
         return {"n": 0, "p50": None, "p99": None, "max": None}
@@ -44,7 +45,6 @@ async def latency_one(server: str, link: DhcpLink, root: Path, work: Path, expec
                       probes: int, max_probes: int, load_clients: int, load_mode: str,
                       timeout_s: float) -> dict[str, Any]:
     """Idle and loaded probes against ``server``; its record."""
-    from .storm import CpuMeter, run_client, stop_server, wait_ready
     spec = server_spec(server, root, work / f"{server}-dhcp", max_transfers=max(64, 2 * load_clients),
                        dhcp=DhcpSide())
     log = open(spec.workdir / "server.log", "ab")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -174,3 +175,18 @@ def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int
     path = workdir / "sidus.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (SIGKILL after 15 s), then SIGKILL to its process group: the children it forked."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)     # children (tftpd-hpa forks per transfer)
+    except ProcessLookupError:
+        pass

@@ -50,22 +50,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .clients import BLKSIZE, INITRD, KERNEL, MODES, fetch, mac_of, run_client, wait_http, wait_ready
 from .dhcplink import DhcpLink
-from .latency import latency_one, latency_table, summarize_latency
 from .httpboot import IPXE_BINARY, run_http_client
+from .latency import latency_one, latency_table, summarize_latency
+from .measure import CpuMeter, pct, proc_hwm_mb
 from .peers import (BENCH, DHCP_SERVERS, HTTP_SERVERS, REPO, SERVERS, BenchSetupError, DhcpSide,
-                    ensure_peers, server_spec)
+                    ensure_peers, server_spec, stop_server)
 
 MB = 1_000_000
-KERNEL = "images/demo/vmlinuz"
-INITRD = "images/demo/initrd.img"
-BLKSIZE = 1468
-MODES = {"lockstep": 1, "window16": 16}          # TFTP modes: windowsize
 HTTP = "http"                                    # kernel + initrd over HTTP (sidusd only)
 ALL_MODES = (*MODES, HTTP)
 HTTP_PORT = 8080
 _INNER = "SIDUS_BENCH_IN_NETNS"
-_CLK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the tree every server serves ------------------------------------------------
@@ -90,10 +87,6 @@ def make_tree(root: Path, kernel_mb: float, initrd_mb: float) -> dict[str, str]:
     return out
 
 
-def mac_of(i: int) -> str:
-    return f"52:54:00:be:{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"
-
-
 def write_static_configs(root: Path, n: int) -> None:
     """The per-MAC pxelinux configs the C servers serve as files (sidusd renders its own)."""
     for i in range(n):
@@ -102,164 +95,7 @@ def write_static_configs(root: Path, n: int) -> None:
         p.chmod(0o644)
 
 
-# -- one simulated client ----------------------------------------------------------
-def client_argv(name: str, mode: str, port: int, host: str = "127.0.0.1") -> list[str]:
-    argv = ["atftp", "--option", f"blksize {BLKSIZE}", "--tftp-timeout", "2"]
-    if MODES[mode] > 1:
-        argv += ["--option", f"windowsize {MODES[mode]}"]
-    return argv + ["-g", "-r", name, "-l", "/dev/stdout", host, str(port)]
-
-
-async def fetch(name: str, mode: str, port: int, pin: str | None,
-                host: str = "127.0.0.1") -> tuple[int, bytes, str, int]:
-    """One file with atftp: (returncode, first 4 KiB, sha256 hex digest, bytes)."""
-    argv = client_argv(name, mode, port, host)
-    if pin:
-        argv = ["taskset", "-c", pin, *argv]
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE,
-                                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    h, n, head = hashlib.sha256(), 0, b""
-    assert proc.stdout is not None
-    while chunk := await proc.stdout.read(1 << 20):
-        h.update(chunk)
-        if n < 4096:
-            head += chunk[:4096]
-        n += len(chunk)
-    rc = await proc.wait()
-    return rc, head, h.hexdigest(), n
-
-
-async def run_client(i: int, mode: str, port: int, expect: dict[str, str], delay: float,
-                     pin: str | None) -> dict[str, Any]:
-    """Fetch the PXELINUX sequence as client ``i``; never raises."""
-    await asyncio.sleep(delay)
-    mac = mac_of(i)
-    names = ["pxelinux.0", "ldlinux.c32", "pxelinux.cfg/01-" + mac.replace(":", "-"), KERNEL, INITRD]
-    t0 = time.monotonic()
-    rec: dict[str, Any] = {"client": i, "bytes": 0, "failed": [], "mismatch": []}
-    for name in names:
-        try:
-            rc, head, digest, n = await fetch(name, mode, port, pin)
-        except OSError as exc:
-            rec["failed"].append(f"{name}: {exc}")
-            continue
-        rec["bytes"] += n
-        if rc != 0:
-            rec["failed"].append(f"{name}: atftp rc {rc}")
-        elif name in expect:
-            if digest != expect[name]:
-                rec["mismatch"].append(name)
-        elif KERNEL.encode() not in head:           # the per-MAC config
-            rec["mismatch"].append(name)
-    rec["duration_s"] = time.monotonic() - t0
-    rec["end"] = time.monotonic()
-    return rec
-
-
 # -- one server ----------------------------------------------------------------------
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime + cutime + cstime of ``pid`` in seconds (children once reaped)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / _CLK
-
-
-_CPUACCT = Path("/sys/fs/cgroup/cpuacct")
-
-
-class CpuMeter:
-    """CPU seconds of a server and every process it forks.
-
-    A cgroup v1 ``cpuacct`` group when one can be made (tftpd-hpa's per-transfer
-    children are never waited for, so they never reach the parent's cutime);
-    else utime+stime+cutime+cstime from /proc/<pid>/stat.
-    """
-
-    def __init__(self, tag: str):
-        self.group: Path | None = _CPUACCT / f"sidus-bench-{os.getpid()}-{tag}"
-        try:
-            self.group.mkdir()
-        except OSError:
-            self.group = None
-        self.source = "cgroup-cpuacct" if self.group else "proc-stat"
-
-    def preexec(self) -> None:
-        """In the child before exec: join the group."""
-        if self.group is not None:
-            (self.group / "cgroup.procs").write_text(str(os.getpid()))
-
-    def seconds(self, pid: int) -> float:
-        if self.group is not None:
-            return int((self.group / "cpuacct.usage").read_text()) / 1e9
-        return proc_cpu_s(pid)
-
-    def user_sys(self, pid: int) -> tuple[float, float]:
-        """(user, system) CPU seconds so far."""
-        if self.group is not None:
-            st = dict(ln.split() for ln in (self.group / "cpuacct.stat").read_text().splitlines())
-            return int(st["user"]) / _CLK, int(st["system"]) / _CLK
-        with open(f"/proc/{pid}/stat") as f:
-            v = [int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15]]
-        return (v[0] + v[2]) / _CLK, (v[1] + v[3]) / _CLK
-
-    def close(self) -> None:
-        if self.group is not None:
-            for _ in range(50):
-                try:
-                    self.group.rmdir()
-                    return
-                except OSError:
-                    time.sleep(0.1)         # processes still leaving
-
-
-def proc_hwm_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-async def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchSetupError(f"server exited with {proc.returncode} before serving")
-        rc, _h, _d, n = await fetch("pxelinux.0", "lockstep", port, None)
-        if rc == 0 and n > 0:
-            return
-        await asyncio.sleep(0.2)
-    raise BenchSetupError(f"server not serving after {timeout_s}s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)     # children (tftpd-hpa forks per transfer)
-    except ProcessLookupError:
-        pass
-
-
-async def wait_http(proc: subprocess.Popen, port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchSetupError(f"server exited with {proc.returncode} before serving HTTP")
-        p = await asyncio.create_subprocess_exec(
-            "curl", "-sS", "--fail", "-o", "/dev/null", f"http://127.0.0.1:{port}/pxelinux.0",
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if await p.wait() == 0:
-            return
-        await asyncio.sleep(0.2)
-    raise BenchSetupError(f"server not serving HTTP after {timeout_s}s")
-
-
 async def run_one(server: str, n: int, mode: str, root: Path, work: Path, expect: dict[str, str],
                   spread_s: float, timeout_s: float, port: int = 69, link: DhcpLink | None = None,
                   sizes: dict[str, int] | None = None) -> dict[str, Any]:
@@ -333,14 +169,6 @@ async def run_one(server: str, n: int, mode: str, root: Path, work: Path, expect
         "dhcp_exchange_ms": ({"n": len(dhcp_ms), "p50": round(pct(dhcp_ms, 50), 3),
                               "p99": round(pct(dhcp_ms, 99), 3)} if http else None),
     }
-
-
-def pct(sorted_vals: list[float], p: float) -> float:
-    """Nearest-rank percentile of an ascending list (nan if empty)."""
-    if not sorted_vals:
-        return float("nan")
-    k = max(1, -(-len(sorted_vals) * p // 100))
-    return sorted_vals[int(k) - 1]
 
 
 # -- summary ---------------------------------------------------------------------------

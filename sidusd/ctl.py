@@ -27,7 +27,8 @@ import json
 import os
 import socket
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from sidusd.control import messages as m
 from sidusd.errors import RemoteProtocolError, SidusError
@@ -144,7 +145,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "
     """Left-aligned columns separated by two spaces (trailing spaces stripped)."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return [(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths))).rstrip() for r in cells]
+    return [(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))).rstrip() for r in cells]
 
 
 def _keys(dicts: Sequence[dict[str, Any]], first: Sequence[str] = ()) -> list[str]:
@@ -227,7 +228,7 @@ def render_clients(clients: list[dict[str, Any]], tz: dt.tzinfo | None = None) -
                   [[c.get("mac"), c.get("ip"), c.get("arch"), fmt_time(c.get("last_seen"), tz),
                     len(c.get("timeline") or [])] for c in clients])
     out = [lines[0]]
-    for line, c in zip(lines[1:], clients):
+    for line, c in zip(lines[1:], clients, strict=True):
         out.append(line)
         out += ["    " + render_event(e, tz) for e in c.get("timeline") or []]
     return "\n".join(out)

@@ -11,7 +11,24 @@ class SidusError(Exception):
 
 
 class RemoteProtocolError(SidusError):
-    """A peer sent bytes that do not decode (truncated, malformed, illegal)."""
+    """A peer sent bytes that do not decode (truncated, malformed, illegal).
+
+    ``RemoteProtocolError(code, message)``: ``code`` is a fixed short name
+    that callers count and branch on (the supervisor's
+    ``privsep.refused.<code>``: ``oversized``, ``bad_json``, ``unknown_type``,
+    ``bad_field``); ``str(exc)`` is the message alone.  With one argument it
+    is the message and the code is :attr:`DEFAULT_CODE`.
+    """
+
+    DEFAULT_CODE = "malformed"
+
+    def __init__(self, code_or_message: str, message: str | None = None):
+        if message is None:
+            code, message = self.DEFAULT_CODE, code_or_message
+        else:
+            code = code_or_message
+        self.code = code
+        super().__init__(message)
 
 
 class ConfigError(SidusError):

@@ -57,15 +57,18 @@ def get_logger(name: str = "sidusd", **ctx: Any) -> Any:
 
 
 class RepeatBackoff:
-    """Whether to log a failure that repeats: the first at once, then at growing intervals.
+    """The one rate limiter of log lines: the first of a repeating event at once, then rarely.
 
     A background check that fails every few seconds (tgtd down) must not fill
-    the journal with one identical error per check.  :meth:`failed` returns
-    True for the first failure, for a failure whose text changed, and then
-    when ``first_s``, 2x, 4x ... up to ``max_s`` have passed since the last
-    logged one (with the number suppressed in between); :meth:`recovered`
-    returns how many failures the streak had (0: there was none) and resets.
-    Pure: the caller passes the time.
+    the journal with one identical error per check, nor may a flood of
+    malformed DHCP datagrams or refused worker messages.  :meth:`failed`
+    returns True for the first event, for an event whose ``text`` changed,
+    and then when ``first_s``, 2x, 4x ... up to ``max_s`` have passed since
+    the last logged one; :meth:`take_suppressed` says how many were not
+    logged in between.  ``RepeatBackoff(first_s=10, max_s=10)`` with a
+    constant ``text`` ("") is a fixed "at most one line per 10 s" limit.
+    :meth:`recovered` returns how many failures the streak had (0: there was
+    none) and resets.  Pure: the caller passes the time.
     """
 
     def __init__(self, first_s: float = 30.0, max_s: float = 600.0):
@@ -89,6 +92,7 @@ class RepeatBackoff:
         return False
 
     def take_suppressed(self) -> int:
+        """Events not logged since the last logged one (then 0 again)."""
         n, self.suppressed = self.suppressed, 0
         return n
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from . import config as config_mod
 from .boot import inventory as inv_mod
-from .boot import render
+from .boot import provider, render
 from .errors import BackendError, ConfigError, SidusError
 from .fsutil import atomic_write, remove_stale_temps
 from .image.booted_store import BootedRecorder
@@ -121,13 +121,16 @@ class Runtime:
     def generation(self) -> int:
         return self._snap.generation
 
-    # -- rendering ----------------------------------------------------------
+    # -- what a requested name is served as -----------------------------------
     def render_context(self, server_ip: str) -> render.RenderContext:
-        cfg = self.config
-        nfs_server = str(cfg.nfs.server_address) if cfg.nfs.server_address else server_ip
-        http_base = f"http://{server_ip}:{cfg.http.port}" if cfg.http.enabled else None
-        return render.RenderContext(server_ip=server_ip, nfs_server=nfs_server,
-                                    http_base=http_base, mount_options=cfg.nfs.mount_options)
+        return provider.context(self.config, server_ip)
+
+    def provide(self, name: str, server_ip: str, client_ip: str) -> provider.Response | provider.Refusal:
+        """What ``name`` is served as for ``client_ip`` (asking on ``server_ip``): the decision of
+        :func:`sidusd.boot.provider.decide`, with its counters, log events and booted record."""
+        snap = self._snap
+        return self._emit(provider.decide(name, self._asker(server_ip, client_ip), snap.config,
+                                          snap.inventory, self.iscsi_login), snap.config, client_ip)
 
     def render(self, kind: str, mac: str | None, server_ip: str, client_ip: str) -> bytes | None:
         """The document for a generated name, or None when there is none to serve.
@@ -136,44 +139,27 @@ class Runtime:
         only when ``client_ip`` is the address that did the DHCP exchange for
         that MAC; any other asker gets None and a counted, logged refusal.
         """
-        try:
-            return self._render(kind, mac, server_ip, client_ip)
-        except render.RenderError as exc:
-            # one bad target must not break the request loop: the client gets
-            # "file not found" and the operator a counted, logged reason
-            self.observer.count("render.errors")
-            self.log.error("render.failed", kind=kind, mac=mac, error=str(exc))
-            return None
-
-    def _render(self, kind: str, mac: str | None, server_ip: str, client_ip: str = "") -> bytes | None:
         snap = self._snap
-        ctx = self.render_context(server_ip)
-        if kind == "pxelinux-default":
-            target = snap.inventory.resolve(None, snap.config)
-            if target is not None:     # booted record: the MAC is the one that did DHCP from this IP
-                self.booted.note(snap.config, self.observer.mac_for_ip(client_ip), target)
-            return render.pxelinux_default(ctx, target)
-        if mac is None:
-            return None
-        target = snap.inventory.resolve(mac, snap.config)
-        if target is None:
-            return None
-        login = None
-        if target.overlay == "iscsi" and target.mac is not None:
-            asker = self.observer.mac_for_ip(client_ip)
-            if asker is None or inv_mod.normalize_mac(asker) != target.mac:
+        out = self._emit(provider.document(kind, mac, self._asker(server_ip, client_ip), snap.config,
+                                           snap.inventory, self.iscsi_login), snap.config, client_ip)
+        return out.body if isinstance(out, provider.Document) else None
+
+    def _asker(self, server_ip: str, client_ip: str) -> provider.Asker:
+        return provider.Asker(server_ip, client_ip, self.observer.mac_for_ip(client_ip))
+
+    def _emit(self, out: Any, config: config_mod.Config, client_ip: str) -> Any:
+        """Count and log what a decision implies; note a served document in the booted record."""
+        if isinstance(out, provider.Document):
+            self.booted.note(config, out.booted_mac, out.target)
+        elif isinstance(out, provider.Refusal):
+            if out.cause == provider.RENDER:
+                self.observer.count("render.errors")
+                self.log.error("render.failed", kind=out.kind, mac=out.mac, error=out.reason)
+            elif out.cause == provider.SECRET:
                 self.observer.count("render.secret_refused")
-                self.log.warning("render.secret_refused", kind=kind, mac=target.mac, client_ip=client_ip,
-                                 dhcp_mac_of_ip=asker,
-                                 reason="a boot config with disk credentials goes only to the "
-                                        "address that did the DHCP exchange for that MAC")
-                return None
-            login = self.iscsi_login(target.mac, server_ip)
-        if kind not in ("pxelinux", "ipxe"):
-            return None
-        doc = (render.pxelinux_config if kind == "pxelinux" else render.ipxe_script)(target, ctx, login)
-        self.booted.note(snap.config, mac, target)      # booted record (after a successful render)
-        return doc
+                self.log.warning("render.secret_refused", kind=out.kind, mac=out.mac, client_ip=client_ip,
+                                 dhcp_mac_of_ip=self.observer.mac_for_ip(client_ip), reason=out.reason)
+        return out
 
     def iscsi_login(self, mac: str, server_ip: str) -> render.IscsiLogin | None:
         """Host ``mac``'s disk login for its boot config (None: no disk applied)."""

@@ -19,14 +19,18 @@ reboots often into the same generation does not rewrite the file each time.
 
 The table is encoded as one JSON document (version 1) that the store
 (sidusd/image/booted_store.py) writes atomically; :func:`decode` refuses
-anything malformed with :class:`BootedFileError` (never a partial table).
+anything malformed with :class:`BootedFileError` (never a partial table): the
+file's shape is declared once (:class:`_File`) and checked by msgspec.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Annotated, Iterable, Literal
+
+import msgspec
+from msgspec import Meta, Struct
 
 from sidusd.errors import SidusError
 
@@ -51,7 +55,7 @@ class BootRecord:
     last_s: float           # last served (refreshed every refresh_s at most)
     known: bool = True      # the inventory lists this MAC
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {"mac": self.mac, "image": self.image, "root": self.root, "hostname": self.hostname,
                 "first_s": round(self.first_s, 3), "last_s": round(self.last_s, 3), "known": self.known}
 
@@ -141,39 +145,36 @@ def encode_records(records: Iterable[BootRecord]) -> bytes:
     return (json.dumps(doc, indent=0, sort_keys=True) + "\n").encode()
 
 
-def _field(d: Mapping, key: str, types: tuple, where: str):
-    v = d.get(key)
-    if not isinstance(v, types) or isinstance(v, bool):
-        raise BootedFileError(f"{where}.{key}: expected {'/'.join(t.__name__ for t in types)}")
-    if isinstance(v, str) and (not v or len(v) > MAX_FIELD or "\x00" in v or "\n" in v):
-        raise BootedFileError(f"{where}.{key}: bad string")
-    return v
+FileText = Annotated[str, Meta(min_length=1, max_length=MAX_FIELD, pattern=r"^[^\x00\n]*\Z")]
+
+
+class _FileRecord(Struct, frozen=True):
+    """One record as the file holds it (:meth:`BootRecord.as_dict`); unknown fields are ignored."""
+    mac: FileText
+    image: FileText
+    root: FileText
+    first_s: float
+    last_s: float
+    hostname: FileText | None = None
+    known: bool = True
+
+
+class _File(Struct, frozen=True):
+    version: Literal[1]
+    records: list[_FileRecord]
 
 
 def decode(data: bytes, max_hosts: int = DEFAULT_MAX_HOSTS,
            refresh_s: float = DEFAULT_REFRESH_S) -> BootedTable:
     """Parse the file written by :meth:`BootedTable.encode`.  Raises :class:`BootedFileError`."""
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        doc = msgspec.json.decode(data, type=_File, strict=True)
+    except msgspec.ValidationError as e:
+        raise BootedFileError(f"expected {{\"version\": {VERSION}, \"records\": [...]}}: {e}") from None
+    except msgspec.DecodeError as e:
         raise BootedFileError(f"not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("records"), list):
-        raise BootedFileError(f"expected {{\"version\": {VERSION}, \"records\": [...]}}")
-    recs = []
-    for i, d in enumerate(doc["records"]):
-        where = f"records[{i}]"
-        if not isinstance(d, dict):
-            raise BootedFileError(f"{where}: expected an object")
-        hostname = d.get("hostname")
-        if hostname is not None:
-            hostname = _field(d, "hostname", (str,), where)
-        known = d.get("known", True)
-        if not isinstance(known, bool):
-            raise BootedFileError(f"{where}.known: expected true or false")
-        recs.append(BootRecord(mac=_field(d, "mac", (str,), where), image=_field(d, "image", (str,), where),
-                               root=_field(d, "root", (str,), where), hostname=hostname,
-                               first_s=float(_field(d, "first_s", (int, float), where)),
-                               last_s=float(_field(d, "last_s", (int, float), where)), known=known))
+    recs = [BootRecord(mac=r.mac, image=r.image, root=r.root, hostname=r.hostname, first_s=r.first_s,
+                       last_s=r.last_s, known=r.known) for r in doc.records]
     return BootedTable(recs, max_hosts=max_hosts, refresh_s=refresh_s)
 
 

@@ -28,17 +28,24 @@ from __future__ import annotations
 import ipaddress
 import re
 import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
+
+from msgspec import Meta
 
 from sidusd.config import Config, ImageConfig
 from sidusd.errors import ConfigError, InventoryError
-from sidusd.yamlstrict import Section, check_kernel_args, check_name, dump_yaml, load_yaml
+from sidusd.schema import convert, describe
+from sidusd.yamlstrict import check_kernel_args, check_name, dump_yaml, load_yaml
 
-OVERLAYS = ("tmpfs", "iscsi")
-FALLBACKS = ("tmpfs", "stop")
+Overlay = Literal["tmpfs", "iscsi"]
+Fallback = Literal["tmpfs", "stop"]
+OVERLAYS = typing.get_args(Overlay)
+FALLBACKS = typing.get_args(Fallback)
 MAX_DISK_MIB = 16 * 1024 * 1024     # 16 TiB
+DiskMiB = Annotated[int, Meta(ge=16, le=MAX_DISK_MIB)]
 MAX_HOSTS = 100_000
 MAX_HOSTNAME_CHARS = 253            # RFC 1123 §2.1 / RFC 1035 §2.3.4
 _MAC = re.compile(r"^[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(?:\1[0-9a-fA-F]{2}){4}$")
@@ -93,10 +100,10 @@ class Profile:
     """A named boot recipe: an image, an overlay kind and extra kernel arguments."""
     name: str
     image: str
-    overlay: str = "tmpfs"
+    overlay: Overlay = "tmpfs"
     append: str = ""
-    disk_size_mib: int | None = None
-    fallback: str = "tmpfs"
+    disk_size_mib: DiskMiB | None = None
+    fallback: Fallback = "tmpfs"
 
     def __post_init__(self) -> None:
         if self.append is None:
@@ -215,7 +222,7 @@ class Inventory:
             profile = self.profiles.get(host.profile)
             image_name = (host.image or profile.image) if profile else None
         image: ImageConfig | None = config.images.get(image_name) if image_name else None
-        if profile is None or image is None:
+        if profile is None or image is None or image_name is None:
             return None
         parts = [image.append, profile.append, host.append if host else ""]
         return BootTarget(mac=host.mac if host else None, hostname=host.hostname if host else None,
@@ -248,52 +255,59 @@ def _cross_check(profiles: Mapping[str, Profile], labelled: list[tuple[str, Host
             ips[h.ip] = where
 
 
+@dataclass(frozen=True)
+class _InventoryFile:
+    """The inventory file: ``profiles`` (name -> :class:`Profile` without its name) and ``hosts``
+    (a list of :class:`Host`); each entry is converted on its own so that a refusal names it."""
+    profiles: dict[str, Any] | None = None
+    hosts: list[Any] | None = None            # ``hosts:`` with nothing under it: no hosts
+
+
+def _ip_hook(tp: type, v: Any) -> Any:
+    if tp is not ipaddress.IPv4Address:
+        raise NotImplementedError(tp)
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {describe(v)}")
+    try:
+        return ipaddress.IPv4Address(v)
+    except ValueError:
+        raise ValueError(f"not an IPv4 address: {v!r}") from None
+
+
+def _entry(raw: Any, tp: type, where: str, own: str, **extra: Any) -> Any:
+    """One profile or host: the schema's refusals at ``where``, and the object's own checks
+    (``profile.append`` ...) moved under ``where`` too."""
+    try:
+        return convert(raw, tp, where, error=InventoryError, dec_hook=_ip_hook, extra=extra or None)
+    except ConfigError as e:
+        if e.path.startswith(own + "."):
+            raise InventoryError(where + e.path[len(own):], e.reason) from None
+        raise _as_inventory_error(e) from None
+
+
 def parse_inventory(text: str, source: str = "<string>") -> Inventory:
     """Parse inventory YAML (pure); an empty document is an empty inventory."""
     try:
-        root = Section(load_yaml(text, source), "")
-        root.allow("profiles", "hosts")
-        profiles: dict[str, Profile] = {}
-        psec = root.section("profiles")
-        for name in psec.keys():
-            check_name(psec.key(name), name, what="profile name")
-            s = psec.section(name, required=True)
-            s.allow("image", "overlay", "append", "disk_size_mib", "fallback")
-            s.require("image")
-            image = check_name(s.key("image"), s.get("image", str), what="image name")
-            overlay = s.enum("overlay", OVERLAYS, "tmpfs")
-            if overlay != "iscsi":
-                for key in ("disk_size_mib", "fallback"):
-                    if s.has(key):
-                        raise InventoryError(s.key(key), "applies to overlay: iscsi only")
-            size = s.int("disk_size_mib", None, 16, MAX_DISK_MIB) if s.has("disk_size_mib") else None
-            profiles[name] = Profile(name=name, image=image, overlay=overlay,
-                                     append=check_kernel_args(s.key("append"), s.get("append", str, "")),
-                                     disk_size_mib=size, fallback=s.enum("fallback", FALLBACKS, "tmpfs"))
-        raw_hosts = root.get("hosts", list, [])
-        if len(raw_hosts) > MAX_HOSTS:
-            raise InventoryError("hosts", f"more than {MAX_HOSTS} hosts")
-        labelled: list[tuple[str, Host]] = []
-        for i, item in enumerate(raw_hosts):
-            s = Section(item, f"hosts[{i}]")
-            s.allow("mac", "hostname", "profile", "image", "ip", "append")
-            s.require("mac", "profile")
-            mac = normalize_mac(s.get("mac", str), s.key("mac"))
-            hostname = s.get("hostname", str, None)
-            if hostname is not None:
-                _hostname(s.key("hostname"), hostname)
-            image = s.get("image", str, None)
-            if image is not None:
-                check_name(s.key("image"), image, what="image name")
-            ip = s.get("ip", str, None)
-            host = Host(mac=mac, profile=check_name(s.key("profile"), s.get("profile", str), what="profile name"),
-                        hostname=hostname, image=image,
-                        ip=_host_ip(s.key("ip"), ip) if ip is not None else None,
-                        append=check_kernel_args(s.key("append"), s.get("append", str, "")))
-            labelled.append((f"hosts[{i}]", host))
-        _cross_check(profiles, labelled)
+        doc = convert(load_yaml(text, source), _InventoryFile, error=InventoryError)
     except ConfigError as e:
         raise _as_inventory_error(e) from None
+    profiles: dict[str, Profile] = {}
+    for name, entry in (doc.profiles or {}).items():
+        where = f"profiles.{name}"
+        try:
+            check_name(where, name, what="profile name")
+        except ConfigError as e:
+            raise _as_inventory_error(e) from None
+        if isinstance(entry, dict) and entry.get("overlay", "tmpfs") in OVERLAYS and entry.get("overlay") != "iscsi":
+            for key in ("disk_size_mib", "fallback"):
+                if key in entry:
+                    raise InventoryError(f"{where}.{key}", "applies to overlay: iscsi only")
+        profiles[name] = _entry(entry, Profile, where, "profile", name=name)
+    hosts = doc.hosts or []
+    if len(hosts) > MAX_HOSTS:
+        raise InventoryError("hosts", f"more than {MAX_HOSTS} hosts")
+    labelled = [(f"hosts[{i}]", _entry(item, Host, f"hosts[{i}]", "host")) for i, item in enumerate(hosts)]
+    _cross_check(profiles, labelled)
     return Inventory(profiles, {h.mac: h for _, h in labelled})
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any
 
 IPv4Address = ipaddress.IPv4Address
 STATES = ("offered", "bound", "free", "declined")
@@ -50,7 +51,7 @@ class Lease:
                            "expires": self.expires}, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, line: str) -> "Lease":
+    def from_json(cls, line: str) -> Lease:
         """Parse one journal line; ValueError if it is not a lease."""
         try:
             d = json.loads(line)
@@ -71,7 +72,7 @@ class Reservations:
     by_ip: Mapping[IPv4Address, str]
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[str, IPv4Address | None]]) -> "Reservations":
+    def from_pairs(cls, pairs: Iterable[tuple[str, IPv4Address | None]]) -> Reservations:
         by_mac = {mac: ip for mac, ip in pairs if ip is not None}
         return cls(by_mac, {ip: mac for mac, ip in by_mac.items()})
 
@@ -92,7 +93,7 @@ class LeaseDB:
         self._cursor = int(range_start)      # every address below it has had a lease
 
     @classmethod
-    def for_pool(cls, pool) -> "LeaseDB":
+    def for_pool(cls, pool: Any) -> LeaseDB:
         """A LeaseDB for a ``config.dhcp.pool`` (PoolConfig)."""
         return cls(pool.network, pool.range_start, pool.range_end)
 

@@ -33,11 +33,11 @@ import re
 from dataclasses import dataclass, field
 
 from sidusd.boot.inventory import BootTarget
+from sidusd.boot.names import image_root_problem
 from sidusd.errors import SidusError
 
 MAX_CMDLINE_BYTES = 2047             # x86 COMMAND_LINE_SIZE is 2048 including the NUL
 _FILE = re.compile(r"^[A-Za-z0-9._+~@=,-][A-Za-z0-9._+~/@=,-]*$")
-_ROOT = re.compile(r"^/[A-Za-z0-9._+~/@=-]*$")
 _HOST = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MOUNT_OPTS = re.compile(r"^[A-Za-z0-9=,._:-]+$")
@@ -52,7 +52,7 @@ class RenderError(SidusError):
     """A value cannot be written into a boot file safely (the inventory or config should have refused it)."""
 
 
-def _check(what: str, value: str, pattern: re.Pattern) -> str:
+def _check(what: str, value: str, pattern: re.Pattern[str]) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise RenderError(f"refusing to render {what}={value!r}: unsafe characters for a boot file")
     return value
@@ -108,7 +108,9 @@ def kernel_cmdline(target: BootTarget, ctx: RenderContext, iscsi: IscsiLogin | N
 
     ``overlay: iscsi`` needs ``iscsi`` (that host's login); without it RenderError.
     """
-    root = _check("image_root", str(target.image_root), _ROOT)
+    root = str(target.image_root)
+    if image_root_problem(root) is not None:
+        raise RenderError(f"refusing to render image_root={root!r}: {image_root_problem(root)}")
     parts = ["root=/dev/nfs", "boot=nfs", f"nfsroot={ctx.nfs_server}:{root},{ctx.mount_options}", "ip=dhcp",
              f"sidus.overlay={_check('overlay', target.overlay, _WORD)}"]
     if target.overlay == "iscsi":

@@ -7,7 +7,9 @@ One request per line, one response line per request, UTF-8 JSON objects::
               {"v": 1, "ok": false, "error": "human readable message"}
 
 This module is shared by ``control/server.py`` and ``sidusctl`` (``sidusd/ctl.py``);
-it imports only the standard library and :mod:`sidusd.errors`.  It does no I/O.
+it imports only the standard library, :mod:`msgspec` and :mod:`sidusd.errors`.  It does
+no I/O.  The arguments of each op are declared once, as a :class:`msgspec.Struct`
+(:data:`OPS`); :func:`parse_args` checks them and words msgspec's refusal for the peer.
 Decoders raise only :class:`~sidusd.errors.RemoteProtocolError` with a message
 fit to be sent back to the peer (the server answers it as an error response).
 
@@ -20,8 +22,12 @@ carry the whole client history) at :data:`MAX_RESPONSE_BYTES`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
 
 from sidusd.errors import RemoteProtocolError
 
@@ -40,45 +46,58 @@ OP_RELOAD = "reload"
 OP_HOSTS_DISK = "hosts.disk"
 OP_HOSTS_RESET_DISK = "hosts.reset-disk"
 
-_STR = "str"
-_OPT_STR = "str|null"
-_OPT_BOOL = "bool|null"
-
-
-@dataclass(frozen=True)
-class ArgSpec:
-    """One argument of an op: its JSON type and whether it must be present."""
-
-    kind: str
-    required: bool = False
-
-
-#: Every op and the arguments it accepts.  Unknown args are refused.
-OPS: dict[str, dict[str, ArgSpec]] = {
-    OP_STATUS: {},
-    OP_CLIENTS: {"mac": ArgSpec(_OPT_STR)},
-    OP_HOSTS_LIST: {},
-    OP_HOSTS_ADD: {
-        "mac": ArgSpec(_STR, required=True),
-        "profile": ArgSpec(_STR, required=True),
-        "hostname": ArgSpec(_OPT_STR),
-        "image": ArgSpec(_OPT_STR),
-        "ip": ArgSpec(_OPT_STR),
-        "append": ArgSpec(_OPT_STR),
-        "persistent": ArgSpec(_OPT_BOOL),
-    },
-    OP_HOSTS_REMOVE: {"mac": ArgSpec(_STR, required=True), "delete_disk": ArgSpec(_OPT_BOOL)},
-    OP_RELOAD: {},
-    OP_HOSTS_DISK: {"mac": ArgSpec(_STR, required=True), "show_secret": ArgSpec(_OPT_BOOL)},
-    OP_HOSTS_RESET_DISK: {"mac": ArgSpec(_STR, required=True)},
-}
-
 MAX_ARG_CHARS = 4096    # any single string argument
+Text = Annotated[str, Meta(max_length=MAX_ARG_CHARS)]
+
+
+class Args(Struct, frozen=True, forbid_unknown_fields=True):
+    """The arguments of an op that takes none; every op's arguments are a subclass."""
+
+
+class ClientsArgs(Args, frozen=True):
+    mac: Text | None = None
+
+
+class HostsAddArgs(Args, frozen=True):
+    mac: Text
+    profile: Text
+    hostname: Text | None = None
+    image: Text | None = None
+    ip: Text | None = None
+    append: Text | None = None
+    persistent: bool | None = None
+
+
+class HostsRemoveArgs(Args, frozen=True):
+    mac: Text
+    delete_disk: bool | None = None
+
+
+class HostsDiskArgs(Args, frozen=True):
+    mac: Text
+    show_secret: bool | None = None
+
+
+class MacArgs(Args, frozen=True):
+    mac: Text
+
+
+#: Every op and the declaration of the arguments it accepts.  Unknown args are refused.
+OPS: dict[str, type[Args]] = {
+    OP_STATUS: Args,
+    OP_CLIENTS: ClientsArgs,
+    OP_HOSTS_LIST: Args,
+    OP_HOSTS_ADD: HostsAddArgs,
+    OP_HOSTS_REMOVE: HostsRemoveArgs,
+    OP_RELOAD: Args,
+    OP_HOSTS_DISK: HostsDiskArgs,
+    OP_HOSTS_RESET_DISK: MacArgs,
+}
 
 
 @dataclass(frozen=True)
 class Request:
-    """A validated request: ``op`` is in :data:`OPS`, ``args`` match its spec."""
+    """A validated request: ``op`` is in :data:`OPS`, ``args`` match its declaration."""
 
     op: str
     args: dict[str, Any] = field(default_factory=dict)
@@ -117,22 +136,8 @@ def _loads_object(line: bytes, cap: int, what: str) -> dict[str, Any]:
     return obj
 
 
-def _check_arg(op: str, name: str, spec: ArgSpec, value: Any) -> None:
-    if value is None and spec.kind in (_OPT_STR, _OPT_BOOL):
-        return
-    if spec.kind == _OPT_BOOL:
-        if not isinstance(value, bool):
-            raise RemoteProtocolError(f"{op}: argument {name!r} must be true or false")
-        return
-    if spec.kind in (_STR, _OPT_STR):
-        if not isinstance(value, str):
-            raise RemoteProtocolError(f"{op}: argument {name!r} must be a string")
-        if len(value) > MAX_ARG_CHARS:
-            raise RemoteProtocolError(f"{op}: argument {name!r} is too long (limit {MAX_ARG_CHARS})")
-
-
-def validate_args(op: str, args: Any) -> dict[str, Any]:
-    """Check ``args`` against the spec of ``op``; return them as a new dict.
+def parse_args(op: str, args: Any) -> Args:
+    """``args`` of ``op`` as its typed :class:`Args` (checked by msgspec against the declaration).
 
     Raises :class:`RemoteProtocolError` naming the op and the offending argument.
     """
@@ -143,17 +148,33 @@ def validate_args(op: str, args: Any) -> dict[str, Any]:
     if not isinstance(args, dict):
         raise RemoteProtocolError(f"{op}: 'args' must be a JSON object")
     spec = OPS[op]
-    unknown = sorted(set(args) - set(spec))
+    names = msgspec.structs.fields(spec)
+    unknown = sorted(str(k) for k in set(args) - {f.name for f in names})
     if unknown:
-        allowed = ", ".join(spec) or "none"
+        allowed = ", ".join(f.name for f in names) or "none"
         raise RemoteProtocolError(f"{op}: unknown argument(s) {', '.join(unknown)} (allowed: {allowed})")
-    for name, arg in spec.items():
-        if name not in args:
-            if arg.required:
-                raise RemoteProtocolError(f"{op}: missing argument {name!r}")
-            continue
-        _check_arg(op, name, arg, args[name])
-    return dict(args)
+    try:
+        return msgspec.convert(args, spec, strict=True)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        missing = re.match(r"Object missing required field `(.+)`", text)
+        if missing:
+            raise RemoteProtocolError(f"{op}: missing argument {missing[1]!r}") from None
+        name = text.rpartition("$.")[2].rstrip("`")
+        f = next((f for f in names if f.name == name), None)
+        if f is None:                                    # not expected: msgspec said where
+            raise RemoteProtocolError(f"{op}: {text[:200]}") from None
+        if f.type in (bool, bool | None):
+            raise RemoteProtocolError(f"{op}: argument {name!r} must be true or false") from None
+        if isinstance(args[name], str):
+            raise RemoteProtocolError(f"{op}: argument {name!r} is too long (limit {MAX_ARG_CHARS})") from None
+        raise RemoteProtocolError(f"{op}: argument {name!r} must be a string") from None
+
+
+def validate_args(op: str, args: Any) -> dict[str, Any]:
+    """Check ``args`` against the declaration of ``op``; return them as a new dict (the keys given)."""
+    parse_args(op, args)
+    return dict(args or {})
 
 
 # -- requests ----------------------------------------------------------------

@@ -1,17 +1,9 @@
 """The control socket: a unix stream socket speaking :mod:`sidusd.control.messages`.
 
-Safety of the socket file (``config.control.socket_path``):
-
-* the parent directory is created with mode 0755 when missing;
-* the socket is bound inside a private 0700 temporary directory next to the final
-  path, set to mode 0600, then renamed into place: it is never reachable with
-  wider permissions and ``rename`` replaces a stale socket without following a
-  symlink;
-* an existing path that is not a socket (a regular file, a symlink...) is never
-  removed: start-up fails and says why; a socket another process still listens
-  on is left alone (another sidusd is running);
-* peers are also checked with ``SO_PEERCRED``: only root (or the daemon's own
-  user) may talk to it.
+The socket file is bound by :func:`sidusd.control.unixsocket.bind_safely`
+(mode 0600 from its first instant, never replacing what is not a stale socket)
+and every peer's uid is checked with ``SO_PEERCRED``: only root (or the
+daemon's own user) may talk to it.
 
 Every connection is bounded: at most ``max_connections`` at once, a read timeout
 per connection, request lines capped at ``MAX_REQUEST_BYTES``.  A bad line gets
@@ -24,18 +16,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import socket
 import stat
-import struct
-import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from .. import __version__
-from ..errors import ControlError, RemoteProtocolError, SidusError, StartupError
+from ..errors import ControlError, RemoteProtocolError, SidusError
 from ..observability import get_logger
 from . import messages as m
+from .unixsocket import bind_safely, peer_uid
 
 MAX_CONNECTIONS = 16
 READ_TIMEOUT_S = 60.0
@@ -65,7 +56,7 @@ class ControlServer:
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
         """Bind the socket (see module docstring) and start accepting."""
-        sock = _bind_safely(self.path)
+        sock = bind_safely(self.path)
         st = os.lstat(self.path)
         self._ino = (st.st_dev, st.st_ino)
         self._server = await asyncio.start_unix_server(
@@ -94,10 +85,11 @@ class ControlServer:
     # -- connections -------------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None         # a connection callback always runs in its own task
         obs = self.runtime.observer
         self._conns.add(task)          # tracked from the first await: stop() cancels every one
         try:
-            uid = _peer_uid(writer)
+            uid = peer_uid(writer)
             if uid is not None and uid not in (0, os.geteuid()):
                 obs.count("control.refused")
                 self.log.warning("control.refused", reason="uid", uid=uid)
@@ -188,7 +180,7 @@ class ControlServer:
 
     # -- ops ----------------------------------------------------------------------
     async def _dispatch(self, req: m.Request) -> Any:
-        handler = {
+        handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             m.OP_STATUS: self._status,
             m.OP_CLIENTS: self._clients,
             m.OP_HOSTS_LIST: self._hosts_list,
@@ -197,8 +189,8 @@ class ControlServer:
             m.OP_RELOAD: self._reload,
             m.OP_HOSTS_DISK: self._hosts_disk,
             m.OP_HOSTS_RESET_DISK: self._hosts_reset_disk,
-        }[req.op]
-        return await handler(**req.args)
+        }
+        return await handlers[req.op](**req.args)
 
     async def _sync_worker(self) -> None:
         """With privilege separation: wait for the worker's counters and clients first."""
@@ -258,7 +250,9 @@ class ControlServer:
         """
         from ..boot.inventory import Host
         mac = _normalize(mac)
-        host = Host(mac=mac, hostname=hostname, profile=profile, image=image, ip=ip, append=append)
+        # Host parses and checks its fields itself: the address as text, no append as "".
+        host = Host(mac=mac, hostname=hostname, profile=profile, image=image,
+                    ip=ip, append=append)  # type: ignore[arg-type]
         previous: list[Any] = []
 
         def add(inv: Any) -> Any:
@@ -293,7 +287,7 @@ class ControlServer:
             return inv.without_host(mac)
 
         await self.runtime.edit_inventory(remove)
-        if disk is not None and delete_disk:
+        if mgr is not None and disk is not None and delete_disk:
             await mgr.remove_host(mac, disk.plan, delete_disk=True)
         self.log.info("control.host_removed", mac=mac, disk_deleted=bool(delete_disk))
         return {"removed": mac, "disk_deleted": bool(delete_disk)}
@@ -343,81 +337,8 @@ def _normalize(mac: str) -> str:
 
 def host_dict(host: Any) -> dict[str, Any]:
     """A host of the inventory as a JSON-able dict (None fields kept, for tables)."""
-    if dataclasses.is_dataclass(host):
+    if dataclasses.is_dataclass(host) and not isinstance(host, type):
         d = dataclasses.asdict(host)
     else:
         d = dict(vars(host))
     return {k: (v if v is None or isinstance(v, (str, int, float, bool)) else str(v)) for k, v in d.items()}
-
-
-def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
-    sock = writer.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
-
-
-def _bind_safely(path: Path) -> socket.socket:
-    """A listening unix socket at ``path``, mode 0600 from its first instant."""
-    parent = path.parent
-    if not parent.exists():
-        try:
-            parent.mkdir(mode=0o755, parents=True)
-            os.chmod(parent, 0o755)
-        except OSError as exc:
-            raise StartupError(f"control socket: cannot create {parent}: {exc.strerror}") from None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise StartupError(f"control socket {path}: {exc.strerror}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
-            raise StartupError(f"control socket {path} exists and is {kind}: refusing to replace it "
-                               "(remove it by hand if it is yours)")
-        if _is_live(path):
-            raise StartupError(f"control socket {path} is in use: is another sidusd running?")
-    try:
-        tmpdir = tempfile.mkdtemp(prefix=".sidus-ctl-", dir=parent)   # mode 0700
-    except OSError as exc:
-        raise StartupError(f"control socket: cannot write in {parent}: {exc.strerror}") from None
-    tmp = os.path.join(tmpdir, "s")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(tmp)
-        os.chmod(tmp, 0o600)
-        sock.listen(64)
-        os.rename(tmp, path)            # atomic; replaces a stale socket, never follows a link
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"control socket {path}: {exc.strerror}") from None
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        os.rmdir(tmpdir)
-    sock.setblocking(False)
-    return sock
-
-
-def _is_live(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True         # cannot tell (e.g. EAGAIN on a full backlog): do not take it over
-    else:
-        return True
-    finally:
-        probe.close()

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from sidusd.errors import ConfigError, SidusError
 from sidusd.image.build import Administrator
@@ -36,7 +37,7 @@ from sidusd.observability import setup_logging
 EXIT_BUSY = 75
 
 
-def _human(n: int | None) -> str:
+def _human(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -55,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--control-socket", type=Path, default=None,
                    help="sidusd's control socket: run `sidusctl reload` after switching generations")
     p.add_argument("--config", type=Path, default=None,
-                   help="sidus.yaml: list shows which hosts use what (inventory and booted); gc keeps what its inventory pins (<name>.gen-N) and what machines booted (docs/images.md)")
+                   help="sidus.yaml: list shows which hosts use what (inventory and booted); gc keeps what "
+                        "its inventory pins (<name>.gen-N) and what machines booted (docs/images.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="log events at info level (default: warnings)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="debootstrap package cache (kept between builds)")
@@ -86,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 def _list(adm: Administrator, name: str | None, as_json: bool, config_path: Path | None) -> None:
     users = _image_users(config_path)
     booted_by_root = _booted_by_root(config_path)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for n in ([name] if name else adm.store.names()):
         for g in adm.store.list(n):
             used = users.get(f"{n}.gen-{g.number}", []) + (users.get(n, []) if g.current else [])
@@ -111,7 +113,7 @@ def _list(adm: Administrator, name: str | None, as_json: bool, config_path: Path
 
 def _iso(t: float) -> str:
     import datetime as dt
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 
 
 def _booted_by_root(config_path: Path | None, now: float | None = None) -> dict[str, list]:
@@ -120,6 +122,7 @@ def _booted_by_root(config_path: Path | None, now: float | None = None) -> dict[
     if config_path is None:
         return {}
     import time
+
     from sidusd import config as config_mod
     from sidusd.boot.booted import users_by_root
     from sidusd.image.booted_store import read_table

@@ -67,11 +67,12 @@ class BootedStore:
             self.table = read_table(self.path, max_hosts)
         except (booted.BootedFileError, OSError) as e:
             bad = self.path.with_name(self.path.name + ".bad")
+            kept_as: str | None = str(bad)
             try:
                 os.replace(self.path, bad)
             except OSError:
-                bad = None
-            self.log.error("booted.load_failed", error=str(e), kept_as=str(bad) if bad else None)
+                kept_as = None
+            self.log.error("booted.load_failed", error=str(e), kept_as=kept_as)
             self._count("booted.load_errors")
             self.table = booted.BootedTable(max_hosts=max_hosts)
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from sidusd.errors import BackendError, SidusError
 from sidusd.fsutil import atomic_write
@@ -139,7 +139,7 @@ def copy_site_files(src: Path, root: Path) -> int:
     if not src.is_dir():
         raise BackendError(f"site_files {src} is not a directory")
     n = 0
-    for dirpath, dirnames, filenames in os.walk(src):
+    for dirpath, _dirnames, filenames in os.walk(src):
         rel_dir = Path(dirpath).relative_to(src)
         for f in filenames:
             s = Path(dirpath) / f
@@ -315,7 +315,7 @@ class Administrator:
                     self.out.write(res.out + res.err)
                 if rc != 0:
                     raise StageFailed("run", f"{' '.join(argv[:4])} exited with status {rc}")
-            meta = {"command": list(argv)[:20]}
+            meta: dict[str, Any] = {"command": list(argv)[:20]}
             try:
                 bf = publish.find_boot_files(part)
                 meta.update(kernel=bf.kernel.name, initrd=bf.initrd.name, kver=bf.kver)

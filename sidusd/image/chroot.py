@@ -69,7 +69,7 @@ class ImageLock:
         self.what = what
         self.fd: int | None = None
 
-    def __enter__(self) -> "ImageLock":
+    def __enter__(self) -> ImageLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
@@ -206,7 +206,7 @@ class Chroot:
         self.mounted: list[Path] = []
         self.added_policy = False
 
-    def __enter__(self) -> "Chroot":
+    def __enter__(self) -> Chroot:
         if not (self.root / "usr").is_dir() or self.root == Path("/"):
             raise BackendError(f"{self.root} is not an image root (no usr/ directory)")
         left = mounts_under(self.root)

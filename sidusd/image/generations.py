@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidusd.errors import BackendError
-from sidusd.fsutil import atomic_write, _fsync_dir
+from sidusd.fsutil import _fsync_dir, atomic_write
 from sidusd.storage.runner import Runner
 from sidusd.yamlstrict import check_name
 
@@ -190,7 +190,7 @@ class ImageStore:
         d = self.image_dir(name)
         final = self.path(name, number)
         meta = dict(meta, generation=number,
-                    created=meta.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                    created=meta.get("created") or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         atomic_write(d / "meta" / f"{gen_dirname(number)}.json", (json.dumps(meta, indent=1) + "\n").encode())
         os.rename(d / f"{gen_dirname(number)}.partial", final)
         _fsync_dir(d)

@@ -47,8 +47,10 @@ def find_boot_files(root: Path) -> BootFiles:
     found = []
     for p in boot.glob("vmlinuz-*") if boot.is_dir() else ():
         m = _KVER.fullmatch(p.name)
-        initrd = boot / f"initrd.img-{m.group(1)}" if m else None
-        if m and p.is_file() and not p.is_symlink() and initrd.is_file() and not initrd.is_symlink():
+        if m is None:
+            continue
+        initrd = boot / f"initrd.img-{m.group(1)}"
+        if p.is_file() and not p.is_symlink() and initrd.is_file() and not initrd.is_symlink():
             found.append(BootFiles(m.group(1), p, initrd))
     if not found:
         raise BackendError(f"no kernel with an initrd in {boot}",

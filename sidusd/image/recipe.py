@@ -8,9 +8,11 @@ static resolv.conf, loopback-only interfaces, limits.conf, and an optional root
 password hash (no password otherwise).  See config/recipes/example.yaml and
 docs/images.md.
 
-:func:`parse_recipe` is pure (no I/O) and strict: unknown keys, wrong types and
-unsafe values raise :class:`sidusd.errors.ConfigError` whose ``path`` is the
-dotted key path (``packages[3]``, ``keyboard.layout``).  :func:`mirror_from_sources`
+:func:`parse_recipe` is pure (no I/O) and strict: the file is declared once
+(:class:`RecipeFile`, each key with its constraint) and checked by
+:func:`sidusd.schema.convert`; unknown keys, wrong types and unsafe values raise
+:class:`sidusd.errors.ConfigError` whose ``path`` is the dotted key path
+(``packages[3]``, ``keyboard.layout``).  :func:`mirror_from_sources`
 picks the mirror out of the host's apt sources text (deb822 or one-line form),
 so no host name is ever written in code.
 """
@@ -18,14 +20,18 @@ so no host name is ever written in code.
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta
 
 from sidusd.errors import ConfigError
-from sidusd.yamlstrict import Section, check_line, check_name, load_yaml, parse_ipv4
+from sidusd.schema import convert, describe
+from sidusd.yamlstrict import check_line, load_yaml
 
-VARIANTS = ("minbase", "buildd", "fakechroot", "standard")
-ARCHITECTURES = ("amd64", "arm64", "i386", "armhf", "ppc64el", "riscv64", "s390x")
 MAX_PACKAGES = 2000
 
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{1,100}$")      # Debian Policy §5.6.1
@@ -38,30 +44,98 @@ _KBD = re.compile(r"^[A-Za-z0-9_,:()+-]{0,64}$")
 _CRYPT = re.compile(r"^\$(?:y|gy|7|2[abxy]|5|6)\$[./A-Za-z0-9$=,-]{8,200}$")  # crypt(5) hashes
 _UNIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.@-]{0,200}\.(?:service|socket|timer|target|path|mount)$")
 _LIMIT_DOMAIN = re.compile(r"^(?:\*|@?[A-Za-z0-9_.-]{1,32}|%[A-Za-z0-9_.-]{0,32}|\d+:\d*)$")
-_LIMIT_ITEMS = ("core", "data", "fsize", "memlock", "nofile", "rss", "stack", "cpu", "nproc", "as",
-                "maxlogins", "maxsyslogins", "priority", "locks", "sigpending", "msgqueue", "nice",
-                "rtprio", "chroot", "nonewprivs")
+
+
+def _rx(pattern: re.Pattern, what: str, max_chars: int = 200) -> Meta:
+    """The constraint of a string that must match ``pattern`` (one line, at most ``max_chars``)."""
+    return Meta(max_length=max_chars, pattern=pattern.pattern, description="{value!r} is not " + what)
+
+
+Package = Annotated[str, _rx(_PACKAGE, "a Debian package name (lower case letters, digits, '+', '-', '.'; "
+                                       "at least 2 characters)")]
+Packages = Annotated[tuple[Package, ...], Meta(max_length=MAX_PACKAGES, description=f"more than {MAX_PACKAGES} packages")]
+Url = Annotated[str, _rx(_MIRROR, "an http://, https:// or file:// URL")]
+KbdValue = Annotated[str, _rx(_KBD, "a keyboard(5) value")]
+LimitDomain = Annotated[str, _rx(_LIMIT_DOMAIN, "a limits.conf domain")]
+LimitItem = Literal["core", "data", "fsize", "memlock", "nofile", "rss", "stack", "cpu", "nproc", "as",
+                    "maxlogins", "maxsyslogins", "priority", "locks", "sigpending", "msgqueue", "nice",
+                    "rtprio", "chroot", "nonewprivs"]
+Domain = Annotated[str, _rx(re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})\Z"), "a DNS domain")]
+Suite = Annotated[str, _rx(_SUITE, "a Debian suite name")]
+Architecture = Literal["amd64", "arm64", "i386", "armhf", "ppc64el", "riscv64", "s390x"]
+Variant = Literal["minbase", "buildd", "fakechroot", "standard"]
+Component = Annotated[str, _rx(_COMPONENT, "an archive component like main or contrib")]
+Locale = Annotated[str, _rx(_LOCALE, "a locale like en_US.UTF-8")]
+Timezone = Annotated[str, _rx(_TIMEZONE, "a timezone like Europe/Paris")]
+CryptHash = Annotated[str, _rx(_CRYPT, "a crypt(5) hash (e.g. from `mkpasswd -m yescrypt`), never a clear-text password", 300)]
+Unit = Annotated[str, _rx(_UNIT, "a systemd unit name like foo.service")]
+ImageName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z", description=(
+    "{value!r} is not a valid image name: letters, digits, '_', '.', '-', 1-63 characters, "
+    "starting with a letter or digit"))]
 
 
 @dataclass(frozen=True)
 class Keyboard:
     """``keyboard:`` values for /etc/default/keyboard (keyboard(5))."""
-    layout: str = "us"
-    model: str = "pc105"
-    variant: str = ""
-    options: str = ""
+    layout: KbdValue = "us"
+    model: KbdValue = "pc105"
+    variant: KbdValue = ""
+    options: KbdValue = ""
+
+
+VARIANTS = typing.get_args(Variant)
+ARCHITECTURES = typing.get_args(Architecture)
+
+
+class LimitValue(str):
+    """A limits.conf(5) value: an integer (YAML may write it as one), ``unlimited`` or ``infinity``."""
 
 
 @dataclass(frozen=True)
 class Limit:
     """One limits.conf(5) line: ``domain type item value``."""
-    domain: str
-    type: str
-    item: str
-    value: str
+    domain: LimitDomain
+    type: Literal["soft", "hard", "-"]
+    item: LimitItem
+    value: LimitValue
 
     def line(self) -> str:
         return f"{self.domain}\t{self.type}\t{self.item}\t{self.value}"
+
+
+@dataclass(frozen=True)
+class ResolvConf:
+    """``resolv_conf:``: a static resolv.conf(5)."""
+    nameservers: Annotated[tuple[IPv4Address, ...],
+                           Meta(max_length=3, description="resolv.conf(5) uses at most 3 name servers")] = ()
+    search: tuple[Domain, ...] = ()
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    """A recipe as written (config/recipes/example.yaml): each key, its default and its constraint."""
+    name: ImageName
+    suite: Suite = "bookworm"
+    architecture: Architecture = "amd64"
+    variant: Variant = "minbase"
+    components: Annotated[tuple[Component, ...],
+                          Meta(min_length=1, description="at least one component is needed (e.g. main)")] = ("main",)
+    mirror: Url | None = None
+    security_mirror: Any = None                         # a URL, or false (no security archive): checked below
+    include: Packages = ()
+    exclude: Packages = ()
+    packages: Packages = ()
+    install_recommends: bool = False
+    install_suggests: bool = False
+    purge: Packages = ()
+    locale: Locale = "C.UTF-8"
+    timezone: Timezone = "Etc/UTC"
+    keyboard: Keyboard | None = None
+    site_files: str | None = None
+    resolv_conf: ResolvConf = field(default_factory=ResolvConf)
+    limits: tuple[Limit, ...] = ()
+    root_password_hash: CryptHash | None = None
+    enable_units: tuple[Unit, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,127 +171,63 @@ class Recipe:
         return any(p.startswith("linux-image-") for p in self.packages + self.include)
 
 
-def _packages(s: Section, key: str) -> tuple[str, ...]:
-    names = s.list(key, str, [])
-    if len(names) > MAX_PACKAGES:
-        raise ConfigError(s.key(key), f"more than {MAX_PACKAGES} packages")
-    for i, n in enumerate(names):
-        if not _PACKAGE.fullmatch(n):
-            raise ConfigError(f"{s.key(key)}[{i}]", f"{n!r} is not a Debian package name "
-                              "(lower case letters, digits, '+', '-', '.'; at least 2 characters)")
-    seen: set[str] = set()
-    for i, n in enumerate(names):
-        if n in seen:
-            raise ConfigError(f"{s.key(key)}[{i}]", f"{n!r} is listed twice")
-        seen.add(n)
-    return tuple(names)
-
-
-def _match(where: str, value: str, rx: re.Pattern, what: str) -> str:
-    check_line(where, value, 200)
-    if not rx.fullmatch(value):
-        raise ConfigError(where, f"{value!r} is not {what}")
-    return value
-
-
-def _limits(s: Section) -> tuple[Limit, ...]:
-    out = []
-    for i, item in enumerate(s.get("limits", list, [])):
-        ls = Section(item, f"{s.key('limits')}[{i}]")
-        ls.allow("domain", "type", "item", "value")
-        ls.require("domain", "type", "item", "value")
-        domain = _match(ls.key("domain"), ls.get("domain", str), _LIMIT_DOMAIN, "a limits.conf domain")
-        typ = ls.enum("type", ("soft", "hard", "-"))
-        name = ls.enum("item", _LIMIT_ITEMS)
-        raw = ls.raw("value")
-        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-            raise ConfigError(ls.key("value"), "expected an integer or 'unlimited'")
-        value = str(raw)
-        if not re.fullmatch(r"-?\d{1,19}|unlimited|infinity", value):
-            raise ConfigError(ls.key("value"), f"{value!r} is not an integer, 'unlimited' or 'infinity'")
-        out.append(Limit(domain, typ, name, value))
-    return tuple(out)
+def _hook(tp: type, v: Any) -> Any:
+    """Name servers from their dotted quads; limits.conf values from an integer or a word."""
+    if tp is LimitValue:
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise TypeError("expected an integer or 'unlimited'")
+        if not re.fullmatch(r"-?\d{1,19}|unlimited|infinity", str(v)):
+            raise ValueError(f"{str(v)[:40]!r} is not an integer, 'unlimited' or 'infinity'")
+        return LimitValue(v)
+    if tp is not IPv4Address:
+        raise NotImplementedError(tp)
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {describe(v)}")
+    try:
+        return IPv4Address(v)
+    except ValueError:
+        raise ValueError(f"not an IPv4 address: {v!r}") from None
 
 
 def parse_recipe(text: str, source: str = "<string>", base_dir: Path | None = None) -> Recipe:
     """Parse and check a recipe (pure).  Raises ConfigError naming the dotted key path."""
-    root = Section(load_yaml(text, source), "")
-    root.allow("name", "suite", "architecture", "variant", "components", "mirror", "include", "exclude",
-               "security_mirror", "packages", "install_recommends", "install_suggests", "purge", "locale", "timezone",
-               "keyboard", "site_files", "resolv_conf", "limits", "root_password_hash", "enable_units")
-    root.require("name")
-    name = check_name("name", root.get("name", str), what="image name")
-    suite = _match("suite", root.get("suite", str, "bookworm"), _SUITE, "a Debian suite name")
-    arch = root.enum("architecture", ARCHITECTURES, "amd64")
-    variant = root.enum("variant", VARIANTS, "minbase")
-    components = root.list("components", str, ["main"])
-    if not components:
-        raise ConfigError("components", "at least one component is needed (e.g. main)")
-    for i, c in enumerate(components):
-        _match(f"components[{i}]", c, _COMPONENT, "an archive component like main or contrib")
-    mirror = root.get("mirror", str, None)
-    if mirror is not None:
-        _match("mirror", mirror, _MIRROR, "an http://, https:// or file:// URL")
-    security = root.raw("security_mirror") if root.has("security_mirror") else None
+    f = convert(load_yaml(text, source), RecipeFile, dec_hook=_hook)
+    for key in ("include", "exclude", "packages", "purge"):
+        seen: set[str] = set()
+        for i, n in enumerate(getattr(f, key)):
+            if n in seen:
+                raise ConfigError(f"{key}[{i}]", f"{n!r} is listed twice")
+            seen.add(n)
+    both = sorted(set(f.include) & set(f.exclude))
+    if both:
+        raise ConfigError("exclude", f"{', '.join(both)} also in include")
+    both = sorted(set(f.packages + f.include) & set(f.purge))
+    if both:
+        raise ConfigError("purge", f"{', '.join(both)} also installed by packages/include")
+    security = f.security_mirror
     if security is True or (security is not None and not isinstance(security, (bool, str))):
         raise ConfigError("security_mirror", "expected an http://, https:// or file:// URL, or false "
                           "(no security archive)")
     if isinstance(security, str):
-        _match("security_mirror", security, _MIRROR, "an http://, https:// or file:// URL")
-        security = security.rstrip("/")
-    include, exclude = _packages(root, "include"), _packages(root, "exclude")
-    both = sorted(set(include) & set(exclude))
-    if both:
-        raise ConfigError("exclude", f"{', '.join(both)} also in include")
-    packages, purge = _packages(root, "packages"), _packages(root, "purge")
-    both = sorted(set(packages + include) & set(purge))
-    if both:
-        raise ConfigError("purge", f"{', '.join(both)} also installed by packages/include")
-    locale = _match("locale", root.get("locale", str, "C.UTF-8"), _LOCALE, "a locale like en_US.UTF-8")
-    tz = root.get("timezone", str, "Etc/UTC")
-    _match("timezone", tz, _TIMEZONE, "a timezone like Europe/Paris")
-    if ".." in tz.split("/"):
+        security = convert(security, Url, "security_mirror").rstrip("/")
+    if ".." in f.timezone.split("/"):
         raise ConfigError("timezone", "'..' is not allowed")
-    keyboard = None
-    if root.has("keyboard"):
-        ks = root.section("keyboard")
-        ks.allow("layout", "model", "variant", "options")
-        vals = {k: _match(ks.key(k), ks.get(k, str, d), _KBD, "a keyboard(5) value")
-                for k, d in (("layout", "us"), ("model", "pc105"), ("variant", ""), ("options", ""))}
-        keyboard = Keyboard(**vals)
-    site = root.get("site_files", str, None)
     site_path = None
-    if site is not None:
-        check_line("site_files", site)
-        site_path = Path(site)
+    if f.site_files is not None:
+        check_line("site_files", f.site_files)
+        site_path = Path(f.site_files)
         if not site_path.is_absolute():
             if base_dir is None:
                 raise ConfigError("site_files", "a relative path needs the recipe's directory")
             site_path = base_dir / site_path
-    rs = root.section("resolv_conf")
-    rs.allow("nameservers", "search")
-    nameservers = tuple(str(parse_ipv4(f"resolv_conf.nameservers[{i}]", n))
-                        for i, n in enumerate(rs.list("nameservers", str, [])))
-    if len(nameservers) > 3:
-        raise ConfigError("resolv_conf.nameservers", "resolv.conf(5) uses at most 3 name servers")
-    search = tuple(rs.list("search", str, []))
-    for i, d in enumerate(search):
-        _match(f"resolv_conf.search[{i}]", d, re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})$"),
-               "a DNS domain")
-    pw = root.get("root_password_hash", str, None)
-    if pw is not None:
-        _match("root_password_hash", pw, _CRYPT, "a crypt(5) hash (e.g. from `mkpasswd -m yescrypt`), "
-               "never a clear-text password")
-    units = tuple(root.list("enable_units", str, []))
-    for i, u in enumerate(units):
-        _match(f"enable_units[{i}]", u, _UNIT, "a systemd unit name like foo.service")
-    return Recipe(name=name, suite=suite, architecture=arch, variant=variant, components=tuple(components),
-                  mirror=mirror, security_mirror=security, include=include, exclude=exclude, packages=packages,
-                  install_recommends=root.get("install_recommends", bool, False),
-                  install_suggests=root.get("install_suggests", bool, False), purge=purge,
-                  locale=locale, timezone=tz, keyboard=keyboard, site_files=site_path,
-                  nameservers=nameservers, search=search, limits=_limits(root),
-                  root_password_hash=pw, enable_units=units, source=source)
+    return Recipe(name=f.name, suite=f.suite, architecture=f.architecture, variant=f.variant,
+                  components=f.components, mirror=f.mirror, security_mirror=security, include=f.include,
+                  exclude=f.exclude, packages=f.packages, install_recommends=f.install_recommends,
+                  install_suggests=f.install_suggests, purge=f.purge, locale=f.locale, timezone=f.timezone,
+                  keyboard=f.keyboard, site_files=site_path,
+                  nameservers=tuple(str(n) for n in f.resolv_conf.nameservers), search=f.resolv_conf.search,
+                  limits=f.limits, root_password_hash=f.root_password_hash, enable_units=f.enable_units,
+                  source=source)
 
 
 def read_recipe(path: Path) -> Recipe:

@@ -13,7 +13,7 @@ The executor (:mod:`sidusd.image.build`) runs the plan; this module only decides
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sidusd.image.recipe import Recipe
 
@@ -204,8 +204,9 @@ def plan(recipe: Recipe, *, mirror: str, initramfs: dict[str, bytes], security: 
 
     ``initramfs`` maps a path under /etc/initramfs-tools (``hooks/sidus-overlay``,
     ``scripts/init-bottom/sidus-overlay``, ``modules``) to its content (from
-    config/initramfs/).  ``security``: the security archive's URI (None: none).  Debootstrap itself is not a Stage here: it runs outside
-    any chroot before the plan (see :func:`debootstrap_argv`).
+    config/initramfs/).  ``security``: the security archive's URI (None: none).
+    Debootstrap itself is not a Stage here: it runs outside any chroot before
+    the plan (see :func:`debootstrap_argv`).
     """
     stages: list[Stage] = [
         Stage("apt-sources", "apt sources: the mirror, -updates" + (", -security" if security and

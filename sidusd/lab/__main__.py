@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from .demo import HostSpec, Lab, boot_markers, missing_requirements, tree_fingerprint
+from .demo import HostSpec, Lab, missing_requirements, tree_fingerprint
+from .timeline import boot_markers
 from .vm import mac_for
 
 DEFAULT_WORKDIR = Path("/var/tmp/sidus-demo")

@@ -6,30 +6,30 @@ itself (``python3 -m sidusd --config FILE`` in the lab namespace, its JSON log
 in a file) and the VMs (vm.py).  :meth:`Lab.close` stops all of it by PID and
 removes the namespaces; it is idempotent and runs from ``finally``.
 
-:class:`BootTimeline` turns what a boot leaves behind (sidusd's JSON events,
-the guest's serial console) into the ordered steps the demo prints.
+:meth:`Lab.timeline` follows a VM's boot (:mod:`sidusd.lab.follow`, around the
+pure :mod:`sidusd.lab.timeline`): the ordered steps the demo prints.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from datetime import datetime
 from typing import Any, Callable
 
 import yaml
 
 from sidusd.errors import StartupError
 
+from .follow import BootFollower, read_events
 from .proc import terminate
 from .sitedhcp import RANGE, SiteDhcp
+from .timeline import Step, boot_markers  # noqa: F401  (boot_markers: the e2e tests take it from here)
 from .topology import BRIDGE, NETWORK, SERVER_IP, Topology, teardown_stale
 from .vm import Vm
 
@@ -44,192 +44,6 @@ HTTP_PORT = 8080
 SIDUSD_READY_TIMEOUT_S = 30.0
 EXPORT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
-
-MARKER_RE = re.compile(r"SIDUS-BOOT: (.*?)\s*$", re.M)
-
-
-def read_events(path: Path, offset: int = 0) -> list[dict[str, Any]]:
-    """sidusd's JSON log events from byte ``offset`` on (complete lines; others skipped)."""
-    return _read_events(path, offset)[0]
-
-
-def _read_events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1          # a line still being written waits for the next read
-    events = []
-    for line in data[:end].splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue                     # a traceback or a non-JSON line
-        if isinstance(ev, dict):
-            events.append(ev)
-    return events, offset + end
-
-
-def boot_markers(console: str) -> list[str]:
-    """The ``SIDUS-BOOT: ...`` lines the demo image's init printed, in order, without the prefix."""
-    return MARKER_RE.findall(console.replace("\r", ""))
-
-
-def _event_time(ev: dict[str, Any]) -> float | None:
-    ts = ev.get("timestamp")
-    if not isinstance(ts, str):
-        return None
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def _event_mac(ev: dict[str, Any]) -> str | None:
-    mac = ev.get("mac") or ev.get("client_mac")
-    return mac.lower().replace("-", ":") if isinstance(mac, str) else None
-
-
-def _dhcp_reply(ev: dict[str, Any]) -> tuple[str, str | None, str | None] | None:
-    """``(kind, ip, boot file)`` of sidusd's ``dhcp.reply`` event for an offer/ack, else None."""
-    if ev.get("event") != "dhcp.reply" or ev.get("kind") not in ("offer", "ack"):
-        return None
-    ip = ev.get("ip")
-    return ev["kind"], (ip if ip and ip != "0.0.0.0" else None), ev.get("file")
-
-
-def _http_file(ev: dict[str, Any]) -> str | None:
-    """The file of a complete HTTP response (``http.transfer``, 200/206, outcome ok), else None."""
-    if ev.get("event") != "http.transfer" or ev.get("status") not in (200, 206):
-        return None
-    if ev.get("outcome") != "ok" or ev.get("method") == "HEAD":
-        return None
-    name = ev.get("file")
-    return name.lstrip("/") if isinstance(name, str) else None
-
-
-def _tftp_file(ev: dict[str, Any]) -> str | None:
-    """The file of a *successful* TFTP transfer summary event, else None."""
-    if ev.get("event") != "tftp.transfer" or ev.get("error"):
-        return None
-    if ev.get("outcome", "ok") not in ("ok", "done"):   # e.g. a size probe the client abandoned
-        return None
-    name = ev.get("file") or ev.get("filename")
-    return name.lstrip("/") if isinstance(name, str) else None
-
-
-@dataclass
-class Step:
-    """One boot step reached: ``key``, printable ``label``, seconds since the VM started."""
-
-    key: str
-    label: str
-    t_s: float
-
-
-class BootTimeline:
-    """Follows one VM's boot in sidusd's log and the guest console; yields the steps reached.
-
-    Steps, in boot order: ``dhcp`` (sidusd's offer), ``address`` (the site
-    DHCP server's lease, proxy mode only), ``pxelinux.0``,
-    ``ldlinux.c32``, ``config`` (pxelinux.cfg/01-<mac>), ``kernel``, ``initrd``
-    (TFTP transfer summaries), ``linux`` (the kernel prints its banner),
-    ``root`` (NFS root mounted), ``overlay`` (``/`` writable), ``ready``.
-
-    ``path``: ``bios`` (above), ``uefi`` (``syslinux.efi`` and ``ldlinux.e64``
-    instead of ``pxelinux.0`` and ``ldlinux.c32``), or ``ipxe-http`` (no TFTP:
-    the per-MAC iPXE script, the kernel and the initrd over HTTP).
-    """
-
-    def __init__(self, mac: str, sidusd_log: Path, console_log: Path, log_offset: int = 0,
-                 kernel: str = "demo/vmlinuz", initrd: str = "demo/initrd.img",
-                 site_leases: Callable[[], dict[str, str]] | None = None, path: str = "bios"):
-        self.mac = mac.lower()
-        self.sidusd_log, self.console_log = sidusd_log, console_log
-        self._offset = log_offset
-        self.t0 = time.time()
-        cfg = "pxelinux.cfg/01-" + self.mac.replace(":", "-")
-        self.files = {"pxelinux.0": "pxelinux.0", "ldlinux.c32": "ldlinux.c32", cfg: "config",
-                      kernel: "kernel", initrd: "initrd"}
-        self.site_leases = site_leases
-        self.labels = {"dhcp": "DHCP offer from sidusd", "address": "address from the site DHCP server",
-                       "pxelinux.0": "TFTP pxelinux.0",
-                       "ldlinux.c32": "TFTP ldlinux.c32", "config": f"TFTP {cfg} (rendered for this MAC)",
-                       "kernel": f"TFTP kernel {kernel}", "initrd": f"TFTP initrd {initrd}",
-                       "linux": "Linux kernel started", "root": "root mounted",
-                       "overlay": "overlay: / is writable (tmpfs)", "ready": "READY"}
-        self.http_files: dict[str, str] = {}
-        if path == "uefi":
-            swap = {"pxelinux.0": "syslinux.efi", "ldlinux.c32": "ldlinux.e64"}
-            self.files = {swap.get(f, f): swap.get(k, k) for f, k in self.files.items()}
-            self.labels = {swap.get(k, k): f"TFTP {swap[k]}" if k in swap else v
-                           for k, v in self.labels.items()}
-        elif path == "ipxe-http":
-            script = "boot/" + self.mac.replace(":", "-") + ".ipxe"
-            self.files = {}
-            self.http_files = {script: "config", kernel: "kernel", initrd: "initrd"}
-            self.labels = {k: v for k, v in self.labels.items() if k not in ("pxelinux.0", "ldlinux.c32")}
-            self.labels.update(config=f"HTTP {script} (rendered for this MAC)",
-                               kernel=f"HTTP kernel {kernel}", initrd=f"HTTP initrd {initrd}")
-        elif path != "bios":
-            raise ValueError(f"path must be bios, uefi or ipxe-http, not {path!r}")
-        self.order = [k for k in self.labels if k != "address" or site_leases is not None]
-        self.reached: dict[str, Step] = {}
-
-    def _reach(self, key: str, t: float | None, new: list[Step], label: str | None = None) -> None:
-        if key not in self.reached:
-            step = Step(key, label or self.labels[key], round(max(0.0, (t or time.time()) - self.t0), 1))
-            self.reached[key] = step
-            new.append(step)
-
-    def poll(self) -> list[Step]:
-        """Read what is new; the steps reached since the last call (in the order seen)."""
-        new: list[Step] = []
-        events, self._offset = _read_events(self.sidusd_log, self._offset)
-        for ev in events:
-            mac = _event_mac(ev)
-            if mac not in (None, self.mac):
-                continue
-            reply = _dhcp_reply(ev) if mac == self.mac else None
-            if reply:
-                kind, ip, boot_file = reply
-                what = (f"DHCP {kind} from sidusd: address {ip}" if ip
-                        else f"proxyDHCP {kind} from sidusd (no address: the site DHCP gives it)")
-                self._reach("dhcp", _event_time(ev), new, what + (f", boot file {boot_file}" if boot_file else ""))
-            key = self.files.get(_tftp_file(ev) or "") or self.http_files.get(_http_file(ev) or "")
-            if key:
-                self._reach(key, _event_time(ev), new)
-        if self.site_leases is not None and "address" not in self.reached:
-            ip = self.site_leases().get(self.mac)
-            if ip:
-                self._reach("address", None, new, f"address {ip} from the site DHCP server (dnsmasq)")
-        try:
-            console = self.console_log.read_bytes().decode("utf-8", "replace")
-        except FileNotFoundError:
-            console = ""
-        if "Linux version" in console:
-            self._reach("linux", None, new)
-        for marker in boot_markers(console):
-            if marker.startswith("root mounted"):
-                # "root mounted: <dev> / <fstype> <options>" (the / line of /proc/mounts)
-                fields = marker.partition(":")[2].split()
-                fstype = f" ({fields[0]} {fields[2]})" if len(fields) >= 3 else ""
-                self._reach("root", None, new, self.labels["root"] + fstype)
-            elif marker == "writable: yes":
-                self._reach("overlay", None, new)
-            elif marker == "READY":
-                self._reach("ready", None, new)
-        return new
-
-    def first_missing(self) -> str | None:
-        """Label of the first step (in boot order) not reached, or None if all were."""
-        for key in self.order:
-            if key not in self.reached:
-                return self.labels[key]
-        return None
-
 
 # Where the demo image's init writes its probe (sidus.demo=reboot-after-write and
 # every boot): inside the guest it lands in the tmpfs overlay, never in the image.
@@ -468,19 +282,19 @@ class Lab:
         vm.start()
         return vm
 
-    def timeline(self, vm: Vm) -> BootTimeline:
+    def timeline(self, vm: Vm) -> BootFollower:
         """A timeline that follows ``vm``'s boot from now on."""
         # qemu's NIC ROMs are iPXE (BIOS and EFI builds): with ipxe_chain on they get the HTTP
         # script; otherwise UEFI gets syslinux.efi and BIOS pxelinux.0
         path = "ipxe-http" if (self.ipxe_chain and self.http) else "uefi" if vm.uefi else "bios"
-        tl = BootTimeline(vm.mac, self.sidusd_log, vm.console_log,
+        tl = BootFollower(vm.mac, self.sidusd_log, vm.console_log,
                           log_offset=self.sidusd_log.stat().st_size if self.sidusd_log.exists() else 0,
                           site_leases=self.site.leases if self.site is not None else None, path=path)
         if vm.started_at is not None:           # count from the moment qemu started
             tl.t0 = time.time() - (time.monotonic() - vm.started_at)
         return tl
 
-    def follow(self, vm: Vm, timeline: BootTimeline, timeout_s: float, until: str = "ready",
+    def follow(self, vm: Vm, timeline: BootFollower, timeout_s: float, until: str = "ready",
                on_step: Callable[[Step], None] | None = None) -> bool:
         """Poll ``timeline`` until step ``until`` is reached, the VM exits, or time runs out.
 

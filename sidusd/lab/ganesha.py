@@ -211,7 +211,7 @@ class GaneshaServer:
             if not rpcbind or _gone(rpcbind):
                 break
 
-    def __enter__(self) -> "GaneshaServer":
+    def __enter__(self) -> GaneshaServer:
         self.start()
         return self
 

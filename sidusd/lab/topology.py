@@ -153,7 +153,7 @@ class Topology:
         """``argv`` wrapped to run inside the site namespace."""
         return ["ip", "netns", "exec", self.site_ns, *argv]
 
-    def create(self) -> "Topology":
+    def create(self) -> Topology:
         """Build the namespaces, bridge and veth link.  On failure, removes what it made."""
         prefix = NETWORK.prefixlen
         try:
@@ -201,7 +201,7 @@ class Topology:
         """True while the lab namespace exists."""
         return self.lab_ns in netns_list(self.runner)
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Topology:
         return self.create()
 
     def __exit__(self, *exc) -> None:

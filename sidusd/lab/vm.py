@@ -154,8 +154,8 @@ class Vm:
                 return rx.search(self.console_text(), start)
             time.sleep(POLL_S)
 
-    def wait_exit(self, timeout_s: float) -> int | None:
-        """Wait for qemu to end (guest poweroff); its exit code, or None on timeout."""
+    def wait_exit(self, timeout_s: float | None) -> int | None:
+        """Wait for qemu to end (guest poweroff; None: no timeout); its exit code, or None on timeout."""
         if self.proc is None:
             return None
         try:

@@ -10,7 +10,11 @@ Each datagram: decode (malformed: counted ``dhcp.malformed``, dropped), build a
 :class:`~sidusd.boot.policy.BootRequest`, :func:`~sidusd.boot.policy.decide`
 against the config and inventory read *now* from the runtime (they are swapped
 whole on reload), then do what the decision says.  In full mode a granted lease
-is journaled with fsync before the ACK leaves.  Nothing a peer sends can raise
+is journaled with fsync before the ACK leaves: the journal is
+``io.lease_journal`` (:mod:`sidusd.net.io`; in the worker a request to the
+supervisor), awaited while the readers are paused, so the next request is
+decided only once the lease is on disk and applied.  The sockets come from
+``io.listener`` (:mod:`sidusd.net.listeners`).  Nothing a peer sends can raise
 out of the reader.
 
 Counters: ``dhcp.rx``, ``dhcp.malformed``, ``dhcp.offers``, ``dhcp.acks``,
@@ -24,50 +28,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
-import fcntl
 import ipaddress
 import socket
-import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Coroutine
 
 from sidusd.boot import policy
 from sidusd.boot.leases import LeaseDB, Reservations
 from sidusd.errors import RemoteProtocolError, SidusError, StartupError
-from sidusd.net.leasestore import LeaseStore
-from sidusd.observability import get_logger
+from sidusd.net.io import LeaseJournal, ServiceIO, local_io
+from sidusd.net.listeners import interface_ipv4, check_interface
+from sidusd.observability import RepeatBackoff, get_logger
 from sidusd.proto import dhcp
 
-SIOCGIFADDR = 0x8915
 RECV_SIZE = 4096                # larger than any DHCP message a client may send (RFC 2131 §2)
 BATCH = 64                      # datagrams read per wake-up before yielding to the loop
 MALFORMED_LOG_INTERVAL_S = 10.0
-SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-
-
-def interface_ipv4(ifname: str) -> ipaddress.IPv4Address:
-    """The primary IPv4 address of ``ifname`` (ioctl SIOCGIFADDR).  Raises OSError."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        req = struct.pack("256s", ifname.encode()[:15])
-        res = fcntl.ioctl(s.fileno(), SIOCGIFADDR, req)
-    return ipaddress.IPv4Address(res[20:24])
-
-
-def open_socket(ifname: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket on 0.0.0.0:``port`` bound to device ``ifname``."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
-        s.bind(("0.0.0.0", port))
-        s.setblocking(False)
-    except OSError:
-        s.close()
-        raise
-    return s
 
 
 @dataclass
@@ -82,19 +59,20 @@ class _Listener:
 class DhcpService:
     """proxyDHCP / full DHCP on the interfaces of ``runtime.config.dhcp``."""
 
-    def __init__(self, runtime: Any):
+    def __init__(self, runtime: Any, io: ServiceIO | None = None):
         self.runtime = runtime
+        self.io = io if io is not None else local_io()
         self.log = get_logger("dhcp")
         self._listeners: list[_Listener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db: LeaseDB | None = None
         self._pool: Any = None
-        self._store: LeaseStore | None = None
+        self._store: LeaseJournal | None = None
         self._res_for: Any = None
         self._res = Reservations({}, {})
-        self._malformed_logged_at = float("-inf")
-        self._malformed_quiet = 0
+        self._malformed = RepeatBackoff(MALFORMED_LOG_INTERVAL_S, MALFORMED_LOG_INTERVAL_S)
         self._file_warned = False
+        self._writing: asyncio.Task | None = None     # a lease being journaled: readers paused
 
     # -- life cycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -104,21 +82,12 @@ class DhcpService:
             return
         self._loop = asyncio.get_running_loop()
         if cfg.mode == "full":
-            self._open_leases(cfg.pool)
+            await self._open_leases(cfg.pool)
         try:
             for iface in cfg.interfaces:
-                try:
-                    address = str(interface_ipv4(iface))
-                except OSError as exc:
-                    why = {errno.ENODEV: "no such interface",
-                           errno.EADDRNOTAVAIL: "it has no IPv4 address"}.get(exc.errno, exc.strerror)
-                    raise StartupError(f"dhcp: interface {iface}: {why}") from None
+                address = check_interface(iface)
                 for via, port in ((policy.VIA_DHCP, cfg.port), (policy.VIA_PXE, cfg.pxe_port)):
-                    try:
-                        sock = open_socket(iface, port)
-                    except OSError as exc:
-                        raise StartupError(f"dhcp: cannot listen on {iface} udp/{port}: "
-                                           f"{exc.strerror}") from None
+                    sock = self.io.listener("dhcp", "0.0.0.0", port, iface)
                     lst = _Listener(iface, via, port, sock, address)
                     self._listeners.append(lst)
                     self._loop.add_reader(sock.fileno(), self._on_readable, lst)
@@ -128,11 +97,11 @@ class DhcpService:
             await self.stop()
             raise
 
-    def _open_leases(self, pool: Any) -> None:
+    async def _open_leases(self, pool: Any) -> None:
         db = LeaseDB.for_pool(pool)
-        store = LeaseStore(pool.lease_file)
+        store = self.io.lease_journal(pool.lease_file)
         try:
-            good, bad = store.load(db)
+            good, bad = await store.load(db)
         except OSError as exc:
             raise StartupError(f"dhcp: lease file {pool.lease_file}: {exc.strerror}") from None
         self._db, self._store, self._pool = db, store, pool
@@ -140,14 +109,17 @@ class DhcpService:
                       leases=len(db))
 
     async def stop(self) -> None:
-        """Close every socket and the lease journal."""
-        for lst in self._listeners:
+        """Close every socket and the lease journal (after the lease being written, if any)."""
+        listeners, self._listeners = self._listeners, []
+        for lst in listeners:
             if self._loop is not None:
                 self._loop.remove_reader(lst.sock.fileno())
+        if self._writing is not None:
+            await asyncio.wait({self._writing})
+        for lst in listeners:
             lst.sock.close()
-        if self._listeners:
+        if listeners:
             self.log.info("dhcp.stopped")
-        self._listeners.clear()
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -167,6 +139,8 @@ class DhcpService:
     # -- receiving --------------------------------------------------------------
     def _on_readable(self, lst: _Listener) -> None:
         for _ in range(BATCH):
+            if self._writing is not None:
+                return                           # paused: read on once the lease is on disk
             try:
                 data, addr = lst.sock.recvfrom(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
@@ -188,20 +162,45 @@ class DhcpService:
             self._log_malformed(lst, addr, exc)
             return
         try:
-            self._serve(lst, pkt, addr)
+            write = self._serve(lst, pkt, addr)
         except Exception as exc:  # a bug must not stop the reader
-            obs.count("dhcp.errors")
-            self.log.exception("dhcp.error", mac=pkt.mac, xid=pkt.xid, port=lst.port,
-                               error=repr(exc))
+            self._error(lst, pkt, exc)
+            return
+        if write is not None:
+            self._hold(lst, pkt, write)
+
+    def _error(self, lst: _Listener, pkt: dhcp.DhcpPacket, exc: Exception) -> None:
+        """Count and log a bug met serving ``pkt`` (called in the ``except`` block)."""
+        self.runtime.observer.count("dhcp.errors")
+        self.log.exception("dhcp.error", mac=pkt.mac, xid=pkt.xid, port=lst.port, error=repr(exc))
+
+    def _hold(self, lst: _Listener, pkt: dhcp.DhcpPacket, write: Coroutine[Any, Any, None]) -> None:
+        """Run ``write`` (journal, then answer) with every reader paused until it is done:
+        requests wait in the kernel's buffer, as they did while a local fsync ran inline."""
+        loop = self._loop
+        assert loop is not None
+        paused = list(self._listeners)
+        for l in paused:
+            loop.remove_reader(l.sock.fileno())
+
+        async def run() -> None:
+            try:
+                await write
+            except Exception as exc:  # a bug must not stop the service
+                self._error(lst, pkt, exc)
+            finally:
+                self._writing = None
+                for l in paused:
+                    if l in self._listeners:     # not stopped meanwhile
+                        loop.add_reader(l.sock.fileno(), self._on_readable, l)
+
+        self._writing = loop.create_task(run())
 
     def _log_malformed(self, lst: _Listener, addr: tuple[str, int], exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._malformed_logged_at < MALFORMED_LOG_INTERVAL_S:
-            self._malformed_quiet += 1
+        if not self._malformed.failed("", time.monotonic()):
             return
         self.log.warning("dhcp.malformed", peer=f"{addr[0]}:{addr[1]}", port=lst.port,
-                         interface=lst.iface, error=str(exc), suppressed=self._malformed_quiet)
-        self._malformed_logged_at, self._malformed_quiet = now, 0
+                         interface=lst.iface, error=str(exc), suppressed=self._malformed.take_suppressed())
 
     # -- deciding and acting -------------------------------------------------------
     def _reservations(self, inventory: Any) -> Reservations:
@@ -228,7 +227,9 @@ class DhcpService:
             self.log.info("dhcp.pool_changed", network=str(kept.network), leases=len(db))
         return self._db
 
-    def _serve(self, lst: _Listener, pkt: dhcp.DhcpPacket, addr: tuple[str, int]) -> None:
+    def _serve(self, lst: _Listener, pkt: dhcp.DhcpPacket,
+               addr: tuple[str, int]) -> Coroutine[Any, Any, None] | None:
+        """Decide; act at once, or return the coroutine that journals the lease and then acts."""
         rt = self.runtime
         snap = getattr(rt, "snapshot", None)
         config = snap.config if snap is not None else rt.config
@@ -237,7 +238,7 @@ class DhcpService:
             server_ip = interface_ipv4(lst.iface)
         except OSError:
             self._drop(lst, pkt, policy.Drop("no_address", f"{lst.iface} has no IPv4 address now"))
-            return
+            return None
         lst.address = str(server_ip)
         req = policy.BootRequest.from_packet(pkt, lst.via, server_ip, addr)
 
@@ -254,27 +255,41 @@ class DhcpService:
                                  now=now)
         if isinstance(decision, policy.Drop):
             self._drop(lst, pkt, decision)
-        elif isinstance(decision, policy.LeaseChange):
-            if self._journal(decision.lease, now, req):
-                rt.observer.count(f"dhcp.{decision.event}")
-                rt.observer.timeline(req.mac, f"dhcp.{decision.event}", ip=str(decision.lease.ip))
+            return None
+        lease = decision.lease
+        if lease is not None and self._db is not None and lease.state != "offered" and self._store is not None:
+            return self._write_then_act(lst, pkt, req, decision, now)
+        self._act(lst, pkt, req, decision, now)
+        return None
+
+    async def _write_then_act(self, lst: _Listener, pkt: dhcp.DhcpPacket, req: policy.BootRequest,
+                              decision: Any, now: float) -> None:
+        """Make the lease durable, then act on the decision (no ACK for a lease not on disk)."""
+        assert self._store is not None
+        try:
+            await self._store.append(decision.lease)
+        except OSError as exc:
+            self.runtime.observer.count("dhcp.lease_write_errors")
+            self.log.error("dhcp.lease_write_failed", mac=req.mac, ip=str(decision.lease.ip),
+                           error=str(exc), file=str(self._store.path))
+            return
+        self._act(lst, pkt, req, decision, now)
+
+    def _act(self, lst: _Listener, pkt: dhcp.DhcpPacket, req: policy.BootRequest, decision: Any,
+             now: float) -> None:
+        if isinstance(decision, policy.LeaseChange):
+            if self._apply(decision.lease, now):
+                self.runtime.observer.count(f"dhcp.{decision.event}")
+                self.runtime.observer.timeline(req.mac, f"dhcp.{decision.event}", ip=str(decision.lease.ip))
                 self.log.info("dhcp.lease", mac=req.mac, xid=pkt.xid, event=decision.event,
                               ip=str(decision.lease.ip))
         else:
             self._reply(lst, req, decision, now)
 
-    def _journal(self, lease: Any, now: float, req: policy.BootRequest) -> bool:
-        """Make ``lease`` durable (unless an offer) and apply it.  False if the disk refused."""
+    def _apply(self, lease: Any, now: float) -> bool:
+        """Apply ``lease`` (already durable unless an offer).  False without a lease table."""
         if self._db is None:
             return False
-        if lease.state != "offered" and self._store is not None:
-            try:
-                self._store.append(lease)
-            except OSError as exc:
-                self.runtime.observer.count("dhcp.lease_write_errors")
-                self.log.error("dhcp.lease_write_failed", mac=req.mac, ip=str(lease.ip),
-                               error=str(exc), file=str(self._store.path))
-                return False
         self._db.apply(lease)
         if self._store is not None and lease.state != "offered":
             try:
@@ -285,8 +300,8 @@ class DhcpService:
 
     def _reply(self, lst: _Listener, req: policy.BootRequest, reply: policy.Reply, now: float) -> None:
         obs = self.runtime.observer
-        if reply.lease is not None and not self._journal(reply.lease, now, req):
-            return                               # no ACK for a lease that is not on disk
+        if reply.lease is not None and not self._apply(reply.lease, now):
+            return
         try:
             data = dhcp.encode(reply.packet)
             lst.sock.sendto(data, reply.dest)

@@ -4,10 +4,11 @@ iPXE (after a chainload, or as the NIC's own ROM) fetches
 ``http://<server>:<http.port>/boot/<mac>.ipxe`` and then the kernel and the
 initrd that script names; UEFI HTTP boot fetches its boot file by URL.  The
 names mean exactly what they mean over TFTP: the URL path (percent-decoded,
-strict UTF-8, query ignored) goes through :func:`sidusd.boot.content.resolve`,
-files are opened with :func:`sidusd.net.files.open_confined` below
-``tftp.root`` (any symlink refused), generated names are rendered per MAC by
-``runtime.render(kind, mac, server_ip, client_ip)``.
+strict UTF-8, query ignored) is decided by ``runtime.provide`` (one decision
+for TFTP and HTTP, :mod:`sidusd.boot.provider`): a file below ``tftp.root``,
+opened with ``await io.open_file(root, parts)`` (any symlink refused), a
+document rendered per MAC, or a refusal, mapped to a status by
+:data:`REFUSALS`.  Connections are admitted by :mod:`sidusd.net.http_conns`.
 
 * HTTP parsing is aiohttp's (its low-level :class:`aiohttp.web.Server`); this
   module only decides and sends.  GET and HEAD (others: 405), one byte range
@@ -38,118 +39,36 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import logging
 import os
 from email.utils import formatdate
 from typing import Any
 
-from aiohttp import http_exceptions, web
+from aiohttp import web
 
-from ..boot import content
+from ..boot import provider
 from ..errors import StartupError
 from ..observability import get_logger
 from ..proto.http import RangeNotSatisfiable, parse_range, request_name
-from .files import NotServable, open_confined
+from ..runtime_view import RuntimeView
+from .files import NotServable
+from .http_conns import Conn
+from .http_conns import Gate as _Gate  # (names as in start(), which binds the listener)
+from .http_conns import ParserLog as _ParserLog
+from .http_conns import Server as _Server
+from .io import ServiceIO, local_io
 
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_PER_CLIENT = 32
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 SEND_CHUNK = 1 << 20          # bytes per sendfile() call, each bounded by idle_timeout_s
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
-         b"Content-Length: 0\r\n\r\n")
-_REFUSE_LINGER_S = 2.0
-_MAX_REFUSING = 256           # refused connections lingering at once; beyond, reset at once
 
-
-class _Conn:
-    __slots__ = ("transport", "ip", "busy", "idle_since")
-
-    def __init__(self, transport: Any, ip: str, now: float):
-        self.transport, self.ip, self.busy, self.idle_since = transport, ip, 0, now
-
-
-class _Server(web.Server):
-    """aiohttp's low-level server, telling the service when connections come and go."""
-
-    def __init__(self, svc: "HttpService", **kw: Any):
-        super().__init__(svc._handle, **kw)
-        self._svc = svc
-
-    def connection_made(self, handler: Any, transport: Any) -> None:
-        super().connection_made(handler, transport)
-        self._svc._opened(handler, transport)
-
-    def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
-        super().connection_lost(handler, exc)
-        self._svc._closed(handler)
-
-
-class _Gate(asyncio.Protocol):
-    """Admits a new connection to aiohttp, or answers 503 without parsing anything.
-
-    A refused client gets the 503, our half-close, and its request bytes read
-    and dropped until it closes (at most ``_REFUSE_LINGER_S``): closing with
-    unread data would send an RST, and the client would see a reset instead
-    of the 503.
-    """
-
-    def __init__(self, svc: "HttpService"):
-        self.svc = svc
-        self.timer: asyncio.TimerHandle | None = None
-        self.svc_counted = False
-
-    def connection_made(self, transport: Any) -> None:
-        svc = self.svc
-        handler = svc._admit(transport)
-        if handler is not None:
-            transport.set_protocol(handler)
-            handler.connection_made(transport)
-            return
-        if svc._refusing >= _MAX_REFUSING:
-            transport.abort()         # a flood: no lingering, the kernel answers with a reset
-            return
-        svc._refusing += 1
-        self.svc_counted = True
-        transport.write(_BUSY)
-        if transport.can_write_eof():
-            transport.write_eof()
-        assert svc._loop is not None
-        self.timer = svc._loop.call_later(_REFUSE_LINGER_S, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False                  # the transport closes itself
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.svc_counted:
-            self.svc._refusing -= 1
-            self.svc_counted = False
-
-
-class _ParserLog(logging.Logger):
-    """aiohttp's logger for this service: a malformed request is counted and logged at debug.
-
-    aiohttp answers 400 itself and logs the parser's exception with a
-    traceback at ERROR; a hostile peer must not be able to fill the log.
-    """
-
-    def __init__(self, svc: "HttpService"):
-        super().__init__("sidusd.http.aiohttp")
-        self.svc = svc
-
-    def handle(self, record: logging.LogRecord) -> None:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, http_exceptions.HttpProcessingError):
-            self.svc.runtime.observer.count("http.malformed")
-            self.svc.log.debug("http.malformed", error=str(exc).splitlines()[0][:200])
-        elif record.levelno >= logging.WARNING:
-            self.svc.runtime.observer.count("http.internal_errors")
-            self.svc.log.error("http.aiohttp_error", message=record.getMessage()[:300],
-                               error=repr(exc)[:300] if exc else None)
+# provider.Refusal code -> (status (RFC 9110 section 15), counter http.refused.<reason>, body text)
+REFUSALS: dict[str, tuple[int, str | None, str]] = {
+    provider.NAME: (403, "name", "forbidden: {reason}"),
+    provider.NOT_FOUND: (404, "not_found", "not found"),
+    provider.ACCESS: (403, "access", "forbidden"),
+    provider.INTERNAL: (500, None, "internal error"),
+}
 
 
 class _Record:
@@ -170,9 +89,10 @@ class _Record:
 class HttpService:
     """HTTP boot server on ``http.address:http.port``, serving ``tftp.root`` and rendered scripts."""
 
-    def __init__(self, runtime: Any, max_connections: int | None = None,
+    def __init__(self, runtime: RuntimeView, io: ServiceIO | None = None, max_connections: int | None = None,
                  max_per_client: int | None = None, idle_timeout_s: float | None = None):
         self.runtime = runtime
+        self.io = io if io is not None else local_io()     # how files are opened (await io.open_file)
         # None: the value of the live config (``http.max_connections`` ...), so a
         # reload changes the limits for what comes next; a number pins it (tests).
         self._fixed = {"max_connections": max_connections, "max_per_client": max_per_client,
@@ -182,7 +102,7 @@ class HttpService:
         self._server: _Server | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._bound: tuple[str, int] | None = None
-        self._conns: dict[Any, _Conn] = {}
+        self._conns: dict[Any, Conn] = {}
         self._per_client: collections.Counter[str] = collections.Counter()
         self._watchdog: asyncio.Task | None = None
         self._stopping = False
@@ -220,11 +140,12 @@ class HttpService:
         # (after the largest idle_timeout_s a reload may set)
         self._server = _Server(self, keepalive_timeout=2 * max(self.idle_timeout_s, 3600.0) + 10, access_log=None,
                                logger=_ParserLog(self), max_line_size=4096, max_field_size=4096, max_headers=64)
+        sock = self.io.listener("http", str(cfg.address), int(cfg.port))
         try:
             self._listener = await self._loop.create_server(
-                lambda: _Gate(self), str(cfg.address), int(cfg.port), reuse_address=True,
-                backlog=min(1024, self.max_connections))
+                lambda: _Gate(self), sock=sock, backlog=min(1024, self.max_connections))
         except OSError as exc:
+            sock.close()
             raise StartupError(f"http: cannot listen on {cfg.address}:{cfg.port}: {exc.strerror}") from None
         self._bound = self._listener.sockets[0].getsockname()[:2]
         self._watchdog = self._loop.create_task(self._watch())
@@ -240,7 +161,7 @@ class HttpService:
             self._idle.clear()
             try:
                 await asyncio.wait_for(self._idle.wait(), grace_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         for conn in list(self._conns.values()):
             conn.transport.close()
@@ -287,7 +208,7 @@ class HttpService:
         assert self._loop is not None
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.runtime.observer.count("http.connections")
-        self._conns[handler] = _Conn(transport, peer[0], self._loop.time())
+        self._conns[handler] = Conn(transport, peer[0], self._loop.time())
         self._per_client[peer[0]] += 1
 
     def _closed(self, handler: Any) -> None:
@@ -366,6 +287,18 @@ class HttpService:
         rec.bytes = len(body)
         return web.Response(status=status, body=body, content_type="text/plain", headers=headers)
 
+    def _refused(self, rec: _Record, refusal: provider.Refusal) -> web.Response:
+        """The response for a refusal of the content decision (:data:`REFUSALS`)."""
+        status, reason, text = REFUSALS[refusal.code]
+        if refusal.code == provider.ACCESS:
+            self.log.info("http.access", file=rec.file, reason=refusal.reason)
+        if reason is None:                  # our bug: counted and logged as an internal error already
+            rec.status, rec.outcome = status, "internal-error"
+            body = (text + "\n").encode()
+            rec.bytes = len(body)
+            return web.Response(status=status, body=body, content_type="text/plain")
+        return self._fail(rec, status, reason, text.format(reason=refusal.reason))
+
     async def _serve(self, request: web.BaseRequest, rec: _Record, peer_ip: str,
                      local_ip: str) -> web.StreamResponse:
         if self._stopping:
@@ -376,24 +309,24 @@ class HttpService:
         if name is None:
             return self._fail(rec, 400, "encoding", "path is not UTF-8")
         rec.file = name.lstrip("/")[:300] or "/"
-        res = content.resolve(name)
-        if isinstance(res, content.Refused):
-            return self._fail(rec, 403, "name", f"forbidden: {res.reason}")
-        cfg = self.runtime.config
-        if isinstance(res, content.Generated):
-            rec.mac = res.mac
-            doc = self.runtime.render(res.kind, res.mac, local_ip, peer_ip)
-            if doc is None:
-                return self._fail(rec, 404, "not_found", "not found")
+        try:
+            decision = self.runtime.provide(name, local_ip, peer_ip)
+        except Exception:
+            self.runtime.observer.count("http.internal_errors")
+            self.log.exception("http.internal_error", peer=peer_ip, path=request.raw_path[:300])
+            decision = provider.Refusal(provider.INTERNAL, "internal error")
+        if isinstance(decision, provider.Refusal):
+            rec.mac = decision.mac
+            return self._refused(rec, decision)
+        if isinstance(decision, provider.Document):
+            rec.mac = decision.mac
+            doc = decision.body
             headers = {"Cache-Control": "no-store", "Content-Type": "text/plain; charset=us-ascii"}
             return await self._send(request, rec, headers, len(doc), doc=doc)
         try:
-            fd, size = open_confined(cfg.tftp.root, res.parts)
+            fd, size = await self.io.open_file(decision.root, decision.parts)
         except NotServable as exc:
-            if exc.missing:
-                return self._fail(rec, 404, "not_found", "not found")
-            self.log.info("http.access", file=rec.file, reason=exc.reason)
-            return self._fail(rec, 403, "access", "forbidden")
+            return self._refused(rec, provider.refused_open(exc.missing, exc.reason))
         with open(fd, "rb", buffering=0, closefd=True) as fobj:
             st = os.fstat(fd)
             etag = '"' + hashlib.blake2s(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode(),
@@ -443,7 +376,7 @@ class HttpService:
                 try:
                     sent = await asyncio.wait_for(
                         self._loop.sendfile(transport, fobj, offset, n), self.idle_timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     # the client stopped reading: cut it (the rest of the file is never sent)
                     rec.outcome = "timeout"
                     self.runtime.observer.count("http.timeouts.send")

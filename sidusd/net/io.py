@@ -40,13 +40,19 @@ OpenFile = Callable[[Path, tuple[str, ...]], Awaitable[tuple[int, int]]]
 """``await open_file(root, parts) -> (fd, size)``; raises :class:`files.NotServable`."""
 
 
+Listen = Callable[..., socket.socket]
+"""``listener(service, address, port, device=None, rcvbuf=0) -> socket``: the non-blocking
+listening socket of ``service`` (dhcp | tftp | http); raises :class:`~sidusd.errors.StartupError`
+(:func:`sidusd.net.listeners.bind_listener`, or the worker's inherited one)."""
+
+
 @dataclass(frozen=True)
 class ServiceIO:
     """The file opener, the lease journal and the listening sockets of one process."""
 
     open_file: OpenFile
     lease_journal: Callable[[Path], LeaseJournal]
-    listener: Callable[..., socket.socket]
+    listener: Listen
 
 
 async def _open_local(root: Path, parts: tuple[str, ...]) -> tuple[int, int]:

@@ -11,9 +11,12 @@ rewritten after every single write), it is rewritten from the live leases:
 temp file in the same directory, fsync, rename over the journal, fsync of the
 directory (an atomic replace: the journal is always either old or new).
 
-The fsync runs on the event loop thread on purpose: the ACK must wait for it
-anyway, and doing it inline keeps decisions strictly ordered (no two REQUESTs
-can race for one address).
+:meth:`LeaseStore.load` and :meth:`LeaseStore.append` are coroutines (the
+:class:`~sidusd.net.io.LeaseJournal` protocol, shared with the worker's remote
+journal), but the local fsync runs on the event loop thread on purpose: the
+ACK must wait for it anyway.  The DHCP service keeps decisions strictly
+ordered itself (it reads no other request while a lease is being written), so
+no two REQUESTs can race for one address.
 
 A compaction killed before its rename leaves its temp file
 (:func:`sidusd.fsutil.atomic_write` names it); :meth:`LeaseStore.load` removes
@@ -51,7 +54,7 @@ class LeaseStore:
         self.stale_temps_removed = 0
 
     # -- start ---------------------------------------------------------------
-    def load(self, db: LeaseDB) -> tuple[int, int]:
+    async def load(self, db: LeaseDB) -> tuple[int, int]:
         """Replay the journal into ``db`` and open it for appending.
 
         Returns ``(lines applied, lines refused)``.  Creates the directory
@@ -81,7 +84,7 @@ class LeaseStore:
                            FILE_MODE)
 
     # -- running -------------------------------------------------------------
-    def append(self, lease: Lease) -> None:
+    async def append(self, lease: Lease) -> None:
         """Write one lease line and fsync it.  Raises OSError (disk full...)."""
         if self._fd is None:
             self._open()

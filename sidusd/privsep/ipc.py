@@ -11,7 +11,9 @@ is dropped alone.
   ``M`` whole, ``P`` part, ``E`` last part).  Worker -> supervisor: one JSON
   object per datagram, at most ``MAX_MSG`` bytes, decoded by
   :func:`decode_worker` (strict: UTF-8, no duplicate keys, no NaN, known
-  ``t`` only, every field typed and bounded).
+  ``t`` only, every field typed and bounded).  The messages are declared once
+  as :mod:`msgspec` Structs tagged by ``t`` (:class:`Hello` ... :class:`LeaseAppend`),
+  their bounds on the fields; ``msgspec.convert`` checks them (docs/decisions.md).
 * **rpc** (worker asks, supervisor answers; the worker waits): ``open``
   (a file below ``tftp.root``: the supervisor opens it with
   :func:`sidusd.net.files.open_confined` and passes the descriptor with
@@ -28,12 +30,14 @@ from __future__ import annotations
 import copyreg
 import ipaddress
 import json
-import math
 import pickle
-import re
+import sys
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import Meta, Struct, field
 
 from ..errors import RemoteProtocolError
 
@@ -46,13 +50,18 @@ MAX_STR = 512                        # any string field
 MAX_PARTS = 64                       # path components of an open request
 MAX_ENTRY = 1024                     # one timeline entry's fields, as JSON (64 x 1024 clients kept)
 
-WORKER_TYPES = ("hello", "ready", "fatal", "events", "stats")
-RPC_TYPES = ("open", "lease.load", "lease.append")
 
-_NAME = re.compile(r"[a-z0-9_][a-z0-9_.\-]{0,79}")
-_FIELD = re.compile(r"[a-z_][a-z0-9_]{0,31}")
-_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){0,15}")     # chaddr[:hlen], 1..16 bytes
-_ARCH = re.compile(r"[a-z0-9_\-]{1,32}")
+Name = Annotated[str, Meta(pattern=r"^[a-z0-9_][a-z0-9_.\-]{0,79}\Z")]
+FieldName = Annotated[str, Meta(pattern=r"^(?!(?:t|event)\Z)[a-z_][a-z0-9_]{0,31}\Z")]   # t, event: reserved
+Mac = Annotated[str, Meta(pattern=r"^[0-9a-f]{2}(?::[0-9a-f]{2}){0,15}\Z")]      # chaddr[:hlen], 1..16 bytes
+Arch = Annotated[str, Meta(pattern=r"^[a-z0-9_\-]{1,32}\Z")]
+Str = Annotated[str, Meta(max_length=MAX_STR)]
+Count = Annotated[int, Meta(ge=0, le=2**31)]
+Id = Annotated[int, Meta(ge=0, le=2**53)]
+Finite = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+Scalar = Union[None, bool, Annotated[int, Meta(ge=-2**53, le=2**53)], Finite, Str]
+Fields = Annotated[dict[FieldName, Scalar], Meta(max_length=MAX_FIELDS)]
+Listeners = Annotated[dict[Name, Annotated[list[Fields], Meta(max_length=256)]], Meta(max_length=8)]
 
 # Config and inventory hold read-only mappings; pickle them as plain dicts.
 def _mappingproxy(d: dict) -> types.MappingProxyType:
@@ -114,14 +123,14 @@ def _bad_constant(name: str) -> Any:
 def loads_strict(data: bytes) -> dict[str, Any]:
     """One JSON object from ``data``; RemoteProtocolError for anything else."""
     if len(data) > MAX_MSG:
-        raise RemoteProtocolError(f"message of {len(data)} bytes (limit {MAX_MSG})")
+        raise RemoteProtocolError("oversized", f"message of {len(data)} bytes (limit {MAX_MSG})")
     try:
         obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_dups,
                          parse_constant=_bad_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise RemoteProtocolError(f"not strict JSON: {str(exc)[:120]}") from None
+        raise RemoteProtocolError("bad_json", f"not strict JSON: {str(exc)[:120]}") from None
     if not isinstance(obj, dict):
-        raise RemoteProtocolError("not a JSON object")
+        raise RemoteProtocolError("bad_json", "not a JSON object")
     return obj
 
 
@@ -131,135 +140,113 @@ class WorkerMessage:
     body: dict[str, Any]
 
 
-def _str(v: Any, what: str, pattern: re.Pattern | None = None, none: bool = False) -> str | None:
-    if v is None and none:
-        return None
-    if not isinstance(v, str) or len(v) > MAX_STR:
-        raise RemoteProtocolError(f"{what}: expected a string of at most {MAX_STR} characters")
-    if pattern is not None and not pattern.fullmatch(v):
-        raise RemoteProtocolError(f"{what}: {v[:40]!r} is not allowed")
-    return v
+class _Message(Struct, frozen=True, forbid_unknown_fields=True, tag_field="t"):
+    pass
 
 
-def _int(v: Any, what: str, lo: int = 0, hi: int = 2**31) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise RemoteProtocolError(f"{what}: expected an integer in {lo}..{hi}")
-    return v
+class Hello(_Message, tag="hello", frozen=True):
+    pid: Annotated[int, Meta(ge=1, le=2**22)]
 
 
-def _num(v: Any, what: str) -> float:
-    if type(v) not in (int, float) or not math.isfinite(v):
-        raise RemoteProtocolError(f"{what}: expected a finite number")
-    return float(v)
+class Fatal(_Message, tag="fatal", frozen=True):
+    error: Str
 
 
-def _ip(v: Any, what: str) -> str | None:
-    if v is None:
-        return None
-    s = _str(v, what)
+class Ready(_Message, tag="ready", frozen=True):
+    listeners: Listeners
+
+
+class Stats(_Message, tag="stats", frozen=True):
+    id: Id
+    listeners: Listeners
+    transfers: Annotated[dict[Name, Count], Meta(max_length=8)]
+
+
+class _Event(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    pass
+
+
+class Seen(_Event, tag="seen", frozen=True):
+    """``["seen", mac, ip|null, arch|null]``: a DHCP request was answered."""
+    mac: Mac
+    ip: ipaddress.IPv4Address | None
+    arch: Arch | None
+
+
+class Timeline(_Event, tag="tl", frozen=True):
+    """``["tl", mac, t, event, {fields}]``: one boot-timeline entry."""
+    mac: Mac
+    t: Finite
+    event: Name
+    fields: Fields
+
+
+class Booted(_Event, tag="booted", frozen=True):
+    """``["booted", mac, image, hostname|null]``: a boot config was served (docs/images.md)."""
+    mac: Mac
+    image: Name
+    hostname: Str | None
+
+
+Event = Union[Seen, Timeline, Booted]
+
+
+class Events(_Message, tag="events", frozen=True):
+    counters: Annotated[dict[Name, Count], Meta(max_length=MAX_COUNTERS)] = field(default_factory=dict)
+    events: Annotated[list[Event], Meta(max_length=MAX_EVENTS)] = field(default_factory=list)
+    dropped: Count = 0
+
+
+WORKER_MESSAGES: dict[str, type[_Message]] = {"hello": Hello, "ready": Ready, "fatal": Fatal,
+                                               "events": Events, "stats": Stats}
+WORKER_TYPES = tuple(WORKER_MESSAGES)
+
+
+def _ipv4(tp: type, v: Any) -> Any:
+    if tp is ipaddress.IPv4Address and isinstance(v, str) and len(v) <= MAX_STR:
+        try:
+            return ipaddress.IPv4Address(v)
+        except ValueError:
+            raise ValueError("not an IPv4 address") from None
+    raise TypeError("expected an IPv4 address string")
+
+
+def _convert(obj: Any, tp: Any, what: str) -> Any:
     try:
-        return str(ipaddress.IPv4Address(s))
-    except ValueError:
-        raise RemoteProtocolError(f"{what}: not an IPv4 address") from None
-
-
-def _scalar(v: Any, what: str) -> Any:
-    if v is None or type(v) is bool:
-        return v
-    if type(v) is int:
-        return _int(v, what, -2**53, 2**53)
-    if type(v) is float:
-        return _num(v, what)
-    return _str(v, what)
-
-
-def _fields(v: Any, what: str) -> dict[str, Any]:
-    if not isinstance(v, dict) or len(v) > MAX_FIELDS:
-        raise RemoteProtocolError(f"{what}: expected an object of at most {MAX_FIELDS} fields")
-    out = {}
-    for k, x in v.items():
-        _str(k, f"{what} key", _FIELD)
-        if k in ("t", "event"):
-            raise RemoteProtocolError(f"{what}: field {k!r} is reserved")
-        out[k] = _scalar(x, f"{what}.{k}")
-    return out
-
-
-def _listeners(v: Any, what: str) -> dict[str, list[dict[str, Any]]]:
-    if not isinstance(v, dict) or len(v) > 8:
-        raise RemoteProtocolError(f"{what}: expected an object of services")
-    out: dict[str, list[dict[str, Any]]] = {}
-    for svc, lst in v.items():
-        _str(svc, f"{what} key", _NAME)
-        if not isinstance(lst, list) or len(lst) > 256:
-            raise RemoteProtocolError(f"{what}.{svc}: expected a list of at most 256")
-        out[svc] = [_fields(x, f"{what}.{svc}[]") for x in lst]
-    return out
+        return msgspec.convert(obj, tp, strict=True, dec_hook=_ipv4)
+    except msgspec.ValidationError as exc:
+        raise RemoteProtocolError("bad_field", f"{what}: {str(exc)[:200]}") from None
 
 
 def decode_worker(data: bytes) -> WorkerMessage:
     """Check one worker message completely.  Raises RemoteProtocolError; returns clean values only."""
     obj = loads_strict(data)
     t = obj.get("t")
-    if t not in WORKER_TYPES:
-        raise RemoteProtocolError(f"unknown message type {str(t)[:40]!r}")
-    keys = set(obj) - {"t"}
-    if t == "hello":
-        _only(keys, {"pid"}, t)
-        return WorkerMessage(t, {"pid": _int(obj.get("pid"), "pid", 1, 2**22)})
-    if t == "fatal":
-        _only(keys, {"error"}, t)
-        return WorkerMessage(t, {"error": _str(obj.get("error"), "error")})
-    if t == "ready":
-        _only(keys, {"listeners"}, t)
-        return WorkerMessage(t, {"listeners": _listeners(obj.get("listeners"), "listeners")})
-    if t == "stats":
-        _only(keys, {"id", "listeners", "transfers"}, t)
-        tr = obj.get("transfers")
-        if not isinstance(tr, dict) or len(tr) > 8:
-            raise RemoteProtocolError("transfers: expected an object of services")
-        return WorkerMessage(t, {"id": _int(obj.get("id"), "id", 0, 2**53),
-                                 "listeners": _listeners(obj.get("listeners"), "listeners"),
-                                 "transfers": {_str(k, "transfers key", _NAME): _int(n, f"transfers.{k}", 0, 2**31)
-                                               for k, n in tr.items()}})
-    # events
-    _only(keys, {"counters", "events", "dropped"}, t)
-    counters = obj.get("counters", {})
-    if not isinstance(counters, dict) or len(counters) > MAX_COUNTERS:
-        raise RemoteProtocolError(f"counters: expected an object of at most {MAX_COUNTERS}")
-    clean_c = {_str(k, "counter name", _NAME): _int(n, f"counter {k}", 0, 2**31) for k, n in counters.items()}
-    events = obj.get("events", [])
-    if not isinstance(events, list) or len(events) > MAX_EVENTS:
-        raise RemoteProtocolError(f"events: expected a list of at most {MAX_EVENTS}")
-    clean_e = [check_event(e, f"events[{i}]") for i, e in enumerate(events)]
-    dropped = _int(obj.get("dropped", 0), "dropped", 0, 2**31)
-    return WorkerMessage(t, {"counters": clean_c, "events": clean_e, "dropped": dropped})
+    if t not in WORKER_MESSAGES:
+        raise RemoteProtocolError("unknown_type", f"unknown message type {str(t)[:40]!r}")
+    msg = _convert(obj, WORKER_MESSAGES[t], t)
+    if isinstance(msg, Events):
+        events = [_event_tuple(e, f"events[{i}]") for i, e in enumerate(msg.events)]
+        return WorkerMessage(t, {"counters": msg.counters, "events": events, "dropped": msg.dropped})
+    return WorkerMessage(t, msgspec.structs.asdict(msg))
+
+
+def _event_tuple(e: Any, what: str) -> tuple:
+    if isinstance(e, Seen):
+        return ("seen", e.mac, None if e.ip is None else str(e.ip), e.arch)
+    if isinstance(e, Booted):
+        return ("booted", e.mac, e.image, e.hostname)
+    if len(json.dumps(e.fields)) > MAX_ENTRY:
+        raise RemoteProtocolError("bad_field", f"{what}.fields: more than {MAX_ENTRY} bytes")
+    return ("tl", e.mac, e.t, e.event, e.fields)
 
 
 def check_event(e: Any, what: str = "event") -> tuple:
-    """One client event: ``["seen", mac, ip|null, arch|null]``, ``["tl", mac, t, event, {fields}]``
-    or ``["booted", mac, image, hostname|null]`` (a boot config was served: docs/images.md)."""
+    """One client event (:class:`Seen`, :class:`Timeline` or :class:`Booted`, as a list or tuple),
+    checked and returned as a tuple."""
     if not isinstance(e, (list, tuple)) or not e:
-        raise RemoteProtocolError(f"{what}: expected a list")
-    if e[0] == "seen" and len(e) == 4:
-        arch = _str(e[3], f"{what}.arch", _ARCH, none=True)
-        return ("seen", _str(e[1], f"{what}.mac", _MAC), _ip(e[2], f"{what}.ip"), arch)
-    if e[0] == "booted" and len(e) == 4:
-        return ("booted", _str(e[1], f"{what}.mac", _MAC), _str(e[2], f"{what}.image", _NAME),
-                _str(e[3], f"{what}.hostname", none=True))
-    if e[0] == "tl" and len(e) == 5:
-        fields = _fields(e[4], f"{what}.fields")
-        if len(json.dumps(fields)) > MAX_ENTRY:
-            raise RemoteProtocolError(f"{what}.fields: more than {MAX_ENTRY} bytes")
-        return ("tl", _str(e[1], f"{what}.mac", _MAC), _num(e[2], f"{what}.t"),
-                _str(e[3], f"{what}.event", _NAME), fields)
-    raise RemoteProtocolError(f"{what}: unknown event")
-
-
-def _only(keys: set[str], allowed: set[str], t: str) -> None:
-    extra = keys - allowed
-    if extra:
-        raise RemoteProtocolError(f"{t}: unknown field {sorted(extra)[0][:40]!r}")
+        raise RemoteProtocolError("bad_field", f"{what}: expected a list")
+    return _event_tuple(_convert(list(e), Event, what), what)
 
 
 # -- rpc ------------------------------------------------------------------------------
@@ -271,35 +258,49 @@ class RpcRequest:
     body: dict[str, Any]
 
 
+Part = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^(?!\.\.?\Z)[^/\x00]+\Z")]
+
+
+class Open(_Message, tag="open", frozen=True):
+    """A file below ``tftp.root``, as its plain path components."""
+    id: Id
+    parts: Annotated[list[Part], Meta(min_length=1, max_length=MAX_PARTS)]
+
+
+class LeaseLoad(_Message, tag="lease.load", frozen=True):
+    id: Id
+
+
+class Lease(Struct, frozen=True, forbid_unknown_fields=True):
+    ip: ipaddress.IPv4Address
+    mac: Mac
+    state: Literal["bound", "free", "declined"]
+    expires: Finite
+
+
+class LeaseAppend(_Message, tag="lease.append", frozen=True):
+    id: Id
+    lease: Lease
+
+
+RPC_REQUESTS: dict[str, type[_Message]] = {"open": Open, "lease.load": LeaseLoad, "lease.append": LeaseAppend}
+RPC_TYPES = tuple(RPC_REQUESTS)
+
+
 def decode_rpc(data: bytes) -> RpcRequest:
     """One worker request on the rpc channel, checked.  Raises RemoteProtocolError."""
     obj = loads_strict(data)
     t = obj.get("t")
-    if t not in RPC_TYPES:
-        raise RemoteProtocolError(f"unknown request type {str(t)[:40]!r}")
-    rid = _int(obj.get("id"), "id", 0, 2**53)
-    keys = set(obj) - {"t", "id"}
-    if t == "open":
-        _only(keys, {"parts"}, t)
-        parts = obj.get("parts")
-        if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_PARTS:
-            raise RemoteProtocolError(f"parts: expected 1..{MAX_PARTS} path components")
-        clean = []
-        for p in parts:
-            s = _str(p, "parts[]")
-            if not s or s in (".", "..") or "/" in s or "\0" in s or len(s.encode()) > 255:
-                raise RemoteProtocolError(f"parts: {s[:40]!r} is not a plain file name")
-            clean.append(s)
-        return RpcRequest(t, rid, {"parts": tuple(clean)})
-    if t == "lease.load":
-        _only(keys, set(), t)
-        return RpcRequest(t, rid, {})
-    _only(keys, {"lease"}, t)
-    lease = obj.get("lease")
-    if not isinstance(lease, dict) or set(lease) != {"ip", "mac", "state", "expires"}:
-        raise RemoteProtocolError("lease: expected {ip, mac, state, expires}")
-    state = _str(lease["state"], "lease.state")
-    if state not in ("bound", "free", "declined"):
-        raise RemoteProtocolError(f"lease.state {state[:20]!r} is not journaled")
-    return RpcRequest(t, rid, {"ip": _ip(lease["ip"], "lease.ip"), "mac": _str(lease["mac"], "lease.mac", _MAC),
-                               "state": state, "expires": _num(lease["expires"], "lease.expires")})
+    if t not in RPC_REQUESTS:
+        raise RemoteProtocolError("unknown_type", f"unknown request type {str(t)[:40]!r}")
+    req = _convert(obj, RPC_REQUESTS[t], t)
+    if isinstance(req, Open):
+        for p in req.parts:
+            if len(p.encode()) > 255:
+                raise RemoteProtocolError("bad_field", f"parts: {p[:40]!r} is not a plain file name")
+        return RpcRequest(t, req.id, {"parts": tuple(req.parts)})
+    if isinstance(req, LeaseAppend):
+        lease = req.lease
+        return RpcRequest(t, req.id, {"ip": str(lease.ip), "mac": lease.mac, "state": lease.state,
+                                      "expires": lease.expires})
+    return RpcRequest(t, req.id, {})

@@ -144,7 +144,7 @@ class DhcpPacket:
         """Client hardware address, lower-case, colon separated (``chaddr[:hlen]``)."""
         return ":".join(f"{b:02x}" for b in self.chaddr[:self.hlen])
 
-    def with_options(self, *pairs: tuple[int, bytes]) -> "DhcpPacket":
+    def with_options(self, *pairs: tuple[int, bytes]) -> DhcpPacket:
         """A copy with ``pairs`` set (replacing same codes, appended in order)."""
         new = dict(pairs)
         kept = tuple((c, v) for c, v in self.options if c not in new)

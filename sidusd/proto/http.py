@@ -11,11 +11,18 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
+from ..errors import SidusError
+
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-class RangeNotSatisfiable(Exception):
-    """No byte of the requested range exists (RFC 9110 section 15.5.17)."""
+class RangeNotSatisfiable(SidusError):
+    """No byte of the requested range exists (RFC 9110 section 15.5.17).
+
+    A :class:`~sidusd.errors.SidusError`, not a ``RemoteProtocolError``: the
+    header is well formed, it names bytes this representation does not have
+    (the answer is 416, not 400).
+    """
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ Decoding rules (exact, the unit tests check every truncated prefix):
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from ..errors import RemoteProtocolError
 

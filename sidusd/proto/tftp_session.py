@@ -36,87 +36,12 @@ size is a multiple of it), RFC 1350 section 6.
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-from typing import Protocol
-
 from . import tftp
+from .tftp_records import _OP_DATA, BytesSource, LockstepRun, Source, TransferSummary, _pack_hdr
 
-
-class Source(Protocol):
-    """What a transfer reads from: ``size`` bytes, read by offset."""
-
-    size: int
-
-    def read_block(self, offset: int, size: int) -> bytes: ...
-
-
-# A source whose class sets ``contiguous = True`` promises that one read of n
-# blocks equals the n block reads joined: a window is then read at once.
-
-
-class BytesSource:
-    """A rendered document (or netascii-converted text) held in memory."""
-
-    __slots__ = ("data", "size")
-    contiguous = True
-
-    def __init__(self, data: bytes):
-        self.data = bytes(data)
-        self.size = len(self.data)
-
-    def read_block(self, offset: int, size: int) -> bytes:
-        return self.data[offset:offset + size]
-
-
-@dataclass(frozen=True)
-class TransferSummary:
-    """The one record a transfer ends with (logged as ``tftp.transfer``).
-
-    ``outcome``: ``ok``, ``probe`` (peer aborted after the OACK), ``peer-error``,
-    ``timeout``, ``illegal`` (peer sent a packet a reader never sends), ``stopped``
-    (the server ended it), or ``running``.
-    """
-
-    bytes: int
-    blocks: int
-    retransmits: int
-    blksize: int
-    windowsize: int
-    duration_s: float
-    outcome: str
-    error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class LockstepRun:
-    """Lockstep steps decided in advance, for an edge that carries them out itself.
-
-    Step ``i`` (``0 <= i < count``): when the peer ACKs block ``ack + i`` (16
-    bits on the wire), send :meth:`datagram` ``(i)``, DATA block ``ack + i + 1``
-    whose payload is ``data[i * blksize:(i + 1) * blksize]`` (the last may be
-    shorter, or empty).  Any other datagram from the peer ends the run.  The
-    edge then reports how many steps it took with
-    :meth:`ReadSession.lockstep_advance`, which leaves the session exactly as
-    that many :meth:`ReadSession.ack_lockstep` calls would have.
-    """
-
-    ack: int        # absolute number of the block in flight: its ACK triggers step 0
-    data: bytes     # the payloads of blocks ack + 1 .. ack + count, joined
-    blksize: int
-    count: int
-
-    def datagram(self, i: int) -> bytes:
-        """The DATA sent at step ``i`` (the reference for any other executor)."""
-        if not 0 <= i < self.count:
-            raise IndexError(f"step {i} outside 0..{self.count - 1}")
-        bs = self.blksize
-        return _pack_hdr(_OP_DATA, (self.ack + i + 1) & 0xFFFF) + self.data[i * bs:(i + 1) * bs]
-
+__all__ = ["BytesSource", "LockstepRun", "ReadSession", "Source", "TransferSummary"]
 
 _WAIT_OACK, _DATA, _DONE = "wait-oack-ack", "data", "done"
-_pack_hdr = struct.Struct("!HH").pack       # opcode, 16-bit block: tftp.data_header without the call
-_OP_DATA = tftp.OP_DATA
 
 
 class ReadSession:

@@ -268,7 +268,7 @@ class TgtBackend:
         """
         live = await self.show()
         wanted = {d.plan.target_iqn: d for d in disks}
-        refresh = set(refresh)
+        to_refresh = set(refresh)
         done: dict[str, list[str]] = {"created": [], "kept": [], "removed": []}
         for iqn, t in sorted(live.items()):
             if MANAGED_MARK in iqn and (iqn not in wanted or not tgt_matches(t, wanted[iqn].plan)):
@@ -279,11 +279,11 @@ class TgtBackend:
         used = {t.tid for t in live.values()}
         for iqn, disk in sorted(wanted.items()):
             if iqn in live:
-                if iqn in refresh:
-                    tid, user = str(live[iqn].tid), disk.plan.user
-                    await self._run(["--mode", "account", "--op", "unbind", "--tid", tid, "--user", user],
+                if iqn in to_refresh:
+                    live_tid, user = live[iqn].tid, disk.plan.user
+                    await self._run(["--mode", "account", "--op", "unbind", "--tid", str(live_tid), "--user", user],
                                     check=False)
-                    cmds = tgt_create_commands(int(tid), disk)
+                    cmds = tgt_create_commands(live_tid, disk)
                     await self._run(cmds[0], check=False)
                     await self._run(cmds[1])
                     await self._run(cmds[4])

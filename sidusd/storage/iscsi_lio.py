@@ -247,7 +247,7 @@ class LioBackend:
         """
         live, backstores = await self._read_tree()
         wanted = {d.plan.target_iqn: d for d in disks}
-        refresh = set(refresh)
+        to_refresh = set(refresh)
         done: dict[str, list[str]] = {"created": [], "kept": [], "removed": []}
         for iqn, t in sorted(live.items()):
             if MANAGED_MARK in iqn and (iqn not in wanted or not lio_matches(t, wanted[iqn].plan)):
@@ -267,7 +267,7 @@ class LioBackend:
         for iqn, disk in sorted(wanted.items()):
             if iqn in live:
                 await self._fix_portals(iqn, live[iqn].portals)
-                if iqn in refresh:
+                if iqn in to_refresh:
                     await asyncio.to_thread(self.write_auth, disk)
                 done["kept"].append(iqn)
                 continue
@@ -276,10 +276,10 @@ class LioBackend:
         if done["created"]:
             now, _ = await self._read_tree()
             for iqn in done["created"]:
-                t = now.get(iqn)
-                if t is None or not lio_matches(t, wanted[iqn].plan):
+                made = now.get(iqn)
+                if made is None or not lio_matches(made, wanted[iqn].plan):
                     raise BackendError(f"LIO target {iqn} is not as planned after targetcli",
-                                       detail=repr(t))
+                                       detail=repr(made))
         return done
 
     async def _create(self, disk: Disk, backstore_exists: bool) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import re
 import signal
 import zlib
 from collections.abc import Sequence
@@ -36,14 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidusd.boot.names import image_root_problem
 from sidusd.errors import BackendError, ConfigError
 from sidusd.fsutil import atomic_write
 from sidusd.observability import get_logger
 from sidusd.storage.runner import Runner
 
-# A path goes verbatim into exports(5) and into a quoted ganesha string: only
-# characters that need no escaping in either are accepted.
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+@:~,-]*$")
 EXPORT_ID_MIN, EXPORT_ID_MAX = 1, 65535     # ganesha: 0 is the pseudo-root
 HEADER = "managed by sidusd: rewritten on every start and reload, do not edit"
 
@@ -84,9 +81,10 @@ def plan_exports(config: Any) -> list[Export]:
     by_path: dict[str, list[str]] = {}
     for name in sorted(config.images):
         root = str(config.images[name].root)
-        if not _SAFE_PATH.match(root) or "/../" in root + "/":
-            raise ConfigError(f"images.{name}.root",
-                              f"{root!r} must be an absolute path of letters, digits and ._/+@:~,-")
+        # verbatim into exports(5) and a quoted ganesha string: the one image-root rule (boot/names.py)
+        problem = image_root_problem(root)
+        if problem is not None:
+            raise ConfigError(f"images.{name}.root", problem)
         by_path.setdefault(os.path.normpath(root), []).append(name)
     if not by_path:
         return []

@@ -63,7 +63,7 @@ class Result:
         """stderr decoded (UTF-8, undecodable bytes replaced)."""
         return self.stderr.decode("utf-8", "replace")
 
-    def check(self) -> "Result":
+    def check(self) -> Result:
         """Return self if rc == 0, else raise BackendError with stderr as detail."""
         if self.rc != 0:
             detail = (self.err.strip() or self.out.strip())[-DETAIL_CHARS:]
@@ -107,7 +107,7 @@ class Runner:
                 proc.wait()
                 err = b""
             raise BackendError(f"{args[0]} timed out after {timeout_s:g} s and was killed",
-                               detail=_tail(err).decode("utf-8", "replace")[-DETAIL_CHARS:])
+                               detail=_tail(err).decode("utf-8", "replace")[-DETAIL_CHARS:]) from None
         except BaseException:
             _kill_group(proc.pid)
             proc.wait()
@@ -129,7 +129,7 @@ class Runner:
             raise BackendError(f"cannot run {args[0]}", detail=str(e)) from e
         try:
             out, err = await asyncio.wait_for(proc.communicate(input), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _kill_group(proc.pid)
             await proc.wait()
             raise BackendError(f"{args[0]} timed out after {timeout_s:g} s and was killed") from None

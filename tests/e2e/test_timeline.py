@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 
-from sidusd.lab.demo import BootTimeline, boot_markers, read_events, tree_fingerprint
+from sidusd.lab.demo import tree_fingerprint
+from sidusd.lab.follow import BootFollower, read_events
+from sidusd.lab.timeline import boot_markers
 
 MAC = "52:54:00:13:20:01"
 OTHER = "52:54:00:13:20:02"
@@ -39,7 +41,7 @@ def _write(path, *events, tail=""):
 
 
 def _timeline(tmp_path, t0):
-    tl = BootTimeline(MAC, tmp_path / "sidusd.log", tmp_path / "console.log")
+    tl = BootFollower(MAC, tmp_path / "sidusd.log", tmp_path / "console.log")
     tl.t0 = t0
     return tl
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from sidusd.lab.demo import BootTimeline
+from sidusd.lab.follow import BootFollower
 
 MAC = "52:54:00:13:20:1f"
 SCRIPT = "boot/52-54-00-13-20-1f.ipxe"
@@ -33,7 +33,7 @@ def tftp(file, outcome="ok"):
 def _timeline(tmp_path, path, *events):
     (tmp_path / "sidusd.log").write_text("".join(json.dumps(e) + "\n" for e in events))
     (tmp_path / "console.log").write_text("")
-    return BootTimeline(MAC, tmp_path / "sidusd.log", tmp_path / "console.log", path=path)
+    return BootFollower(MAC, tmp_path / "sidusd.log", tmp_path / "console.log", path=path)
 
 
 def test_ipxe_http_steps_come_from_http_transfers(tmp_path):

@@ -436,7 +436,7 @@ def test_kill_9_during_lease_writes(tmp_path):
 # -- the lease journal's compaction, killed in the middle ------------------------------
 
 COMPACTOR = r"""
-import ipaddress, sys
+import asyncio, ipaddress, sys
 from sidusd.boot.leases import Lease, LeaseDB
 from sidusd.net.leasestore import LeaseStore
 net = ipaddress.IPv4Network("10.80.0.0/16")
@@ -449,7 +449,7 @@ def version(expires):
     return db
 dbs = [version(1e10), version(2e10)]
 store = LeaseStore(sys.argv[1], compact_after=1)
-store.load(LeaseDB(net, first, last))
+asyncio.run(store.load(LeaseDB(net, first, last)))
 store.compact(dbs[0], now=0.0)
 print("ready", store.stale_temps_removed, flush=True)
 k = 1

@@ -380,8 +380,8 @@ def test_file_shrinking_mid_transfer_ends_it_cleanly(server):
 
 
 def test_refusal_flood_is_reset_not_lingered(tmp_path, monkeypatch):
-    import sidusd.net.http_server as http_server
-    monkeypatch.setattr(http_server, "_MAX_REFUSING", 1)
+    import sidusd.net.http_conns as http_conns
+    monkeypatch.setattr(http_conns, "MAX_REFUSING", 1)
     s = Server(tmp_path, max_connections=1, idle_timeout_s=30)
     try:
         held = socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S)

@@ -364,8 +364,15 @@ def test_hostile_worker_messages_are_dropped_and_counted(daemon):
             rpc.send(m)
         # a valid counter from the "compromised" worker is accepted: the channel still works
         ctl.send(b'{"t": "events", "counters": {"test.injected": 3}}')
-        time.sleep(1.0)
-        c = daemon.status()["counters"]
+        # the supervisor reads each channel in order: once the last message of each is counted
+        # (the injected counter on ctl, 18 refusals in all), every message was
+        deadline = time.monotonic() + 30
+        while True:
+            c = daemon.status()["counters"]
+            refused_n = sum(v for k, v in c.items() if k.startswith("privsep.refused."))
+            if (c.get("test.injected") == 3 and refused_n >= 18) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     finally:
         ctl.close()
         rpc.close()
@@ -437,7 +444,15 @@ def test_the_units_capability_set_is_enough(daemon):
     w2 = daemon.worker()["pid"]
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0
-    time.sleep(0.5)
+
+    def worker_gone() -> bool:
+        try:
+            return status_of(w2).get("State", "").startswith("Z")
+        except FileNotFoundError:
+            return True
+    deadline = time.monotonic() + 10
+    while not worker_gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not os.path.exists(f"/proc/{w2}") or status_of(w2).get("State", "").startswith("Z")
 
     daemon.log_path.unlink()

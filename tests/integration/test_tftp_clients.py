@@ -26,7 +26,9 @@ from structlog.testing import capture_logs
 
 from conftest import require_root, require_tool
 from sidusd import config as config_mod
-from sidusd.net import udpport
+from sidusd.boot import content, provider
+from sidusd.net import files, udpport
+from sidusd.net.io import local_io
 from sidusd.net.tftp_server import TftpService
 from sidusd.observability import Observer
 from sidusd.proto import tftp
@@ -49,20 +51,20 @@ def free_port() -> int:
 class Server:
     """TftpService in its own event loop thread, with a small runtime."""
 
-    def __init__(self, tmp: Path, **tftp_cfg):
+    def __init__(self, tmp: Path, io=None, **tftp_cfg):
         self.root = tmp / "root"
         self.root.mkdir()
         self.port = free_port()
         self.observer = Observer()
         self.renders: list[tuple] = []
         self.runtime = SimpleNamespace(config=self.make_config(**tftp_cfg), observer=self.observer,
-                                       render=self.render)
+                                       render=self.render, provide=self.provide)
         self._logs = capture_logs()
         self.events = self._logs.__enter__()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.svc = TftpService(self.runtime)
+        self.svc = TftpService(self.runtime, io=io)
         self.call(self.svc.start())
 
     def make_config(self, root: Path | None = None, **tftp_cfg):
@@ -70,6 +72,18 @@ class Server:
                  "timeout_s": 0.5, "retries": 3, **tftp_cfg}
         body = ", ".join(f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {v}" for k, v in items.items())
         return config_mod.parse(f"dhcp: {{mode: 'off'}}\ntftp: {{{body}}}\n")
+
+    def provide(self, name, server_ip, client_ip):
+        """RuntimeView.provide over this stand-in's ``render`` (names resolved as the runtime does)."""
+        res = content.resolve(name)
+        if isinstance(res, content.Refused):
+            return provider.Refusal(provider.NAME, res.reason)
+        if isinstance(res, content.StaticPath):
+            return provider.FileAt(Path(self.runtime.config.tftp.root), res.parts)
+        doc = self.runtime.render(res.kind, res.mac, server_ip, client_ip)
+        if doc is None:
+            return provider.Refusal(provider.NOT_FOUND, "no document", res.mac)
+        return provider.Document(doc, res.kind, res.mac)
 
     def render(self, kind, mac, server_ip, client_ip):
         self.renders.append((kind, mac, server_ip, client_ip))
@@ -588,6 +602,107 @@ def test_stop_lets_transfers_finish_then_ends_the_rest(server) -> None:
         newcomer.recv(timeout=0.5)                   # nobody listens any more
     raw.close()
     newcomer.close()
+
+
+class SlowOpener:
+    """An ``io.open_file`` that waits for a go-ahead (as the worker's, which asks the supervisor)."""
+
+    def __init__(self) -> None:
+        self.gate: asyncio.Event | None = None
+        self.started = threading.Event()
+        self.opened: list[int] = []
+
+    async def __call__(self, root, parts):
+        if self.gate is None:
+            self.gate = asyncio.Event()
+        self.started.set()
+        await self.gate.wait()
+        fd, size = files.open_confined(root, parts)
+        self.opened.append(fd)
+        return fd, size
+
+    def go(self, server: Server) -> None:
+        server.loop.call_soon_threadsafe(self.gate.set)
+
+
+def lockstep_rest(raw: Raw, pkt, addr) -> bytes:
+    """Read a lockstep transfer to its end from its first DATA (512-byte blocks)."""
+    got = bytearray()
+    while True:
+        assert isinstance(pkt, tftp.DATA), pkt
+        got += pkt.data
+        raw.send(tftp.ACK(pkt.block), addr)
+        if len(pkt.data) < 512:
+            return bytes(got)
+        pkt, _ = raw.recv()
+
+
+def test_a_file_opened_asynchronously_counts_while_opening_then_is_served(tmp_path) -> None:
+    opener = SlowOpener()
+    s = Server(tmp_path, io=local_io(open_file=opener), max_transfers=1, max_transfers_per_client=1)
+    try:
+        data = os.urandom(3000)
+        (s.root / "f").write_bytes(data)
+        first, other = Raw(s.port), Raw(s.port)
+        first.rrq(b"f")
+        assert opener.started.wait(WAIT_S)
+        first.rrq(b"f")                                  # resent while the file is being opened
+        other.rrq(b"f")
+        err = other.recv()[0]
+        assert isinstance(err, tftp.ERROR) and "busy" in err.message     # the open in flight counts
+        assert s.counters()["tftp.duplicate_rrq"] == 1
+        opener.go(s)
+        pkt, addr = first.recv()
+        assert addr[0] == "127.0.0.1" and addr[1] != s.port      # from the transfer socket
+        assert lockstep_rest(first, pkt, addr) == data
+        s.wait_idle()
+        assert [e["outcome"] for e in s.transfers()] == ["ok"]
+        assert s.on_loop(lambda: (dict(s.svc._intake.pending), dict(s.svc._intake.per_client))) == ({}, {})
+        first.close()
+        other.close()
+    finally:
+        s.close()
+
+
+def test_an_open_that_completes_during_the_stop_grace_is_served(tmp_path) -> None:
+    opener = SlowOpener()
+    s = Server(tmp_path, io=local_io(open_file=opener))
+    try:
+        data = os.urandom(1500)
+        (s.root / "f").write_bytes(data)
+        raw = Raw(s.port)
+        raw.rrq(b"f")
+        assert opener.started.wait(WAIT_S)
+        stopping = asyncio.run_coroutine_threadsafe(s.svc.stop(grace_s=WAIT_S), s.loop)
+        time.sleep(0.1)
+        assert not stopping.done()                       # the admitted request is in flight
+        opener.go(s)
+        pkt, addr = raw.recv()
+        assert lockstep_rest(raw, pkt, addr) == data
+        stopping.result(WAIT_S)
+        assert [e["outcome"] for e in s.transfers()] == ["ok"]
+        raw.close()
+    finally:
+        s.close()
+
+
+def test_stop_while_a_file_is_being_opened_leaves_nothing_behind(tmp_path) -> None:
+    opener = SlowOpener()
+    s = Server(tmp_path, io=local_io(open_file=opener))
+    try:
+        (s.root / "f").write_bytes(b"x" * 100)
+        raw = Raw(s.port)
+        raw.rrq(b"f")
+        assert opener.started.wait(WAIT_S)
+        s.call(s.svc.stop(grace_s=0.3))                  # the open never completes
+        assert s.on_loop(lambda: (dict(s.svc._intake.pending), dict(s.svc._intake.per_client),
+                                  s.svc.active_transfers(), s.svc._sock)) == ({}, {}, 0, None)
+        assert opener.opened == []
+        with pytest.raises(TimeoutError):
+            raw.recv(timeout=0.3)
+        raw.close()
+    finally:
+        s.close()
 
 
 def test_stop_after_grace_sends_error(tmp_path) -> None:

@@ -25,7 +25,7 @@ BASE = {
     "images": {"demo": {"root": "/srv/sidus/images/demo", "kernel": "demo/vmlinuz",
                         "initrd": "demo/initrd.img"}},
 }
-_DELETE = object()
+_DELETE = type("Delete", (), {"__repr__": lambda self: "<deleted>"})()   # a stable test id (pytest-xdist)
 
 
 def variant(path: str, value) -> str:

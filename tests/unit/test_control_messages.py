@@ -63,6 +63,9 @@ def test_request_without_args_field_means_no_args():
      "'hostname' is too long"),
     ({"v": 1, "op": "hosts.remove", "args": {}}, "missing argument 'mac'"),
     ({"v": 1, "op": "clients", "args": {"mac": ["x"]}}, "'mac' must be a string"),
+    ({"v": 1, "op": "hosts.add", "args": {"mac": "a", "profile": "p", "persistent": "yes"}},
+     "'persistent' must be true or false"),
+    ({"v": 1, "op": "hosts.disk", "args": {"mac": "a", "show_secret": 1}}, "'show_secret' must be true or false"),
 ])
 def test_bad_requests_are_refused_with_a_clear_message(obj, needle):
     with pytest.raises(RemoteProtocolError) as exc:

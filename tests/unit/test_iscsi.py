@@ -25,6 +25,16 @@ from sidusd.runtime import Runtime, Snapshot
 from sidusd.storage import iscsi, iscsi_manager
 from sidusd.storage.runner import RecordingRunner
 
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Wait (polling the event loop) until ``condition()`` holds; fail after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, f"not reached within {timeout_s} s"
+        await asyncio.sleep(0.001)
+
+
 M1, M2, M3 = "52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03"
 
 
@@ -818,6 +828,10 @@ def test_runtime_watch_restores_targets_a_restarted_tgtd_lost(tmp_path):
     def created():
         return [c for c in r.calls if c[5:9] == ["--mode", "target", "--op", "new"]]
 
+    def shows():
+        """How many checks the watch has made (each asks tgtd for its targets)."""
+        return r.calls.count(show)
+
     async def scenario():
         await rt.apply_backends()
         assert len(created()) == 2
@@ -828,17 +842,15 @@ def test_runtime_watch_restores_targets_a_restarted_tgtd_lost(tmp_path):
                        f"        {p.user}\n    ACL information:\n        {p.initiator_iqn}\n"
                        for i, p in enumerate(plans))
         r.script(show, stdout=live.encode())
-        for _ in range(100):
-            await asyncio.sleep(0.01)
+        seen = shows()
+        await until(lambda: shows() >= seen + 10)          # ten checks that saw both targets
         assert len(created()) == 2 and "iscsi.restored" not in rt.observer.snapshot()
         # tgtd restarted: no targets any more -> restored once
         r.script(show, stdout=b"")
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if rt.observer.snapshot().get("iscsi.restored"):
-                break
+        await until(lambda: rt.observer.snapshot().get("iscsi.restored"))
         r.script(show, stdout=live.encode())
-        await asyncio.sleep(0.05)
+        seen = shows()
+        await until(lambda: shows() > seen)                # a check that saw them back
         await rt.remove_backends()
 
     asyncio.run(scenario())
@@ -860,16 +872,9 @@ def test_runtime_watch_logs_a_lasting_tgtd_failure_once_and_its_recovery(tmp_pat
         await rt.apply_backends()
         r.script(show, rc=107, stderr=b"tgtadm: can't send the request to the tgt daemon, "
                                       b"Transport endpoint is not connected")
-        for _ in range(400):
-            await asyncio.sleep(0.005)
-            if rt.observer.snapshot().get("iscsi.errors", 0) >= 30:
-                break
+        await until(lambda: rt.observer.snapshot().get("iscsi.errors", 0) >= 30)
         r.script(show, stdout=b"")                 # tgtd back (empty: the targets are restored)
-        for _ in range(400):
-            await asyncio.sleep(0.005)
-            if rt.observer.snapshot().get("iscsi.restored"):
-                break
-        await asyncio.sleep(0.05)
+        await until(lambda: any(e["event"] == "iscsi.watch_recovered" for e in logs))
         await rt.remove_backends()
 
     with capture_logs() as logs:

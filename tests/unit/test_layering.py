@@ -2,11 +2,18 @@
 
 Checked on the syntax tree (``ast``), so a comment or a string that mentions
 ``socket`` is fine and ``import os.path as p`` or ``from .. import net`` is caught.
+And checked for real, transitively: each pure module is imported in a fresh
+interpreter, and what it loaded (``sys.modules``) must hold no I/O, clock or
+randomness module and no edge package of sidusd; every sidusd module it
+loaded on the way must not import one either, even inside a function.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +26,11 @@ FORBIDDEN_MODULES = {
     "socket", "asyncio", "time", "logging", "structlog", "subprocess", "os", "io", "shutil",
     "tempfile", "select", "selectors", "signal", "threading", "multiprocessing", "concurrent",
     "fcntl", "mmap", "ssl", "socketserver", "http", "pyroute2", "scapy", "glob", "fileinput",
+    "datetime", "random", "secrets",
 }
 # Parts of sidusd itself that are edges (I/O) rather than pure code.
 FORBIDDEN_SIDUSD = {"net", "control", "storage", "lab", "daemon", "runtime", "observability", "fsutil",
-                    "ctl", "__main__"}
+                    "ctl", "__main__", "privsep", "image"}
 # Calls that read or write files whatever the import.
 FORBIDDEN_CALLS = {"open", "print", "input", "breakpoint"}
 FORBIDDEN_PATH_METHODS = {"read_text", "read_bytes", "write_text", "write_bytes", "iterdir", "mkdir",
@@ -94,6 +102,8 @@ def test_pure_module_does_no_io(path):
     "from .. import net", "from sidusd import fsutil", "def f():\n    import time\n    return time.time()",
     "data = open('/etc/passwd').read()", "print('hello')", "x = p.read_bytes()",
     "p.write_text('x')", "import io", "__import__('socket')", "importlib.import_module('os')",
+    "import datetime", "from datetime import datetime", "import random", "from secrets import token_hex",
+    "from sidusd.privsep import ipc", "from ..image import recipe", "from sidusd import privsep",
 ])
 def test_checker_catches(source):
     assert violations(source, "sidusd.boot"), source
@@ -107,3 +117,73 @@ def test_checker_catches(source):
 ])
 def test_checker_allows(source):
     assert violations(source, "sidusd.boot") == []
+
+
+# -- transitively: what importing a pure module really loads ---------------------------
+
+# Not to be loaded by importing a pure module (a name or a package and everything under it).
+TRANSITIVE_FORBIDDEN = ("socket", "asyncio", "time", "logging", "structlog", "datetime", "random", "secrets",
+                        "sidusd.privsep", "sidusd.image", "sidusd.net")
+# The libraries outside the standard library the pure packages may use, and what they load
+# themselves: PyYAML parses the inventory's text and imports datetime (for YAML timestamps).
+# Pure modules are compared with an interpreter that loaded these (and nothing of sidusd).
+THIRD_PARTY = ("yaml",)
+THIRD_PARTY_BRINGS = {"datetime", "_datetime"}
+
+_PROBE = ("import sys\nsys.path.insert(0, sys.argv[1])\nfor name in sys.argv[2:]:\n    __import__(name)\n"
+          "sys.stdout.write(\"\\n\".join(sorted(sys.modules)))\n")
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(*names: str) -> frozenset[str]:
+    """``sys.modules`` of a fresh interpreter after importing ``names`` (none: the start-up baseline)."""
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(PKG.parent), *names],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return frozenset(r.stdout.split())
+
+
+def forbidden(modules: set[str] | frozenset[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == f or m.startswith(f + ".") for f in TRANSITIVE_FORBIDDEN))
+
+
+def _dotted(path: Path) -> str:
+    return ".".join(("sidusd", *path.relative_to(PKG).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def test_the_probe_sees_transitive_imports():
+    assert set(forbidden(loaded())) <= {"time"}           # the interpreter may load time itself
+    assert {"asyncio", "socket"} <= set(forbidden(loaded("sidusd.runtime") - loaded()))
+    assert "sidusd.boot.inventory" in loaded("sidusd.boot.render")
+
+
+def test_third_party_libraries_of_the_pure_packages_bring_only_what_is_declared():
+    assert set(forbidden(loaded(*THIRD_PARTY) - loaded())) <= THIRD_PARTY_BRINGS
+
+
+@pytest.mark.parametrize("path", _pure_modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_pure_module_loads_nothing_forbidden(path):
+    name = _dotted(path)
+    found = forbidden(loaded(name) - loaded(*THIRD_PARTY))
+    assert not found, f"importing {name} loads {found}"
+
+
+@pytest.mark.parametrize("path", _pure_modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_sidusd_modules_a_pure_module_loads_import_nothing_forbidden(path):
+    """Also imports inside functions, which importing the module does not run."""
+    bad = []
+    for mod in sorted(m for m in loaded(_dotted(path)) if m == "sidusd" or m.startswith("sidusd.")):
+        file = PKG.parent / (mod.replace(".", "/") + ".py")
+        if not file.exists():
+            file = PKG.parent / mod.replace(".", "/") / "__init__.py"
+        package = mod if file.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(node.module, node.level, package)
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            bad += [f"{mod} line {node.lineno}: imports {n}" for n in names if forbidden({n})]
+    assert not bad, "\n".join(bad)

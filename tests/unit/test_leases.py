@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 
 from sidusd.boot.leases import Lease, LeaseDB, Reservations
 from sidusd.net.leasestore import LeaseStore
+
+run = asyncio.run   # LeaseStore.load / append are coroutines (net.io.LeaseJournal)
 
 IP = ipaddress.IPv4Address
 NET = ipaddress.IPv4Network("10.0.0.0/24")
@@ -121,12 +124,12 @@ def test_store_append_replay_compact(tmp_path):
     path = tmp_path / "state" / "leases.jsonl"
     store = LeaseStore(path, compact_after=5)
     d = db()
-    assert store.load(d) == (0, 0)
+    assert run(store.load(d)) == (0, 0)
     for i, mac in enumerate("abcd"):
         lease = Lease(IP(f"10.0.0.{10 + i}"), mac, "bound", 100.0 + i)
-        store.append(lease)
+        run(store.append(lease))
         d.apply(lease)
-    store.append(Lease(IP("10.0.0.13"), "d", "free", 1.0))
+    run(store.append(Lease(IP("10.0.0.13"), "d", "free", 1.0)))
     d.apply(Lease(IP("10.0.0.13"), "d", "free", 1.0))
     assert len(path.read_text().splitlines()) == 5
     assert store.maybe_compact(d, now=0.0) is True            # 5 lines >= compact_after
@@ -134,7 +137,7 @@ def test_store_append_replay_compact(tmp_path):
     assert not list(path.parent.glob("*sidus-tmp*"))
     store.close()
     again = db()
-    assert LeaseStore(path).load(again) == (3, 0)
+    assert run(LeaseStore(path).load(again)) == (3, 0)
     assert [(l.mac, str(l.ip)) for l in again.leases()] == [("a", "10.0.0.10"), ("b", "10.0.0.11"),
                                                               ("c", "10.0.0.12")]
 
@@ -145,11 +148,11 @@ def test_store_survives_torn_last_line(tmp_path):
     path.write_text(good + "\n" + good[:17])                  # crash in the middle of a write
     d = db()
     store = LeaseStore(path)
-    assert store.load(d) == (1, 1)
-    store.append(Lease(IP("10.0.0.11"), "b", "bound", 100.0))
+    assert run(store.load(d)) == (1, 1)
+    run(store.append(Lease(IP("10.0.0.11"), "b", "bound", 100.0)))
     store.close()
     d2 = db()
-    assert LeaseStore(path).load(d2) == (2, 1)               # the torn line does not eat the next
+    assert run(LeaseStore(path).load(d2)) == (2, 1)               # the torn line does not eat the next
     assert d2.by_mac("b").ip == IP("10.0.0.11")
 
 
@@ -157,7 +160,7 @@ def test_store_refuses_unwritable_place(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OSError):
-        LeaseStore(blocker / "leases.jsonl").load(db())
+        run(LeaseStore(blocker / "leases.jsonl").load(db()))
 
 
 def test_store_removes_temps_of_dead_compactions_only(tmp_path):
@@ -177,7 +180,7 @@ def test_store_removes_temps_of_dead_compactions_only(tmp_path):
     other.write_text("x")
     store = LeaseStore(path)
     d = db()
-    assert store.load(d) == (1, 0) and store.stale_temps_removed == 1
+    assert run(store.load(d)) == (1, 0) and store.stale_temps_removed == 1
     assert not stale.exists() and alive.exists() and other.exists()
     store.close()
 
@@ -201,11 +204,11 @@ def test_offer_to_the_holder_keeps_its_bound_lease(tmp_path):
     assert d.by_mac("a") == bound
     path = tmp_path / "leases.jsonl"
     store = LeaseStore(path, compact_after=1)
-    store.load(db())
+    run(store.load(db()))
     store.compact(d, now=100.0)
     store.close()
     again = db()
-    LeaseStore(path).load(again)
+    run(LeaseStore(path).load(again))
     assert again.by_mac("a") == bound
     assert again.choose("b", now=200.0) != IP("10.0.0.10")
     # a binding that ends before the offer's hold is extended to it, still bound
@@ -222,28 +225,28 @@ def test_store_does_not_rewrite_after_every_write_when_leases_outnumber_the_thre
     threshold: the next rewrite waits until the journal has doubled."""
     big = LeaseDB(ipaddress.IPv4Network("10.1.0.0/20"), IP("10.1.0.10"), IP("10.1.15.200"))
     store = LeaseStore(tmp_path / "leases.jsonl", compact_after=5)
-    store.load(big)
+    run(store.load(big))
     for i in range(20):
         lease = Lease(IP(f"10.1.0.{10 + i}"), f"m{i}", "bound", 1e9)
-        store.append(lease)
+        run(store.append(lease))
         big.apply(lease)
     assert store.maybe_compact(big, now=0.0) is True and store.lines == 20
     compactions = 0
     for i in range(19):                      # renewals: the live set stays at 20
         lease = Lease(IP(f"10.1.0.{10 + i}"), f"m{i}", "bound", 2e9)
-        store.append(lease)
+        run(store.append(lease))
         big.apply(lease)
         compactions += store.maybe_compact(big, now=0.0)
     assert compactions == 0 and store.lines == 39
     lease = Lease(IP("10.1.0.29"), "m19", "bound", 2e9)
-    store.append(lease)
+    run(store.append(lease))
     big.apply(lease)
     assert store.maybe_compact(big, now=0.0) is True and store.lines == 20
     store.close()
     again = LeaseDB(ipaddress.IPv4Network("10.1.0.0/20"), IP("10.1.0.10"), IP("10.1.15.200"))
     reopened = LeaseStore(tmp_path / "leases.jsonl", compact_after=5)
-    reopened.load(again)
+    run(reopened.load(again))
     assert again.leases() == big.leases()
-    reopened.append(lease)
+    run(reopened.append(lease))
     assert reopened.maybe_compact(again, now=0.0) is False    # 21 lines < 2 x 20 leases
     reopened.close()

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -150,6 +151,16 @@ def test_unknown_backend_refused(tmp_path):
         nfs.NfsManager(cfg({}, tmp_path, backend="samba"), RecordingRunner())
 
 
+def _until(condition, timeout_s: float = 5.0) -> bool:
+    """Poll ``condition()`` until it holds (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 @pytest.fixture
 def fake_ganesha(tmp_path):
     """A real process named ganesha.nfsd that counts the SIGHUPs it gets."""
@@ -161,11 +172,7 @@ def fake_ganesha(tmp_path):
     hups = tmp_path / "hups"
     p = subprocess.Popen([str(exe), str(hups)])
     ready = tmp_path / "hups.ready"      # its trap is set: a SIGHUP before that would kill it
-    for _ in range(500):
-        if ready.exists():
-            break
-        asyncio.run(asyncio.sleep(0.01))
-    else:
+    if not _until(ready.exists):
         raise AssertionError("the fake ganesha.nfsd never set its SIGHUP trap")
     (tmp_path / "ganesha.pid").write_text(f"{p.pid}\n")
     yield p, hups
@@ -173,12 +180,14 @@ def fake_ganesha(tmp_path):
     p.wait()
 
 
+def _hups(hups: Path) -> str | None:
+    """The fake ganesha's SIGHUP count so far (None before the first)."""
+    return hups.read_text().strip() if hups.exists() else None
+
+
 def _wait_hups(hups: Path, n: int) -> None:
-    for _ in range(200):
-        if hups.exists() and hups.read_text().strip() == str(n):
-            return
-        asyncio.run(asyncio.sleep(0.02))
-    raise AssertionError(f"expected {n} SIGHUPs, file says {hups.read_text() if hups.exists() else None}")
+    if not _until(lambda: _hups(hups) == str(n)):
+        raise AssertionError(f"expected {n} SIGHUPs, file says {_hups(hups)}")
 
 
 def test_ganesha_backend_writes_and_signals(tmp_path, fake_ganesha):
@@ -226,6 +235,7 @@ def test_ganesha_backend_refuses_missing_root(tmp_path, fake_ganesha):
 
 
 def test_ganesha_log_confirmation(tmp_path, fake_ganesha):
+    _proc, hups = fake_ganesha
     (tmp_path / "a").mkdir()
     log = tmp_path / "ganesha.log"
     log.write_text("old : CONFIG :CRIT :an error from before\n")
@@ -234,8 +244,12 @@ def test_ganesha_log_confirmation(tmp_path, fake_ganesha):
                            log_file=log, reload_timeout_s=0.5)
 
     async def reload_then_log(lines: str):
+        before = _hups(hups)
         task = asyncio.create_task(b.apply(exports))
-        await asyncio.sleep(0.1)
+        # ganesha got its SIGHUP (the backend took the log's length before sending it): log the reload
+        while _hups(hups) == before:
+            assert not task.done(), task
+            await asyncio.sleep(0.005)
         with open(log, "a") as f:
             f.write(lines)
         await task

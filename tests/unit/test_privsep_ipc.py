@@ -13,7 +13,7 @@ from sidusd import config
 from sidusd.boot import inventory
 from sidusd.errors import RemoteProtocolError
 from sidusd.privsep import ipc
-from sidusd.privsep.supervisor import _reason
+from sidusd.privsep.channel import refusal_code
 from sidusd.runtime import Snapshot
 
 
@@ -73,7 +73,7 @@ def test_hostile_messages_are_refused_with_a_reason(data, reason):
         assert reason == "oversized"
     with pytest.raises(RemoteProtocolError) as exc:
         ipc.decode_worker(data)
-    assert _reason(exc.value) == reason, str(exc.value)
+    assert refusal_code(exc.value) == reason, str(exc.value)
 
 
 def test_event_and_string_bounds():
@@ -157,3 +157,24 @@ def test_snapshots_cross_in_chunks_and_come_back_equal():
     kind, back, disks = outs[-1]
     assert kind == "snapshot" and disks is None and back == snap
     assert back.config.images["demo"].kernel == "k" and len(back.inventory.hosts) == 3000
+
+
+def test_a_restarted_worker_keeps_the_bound_listener_keys_from_the_one_table():
+    """supervisor.pinned_config: every key of config._listener_items that changed (via
+    restart_needed) is put back as bound; anything else comes from the new config."""
+    import dataclasses
+
+    from sidusd import config
+    from sidusd.privsep.supervisor import pinned_config
+
+    bound = config.parse("dhcp:\n  mode: \"off\"\ntftp:\n  root: /srv/tftp\n  port: 6969\nhttp:\n  enabled: true\n  port: 8080\n")
+    new = dataclasses.replace(
+        bound, tftp=dataclasses.replace(bound.tftp, port=7070, max_transfers=7),
+        http=dataclasses.replace(bound.http, port=9090),
+        log=dataclasses.replace(bound.log, level="debug"))
+    assert config.restart_needed(bound, new) == ["tftp.port", "http.port"]
+    got = pinned_config(bound, new)
+    assert got.tftp.port == 6969 and got.http.port == 8080          # as bound
+    assert got.tftp.max_transfers == 7 and got.log.level == "debug"   # as reloaded
+    assert config.restart_needed(bound, got) == []
+    assert pinned_config(bound, bound) is bound

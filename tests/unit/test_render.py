@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,49 @@ def test_inventory_refuses_what_render_would_refuse():
     with pytest.raises(ConfigError):
         config.parse("dhcp: {mode: off}\ntftp: {root: /t}\n"
                      "images: {d: {root: /i, kernel: 'k\\nLABEL x', initrd: i}}\n")
+
+
+# -- one image-root rule: config, NFS exports and the kernel command line agree ---------
+
+ROOTS = ["/srv/images/demo", "/srv/a=b", "/srv/a@1+x~y_z.-", "/srv/a/", "/", "relative/x", "/srv/a,b",
+         "/srv/a:b", "/srv/a b", '/srv/"q', "/srv/a\n/etc", "/srv/(x)", "/srv/../etc", "/srv/$x", "/srv/é"]
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_config_nfs_and_render_agree_on_image_roots(root):
+    from types import SimpleNamespace
+
+    from sidusd.boot.names import image_root_problem
+    from sidusd.storage import nfs
+
+    def accepted(fn) -> bool:
+        try:
+            fn()
+            return True
+        except (ConfigError, RenderError):
+            return False
+
+    text = ("dhcp: {mode: off}\ntftp: {root: /t}\nimages:\n  d: {root: %s, kernel: k, initrd: i}\n"
+            % config.dump_yaml(root).strip().removesuffix("...").strip())
+
+    def by_nfs(r: str) -> bool:
+        fake = SimpleNamespace(images={"d": SimpleNamespace(root=Path(r))},
+                               nfs=SimpleNamespace(client_networks=("10.0.0.0/24",)))
+        return accepted(lambda: nfs.plan_exports(fake))
+
+    def by_render(r: str) -> bool:
+        return accepted(lambda: render.kernel_cmdline(dataclasses.replace(TARGET, image_root=Path(r)), CTX))
+
+    ok = image_root_problem(str(Path(root))) is None
+    assert by_nfs(root) == by_render(root) == ok, (root, by_nfs(root), by_render(root))
+    # the config first normalizes the path (posixpath.normpath), then applies the same rule
+    assert accepted(lambda: config.parse(text)) == (image_root_problem(posixpath.normpath(root)) is None)
+    if accepted(lambda: config.parse(text)):
+        kept = str(config.parse(text).images["d"].root)
+        assert by_nfs(kept) and by_render(kept)
+
+
+def test_the_image_root_table_has_both_answers():
+    from sidusd.boot.names import image_root_problem
+    answers = {image_root_problem(r) is None for r in ROOTS}
+    assert answers == {True, False}

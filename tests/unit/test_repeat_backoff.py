@@ -36,3 +36,21 @@ def test_recovery_reports_the_streak_and_resets() -> None:
     assert b.recovered() == 20
     assert b.streak == 0 and b.suppressed == 0
     assert b.failed("tgtd down", 101.0)              # a new streak logs at once
+
+
+def test_a_fixed_interval_limit_logs_the_first_then_one_per_interval_with_the_count() -> None:
+    """first_s == max_s: the DHCP malformed / privsep refused limit (one line per 10 s)."""
+    b = RepeatBackoff(first_s=10.0, max_s=10.0)
+    logged = []
+    for t in [0.0, 0.1, 0.2, 9.9, 10.0, 10.5, 25.0, 26.0, 27.0, 35.0]:
+        if b.failed("", t):
+            logged.append((t, b.take_suppressed()))
+    assert logged == [(0.0, 0), (10.0, 3), (25.0, 1), (35.0, 2)]
+
+
+def test_suppressed_is_counted_since_the_last_logged_line_only() -> None:
+    b = RepeatBackoff(first_s=10.0, max_s=10.0)
+    assert b.failed("", 0.0) and b.take_suppressed() == 0
+    assert not b.failed("", 1.0) and not b.failed("", 2.0)
+    assert b.failed("", 12.0) and b.take_suppressed() == 2
+    assert b.failed("", 22.0) and b.take_suppressed() == 0

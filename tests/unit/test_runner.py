@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -57,6 +58,16 @@ def test_missing_program_is_backend_error():
     assert "cannot run /nonexistent/sidus-prog" in str(ei.value)
 
 
+def _until(condition, timeout_s: float = 5.0) -> bool:
+    """Poll ``condition()`` until it holds (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -76,10 +87,7 @@ def test_timeout_kills_the_whole_group(tmp_path):
     assert "timed out" in str(ei.value)
     assert "started" in ei.value.detail
     child = int(pidfile.read_text())
-    for _ in range(100):
-        if not _alive(child):
-            break
-        asyncio.run(asyncio.sleep(0.05))
+    _until(lambda: not _alive(child))       # SIGKILL is delivered asynchronously
     assert not _alive(child)
 
 
@@ -92,10 +100,7 @@ def test_arun_captures_and_times_out(tmp_path):
             await Runner().arun(["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], timeout_s=1)
         return int(pidfile.read_text())
     child = asyncio.run(main())
-    for _ in range(100):
-        if not _alive(child):
-            break
-        asyncio.run(asyncio.sleep(0.05))
+    _until(lambda: not _alive(child))
     assert not _alive(child)
 
 

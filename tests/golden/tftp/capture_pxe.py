@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE))
 from pxe_relay import OVMF_VARS, PxeRelay, qemu_argv  # noqa: E402
 
 from sidusd import config as config_mod  # noqa: E402
+from sidusd.boot import content, provider  # noqa: E402
 from sidusd.net.tftp_server import TftpService  # noqa: E402
 from sidusd.observability import Observer  # noqa: E402
 
@@ -50,8 +51,16 @@ def main(fw: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = config_mod.parse(f"dhcp: {{mode: 'off'}}\ntftp: {{root: '{root}', address: 127.0.0.1, port: {port}}}\n")
-    rt = SimpleNamespace(config=cfg, observer=Observer(),
-                         render=lambda kind, mac, server, client: CFG if kind == "pxelinux" else None)
+    def provide(name, server, client):      # RuntimeView.provide: every pxelinux config is CFG
+        res = content.resolve(name)
+        if isinstance(res, content.Refused):
+            return provider.Refusal(provider.NAME, res.reason)
+        if isinstance(res, content.StaticPath):
+            return provider.FileAt(root, res.parts)
+        if res.kind == "pxelinux":
+            return provider.Document(CFG, res.kind, res.mac)
+        return provider.Refusal(provider.NOT_FOUND, "not rendered here", res.mac)
+    rt = SimpleNamespace(config=cfg, observer=Observer(), provide=provide)
     loop = asyncio.new_event_loop()
     svc = TftpService(rt)
     th = threading.Thread(target=loop.run_forever, daemon=True)

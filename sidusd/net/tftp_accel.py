@@ -1,0 +1,96 @@
+"""Lockstep runs: the steps a session decided in advance, carried out by the C engine.
+
+With the C lockstep engine (``SharedPort.accel``, :mod:`sidusd.net._lockstep`),
+a transfer in lockstep gets a *run*: its session decides the next
+``RUN_BYTES`` of steps in advance (``ReadSession.lockstep_run``) and C takes
+them as the ACKs arrive, without returning to Python per ACK.  Whatever else
+arrives comes back in order; before its transfer handles it (or its timer
+fires, or it ends) the run is *settled*: the session hears how many steps were
+taken (``lockstep_advance``).  The ACK that ends a run begins the next one,
+with one read for all of it (:func:`step_into_run`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..proto.tftp_session import LockstepRun
+from . import udpport
+from .tftp_transfer import Transfer
+
+_lockstep = udpport._lockstep
+
+RUN_BYTES = 64 * 1024       # DATA per lockstep run handed to C (about the read-ahead: one pread)
+
+
+def plan(t: Transfer, taken: int = 0) -> LockstepRun | None:
+    """Give C the transfer's next lockstep steps, decided by its session (accel ports only).
+
+    ``taken``: the first steps were taken here already (C starts after them).
+    """
+    try:
+        run = t.session.lockstep_run(RUN_BYTES)
+    except OSError:
+        return None             # no run: the next ACK meets the read error on the Python path
+    if run is None:
+        return None
+    t.plan = run
+    t.run = _lockstep.Run(run.ack, run.data, run.blksize, run.count, t.dest, taken)
+    t.port.runs[t.key] = t.run
+    return run
+
+
+def step_into_run(t: Transfer, block: int, now: float, payloads: list, peers: list) -> bool:
+    """The ACK of the block in flight (the one that ended C's last run): begin the next run
+    with its first step, taken here.  One read serves the run, first block included."""
+    session = t.session
+    if not session.lockstep_awaits(block):
+        return False
+    run = plan(t, taken=1)
+    if run is None:
+        return False
+    payloads.append(run.datagram(0))
+    peers.append(t.dest)
+    session.lockstep_advance(run, 1, now)
+    return True
+
+
+def sync(t: Transfer) -> None:
+    """Tell the session how far C went with its run (the run goes on)."""
+    run, p = t.run, t.plan
+    if run is not None and p is not None and run.used:
+        t.session.lockstep_advance(p, run.used, run.at)
+
+
+def settle(t: Transfer, count: Callable[..., None]) -> None:
+    """Tell the session how far C went with its run, and end the run."""
+    run = t.run
+    if run is None:
+        return
+    try:
+        sync(t)
+    finally:
+        drop_run(t)                   # ended even if the session refused the report
+    if run.used:
+        count("tftp.accel_steps", run.used)
+
+
+def drop_run(t: Transfer) -> None:
+    """End the transfer's run (C takes no more of its steps)."""
+    if t.run is not None:
+        if t.port.runs.get(t.key) is t.run:
+            del t.port.runs[t.key]
+        t.run = None
+    t.plan = None
+
+
+def bytes_acked(t: Transfer) -> int:
+    """The bytes the peer acknowledged, the steps C took included (reads only: the session
+    hears of them when the run is settled)."""
+    session, run, p = t.session, t.run, t.plan
+    done = session.bytes_acked
+    if run is not None and p is not None and run.used:
+        # after ``used`` steps the block in flight is ``p.ack + used``: all before it acked
+        done = max(done, min(t.source.size, (p.ack + run.used - 1) * p.blksize))
+    return done
+

@@ -1,0 +1,134 @@
+"""The datagrams of a readable TFTP transfer socket, handed to their transfers.
+
+* A readable transfer socket is drained with ``recvmmsg`` (up to
+  ``tftp_ports.RX_BATCH`` datagrams per call, at most ``RX_ROUNDS`` calls per
+  loop turn); an ACK (4 bytes) is handed to ``ReadSession.ack_lockstep`` (or
+  ``receive_ack``) without building an object; everything the sessions release
+  during the turn is sent with one ``sendmmsg`` per batch (the port's
+  ``flush``).
+* On an accelerated port, ``SharedPort.pump`` lets C take the lockstep steps of
+  the runs (:mod:`sidusd.net.tftp_accel`); what comes back is dispatched here,
+  each transfer's run settled before it handles the datagram.
+* A datagram from a peer with no transfer there is a wrong TID (RFC 1350
+  section 4): ERROR 5 to it, nothing else touched; one from a peer whose
+  transfer just ended (a late duplicate ACK) is dropped and counted ``late``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from ..errors import RemoteProtocolError
+from ..proto import tftp
+from . import mmsg, tftp_accel
+from .udpport import SharedPort
+
+if TYPE_CHECKING:
+    from .tftp_server import TftpService
+
+RX_ROUNDS = 8               # recvmmsg calls per transfer socket per loop turn
+_OP_ACK = 4
+
+
+def on_port_readable(svc: TftpService, port: SharedPort) -> None:
+    """Drain a transfer socket in batches; send what the sessions release, batched too."""
+    if port.closed:
+        return
+    obs = svc.runtime.observer
+    now = svc.loop.time()
+    rx = calls = 0
+    try:
+        if port.accel:
+            # C takes the lockstep steps of the runs (no Python per ACK); the rest is ours
+            rest, rx, calls, err = port.pump(now, RX_ROUNDS)
+            if err:
+                obs.count("tftp.rx_errors")
+                svc.log.warning("tftp.rx_error", error=os.strerror(err))
+            if rest:
+                dispatch(svc, port, rest, now)
+                port.flush()
+            return
+        for _ in range(RX_ROUNDS):
+            try:
+                batch = port.recv()
+            except OSError as exc:
+                obs.count("tftp.rx_errors")
+                svc.log.warning("tftp.rx_error", error=exc.strerror)
+                break
+            if not batch:
+                break
+            rx += len(batch)
+            calls += 1
+            dispatch(svc, port, batch, now)
+            if port.closed:
+                break
+            port.flush()
+            # no break on a short batch: ACKs that arrived while this one was served are
+            # read now, not after a trip through the event loop (measured: ~10 % less user
+            # CPU per GB in a 32-client lockstep storm; an empty read costs one system call)
+    finally:
+        if rx:
+            obs.count("tftp.rx", rx)
+            obs.count("tftp.rx_batches", calls)
+
+
+def dispatch(svc: TftpService, port: SharedPort, batch: list[tuple[bytes, bytes, bool]],
+             now: float) -> None:
+    """Hand each datagram to its transfer; what they release joins the port's batch."""
+    obs = svc.runtime.observer
+    count = obs.count
+    transfers = port.owners
+    payloads, peers = port.pending()
+    accel = port.accel
+    schedule = svc.timers.schedule
+    for data, key, trunc in batch:
+        t = transfers.get(key)
+        if t is None:
+            stranger(svc, port, data, key)
+            continue
+        try:
+            if t.run is not None:
+                tftp_accel.settle(t, count)     # the session hears of the steps C took first
+            if len(data) == 4 and data[1] == _OP_ACK and data[0] == 0:
+                block = (data[2] << 8) | data[3]
+                if accel and tftp_accel.step_into_run(t, block, now, payloads, peers):
+                    if t.heap_at is None:   # a new run began with this ACK (one read for it all)
+                        schedule(t, t.session.next_timer())
+                    continue
+                try:
+                    out = t.session.ack_lockstep(block, now)
+                except OSError as exc:      # the file could not be read any more
+                    svc._read_error(t, exc, now)
+                    continue
+                if out is not None:         # lockstep: the next DATA, nothing else to do
+                    payloads.append(out)
+                    peers.append(t.dest)
+                    if t.heap_at is None:
+                        schedule(t, t.session.next_timer())
+                    continue
+                t.session.receive_ack(block, now)
+            else:
+                if trunc:
+                    count("tftp.malformed")
+                    continue
+                try:
+                    pkt = tftp.decode(data)
+                except RemoteProtocolError:
+                    count("tftp.malformed")
+                    continue
+                t.session.receive(pkt, now)
+            svc._pump(t, now)
+        except Exception:
+            svc._internal_error(t, now)
+
+
+def stranger(svc: TftpService, port: SharedPort, data: bytes, key: bytes) -> None:
+    """A datagram from a peer with no transfer on this socket."""
+    obs = svc.runtime.observer
+    if svc.ports.is_late(port.local, key, svc.loop.time()):
+        obs.count("tftp.late")          # e.g. a duplicated last ACK: no ERROR to a finished peer
+        return
+    # RFC 1350 section 4: wrong TID -> ERROR 5 to that port, no transfer touched.
+    obs.count("tftp.wrong_tid")
+    port.send_now(tftp.error_packet(tftp.ERR_UNKNOWN_TID, "unknown transfer ID"), mmsg.peer_addr(key))

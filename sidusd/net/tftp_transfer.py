@@ -1,0 +1,55 @@
+"""One TFTP transfer in flight (what the edge keeps around its session) and its summary.
+
+A transfer keeps its descriptor (or rendered bytes) and its negotiated
+parameters: a config reload never changes a transfer in flight.  Every
+transfer ends with one ``tftp.transfer`` log event and one boot-timeline
+entry (:func:`summarize`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..proto.tftp_session import LockstepRun, ReadSession
+from . import mmsg
+from .udpport import SharedPort
+
+
+class Transfer:
+    """A session, the port and peer it is served on, its file and its place in the timer heap."""
+
+    __slots__ = ("port", "peer", "key", "dest", "local", "file", "session", "source", "mac",
+                 "heap_at", "finished", "run", "plan")
+
+    def __init__(self, port: SharedPort, peer: tuple[str, int], local: str, file: str,
+                 session: ReadSession, source: Any, mac: str | None):
+        self.port, self.peer, self.local = port, peer, local
+        self.key = mmsg.peer_key(peer)
+        self.dest = mmsg.Peer(self.key)
+        self.file, self.session, self.source, self.mac = file, session, source, mac
+        self.heap_at: float | None = None
+        self.finished = False
+        self.run: Any = None            # its _lockstep.Run while C may take its steps
+        self.plan: LockstepRun | None = None    # what that run carries out (the session's decision)
+
+
+def summarize(t: Transfer, now: float, obs: Any, log: Any) -> None:
+    """The transfer's end: counters, one ``tftp.transfer`` event, the boot-timeline entry."""
+    s = t.session.summary(now)
+    result = {"ok": "done", "probe": "probe"}.get(s.outcome, "failed")
+    obs.count(f"tftp.transfers.{result}")
+    obs.count("tftp.retransmits", s.retransmits)
+    obs.count("tftp.bytes", s.bytes)
+    emit = log.info if result != "failed" else log.warning
+    emit("tftp.transfer", file=t.file, peer=f"{t.peer[0]}:{t.peer[1]}", mac=t.mac, bytes=s.bytes,
+         size=t.source.size, blksize=s.blksize, windowsize=s.windowsize, retransmits=s.retransmits,
+         duration_s=s.duration_s, outcome=s.outcome, error=s.error)
+    obs.timeline(t.mac, "tftp", file=t.file, bytes=s.bytes, duration_s=s.duration_s,
+                 outcome=s.outcome)
+
+
+def status(t: Transfer, now: float, bytes_acked: int) -> dict[str, Any]:
+    """One line of ``TftpService.transfers()``."""
+    return {"file": t.file, "peer": f"{t.peer[0]}:{t.peer[1]}", "bytes": bytes_acked,
+            "size": t.source.size, "blksize": t.session.blksize,
+            "windowsize": t.session.windowsize, "duration_s": t.session.summary(now).duration_s}
