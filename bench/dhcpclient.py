@@ -136,7 +136,7 @@ class Client(asyncio.DatagramProtocol):
         self.transport.sendto(data, dest)
         try:
             t1, pkt = await asyncio.wait_for(fut, WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.waiting.pop((xid, kind), None)
             return float("nan"), None
         return (t1 - t0) * 1000, pkt
@@ -193,7 +193,7 @@ class Session:
             i += 1
             try:
                 await asyncio.wait_for(stop.wait(), interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return {"offer_ms": offer_ms, "ack_ms": ack_ms, "lost_offer": lost_offer, "lost_ack": lost_ack,
                 "ignored": self.client.ignored}

@@ -53,7 +53,7 @@ class DhcpLink:
         assert self.proc.stdout is not None
         try:
             hello = json.loads(await asyncio.wait_for(self.proc.stdout.readline(), 60) or b"{}")
-        except (asyncio.TimeoutError, ValueError):
+        except (TimeoutError, ValueError):
             hello = {}
         if hello.get("hello") != self.proc.pid or hello.get("netns") == os.readlink("/proc/self/ns/net"):
             raise BenchSetupError(f"the DHCP client process did not start in its own namespace: {hello}")
@@ -115,7 +115,7 @@ class DhcpLink:
                 self.proc.stdin.close()
             try:
                 await asyncio.wait_for(self.proc.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
         if self._reader is not None:

@@ -55,8 +55,18 @@ from .dhcplink import DhcpLink
 from .httpboot import IPXE_BINARY, run_http_client
 from .latency import latency_one, latency_table, summarize_latency
 from .measure import CpuMeter, pct, proc_hwm_mb
-from .peers import (BENCH, DHCP_SERVERS, HTTP_SERVERS, REPO, SERVERS, BenchSetupError, DhcpSide,
-                    ensure_peers, server_spec, stop_server)
+from .peers import (
+    BENCH,
+    DHCP_SERVERS,
+    HTTP_SERVERS,
+    REPO,
+    SERVERS,
+    BenchSetupError,
+    DhcpSide,
+    ensure_peers,
+    server_spec,
+    stop_server,
+)
 
 MB = 1_000_000
 HTTP = "http"                                    # kernel + initrd over HTTP (sidusd only)

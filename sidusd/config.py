@@ -19,18 +19,44 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sidusd.boot.names import image_root_problem
 from sidusd.config_schema import (  # noqa: F401  (the schema's names are this module's public names)
-    DHCP_MODES, ISCSI_BACKENDS, LOG_FORMATS, LOG_LEVELS, MAX_BOOT_FILE_BYTES, MAX_LEASE_TIME_S, NFS_BACKENDS,
-    UNKNOWN_HOSTS, BootConfig, BootedConfig, BootFiles, Config, ControlConfig,
-    DhcpConfig, HttpConfig, ImageConfig, IPv4Address, IPv4Network, IscsiConfig, LogConfig, NfsConfig,
-    PoolConfig, SecurityConfig, TftpConfig, _listener_items, listener_items, restart_needed)
+    DHCP_MODES,
+    ISCSI_BACKENDS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MAX_BOOT_FILE_BYTES,
+    MAX_LEASE_TIME_S,
+    NFS_BACKENDS,
+    UNKNOWN_HOSTS,
+    BootConfig,
+    BootedConfig,
+    BootFiles,
+    Config,
+    ControlConfig,
+    DhcpConfig,
+    HttpConfig,
+    ImageConfig,
+    IPv4Address,
+    IPv4Network,
+    IscsiConfig,
+    LogConfig,
+    NfsConfig,
+    PoolConfig,
+    SecurityConfig,
+    TftpConfig,
+    _listener_items,
+    listener_items,
+    restart_needed,
+)
 from sidusd.errors import ConfigError
 from sidusd.schema import convert, describe
+
 # dump_yaml is re-exported: tests/unit/test_config.py calls config.dump_yaml / config.load_yaml.
 from sidusd.yamlstrict import check_kernel_args, check_name, dump_yaml, load_yaml  # noqa: F401
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import ipaddress
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Mapping
+from typing import Annotated, Literal
 
 from msgspec import Meta
 

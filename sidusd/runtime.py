@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import config as config_mod
 from .boot import inventory as inv_mod
@@ -98,7 +99,7 @@ class Runtime:
         self.log = get_logger("runtime")
 
     @classmethod
-    def load(cls, config_path: Path, **kw: Any) -> "Runtime":
+    def load(cls, config_path: Path, **kw: Any) -> Runtime:
         snap = load_snapshot(Path(config_path))
         # temporaries of inventory writes cut short by a crash (kill -9)
         remove_stale_temps(snap.config.inventory_file)

@@ -44,7 +44,7 @@ def socket_in_netns(ns: str, fn):
     return out["value"]
 
 
-def veth_link(server: "NetNs", client: "NetNs", server_ip: str, client_ip: str,
+def veth_link(server: NetNs, client: NetNs, server_ip: str, client_ip: str,
               server_if: str = "vs0", client_if: str = "vc0", prefix: int = 24) -> None:
     """A veth pair between two namespaces, addressed and up (the DHCP labs' wire)."""
     server.run("ip", "link", "add", server_if, "type", "veth", "peer", "name", client_if,
@@ -60,7 +60,7 @@ class NetNs:
         self.name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         self._procs: list[subprocess.Popen] = []
 
-    def __enter__(self) -> "NetNs":
+    def __enter__(self) -> NetNs:
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         self.run("ip", "link", "set", "lo", "up")
         return self

@@ -26,8 +26,9 @@ file's shape is declared once (:class:`_File`) and checked by msgspec.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Iterable, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct

@@ -29,9 +29,10 @@ import ipaddress
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
@@ -186,7 +187,7 @@ class Inventory:
             if h.mac != mac:
                 raise InventoryError(f"hosts[{mac}]", f"keyed under a different MAC ({h.mac})")
 
-    def with_host(self, host: Host) -> "Inventory":
+    def with_host(self, host: Host) -> Inventory:
         """A new inventory with ``host`` added, or replacing the host with the same MAC."""
         hosts = dict(self.hosts)
         hosts[host.mac] = host
@@ -194,7 +195,7 @@ class Inventory:
             raise InventoryError("hosts", f"more than {MAX_HOSTS} hosts")
         return Inventory(self.profiles, hosts)
 
-    def without_host(self, mac: str) -> "Inventory":
+    def without_host(self, mac: str) -> Inventory:
         """A new inventory without the host ``mac``; InventoryError if it is not there."""
         key = normalize_mac(mac)
         if key not in self.hosts:

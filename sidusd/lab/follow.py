@@ -9,8 +9,9 @@ time now to the pure :class:`~sidusd.lab.timeline.BootTimeline`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .timeline import BootTimeline, Step, parse_events
 

@@ -31,14 +31,15 @@ import dataclasses
 import ipaddress
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Coroutine
+from typing import Any
 
 from sidusd.boot import policy
 from sidusd.boot.leases import LeaseDB, Reservations
 from sidusd.errors import RemoteProtocolError, SidusError, StartupError
 from sidusd.net.io import LeaseJournal, ServiceIO, local_io
-from sidusd.net.listeners import interface_ipv4, check_interface
+from sidusd.net.listeners import check_interface, interface_ipv4
 from sidusd.observability import RepeatBackoff, get_logger
 from sidusd.proto import dhcp
 

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 
 from sidusd.boot.leases import Lease, LeaseDB
-from sidusd.fsutil import write_all, atomic_write, remove_stale_temps
+from sidusd.fsutil import atomic_write, remove_stale_temps, write_all
 
 COMPACT_AFTER = 10_000          # journal lines before a rewrite
 FILE_MODE = 0o640

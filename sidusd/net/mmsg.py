@@ -33,7 +33,7 @@ import struct
 import sys
 
 try:
-    from . import _lockstep                 # C, optional (setup.py)
+    from . import _lockstep  # C, optional (setup.py)
 except ImportError:                         # pragma: no cover - depends on the install
     _lockstep = None                        # type: ignore[assignment]
 

@@ -43,7 +43,6 @@ import socket
 from typing import Any
 
 from ..config import TftpConfig
-from ..errors import StartupError
 from ..observability import get_logger
 from ..proto import tftp
 from ..proto.tftp_session import ReadSession

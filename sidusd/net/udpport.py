@@ -41,7 +41,8 @@ import collections
 import errno
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import mmsg
 

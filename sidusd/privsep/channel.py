@@ -16,7 +16,8 @@ import os
 import select
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import RemoteProtocolError
 from ..observability import RepeatBackoff

@@ -69,7 +69,7 @@ def pinned_config(bound: Any, new: Any) -> Any:
 class _RemoteService:
     """What the control server asks a service, answered from the worker's last report."""
 
-    def __init__(self, sup: "Supervisor", name: str):
+    def __init__(self, sup: Supervisor, name: str):
         self.sup, self.name = sup, name
 
     def listeners(self) -> list[dict[str, Any]]:
@@ -121,7 +121,7 @@ class Supervisor:
         self.log.info("privsep.worker_started", pid=w.proc.pid, user=self.user.name)
         try:
             await self._send(w, ("snapshot", self._snapshot(), self._disks()))
-        except (asyncio.TimeoutError, OSError):
+        except (TimeoutError, OSError):
             pass                             # the worker died at once: its status or "fatal" says why
         await lifecycle.wait_ready(w, READY_TIMEOUT_S)
         if not w.ready.done():
@@ -160,11 +160,11 @@ class Supervisor:
             return
         try:
             await asyncio.wait_for(self._send(w, ("stop", grace_s)), 2.0)
-        except (asyncio.TimeoutError, OSError):
+        except (TimeoutError, OSError):
             pass
         try:
             await asyncio.wait_for(w.proc.wait(), grace_s + 5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.obs.count("privsep.worker_killed")
             self.log.error("privsep.worker_killed", pid=w.proc.pid, reason="did not stop in time")
         await lifecycle.end(w)
@@ -214,7 +214,7 @@ class Supervisor:
             return
         try:
             await self._send(w, ("snapshot", self._snapshot(), self._disks()))
-        except (asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.log.error("privsep.push_failed", error=str(exc) or type(exc).__name__)
             await lifecycle.end(w)
             return
@@ -231,7 +231,7 @@ class Supervisor:
         try:
             await asyncio.wait_for(self._send(w, ("sync", sid)), SYNC_TIMEOUT_S)
             await asyncio.wait_for(fut, SYNC_TIMEOUT_S)
-        except (asyncio.TimeoutError, OSError):
+        except (TimeoutError, OSError):
             self.obs.count("privsep.sync_timeouts")
         finally:
             self._syncs.pop(sid, None)

@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     import hashlib  # noqa: F401
     import secrets  # noqa: F401
     import traceback  # noqa: F401
-    from .. import runtime as _runtime, services as _services  # noqa: F401
+
+    from .. import runtime as _runtime  # noqa: F401
+    from .. import services as _services  # noqa: F401
     from ..net import dhcp_server, files, tftp_server  # noqa: F401
     try:
         from ..net import http_server  # noqa: F401

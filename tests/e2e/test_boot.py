@@ -9,6 +9,7 @@ DHCP server, nfs-ganesha, the Debian kernel, sidusd started as
 from __future__ import annotations
 
 import ipaddress
+
 import pytest
 
 from sidusd.lab.demo import HostSpec, boot_markers, server_probe_file, tree_fingerprint

@@ -10,12 +10,11 @@ this is the iPXE -> HTTP path, and no TFTP transfer of the kernel happens.
 from __future__ import annotations
 
 import pytest
+from conftest import require_lab
 
 from sidusd.lab.demo import HTTP_PORT, HostSpec, Lab, boot_markers, tree_fingerprint
 from sidusd.lab.topology import SERVER_IP, netns_list
 from sidusd.lab.vm import mac_for
-
-from conftest import require_lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 

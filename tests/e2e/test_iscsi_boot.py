@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tool
+
 from sidusd.lab.demo import HostSpec, Lab, boot_markers, tree_fingerprint
 from sidusd.lab.topology import SERVER_IP
 from sidusd.lab.vm import mac_for

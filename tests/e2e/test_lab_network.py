@@ -8,8 +8,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from conftest import require_root, require_tool
+
 from sidusd.lab.sitedhcp import SiteDhcp
 from sidusd.lab.topology import SERVER_IP, SITE_IP, Topology, netns_list, teardown_stale
 from sidusd.lab.vm import Vm, mac_for

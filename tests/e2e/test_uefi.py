@@ -16,12 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import require_lab
 
 from sidusd.lab.demo import LDLINUX_E64, SYSLINUX_EFI, HostSpec, Lab, boot_markers, tree_fingerprint
 from sidusd.lab.topology import SERVER_IP, netns_list
 from sidusd.lab.vm import EFI_NIC_ROM, OVMF_CODE, OVMF_VARS, mac_for
-
-from conftest import require_lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 

@@ -7,7 +7,6 @@ Idempotent: a seed's file name is its role, its content the bytes.
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

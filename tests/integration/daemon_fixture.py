@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -136,16 +135,17 @@ class SidusDaemon:
         return json.loads(self.ctl("--json", *args).stdout)
 
     def tftp_get(self, name: str, blksize: int = 1468) -> bytes:
-        import tftpy  # a real client we did not write
         import io
         import logging
+
+        import tftpy  # a real client we did not write
         logging.getLogger("tftpy").setLevel(logging.CRITICAL)
         buf = io.BytesIO()
         client = tftpy.TftpClient("127.0.0.1", self.tftp_port, options={"blksize": blksize})
         client.download(name, buf, timeout=5)
         return buf.getvalue()
 
-    def __enter__(self) -> "SidusDaemon":
+    def __enter__(self) -> SidusDaemon:
         self.start()
         return self
 

@@ -57,7 +57,7 @@ class LossyRelay:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._wake_r, self._wake_w = socket.socketpair()
 
-    def __enter__(self) -> "LossyRelay":
+    def __enter__(self) -> LossyRelay:
         self._thread.start()
         return self
 

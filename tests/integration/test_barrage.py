@@ -15,20 +15,16 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import require_root, require_tool
 from hardening_util import rss_kib, tracebacks, wait_until
 from netns import NetNs, veth_link
-from test_dhcp_netns import (CLIENT_IP, SERVER_IP, UUID, Lab, check_proxy_reply, request,
-                             socket_in_netns)
+from test_dhcp_netns import CLIENT_IP, SERVER_IP, UUID, Lab, check_proxy_reply, request, socket_in_netns
 
 pytestmark = pytest.mark.netns
 

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root, require_tool
-
 from sidusd.image.build import Administrator, StageFailed
 from sidusd.image.chroot import ImageLock, LockBusy, mounts_under, processes_in
 from sidusd.image.recipe import read_recipe
+from tests.conftest import require_root, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "lab-state" / "image-cache" / "debootstrap"

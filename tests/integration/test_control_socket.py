@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import require_root, require_tool
+
 from sidusd.boot.inventory import parse_inventory
 from sidusd.control import messages as m
 from sidusd.control.server import ControlServer
@@ -155,7 +155,7 @@ def test_status(daemon):
     assert r["counters"]["control.requests"] >= 1
     human = ctl(daemon, "status")
     assert human.returncode == 0, human.stderr
-    assert f"(generation 1)" in human.stdout
+    assert "(generation 1)" in human.stdout
     lines = [line.split() for line in human.stdout.splitlines()]
     assert ["SERVICE", "PROTO", "ADDRESS", "PORT"] in lines and ["tftp", "udp", "127.0.0.1", str(port)] in lines
 

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,11 +38,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import require_root, require_tool
 from daemon_fixture import REPO, SidusDaemon
 from hardening_util import tracebacks
 from netns import NetNs
+
 from sidusd import ctl
 from sidusd.boot.inventory import parse_inventory
 from sidusd.boot.leases import LeaseDB
@@ -271,7 +270,7 @@ class LeaseLab:
         while time.monotonic() < deadline:
             try:
                 raw, _ = self.sock.recvfrom(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             try:
                 reply = BOOTP(raw)

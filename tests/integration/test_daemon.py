@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from daemon_fixture import REPO, SidusDaemon, base_config, free_udp_port
+from daemon_fixture import REPO, SidusDaemon, base_config
 
 MAC = "52:54:00:aa:00:01"
 HOST = {"mac": MAC, "hostname": "node01", "profile": "default", "append": "sidus.test=one"}

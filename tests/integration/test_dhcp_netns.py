@@ -10,7 +10,6 @@ Counters are read with ``sidusctl --json status``.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import random
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import require_root, require_tool
 from netns import NetNs, socket_in_netns, veth_link
 
@@ -126,7 +124,7 @@ class Lab:
         try:
             while True:
                 self.sock.recvfrom(4096)
-        except (BlockingIOError, socket.timeout):
+        except (TimeoutError, BlockingIOError):
             pass
         self.sock.settimeout(0.2)
 
@@ -138,7 +136,7 @@ class Lab:
         while time.monotonic() < deadline:
             try:
                 raw, src = self.sock.recvfrom(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             reply = BOOTP(raw)
             if reply.xid == xid and reply.op == 2:

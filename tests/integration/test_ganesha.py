@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import require_root, require_tool
 from netns import NetNs
+
 from sidusd import config as config_mod
 from sidusd.lab.ganesha import GaneshaServer
 from sidusd.storage.nfs import NfsManager

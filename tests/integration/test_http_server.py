@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require_tool
 from structlog.testing import capture_logs
 
-from conftest import require_tool
 from sidusd.net.http_server import HttpService
 from sidusd.runtime import Runtime
 

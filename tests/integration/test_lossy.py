@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tool
 from daemon_fixture import SidusDaemon, base_config, free_udp_port
 from hardening_util import OP_OACK, RawClient, ack, rrq, tracebacks, wait_until

@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -31,7 +30,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import require_root, require_tool
 from netns import NetNs, socket_in_netns
 
@@ -176,7 +174,7 @@ class Daemon:
     def tftp_get(self, name: str) -> bytes:
         import logging
 
-        import tftpy    # a real client we did not write
+        import tftpy  # a real client we did not write
         logging.getLogger("tftpy").setLevel(logging.CRITICAL)
 
         def fetch():

@@ -16,7 +16,6 @@ import time
 
 import pytest
 import yaml
-
 from daemon_fixture import REPO, SidusDaemon, base_config, free_udp_port
 from hardening_util import OP_DATA, OP_OACK, RawClient, ack, rrq, tracebacks
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import require_root, require_tool
 from structlog.testing import capture_logs
 
-from conftest import require_root, require_tool
 from sidusd import config as config_mod
 from sidusd.boot import content, provider
 from sidusd.net import files, udpport

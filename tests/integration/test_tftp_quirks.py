@@ -13,10 +13,20 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from daemon_fixture import SidusDaemon, base_config, free_udp_port
-from hardening_util import (OP_DATA, OP_ERROR, OP_OACK, RawClient, ack, error, fd_count,
-                            rrq, sha256, tracebacks, wait_until)
+from hardening_util import (
+    OP_DATA,
+    OP_ERROR,
+    OP_OACK,
+    RawClient,
+    ack,
+    error,
+    fd_count,
+    rrq,
+    sha256,
+    tracebacks,
+    wait_until,
+)
 
 FILE = "images/demo/vmlinuz"
 SIZE = 200_000 + 123          # not a multiple of any block size used

@@ -15,10 +15,10 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import require_tool
-from sidusd.proto import tftp
 from test_tftp_clients import ENGINES, WAIT_S, Raw, Server, sha, use_engine
+
+from sidusd.proto import tftp
 
 
 @pytest.fixture(params=ENGINES)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import structlog
-
 from conftest import require_root, require_tool
+
 from sidusd import config
 from sidusd.boot.inventory import Host, Inventory, Profile
 from sidusd.errors import BackendError

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ OFFER = {"event": "dhcp.reply", "mac": MAC, "kind": "offer", "ip": "0.0.0.0", "f
 
 def tftp(file, at_s, **kw):
     """sidusd's summary of a TFTP transfer that ended ``at_s`` after T0."""
-    stamp = datetime.fromtimestamp(T0 + at_s, timezone.utc).isoformat().replace("+00:00", "Z")
+    stamp = datetime.fromtimestamp(T0 + at_s, UTC).isoformat().replace("+00:00", "Z")
     return {"event": "tftp.transfer", "file": file, "mac": MAC, "outcome": "ok", "error": None,
             "timestamp": stamp, **kw}
 

@@ -10,7 +10,7 @@ import pytest
 from sidusd import ctl
 from sidusd.control import messages as m
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 T = 1764000000.0            # 2025-11-24 16:00:00 UTC
 
 

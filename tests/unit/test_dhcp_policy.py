@@ -11,8 +11,7 @@ import pytest
 
 from sidusd.boot import policy
 from sidusd.boot.leases import LeaseDB, Reservations
-from sidusd.config import (BootConfig, BootFiles, Config, DhcpConfig, HttpConfig, PoolConfig,
-                           TftpConfig)
+from sidusd.config import BootConfig, BootFiles, Config, DhcpConfig, HttpConfig, PoolConfig, TftpConfig
 from sidusd.proto import dhcp
 
 IP = ipaddress.IPv4Address

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import require_root, require_tool
+
 from sidusd import fsutil
 from sidusd.fsutil import FileWriteError, append_durable, atomic_write
 
@@ -162,6 +162,7 @@ def test_real_full_disk(tiny_fs):
 
 def test_remove_stale_temps_only_of_dead_writers(tmp_path):
     import subprocess
+
     from sidusd import fsutil
     target = tmp_path / "inventory.yaml"
     target.write_text("x")

@@ -1,7 +1,6 @@
 """The stage plan (pure), generation bookkeeping on a temporary directory, TFTP publishing."""
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -10,8 +9,7 @@ from sidusd.image import publish
 from sidusd.image.build import StageFailed, copy_site_files, run_stage
 from sidusd.image.generations import ImageStore, gc_candidates
 from sidusd.image.recipe import parse_recipe
-from sidusd.image.stages import (INTERFACES, Stage, debootstrap_argv, packages_to_install, plan, resolv_conf,
-                                 update_plan)
+from sidusd.image.stages import INTERFACES, Stage, debootstrap_argv, packages_to_install, plan, resolv_conf, update_plan
 from sidusd.storage.runner import RecordingRunner
 
 INITRAMFS = {"hooks/sidus-overlay": b"#!/bin/sh\n", "scripts/init-bottom/sidus-overlay": b"#!/bin/sh\n",
@@ -305,6 +303,7 @@ def test_gc_keeps_what_a_machine_booted_until_it_boots_another_generation(tmp_pa
     served another generation, gc removes the old one and its TFTP copies."""
     import asyncio
     import json as _json
+
     from sidusd.image.__main__ import main
     from sidusd.image.build import Administrator
     from sidusd.runtime import Runtime
@@ -370,6 +369,7 @@ def test_network_stage_removes_hostname_and_installs_the_boot_time_namer():
 
 def _run_namer(tmp_path, cmdline: str, net_conf: str | None = None, hosts: str = "127.0.0.1\tlocalhost\n"):
     import subprocess
+
     from sidusd.image.stages import HOSTNAME_SCRIPT
     from tests.conftest import require_tool
     require_tool("sh")

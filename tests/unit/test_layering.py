@@ -134,7 +134,7 @@ _PROBE = ("import sys\nsys.path.insert(0, sys.argv[1])\nfor name in sys.argv[2:]
           "sys.stdout.write(\"\\n\".join(sorted(sys.modules)))\n")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def loaded(*names: str) -> frozenset[str]:
     """``sys.modules`` of a fresh interpreter after importing ``names`` (none: the start-up baseline)."""
     r = subprocess.run([sys.executable, "-c", _PROBE, str(PKG.parent), *names],

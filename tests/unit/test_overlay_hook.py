@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, require_root, require_tool
 
 SCRIPT = ROOT / "config/initramfs/scripts/init-bottom/sidus-overlay"

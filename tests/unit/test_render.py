@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sidusd import config
 from sidusd.boot import inventory as inv_mod
 from sidusd.boot import render
-from sidusd.boot.inventory import BootTarget, Host, Inventory, Profile
+from sidusd.boot.inventory import Host, Inventory, Profile
 from sidusd.boot.render import RenderContext, RenderError
 from sidusd.errors import ConfigError
 

@@ -46,7 +46,7 @@ class PxeRelay:
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "PxeRelay":
+    def start(self) -> PxeRelay:
         self.thread.start()
         return self
 
