@@ -249,7 +249,7 @@ async def main_async() -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.bind(("0.0.0.0", CLIENT_PORT))
             client = Client()
-            await loop.create_datagram_endpoint(lambda: client, sock=sock)
+            await loop.create_datagram_endpoint(lambda client=client: client, sock=sock)
             session = Session(client, cmd["address"].split("/")[0])
             await say({"id": cmd.get("id"), "ok": True, "pid": os.getpid()})
         elif op == "boot":

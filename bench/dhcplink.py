@@ -31,7 +31,7 @@ CLIENT_IFACE, CLIENT_ADDR = "sc0", "10.77.0.2/24"
 class DhcpLink:
     """The veth pair and the client process; ``boot()`` and ``probe()`` talk to it."""
 
-    def __init__(self, side: DhcpSide = DhcpSide()):
+    def __init__(self, side: DhcpSide = DhcpSide()):  # noqa: B008  (frozen dataclass)
         self.side = side
         self.proc: asyncio.subprocess.Process | None = None
         self._waiters: dict[int, asyncio.Future] = {}

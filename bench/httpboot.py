@@ -125,6 +125,6 @@ async def _boot(rec: dict[str, Any], link: Any, fetch: Any, expect: dict[str, st
         rec["failed"].append(f"kernel+initrd: curl rc {rc}")
     if n != sizes[kernel] + sizes[initrd]:
         rec["failed"].append(f"kernel+initrd: {n} bytes, expected {sizes[kernel] + sizes[initrd]}")
-    for name, got in zip((kernel, initrd), hashes):
+    for name, got in zip((kernel, initrd), hashes, strict=False):
         if got != expect[name]:
             rec["mismatch"].append(name)

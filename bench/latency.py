@@ -91,7 +91,8 @@ async def latency_one(server: str, link: DhcpLink, root: Path, work: Path, expec
     total = sum(c["bytes"] for c in clients)
     return {
         "server": server, "load_clients": load_clients, "load_mode": load_mode,
-        "storm_rounds": rounds, "storm_s": round(storm_s, 3), "storm_mb_s": round(total / 1e6 / storm_s, 1) if storm_s > 0 else 0.0,
+        "storm_rounds": rounds, "storm_s": round(storm_s, 3),
+        "storm_mb_s": round(total / 1e6 / storm_s, 1) if storm_s > 0 else 0.0,
         "storm_failures": len(pending) + sum(1 for c in clients if c["failed"]),
         "storm_sha256_mismatches": sum(len(c["mismatch"]) for c in clients),
         "server_survived": alive,

@@ -251,4 +251,4 @@ _listener_items = listener_items         # the name before #21
 
 def restart_needed(old: Config, new: Config) -> list[str]:
     """Dotted names of the keys that changed between ``old`` and ``new`` and need a restart."""
-    return [name for (name, a), (_, b) in zip(listener_items(old), listener_items(new)) if a != b]
+    return [name for (name, a), (_, b) in zip(listener_items(old), listener_items(new), strict=True) if a != b]

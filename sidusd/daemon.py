@@ -42,7 +42,7 @@ async def serve(runtime: Runtime) -> int:
     control = ControlServer(runtime, services)
     started: list[Any] = []
     try:
-        for name, svc in services.items():
+        for svc in services.values():
             await svc.start()
             started.append(svc)
         await control.start()

@@ -116,7 +116,7 @@ def _unwrap(tp: Any) -> tuple[Any, bool, list[msgspec.Meta]]:
             tp, more = _strip(args[0])
             metas = metas + more
         else:
-            tp = Union[tuple(args)] if optional else tp
+            tp = Union[tuple(args)] if optional else tp  # noqa: UP007  (built from a runtime tuple)
     return tp, optional, metas
 
 

@@ -248,7 +248,8 @@ def _cross_check(profiles: Mapping[str, Profile], labelled: list[tuple[str, Host
         if h.hostname is not None:
             key = h.hostname.lower().rstrip(".")
             if key in names:
-                raise InventoryError(f"{where}.hostname", f"duplicate host name {h.hostname!r} (already in {names[key]})")
+                raise InventoryError(f"{where}.hostname",
+                                     f"duplicate host name {h.hostname!r} (already in {names[key]})")
             names[key] = where
         if h.ip is not None:
             if h.ip in ips:

@@ -53,7 +53,8 @@ def _rx(pattern: re.Pattern, what: str, max_chars: int = 200) -> Meta:
 
 Package = Annotated[str, _rx(_PACKAGE, "a Debian package name (lower case letters, digits, '+', '-', '.'; "
                                        "at least 2 characters)")]
-Packages = Annotated[tuple[Package, ...], Meta(max_length=MAX_PACKAGES, description=f"more than {MAX_PACKAGES} packages")]
+Packages = Annotated[tuple[Package, ...],
+                     Meta(max_length=MAX_PACKAGES, description=f"more than {MAX_PACKAGES} packages")]
 Url = Annotated[str, _rx(_MIRROR, "an http://, https:// or file:// URL")]
 KbdValue = Annotated[str, _rx(_KBD, "a keyboard(5) value")]
 LimitDomain = Annotated[str, _rx(_LIMIT_DOMAIN, "a limits.conf domain")]
@@ -67,7 +68,8 @@ Variant = Literal["minbase", "buildd", "fakechroot", "standard"]
 Component = Annotated[str, _rx(_COMPONENT, "an archive component like main or contrib")]
 Locale = Annotated[str, _rx(_LOCALE, "a locale like en_US.UTF-8")]
 Timezone = Annotated[str, _rx(_TIMEZONE, "a timezone like Europe/Paris")]
-CryptHash = Annotated[str, _rx(_CRYPT, "a crypt(5) hash (e.g. from `mkpasswd -m yescrypt`), never a clear-text password", 300)]
+CryptHash = Annotated[str, _rx(_CRYPT, "a crypt(5) hash (e.g. from `mkpasswd -m yescrypt`), "
+                                       "never a clear-text password", 300)]
 Unit = Annotated[str, _rx(_UNIT, "a systemd unit name like foo.service")]
 ImageName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z", description=(
     "{value!r} is not a valid image name: letters, digits, '_', '.', '-', 1-63 characters, "

@@ -20,8 +20,9 @@ no two REQUESTs can race for one address.
 
 A compaction killed before its rename leaves its temp file
 (:func:`sidusd.fsutil.atomic_write` names it); :meth:`LeaseStore.load` removes
-those of dead processes (:func:`sidusd.fsutil.remove_stale_temps`).  ``SIDUSD_LEASE_COMPACT_AFTER`` (environment) overrides the
-compaction threshold, for tests that kill the daemon during compactions.
+those of dead processes (:func:`sidusd.fsutil.remove_stale_temps`).
+``SIDUSD_LEASE_COMPACT_AFTER`` (environment) overrides the compaction threshold, for tests that
+kill the daemon during compactions.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ import pickle
 import sys
 import types
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -59,7 +59,7 @@ Str = Annotated[str, Meta(max_length=MAX_STR)]
 Count = Annotated[int, Meta(ge=0, le=2**31)]
 Id = Annotated[int, Meta(ge=0, le=2**53)]
 Finite = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
-Scalar = Union[None, bool, Annotated[int, Meta(ge=-2**53, le=2**53)], Finite, Str]
+Scalar = None | bool | Annotated[int, Meta(ge=-2**53, le=2**53)] | Finite | Str
 Fields = Annotated[dict[FieldName, Scalar], Meta(max_length=MAX_FIELDS)]
 Listeners = Annotated[dict[Name, Annotated[list[Fields], Meta(max_length=256)]], Meta(max_length=8)]
 
@@ -188,7 +188,7 @@ class Booted(_Event, tag="booted", frozen=True):
     hostname: Str | None
 
 
-Event = Union[Seen, Timeline, Booted]
+Event = Seen | Timeline | Booted
 
 
 class Events(_Message, tag="events", frozen=True):

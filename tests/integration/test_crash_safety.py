@@ -542,7 +542,7 @@ def test_kill_9_during_generated_file_writes(tmp_path):
     version before or the version being written, never partial, never empty."""
     from sidusd.fsutil import remove_stale_temps
     from sidusd.storage.nfs import Export, render_ganesha_exports, render_kernel_exports
-    macs = ["52:54:03:00:%02x:%02x" % (i >> 8, i & 255) for i in range(4000)]
+    macs = [f"52:54:03:00:{i >> 8:02x}:{i & 255:02x}" for i in range(4000)]
 
     def exports(k):
         return [Export(i + 1, Path(f"/srv/sidus/img{i:04d}"), f"/srv/sidus/img{i:04d}",

@@ -144,7 +144,8 @@ def test_demo_image_boots_over_nfs_with_tmpfs_overlay(tmp_path, demo):
                      stdout=open(tmp_path / "dnsmasq.log", "wb"), stderr=subprocess.STDOUT)
             console = tmp_path / "console.log"
             append = (f"console=ttyS0 root=/dev/nfs boot=nfs nfsroot={SERVER_IP}:{image.root},tcp,vers=3 "
-                      f"ip=dhcp sidus.overlay=tmpfs sidus.overlay_size=64m panic=-1 sidus.hostname=vm-e1 sidus.demo={demo}")
+                      "ip=dhcp sidus.overlay=tmpfs sidus.overlay_size=64m panic=-1 "
+                      f"sidus.hostname=vm-e1 sidus.demo={demo}")
             qemu = ns.popen(["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-display", "none",
                              "-vga", "none", "-monitor", "none", "-serial", f"file:{console}",
                              *(["-no-reboot"] if demo == "poweroff" else []),

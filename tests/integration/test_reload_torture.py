@@ -88,7 +88,8 @@ BAD: list[tuple[str, object]] = [
     ("raw: not UTF-8", b"tftp:\n  root: \xff\xfe\n"),
     ("raw: tab indent", "tftp:\n\troot: /srv\n"),
     ("raw: alias bomb", "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-                        "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+                        "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+                        "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
                         "e: [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n"),
 ]
 

@@ -211,7 +211,10 @@ class Target:
     hostname = "node01"
 
 
-def full(p, db, now=1000.0, res=Reservations({}, {}), via=policy.VIA_DHCP, source=("0.0.0.0", 68),
+NO_RESERVATIONS = Reservations({}, {})
+
+
+def full(p, db, now=1000.0, res=NO_RESERVATIONS, via=policy.VIA_DHCP, source=("0.0.0.0", 68),
          cfg=None):
     return policy.decide(req(p, via, source), cfg or config("full"), lambda mac: Target(),
                          leases=db, reservations=res, now=now)

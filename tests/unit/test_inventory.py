@@ -257,7 +257,7 @@ def inventories(draw):
                 for n in pnames}
     inv = Inventory(profiles, {})
     for i, mac in enumerate(draw(st.lists(_mac, max_size=8, unique=True))):
-        hostname = draw(st.none() | st.builds(lambda a, b: f"{a}{i}.{b}", _label, _label))
+        hostname = draw(st.none() | st.builds(lambda a, b, i=i: f"{a}{i}.{b}", _label, _label))
         ip = draw(st.none() | st.just(f"10.1.{i}.{draw(st.integers(1, 254))}"))
         inv = inv.with_host(Host(mac=mac, profile=draw(st.sampled_from(pnames)), hostname=hostname,
                                  image=draw(st.none() | _name), ip=ip, append=draw(_args)))

@@ -206,7 +206,7 @@ Target 3: iqn.2026-11.org.example:sidus-disk-5254000000ff
         sidus-5254000000ff
     ACL information:
         iqn.2026-11.org.example:sidus-host-5254000000ff
-"""
+"""  # noqa: W291  (tgtadm prints "Backing store flags: " with a trailing space)
 
 
 def test_parse_tgt_show(tmp_path):

@@ -125,7 +125,8 @@ def test_random_bytes_raise_only_the_protocol_error(data):
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
                            | st.text(max_size=20),
-                           lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                           lambda kids: st.lists(kids, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), kids, max_size=4),
                            max_leaves=20)
 
 
@@ -167,7 +168,8 @@ def test_a_restarted_worker_keeps_the_bound_listener_keys_from_the_one_table():
     from sidusd import config
     from sidusd.privsep.supervisor import pinned_config
 
-    bound = config.parse("dhcp:\n  mode: \"off\"\ntftp:\n  root: /srv/tftp\n  port: 6969\nhttp:\n  enabled: true\n  port: 8080\n")
+    bound = config.parse("dhcp:\n  mode: \"off\"\ntftp:\n  root: /srv/tftp\n  port: 6969\n"
+                         "http:\n  enabled: true\n  port: 8080\n")
     new = dataclasses.replace(
         bound, tftp=dataclasses.replace(bound.tftp, port=7070, max_transfers=7),
         http=dataclasses.replace(bound.http, port=9090),

@@ -43,7 +43,9 @@ timezone: Europe/Paris
 keyboard: {layout: fr, variant: oss}
 site_files: site
 resolv_conf: {nameservers: [192.0.2.1, 192.0.2.2], search: [lab.example]}
-limits: [{domain: "@users", type: hard, item: nofile, value: 4096}, {domain: "*", type: "-", item: core, value: unlimited}]
+limits:
+  - {domain: "@users", type: hard, item: nofile, value: 4096}
+  - {domain: "*", type: "-", item: core, value: unlimited}
 root_password_hash: "$6$saltsalt$abcdefghijklmnopqrstuv"
 enable_units: [foo.service]
 """, "lab.yaml", Path("/recipes"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from sidusd.observability import RepeatBackoff
 
 
@@ -14,7 +16,7 @@ def test_first_failure_then_doubling_intervals_up_to_the_cap() -> None:
     ticks = [5.0 * i for i in range(200)]            # a check every 5 s for 1000 s
     got = logged_times(b, ticks)
     assert got[:5] == [0.0, 30.0, 90.0, 210.0, 330.0]   # +30, +60, +120 (cap), +120
-    assert all(b2 - a == 120.0 for a, b2 in zip(got[3:], got[4:]))
+    assert all(b2 - a == 120.0 for a, b2 in itertools.pairwise(got[3:]))
     assert b.streak == 200 and b.take_suppressed() == 200 - len(got)
     assert b.take_suppressed() == 0
 
