@@ -45,6 +45,7 @@ UDP_SEGMENT = 103                      # linux/udp.h: GSO segment size, a cmsg o
 GSO_MAX_SEGMENTS = 64                  # UDP_MAX_SEGMENTS (older kernels)
 GSO_MAX_BYTES = 65507                  # the most UDP payload in one IPv4 message
 _KEY = struct.Struct("!H4s")
+Payload = bytes | tuple[bytes, ...]    # one datagram, or a GSO group (see Sender)
 
 AVAILABLE = _lockstep is not None and sys.platform.startswith("linux")
 
@@ -120,7 +121,7 @@ class Sender:
         self.capacity, self.max_iov = capacity, max_iov
         self._c = _lockstep.Sender(capacity, max_iov) if _lockstep is not None else None
 
-    def send(self, sock: socket.socket, payloads: list, peers: list[Peer],
+    def send(self, sock: socket.socket, payloads: list[Payload], peers: list[Peer],
              start: int = 0) -> tuple[int, int]:
         """Send ``payloads[start:]``, the i-th to ``peers[i]``; return ``(sent, errno)``.
 
@@ -134,7 +135,7 @@ class Sender:
         while i < len(payloads):
             p = payloads[i]
             try:
-                if type(p) is tuple:           # no GSO here: one datagram per part
+                if isinstance(p, tuple):       # no GSO here: one datagram per part
                     for part in p:
                         sock.sendto(part, MSG_DONTWAIT, peers[i].addr)
                 else:

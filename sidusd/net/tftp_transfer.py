@@ -8,11 +8,14 @@ entry (:func:`summarize`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..proto.tftp_session import LockstepRun, ReadSession
 from . import mmsg
 from .udpport import SharedPort
+
+if TYPE_CHECKING:
+    from ._lockstep import Run
 
 
 class Transfer:
@@ -29,7 +32,7 @@ class Transfer:
         self.file, self.session, self.source, self.mac = file, session, source, mac
         self.heap_at: float | None = None
         self.finished = False
-        self.run: Any = None            # its _lockstep.Run while C may take its steps
+        self.run: Run[mmsg.Peer] | None = None     # its C run while C may take its steps
         self.plan: LockstepRun | None = None    # what that run carries out (the session's decision)
 
 

@@ -41,10 +41,13 @@ import collections
 import errno
 import os
 import socket
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import mmsg
+
+if TYPE_CHECKING:
+    from ._lockstep import Run
 
 _lockstep = mmsg._lockstep                  # C, optional (setup.py): None -> the Python path
 
@@ -97,16 +100,16 @@ class SharedPort:
         self._tx = mmsg.Sender(tx_capacity)
         self.gso = gso and mmsg.gso_supported(sock)
         self.rx_capacity = rx_capacity
-        self._payloads: list[bytes] = []
+        self._payloads: list[mmsg.Payload] = []
         self._peers: list[mmsg.Peer] = []
-        self._outbox: collections.deque[tuple[bytes, mmsg.Peer]] = collections.deque()
+        self._outbox: collections.deque[tuple[mmsg.Payload, mmsg.Peer]] = collections.deque()
         self._outbox_max = outbox_max
         self._writing = False
         self.closed = False
         self._reading = False
         self.owners: dict[bytes, Any] = {}      # the caller's state per peer key
         # peer key -> _lockstep.Run: the steps pump() may take for that peer (accel only)
-        self.runs: dict[bytes, Any] = {}
+        self.runs: dict[bytes, Run[mmsg.Peer]] = {}
         self.accel = bool(accel and ACCEL_BUILT)
         self._engine = _lockstep.Engine(rx_capacity, 2048, tx_capacity) if self.accel else None
 
@@ -151,7 +154,7 @@ class SharedPort:
         return res.rest, res.rx, res.calls, res.rx_errno
 
     # -- sending ---------------------------------------------------------------
-    def pending(self) -> tuple[list, list[mmsg.Peer]]:
+    def pending(self) -> tuple[list[mmsg.Payload], list[mmsg.Peer]]:
         """The batch being built (payloads, peers), for a caller that appends in a tight loop.
 
         Valid until the next :meth:`flush` (which starts new lists); append to
@@ -214,7 +217,7 @@ class SharedPort:
             self._count("tftp.send_errors", 1)  # this datagram is dropped; timers recover
             start += 1
 
-    def _gso_refused(self, payloads: list, peers: list, at: int, err: int) -> bool:
+    def _gso_refused(self, payloads: list[mmsg.Payload], peers: list[mmsg.Peer], at: int, err: int) -> bool:
         """A GSO message refused: GSO off for this socket, its parts put back as datagrams."""
         group = payloads[at]
         if type(group) is not tuple or err not in _GSO_ERRORS:
@@ -226,7 +229,7 @@ class SharedPort:
         peers[at:at + 1] = [peers[at]] * len(group)
         return True
 
-    def _enqueue(self, payloads: list[bytes], peers: list[mmsg.Peer], start: int) -> None:
+    def _enqueue(self, payloads: Sequence[mmsg.Payload], peers: Sequence[mmsg.Peer], start: int) -> None:
         box = self._outbox
         for i in range(start, len(payloads)):
             if len(box) >= self._outbox_max:
