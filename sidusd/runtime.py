@@ -14,15 +14,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import config as config_mod
 from .boot import inventory as inv_mod
 from .boot import provider, render
+from .boot.render import IscsiLogin
 from .errors import BackendError, ConfigError, SidusError
 from .fsutil import atomic_write, remove_stale_temps
 from .image.booted_store import BootedRecorder
 from .observability import Observer, RepeatBackoff, get_logger
+
+if TYPE_CHECKING:
+    from .storage.iscsi_manager import IscsiManager
+    from .storage.nfs import NfsManager
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,16 @@ def load_snapshot(config_path: Path, generation: int = 1) -> Snapshot:
     return Snapshot(cfg, inv, generation)
 
 
-def default_iscsi_factory(config: Any) -> Any:
+class BootedNotes(Protocol):
+    """Where served boot targets are noted (image.booted_store.BootedRecorder; the worker forwards)."""
+
+    def note(self, config: config_mod.Config, mac: str | None, target: inv_mod.BootTarget | None,
+             now: float | None = None) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def default_iscsi_factory(config: config_mod.Config) -> IscsiManager:
     """The iSCSI manager of ``config`` (tgt driven with tgtadm)."""
     from .storage.iscsi_manager import IscsiManager
     from .storage.runner import Runner
@@ -75,8 +89,9 @@ class Runtime:
     """Owns the current :class:`Snapshot`, the observer and the storage backends."""
 
     def __init__(self, config_path: Path, snapshot: Snapshot, observer: Observer | None = None,
-                 nfs_factory: Callable[[Any], Any] | None = None,
-                 iscsi_factory: Callable[[Any], Any] | None = None, iscsi_watch_s: float = 5.0):
+                 nfs_factory: Callable[[config_mod.Config], NfsManager] | None = None,
+                 iscsi_factory: Callable[[config_mod.Config], IscsiManager] | None = None,
+                 iscsi_watch_s: float = 5.0):
         self.config_path = Path(config_path)
         self._snap = snapshot
         self.observer = observer or Observer()
@@ -85,13 +100,13 @@ class Runtime:
         self.backend_status: dict[str, dict[str, Any]] = {}
         self._lock = asyncio.Lock()
         self._nfs_factory = nfs_factory
-        self._nfs = None
+        self._nfs: NfsManager | None = None
         self._iscsi_factory = iscsi_factory or default_iscsi_factory
-        self.iscsi = None                  # storage.iscsi_manager.IscsiManager when iscsi.backend is set
+        self.iscsi: IscsiManager | None = None      # when iscsi.backend is set
         self._iscsi_watch_s = iscsi_watch_s
         self._iscsi_watch: asyncio.Task | None = None
         # which generation each MAC was served (config.booted; docs/images.md): a durable write
-        self.booted = BootedRecorder(self.observer)
+        self.booted: BootedNotes = BootedRecorder(self.observer)
         # privilege separation (sidusd/privsep): called after every snapshot or iSCSI change
         self.on_change: list[Callable[[], None]] = []
         self.sync_worker: Callable[[], Any] | None = None      # async: the worker's counters are in
@@ -162,7 +177,7 @@ class Runtime:
                                  dhcp_mac_of_ip=self.observer.mac_for_ip(client_ip), reason=out.reason)
         return out
 
-    def iscsi_login(self, mac: str, server_ip: str) -> render.IscsiLogin | None:
+    def iscsi_login(self, mac: str, server_ip: str) -> IscsiLogin | None:
         """Host ``mac``'s disk login for its boot config (None: no disk applied)."""
         disk = self.iscsi.disk(mac) if self.iscsi is not None else None
         if disk is None:
@@ -225,13 +240,13 @@ class Runtime:
     async def apply_backends(self) -> None:
         """Bring the NFS exports and iSCSI targets in line with the config; failures go to status."""
         if self._nfs_factory is not None:
-            await self._apply_nfs()
+            await self._apply_nfs(self._nfs_factory)
         await self.apply_iscsi()
 
-    async def _apply_nfs(self) -> None:
+    async def _apply_nfs(self, factory: Callable[[config_mod.Config], NfsManager]) -> None:
         try:
             if self._nfs is None:
-                self._nfs = self._nfs_factory(self.config)
+                self._nfs = factory(self.config)
             await self._nfs.apply(self.config)
         except BackendError as exc:
             self.observer.count("nfs.errors")

@@ -39,8 +39,8 @@ class _StrictLoader(yaml.SafeLoader):
 
     source = "<string>"
 
-    def construct_mapping(self, node, deep=False):
-        seen: set = set()
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             try:
@@ -65,10 +65,18 @@ _StrictLoader.add_implicit_resolver(
     _B + "float", re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?"
                              r"|[-+]?[0-9]+[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
-_StrictLoader.add_constructor(_B + "int", lambda loader, node: int(loader.construct_scalar(node), 0))
-_StrictLoader.add_constructor(
-    _B + "float", lambda loader, node: float(loader.construct_scalar(node).lower().replace(".inf", "inf")
-                                             .replace(".nan", "nan")))
+
+
+def _int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+    return int(loader.construct_scalar(node), 0)
+
+
+def _float(loader: _StrictLoader, node: yaml.ScalarNode) -> float:
+    return float(loader.construct_scalar(node).lower().replace(".inf", "inf").replace(".nan", "nan"))
+
+
+_StrictLoader.add_constructor(_B + "int", _int)
+_StrictLoader.add_constructor(_B + "float", _float)
 
 
 class _QuotingDumper(yaml.SafeDumper):

@@ -255,6 +255,7 @@ class Lab:
     def start_sidusd(self) -> None:
         """``python3 -m sidusd --config FILE`` in the lab namespace; waits for ``daemon.ready``."""
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+        assert self.topology is not None, "the network first (Lab.start)"
         argv = self.topology.lab_argv([sys.executable, "-m", "sidusd", "--config", str(self.config_file)])
         with open(self.sidusd_log, "ab") as log:
             self.sidusd = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -276,6 +277,7 @@ class Lab:
     def boot_vm(self, mac: str, name: str | None = None, reboot: bool = False,
                 interactive: bool = False, uefi: bool = False) -> Vm:
         """Create a tap for a new VM with ``mac`` and start it (PXE boot begins at once)."""
+        assert self.topology is not None, "the network first (Lab.start)"
         tap = self.topology.add_tap()
         vm = Vm(self.topology, tap, mac, self.workdir, name=name or f"vm{len(self.vms) + 1}",
                 reboot=reboot, interactive=interactive, uefi=uefi)

@@ -338,6 +338,6 @@ class DhcpService:
 
 def replace_lease_file(pool: Any, lease_file: Any) -> Any:
     """``pool`` with ``lease_file`` kept (the open journal does not move on reload)."""
-    if dataclasses.is_dataclass(pool):
+    if dataclasses.is_dataclass(pool) and not isinstance(pool, type):
         return dataclasses.replace(pool, lease_file=lease_file)
     return pool

@@ -70,27 +70,27 @@ class LeaseStore:
         lines = data.decode("utf-8", errors="replace").splitlines()
         bad = db.replay(lines)
         good = sum(1 for l in lines if l.strip()) - bad
-        self._open()
+        fd = self._open()
         if data and not data.endswith(b"\n"):
-            write_all(self._fd, b"\n")          # terminate a torn last line
-            os.fsync(self._fd)
+            write_all(fd, b"\n")               # terminate a torn last line
+            os.fsync(fd)
         self._lines = len(lines)
         self._compact_at = max(self.compact_after, 2 * len(db))
         return good, bad
 
-    def _open(self) -> None:
+    def _open(self) -> int:
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           FILE_MODE)
+        self._fd = fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                                FILE_MODE)
+        return fd
 
     # -- running -------------------------------------------------------------
     async def append(self, lease: Lease) -> None:
         """Write one lease line and fsync it.  Raises OSError (disk full...)."""
-        if self._fd is None:
-            self._open()
-        write_all(self._fd, (lease.to_json() + "\n").encode())
-        os.fsync(self._fd)
+        fd = self._fd if self._fd is not None else self._open()
+        write_all(fd, (lease.to_json() + "\n").encode())
+        os.fsync(fd)
         self._lines += 1
 
     def maybe_compact(self, db: LeaseDB, now: float) -> bool:

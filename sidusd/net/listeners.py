@@ -94,8 +94,9 @@ def check_interface(iface: str) -> str:
     try:
         return str(interface_ipv4(iface))
     except OSError as exc:
-        why = {errno.ENODEV: "no such interface",
-               errno.EADDRNOTAVAIL: "it has no IPv4 address"}.get(exc.errno, exc.strerror)
+        reasons: dict[int | None, str] = {errno.ENODEV: "no such interface",
+                                          errno.EADDRNOTAVAIL: "it has no IPv4 address"}
+        why = reasons.get(exc.errno, exc.strerror)
         raise StartupError(f"dhcp: interface {iface}: {why}") from None
 
 

@@ -151,7 +151,8 @@ def make_runtime_class() -> type:
 
         def update(self, snapshot: Any, disks: dict[str, Any] | None) -> None:
             self._snap = snapshot
-            self.iscsi = _Disks(disks) if disks is not None else None
+            # the worker's stand-in has only disk() (for iscsi_login): the supervisor owns the manager
+            self.iscsi = _Disks(disks) if disks is not None else None  # type: ignore[assignment]
 
         async def reload(self) -> Any:            # pragma: no cover - the supervisor reloads
             raise RuntimeError("the worker does not reload: the supervisor pushes snapshots")

@@ -113,7 +113,8 @@ class RpcClient:
                 return
             try:
                 reply = json.loads(data)
-                entry = self._pending.get(reply.get("id")) if isinstance(reply, dict) else None
+                rid = reply.get("id") if isinstance(reply, dict) else None
+                entry = self._pending.get(rid) if isinstance(rid, int) else None
             except ValueError:
                 entry = None
             if entry is None or entry[0].done():     # the answer to a request that timed out
@@ -121,11 +122,11 @@ class RpcClient:
                     os.close(fd)
                 continue
             fut, want_fd = entry
-            fd = fds[0] if fds and want_fd else None
+            passed = fds[0] if fds and want_fd else None
             for extra in fds:
-                if extra != fd:
+                if extra != passed:
                     os.close(extra)
-            fut.set_result((reply, fd))
+            fut.set_result((reply, passed))
 
 
 class RemoteLeaseJournal:
