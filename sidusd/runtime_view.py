@@ -27,6 +27,9 @@ class ObserverView(Protocol):
     def mac_for_ip(self, ip: str) -> str | None:
         """The MAC that did the last DHCP exchange from ``ip``, if any."""
 
+    def client_seen(self, mac: str, ip: str | None = None, arch: str | None = None) -> object:
+        """Note that ``mac`` spoke to us (from ``ip``, with firmware ``arch``): the DHCP table."""
+
 
 class RuntimeView(Protocol):
     """The live state as the services see it (swapped atomically on reload)."""

@@ -42,6 +42,7 @@ from sidusd.net.io import LeaseJournal, ServiceIO, local_io
 from sidusd.net.listeners import check_interface, interface_ipv4
 from sidusd.observability import RepeatBackoff, get_logger
 from sidusd.proto import dhcp
+from sidusd.runtime_view import RuntimeView
 
 RECV_SIZE = 4096                # larger than any DHCP message a client may send (RFC 2131 §2)
 BATCH = 64                      # datagrams read per wake-up before yielding to the loop
@@ -60,7 +61,7 @@ class _Listener:
 class DhcpService:
     """proxyDHCP / full DHCP on the interfaces of ``runtime.config.dhcp``."""
 
-    def __init__(self, runtime: Any, io: ServiceIO | None = None):
+    def __init__(self, runtime: RuntimeView, io: ServiceIO | None = None):
         self.runtime = runtime
         self.io = io if io is not None else local_io()
         self.log = get_logger("dhcp")

@@ -28,13 +28,14 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from ..errors import StartupError
+from ..runtime_view import RuntimeView
 from . import channel, ipc
 
 
 class Broker:
     """Serves the rpc channel of the current worker (``attach`` on every spawn)."""
 
-    def __init__(self, runtime: Any, refusals: channel.Refusals, log: Any):
+    def __init__(self, runtime: RuntimeView, refusals: channel.Refusals, log: Any):
         self.runtime = runtime
         self.obs = runtime.observer
         self.refusals = refusals
