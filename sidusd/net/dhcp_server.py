@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidusd.boot import policy
-from sidusd.boot.leases import LeaseDB, Reservations
+from sidusd.boot.inventory import BootTarget, Inventory
+from sidusd.boot.leases import Lease, LeaseDB, Reservations
+from sidusd.config import PoolConfig
 from sidusd.errors import RemoteProtocolError, SidusError, StartupError
 from sidusd.net.io import LeaseJournal, ServiceIO, local_io
 from sidusd.net.listeners import check_interface, interface_ipv4
@@ -68,9 +70,9 @@ class DhcpService:
         self._listeners: list[_Listener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db: LeaseDB | None = None
-        self._pool: Any = None
+        self._pool: PoolConfig | None = None
         self._store: LeaseJournal | None = None
-        self._res_for: Any = None
+        self._res_for: Inventory | None = None
         self._res = Reservations({}, {})
         self._malformed = RepeatBackoff(MALFORMED_LOG_INTERVAL_S, MALFORMED_LOG_INTERVAL_S)
         self._file_warned = False
@@ -84,6 +86,7 @@ class DhcpService:
             return
         self._loop = asyncio.get_running_loop()
         if cfg.mode == "full":
+            assert cfg.pool is not None         # config.read refuses full mode without a pool
             await self._open_leases(cfg.pool)
         try:
             for iface in cfg.interfaces:
@@ -99,7 +102,7 @@ class DhcpService:
             await self.stop()
             raise
 
-    async def _open_leases(self, pool: Any) -> None:
+    async def _open_leases(self, pool: PoolConfig) -> None:
         db = LeaseDB.for_pool(pool)
         store = self.io.lease_journal(pool.lease_file)
         try:
@@ -205,7 +208,7 @@ class DhcpService:
                          interface=lst.iface, error=str(exc), suppressed=self._malformed.take_suppressed())
 
     # -- deciding and acting -------------------------------------------------------
-    def _reservations(self, inventory: Any) -> Reservations:
+    def _reservations(self, inventory: Inventory) -> Reservations:
         if inventory is not self._res_for:
             hosts = getattr(inventory, "hosts", {}) or {}
             self._res = Reservations.from_pairs(
@@ -213,9 +216,9 @@ class DhcpService:
             self._res_for = inventory
         return self._res
 
-    def _lease_db(self, pool: Any) -> LeaseDB | None:
+    def _lease_db(self, pool: PoolConfig | None) -> LeaseDB | None:
         """The DB for the current pool; rebuilt (same journal) if a reload changed the range."""
-        if self._db is None or pool is None:
+        if self._db is None or self._pool is None or pool is None:   # _db and _pool are set together
             return self._db
         kept = replace_lease_file(pool, self._pool.lease_file)   # the open journal stays
         if pool.lease_file != self._pool.lease_file and not self._file_warned:
@@ -244,7 +247,7 @@ class DhcpService:
         lst.address = str(server_ip)
         req = policy.BootRequest.from_packet(pkt, lst.via, server_ip, addr)
 
-        def lookup(mac: str) -> Any:
+        def lookup(mac: str) -> BootTarget | None:
             try:
                 return inventory.resolve(mac, config)
             except SidusError:
@@ -265,9 +268,9 @@ class DhcpService:
         return None
 
     async def _write_then_act(self, lst: _Listener, pkt: dhcp.DhcpPacket, req: policy.BootRequest,
-                              decision: Any, now: float) -> None:
+                              decision: policy.Reply | policy.LeaseChange, now: float) -> None:
         """Make the lease durable, then act on the decision (no ACK for a lease not on disk)."""
-        assert self._store is not None
+        assert self._store is not None and decision.lease is not None   # see _serve
         try:
             await self._store.append(decision.lease)
         except OSError as exc:
@@ -277,7 +280,8 @@ class DhcpService:
             return
         self._act(lst, pkt, req, decision, now)
 
-    def _act(self, lst: _Listener, pkt: dhcp.DhcpPacket, req: policy.BootRequest, decision: Any,
+    def _act(self, lst: _Listener, pkt: dhcp.DhcpPacket, req: policy.BootRequest,
+             decision: policy.Reply | policy.LeaseChange,
              now: float) -> None:
         if isinstance(decision, policy.LeaseChange):
             if self._apply(decision.lease, now):
@@ -288,7 +292,7 @@ class DhcpService:
         else:
             self._reply(lst, req, decision, now)
 
-    def _apply(self, lease: Any, now: float) -> bool:
+    def _apply(self, lease: Lease, now: float) -> bool:
         """Apply ``lease`` (already durable unless an offer).  False without a lease table."""
         if self._db is None:
             return False
