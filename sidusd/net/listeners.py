@@ -18,9 +18,12 @@ import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StartupError
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 SIOCGIFADDR = 0x8915
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
@@ -116,7 +119,7 @@ class Listener:
                 "address": self.address, "port": self.port, "device": self.device or ""}
 
 
-def bind_listeners(config: Any) -> list[Listener]:
+def bind_listeners(config: Config) -> list[Listener]:
     """Every socket the config's services listen on, bound now (root).  StartupError as the services say it."""
     out: list[Listener] = []
 

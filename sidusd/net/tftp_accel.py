@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..proto.tftp_session import LockstepRun
-from . import udpport
+from . import mmsg, udpport
 from .tftp_transfer import Transfer
 
 _lockstep = udpport._lockstep
@@ -40,7 +40,8 @@ def plan(t: Transfer, taken: int = 0) -> LockstepRun | None:
     return run
 
 
-def step_into_run(t: Transfer, block: int, now: float, payloads: list, peers: list) -> bool:
+def step_into_run(t: Transfer, block: int, now: float, payloads: list[mmsg.Payload],
+                  peers: list[mmsg.Peer]) -> bool:
     """The ACK of the block in flight (the one that ended C's last run): begin the next run
     with its first step, taken here.  One read serves the run, first block included."""
     session = t.session

@@ -15,6 +15,7 @@ from . import mmsg
 from .udpport import SharedPort
 
 if TYPE_CHECKING:
+    from ..runtime_view import ObserverView
     from ._lockstep import Run
 
 
@@ -36,7 +37,7 @@ class Transfer:
         self.plan: LockstepRun | None = None    # what that run carries out (the session's decision)
 
 
-def summarize(t: Transfer, now: float, obs: Any, log: Any) -> None:
+def summarize(t: Transfer, now: float, obs: ObserverView, log: Any) -> None:
     """The transfer's end: counters, one ``tftp.transfer`` event, the boot-timeline entry."""
     s = t.session.summary(now)
     result = {"ok": "done", "probe": "probe"}.get(s.outcome, "failed")
