@@ -1,4 +1,4 @@
-"""TFTP through a lossy link: real clients (curl lockstep, atftp with an RFC 7440
+"""TFTP through a lossy link: real clients (busybox and curl lockstep, atftp with an RFC 7440
 window) talk to the real daemon through tests/integration/lossy_relay.py.
 
 * sha256-exact files at up to 10% loss (plus duplication and reordering),
@@ -53,7 +53,11 @@ def lossy_daemon(tmp_path_factory):
 
 
 def fetch(client: str, port: int, name: str, out: Path, window: int = 16) -> bytes:
-    if client == "curl":
+    if client == "busybox":
+        # busybox tftp: lockstep, blksize option, its own retransmission timer
+        argv = [require_tool("busybox"), "tftp", "-g", "-b", str(BLK), "-r", name, "-l", str(out),
+                "127.0.0.1", str(port)]
+    elif client == "curl":
         # curl asks for the RFC 2349 timeout option = its own retry interval, derived from
         # --connect-timeout (300 s default -> 6 s per retransmission; 3 s -> 1 s)
         argv = [require_tool("curl"), "-sS", "--tftp-blksize", str(BLK), "--connect-timeout", "3",
@@ -71,7 +75,11 @@ def idle(d: SidusDaemon) -> None:
     wait_until(lambda: d.ctl_json("status")["active_transfers"] == 0, timeout_s=60, what="0 transfers")
 
 
-@pytest.mark.parametrize("client,loss", [("curl", 0.10), ("atftp", 0.05), ("atftp", 0.10)])
+# The lockstep client through loss is busybox tftp, not curl: curl 7.88's TFTP client can stop
+# for good after some loss/reorder patterns (it polls its socket, reads nothing and never re-ACKs;
+# seen with this relay seed on a quiet machine, against the server of d6e06ac too), so a curl
+# case here failed on the client's bug, not the server's. curl stays in the tests below.
+@pytest.mark.parametrize("client,loss", [("busybox", 0.10), ("atftp", 0.05), ("atftp", 0.10)])
 def test_exact_file_through_loss_dup_reorder(lossy_daemon, tmp_path, client, loss):
     with LossyRelay(lossy_daemon.tftp_port, drop=loss, dup=0.02, reorder=0.02,
                     seed=zlib.crc32(f"{client}/{loss}".encode())) as relay:
