@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,22 @@ def require_root() -> None:
 @pytest.fixture
 def tool():
     return require_tool
+
+
+def poll_until(condition, timeout_s: float = 5.0) -> bool:
+    """Poll ``condition()`` until it holds (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def absolute_import(module: str | None, level: int, package: str) -> str:
+    """Absolute dotted name of an import made from ``package`` (``sidusd.boot``)."""
+    if level == 0:
+        return module or ""
+    parts = package.split(".")
+    base = parts[: len(parts) - (level - 1)]
+    return ".".join(base + ([module] if module else []))

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import absolute_import
 
 PKG = Path(__file__).resolve().parents[2] / "sidusd"
 PURE_DIRS = ("proto", "boot")
@@ -39,13 +40,6 @@ FORBIDDEN_PATH_METHODS = {"read_text", "read_bytes", "write_text", "write_bytes"
                           "home"}
 
 
-def _absolute(module: str | None, level: int, package: str) -> str:
-    """Absolute dotted name of an import made from ``package`` (``sidusd.boot``)."""
-    if level == 0:
-        return module or ""
-    parts = package.split(".")
-    base = parts[: len(parts) - (level - 1)]
-    return ".".join(base + ([module] if module else []))
 
 
 def violations(source: str, package: str) -> list[str]:
@@ -56,7 +50,7 @@ def violations(source: str, package: str) -> list[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = _absolute(node.module, node.level, package)
+            base = absolute_import(node.module, node.level, package)
             names = [base] + [f"{base}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Call):
             f = node.func
@@ -181,7 +175,7 @@ def test_sidusd_modules_a_pure_module_loads_import_nothing_forbidden(path):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = _absolute(node.module, node.level, package)
+                base = absolute_import(node.module, node.level, package)
                 names = [base] + [f"{base}.{a.name}" for a in node.names]
             else:
                 continue

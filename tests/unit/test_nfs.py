@@ -6,11 +6,11 @@ import asyncio
 import ipaddress
 import os
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import poll_until
 
 from sidusd.errors import BackendError, ConfigError
 from sidusd.storage import nfs
@@ -150,14 +150,6 @@ def test_unknown_backend_refused(tmp_path):
         nfs.NfsManager(cfg({}, tmp_path, backend="samba"), RecordingRunner())
 
 
-def _until(condition, timeout_s: float = 5.0) -> bool:
-    """Poll ``condition()`` until it holds (True) or ``timeout_s`` passed (False)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture
@@ -171,7 +163,7 @@ def fake_ganesha(tmp_path):
     hups = tmp_path / "hups"
     p = subprocess.Popen([str(exe), str(hups)])
     ready = tmp_path / "hups.ready"      # its trap is set: a SIGHUP before that would kill it
-    if not _until(ready.exists):
+    if not poll_until(ready.exists):
         raise AssertionError("the fake ganesha.nfsd never set its SIGHUP trap")
     (tmp_path / "ganesha.pid").write_text(f"{p.pid}\n")
     yield p, hups
@@ -185,7 +177,7 @@ def _hups(hups: Path) -> str | None:
 
 
 def _wait_hups(hups: Path, n: int) -> None:
-    if not _until(lambda: _hups(hups) == str(n)):
+    if not poll_until(lambda: _hups(hups) == str(n)):
         raise AssertionError(f"expected {n} SIGHUPs, file says {_hups(hups)}")
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 import pytest
+from conftest import poll_until
 
 from sidusd.errors import BackendError
 from sidusd.storage.runner import RecordingRunner, Result, Runner
@@ -58,14 +58,6 @@ def test_missing_program_is_backend_error():
     assert "cannot run /nonexistent/sidus-prog" in str(ei.value)
 
 
-def _until(condition, timeout_s: float = 5.0) -> bool:
-    """Poll ``condition()`` until it holds (True) or ``timeout_s`` passed (False)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def _alive(pid: int) -> bool:
@@ -87,7 +79,7 @@ def test_timeout_kills_the_whole_group(tmp_path):
     assert "timed out" in str(ei.value)
     assert "started" in ei.value.detail
     child = int(pidfile.read_text())
-    _until(lambda: not _alive(child))       # SIGKILL is delivered asynchronously
+    poll_until(lambda: not _alive(child))       # SIGKILL is delivered asynchronously
     assert not _alive(child)
 
 
@@ -100,7 +92,7 @@ def test_arun_captures_and_times_out(tmp_path):
             await Runner().arun(["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], timeout_s=1)
         return int(pidfile.read_text())
     child = asyncio.run(main())
-    _until(lambda: not _alive(child))
+    poll_until(lambda: not _alive(child))
     assert not _alive(child)
 
 

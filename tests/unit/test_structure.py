@@ -14,6 +14,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import absolute_import
 
 PKG = Path(__file__).resolve().parents[2] / "sidusd"
 
@@ -35,12 +36,6 @@ def _package_of(name: str) -> str:
     return name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
 
 
-def _absolute(module: str | None, level: int, package: str) -> str:
-    if level == 0:
-        return module or ""
-    parts = package.split(".")
-    base = parts[: len(parts) - (level - 1)]
-    return ".".join(base + ([module] if module else []))
 
 
 def _is_module(dotted: str) -> bool:
@@ -67,7 +62,7 @@ def module_bindings(tree: ast.Module, package: str) -> set[str]:
                     parts = a.name.split(".")
                     names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
         elif isinstance(node, ast.ImportFrom):
-            base = _absolute(node.module, node.level, package)
+            base = absolute_import(node.module, node.level, package)
             for a in node.names:
                 if a.name != "*" and _is_module(f"{base}.{a.name}" if base else a.name):
                     names.add(a.asname or a.name)
@@ -175,7 +170,7 @@ def import_graph(sources: dict[str, str], packages: dict[str, str], deferred: bo
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
-                base = _absolute(node.module, node.level, packages[name])
+                base = absolute_import(node.module, node.level, packages[name])
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in sources else base for a in node.names]
             for t in targets:
                 while t and t not in sources:        # an attribute's module, or a package's
