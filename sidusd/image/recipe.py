@@ -142,29 +142,32 @@ class RecipeFile:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A parsed recipe; ``site_files`` is absolute (relative paths follow the recipe's directory)."""
+    """A parsed recipe; ``site_files`` is absolute (relative paths follow the recipe's directory).
+
+    Built only by :func:`parse_recipe`, from a :class:`RecipeFile`: the defaults are declared there, once.
+    """
     name: str
-    suite: str = "bookworm"
-    architecture: str = "amd64"
-    variant: str = "minbase"
-    components: tuple[str, ...] = ("main",)
-    mirror: str | None = None                # None: the host's apt sources
-    security_mirror: str | bool | None = None   # None: the host's; False: no security archive
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    packages: tuple[str, ...] = ()
-    install_recommends: bool = False
-    install_suggests: bool = False
-    purge: tuple[str, ...] = ()
-    locale: str = "C.UTF-8"
-    timezone: str = "Etc/UTC"
-    keyboard: Keyboard | None = None
-    site_files: Path | None = None
-    nameservers: tuple[str, ...] = ()
-    search: tuple[str, ...] = ()
-    limits: tuple[Limit, ...] = ()
-    root_password_hash: str | None = None
-    enable_units: tuple[str, ...] = ()
+    suite: str
+    architecture: str
+    variant: str
+    components: tuple[str, ...]
+    mirror: str | None                # None: the host's apt sources
+    security_mirror: str | bool | None   # None: the host's; False: no security archive
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    packages: tuple[str, ...]
+    install_recommends: bool
+    install_suggests: bool
+    purge: tuple[str, ...]
+    locale: str
+    timezone: str
+    keyboard: Keyboard | None
+    site_files: Path | None
+    nameservers: tuple[str, ...]
+    search: tuple[str, ...]
+    limits: tuple[Limit, ...]
+    root_password_hash: str | None
+    enable_units: tuple[str, ...]
     source: str = field(default="<string>", compare=False)
 
     @property
