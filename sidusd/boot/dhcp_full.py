@@ -70,6 +70,8 @@ def decide_full(req: BootRequest, t: int, config: Any, target: Any, boot: str | 
     requested = ip_option(p, dhcp.OPT_REQUESTED_IP)
     if t == dhcp.DHCPDISCOVER:
         ip = db.choose(mac, now, requested, res)
+        if ip is None and mac in res.by_mac:
+            return Drop("reserved_in_use", f"{res.by_mac[mac]} (reserved) is still leased to another MAC")
         if ip is None:
             return Drop("pool_exhausted", "no free address in dhcp.pool")
         lease = Lease(ip, mac, "offered", now + OFFER_HOLD_S)
@@ -121,7 +123,10 @@ def decide_full(req: BootRequest, t: int, config: Any, target: Any, boot: str | 
             return Drop("unknown_lease", "RELEASE of a lease this client does not hold")
         return LeaseChange("release", Lease(cur.ip, mac, "free", now))
     if t == dhcp.DHCPDECLINE:                           # RFC 2131 §4.3.3
-        if requested is None or not db.in_range(requested):
-            return Drop("unknown_lease", "DECLINE without an address of the pool")
-        return LeaseChange("decline", Lease(requested, mac, "declined", now + DECLINE_HOLD_S))
+        # Only the client the address was offered to (or is bound to) may decline it:
+        # a DECLINE from any other MAC would evict someone else's lease.
+        cur = db.by_ip(requested) if requested is not None else None
+        if cur is None or cur.mac != mac or cur.state not in ("offered", "bound"):
+            return Drop("decline_not_holder", "DECLINE of an address this client was not given")
+        return LeaseChange("decline", Lease(cur.ip, mac, "declined", now + DECLINE_HOLD_S))
     return Drop("unknown_type", f"message type {t}")

@@ -17,6 +17,11 @@ Journal line (one JSON object)::
 lease) or ``declined`` (DECLINE: the address is set aside until ``expires``).
 Offers (``offered``) live in memory only: losing one at a crash is harmless,
 the client just sends a new DISCOVER.
+
+Group commit: the edge applies the leases of one loop turn at once (the next
+decision must see them), then writes them with one fsync; :meth:`LeaseDB.begin`
+/ :meth:`LeaseDB.commit` / :meth:`LeaseDB.rollback` undo the turn's changes
+when that write fails (no ACK was sent for them).
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ class Reservations:
 
 
 NO_RESERVATIONS = Reservations({}, {})
+_MISSING = object()
+LEASE_KEY = '{"ip":'          # how every journal line starts (Lease.to_json: compact, "ip" first)
 
 
 class LeaseDB:
@@ -91,6 +98,8 @@ class LeaseDB:
         self._by_ip: dict[IPv4Address, Lease] = {}
         self._by_mac: dict[str, IPv4Address] = {}
         self._cursor = int(range_start)      # every address below it has had a lease
+        self._undo: list[tuple[dict[Any, Any], Any, Any]] | None = None
+        self._undo_cursor = self._cursor
 
     @classmethod
     def for_pool(cls, pool: Any) -> LeaseDB:
@@ -100,6 +109,11 @@ class LeaseDB:
     # -- reading ----------------------------------------------------------
     def __len__(self) -> int:
         return len(self._by_ip)
+
+    def __bool__(self) -> bool:
+        """Always true: an empty lease table is still a lease table (``if db`` bit
+        the reservations once, issue 14 item 1; write ``is not None``)."""
+        return True
 
     def in_range(self, ip: IPv4Address) -> bool:
         return self.range_start <= ip <= self.range_end
@@ -123,11 +137,14 @@ class LeaseDB:
                                             self.network.broadcast_address):
             return False
         owner = reservations.by_ip.get(ip)
+        lease = self._by_ip.get(ip)
         if owner is not None:
-            return owner == mac
+            # A reserved address goes only to its MAC, and not while another MAC still
+            # holds a lease on it (one that predates the reservation): never two holders.
+            return owner == mac and (lease is None or not lease.active(now)
+                                     or (lease.mac == mac and lease.state != "declined"))
         if not self.in_range(ip):
             return False
-        lease = self._by_ip.get(ip)
         if lease is None or not lease.active(now):
             return True
         return lease.mac == mac and lease.state != "declined"
@@ -169,6 +186,41 @@ class LeaseDB:
         return None
 
     # -- changes -------------------------------------------------------------
+    def begin(self) -> None:
+        """Record every change from now on, so :meth:`rollback` can undo them."""
+        if self._undo is None:
+            self._undo, self._undo_cursor = [], self._cursor
+
+    def commit(self) -> None:
+        """Keep the changes since :meth:`begin` (they are on disk)."""
+        self._undo = None
+
+    def rollback(self) -> None:
+        """Undo every change since :meth:`begin` (their journal write failed)."""
+        undo, self._undo = self._undo, None
+        if undo is None:
+            return
+        for table, key, old in reversed(undo):
+            if old is _MISSING:
+                table.pop(key, None)
+            else:
+                table[key] = old
+        self._cursor = self._undo_cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._undo is not None
+
+    def _set(self, table: dict[Any, Any], key: Any, value: Any) -> None:
+        if self._undo is not None:
+            self._undo.append((table, key, table.get(key, _MISSING)))
+        table[key] = value
+
+    def _del(self, table: dict[Any, Any], key: Any) -> None:
+        if self._undo is not None:
+            self._undo.append((table, key, table.get(key, _MISSING)))
+        del table[key]
+
     def apply(self, lease: Lease) -> None:
         """Record ``lease`` (from a decision or a journal line); ``free`` removes it.
 
@@ -190,44 +242,59 @@ class LeaseDB:
         if lease.state == "free":
             cur = self._by_ip.get(lease.ip)
             if cur is not None and cur.mac == lease.mac:
-                del self._by_ip[lease.ip]
+                self._del(self._by_ip, lease.ip)
             if old_ip == lease.ip:
-                del self._by_mac[lease.mac]
+                self._del(self._by_mac, lease.mac)
             return
         displaced = self._by_ip.get(lease.ip)
         if displaced is not None and self._by_mac.get(displaced.mac) == lease.ip \
                 and displaced.mac != lease.mac:
-            del self._by_mac[displaced.mac]
-        self._by_ip[lease.ip] = lease
+            self._del(self._by_mac, displaced.mac)
+        self._set(self._by_ip, lease.ip, lease)
         while self._cursor <= int(self.range_end) and IPv4Address(self._cursor) in self._by_ip:
             self._cursor += 1
         if lease.state == "declined":
             if old_ip == lease.ip:
-                del self._by_mac[lease.mac]
+                self._del(self._by_mac, lease.mac)
             return
         if old_ip is not None and old_ip != lease.ip:
             prev = self._by_ip.get(old_ip)
             if prev is not None and prev.mac == lease.mac:
-                del self._by_ip[old_ip]          # one address per client
-        self._by_mac[lease.mac] = lease.ip
+                self._del(self._by_ip, old_ip)          # one address per client
+        self._set(self._by_mac, lease.mac, lease.ip)
 
-    def replay(self, lines: Iterable[str]) -> int:
+    def replay(self, lines: Iterable[str], refused: list[tuple[int, str]] | None = None) -> int:
         """Apply journal lines in order; returns how many were refused (and skipped).
 
         A line is refused when it does not parse or its address is outside the
-        pool's network (the pool may have changed since it was written).
+        pool's network (the pool may have changed since it was written); each
+        refusal is appended to ``refused`` as ``(line number, reason)`` if given.
+        A line that holds a torn record followed by a whole one (a write cut
+        short by a full disk, then the next append on the same line, before
+        appends truncated their failures away) gives the whole one back: the
+        torn part alone is refused.
         """
         bad = 0
-        for line in lines:
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 lease = Lease.from_json(line)
-            except ValueError:
+            except ValueError as exc:
                 bad += 1
-                continue
+                if refused is not None:
+                    refused.append((n, str(exc)))
+                cut = line.rfind(LEASE_KEY)
+                if cut <= 0:
+                    continue
+                try:
+                    lease = Lease.from_json(line[cut:])
+                except ValueError:
+                    continue
             if lease.ip not in self.network:
                 bad += 1
+                if refused is not None:
+                    refused.append((n, f"{lease.ip} is outside {self.network}"))
                 continue
             self.apply(lease)
         return bad

@@ -9,19 +9,21 @@ with ``SIOCGIFADDR`` for every answered request, so an address change is seen.
 Each datagram: decode (malformed: counted ``dhcp.malformed``, dropped), build a
 :class:`~sidusd.boot.policy.BootRequest`, :func:`~sidusd.boot.policy.decide`
 against the config and inventory read *now* from the runtime (they are swapped
-whole on reload), then do what the decision says.  In full mode a granted lease
-is journaled with fsync before the ACK leaves: the journal is
-``io.lease_journal`` (:mod:`sidusd.net.io`; in the worker a request to the
-supervisor), awaited while the readers are paused, so the next request is
-decided only once the lease is on disk and applied.  The sockets come from
-``io.listener`` (:mod:`sidusd.net.listeners`).  Nothing a peer sends can raise
-out of the reader.
+whole on reload), then do what the decision says.  In full mode a lease to
+journal (ACK, RELEASE, DECLINE) is applied at once (the next decision sees it)
+and queued; one loop turn's queue is written to ``io.lease_journal`` with one
+fsync (group commit) while the readers are paused, and only then do its ACKs
+leave (a failed write rolls the turn back: no ACK).  A turn of only RELEASEs
+and DECLINEs is not fsync'd (no answer waits; the next ACK's fsync carries it).
+DECLINEs are limited per MAC and interface (:mod:`sidusd.boot.ratelimit`).
+Nothing a peer sends can raise out of the reader.
 
 Counters: ``dhcp.rx``, ``dhcp.malformed``, ``dhcp.offers``, ``dhcp.acks``,
 ``dhcp.naks``, ``dhcp.release``, ``dhcp.decline``, ``dhcp.drop.<code>``,
-``dhcp.send_errors``, ``dhcp.lease_write_errors``, ``dhcp.errors``.
-Log events: ``dhcp.listening``, ``dhcp.reply``, ``dhcp.lease``, ``dhcp.drop``
-(debug), ``dhcp.malformed`` (rate limited), ``dhcp.error``, ``dhcp.stopped``.
+``dhcp.send_errors``, ``dhcp.lease_write_errors``, ``dhcp.lease_groups``, ``dhcp.errors``.
+Log events: ``dhcp.listening``, ``dhcp.reply``, ``dhcp.lease`` (rate limited),
+``dhcp.drop`` (debug), ``dhcp.malformed`` (rate limited), ``dhcp.lease_write_failed``
+(rate limited), ``dhcp.leases.loaded`` (a warning if lines were refused), ``dhcp.error``, ``dhcp.stopped``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from typing import Any
 
 from sidusd.boot import policy
 from sidusd.boot.inventory import BootTarget, Inventory
-from sidusd.boot.leases import Lease, LeaseDB, Reservations
+from sidusd.boot.leases import NO_RESERVATIONS, Lease, LeaseDB, Reservations
+from sidusd.boot.ratelimit import DeclineLimiter
 from sidusd.config import PoolConfig
 from sidusd.errors import RemoteProtocolError, SidusError, StartupError
 from sidusd.net.io import LeaseJournal, ServiceIO, local_io
@@ -49,6 +52,18 @@ from sidusd.runtime_view import RuntimeView
 RECV_SIZE = 4096                # larger than any DHCP message a client may send (RFC 2131 §2)
 BATCH = 64                      # datagrams read per wake-up before yielding to the loop
 MALFORMED_LOG_INTERVAL_S = 10.0
+LEASE_LOG_FIRST_S, LEASE_LOG_MAX_S = 1.0, 10.0      # dhcp.lease: then at most one line per 10 s
+
+
+@dataclass
+class _Pending:
+    """A decision whose lease is applied but not yet journaled (group commit)."""
+
+    lst: _Listener
+    pkt: dhcp.DhcpPacket
+    req: policy.BootRequest
+    decision: policy.Reply | policy.LeaseChange
+    now: float
 
 
 @dataclass
@@ -76,7 +91,12 @@ class DhcpService:
         self._res = Reservations({}, {})
         self._malformed = RepeatBackoff(MALFORMED_LOG_INTERVAL_S, MALFORMED_LOG_INTERVAL_S)
         self._file_warned = False
-        self._writing: asyncio.Task | None = None     # a lease being journaled: readers paused
+        self._lease_log = RepeatBackoff(LEASE_LOG_FIRST_S, LEASE_LOG_MAX_S)
+        self._write_log = RepeatBackoff(MALFORMED_LOG_INTERVAL_S, MALFORMED_LOG_INTERVAL_S)
+        self._declines = DeclineLimiter()
+        self._writing: asyncio.Task | None = None     # a lease group being journaled: readers paused
+        self._group: list[_Pending] = []              # lease changes of this loop turn, applied, not on disk
+        self._flush_at: asyncio.Handle | None = None
 
     # -- life cycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -110,8 +130,10 @@ class DhcpService:
         except OSError as exc:
             raise StartupError(f"dhcp: lease file {pool.lease_file}: {exc.strerror}") from None
         self._db, self._store, self._pool = db, store, pool
-        self.log.info("dhcp.leases.loaded", file=str(pool.lease_file), lines=good, refused=bad,
-                      leases=len(db))
+        # a refused record may be a lease someone holds: a warning, with what was refused
+        (self.log.warning if bad else self.log.info)(
+            "dhcp.leases.loaded", file=str(pool.lease_file), lines=good, refused=bad, leases=len(db),
+            first_refused=[f"line {n}: {why}" for n, why in getattr(store, "refused", [])])
 
     async def stop(self) -> None:
         """Close every socket and the lease journal (after the lease being written, if any)."""
@@ -119,6 +141,9 @@ class DhcpService:
         for lst in listeners:
             if self._loop is not None:
                 self._loop.remove_reader(lst.sock.fileno())
+        if self._writing is not None:
+            await asyncio.wait({self._writing})
+        self._flush()                            # the turn's lease changes, if any
         if self._writing is not None:
             await asyncio.wait({self._writing})
         for lst in listeners:
@@ -167,12 +192,9 @@ class DhcpService:
             self._log_malformed(lst, addr, exc)
             return
         try:
-            write = self._serve(lst, pkt, addr)
+            self._serve(lst, pkt, addr)
         except Exception as exc:  # a bug must not stop the reader
             self._error(lst, pkt, exc)
-            return
-        if write is not None:
-            self._hold(lst, pkt, write)
 
     def _error(self, lst: _Listener, pkt: dhcp.DhcpPacket, exc: Exception) -> None:
         """Count and log a bug met serving ``pkt`` (called in the ``except`` block)."""
@@ -180,8 +202,7 @@ class DhcpService:
         self.log.exception("dhcp.error", mac=pkt.mac, xid=pkt.xid, port=lst.port, error=repr(exc))
 
     def _hold(self, lst: _Listener, pkt: dhcp.DhcpPacket, write: Coroutine[Any, Any, None]) -> None:
-        """Run ``write`` (journal, then answer) with every reader paused until it is done:
-        requests wait in the kernel's buffer, as they did while a local fsync ran inline."""
+        """Run ``write`` (journal, then answer) with every reader paused: requests wait in the kernel."""
         loop = self._loop
         assert loop is not None
         paused = list(self._listeners)
@@ -225,16 +246,15 @@ class DhcpService:
             self._file_warned = True
             self.log.warning("dhcp.lease_file_changed", old=str(self._pool.lease_file),
                              new=str(pool.lease_file), note="restart sidusd to use the new file")
-        if kept != self._pool:
+        if kept != self._pool and not self._db.in_transaction:    # not with a group pending
             db = LeaseDB.for_pool(kept)
             db.replay(self._db.journal_lines(time.time()))
             self._db, self._pool = db, kept
             self.log.info("dhcp.pool_changed", network=str(kept.network), leases=len(db))
         return self._db
 
-    def _serve(self, lst: _Listener, pkt: dhcp.DhcpPacket,
-               addr: tuple[str, int]) -> Coroutine[Any, Any, None] | None:
-        """Decide; act at once, or return the coroutine that journals the lease and then acts."""
+    def _serve(self, lst: _Listener, pkt: dhcp.DhcpPacket, addr: tuple[str, int]) -> None:
+        """Decide; act at once, or queue the lease to journal with this turn's (then act)."""
         rt = self.runtime
         snap = getattr(rt, "snapshot", None)
         config = snap.config if snap is not None else rt.config
@@ -243,7 +263,7 @@ class DhcpService:
             server_ip = interface_ipv4(lst.iface)
         except OSError:
             self._drop(lst, pkt, policy.Drop("no_address", f"{lst.iface} has no IPv4 address now"))
-            return None
+            return
         lst.address = str(server_ip)
         req = policy.BootRequest.from_packet(pkt, lst.via, server_ip, addr)
 
@@ -255,58 +275,89 @@ class DhcpService:
 
         now = time.time()
         db = self._lease_db(config.dhcp.pool) if config.dhcp.mode == "full" else None
-        decision = policy.decide(req, config, lookup, leases=db,
-                                 reservations=self._reservations(inventory) if db else Reservations({}, {}),
-                                 now=now)
+        res = self._reservations(inventory) if db is not None else NO_RESERVATIONS
+        decision = policy.decide(req, config, lookup, leases=db, reservations=res, now=now)
         if isinstance(decision, policy.Drop):
             self._drop(lst, pkt, decision)
-            return None
+            return
         lease = decision.lease
         if lease is not None and self._db is not None and lease.state != "offered" and self._store is not None:
-            return self._write_then_act(lst, pkt, req, decision, now)
-        self._act(lst, pkt, req, decision, now)
-        return None
-
-    async def _write_then_act(self, lst: _Listener, pkt: dhcp.DhcpPacket, req: policy.BootRequest,
-                              decision: policy.Reply | policy.LeaseChange, now: float) -> None:
-        """Make the lease durable, then act on the decision (no ACK for a lease not on disk)."""
-        assert self._store is not None and decision.lease is not None   # see _serve
-        try:
-            await self._store.append(decision.lease)
-        except OSError as exc:
-            self.runtime.observer.count("dhcp.lease_write_errors")
-            self.log.error("dhcp.lease_write_failed", mac=req.mac, ip=str(decision.lease.ip),
-                           error=str(exc), file=str(self._store.path))
+            if isinstance(decision, policy.LeaseChange) and decision.event == "decline" \
+                    and not self._declines.allow(req.mac, lst.iface, time.monotonic()):
+                self._drop(lst, pkt, policy.Drop("decline_rate", "too many DECLINEs (per MAC or interface)"))
+                return
+            self._queue(_Pending(lst, pkt, req, decision, now))
             return
         self._act(lst, pkt, req, decision, now)
 
-    def _act(self, lst: _Listener, pkt: dhcp.DhcpPacket, req: policy.BootRequest,
-             decision: policy.Reply | policy.LeaseChange,
-             now: float) -> None:
-        if isinstance(decision, policy.LeaseChange):
-            if self._apply(decision.lease, now):
-                self.runtime.observer.count(f"dhcp.{decision.event}")
-                self.runtime.observer.timeline(req.mac, f"dhcp.{decision.event}", ip=str(decision.lease.ip))
-                self.log.info("dhcp.lease", mac=req.mac, xid=pkt.xid, event=decision.event,
-                              ip=str(decision.lease.ip))
-        else:
-            self._reply(lst, req, decision, now)
+    def _queue(self, p: _Pending) -> None:
+        """Apply ``p``'s lease now (the next decision must see it) and journal it with the
+        rest of this loop turn's (:meth:`_flush`, scheduled once per turn)."""
+        assert self._db is not None and self._loop is not None and p.decision.lease is not None
+        self._db.begin()
+        self._db.apply(p.decision.lease)
+        self._group.append(p)
+        if self._flush_at is None:
+            self._flush_at = self._loop.call_soon(self._flush)
 
-    def _apply(self, lease: Lease, now: float) -> bool:
-        """Apply ``lease`` (already durable unless an offer).  False without a lease table."""
+    def _flush(self) -> None:
+        """Journal the turn's group (readers paused meanwhile), then act on it."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        group, self._group = self._group, []
+        if group:
+            self._hold(group[0].lst, group[0].pkt, self._commit(group))
+
+    async def _commit(self, group: list[_Pending]) -> None:
+        """One write (and one fsync if an ACK waits) for ``group``; no ACK for a lease not on disk."""
+        assert self._store is not None and self._db is not None   # see _serve
+        obs = self.runtime.observer
+        sync = any(isinstance(p.decision, policy.Reply) for p in group)
+        try:
+            await self._store.append_many([p.decision.lease for p in group], sync=sync)
+        except OSError as exc:
+            self._db.rollback()
+            obs.count("dhcp.lease_write_errors", len(group))
+            if self._write_log.failed("", time.monotonic()):
+                self.log.error("dhcp.lease_write_failed", leases=len(group), mac=group[0].req.mac,
+                               error=str(exc), file=str(self._store.path),
+                               suppressed=self._write_log.take_suppressed())
+            return
+        self._db.commit()
+        obs.count("dhcp.lease_groups")
+        for p in group:
+            self._act(p.lst, p.pkt, p.req, p.decision, p.now, applied=True)
+        try:
+            self._store.maybe_compact(self._db, group[-1].now)
+        except OSError as exc:
+            self.log.error("dhcp.lease_compact_failed", error=str(exc))
+
+    def _act(self, lst: _Listener, pkt: dhcp.DhcpPacket, req: policy.BootRequest,
+             decision: policy.Reply | policy.LeaseChange, now: float, applied: bool = False) -> None:
+        """Do what ``decision`` says (its lease already applied if ``applied``: a journaled group)."""
+        if isinstance(decision, policy.LeaseChange):
+            if applied or self._apply(decision.lease):
+                obs = self.runtime.observer
+                obs.count(f"dhcp.{decision.event}")
+                obs.timeline(req.mac, f"dhcp.{decision.event}", ip=str(decision.lease.ip))
+                # "change", not "event": structlog's first argument is the event (issue 14 item 3)
+                if self._lease_log.failed("", time.monotonic()):
+                    self.log.info("dhcp.lease", mac=req.mac, xid=pkt.xid, change=decision.event,
+                                  ip=str(decision.lease.ip), suppressed=self._lease_log.take_suppressed())
+        else:
+            self._reply(lst, req, decision, applied)
+
+    def _apply(self, lease: Lease) -> bool:
+        """Apply an offer (memory only).  False without a lease table."""
         if self._db is None:
             return False
         self._db.apply(lease)
-        if self._store is not None and lease.state != "offered":
-            try:
-                self._store.maybe_compact(self._db, now)
-            except OSError as exc:
-                self.log.error("dhcp.lease_compact_failed", error=str(exc))
         return True
 
-    def _reply(self, lst: _Listener, req: policy.BootRequest, reply: policy.Reply, now: float) -> None:
+    def _reply(self, lst: _Listener, req: policy.BootRequest, reply: policy.Reply, applied: bool) -> None:
         obs = self.runtime.observer
-        if reply.lease is not None and not self._apply(reply.lease, now):
+        if reply.lease is not None and not applied and not self._apply(reply.lease):
             return
         try:
             data = dhcp.encode(reply.packet)

@@ -30,6 +30,10 @@ class LeaseJournal(Protocol):
     async def append(self, lease: Any) -> None:
         """Returns once ``lease`` is durable (fsync); raises OSError if it is not."""
 
+    async def append_many(self, leases: Any, sync: bool = True) -> None:
+        """Write ``leases`` in order, all or nothing; with ``sync`` returns once they are
+        durable (one fsync for the lot: group commit).  Raises OSError if not written."""
+
     def maybe_compact(self, db: Any, now: float) -> bool:
         """Rewrite the journal when it has grown; True if it did."""
 

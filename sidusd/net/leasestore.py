@@ -4,7 +4,16 @@ Durability rule (RFC 2131 §4.3.2 asks the server to remember its bindings):
 a lease line is appended and ``fsync``-ed *before* the DHCPACK that grants it
 is sent, so ``kill -9`` right after an ACK loses nothing.  On start the journal
 is replayed line by line; a torn last line (crash in the middle of a write) is
-counted, skipped and terminated so the next line is not glued to it.  When the
+counted, skipped and terminated so the next line is not glued to it.
+
+Appends are all-or-nothing (issue 14 item 4): the store knows the offset
+where its last whole record ends; a write cut short (ENOSPC after part of a
+line) or a failed fsync truncates the file back to that offset before the
+error is raised, so no torn line is left for the next record to be glued to.
+If even that truncate fails, the next append truncates first and refuses
+while it cannot.  :meth:`LeaseStore.append_many` writes the records of one
+loop turn with one write and (``sync=True``) one fsync (group commit); the
+refused lines of the last load are in ``refused`` (line number, reason).  When the
 journal has ``compact_after`` lines, and at least twice the lines its last
 rewrite had (so a pool with more live leases than ``compact_after`` is not
 rewritten after every single write), it is rewritten from the live leases:
@@ -28,12 +37,14 @@ kill the daemon during compactions.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sidusd.boot.leases import Lease, LeaseDB
 from sidusd.fsutil import atomic_write, remove_stale_temps, write_all
 
 COMPACT_AFTER = 10_000          # journal lines before a rewrite
+MAX_REFUSED_KEPT = 8            # refused lines of a load remembered (for the warning)
 FILE_MODE = 0o640
 DIR_MODE = 0o750
 
@@ -41,8 +52,15 @@ DIR_MODE = 0o750
 class LeaseStore:
     """Append-only JSON-lines journal of leases with atomic compaction."""
 
-    def __init__(self, path: Path | str, compact_after: int | None = None):
+    def __init__(self, path: Path | str, compact_after: int | None = None, *,
+                 write: Callable[[int, memoryview], int] = os.write,
+                 fsync: Callable[[int], None] = os.fsync):
+        """``write`` and ``fsync`` are ``os.write`` and ``os.fsync`` (a test passes failing ones)."""
         self.path = Path(path)
+        self._write, self._fsync = write, fsync
+        self._end = 0                   # where the last whole record ends
+        self._torn = False              # a failed append could not be truncated away yet
+        self.refused: list[tuple[int, str]] = []
         if compact_after is None:
             try:
                 compact_after = int(os.environ.get("SIDUSD_LEASE_COMPACT_AFTER", COMPACT_AFTER))
@@ -68,12 +86,15 @@ class LeaseStore:
         except FileNotFoundError:
             data = b""
         lines = data.decode("utf-8", errors="replace").splitlines()
-        bad = db.replay(lines)
+        refused: list[tuple[int, str]] = []
+        bad = db.replay(lines, refused)
+        self.refused = refused[:MAX_REFUSED_KEPT]
         good = sum(1 for l in lines if l.strip()) - bad
         fd = self._open()
         if data and not data.endswith(b"\n"):
             write_all(fd, b"\n")               # terminate a torn last line
             os.fsync(fd)
+        self._end = os.fstat(fd).st_size
         self._lines = len(lines)
         self._compact_at = max(self.compact_after, 2 * len(db))
         return good, bad
@@ -83,15 +104,45 @@ class LeaseStore:
             os.close(self._fd)
         self._fd = fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                                 FILE_MODE)
+        self._end, self._torn = os.fstat(fd).st_size, False
         return fd
 
     # -- running -------------------------------------------------------------
     async def append(self, lease: Lease) -> None:
         """Write one lease line and fsync it.  Raises OSError (disk full...)."""
+        await self.append_many((lease,))
+
+    async def append_many(self, leases: Sequence[Lease], sync: bool = True) -> None:
+        """Write ``leases`` (one write) and, if ``sync``, fsync them; all or nothing.
+
+        Raises OSError (disk full...) with the journal as it was before the call.
+        """
         fd = self._fd if self._fd is not None else self._open()
-        write_all(fd, (lease.to_json() + "\n").encode())
-        os.fsync(fd)
-        self._lines += 1
+        if self._torn:
+            self._truncate(fd)           # raises while the torn tail cannot go
+        data = "".join(l.to_json() + "\n" for l in leases).encode()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._write(fd, view):]
+            if sync:
+                self._fsync(fd)
+        except OSError:
+            try:
+                self._truncate(fd)
+            except OSError:
+                pass                     # _torn stays set: the next append retries first
+            raise
+        self._end += len(data)
+        self._lines += len(leases)
+
+    def _truncate(self, fd: int) -> None:
+        """Cut the journal back to its last whole record.  Not fsync'd here: the next
+        append's fsync carries the new size (and a torn tail that a crash brings back
+        is terminated and refused alone by :meth:`load`)."""
+        self._torn = True
+        os.ftruncate(fd, self._end)
+        self._torn = False
 
     def maybe_compact(self, db: LeaseDB, now: float) -> bool:
         """Compact when the journal has ``compact_after`` lines and twice what the last

@@ -136,6 +136,7 @@ class RemoteLeaseJournal:
         self.rpc = rpc
         self.path = Path(path)
         self._lines = 0
+        self.refused: list[tuple[int, str]] = []
 
     async def load(self, db: Any) -> tuple[int, int]:
         reply, fd = await self.rpc.call({"t": "lease.load"}, want_fd=True)
@@ -146,7 +147,9 @@ class RemoteLeaseJournal:
         with open(fd, "rb", closefd=True) as f:
             data = f.read()
         lines = data.decode("utf-8", errors="replace").splitlines()
-        bad = db.replay(lines)
+        refused: list[tuple[int, str]] = []
+        bad = db.replay(lines, refused)
+        self.refused = refused[:8]
         self._lines = len(lines)
         return sum(1 for l in lines if l.strip()) - bad, bad
 
@@ -156,6 +159,12 @@ class RemoteLeaseJournal:
         if not reply.get("ok"):
             raise OSError(errno.EIO, str(reply.get("error", "lease write refused")))
         self._lines += 1
+
+    async def append_many(self, leases: Any, sync: bool = True) -> None:
+        """One ``lease.append`` each, in order (the supervisor fsyncs every one: no group
+        commit across the privsep channel yet).  OSError at the first one refused."""
+        for lease in leases:
+            await self.append(lease)
 
     def maybe_compact(self, db: Any, now: float) -> bool:
         return False                    # the supervisor compacts its journal itself
