@@ -20,7 +20,7 @@ Nothing a peer sends can raise out of the reader.
 
 Counters: ``dhcp.rx``, ``dhcp.malformed``, ``dhcp.offers``, ``dhcp.acks``,
 ``dhcp.naks``, ``dhcp.release``, ``dhcp.decline``, ``dhcp.drop.<code>``,
-``dhcp.send_errors``, ``dhcp.lease_write_errors``, ``dhcp.lease_groups``, ``dhcp.errors``.
+``dhcp.send_errors``, ``dhcp.lease_write_errors``, ``dhcp.lease_syncs``, ``dhcp.lease_unsynced_groups``, ``dhcp.errors``.
 Log events: ``dhcp.listening``, ``dhcp.reply``, ``dhcp.lease`` (rate limited),
 ``dhcp.drop`` (debug), ``dhcp.malformed`` (rate limited), ``dhcp.lease_write_failed``
 (rate limited), ``dhcp.leases.loaded`` (a warning if lines were refused), ``dhcp.error``, ``dhcp.stopped``.
@@ -325,7 +325,7 @@ class DhcpService:
                                suppressed=self._write_log.take_suppressed())
             return
         self._db.commit()
-        obs.count("dhcp.lease_groups")
+        obs.count("dhcp.lease_syncs" if sync else "dhcp.lease_unsynced_groups")
         for p in group:
             self._act(p.lst, p.pkt, p.req, p.decision, p.now, applied=True)
         try:

@@ -250,3 +250,205 @@ def test_store_does_not_rewrite_after_every_write_when_leases_outnumber_the_thre
     run(reopened.append(lease))
     assert reopened.maybe_compact(again, now=0.0) is False    # 21 lines < 2 x 20 leases
     reopened.close()
+
+
+# -- issue 14: hostile clients and a full disk --------------------------------------
+
+def test_an_empty_lease_db_is_true_and_reserved_addresses_stay_with_their_mac():
+    """Item 1: ``if db`` skipped the reservations while the DB was empty (len 0)."""
+    d = db()
+    assert len(d) == 0 and bool(d) is True
+    res = Reservations.from_pairs([("owner", IP("10.0.0.11"))])
+    assert not d.available_to(IP("10.0.0.11"), "stranger", 0.0, res)
+    assert d.available_to(IP("10.0.0.11"), "owner", 0.0, res)
+    # a lease on the address that predates the reservation: the owner waits, no second holder
+    bind(d, "10.0.0.11", "stranger", expires=100.0)
+    assert not d.available_to(IP("10.0.0.11"), "owner", 50.0, res)
+    assert d.choose("owner", 50.0, reservations=res) is None
+    assert d.available_to(IP("10.0.0.11"), "owner", 150.0, res)        # expired: the owner's
+
+
+def test_rollback_undoes_a_turn_of_changes():
+    """Group commit: a failed journal write undoes the turn's leases (no ACK was sent)."""
+    d = db()
+    bind(d, "10.0.0.10", "a")
+    before = (d.leases(), d.by_mac("a"), d.choose("z", 0.0))
+    d.begin()
+    bind(d, "10.0.0.11", "b")
+    bind(d, "10.0.0.12", "a")                                # a moves: .10 dropped
+    d.apply(Lease(IP("10.0.0.11"), "b", "free", 1.0))
+    bind(d, "10.0.0.10", "c", state="declined")
+    d.rollback()
+    assert (d.leases(), d.by_mac("a"), d.choose("z", 0.0)) == before
+    assert d.by_mac("b") is None and d.by_mac("c") is None
+    d.begin()
+    bind(d, "10.0.0.11", "b")
+    d.commit()
+    d.rollback()                                             # nothing open: no-op
+    assert d.by_mac("b").ip == IP("10.0.0.11")
+
+
+def test_replay_salvages_a_record_glued_to_a_torn_one():
+    """Item 4: a torn line then the next record on the same line: the record is kept."""
+    good = Lease(IP("10.0.0.11"), "b", "bound", 100.0).to_json()
+    torn = Lease(IP("10.0.0.10"), "a", "bound", 100.0).to_json()[:23]
+    d = db()
+    refused: list = []
+    assert d.replay([torn + good], refused) == 1
+    assert d.by_mac("b").ip == IP("10.0.0.11") and d.by_mac("a") is None
+    assert refused[0][0] == 1 and "not a lease line" in refused[0][1]
+
+
+class FaultyDisk:
+    """os.write that fills the disk after ``room`` bytes (a short write, then ENOSPC)."""
+
+    def __init__(self, room: int):
+        self.room = room
+        self.fsyncs = 0
+
+    def write(self, fd, view):
+        import errno
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = os.write(fd, view[:self.room])
+        self.room -= n
+        return n
+
+    def fsync(self, fd):
+        self.fsyncs += 1
+        os.fsync(fd)
+
+
+def test_append_is_all_or_nothing_on_a_full_disk(tmp_path):
+    """Item 4 (pure part, injected faults): the short write is truncated away, so the next
+    acknowledged lease is a line of its own and survives the restart."""
+    path = tmp_path / "leases.jsonl"
+    disk = FaultyDisk(room=10_000)
+    store = LeaseStore(path, write=disk.write, fsync=disk.fsync)
+    run(store.load(db()))
+    first = Lease(IP("10.0.0.10"), "a", "bound", 100.0)
+    run(store.append(first))
+    size = path.stat().st_size
+    disk.room = 30                                            # the next line does not fit
+    with pytest.raises(OSError):
+        run(store.append(Lease(IP("10.0.0.11"), "b", "bound", 100.0)))
+    assert path.stat().st_size == size                        # no torn tail left
+    disk.room = 10_000                                        # space freed
+    acked = Lease(IP("10.0.0.12"), "c", "bound", 100.0)
+    run(store.append(acked))
+    store.close()
+    again = LeaseStore(path)
+    d = db()
+    assert run(again.load(d)) == (2, 0) and again.refused == []
+    assert d.by_mac("c") == acked and d.by_mac("a") == first and d.by_mac("b") is None
+    again.close()
+
+
+def test_group_append_one_fsync_and_unsynced_declines(tmp_path):
+    """Item 5 / item 2: one write + one fsync for a turn's ACKs; a turn of DECLINEs: none."""
+    disk = FaultyDisk(room=1 << 20)
+    store = LeaseStore(tmp_path / "leases.jsonl", write=disk.write, fsync=disk.fsync)
+    run(store.load(db()))
+    run(store.append_many([Lease(IP(f"10.0.0.{10 + i}"), f"m{i}", "bound", 100.0) for i in range(4)]))
+    assert disk.fsyncs == 1 and store.lines == 4
+    run(store.append_many([Lease(IP("10.0.0.10"), "m0", "declined", 700.0)], sync=False))
+    assert disk.fsyncs == 1 and store.lines == 5
+    store.close()
+
+
+def test_a_failed_fsync_also_truncates(tmp_path):
+    import errno
+    path = tmp_path / "leases.jsonl"
+
+    def bad_fsync(fd):
+        raise OSError(errno.EIO, "I/O error")
+    store = LeaseStore(path, fsync=bad_fsync)
+    run(store.load(db()))
+    with pytest.raises(OSError):
+        run(store.append(Lease(IP("10.0.0.10"), "a", "bound", 100.0)))
+    assert path.read_bytes() == b""
+    store.close()
+
+
+def test_real_enospc_on_a_tiny_tmpfs_leaves_no_torn_line(tmp_path):
+    """Item 4 with a real full file system: a 64 KiB tmpfs mounted by the test."""
+    import subprocess
+    from conftest import require_root, require_tool
+    require_root()
+    require_tool("mount")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "sidus-test-tmpfs", str(mnt)],
+                   check=True)
+    try:
+        path = mnt / "leases.jsonl"
+        store = LeaseStore(path)
+        run(store.load(db()))
+        n = 0
+        line = len(Lease(IP("10.0.0.10"), "m00000", "bound", 100.0).to_json()) + 1
+        while (path.stat().st_size % 4096) <= 4096 - line // 2 or path.stat().st_size == 0:
+            run(store.append(Lease(IP("10.0.0.10"), f"m{n:05d}", "bound", 100.0)))  # the page's end
+            n += 1
+        fill = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)    # every free page
+        try:
+            while True:
+                os.write(fill, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fill)
+        size = path.stat().st_size
+        with pytest.raises(OSError) as err:
+            run(store.append(Lease(IP("10.0.0.11"), "lost", "bound", 100.0)))
+        assert err.value.errno == 28                          # ENOSPC, after a short write
+        assert path.stat().st_size == size and path.read_bytes().endswith(b"\n")
+        (mnt / "filler").unlink()
+        acked = Lease(IP("10.0.0.12"), "acked", "bound", 100.0)
+        run(store.append(acked))
+        store.close()
+        d = db()
+        assert run(LeaseStore(path).load(d)) == (n + 1, 0)
+        assert d.by_mac("acked") == acked and d.by_mac("lost") is None
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_decline_limiter_per_mac_and_per_interface():
+    from sidusd.boot.ratelimit import DeclineLimiter, TokenBuckets
+    lim = DeclineLimiter(TokenBuckets(2, 60.0), TokenBuckets(3, 1.0))
+    assert lim.allow("a", "eth0", 0.0) and lim.allow("a", "eth0", 0.0)
+    assert not lim.allow("a", "eth0", 0.0)                   # the MAC's burst is spent
+    assert lim.allow("b", "eth0", 0.0)
+    assert not lim.allow("c", "eth0", 0.0)                   # the interface's burst is spent
+    assert lim.allow("c", "eth1", 0.0)
+    assert lim.allow("c", "eth0", 1.0)                       # one more a second
+    assert not lim.allow("a", "eth0", 30.0) and lim.allow("a", "eth0", 61.0)
+    small = TokenBuckets(1, 10.0, max_keys=2)
+    for k in "xyz":
+        small.take(k, 0.0)
+    assert len(small) == 2                                    # bounded
+
+
+def test_decline_only_from_the_holder():
+    """Item 2 (policy): another MAC's DECLINE does not touch the lease (RFC 2131 §4.3.3)."""
+    from sidusd.boot.dhcp_full import decide_full
+    d = db()
+    bind(d, "10.0.0.10", "52:54:00:00:00:01")
+
+    class Req:
+        def __init__(self, mac):
+            from sidusd.proto import dhcp
+            self.mac = mac
+            self.server_ip = IP("10.0.0.1")
+            self.packet = dhcp.DhcpPacket(op=1, xid=1, chaddr=bytes(16), options=(
+                (dhcp.OPT_REQUESTED_IP, IP("10.0.0.10").packed), (dhcp.OPT_SERVER_ID, IP("10.0.0.1").packed)))
+
+    class Cfg:
+        class dhcp:
+            class pool:
+                lease_time_s = 600
+    from sidusd.proto import dhcp as p
+    other = decide_full(Req("52:54:00:00:00:02"), p.DHCPDECLINE, Cfg, None, None, d, Reservations({}, {}), 5.0)
+    assert other.code == "decline_not_holder"
+    mine = decide_full(Req("52:54:00:00:00:01"), p.DHCPDECLINE, Cfg, None, None, d, Reservations({}, {}), 5.0)
+    assert mine.event == "decline" and mine.lease.ip == IP("10.0.0.10")
