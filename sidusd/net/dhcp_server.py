@@ -19,8 +19,8 @@ DECLINEs are limited per MAC and interface (:mod:`sidusd.boot.ratelimit`).
 Nothing a peer sends can raise out of the reader.
 
 Counters: ``dhcp.rx``, ``dhcp.malformed``, ``dhcp.offers``, ``dhcp.acks``,
-``dhcp.naks``, ``dhcp.release``, ``dhcp.decline``, ``dhcp.drop.<code>``,
-``dhcp.send_errors``, ``dhcp.lease_write_errors``, ``dhcp.lease_syncs``, ``dhcp.lease_unsynced_groups``, ``dhcp.errors``.
+``dhcp.naks``, ``dhcp.release``, ``dhcp.decline``, ``dhcp.drop.<code>``, ``dhcp.send_errors``,
+``dhcp.lease_write_errors``, ``dhcp.lease_syncs``, ``dhcp.lease_unsynced_groups``, ``dhcp.errors``.
 Log events: ``dhcp.listening``, ``dhcp.reply``, ``dhcp.lease`` (rate limited),
 ``dhcp.drop`` (debug), ``dhcp.malformed`` (rate limited), ``dhcp.lease_write_failed``
 (rate limited), ``dhcp.leases.loaded`` (a warning if lines were refused), ``dhcp.error``, ``dhcp.stopped``.

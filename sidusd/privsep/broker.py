@@ -143,20 +143,26 @@ class Broker:
         return await self._append(req.body), None
 
     async def _append(self, b: dict[str, Any]) -> dict[str, Any]:
-        """lease.append: checked against the pool, written, fsync'd, then answered."""
+        """lease.append: checked against the pool, written (with ``more``: one write, one
+        fsync unless ``sync`` is false), then answered."""
         from ..boot.leases import Lease
         db = self._lease_db()
-        lease = Lease(ip=IPv4Address(b["ip"]), mac=b["mac"], state=b["state"], expires=b["expires"])
-        if b["ip"] is None or lease.ip not in db.network:
-            self.refusals.refuse("bad_field", f"lease {b['ip']} outside the pool")
-            return {"ok": False, "error": "address outside the pool"}
-        self.obs.count("privsep.rpc.lease_append")
+        leases = []
+        for d in (b, *b.get("more", ())):
+            lease = Lease(ip=IPv4Address(d["ip"]), mac=d["mac"], state=d["state"], expires=d["expires"])
+            if d["ip"] is None or lease.ip not in db.network:
+                self.refusals.refuse("bad_field", f"lease {d['ip']} outside the pool")
+                return {"ok": False, "error": "address outside the pool"}
+            leases.append(lease)
+        self.obs.count("privsep.rpc.lease_append", len(leases))
         try:
-            await self._store.append(lease)
+            await self._store.append_many(leases, sync=b.get("sync", True))
         except OSError as exc:
-            self.log.error("privsep.lease_write_failed", mac=lease.mac, ip=str(lease.ip), error=str(exc))
+            self.log.error("privsep.lease_write_failed", mac=leases[0].mac, ip=str(leases[0].ip),
+                           leases=len(leases), error=str(exc))
             return {"ok": False, "error": f"lease journal: {exc.strerror or exc}"}
-        db.apply(lease)
+        for lease in leases:
+            db.apply(lease)
         try:
             self._store.maybe_compact(db, time.time())
         except OSError as exc:

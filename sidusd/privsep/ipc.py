@@ -278,9 +278,19 @@ class Lease(Struct, frozen=True, forbid_unknown_fields=True):
     expires: Finite
 
 
+MAX_MORE_LEASES = 255           # leases after the first in one lease.append (one loop turn's group)
+
+
 class LeaseAppend(_Message, tag="lease.append", frozen=True):
+    """``lease`` and ``more`` written together, fsync'd once if ``sync`` (group commit)."""
     id: Id
     lease: Lease
+    more: Annotated[list[Lease], Meta(max_length=MAX_MORE_LEASES)] = []
+    sync: bool = True
+
+
+def _lease_body(lease: Lease) -> dict[str, Any]:
+    return {"ip": str(lease.ip), "mac": lease.mac, "state": lease.state, "expires": lease.expires}
 
 
 RPC_REQUESTS: dict[str, type[_Message]] = {"open": Open, "lease.load": LeaseLoad, "lease.append": LeaseAppend}
@@ -300,7 +310,10 @@ def decode_rpc(data: bytes) -> RpcRequest:
                 raise RemoteProtocolError("bad_field", f"parts: {p[:40]!r} is not a plain file name")
         return RpcRequest(t, req.id, {"parts": tuple(req.parts)})
     if isinstance(req, LeaseAppend):
-        lease = req.lease
-        return RpcRequest(t, req.id, {"ip": str(lease.ip), "mac": lease.mac, "state": lease.state,
-                                      "expires": lease.expires})
+        body = _lease_body(req.lease)
+        if req.more:
+            body["more"] = [_lease_body(l) for l in req.more]
+        if not req.sync:
+            body["sync"] = False
+        return RpcRequest(t, req.id, body)
     return RpcRequest(t, req.id, {})

@@ -373,6 +373,7 @@ def test_a_failed_fsync_also_truncates(tmp_path):
 def test_real_enospc_on_a_tiny_tmpfs_leaves_no_torn_line(tmp_path):
     """Item 4 with a real full file system: a 64 KiB tmpfs mounted by the test."""
     import subprocess
+
     from conftest import require_root, require_tool
     require_root()
     require_tool("mount")
@@ -452,3 +453,18 @@ def test_decline_only_from_the_holder():
     assert other.code == "decline_not_holder"
     mine = decide_full(Req("52:54:00:00:00:01"), p.DHCPDECLINE, Cfg, None, None, d, Reservations({}, {}), 5.0)
     assert mine.event == "decline" and mine.lease.ip == IP("10.0.0.10")
+
+
+def test_privsep_lease_append_carries_a_group_and_its_sync_flag():
+    """Group commit across the privsep channel: one lease.append with ``more`` and ``sync``."""
+    from sidusd.errors import RemoteProtocolError
+    from sidusd.privsep import ipc
+    one = {"ip": "10.0.0.5", "mac": "52:54:00:00:00:01", "state": "bound", "expires": 100.0}
+    two = {**one, "ip": "10.0.0.6", "state": "declined"}
+    r = ipc.decode_rpc(json.dumps({"t": "lease.append", "id": 1, "lease": one, "more": [two],
+                                   "sync": False}).encode())
+    assert r.body == {**one, "more": [two], "sync": False}
+    assert ipc.decode_rpc(json.dumps({"t": "lease.append", "id": 2, "lease": one}).encode()).body == one
+    with pytest.raises(RemoteProtocolError):
+        ipc.decode_rpc(json.dumps({"t": "lease.append", "id": 3, "lease": one,
+                                   "more": [one] * (ipc.MAX_MORE_LEASES + 1)}).encode())
