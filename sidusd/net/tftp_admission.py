@@ -58,19 +58,18 @@ class Admission:
     def decide(self, ip: str, in_use: int, max_transfers: int, max_per_client: int,
                now: float) -> str:
         """ADMIT (after evicting an unconfirmed transfer if the cap is reached), BUSY or PER_CLIENT."""
+        victim = self.victim() if in_use >= max_transfers else None
+        if in_use >= max_transfers and victim is None:
+            return BUSY
         if self.per_client[ip] >= max_per_client:
             return PER_CLIENT
-        if in_use < max_transfers:
-            return ADMIT
-        victim = self.victim()
-        if victim is None:
-            return BUSY
-        self.svc._evict(victim, now)
-        self.svc.runtime.observer.count("tftp.evictions")
-        if self._evicted_log.failed("", now):
-            self.svc.log.warning("tftp.evicted", peer=f"{victim.peer[0]}:{victim.peer[1]}",
-                                 file=victim.file, suppressed=self._evicted_log.take_suppressed(),
-                                 reason="max_transfers reached; unconfirmed transfer ended")
+        if victim is not None:
+            self.svc._evict(victim, now)
+            self.svc.runtime.observer.count("tftp.evictions")
+            if self._evicted_log.failed("", now):
+                self.svc.log.warning("tftp.evicted", peer=f"{victim.peer[0]}:{victim.peer[1]}",
+                                     file=victim.file, suppressed=self._evicted_log.take_suppressed(),
+                                     reason="max_transfers reached; unconfirmed transfer ended")
         return ADMIT
 
     def victim(self) -> Transfer | None:

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import socket
 import struct
@@ -68,6 +69,11 @@ class Intake:
         self.log = svc.log
         self.admission = Admission(svc)
         self.pending: dict[Peer, asyncio.Task] = {}         # admitted, its file being opened
+
+    @property
+    def per_client(self) -> collections.Counter[str]:
+        """Admitted requests per client IP (transfers and files being opened)."""
+        return self.admission.per_client
 
     # -- the listening socket ------------------------------------------------------
     def on_readable(self) -> None:
