@@ -138,6 +138,8 @@ class TftpConfig:
     # RFC 2349 §2 negotiates 1..255 s; a shorter local retransmission timer is allowed.
     timeout_s: Annotated[float, Meta(ge=0.001, le=255.0)] = 1.0
     retries: Annotated[int, Meta(ge=0, le=100)] = 5
+    # The longest a peer may make no progress, in all, whatever timeout it negotiated.
+    max_silence_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 30.0
 
 
 @dataclass(frozen=True)

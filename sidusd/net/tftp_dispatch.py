@@ -9,9 +9,19 @@
 * On an accelerated port, ``SharedPort.pump`` lets C take the lockstep steps of
   the runs (:mod:`sidusd.net.tftp_accel`); what comes back is dispatched here,
   each transfer's run settled before it handles the datagram.
-* A datagram from a peer with no transfer there is a wrong TID (RFC 1350
-  section 4): ERROR 5 to it, nothing else touched; one from a peer whose
-  transfer just ended (a late duplicate ACK) is dropped and counted ``late``.
+* A datagram counts for a transfer only from its exact peer (IP and port, in
+  C and here).  One from a peer with no transfer there is a wrong TID (RFC
+  1350 section 4): counted, answered with ERROR 5 at a bounded rate
+  (:meth:`~sidusd.net.tftp_ports.PortRegistry.stranger`), nothing else
+  touched; one from a peer whose transfer just ended (a late duplicate ACK) is
+  dropped and counted ``late``.
+* Every transfer from one local address shares one server port, which anyone
+  learns from its own request: a blind attacker can spray ERRORs "from" a
+  victim's IP across the port range, and one of them carries the victim's
+  port.  While that IP is *suspect* (it sent datagrams that matched no
+  transfer just before), an ERROR from it is ignored and counted
+  ``error_suspect``: a real peer that stopped then times out (within
+  ``tftp.max_silence_s``) instead.
 """
 
 from __future__ import annotations
@@ -117,6 +127,9 @@ def dispatch(svc: TftpService, port: SharedPort, batch: list[tuple[bytes, bytes,
                 except RemoteProtocolError:
                     count("tftp.malformed")
                     continue
+                if type(pkt) is tftp.ERROR and svc.ports.suspect(key, now):
+                    count("tftp.error_suspect")     # maybe the spray's lucky guess: not an end
+                    continue
                 t.session.receive(pkt, now)
             svc._pump(t, now)
         except Exception:
@@ -126,9 +139,14 @@ def dispatch(svc: TftpService, port: SharedPort, batch: list[tuple[bytes, bytes,
 def stranger(svc: TftpService, port: SharedPort, data: bytes, key: bytes) -> None:
     """A datagram from a peer with no transfer on this socket."""
     obs = svc.runtime.observer
-    if svc.ports.is_late(port.local, key, svc.loop.time()):
+    now = svc.loop.time()
+    if svc.ports.is_late(port.local, key, now):
         obs.count("tftp.late")          # e.g. a duplicated last ACK: no ERROR to a finished peer
         return
-    # RFC 1350 section 4: wrong TID -> ERROR 5 to that port, no transfer touched.
+    # RFC 1350 section 4: wrong TID -> ERROR 5 to that port, no transfer touched (answered
+    # at a bounded rate: the source may be forged, the answer going to a victim).
     obs.count("tftp.wrong_tid")
+    if not svc.ports.stranger(key, now):
+        obs.count("tftp.wrong_tid_unanswered")
+        return
     port.send_now(tftp.error_packet(tftp.ERR_UNKNOWN_TID, "unknown transfer ID"), mmsg.peer_addr(key))

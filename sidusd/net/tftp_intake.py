@@ -5,9 +5,15 @@
   the address its transfer is served from (and its refusal is sent from); the
   interface index gives the MTU that caps ``blksize`` (MTU - 32).  At most
   ``BATCH`` requests are read per loop turn.
-* Admission: ``max_transfers`` in all and ``max_transfers_per_client`` per
-  client IP (refused with an ERROR and counted); a request admitted counts
-  against both from then on, while its file is being opened too.
+* Admission (:mod:`~sidusd.net.tftp_admission`): ``max_transfers`` in all
+  and ``max_transfers_per_client`` per client IP (refused with an ERROR and
+  counted); a request admitted counts against both from then on, while its
+  file is being opened too; at the global cap an unconfirmed transfer (its
+  peer never acknowledged anything: maybe a forged source) gives way.
+* netascii (RFC 1350 section 1) is converted as a stream, a block at a time
+  (:class:`~sidusd.proto.tftp_netascii.NetasciiSource`); the converted size
+  (``tsize``) is counted off the event loop, in a thread, before the
+  transfer begins.  A rendered document is small: converted at once.
 * What the name means is decided once, for TFTP and HTTP alike
   (``runtime.provide`` -> :mod:`sidusd.boot.provider`); this module maps the
   decision's refusal codes to TFTP error codes (:data:`REFUSALS`).  A file is
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import socket
 import struct
 from typing import TYPE_CHECKING, Any
@@ -27,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 from ..boot import provider
 from ..config import TftpConfig
 from ..errors import RemoteProtocolError
-from ..proto import tftp
+from ..proto import tftp, tftp_netascii
 from ..proto.tftp_session import BytesSource
-from .files import FileSource, NotServable, ReadAheadSource
+from .files import NotServable, ReadAheadSource
+from .tftp_admission import ADMIT, BUSY, Admission
 
 if TYPE_CHECKING:
     from .tftp_server import TftpService
@@ -40,7 +48,7 @@ _CMSG_LEN = socket.CMSG_SPACE(PKTINFO.size)
 BATCH = 64                  # requests read from the listening socket per loop turn
 _RECV_MAX = 2048            # requests are <= 512 bytes (RFC 2347); ACKs 4
 _MAX_REQUEST = 1024         # a bigger "request" is refused as malformed
-NETASCII_MAX = 16 << 20     # netascii is converted in memory: bounded
+NETASCII_CHUNK = 1 << 20    # bytes read at a time to count a netascii file's converted size
 
 # provider.Refusal code -> (TFTP error code (RFC 1350 section 5), message, counter tftp.refused.<reason>)
 REFUSALS = {
@@ -59,8 +67,13 @@ class Intake:
     def __init__(self, svc: TftpService):
         self.svc = svc
         self.log = svc.log
-        self.per_client: collections.Counter[str] = collections.Counter()
+        self.admission = Admission(svc)
         self.pending: dict[Peer, asyncio.Task] = {}         # admitted, its file being opened
+
+    @property
+    def per_client(self) -> collections.Counter[str]:
+        """Admitted requests per client IP (transfers and files being opened)."""
+        return self.admission.per_client
 
     # -- the listening socket ------------------------------------------------------
     def on_readable(self) -> None:
@@ -143,9 +156,11 @@ class Intake:
                                "mode", name)
         if svc._stopping:
             return self.refuse(peer, local, tftp.ERR_UNDEFINED, "server stopping", "stopping", name)
-        if len(svc._transfers) + len(self.pending) >= cfg.max_transfers:
+        verdict = self.admission.decide(peer[0], len(svc._transfers) + len(self.pending),
+                                        cfg.max_transfers, cfg.max_transfers_per_client, svc.loop.time())
+        if verdict == BUSY:
             return self.refuse(peer, local, tftp.ERR_UNDEFINED, "server busy, retry later", "busy", name)
-        if self.per_client[peer[0]] >= cfg.max_transfers_per_client:
+        if verdict != ADMIT:
             return self.refuse(peer, local, tftp.ERR_UNDEFINED, "too many transfers from this client",
                                "per_client", name)
         try:
@@ -155,12 +170,15 @@ class Intake:
             decision = provider.Refusal(provider.INTERNAL, "internal error")
         if isinstance(decision, provider.Refusal):
             return self.refuse_decision(peer, local, decision, name)
-        self.per_client[peer[0]] += 1         # admitted: counted until the transfer ends
+        self.admission.admitted(peer[0])      # counted until the transfer ends
         if isinstance(decision, provider.Document):
             begun = False
             try:
-                begun = self._begin(pkt, peer, local, ifindex, name, BytesSource(decision.body),
-                                    decision.mac, cfg)
+                body = decision.body
+                if mode == "netascii":
+                    body = tftp.netascii(body)      # a rendered document is small
+                begun = self.svc._begin(pkt, peer, local, ifindex, name, BytesSource(body),
+                                        decision.mac, cfg)
             finally:
                 if not begun:
                     self.release(peer[0])
@@ -183,7 +201,12 @@ class Intake:
                 self.log.error("tftp.open_failed", file=name, error=exc.strerror or str(exc))
                 self.refuse_decision(peer, local, provider.Refusal(provider.INTERNAL, "open failed"), name)
                 return
-            begun = self._begin(pkt, peer, local, ifindex, name, ReadAheadSource(fd, size), None, cfg)
+            source: Any = ReadAheadSource(fd, size)
+            if pkt.mode.lower() == "netascii":
+                source = await self._netascii(source, peer, local, name)  # closed if it fails
+                if source is None:
+                    return
+            begun = self.svc._begin(pkt, peer, local, ifindex, name, source, None, cfg)
         except Exception:
             self.svc.runtime.observer.count("tftp.internal_errors")
             self.log.exception("tftp.internal_error", peer=f"{peer[0]}:{peer[1]}", file=name)
@@ -193,37 +216,27 @@ class Intake:
                 self.release(peer[0])
             self.svc._maybe_idle()
 
-    def _begin(self, pkt: tftp.RRQ, peer: Peer, local: str, ifindex: int, name: str, source: Any,
-               mac: str | None, cfg: TftpConfig) -> bool:
-        """Netascii converted, then the service begins the transfer; False (nothing held) if not."""
-        if pkt.mode.lower() == "netascii":
-            source = self._netascii(source, peer, local, name)      # the file is closed either way
-            if source is None:
-                return False
-        return self.svc._begin(pkt, peer, local, ifindex, name, source, mac, cfg)
-
-    def _netascii(self, source: Any, peer: Peer, local: str, name: str) -> Any:
-        """RFC 1350 netascii: converted in memory (bounded), so tsize is the converted size."""
+    async def _netascii(self, source: ReadAheadSource, peer: Peer, local: str,
+                        name: str) -> tftp_netascii.NetasciiSource | None:
+        """The file as netascii, a stream (RFC 1350 section 1): its converted size is counted
+        in a thread (the loop goes on); None (the file closed, an ERROR sent) if unreadable."""
         try:
-            if source.size > NETASCII_MAX:
-                self.refuse(peer, local, tftp.ERR_UNDEFINED, "file too large for netascii, use octet",
-                            "netascii_size", name)
-                return None
-            return BytesSource(tftp.netascii(source.read_block(0, source.size)))
+            added = await asyncio.get_running_loop().run_in_executor(
+                None, _count_netascii, source.fd, source.size)
         except OSError as exc:
+            source.close()
             self.log.warning("tftp.read_error", file=name, error=exc.strerror)
             self.refuse(peer, local, tftp.ERR_UNDEFINED, "read error", "read", name)
             return None
-        finally:
-            if isinstance(source, FileSource):
-                source.close()
+        except BaseException:
+            source.close()
+            raise
+        return _NetasciiFile(source, tftp_netascii.converted_size(source.size, added))
 
     # -- bookkeeping ---------------------------------------------------------------
     def release(self, ip: str) -> None:
         """One admitted request of ``ip`` is over (its transfer ended, or never began)."""
-        self.per_client[ip] -= 1
-        if self.per_client[ip] <= 0:
-            del self.per_client[ip]
+        self.admission.release(ip)
 
     async def cancel_pending(self) -> None:
         """End the opens still under way (the service stops): nothing they held stays."""
@@ -235,3 +248,26 @@ class Intake:
         for peer in list(self.pending):         # a task cancelled before it ran
             del self.pending[peer]
             self.release(peer[0])
+
+
+def _count_netascii(fd: int, size: int) -> int:
+    """The bytes netascii adds to the first ``size`` bytes of ``fd`` (run in a thread)."""
+    added = at = 0
+    while at < size:
+        chunk = os.pread(fd, min(NETASCII_CHUNK, size - at), at)
+        if not chunk:
+            break                   # the file shrank: the transfer meets it as a read error
+        added += tftp_netascii.count_chunk(chunk)
+        at += len(chunk)
+    return added
+
+
+class _NetasciiFile(tftp_netascii.NetasciiSource):
+    """A netascii stream over an open file, closed with it (the edge closes what has ``close``)."""
+
+    def __init__(self, raw: ReadAheadSource, size: int):
+        super().__init__(raw, size)
+        self.file = raw
+
+    def close(self) -> None:
+        self.file.close()

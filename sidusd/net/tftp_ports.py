@@ -7,6 +7,13 @@
 * The recently-ended table: a peer whose transfer ended less than ``RECENT_S``
   ago is *late* (a duplicated last ACK), not a stranger; at most
   ``RECENT_MAX`` entries.
+* Strangers (RFC 1350 section 4: a datagram from a port with no transfer):
+  answered with ERROR 5 at a bounded rate (``ANSWER_RATE`` per second in all,
+  one per source IP per ``ANSWER_IP_S``), so a spray from a victim's address
+  across the port range does not make us flood the victim; every one is
+  counted.  A source IP that sent ``SUSPECT_MIN`` such datagrams in the last
+  ``SUSPECT_S`` is *suspect*: an ERROR from it does not end a transfer (see
+  :mod:`~sidusd.net.tftp_dispatch`).  At most ``STRANGERS_MAX`` IPs remembered.
 * The MTU of the interface a request came in on (it caps ``blksize``), read
   from ``/sys/class/net/<name>/mtu`` and cached ``MTU_TTL_S``.
 """
@@ -28,6 +35,11 @@ RECENT_MAX = 4096
 MTU_TTL_S = 30.0
 RX_BATCH = 64               # datagrams per recvmmsg on a transfer socket
 TX_BATCH = 256              # datagrams per sendmmsg
+ANSWER_RATE = 20.0          # ERROR 5 answers to strangers per second, in all (and burst)
+ANSWER_IP_S = 1.0           # at most one answer per source IP this often
+SUSPECT_S = 30.0            # a source IP with strangers is remembered this long
+SUSPECT_MIN = 2             # strangers from one IP that make it suspect
+STRANGERS_MAX = 4096
 
 
 class PortRegistry:
@@ -39,6 +51,9 @@ class PortRegistry:
         self.ports: dict[str, SharedPort] = {}          # local address -> its transfer socket
         self.recent: collections.OrderedDict[tuple[str, bytes], float] = collections.OrderedDict()
         self._mtu: dict[int, tuple[float, int]] = {}
+        # source IP (4 bytes) -> [remembered until, strangers seen, next answer allowed at]
+        self.strangers: collections.OrderedDict[bytes, list[float]] = collections.OrderedDict()
+        self._tokens, self._tokens_at = ANSWER_RATE, 0.0
 
     def port_for(self, loop: asyncio.AbstractEventLoop, local: str,
                  on_readable: Callable[[SharedPort], None]) -> SharedPort:
@@ -93,6 +108,32 @@ class PortRegistry:
         """Did this peer's transfer end less than ``RECENT_S`` ago?"""
         until = self.recent.get((local, key))
         return until is not None and until > now
+
+    # -- strangers ----------------------------------------------------------------
+    def stranger(self, key: bytes, now: float) -> bool:
+        """A datagram from ``key`` (6-byte peer) matched no transfer: remember it; answer it?"""
+        ip = key[2:6]
+        seen = self.strangers
+        rec = seen.get(ip)
+        if rec is None or rec[0] <= now:
+            rec = seen[ip] = [0.0, 0.0, now]
+        rec[0] = now + SUSPECT_S
+        rec[1] += 1
+        seen.move_to_end(ip)
+        while len(seen) > STRANGERS_MAX or next(iter(seen.values()))[0] <= now:
+            seen.popitem(last=False)
+        self._tokens = min(ANSWER_RATE, self._tokens + (now - self._tokens_at) * ANSWER_RATE)
+        self._tokens_at = now
+        if rec[2] > now or self._tokens < 1.0:
+            return False
+        rec[2] = now + ANSWER_IP_S
+        self._tokens -= 1.0
+        return True
+
+    def suspect(self, key: bytes, now: float) -> bool:
+        """Did the IP of ``key`` send ``SUSPECT_MIN`` datagrams matching no transfer lately?"""
+        rec = self.strangers.get(key[2:6])
+        return rec is not None and rec[0] > now and rec[1] >= SUSPECT_MIN
 
     # -- MTU -----------------------------------------------------------------------
     def mtu_for(self, ifindex: int, now: float) -> int:

@@ -26,9 +26,11 @@ Files are read through :class:`~sidusd.net.files.ReadAheadSource` (one
 its negotiated parameters: a config reload never changes a transfer in flight.
 
 Counters (``tftp.``): rx, malformed, unexpected, duplicate_rrq, wrong_tid, late,
-refused.<write|mode|busy|per_client|name|not_found|access|render|socket|stopping|
-netascii_size|read>,
-transfers.started/done/failed/probe, rx_batches (recvmmsg calls that returned datagrams:
+refused.<write|mode|busy|per_client|name|not_found|access|render|socket|stopping|read>,
+transfers.started/done/failed/probe/evicted, evictions (unconfirmed transfers ended to admit
+a request at the cap), wrong_tid_unanswered (strangers not answered: rate bound),
+error_suspect (an ERROR ignored: its source IP sprays datagrams matching no transfer),
+rx_batches (recvmmsg calls that returned datagrams:
 rx / rx_batches is the batch size), retransmits, bytes, send_errors, send_blocked
 (the kernel send buffer was full; the rest waits for add_writer), send_dropped
 (the outbox was full), gso_off (the kernel refused a GSO message: datagrams
@@ -48,7 +50,6 @@ from ..proto import tftp
 from ..proto.tftp_session import ReadSession
 from ..runtime_view import RuntimeView
 from . import tftp_accel, tftp_dispatch
-from .files import FileSource
 from .io import ServiceIO, local_io
 from .tftp_intake import IP_PKTINFO, Intake
 from .tftp_ports import PortRegistry
@@ -166,20 +167,20 @@ class TftpService:
             max_blk = min(int(cfg.max_blksize), self.ports.mtu_for(ifindex, loop.time()) - 32)
             neg = tftp.negotiate(pkt.option_map, tftp.Limits(max_blk, int(cfg.max_windowsize), source.size))
             session = ReadSession(source, neg.blksize, neg.windowsize,
-                                  neg.timeout_s or float(cfg.timeout_s), int(cfg.retries), neg.oack)
+                                  neg.timeout_s or float(cfg.timeout_s), int(cfg.retries), neg.oack,
+                                  float(cfg.max_silence_s))
             port = self.ports.port_for(loop, local, self._on_port_readable)
         except OSError as exc:
-            if isinstance(source, FileSource):
-                source.close()
+            _close(source)
             self.log.error("tftp.socket_failed", error=exc.strerror or str(exc), local=local)
             self._intake.refuse(peer, local, tftp.ERR_UNDEFINED, "server error", "socket", name)
             return False
         except BaseException:
-            if isinstance(source, FileSource):
-                source.close()
+            _close(source)
             raise
         t = Transfer(port, peer, local, name, session, source, mac or self.runtime.observer.mac_for_ip(peer[0]))
         self._transfers[peer] = t
+        self._intake.admission.begun(t)
         self.ports.begun(port.local, t.key)
         port.owners[t.key] = t
         self.runtime.observer.count("tftp.transfers.started")
@@ -188,6 +189,13 @@ class TftpService:
         self._pump(t, now)
         port.flush()
         return True
+
+    def _evict(self, t: Transfer, now: float) -> None:
+        """End an unconfirmed transfer to make room for a new request (nothing sent to it)."""
+        tftp_accel.drop_run(t)
+        t.port.drop_queued(t.dest)
+        t.session.evict(now)
+        self._finish(t, now)
 
     def _on_port_readable(self, port: SharedPort) -> None:
         tftp_dispatch.on_port_readable(self, port)
@@ -274,9 +282,9 @@ class TftpService:
             if not port.owners:
                 self.loop.call_soon(self.ports.release_if_idle, port)
         self.ports.ended(port.local, t.key, now)
-        if isinstance(t.source, FileSource):
-            t.source.close()
+        _close(t.source)
         self._transfers.pop(t.peer, None)
+        self._intake.admission.ended(t)
         self._intake.release(t.peer[0])
         summarize(t, now, self.runtime.observer, self.log)
         self._maybe_idle()
@@ -289,3 +297,10 @@ class TftpService:
         if self._stopping:
             self.ports.flush_all()
             self.ports.close_all()
+
+
+def _close(source: Any) -> None:
+    """Close a transfer's source if it holds a file (rendered bytes hold nothing)."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()

@@ -40,8 +40,10 @@ class Transfer:
 def summarize(t: Transfer, now: float, obs: ObserverView, log: Any) -> None:
     """The transfer's end: counters, one ``tftp.transfer`` event, the boot-timeline entry."""
     s = t.session.summary(now)
-    result = {"ok": "done", "probe": "probe"}.get(s.outcome, "failed")
+    result = {"ok": "done", "probe": "probe", "evicted": "evicted"}.get(s.outcome, "failed")
     obs.count(f"tftp.transfers.{result}")
+    if result == "evicted":
+        return          # never confirmed (likely forged): counted; the intake logs them, rate-limited
     obs.count("tftp.retransmits", s.retransmits)
     obs.count("tftp.bytes", s.bytes)
     emit = log.info if result != "failed" else log.warning
@@ -50,6 +52,11 @@ def summarize(t: Transfer, now: float, obs: ObserverView, log: Any) -> None:
          duration_s=s.duration_s, outcome=s.outcome, error=s.error)
     obs.timeline(t.mac, "tftp", file=t.file, bytes=s.bytes, duration_s=s.duration_s,
                  outcome=s.outcome)
+
+
+def confirmed(t: Transfer) -> bool:
+    """Has the peer acknowledged anything (the C engine's steps included)?"""
+    return t.session.confirmed or (t.run is not None and t.run.used > 0)
 
 
 def status(t: Transfer, now: float, bytes_acked: int) -> dict[str, Any]:

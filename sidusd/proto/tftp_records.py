@@ -51,7 +51,8 @@ class TransferSummary:
 
     ``outcome``: ``ok``, ``probe`` (peer aborted after the OACK), ``peer-error``,
     ``timeout``, ``illegal`` (peer sent a packet a reader never sends), ``stopped``
-    (the server ended it), or ``running``.
+    (the server ended it), ``evicted`` (ended unconfirmed to make room for
+    another request), or ``running``.
     """
 
     bytes: int

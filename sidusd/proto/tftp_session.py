@@ -25,6 +25,13 @@ Behaviour (RFC 1350 section 6, RFC 2347, RFC 7440 section 4):
   iPXE, curl, atftp and busybox expect); internally blocks are absolute;
 * a timeout resends the OACK or the whole unacknowledged window; after
   ``retries`` timeouts in a row without progress the transfer fails;
+* whatever timeout the peer negotiated (RFC 2349 allows 255 s, 8x that with
+  the backoff), a peer that makes no progress for ``max_silence_s`` in all
+  ends the transfer (outcome ``timeout``): a silent peer holds a slot that
+  long at most;
+* :attr:`ReadSession.confirmed`: the peer acknowledged something (ACK 0 of
+  the OACK or a DATA block), i.e. it receives what is sent to its address (a
+  request with a spoofed source never gets there);
 * an ERROR from the peer ends the transfer.  An ERROR in reply to the OACK
   (UEFI firmware probing ``tsize`` then aborting with code 8) is a normal end,
   outcome ``probe``, not an error;
@@ -49,18 +56,23 @@ class ReadSession:
 
     def __init__(self, source: Source, blksize: int = tftp.DEFAULT_BLKSIZE,
                  windowsize: int = 1, timeout_s: float = 1.0, retries: int = 5,
-                 oack: tuple[tuple[str, str], ...] = ()):
+                 oack: tuple[tuple[str, str], ...] = (), max_silence_s: float | None = None):
         if not tftp.BLKSIZE_MIN <= blksize <= tftp.BLKSIZE_MAX:
             raise ValueError(f"blksize {blksize} outside 8..65464")
         if not 1 <= windowsize <= tftp.WINDOWSIZE_MAX:
             raise ValueError(f"windowsize {windowsize} outside 1..65535")
         if timeout_s <= 0 or retries < 0:
             raise ValueError("timeout_s must be > 0 and retries >= 0")
+        if max_silence_s is not None and max_silence_s <= 0:
+            raise ValueError("max_silence_s must be > 0")
         self.source = source
         self.blksize = blksize
         self.windowsize = windowsize
         self.timeout_s = float(timeout_s)
         self.retries = retries
+        self.max_silence_s = max_silence_s
+        self._heard = 0.0       # when the peer last made progress (or the start)
+        self.confirmed = False  # the peer acknowledged something (it gets what we send)
         self._oack = tftp.encode(tftp.OACK(tuple(oack))) if oack else None
         self._last = source.size // blksize + 1      # number of blocks, >= 1
         self._state = _WAIT_OACK if self._oack else _DATA
@@ -92,7 +104,7 @@ class ReadSession:
 
     def start(self, now: float) -> None:
         """Begin: the OACK (RFC 2347) or the first window of DATA is ready to send."""
-        self._started = now
+        self._started = self._heard = now
         if self._oack:
             self._control.append(self._oack)
 
@@ -109,6 +121,12 @@ class ReadSession:
             return
         self._control.append(tftp.error_packet(code, message))
         self._finish(now, "stopped", message)
+
+    def evict(self, now: float) -> None:
+        """End an unconfirmed transfer to make room (outcome ``evicted``), sending nothing:
+        its request's source never acknowledged anything, so it is likely forged."""
+        if not self.done:
+            self._finish(now, "evicted", "evicted before the peer acknowledged anything")
 
     # -- input ---------------------------------------------------------------
     def receive(self, packet: tftp.Packet, now: float) -> None:
@@ -159,7 +177,9 @@ class ReadSession:
         self._next = b + 2
         self._tries = 0
         self._rescue = False
-        self._deadline = now + self.timeout_s
+        self._heard = now
+        self.confirmed = True
+        self._deadline = self._capped(now + self.timeout_s)
         return out
 
     def _lockstep_ready(self) -> bool:
@@ -217,7 +237,9 @@ class ReadSession:
         self._next = b + 1
         self._tries = 0
         self._rescue = False
-        self._deadline = now + self.timeout_s
+        self._heard = now
+        self.confirmed = True
+        self._deadline = self._capped(now + self.timeout_s)
 
     def _on_ack(self, block: int, now: float) -> None:
         """One ACK (RFC 1350 section 5, RFC 7440 section 4); sends nothing itself.
@@ -253,7 +275,7 @@ class ReadSession:
                 self.ignored_acks += 1
                 return
             self._state = _DATA
-            self._progress()
+            self._progress(now)
             return
         # Map the 16-bit number into the window [base - 1, max_sent].
         ref = self._base - 1
@@ -272,11 +294,13 @@ class ReadSession:
             self._recover = self._max_sent
         elif self._next < self._base:
             self._next = self._base         # slide only
-        self._progress()
+        self._progress(now)
         if n == self._last:
             self._finish(now, "ok")
 
-    def _progress(self) -> None:
+    def _progress(self, now: float) -> None:
+        self._heard = now
+        self.confirmed = True
         self._tries = 0
         self._deadline = None
         self._rescue = False
@@ -292,6 +316,12 @@ class ReadSession:
         """
         return self.timeout_s * (1 << min(self._tries, 3))
 
+    def _capped(self, deadline: float) -> float:
+        """``deadline``, but not after the end of the silence a peer is allowed (``max_silence_s``)."""
+        if self.max_silence_s is None:
+            return deadline
+        return min(deadline, self._heard + self.max_silence_s)
+
     # -- timers --------------------------------------------------------------
     def next_timer(self) -> float | None:
         """When :meth:`handle_timer` must be called next (None: no timer)."""
@@ -303,6 +333,9 @@ class ReadSession:
             return
         self._tries += 1
         self._deadline = None
+        if self.max_silence_s is not None and now >= self._heard + self.max_silence_s:
+            self._finish(now, "timeout", f"no progress for {self.max_silence_s:g} s")
+            return
         if self._tries > self.retries:
             self._finish(now, "timeout", f"no ACK after {self.retries} retries")
             return
@@ -342,7 +375,7 @@ class ReadSession:
         if not self.done and (out or (self._deadline is None and self._state == _DATA
                                       and self._base <= self._max_sent)):
             # also after a slide that let nothing new out: blocks are still in flight
-            self._deadline = now + self._rto()
+            self._deadline = self._capped(now + self._rto())
         return out
 
     def summary(self, now: float | None = None) -> TransferSummary:

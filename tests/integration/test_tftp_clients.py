@@ -539,7 +539,10 @@ def test_per_client_and_global_limits(tmp_path) -> None:
         clients = [Raw(s.port) for _ in range(3)]
         for c in clients[:2]:
             c.rrq(b"f")
-            assert isinstance(c.recv()[0], tftp.DATA)
+            first, addr = c.recv()
+            assert isinstance(first, tftp.DATA)
+            c.send(tftp.ACK(1), addr)               # confirmed: never evicted for a new request
+            assert c.recv()[0] == tftp.DATA(2, b"z" * 512)
         clients[2].rrq(b"f")
         err = clients[2].recv()[0]
         assert isinstance(err, tftp.ERROR) and "too many" in err.message
