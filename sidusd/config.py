@@ -58,7 +58,7 @@ from sidusd.errors import ConfigError
 from sidusd.schema import convert, describe
 
 # dump_yaml is re-exported: tests/unit/test_config.py calls config.dump_yaml / config.load_yaml.
-from sidusd.yamlstrict import check_kernel_args, check_name, dump_yaml, load_yaml  # noqa: F401
+from sidusd.yamlstrict import check_kernel_args, check_name, decode_text, dump_yaml, load_yaml  # noqa: F401
 
 __all__ = [
     "DHCP_MODES", "ISCSI_BACKENDS", "LOG_FORMATS", "LOG_LEVELS", "MAX_BOOT_FILE_BYTES", "MAX_LEASE_TIME_S",
@@ -76,27 +76,25 @@ def read(path: Path | str) -> Config:
     """Read and parse the config file ``path``; relative paths inside resolve against its directory."""
     p = Path(path)
     try:
-        text = p.read_bytes().decode("utf-8")
+        text = decode_text(p.read_bytes(), str(p))
     except FileNotFoundError:
         raise ConfigError(str(p), "no such file") from None
     except PermissionError:
         raise ConfigError(str(p), "permission denied (cannot read)") from None
     except IsADirectoryError:
         raise ConfigError(str(p), "is a directory, expected a YAML file") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(str(p), f"not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ConfigError(str(p), f"cannot read: {e.strerror or e}") from None
     cfg = parse(text, source=str(p), base_dir=p.absolute().parent)
     if cfg.images_file is None:
         return cfg
     try:
-        gen_text = cfg.images_file.read_bytes().decode("utf-8")
+        gen_bytes = cfg.images_file.read_bytes()
     except FileNotFoundError:
         return cfg                       # nothing built yet
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ConfigError(str(cfg.images_file), f"cannot read the images file: {e}") from None
-    return merge_images_file(cfg, gen_text, str(cfg.images_file))
+    return merge_images_file(cfg, decode_text(gen_bytes, str(cfg.images_file)), str(cfg.images_file))
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class ReloadResult:
 def read_inventory(path: Path) -> inv_mod.Inventory:
     """Read and parse the inventory file (I/O edge of boot.inventory)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes()            # decoded by parse_inventory: not UTF-8 is a refusal with the offset
     except FileNotFoundError:
         raise ConfigError("inventory_file", f"{path}: no such file "
                           "(start from config/inventory.yaml)") from None

@@ -102,8 +102,29 @@ def _codepoint(c: int | str) -> str:
     return f"U+{c if isinstance(c, int) else ord(c):04X}"
 
 
-def load_yaml(text: str, source: str = "<string>") -> Any:
-    """Parse one YAML document strictly (see :class:`_StrictLoader`); errors name ``source`` and line/column."""
+def decode_text(data: bytes, source: str) -> str:
+    """``data`` as UTF-8 text, or a :class:`ConfigError` naming ``source``, the byte offset, line and column.
+
+    Every file read as YAML (config, images file, inventory, recipes) goes
+    through here, so a non-UTF-8 file is one clear refusal everywhere.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(source, f"not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                          f"(line {line}, column {column}): {e.reason}") from None
+
+
+def load_yaml(text: str | bytes, source: str = "<string>") -> Any:
+    """Parse one YAML document strictly (see :class:`_StrictLoader`); errors name ``source`` and line/column.
+
+    ``bytes`` are decoded with :func:`decode_text` first."""
+    if isinstance(text, bytes):
+        if len(text) > 4 * MAX_DOCUMENT_CHARS:
+            raise ConfigError(source, f"larger than {MAX_DOCUMENT_CHARS} characters")
+        text = decode_text(text, source)
     if len(text) > MAX_DOCUMENT_CHARS:
         raise ConfigError(source, f"larger than {MAX_DOCUMENT_CHARS} characters")
     loader = None

@@ -287,8 +287,8 @@ def _entry(raw: Any, tp: type, where: str, own: str, **extra: Any) -> Any:
         raise _as_inventory_error(e) from None
 
 
-def parse_inventory(text: str, source: str = "<string>") -> Inventory:
-    """Parse inventory YAML (pure); an empty document is an empty inventory."""
+def parse_inventory(text: str | bytes, source: str = "<string>") -> Inventory:
+    """Parse inventory YAML (pure; bytes must be UTF-8); an empty document is an empty inventory."""
     try:
         doc = convert(load_yaml(text, source), _InventoryFile, error=InventoryError)
     except ConfigError as e:

@@ -30,7 +30,7 @@ from msgspec import Meta
 
 from sidusd.errors import ConfigError
 from sidusd.schema import convert, describe
-from sidusd.yamlstrict import check_line, load_yaml
+from sidusd.yamlstrict import check_line, decode_text, load_yaml
 
 MAX_PACKAGES = 2000
 
@@ -239,9 +239,10 @@ def read_recipe(path: Path) -> Recipe:
     """Read and parse a recipe file (I/O); relative paths in it follow its directory."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(str(path), f"cannot read: {e}") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read: {e.strerror or e}") from None
+    text = decode_text(data, str(path))
     return parse_recipe(text, str(path), path.resolve().parent)
 
 
