@@ -32,6 +32,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
+from sidusd.boot.cmdline import append_problem
 from sidusd.boot.inventory import BootTarget
 from sidusd.boot.names import image_root_problem
 from sidusd.errors import SidusError
@@ -121,6 +122,9 @@ def kernel_cmdline(target: BootTarget, ctx: RenderContext, iscsi: IscsiLogin | N
     if target.hostname:
         parts.append(f"sidus.hostname={_check('hostname', target.hostname, _HOST)}")
     append = _check("append", target.append, _ARGS).strip()
+    problem = append_problem(append)
+    if problem is not None:
+        raise RenderError(f"refusing to render append={append!r}: {problem}")
     if append:
         parts.append(append)
     line = " ".join(parts)
