@@ -4,7 +4,9 @@ The documents are built in code (no template files): every interpolated value
 is checked again here against a strict character set, so nothing that came
 from an inventory, a config or a network peer can start a new line or a new
 directive in a generated file, even if a caller builds a :class:`BootTarget`
-by hand.  A value that fails the check raises :class:`RenderError`.
+by hand.  A value that fails the check raises :class:`RenderError`.  The
+appends must also read the same in iPXE, pxelinux and Linux
+(:func:`sidusd.boot.cmdline.append_problem`: neither format can quote).
 
 The kernel command line (initramfs-tools ``nfs`` boot, ``Documentation/
 admin-guide/nfs/nfsroot.rst``)::
