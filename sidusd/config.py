@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidusd.boot.cmdline import check_append
 from sidusd.boot.names import image_root_problem
 from sidusd.config_schema import (  # noqa: F401  (the schema's names are this module's public names)
     DHCP_MODES,
@@ -208,7 +209,7 @@ def _parse_images(raw: Any, hook: Callable[[type, Any], Any]) -> dict[str, Image
         images[name] = dataclasses.replace(
             img, kernel=_tftp_relative(f"{where}.kernel", img.kernel),
             initrd=_tftp_relative(f"{where}.initrd", img.initrd),
-            append=check_kernel_args(f"{where}.append", img.append))
+            append=check_append(f"{where}.append", img.append))
     return images
 
 

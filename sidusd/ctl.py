@@ -230,6 +230,9 @@ def render_clients(clients: list[dict[str, Any]], tz: dt.tzinfo | None = None) -
     out = [lines[0]]
     for line, c in zip(lines[1:], clients, strict=True):
         out.append(line)
+        if c.get("conflict"):
+            out.append(f"    CONFLICT: claimed from {', '.join(c.get('claimed_from') or [])} "
+                       "recently; disk secrets are withheld (docs/security.md, L2 spoofing)")
         out += ["    " + render_event(e, tz) for e in c.get("timeline") or []]
     return "\n".join(out)
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import structlog
 
+from sidusd.boot.claims import Claims
+
 MAX_CLIENTS = 1024          # machines remembered by `sidusctl clients`
 MAX_TIMELINE = 64           # events remembered per machine
 
@@ -114,11 +116,15 @@ class ClientRecord:
     last_seen: float = 0.0
     timeline: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=MAX_TIMELINE))
+    claims: Claims = field(default_factory=Claims)      # the addresses this MAC was claimed from
 
     def as_dict(self) -> dict[str, Any]:
         return {"mac": self.mac, "ip": self.ip, "arch": self.arch,
                 "first_seen": self.first_seen, "last_seen": self.last_seen,
-                "timeline": list(self.timeline)}
+                "timeline": list(self.timeline),
+                # as of the last time it was seen (boot.claims: a conflict withholds disk secrets)
+                "claimed_from": list(self.claims.recent(self.last_seen)),
+                "conflict": self.claims.conflict(self.last_seen)}
 
 
 class Observer:
@@ -163,9 +169,15 @@ class Observer:
                 del self._ip_to_mac[rec.ip]
             rec.ip = ip
             self._ip_to_mac[ip] = mac
+            rec.claims.note(ip, rec.last_seen)
         if arch:
             rec.arch = arch
         return rec
+
+    def claimed_from(self, mac: str) -> tuple[str, ...]:
+        """The addresses ``mac`` was claimed from recently, newest first (``boot.claims``)."""
+        rec = self.clients.get(mac)
+        return rec.claims.recent(self._clock()) if rec is not None else ()
 
     def mac_for_ip(self, ip: str) -> str | None:
         """The MAC whose last known address is ``ip`` (for TFTP/HTTP timelines)."""

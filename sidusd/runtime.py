@@ -161,7 +161,8 @@ class Runtime:
         return out.body if isinstance(out, provider.Document) else None
 
     def _asker(self, server_ip: str, client_ip: str) -> provider.Asker:
-        return provider.Asker(server_ip, client_ip, self.observer.mac_for_ip(client_ip))
+        mac = self.observer.mac_for_ip(client_ip)
+        return provider.Asker(server_ip, client_ip, mac, self.observer.claimed_from(mac) if mac else ())
 
     def _emit(self, out: Any, config: config_mod.Config, client_ip: str) -> Any:
         """Count and log what a decision implies; note a served document in the booted record."""

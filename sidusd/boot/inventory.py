@@ -36,10 +36,11 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
+from sidusd.boot.cmdline import check_append
 from sidusd.config import Config, ImageConfig
 from sidusd.errors import ConfigError, InventoryError
 from sidusd.schema import convert, describe
-from sidusd.yamlstrict import check_kernel_args, check_name, dump_yaml, load_yaml
+from sidusd.yamlstrict import check_name, dump_yaml, load_yaml
 
 Overlay = Literal["tmpfs", "iscsi"]
 Fallback = Literal["tmpfs", "stop"]
@@ -121,7 +122,7 @@ class Profile:
         try:
             check_name("profile.name", self.name, what="profile name")
             check_name("profile.image", self.image, what="image name")
-            check_kernel_args("profile.append", self.append)
+            check_append("profile.append", self.append)
         except ConfigError as e:
             raise _as_inventory_error(e) from None
         if self.overlay not in OVERLAYS:
@@ -150,7 +151,7 @@ class Host:
                 check_name("host.image", self.image, what="image name")
             if self.ip is not None:
                 object.__setattr__(self, "ip", _host_ip("host.ip", self.ip))
-            check_kernel_args("host.append", self.append)
+            check_append("host.append", self.append)
         except ConfigError as e:
             raise _as_inventory_error(e) from None
 

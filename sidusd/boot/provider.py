@@ -17,8 +17,11 @@ booted record) is emitted by the caller from the decision's result
 
 The per-MAC secret guard lives here: a per-MAC config carrying a disk
 credential (``overlay: iscsi``) is rendered only for the address that did the
-DHCP exchange for that MAC; any other asker is refused ``not_found`` with
-``cause = SECRET`` (the client learns nothing more than "no such file").
+DHCP exchange for that MAC, only while no other address claimed that MAC
+recently (``boot.claims``: a conflict), and, when the inventory gives the host
+a fixed ``ip``, only for that address; any other asker is refused
+``not_found`` with ``cause = SECRET`` (the client learns nothing more than
+"no such file"; the reason goes to the operator's log).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidusd.boot import content, render
+from sidusd.boot import claims, content, render
 from sidusd.boot.inventory import BootTarget, Inventory, normalize_mac
 from sidusd.config import Config
 from sidusd.errors import InventoryError
@@ -57,6 +60,7 @@ class Asker:
     server_ip: str                  # the local address the request arrived on
     client_ip: str
     dhcp_mac: str | None = None     # the MAC of the last DHCP exchange from client_ip (None: none)
+    claimed_from: tuple[str, ...] = ()  # the addresses dhcp_mac was claimed from recently (boot.claims)
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,11 @@ def document(kind: str, mac: str | None, asker: Asker, config: Config, inventory
         if target.overlay == "iscsi" and target.mac is not None:
             if not _same_mac(asker.dhcp_mac, target.mac):
                 return Refusal(NOT_FOUND, SECRET_REASON, target.mac, SECRET, kind)
+            host = inventory.hosts.get(target.mac)
+            fixed = str(host.ip) if host is not None and host.ip is not None else None
+            problem = claims.secret_problem(asker.client_ip, asker.claimed_from, fixed)
+            if problem is not None:
+                return Refusal(NOT_FOUND, problem, target.mac, SECRET, kind)
             iscsi = login(target.mac, asker.server_ip)
         if kind == "pxelinux":
             body = render.pxelinux_config(target, ctx, iscsi)

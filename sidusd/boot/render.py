@@ -4,7 +4,9 @@ The documents are built in code (no template files): every interpolated value
 is checked again here against a strict character set, so nothing that came
 from an inventory, a config or a network peer can start a new line or a new
 directive in a generated file, even if a caller builds a :class:`BootTarget`
-by hand.  A value that fails the check raises :class:`RenderError`.
+by hand.  A value that fails the check raises :class:`RenderError`.  The
+appends must also read the same in iPXE, pxelinux and Linux
+(:func:`sidusd.boot.cmdline.append_problem`: neither format can quote).
 
 The kernel command line (initramfs-tools ``nfs`` boot, ``Documentation/
 admin-guide/nfs/nfsroot.rst``)::
@@ -32,6 +34,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
+from sidusd.boot.cmdline import append_problem
 from sidusd.boot.inventory import BootTarget
 from sidusd.boot.names import image_root_problem
 from sidusd.errors import SidusError
@@ -121,6 +124,9 @@ def kernel_cmdline(target: BootTarget, ctx: RenderContext, iscsi: IscsiLogin | N
     if target.hostname:
         parts.append(f"sidus.hostname={_check('hostname', target.hostname, _HOST)}")
     append = _check("append", target.append, _ARGS).strip()
+    problem = append_problem(append)
+    if problem is not None:
+        raise RenderError(f"refusing to render append={append!r}: {problem}")
     if append:
         parts.append(append)
     line = " ".join(parts)

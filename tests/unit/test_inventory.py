@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from sidusd import config
 from sidusd.boot import inventory as inv_mod
+from sidusd.boot.cmdline import append_problem
 from sidusd.boot.inventory import BootTarget, Host, Inventory, Profile, normalize_mac
 from sidusd.errors import InventoryError
 
@@ -245,7 +246,7 @@ def test_example_inventory_checks_against_example_config():
 _label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 _name = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,12}", fullmatch=True)
 _args = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126, blacklist_characters="$|&\\"),
-                max_size=40)
+                max_size=40).filter(lambda a: append_problem(a) is None)  # boot.cmdline rules
 _mac = st.lists(st.integers(0, 255), min_size=6, max_size=6).map(
     lambda b: ":".join(f"{x:02x}" for x in [b[0] & 0xFE | 0x02] + b[1:]))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sidusd import config
-from sidusd.boot import provider, render
+from sidusd.boot import claims, provider, render
 from sidusd.boot.inventory import Host, Inventory, Profile
 from sidusd.observability import Observer
 from sidusd.runtime import Runtime, Snapshot
@@ -151,3 +151,104 @@ def test_runtime_provide_counts_the_secret_refusal_from_the_decision(tmp_path):
     assert isinstance(rt.provide("images/demo/vmlinuz", "10.0.0.1", "10.0.0.6"), provider.FileAt)
     assert rt.provide(PXE[M2], "evil.example", "10.0.0.6").cause == provider.RENDER
     assert obs.snapshot()["render.errors"] == 2
+
+
+# -- issue 14 item 14: a MAC claimed by another host does not hand over its secret -----------
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class LoginRuntime(Runtime):
+    """A runtime whose host M1 has its disk applied (the login the iSCSI manager would give)."""
+
+    def iscsi_login(self, mac: str, server_ip: str) -> render.IscsiLogin | None:
+        return LOGIN if mac == M1 else None
+
+
+def _runtime(tmp_path, inv: Inventory = INV, clock: Clock | None = None):
+    obs = Observer(clock=clock or Clock())
+    return LoginRuntime(tmp_path / "sidus.yaml", Snapshot(cfg(), inv, 1), observer=obs, iscsi_watch_s=0), obs
+
+
+def _served_secret(out) -> bool:
+    return isinstance(out, provider.Document) and b"sidus.iscsi.secret=S3cretS3cretS3cret" in out.body
+
+
+def test_a_spoofed_4011_claim_of_a_booted_mac_gets_no_secret_and_shows_a_conflict(tmp_path):
+    """The attack: M1 booted from 10.0.0.5; a host at 10.0.0.66 sends a 4011 REQUEST with chaddr M1,
+    ciaddr 10.0.0.66 (net/dhcp_server.py notes ``client_seen(M1, ciaddr)`` for the ACK), then asks
+    for M1's config.  Before: served, with M1's CHAP secret.  Now: refused to both addresses."""
+    clock = Clock()
+    rt, obs = _runtime(tmp_path, clock=clock)
+    obs.client_seen(M1, "10.0.0.5")
+    assert _served_secret(rt.provide(PXE[M1], "10.0.0.1", "10.0.0.5"))
+    clock.t += 30
+    obs.client_seen(M1, "10.0.0.66")                        # the spoofed claim
+    for ip in ("10.0.0.66", "10.0.0.5"):
+        for name in (PXE[M1], "52:54:00:00:00:01.ipxe"):
+            out = rt.provide(name, "10.0.0.1", ip)
+            assert isinstance(out, provider.Refusal) and out.cause == provider.SECRET, (ip, name, out)
+    assert "conflict" in rt.provide(PXE[M1], "10.0.0.1", "10.0.0.66").reason
+    rec = obs.clients[M1].as_dict()
+    assert rec["conflict"] is True and rec["claimed_from"] == ["10.0.0.66", "10.0.0.5"]
+    # the window passes without a new claim from 10.0.0.5: the address that claimed it last is served
+    clock.t += claims.CLAIM_WINDOW_S
+    obs.client_seen(M1, "10.0.0.66")
+    assert _served_secret(rt.provide(PXE[M1], "10.0.0.1", "10.0.0.66"))
+    assert obs.clients[M1].as_dict()["conflict"] is False
+
+
+def test_a_host_with_a_fixed_ip_gets_its_secret_at_that_address_only(tmp_path):
+    inv = INV.with_host(Host(M1, "persist", hostname="vm1", ip="10.0.0.5"))
+    rt, obs = _runtime(tmp_path, inv)
+    obs.client_seen(M1, "10.0.0.66")                        # alone: no conflict, but not its address
+    out = rt.provide(PXE[M1], "10.0.0.1", "10.0.0.66")
+    assert isinstance(out, provider.Refusal) and out.cause == provider.SECRET and "10.0.0.5" in out.reason
+    rt2, obs2 = _runtime(tmp_path, inv)
+    obs2.client_seen(M1, "10.0.0.5")
+    assert _served_secret(rt2.provide(PXE[M1], "10.0.0.1", "10.0.0.5"))
+
+
+def test_hosts_without_a_secret_are_not_affected_by_a_conflict(tmp_path):
+    rt, obs = _runtime(tmp_path)
+    obs.client_seen(M3, "10.0.0.7")
+    obs.client_seen(M3, "10.0.0.8")
+    assert isinstance(rt.provide(PXE[M3], "10.0.0.1", "10.0.0.8"), provider.Document)
+
+
+@pytest.mark.parametrize("claimed, fixed, ok", [
+    ((), None, True), (("10.0.0.5",), None, True), (("10.0.0.5", "10.0.0.9"), None, False),
+    (("10.0.0.9", "10.0.0.5"), None, False), (("10.0.0.5",), "10.0.0.5", True), (("10.0.0.5",), "10.0.0.6", False),
+])
+def test_secret_problem_table(claimed, fixed, ok):
+    assert (claims.secret_problem("10.0.0.5", claimed, fixed) is None) == ok
+
+
+def test_claims_are_bounded_and_windowed():
+    c = claims.Claims()
+    for i in range(10):
+        c.note(f"10.0.0.{i}", 100.0 + i)
+    assert len(c.seen) == claims.MAX_ADDRESSES
+    assert c.recent(110.0) == ("10.0.0.9", "10.0.0.8", "10.0.0.7", "10.0.0.6")
+    assert c.recent(109.0 + claims.CLAIM_WINDOW_S) == ("10.0.0.9",)
+    assert not c.conflict(109.0 + claims.CLAIM_WINDOW_S) and c.conflict(110.0)
+    c.note("10.0.0.6", 200.0)                               # seen again: newest
+    assert c.recent(200.0)[0] == "10.0.0.6"
+
+
+def test_sidusctl_clients_shows_a_conflict(tmp_path):
+    from sidusd import ctl
+    rt, obs = _runtime(tmp_path)
+    obs.client_seen(M1, "10.0.0.5")
+    obs.client_seen(M1, "10.0.0.66")
+    obs.client_seen(M2, "10.0.0.6")
+    text = ctl.render_clients([r.as_dict() for r in reversed(obs.clients.values())])
+    lines = text.splitlines()
+    assert lines[1].startswith(M2) and not lines[2].startswith("    CONFLICT")
+    assert lines[3] == ("    CONFLICT: claimed from 10.0.0.66, 10.0.0.5 recently; disk secrets are withheld "
+                        "(docs/security.md, L2 spoofing)")
