@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidusd import config
+from sidusd import config, data
 from sidusd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "config" / "sidus.yaml"
+EXAMPLE = data.EXAMPLE_CONFIG
 
 BASE = {
     "dhcp": {"mode": "full", "interfaces": ["eth1"],
@@ -279,7 +279,7 @@ def test_example_file_parses_and_names_every_key():
     assert cfg.nfs.backend == "ganesha" and cfg.dhcp.pool is not None
     raw = yaml.safe_load(EXAMPLE.read_text())
     missing = _all_keys(config.Config) - _yaml_keys(raw)
-    assert not missing, f"config/sidus.yaml does not show: {sorted(missing)}"
+    assert not missing, f"sidusd/data/sidus.yaml does not show: {sorted(missing)}"
     assert set(raw["images"]["bookworm"]) == {f.name for f in dataclasses.fields(config.ImageConfig)}
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidusd import config
+from sidusd import config, data
 from sidusd.boot import inventory as inv_mod
 from sidusd.boot.inventory import BootTarget, Host, Inventory, Profile, normalize_mac
 from sidusd.errors import InventoryError
@@ -234,9 +234,8 @@ def test_check_against_config():
 
 
 def test_example_inventory_checks_against_example_config():
-    root = Path(__file__).resolve().parents[2] / "config"
-    inv = inv_mod.parse_inventory((root / "inventory.yaml").read_text(), "config/inventory.yaml")
-    inv_mod.check_against(inv, config.read(root / "sidus.yaml"))
+    inv = inv_mod.parse_inventory(data.EXAMPLE_INVENTORY.read_text(), str(data.EXAMPLE_INVENTORY))
+    inv_mod.check_against(inv, config.read(data.EXAMPLE_CONFIG))
     assert len(inv.hosts) >= 2
 
 
