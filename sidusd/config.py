@@ -11,7 +11,7 @@ Duplicate keys are refused.  Relative paths resolve against the directory of
 the config file (``base_dir``); with ``base_dir=None`` they stay relative.
 
 The schema is documented in ``docs/architecture.md`` and, key by key with
-units, in ``config/sidus.yaml``.
+units, in ``sidusd/data/sidus.yaml``.
 """
 
 from __future__ import annotations

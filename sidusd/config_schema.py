@@ -5,7 +5,7 @@ Meta(ge=1, le=65535)]``, ``Literal[...]``, ``Meta(pattern=...)``):
 :func:`sidusd.schema.convert` checks the YAML against these declarations and
 :mod:`sidusd.config` adds the rules that join two keys (a range inside its
 network, a default that follows ``state_dir``).  The keys, with units, are
-documented in ``config/sidus.yaml``.
+documented in ``sidusd/data/sidus.yaml``.
 
 :func:`listener_items` is the one table of the keys that only a restart can
 change; :meth:`Config.listener_key`, :func:`restart_needed` and the

@@ -9,9 +9,9 @@
     sidusctl hosts reset-disk MAC
     sidusctl reload
 
-It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``,
-else ``/run/sidus/control.sock``) with :mod:`sidusd.control.messages`, and
-imports nothing else of the daemon but :func:`sidusd.boot.inventory.normalize_mac`.
+It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``, else the
+daemon's config's, :func:`sidusd.cliconfig.control_socket`) with :mod:`sidusd.control.messages`,
+and imports nothing else of the daemon but :func:`sidusd.boot.inventory.normalize_mac`.
 
 Exit codes: 0 success; 1 the daemon answered with an error (refused request,
 failed reload); 2 usage error (bad option, invalid MAC); 3 the daemon is not
@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from sidusd.cliconfig import CONFIG_ENV, DEFAULT_CONFIG, ToolConfigError, control_socket
 from sidusd.control import messages as m
 from sidusd.errors import RemoteProtocolError, SidusError
 
@@ -293,7 +293,10 @@ def _options(p: argparse.ArgumentParser, main: bool) -> None:
     so that they do not overwrite what was given before the command)."""
     d = (lambda v: v) if main else (lambda v: argparse.SUPPRESS)
     p.add_argument("--socket", default=d(None), metavar="PATH",
-                   help=f"control socket (default ${m.SOCKET_ENV} or {m.DEFAULT_SOCKET_PATH})")
+                   help=f"control socket (default ${m.SOCKET_ENV}, else control.socket_path of the config)")
+    p.add_argument("--config", default=d(None), metavar="FILE",
+                   help=f"the daemon's config, read for its control socket (default ${CONFIG_ENV}, "
+                        f"else {DEFAULT_CONFIG})")
     p.add_argument("--json", action="store_true", default=d(False), help="print the daemon's raw result as JSON")
     p.add_argument("--timeout", type=float, default=d(DEFAULT_TIMEOUT_S), metavar="SECONDS",
                    help=f"give up waiting for the daemon after this long (default {DEFAULT_TIMEOUT_S:g})")
@@ -367,9 +370,12 @@ def _request(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sidusctl`` console script; returns the exit code."""
     ns = _parser().parse_args(argv)
-    path = ns.socket or os.environ.get(m.SOCKET_ENV) or m.DEFAULT_SOCKET_PATH
     try:
         op, args = _request(ns)
+        try:
+            path = control_socket(ns.socket, ns.config)
+        except ToolConfigError as exc:
+            raise CtlError(EXIT_USAGE, str(exc)) from None
         try:
             resp = call(path, op, args, ns.timeout)
         except RemoteProtocolError as exc:      # the request itself is refused locally

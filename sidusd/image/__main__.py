@@ -10,10 +10,12 @@ Commands (docs/images.md)::
     sidus-image rollback NAME [--to N]
     sidus-image gc NAME [--keep N]
 
-Global options: ``--images-dir`` (default /var/lib/sidus/images),
-``--tftp-root`` (default /srv/tftp), ``--cache-dir`` (debootstrap package cache),
-``--images-file`` (the generated images file sidus.yaml names in ``images_file:``,
-default <images-dir>/images.yaml), ``--control-socket`` (sidusd's: reload after a switch).
+Where it works comes from the daemon's config (``--config``, else ``$SIDUS_CONFIG``, else
+/etc/sidus/sidus.yaml; :func:`sidusd.cliconfig.image_paths`): the images directory beside its
+``images_file``, ``tftp.root``, ``control.socket_path`` (``sidusctl reload`` after a switch, while
+sidusd runs).  Each can be overridden: ``--images-dir`` / ``$SIDUS_IMAGES_DIR``, ``--tftp-root`` /
+``$SIDUS_TFTP_ROOT``, ``--images-file``, ``--control-socket`` / ``$SIDUS_SOCKET``; with both
+directories given, no config is read.  ``--cache-dir``: the debootstrap package cache.
 Exit codes: 0 ok, 1 operation failed (the message names the stage), 2 usage or
 recipe error, 75 the image is busy (another administration holds its lock),
 130 interrupted (everything was unmounted).
@@ -28,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sidusd.cliconfig import ToolConfigError, image_paths
+from sidusd.control.messages import SOCKET_ENV
 from sidusd.errors import ConfigError, SidusError
 from sidusd.image.build import Administrator
 from sidusd.image.chroot import LockBusy
@@ -49,15 +53,17 @@ def _human(n: float | None) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidus-image", description="Build and administer sidus network-boot images.")
-    p.add_argument("--images-dir", type=Path, default=Path(os.environ.get("SIDUS_IMAGES_DIR", "/var/lib/sidus/images")))
-    p.add_argument("--tftp-root", type=Path, default=Path(os.environ.get("SIDUS_TFTP_ROOT", "/srv/tftp")))
-    p.add_argument("--images-file", type=Path, default=None,
-                   help="generated images file (sidus.yaml images_file); default <images-dir>/images.yaml")
-    p.add_argument("--control-socket", type=Path, default=None,
-                   help="sidusd's control socket: run `sidusctl reload` after switching generations")
     p.add_argument("--config", type=Path, default=None,
-                   help="sidus.yaml: list shows which hosts use what (inventory and booted); gc keeps what "
-                        "its inventory pins (<name>.gen-N) and what machines booted (docs/images.md)")
+                   help="the daemon's sidus.yaml (default $SIDUS_CONFIG, else /etc/sidus/sidus.yaml): the "
+                        "directories below, and for list and gc its inventory and booted records (docs/images.md)")
+    p.add_argument("--images-dir", type=Path, default=None,
+                   help="default $SIDUS_IMAGES_DIR, else the directory of the config's images_file")
+    p.add_argument("--tftp-root", type=Path, default=None, help="default $SIDUS_TFTP_ROOT, else tftp.root")
+    p.add_argument("--images-file", type=Path, default=None,
+                   help="generated images file; default the config's images_file, else <images-dir>/images.yaml")
+    p.add_argument("--control-socket", type=Path, default=None,
+                   help="sidusd's control socket, for `sidusctl reload` after a switch (default $SIDUS_SOCKET, "
+                        "else control.socket_path)")
     p.add_argument("-v", "--verbose", action="store_true", help="log events at info level (default: warnings)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="debootstrap package cache (kept between builds)")
@@ -191,8 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sidus-image``."""
     args = _parser().parse_args(argv)
     setup_logging(args.log_format, "info" if args.verbose else "warning")
-    adm = Administrator(args.images_dir, args.tftp_root, cache_dir=args.cache_dir,
-                        images_file=args.images_file, control_socket=args.control_socket)
+    try:
+        where = image_paths(images_dir=args.images_dir, tftp_root=args.tftp_root, images_file=args.images_file,
+                            control_socket=args.control_socket, config_flag=args.config)
+    except ToolConfigError as e:
+        print(f"sidus-image: {e}", file=sys.stderr)
+        return 2
+    sock = where.control_socket
+    if sock is not None and not (args.control_socket or os.environ.get(SOCKET_ENV)) and not sock.exists():
+        sock = None                      # the config's socket, and no sidusd: it reads the images file at start
+    args.config = where.config
+    adm = Administrator(where.images_dir, where.tftp_root, cache_dir=args.cache_dir,
+                        images_file=where.images_file, control_socket=sock)
     try:
         if args.cmd == "build":
             adm.build(read_recipe(args.recipe), switch=not args.no_switch, keep_failed=args.keep_failed)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from sidusd import data
 from sidusd.errors import BackendError, SidusError
 from sidusd.fsutil import atomic_write
 from sidusd.image import publish
@@ -39,8 +40,7 @@ from sidusd.observability import get_logger
 from sidusd.storage.runner import Runner
 
 log = get_logger("image.build")
-REPO = Path(__file__).resolve().parents[2]
-INITRAMFS_SRC = REPO / "config" / "initramfs"
+INITRAMFS_SRC = data.INITRAMFS          # the overlay hook: package data (sidusd/data/initramfs/)
 DEBOOTSTRAP_TIMEOUT_S = 3600
 
 
@@ -88,10 +88,10 @@ def security_mirror(recipe: Recipe, etc_apt: Path = Path("/etc/apt")) -> str | N
 
 
 def initramfs_files(src: Path = INITRAMFS_SRC) -> dict[str, bytes]:
-    """The overlay hook, init-bottom script and module list (config/initramfs/)."""
+    """The overlay hook, init-bottom script and module list (sidusd/data/initramfs/)."""
     rels = ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay")
     out = {rel: (src / rel).read_bytes() for rel in rels}
-    out["modules"] = b"# sidus (config/initramfs/modules)\n" + (src / "modules").read_bytes()
+    out["modules"] = b"# sidus (sidusd/data/initramfs/modules)\n" + (src / "modules").read_bytes()
     return out
 
 

@@ -5,7 +5,7 @@ mirror, debootstrap variant, include/exclude lists), what to install on top
 (packages, with or without their suggests), what to purge, and how to make the
 root a *shared* root: locale, timezone, keyboard, site files copied in,
 static resolv.conf, loopback-only interfaces, limits.conf, and an optional root
-password hash (no password otherwise).  See config/recipes/example.yaml and
+password hash (no password otherwise).  See sidusd/data/recipes/example.yaml and
 docs/images.md.
 
 :func:`parse_recipe` is pure (no I/O) and strict: the file is declared once
@@ -115,7 +115,7 @@ class ResolvConf:
 
 @dataclass(frozen=True)
 class RecipeFile:
-    """A recipe as written (config/recipes/example.yaml): each key, its default and its constraint."""
+    """A recipe as written (sidusd/data/recipes/example.yaml): each key, its default and its constraint."""
     name: ImageName
     suite: Suite = "bookworm"
     architecture: Architecture = "amd64"

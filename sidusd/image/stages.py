@@ -204,7 +204,7 @@ def plan(recipe: Recipe, *, mirror: str, initramfs: dict[str, bytes], security: 
 
     ``initramfs`` maps a path under /etc/initramfs-tools (``hooks/sidus-overlay``,
     ``scripts/init-bottom/sidus-overlay``, ``modules``) to its content (from
-    config/initramfs/).  ``security``: the security archive's URI (None: none).
+    sidusd/data/initramfs/).  ``security``: the security archive's URI (None: none).
     Debootstrap itself is not a Stage here: it runs outside any chroot before
     the plan (see :func:`debootstrap_argv`).
     """

@@ -34,7 +34,7 @@ from .timeline import Step, boot_markers  # noqa: F401  (boot_markers: the e2e t
 from .topology import BRIDGE, NETWORK, SERVER_IP, Topology, teardown_stale
 from .vm import Vm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+CODE_DIR = Path(__file__).resolve().parents[2]   # holds the sidusd package: a checkout or site-packages
 PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
 LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
 # UEFI loaders and iPXE binaries, published when the packages are there (syslinux-efi, ipxe)
@@ -254,12 +254,12 @@ class Lab:
 
     def start_sidusd(self) -> None:
         """``python3 -m sidusd --config FILE`` in the lab namespace; waits for ``daemon.ready``."""
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=str(CODE_DIR), PYTHONUNBUFFERED="1")
         assert self.topology is not None, "the network first (Lab.start)"
         argv = self.topology.lab_argv([sys.executable, "-m", "sidusd", "--config", str(self.config_file)])
         with open(self.sidusd_log, "ab") as log:
             self.sidusd = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                           env=env, cwd=str(REPO_ROOT), start_new_session=True)
+                                           env=env, cwd=str(CODE_DIR), start_new_session=True)
         deadline = time.monotonic() + SIDUSD_READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if any(e.get("event") == "daemon.ready" for e in read_events(self.sidusd_log)):
@@ -321,9 +321,9 @@ class Lab:
     def sidusctl(self, *args: str, timeout_s: float = 10.0) -> Any:
         """Run the real ``sidusctl --socket S --json ARGS``; its parsed JSON output."""
         argv = [sys.executable, "-m", "sidusd.ctl", "--socket", str(self.control_socket), "--json", *args]
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        env = dict(os.environ, PYTHONPATH=str(CODE_DIR))
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env,
-                             cwd=str(REPO_ROOT))
+                             cwd=str(CODE_DIR))
         if res.returncode != 0:
             raise RuntimeError(f"sidusctl {' '.join(args)} failed ({res.returncode}): "
                                f"{(res.stderr or res.stdout).strip()}")

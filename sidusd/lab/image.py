@@ -8,7 +8,7 @@
 * ``boot/vmlinuz-<kver>``   a copy of the host's ``linux-image-amd64`` kernel.
 * ``boot/initrd.img-<kver>`` ``mkinitramfs`` with BOOT=nfs, MODULES=netboot (which
                      has virtio_pci + virtio_net + nfs) and the sidus-overlay hook,
-                     init-bottom script and module list from config/initramfs/.
+                     init-bottom script and module list from sidusd/data/initramfs/.
 
 It is idempotent: each part has a stamp (a hash of everything it is made
 from) and is rebuilt only when missing or outdated.  The full Debian image
@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidusd import data
 from sidusd.errors import BackendError
 from sidusd.storage.runner import Runner
 
-REPO = Path(__file__).resolve().parents[2]
-INITRAMFS_SRC = REPO / "config" / "initramfs"
+INITRAMFS_SRC = data.INITRAMFS          # the overlay hook: package data (sidusd/data/initramfs/)
 BUSYBOX = Path("/bin/busybox")
 IMAGE_VERSION = "2"          # bump when the layout below changes
 MKINITRAMFS_TIMEOUT_S = 600
@@ -195,7 +195,7 @@ def make_conf_dir(conf: Path, src: Path = INITRAMFS_SRC, modules: str = "netboot
             text += f"{key}={value}\n"
     (conf / "initramfs.conf").write_text(text)
     with open(conf / "modules", "a") as f:
-        f.write("\n# sidus (config/initramfs/modules)\n" + (src / "modules").read_text())
+        f.write("\n# sidus (sidusd/data/initramfs/modules)\n" + (src / "modules").read_text())
     for rel in ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay"):
         (conf / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / rel, conf / rel)     # a copy, not a link: the conf dir stands alone

@@ -1,6 +1,6 @@
 """A real Debian image from the builder, PXE-booted to multi-user.target; generations and rollback.
 
-``sidus-image build config/recipes/debian-e2e.yaml`` (bookworm minbase +
+``sidus-image build sidusd/data/recipes/debian-e2e.yaml`` (bookworm minbase +
 linux-image-amd64, initramfs-tools, nfs-common, systemd-sysv, a marker unit
 that prints ``SIDUS-IMAGE: multi-user generation=N`` on ttyS0) into the lab's
 TFTP root; sidusd serves it through the generated images file; qemu + iPXE
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from sidusd import data
 from sidusd.image.build import Administrator
 from sidusd.image.chroot import mounts_under
 from sidusd.image.recipe import read_recipe
@@ -103,7 +104,7 @@ def test_build_boot_update_rollback(tmp_path_factory):
     lab.images_file = work / "lab" / "images" / "images.yaml"
     adm = Administrator(work / "lab" / "images", lab.tftp_root, cache_dir=CACHE, images_file=lab.images_file,
                         out=open(work / "build.out", "w"))
-    g1 = adm.build(read_recipe(REPO / "config" / "recipes" / f"{NAME}.yaml"))
+    g1 = adm.build(read_recipe(data.RECIPES / f"{NAME}.yaml"))
     assert g1 == 1 and mounts_under(adm.store.dir) == []
     root1 = adm.store.path(NAME, 1).resolve()
     boot = adm.store.meta(NAME, 1)

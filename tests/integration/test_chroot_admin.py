@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from sidusd import data
 from sidusd.image.build import Administrator, StageFailed
 from sidusd.image.chroot import ImageLock, LockBusy, mounts_under, processes_in
 from sidusd.image.recipe import read_recipe
@@ -38,7 +39,7 @@ def built(tmp_path_factory):
     require_tool("chroot")
     base = tmp_path_factory.mktemp("img")
     adm = Administrator(base / "images", base / "tftp", out=io.StringIO(), cache_dir=CACHE)
-    number = adm.build(read_recipe(REPO / "config" / "recipes" / "minimal.yaml"))
+    number = adm.build(read_recipe(data.RECIPES / "minimal.yaml"))
     assert number == 1
     yield adm
     assert mounts_under(base) == []
@@ -194,7 +195,7 @@ def test_ctrl_c_during_debootstrap_releases_its_mounts(built, tmp_path):
     adm = Administrator(tmp_path / "images", tmp_path / "tftp")
     proc = subprocess.Popen([sys.executable, "-m", "sidusd.image", "--images-dir", str(adm.store.dir),
                              "--tftp-root", str(adm.tftp_root), "--cache-dir", str(CACHE),
-                             "build", str(REPO / "config" / "recipes" / "minimal.yaml")],
+                             "build", str(data.RECIPES / "minimal.yaml")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             start_new_session=True)
     try:

@@ -45,8 +45,8 @@ def test_check_accepts_good_config_and_refuses_bad_with_key_path(tmp_path):
 
 def test_example_config_is_valid():
     # the documented example must at least parse and be strict-valid on its own
-    from sidusd import config
-    cfg = config.read(REPO / "config" / "sidus.yaml")
+    from sidusd import config, data
+    cfg = config.read(data.EXAMPLE_CONFIG)
     assert cfg.dhcp.mode in ("proxy", "full", "off")
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidusd import config
+from sidusd import config, data
 from sidusd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "config" / "sidus.yaml"
+EXAMPLE = data.EXAMPLE_CONFIG
 
 BASE = {
     "dhcp": {"mode": "full", "interfaces": ["eth1"],
@@ -275,12 +275,17 @@ def _yaml_keys(node, prefix=""):
 def test_example_file_parses_and_names_every_key():
     cfg = config.read(EXAMPLE)
     assert cfg.tftp.root == Path("/srv/sidus/tftp")
-    assert cfg.images["bookworm"].root == Path("/srv/sidus/images/bookworm/root")
+    assert dict(cfg.images) == {}           # built images come from images_file; a hand-made one is shown
     assert cfg.nfs.backend == "ganesha" and cfg.dhcp.pool is not None
     raw = yaml.safe_load(EXAMPLE.read_text())
     missing = _all_keys(config.Config) - _yaml_keys(raw)
-    assert not missing, f"config/sidus.yaml does not show: {sorted(missing)}"
-    assert set(raw["images"]["bookworm"]) == {f.name for f in dataclasses.fields(config.ImageConfig)}
+    assert not missing, f"sidusd/data/sidus.yaml does not show: {sorted(missing)}"
+    text = EXAMPLE.read_text()
+    block = text[text.index("# One written by hand looks like this:\n"):text.index("\nimages: {}\n")].splitlines()[1:]
+    shown = yaml.safe_load("\n".join(l[4:] for l in block))
+    assert set(shown["images"]["bookworm"]) == {f.name for f in dataclasses.fields(config.ImageConfig)}
+    with_it = text.replace("images: {}\n", yaml.safe_dump({"images": shown["images"]}))
+    assert config.parse(with_it).images["bookworm"].root == Path("/srv/sidus/images/bookworm/root")
 
 
 def test_read_resolves_relative_paths_against_the_file(tmp_path):

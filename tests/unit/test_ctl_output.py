@@ -196,26 +196,36 @@ def test_bad_mac_refused_locally_with_usage_exit(argv, tmp_path, capsys):
 
 
 def test_json_output_is_the_raw_result(monkeypatch, capsys):
+    monkeypatch.setenv(m.SOCKET_ENV, "/x.sock")
     monkeypatch.setattr(ctl, "call", lambda path, op, args, t: m.Response(ok=True, result=HOSTS))
     assert ctl.main(["hosts", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == HOSTS
 
 
 def test_daemon_error_is_printed_and_exits_1(monkeypatch, capsys):
+    monkeypatch.setenv(m.SOCKET_ENV, "/x.sock")
     monkeypatch.setattr(ctl, "call", lambda path, op, args, t: m.Response(ok=False, error="no host x"))
     assert ctl.main(["reload"]) == ctl.EXIT_ERROR
     assert capsys.readouterr().err == "sidusd: no host x\n"
 
 
-def test_socket_path_precedence(monkeypatch):
+def test_socket_path_precedence(monkeypatch, tmp_path):
+    """--socket > $SIDUS_SOCKET > control.socket_path of the config (--config > $SIDUS_CONFIG)."""
     seen = []
     monkeypatch.setattr(ctl, "call", lambda path, op, args, t: seen.append(path) or m.Response(True, {}))
-    monkeypatch.delenv(m.SOCKET_ENV, raising=False)
+    for name in (m.SOCKET_ENV, "SIDUS_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    env_cfg, flag_cfg = tmp_path / "env.yaml", tmp_path / "flag.yaml"
+    base = 'tftp: {root: /srv/t}\ndhcp: {mode: "off"}\nnfs: {backend: none}\n'
+    env_cfg.write_text(base + "control: {socket_path: /envcfg.sock}\n")
+    flag_cfg.write_text(base + "control: {socket_path: /flagcfg.sock}\n")
+    monkeypatch.setenv("SIDUS_CONFIG", str(env_cfg))
     ctl.main(["reload"])
+    ctl.main(["--config", str(flag_cfg), "reload"])
     monkeypatch.setenv(m.SOCKET_ENV, "/env.sock")
-    ctl.main(["reload"])
+    ctl.main(["--config", str(flag_cfg), "reload"])
     ctl.main(["--socket", "/opt.sock", "reload"])
-    assert seen == [m.DEFAULT_SOCKET_PATH, "/env.sock", "/opt.sock"]
+    assert seen == ["/envcfg.sock", "/flagcfg.sock", "/env.sock", "/opt.sock"]
 
 
 def test_status_shows_the_supervisor_and_the_worker():

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidusd import config
+from sidusd import config, data
 from sidusd.boot import inventory as inv_mod
 from sidusd.boot.cmdline import append_problem
 from sidusd.boot.inventory import BootTarget, Host, Inventory, Profile, normalize_mac
@@ -234,10 +234,18 @@ def test_check_against_config():
     inv_mod.check_against(Inventory({"big": Profile("big", "other")}, {}), CFG_IGNORE)
 
 
-def test_example_inventory_checks_against_example_config():
-    root = Path(__file__).resolve().parents[2] / "config"
-    inv = inv_mod.parse_inventory((root / "inventory.yaml").read_text(), "config/inventory.yaml")
-    inv_mod.check_against(inv, config.read(root / "sidus.yaml"))
+def test_example_inventory_boots_the_example_recipes_image():
+    """The shipped inventory's profile boots the image the README builds from the shipped recipe;
+    with that image in the config's images file it checks against the shipped config."""
+    from sidusd.image.recipe import read_recipe
+    inv = inv_mod.parse_inventory(data.EXAMPLE_INVENTORY.read_text(), str(data.EXAMPLE_INVENTORY))
+    name = read_recipe(data.RECIPES / "example.yaml").name
+    assert {p.image for p in inv.profiles.values()} == {name}
+    base = config.read(data.EXAMPLE_CONFIG)
+    built = config.merge_images_file(base, f"images:\n  {name}: {{root: /r, kernel: k, initrd: i}}\n", "gen.yaml")
+    inv_mod.check_against(inv, built)
+    with pytest.raises(InventoryError, match=f"unknown image '{name}'"):
+        inv_mod.check_against(inv, base)         # before the image is built
     assert len(inv.hosts) >= 2
 
 

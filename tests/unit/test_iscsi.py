@@ -676,8 +676,7 @@ def test_runtime_without_backend_drops_the_manager(tmp_path):
 # iscsistart records its arguments.  The kernel initiator itself is proven by
 # the VM boot (tests/e2e/test_iscsi_boot.py).
 
-HOOK_SCRIPT = __import__("pathlib").Path(__file__).resolve().parents[2] / \
-    "config/initramfs/scripts/init-bottom/sidus-overlay"
+HOOK_SCRIPT = __import__("sidusd.data").data.INITRAMFS / "scripts/init-bottom/sidus-overlay"
 SECRET = "Zq9_hidden-Secret-4f7a2b"
 ISCSI_ARGS = (f"sidus.overlay=iscsi sidus.iscsi.target=iqn.2026-11.org.example:sidus-disk-525400000001 "
               f"sidus.iscsi.portal=10.9.9.1:3260 sidus.iscsi.initiator=iqn.2026-11.org.example:sidus-host-1 "

@@ -1,4 +1,4 @@
-"""config/initramfs: the sidus-overlay init-bottom script, run for real.
+"""sidusd/data/initramfs: the sidus-overlay init-bottom script, run for real.
 
 Each case runs the script in a throwaway mount namespace (``unshare -m``) with
 a fake ``${rootmnt}`` (a tmpfs holding a file, mounted read-only) and stub
@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require_root, require_tool
+from conftest import require_root, require_tool
 
-SCRIPT = ROOT / "config/initramfs/scripts/init-bottom/sidus-overlay"
-HOOK = ROOT / "config/initramfs/hooks/sidus-overlay"
+from sidusd import data
+
+SCRIPT = data.INITRAMFS / "scripts/init-bottom/sidus-overlay"
+HOOK = data.INITRAMFS / "hooks/sidus-overlay"
 
 STUBS = """\
 panic() { echo "PANIC: $*" >> "$STUB_LOG"; }
@@ -218,7 +220,7 @@ def test_demo_conf_dir_carries_the_overlay_parts(tmp_path):
     assert "overlay" in (conf / "modules").read_text().split()
     for rel in ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay"):
         assert not (conf / rel).is_symlink()
-        assert (conf / rel).read_bytes() == (ROOT / "config/initramfs" / rel).read_bytes()
+        assert (conf / rel).read_bytes() == (data.INITRAMFS / rel).read_bytes()
         assert (conf / rel).stat().st_mode & 0o111
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from sidusd import data
 from sidusd.errors import ConfigError
 from sidusd.image.recipe import Keyboard, Limit, mirror_from_sources, parse_recipe, read_recipe, security_from_sources
 
@@ -107,7 +108,7 @@ def test_yaml_errors_and_duplicates():
 
 
 def test_shipped_recipes_parse():
-    for p in sorted((REPO / "config" / "recipes").glob("*.yaml")):
+    for p in sorted(data.RECIPES.glob("*.yaml")):
         r = read_recipe(p)
         assert r.name == p.stem or p.stem == "example"
         if r.site_files is not None:
