@@ -109,8 +109,8 @@ class ParserLog(logging.Logger):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, http_exceptions.HttpProcessingError):
             self.svc.runtime.observer.count("http.malformed")
-            self.svc.log.debug("http.malformed", error=str(exc).splitlines()[0][:200])
+            self.svc.rlog.debug("http.malformed", error=str(exc).splitlines()[0][:200])
         elif record.levelno >= logging.WARNING:
             self.svc.runtime.observer.count("http.internal_errors")
-            self.svc.log.error("http.aiohttp_error", message=record.getMessage()[:300],
+            self.svc.rlog.error("http.aiohttp_error", message=record.getMessage()[:300],
                                error=repr(exc)[:300] if exc else None)

@@ -47,7 +47,7 @@ from aiohttp import web
 
 from ..boot import provider
 from ..errors import StartupError
-from ..observability import get_logger
+from ..observability import LogLimiter, get_logger
 from ..proto.http import RangeNotSatisfiable, parse_range, request_name
 from ..runtime_view import RuntimeView
 from .files import NotServable
@@ -98,6 +98,7 @@ class HttpService:
         self._fixed = {"max_connections": max_connections, "max_per_client": max_per_client,
                        "idle_timeout_s": idle_timeout_s}
         self.log = get_logger("http")
+        self.rlog = LogLimiter(self.log)      # every line a peer can cause goes through it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: _Server | None = None
         self._listener: asyncio.AbstractServer | None = None
@@ -199,7 +200,7 @@ class HttpService:
             reason = "per_client"
         if reason:
             self.runtime.observer.count(f"http.refused.{reason}")
-            self.log.info("http.refused", peer=f"{peer[0]}:{peer[1]}", reason=reason)
+            self.rlog.info("http.refused", key=reason, peer=f"{peer[0]}:{peer[1]}", reason=reason)
             return None
         assert self._server is not None
         return self._server()
@@ -229,7 +230,7 @@ class HttpService:
                 if not conn.busy and now - conn.idle_since > self.idle_timeout_s:
                     conn.idle_since = now          # once per timeout, even if close is slow
                     self.runtime.observer.count("http.timeouts.idle")
-                    self.log.info("http.timeout", peer=conn.ip, reason="idle")
+                    self.rlog.info("http.timeout", peer=conn.ip, reason="idle")
                     conn.transport.close()
 
     # -- requests ----------------------------------------------------------------
@@ -253,7 +254,7 @@ class HttpService:
         except Exception:
             rec.outcome = "internal-error"
             self.runtime.observer.count("http.internal_errors")
-            self.log.exception("http.internal_error", peer=peer_ip, path=request.raw_path[:300])
+            self.rlog.exception("http.internal_error", peer=peer_ip, path=request.raw_path[:300])
             raise
         finally:
             self._active -= 1
@@ -270,8 +271,8 @@ class HttpService:
         obs.count("http.transfers.done" if ok else "http.transfers.failed")
         obs.count("http.bytes", rec.bytes)
         mac = rec.mac or (obs.mac_for_ip(peer[0]) if peer else None)
-        log = self.log.info if ok or rec.status in (304, 404) else self.log.warning
-        log("http.transfer", method=request.method, file=rec.file,
+        log = self.rlog.info if ok or rec.status in (304, 404) else self.rlog.warning
+        log("http.transfer", key="ok" if ok else "failed", method=request.method, file=rec.file,
             path=None if rec.file is not None else request.raw_path[:300],
             peer=f"{peer[0]}:{peer[1]}" if peer else None, mac=mac, status=rec.status,
             bytes=rec.bytes, size=rec.size, range=rec.range, duration_s=duration_s,
@@ -291,7 +292,7 @@ class HttpService:
         """The response for a refusal of the content decision (:data:`REFUSALS`)."""
         status, reason, text = REFUSALS[refusal.code]
         if refusal.code == provider.ACCESS:
-            self.log.info("http.access", file=rec.file, reason=refusal.reason)
+            self.rlog.info("http.access", file=rec.file, reason=refusal.reason)
         if reason is None:                  # our bug: counted and logged as an internal error already
             rec.status, rec.outcome = status, "internal-error"
             body = (text + "\n").encode()
@@ -313,7 +314,7 @@ class HttpService:
             decision = self.runtime.provide(name, local_ip, peer_ip)
         except Exception:
             self.runtime.observer.count("http.internal_errors")
-            self.log.exception("http.internal_error", peer=peer_ip, path=request.raw_path[:300])
+            self.rlog.exception("http.internal_error", peer=peer_ip, path=request.raw_path[:300])
             decision = provider.Refusal(provider.INTERNAL, "internal error")
         if isinstance(decision, provider.Refusal):
             rec.mac = decision.mac
