@@ -39,10 +39,12 @@ BAD_LINE = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: tex
 class Conn:
     """One admitted connection: ``busy`` requests being served, ``requests`` done, idle since when."""
 
-    __slots__ = ("transport", "ip", "busy", "requests", "idle_since")
+    __slots__ = ("transport", "ip", "busy", "requests", "idle_since", "evicted", "task")
 
     def __init__(self, transport: Any, ip: str, now: float):
         self.transport, self.ip, self.busy, self.requests, self.idle_since = transport, ip, 0, 0, now
+        self.evicted = False
+        self.task: asyncio.Task | None = None         # of the request being served (busy)
 
 
 class Slots:
@@ -94,6 +96,9 @@ class Slots:
             return None
         conn = self.conns[handler]
         self.remove(handler)                 # its slot is free now (connection_lost comes later)
+        conn.evicted = True
+        if conn.busy and conn.task is not None:
+            conn.task.cancel()               # a send in progress would wait for the idle cut
         return conn
 
     def expired(self, now: float, header_timeout_s: float, idle_timeout_s: float) -> list[tuple[Conn, str]]:

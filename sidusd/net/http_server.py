@@ -240,7 +240,7 @@ class HttpService:
         t0 = self._loop.time()
         conn = self.slots.conns.get(request.protocol)
         if conn is not None:
-            conn.busy += 1
+            conn.busy, conn.task = conn.busy + 1, asyncio.current_task()
         self._active += 1
         self.runtime.observer.count("http.requests")
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -263,6 +263,7 @@ class HttpService:
                 conn.busy -= 1
                 conn.requests += 1
                 conn.idle_since = self._loop.time()
+                rec.outcome = "evicted" if conn.evicted else rec.outcome
             self._summary(request, rec, peer, round(self._loop.time() - t0, 3))
             if not self._active:
                 self._idle.set()

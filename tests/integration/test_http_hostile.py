@@ -149,3 +149,51 @@ def test_a_connection_without_a_first_request_is_cut_after_header_timeout(tmp_pa
         assert s.counters()["http.timeouts.header"] == 1 and "http.timeouts.idle" not in s.counters()
     finally:
         s.close()
+
+
+def test_slow_readers_of_one_address_cannot_hold_every_slot(tmp_path):
+    """Every slot busy sending to clients of one address that do not read: a newcomer from another
+    address takes one back (fair share), a newcomer from the same address gets 503."""
+    s = Server(tmp_path, max_connections=3, max_per_client=8, idle_timeout_s=30)
+    with open(s.root / "big.img", "wb") as f:
+        f.truncate(256 << 20)
+    readers = []
+    try:
+        for _ in range(3):
+            r = socket.socket()
+            r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            r.bind((ATTACKERS[0], 0))
+            r.settimeout(WAIT_S)
+            r.connect(("127.0.0.1", s.port))
+            r.sendall(b"GET /big.img HTTP/1.1\r\nHost: x\r\n\r\n")
+            readers.append(r)
+        s.wait_counter("http.requests", 3)
+        code, body = curl_status(s.url("/demo/initrd.img"))           # from 127.0.0.1
+        assert code == 200 and body == b"initrd" * 1000
+        assert s.counters()["http.evicted.busy"] == 1
+        s.wait_counter("http.transfers.failed")
+        assert [e["outcome"] for e in s.transfers() if e["file"] == "big.img"] == ["evicted"]
+        deadline = time.monotonic() + WAIT_S
+        while s.on_loop(s.svc.connections) != 2:                     # curl's connection closed
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = socket.socket()
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        r.bind((ATTACKERS[0], 0))
+        r.settimeout(WAIT_S)
+        r.connect(("127.0.0.1", s.port))
+        r.sendall(b"GET /big.img HTTP/1.1\r\nHost: x\r\n\r\n")
+        readers.append(r)
+        s.wait_counter("http.requests", 5)                           # all 3 slots busy again
+        r = socket.socket()
+        r.bind((ATTACKERS[0], 0))
+        r.settimeout(WAIT_S)
+        r.connect(("127.0.0.1", s.port))
+        r.sendall(b"GET /demo/initrd.img HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert r.recv(100).startswith(b"HTTP/1.1 503 ")                # its own address holds the most
+        r.close()
+        assert "http.internal_errors" not in s.counters(), s.counters()
+    finally:
+        for r in readers:
+            r.close()
+        s.close()
