@@ -43,7 +43,8 @@ def main(n: int) -> None:
            "images": {"demo": {"root": str(tmp / "image"), "kernel": "demo/vmlinuz",
                                "initrd": "demo/initrd.img", "append": ""}}}
     (tmp / "sidus.yaml").write_text(yaml.safe_dump(cfg))
-    (tmp / "inventory.yaml").write_text(yaml.safe_dump({"profiles": {"default": {"image": "demo", "overlay": "tmpfs", "append": ""}}, "hosts": []}))
+    profile = {"image": "demo", "overlay": "tmpfs", "append": ""}
+    (tmp / "inventory.yaml").write_text(yaml.safe_dump({"profiles": {"default": profile}, "hosts": []}))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
