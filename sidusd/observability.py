@@ -126,7 +126,9 @@ class LogLimiter:
     machine's transfer summaries) fits in the burst; 500 000 refused connections
     write ``burst + per_s * seconds`` lines.  Bounded: at most ``max_keys`` keyed
     buckets; a key beyond them shares its event's bucket (spoofed sources cannot
-    buy themselves a budget each).  Returns whether the line was written.
+    buy themselves a budget each).  Key by source only where it cannot be
+    spoofed (a TCP peer: ``http.transfer`` is keyed by client IP, so every
+    machine of a boot storm gets its lines).  Returns whether the line was written.
     """
 
     def __init__(self, log: Any, burst: float = LOG_BURST, per_s: float = LOG_PER_S,

@@ -275,7 +275,7 @@ class HttpService:
         obs.count("http.bytes", rec.bytes)
         mac = rec.mac or (obs.mac_for_ip(peer[0]) if peer else None)
         log = self.rlog.info if ok or rec.status in (304, 404) else self.rlog.warning
-        log("http.transfer", key="ok" if ok else "failed", method=request.method, file=rec.file,
+        log("http.transfer", key=peer[0] if peer else None, method=request.method, file=rec.file,
             path=None if rec.file is not None else request.raw_path[:300],
             peer=f"{peer[0]}:{peer[1]}" if peer else None, mac=mac, status=rec.status,
             bytes=rec.bytes, size=rec.size, range=rec.range, duration_s=duration_s,

@@ -83,3 +83,15 @@ def test_levels_pass_through_and_exception_keeps_its_traceback_call() -> None:
         assert getattr(rlog, level)("ev." + level, x=1)
     assert [(lv, e) for lv, e, _ in log.lines] == [(lv, "ev." + lv) for lv in
                                                   ("debug", "info", "warning", "error", "exception")]
+
+
+def test_keyed_by_tcp_source_a_boot_storm_is_written_whole_and_one_flooder_is_limited() -> None:
+    rlog, log, clock = make(burst=20, per_s=1.0, max_keys=512)
+    for i in range(200):                             # 200 machines, 3 transfers each, within a second
+        for f in ("boot.ipxe", "vmlinuz", "initrd.img"):
+            rlog.info("http.transfer", key=f"10.0.{i // 250}.{i % 250}", file=f)
+    assert len(log.lines) == 600
+    log.lines.clear()
+    for _ in range(10000):
+        rlog.info("http.transfer", key="10.9.9.9", file="x")
+    assert len(log.lines) == 20 and rlog.suppressed() == 10000 - 20
