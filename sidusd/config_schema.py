@@ -148,7 +148,8 @@ class HttpConfig:
 
     ``max_connections`` open at once, ``max_per_client`` from one client IP
     (over either: 503 + Retry-After), ``idle_timeout_s`` without progress before
-    a connection is closed (no complete request, or a response not read).
+    a connection is closed (no complete request, or a response not read),
+    ``header_timeout_s`` for the first request headers of a new connection.
     """
     enabled: bool = False
     address: IPv4Address = IPv4Address("0.0.0.0")
@@ -156,6 +157,7 @@ class HttpConfig:
     max_connections: Port = 256
     max_per_client: int = 32                # 1..max_connections; default min(32, max_connections)
     idle_timeout_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 30.0
+    header_timeout_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 10.0   # first request headers of a connection
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,11 @@
 
 * :func:`setup_logging` configures structlog: JSON lines when stderr is not a
   terminal (journald), readable console output when it is.
+* :class:`LogLimiter` is the one rate limit of log lines that a peer can cause
+  (one per packet, per connection, per request): a budget per event name,
+  and the number of suppressed lines reported (``suppressed=N``) when that
+  event is written again.  :class:`RepeatBackoff` is for a check that keeps
+  failing (a backend down), logged ever more rarely until it recovers.
 * :class:`Observer` is the one object every edge receives.  It owns counters
   (monotonic integers with fixed dotted names, e.g. ``dhcp.rx``,
   ``dhcp.malformed``, ``tftp.transfers.done``) and a bounded history of recently
@@ -26,6 +31,10 @@ from sidusd.boot.claims import Claims
 
 MAX_CLIENTS = 1024          # machines remembered by `sidusctl clients`
 MAX_TIMELINE = 64           # events remembered per machine
+LOG_BURST = 20              # lines of one event written at once ...
+LOG_PER_S = 1.0             # ... then this many per second (LogLimiter)
+LOG_FLUSH_S = 10.0          # a suppressed count is reported at the latest this long after the flood
+MAX_LOG_KEYS = 512          # (event, key) buckets; beyond, a new key shares its event's bucket
 
 
 def setup_logging(fmt: str = "auto", level: str = "info") -> None:
@@ -103,6 +112,88 @@ class RepeatBackoff:
         self.streak, self.suppressed, self._text = 0, 0, None
         self._interval = self.first_s
         return n
+
+
+class LogLimiter:
+    """The one rate limit of per-packet / per-connection log lines, counting what it suppresses.
+
+    ``rlog = LogLimiter(log)`` wraps a structlog logger; ``rlog.info("http.refused", peer=...)``
+    (likewise ``debug``, ``warning``, ``error``, ``exception``) writes the line while its
+    event has budget: a token bucket per event name (per ``(event, key)`` when ``key=``
+    is given) of ``burst`` lines, refilled at ``per_s`` lines per second.  Beyond it
+    the line is counted, not written, and the next line written for that bucket
+    carries ``suppressed=N``.  When the flood stops and the event never comes back,
+    the count is reported as ``log.suppressed`` (``of=<event>``, ``suppressed=N``)
+    by the next call of any event, at most ``flush_s`` later.  A boot storm (every
+    machine's transfer summaries) fits in the burst; 500 000 refused connections
+    write ``burst + per_s * seconds`` lines.  Bounded: at most ``max_keys`` keyed
+    buckets; a key beyond them shares its event's bucket (spoofed sources cannot
+    buy themselves a budget each).  Key by source only where it cannot be
+    spoofed (a TCP peer: ``http.transfer`` is keyed by client IP, so every
+    machine of a boot storm gets its lines).  Returns whether the line was written.
+    """
+
+    def __init__(self, log: Any, burst: float = LOG_BURST, per_s: float = LOG_PER_S,
+                 clock: Any = time.monotonic, flush_s: float = LOG_FLUSH_S, max_keys: int = MAX_LOG_KEYS):
+        self.log, self.burst, self.per_s, self.clock = log, float(burst), float(per_s), clock
+        self.flush_s, self.max_keys = flush_s, max_keys
+        self._buckets: dict[tuple[str, str | None], list[float]] = {}   # key -> [tokens, at, suppressed]
+        self._next_flush = 0.0
+
+    def debug(self, event: str, /, key: str | None = None, **fields: Any) -> bool:
+        return self._line("debug", event, key, fields)
+
+    def info(self, event: str, /, key: str | None = None, **fields: Any) -> bool:
+        return self._line("info", event, key, fields)
+
+    def warning(self, event: str, /, key: str | None = None, **fields: Any) -> bool:
+        return self._line("warning", event, key, fields)
+
+    def error(self, event: str, /, key: str | None = None, **fields: Any) -> bool:
+        return self._line("error", event, key, fields)
+
+    def exception(self, event: str, /, key: str | None = None, **fields: Any) -> bool:
+        return self._line("exception", event, key, fields)
+
+    def suppressed(self) -> int:
+        """Lines counted and not (yet) reported, over all events."""
+        return sum(int(b[2]) for b in self._buckets.values())
+
+    def _take(self, b: list[float], now: float) -> bool:
+        b[0] = min(self.burst, b[0] + (now - b[1]) * self.per_s)
+        b[1] = now
+        if b[0] >= 1.0:
+            b[0] -= 1.0
+            return True
+        return False
+
+    def _line(self, level: str, event: str, key: str | None, fields: dict[str, Any]) -> bool:
+        now = self.clock()
+        if now >= self._next_flush:
+            self._flush(now)
+        k = (event, key)
+        b = self._buckets.get(k)
+        if b is None:
+            if key is not None and len(self._buckets) >= self.max_keys:
+                return self._line(level, event, None, fields)
+            b = self._buckets[k] = [self.burst, now, 0]
+        if not self._take(b, now):
+            b[2] += 1
+            return False
+        if b[2]:
+            fields["suppressed"], b[2] = int(b[2]), 0
+        getattr(self.log, level)(event, **fields)
+        return True
+
+    def _flush(self, now: float) -> None:
+        """Report the counts of floods that stopped; forget idle buckets that are full again."""
+        self._next_flush = now + self.flush_s
+        for k, b in list(self._buckets.items()):
+            if b[2] and self._take(b, now):
+                n, b[2] = int(b[2]), 0
+                self.log.warning("log.suppressed", of=k[0], key=k[1], suppressed=n)
+            elif not b[2] and min(self.burst, b[0] + (now - b[1]) * self.per_s) >= self.burst:
+                del self._buckets[k]
 
 
 @dataclass

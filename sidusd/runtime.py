@@ -23,7 +23,7 @@ from .boot.render import IscsiLogin
 from .errors import BackendError, ConfigError, SidusError
 from .fsutil import atomic_write, remove_stale_temps
 from .image.booted_store import BootedRecorder
-from .observability import Observer, RepeatBackoff, get_logger
+from .observability import LogLimiter, Observer, RepeatBackoff, get_logger
 
 if TYPE_CHECKING:
     from .storage.iscsi_manager import IscsiManager
@@ -112,6 +112,7 @@ class Runtime:
         self.sync_worker: Callable[[], Any] | None = None      # async: the worker's counters are in
         self.process_info: Callable[[], list[dict[str, Any]]] | None = None
         self.log = get_logger("runtime")
+        self.rlog = LogLimiter(self.log)      # lines per request (render decisions)
 
     @classmethod
     def load(cls, config_path: Path, **kw: Any) -> Runtime:
@@ -171,10 +172,10 @@ class Runtime:
         elif isinstance(out, provider.Refusal):
             if out.cause == provider.RENDER:
                 self.observer.count("render.errors")
-                self.log.error("render.failed", kind=out.kind, mac=out.mac, error=out.reason)
+                self.rlog.error("render.failed", kind=out.kind, mac=out.mac, error=out.reason)
             elif out.cause == provider.SECRET:
                 self.observer.count("render.secret_refused")
-                self.log.warning("render.secret_refused", kind=out.kind, mac=out.mac, client_ip=client_ip,
+                self.rlog.warning("render.secret_refused", kind=out.kind, mac=out.mac, client_ip=client_ip,
                                  dhcp_mac_of_ip=self.observer.mac_for_ip(client_ip), reason=out.reason)
         return out
 

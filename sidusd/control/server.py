@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ControlError, RemoteProtocolError, SidusError
-from ..observability import get_logger
+from ..observability import LogLimiter, get_logger
 from . import messages as m
 from .unixsocket import bind_safely, peer_uid
 
@@ -52,6 +52,7 @@ class ControlServer:
         self._ino: tuple[int, int] | None = None
         self._conns: set[asyncio.Task] = set()
         self.log = get_logger("control", socket=str(self.path))
+        self.rlog = LogLimiter(self.log)      # lines per connection / request
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -92,12 +93,12 @@ class ControlServer:
             uid = peer_uid(writer)
             if uid is not None and uid not in (0, os.geteuid()):
                 obs.count("control.refused")
-                self.log.warning("control.refused", reason="uid", uid=uid)
+                self.rlog.warning("control.refused", reason="uid", uid=uid)
                 await self._send(writer, m.encode_error("permission denied: the control socket is for root"))
                 return
             if len(self._conns) > self.max_connections:
                 obs.count("control.refused")
-                self.log.warning("control.refused", reason="too_many_connections", limit=self.max_connections)
+                self.rlog.warning("control.refused", reason="too_many_connections", limit=self.max_connections)
                 await self._send(writer, m.encode_error(
                     f"too many control connections (limit {self.max_connections}), try again"))
                 return
@@ -107,7 +108,7 @@ class ControlServer:
             pass
         except TimeoutError:
             obs.count("control.timeouts")
-            self.log.info("control.timeout", timeout_s=self.read_timeout_s)
+            self.rlog.info("control.timeout", timeout_s=self.read_timeout_s)
         finally:
             self._conns.discard(task)
             writer.close()
@@ -157,25 +158,25 @@ class ControlServer:
         obs.count("control.requests")
         if line is _TOO_LONG:
             obs.count("control.malformed")
-            self.log.warning("control.bad_request", error="line too long")
+            self.rlog.warning("control.bad_request", error="line too long")
             return m.encode_error(f"request line too long (limit {m.MAX_REQUEST_BYTES} bytes)")
         try:
             req = m.decode_request(line)  # type: ignore[arg-type]
         except RemoteProtocolError as exc:
             obs.count("control.malformed")
-            self.log.warning("control.bad_request", error=str(exc))
+            self.rlog.warning("control.bad_request", error=str(exc))
             return m.encode_error(str(exc))
         try:
             result = await self._dispatch(req)
         except (SidusError, OSError) as exc:
             obs.count("control.errors")
-            self.log.info("control.request", op=req.op, ok=False, error=str(exc))
+            self.rlog.info("control.request", op=req.op, ok=False, error=str(exc))
             return m.encode_error(str(exc))
         except Exception as exc:  # a bug must not stop the server: report it, keep serving
             obs.count("control.internal_errors")
-            self.log.exception("control.internal_error", op=req.op)
+            self.rlog.exception("control.internal_error", op=req.op)
             return m.encode_error(f"internal error in {req.op}: {type(exc).__name__}: {exc}")
-        self.log.info("control.request", op=req.op, ok=True)
+        self.rlog.info("control.request", op=req.op, ok=True)
         return m.encode_ok(result)
 
     # -- ops ----------------------------------------------------------------------

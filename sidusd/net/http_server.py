@@ -20,24 +20,25 @@ document rendered per MAC, or a refusal, mapped to a status by
   ``SEND_CHUNK`` bytes, each with ``idle_timeout_s``: a client that stops
   reading is cut after that long without progress.
 * Bounded (config ``http.max_connections``, ``http.max_per_client``,
-  ``http.idle_timeout_s``, applied to new connections on reload):
-  ``max_connections`` in all and ``max_per_client`` per client IP (a
-  connection over the limit gets ``503`` + ``Retry-After`` and is closed
-  before anything is parsed); a connection that does not finish its request
-  headers, or sits idle between requests, for ``idle_timeout_s`` is closed.
-* Every response ends with one ``http.transfer`` log event and, when the MAC is
-  known (from the name, or the client IP's last DHCP exchange), a ``http``
-  entry in that machine's boot timeline (``sidusctl clients``).
+  ``http.idle_timeout_s``, ``http.header_timeout_s``, applied to new
+  connections on reload): ``max_per_client`` per client IP (over it: ``503``
+  + ``Retry-After``, closed before anything is parsed) and ``max_connections``
+  in all; when every slot is taken, a newcomer takes one back if it can
+  (:meth:`~.http_conns.Slots.victim`), so a slowloris only ever evicts
+  itself.  No first complete request within ``header_timeout_s``, idle
+  between requests or not reading for ``idle_timeout_s``: closed.
+* Every response ends with one ``http.transfer`` log event (rate limited, as
+  every line a client can cause: ``self.rlog``) and, when the MAC is known, a
+  ``http`` entry in that machine's boot timeline (``sidusctl clients``).
 
-Counters (``http.``): requests, connections, malformed, refused.<busy|per_client|
-stopping|method|encoding|name|not_found|access|range>, transfers.done/failed,
-bytes, ranges, timeouts.<idle|send>, read_errors, internal_errors.
+Counters (``http.``): requests, connections, malformed, refused.<busy|per_client|stopping|reset|
+method|encoding|name|not_found|access|range>, evicted.<idle|busy>, transfers.done/failed,
+bytes, ranges, timeouts.<header|idle|send>, read_errors, internal_errors.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import os
 from email.utils import formatdate
@@ -47,19 +48,20 @@ from aiohttp import web
 
 from ..boot import provider
 from ..errors import StartupError
-from ..observability import get_logger
+from ..observability import LogLimiter, get_logger
 from ..proto.http import RangeNotSatisfiable, parse_range, request_name
 from ..runtime_view import RuntimeView
 from .files import NotServable
-from .http_conns import Conn
 from .http_conns import Gate as _Gate  # (names as in start(), which binds the listener)
 from .http_conns import ParserLog as _ParserLog
 from .http_conns import Server as _Server
+from .http_conns import Slots
 from .io import ServiceIO, local_io
 
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_PER_CLIENT = 32
 DEFAULT_IDLE_TIMEOUT_S = 30.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0
 SEND_CHUNK = 1 << 20          # bytes per sendfile() call, each bounded by idle_timeout_s
 
 # provider.Refusal code -> (status (RFC 9110 section 15), counter http.refused.<reason>, body text)
@@ -90,31 +92,28 @@ class HttpService:
     """HTTP boot server on ``http.address:http.port``, serving ``tftp.root`` and rendered scripts."""
 
     def __init__(self, runtime: RuntimeView, io: ServiceIO | None = None, max_connections: int | None = None,
-                 max_per_client: int | None = None, idle_timeout_s: float | None = None):
+                 max_per_client: int | None = None, idle_timeout_s: float | None = None,
+                 header_timeout_s: float | None = None):
         self.runtime = runtime
         self.io = io if io is not None else local_io()     # how files are opened (await io.open_file)
         # None: the value of the live config (``http.max_connections`` ...), so a
         # reload changes the limits for what comes next; a number pins it (tests).
-        self._fixed = {"max_connections": max_connections, "max_per_client": max_per_client,
-                       "idle_timeout_s": idle_timeout_s}
+        self._fixed = dict(max_connections=max_connections, max_per_client=max_per_client,
+                           idle_timeout_s=idle_timeout_s, header_timeout_s=header_timeout_s)
         self.log = get_logger("http")
+        self.rlog = LogLimiter(self.log)      # every line a peer can cause goes through it
+        self.slots = Slots()                  # the admitted connections
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: _Server | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._bound: tuple[str, int] | None = None
-        self._conns: dict[Any, Conn] = {}
-        self._per_client: collections.Counter[str] = collections.Counter()
         self._watchdog: asyncio.Task | None = None
-        self._stopping = False
-        self._active = 0
-        self._refusing = 0
+        self._stopping, self._active, self._refusing = False, 0, 0
         self._idle = asyncio.Event()
 
     def _limit(self, name: str, default: float) -> Any:
         fixed = self._fixed[name]
-        if fixed is not None:
-            return fixed
-        return getattr(self.runtime.config.http, name, default)
+        return fixed if fixed is not None else getattr(self.runtime.config.http, name, default)
 
     @property
     def max_connections(self) -> int:
@@ -130,6 +129,11 @@ class HttpService:
     def idle_timeout_s(self) -> float:
         """Seconds without progress before a connection is cut (``http.idle_timeout_s``)."""
         return float(self._limit("idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S))
+
+    @property
+    def header_timeout_s(self) -> float:
+        """Seconds a new connection has to send its first complete request headers (``http.header_timeout_s``)."""
+        return float(self._limit("header_timeout_s", DEFAULT_HEADER_TIMEOUT_S))
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -163,7 +167,7 @@ class HttpService:
                 await asyncio.wait_for(self._idle.wait(), grace_s)
             except TimeoutError:
                 pass
-        for conn in list(self._conns.values()):
+        for conn in list(self.slots.conns.values()):
             conn.transport.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -184,7 +188,7 @@ class HttpService:
 
     def connections(self) -> int:
         """Open client connections."""
-        return len(self._conns)
+        return len(self.slots.conns)
 
     # -- connections -------------------------------------------------------------
     def _admit(self, transport: Any) -> Any:
@@ -193,52 +197,50 @@ class HttpService:
         reason = None
         if self._stopping:
             reason = "stopping"
-        elif len(self._conns) >= self.max_connections:
-            reason = "busy"
-        elif self._per_client[peer[0]] >= self.max_per_client:
+        elif self.slots.per_client[peer[0]] >= self.max_per_client:
             reason = "per_client"
+        elif len(self.slots.conns) >= self.max_connections and not self._evict(peer[0]):
+            reason = "busy"
         if reason:
             self.runtime.observer.count(f"http.refused.{reason}")
-            self.log.info("http.refused", peer=f"{peer[0]}:{peer[1]}", reason=reason)
+            self.rlog.info("http.refused", key=reason, peer=f"{peer[0]}:{peer[1]}", reason=reason)
             return None
         assert self._server is not None
         return self._server()
+
+    def _evict(self, ip: str) -> bool:
+        """Take a slot back for a newcomer from ``ip`` (:meth:`~.http_conns.Slots.take_back`)."""
+        conn = self.slots.take_back(ip)
+        if conn is not None:
+            why = "busy" if conn.busy else "idle"
+            self.runtime.observer.count(f"http.evicted.{why}")
+            self.rlog.info("http.evicted", key=why, peer=conn.ip, reason=why, requests=conn.requests, newcomer=ip)
+            conn.transport.abort()
+        return conn is not None
 
     def _opened(self, handler: Any, transport: Any) -> None:
         assert self._loop is not None
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.runtime.observer.count("http.connections")
-        self._conns[handler] = Conn(transport, peer[0], self._loop.time())
-        self._per_client[peer[0]] += 1
-
-    def _closed(self, handler: Any) -> None:
-        conn = self._conns.pop(handler, None)
-        if conn is None:
-            return
-        self._per_client[conn.ip] -= 1
-        if self._per_client[conn.ip] <= 0:
-            del self._per_client[conn.ip]
+        self.slots.add(handler, transport, peer[0], self._loop.time())
 
     async def _watch(self) -> None:
-        """Close connections that sent no complete request for ``idle_timeout_s``."""
+        """Close connections without a first request in ``header_timeout_s``, or idle for ``idle_timeout_s``."""
         assert self._loop is not None
         while True:
-            await asyncio.sleep(min(1.0, self.idle_timeout_s / 2))
-            now = self._loop.time()
-            for conn in list(self._conns.values()):
-                if not conn.busy and now - conn.idle_since > self.idle_timeout_s:
-                    conn.idle_since = now          # once per timeout, even if close is slow
-                    self.runtime.observer.count("http.timeouts.idle")
-                    self.log.info("http.timeout", peer=conn.ip, reason="idle")
-                    conn.transport.close()
+            await asyncio.sleep(min(1.0, self.idle_timeout_s / 2, self.header_timeout_s / 2))
+            for conn, why in self.slots.expired(self._loop.time(), self.header_timeout_s, self.idle_timeout_s):
+                self.runtime.observer.count(f"http.timeouts.{why}")
+                self.rlog.info("http.timeout", key=why, peer=conn.ip, reason=why)
+                conn.transport.close()
 
     # -- requests ----------------------------------------------------------------
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         assert self._loop is not None
         t0 = self._loop.time()
-        conn = self._conns.get(request.protocol)
+        conn = self.slots.conns.get(request.protocol)
         if conn is not None:
-            conn.busy += 1
+            conn.busy, conn.task = conn.busy + 1, asyncio.current_task()
         self._active += 1
         self.runtime.observer.count("http.requests")
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -253,13 +255,15 @@ class HttpService:
         except Exception:
             rec.outcome = "internal-error"
             self.runtime.observer.count("http.internal_errors")
-            self.log.exception("http.internal_error", peer=peer_ip, path=request.raw_path[:300])
+            self.rlog.exception("http.internal_error", peer=peer_ip, path=request.raw_path[:300])
             raise
         finally:
             self._active -= 1
             if conn is not None:
                 conn.busy -= 1
+                conn.requests += 1
                 conn.idle_since = self._loop.time()
+                rec.outcome = "evicted" if conn.evicted else rec.outcome
             self._summary(request, rec, peer, round(self._loop.time() - t0, 3))
             if not self._active:
                 self._idle.set()
@@ -270,8 +274,8 @@ class HttpService:
         obs.count("http.transfers.done" if ok else "http.transfers.failed")
         obs.count("http.bytes", rec.bytes)
         mac = rec.mac or (obs.mac_for_ip(peer[0]) if peer else None)
-        log = self.log.info if ok or rec.status in (304, 404) else self.log.warning
-        log("http.transfer", method=request.method, file=rec.file,
+        log = self.rlog.info if ok or rec.status in (304, 404) else self.rlog.warning
+        log("http.transfer", key=peer[0] if peer else None, method=request.method, file=rec.file,
             path=None if rec.file is not None else request.raw_path[:300],
             peer=f"{peer[0]}:{peer[1]}" if peer else None, mac=mac, status=rec.status,
             bytes=rec.bytes, size=rec.size, range=rec.range, duration_s=duration_s,
@@ -291,7 +295,7 @@ class HttpService:
         """The response for a refusal of the content decision (:data:`REFUSALS`)."""
         status, reason, text = REFUSALS[refusal.code]
         if refusal.code == provider.ACCESS:
-            self.log.info("http.access", file=rec.file, reason=refusal.reason)
+            self.rlog.info("http.access", file=rec.file, reason=refusal.reason)
         if reason is None:                  # our bug: counted and logged as an internal error already
             rec.status, rec.outcome = status, "internal-error"
             body = (text + "\n").encode()
@@ -313,7 +317,7 @@ class HttpService:
             decision = self.runtime.provide(name, local_ip, peer_ip)
         except Exception:
             self.runtime.observer.count("http.internal_errors")
-            self.log.exception("http.internal_error", peer=peer_ip, path=request.raw_path[:300])
+            self.rlog.exception("http.internal_error", peer=peer_ip, path=request.raw_path[:300])
             decision = provider.Refusal(provider.INTERNAL, "internal error")
         if isinstance(decision, provider.Refusal):
             rec.mac = decision.mac

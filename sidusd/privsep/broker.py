@@ -28,6 +28,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from ..errors import StartupError
+from ..observability import LogLimiter
 from ..runtime_view import RuntimeView
 from . import channel, ipc
 
@@ -40,6 +41,7 @@ class Broker:
         self.obs = runtime.observer
         self.refusals = refusals
         self.log = log
+        self.rlog = LogLimiter(log)           # lines per request of the (hostile) worker
         self._store: Any = None
         self._db: Any = None
         self._pool: Any = None
@@ -109,14 +111,14 @@ class Broker:
             reply, fd = await self.serve(req)
         except Exception as exc:  # a bug here must not stop the supervisor
             self.obs.count("privsep.internal_errors")
-            self.log.exception("privsep.internal_error", t=req.t, error=repr(exc))
+            self.rlog.exception("privsep.internal_error", t=req.t, error=repr(exc))
             reply = {"ok": False, "error": "internal error"}
         try:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
             w.rpc.sendmsg([json.dumps({"id": req.id, **reply}).encode()], anc)
         except OSError as exc:
             self.obs.count("privsep.rpc.errors")
-            self.log.warning("privsep.rpc_reply_failed", t=req.t, error=str(exc))
+            self.rlog.warning("privsep.rpc_reply_failed", t=req.t, error=str(exc))
         finally:
             if fd is not None:
                 os.close(fd)
@@ -158,7 +160,7 @@ class Broker:
         try:
             await self._store.append_many(leases, sync=b.get("sync", True))
         except OSError as exc:
-            self.log.error("privsep.lease_write_failed", mac=leases[0].mac, ip=str(leases[0].ip),
+            self.rlog.error("privsep.lease_write_failed", mac=leases[0].mac, ip=str(leases[0].ip),
                            leases=len(leases), error=str(exc))
             return {"ok": False, "error": f"lease journal: {exc.strerror or exc}"}
         for lease in leases:
@@ -166,5 +168,5 @@ class Broker:
         try:
             self._store.maybe_compact(db, time.time())
         except OSError as exc:
-            self.log.error("dhcp.lease_compact_failed", error=str(exc))
+            self.rlog.error("dhcp.lease_compact_failed", error=str(exc))
         return {"ok": True}

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import RemoteProtocolError
-from ..observability import RepeatBackoff
+from ..observability import LogLimiter
 from . import ipc
 
 BATCH = 64
@@ -29,17 +29,17 @@ REFUSAL_CODES = ("oversized", "empty", "bad_json", "unknown_type", "bad_field")
 
 
 class Refusals:
-    """Counts refused worker messages and logs them, rate limited (one :class:`RepeatBackoff`)."""
+    """Counts refused worker messages and logs them, rate limited (a :class:`LogLimiter`: one line
+    per ``interval_s``, the next one with ``suppressed=N``)."""
 
-    def __init__(self, obs: Any, log: Any, interval_s: float = REFUSED_LOG_INTERVAL_S):
-        self.obs, self.log = obs, log
-        self.limit = RepeatBackoff(interval_s, interval_s)
+    def __init__(self, obs: Any, log: Any, interval_s: float = REFUSED_LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.obs = obs
+        self.rlog = LogLimiter(log, burst=1, per_s=1.0 / interval_s, clock=clock)
 
-    def refuse(self, code: str, detail: str, now: float | None = None) -> None:
+    def refuse(self, code: str, detail: str) -> None:
         self.obs.count(f"privsep.refused.{code}")
-        if self.limit.failed("", time.monotonic() if now is None else now):
-            self.log.warning("privsep.message_refused", reason=code, detail=detail[:200],
-                             suppressed=self.limit.take_suppressed())
+        self.rlog.warning("privsep.message_refused", reason=code, detail=detail[:200])
 
 
 def refusal_code(exc: RemoteProtocolError) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 from .. import config as config_mod
 from ..errors import SidusError, StartupError
 from ..net.listeners import Listener, bind_listeners
-from ..observability import get_logger
+from ..observability import LogLimiter, get_logger
 from ..services import STOP_GRACE_S, serve_signals
 from . import channel, creds, ipc, lifecycle
 from .broker import Broker
@@ -89,6 +89,7 @@ class Supervisor:
         self.bound_config = runtime.config          # the listener keys of ``listeners``
         self.user = creds.lookup_user(runtime.config.security.worker_user)
         self.log = get_logger("privsep")
+        self.rlog = LogLimiter(self.log)      # lines per message of the (hostile) worker
         self.refusals = channel.Refusals(self.obs, self.log)
         self.broker = Broker(runtime, self.refusals, self.log)
         self.worker: WorkerProc | None = None
@@ -252,7 +253,7 @@ class Supervisor:
                 self._handle(w, msg)
             except Exception as exc:  # a bug here must not stop the supervisor
                 self.obs.count("privsep.internal_errors")
-                self.log.exception("privsep.internal_error", t=msg.t, error=repr(exc))
+                self.rlog.exception("privsep.internal_error", t=msg.t, error=repr(exc))
 
     def _handle(self, w: WorkerProc, msg: ipc.WorkerMessage) -> None:
         b = msg.body

@@ -14,6 +14,7 @@ from urllib.parse import unquote_to_bytes
 from ..errors import SidusError
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_REQUEST_LINE = re.compile(rb"^[!-~]+ [!-~]+ HTTP/\d\.\d\r?$")
 
 
 class RangeNotSatisfiable(SidusError):
@@ -77,3 +78,12 @@ def request_name(raw_path: str) -> str | None:
         return unquote_to_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def request_line_ok(line: bytes) -> bool:
+    """Whether ``line`` (without its LF) has the shape ``method SP target SP HTTP/x.y`` (RFC 9112 section 3).
+
+    False for an HTTP/0.9 request (``GET /x``, no version), which the HTTP
+    boot edge answers with 400 at once instead of waiting for headers.
+    """
+    return _REQUEST_LINE.match(line) is not None

@@ -254,21 +254,37 @@ def test_malformed_requests_do_not_stop_the_server(server):
 
 
 def test_connection_limits(tmp_path):
+    """Every slot taken: an idle one is taken back for the newcomer; only when all are busy, 503."""
     s = Server(tmp_path, max_connections=2, max_per_client=8, idle_timeout_s=30)
+    big = s.root / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(256 << 20)
     try:
         held = [socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S) for _ in range(2)]
         s.wait_counter("http.connections", 2)
-        resp = raw_request(s.port, b"GET /demo/initrd.img HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert status_of(resp) == 503 and b"retry-after: 1" in resp.lower(), resp
-        assert s.counters()["http.refused.busy"] == 1
+        code, _ = curl_status(s.url("/demo/initrd.img"))
+        assert code == 200
+        assert s.counters()["http.evicted.idle"] == 1 and "http.refused.busy" not in s.counters()
         for h in held:
             h.close()
         deadline = time.monotonic() + WAIT_S
         while s.on_loop(s.svc.connections):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        code, _ = curl_status(s.url("/demo/initrd.img"))
-        assert code == 200
+        readers = []
+        for _ in range(2):                      # two responses being sent, to clients that do not read
+            r = socket.socket()
+            r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            r.settimeout(WAIT_S)
+            r.connect(("127.0.0.1", s.port))
+            r.sendall(b"GET /big.img HTTP/1.1\r\nHost: x\r\n\r\n")
+            readers.append(r)
+        s.wait_counter("http.requests", 3)
+        resp = raw_request(s.port, b"GET /demo/initrd.img HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(resp) == 503 and b"retry-after: 1" in resp.lower(), resp
+        assert s.counters()["http.refused.busy"] == 1 and "http.evicted.busy" not in s.counters()
+        for r in readers:
+            r.close()
     finally:
         s.close()
 
@@ -296,7 +312,7 @@ def test_slow_clients_are_cut(tmp_path):
         with socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S) as half:
             half.sendall(b"GET /demo/vmlinuz HTTP/1.1\r\nHost:")
             assert half.recv(100) == b""
-        assert s.counters()["http.timeouts.idle"] >= 1
+        assert s.counters()["http.timeouts.header"] >= 1      # (no first request: the header timeout)
         # 2. a full request for a big file, and a client that never reads
         reader = socket.socket()
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -383,9 +399,15 @@ def test_refusal_flood_is_reset_not_lingered(tmp_path, monkeypatch):
     import sidusd.net.http_conns as http_conns
     monkeypatch.setattr(http_conns, "MAX_REFUSING", 1)
     s = Server(tmp_path, max_connections=1, idle_timeout_s=30)
+    with open(s.root / "big.img", "wb") as f:
+        f.truncate(256 << 20)
     try:
-        held = socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S)
-        s.wait_counter("http.connections", 1)
+        held = socket.socket()                                # busy: a response it does not read
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        held.settimeout(WAIT_S)
+        held.connect(("127.0.0.1", s.port))
+        held.sendall(b"GET /big.img HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.wait_counter("http.requests", 1)
         first = socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S)   # lingers with its 503
         assert first.recv(100).startswith(b"HTTP/1.1 503 ")
         second = socket.create_connection(("127.0.0.1", s.port), timeout=WAIT_S)

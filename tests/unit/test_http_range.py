@@ -1,4 +1,4 @@
-"""sidusd.proto.http: the Range header (RFC 9110 section 14.1.2) and request names."""
+"""sidusd.proto.http: the Range header (RFC 9110 section 14.1.2), request names and request lines."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidusd.proto.http import ByteRange, RangeNotSatisfiable, parse_range, request_name
+from sidusd.proto.http import ByteRange, RangeNotSatisfiable, parse_range, request_line_ok, request_name
 
 
 @pytest.mark.parametrize("value,size,want", [
@@ -66,3 +66,19 @@ def test_any_header_value_is_a_range_none_or_refusal(value):
 ])
 def test_request_name(raw, name):
     assert request_name(raw) == name
+
+
+@pytest.mark.parametrize("line,ok", [
+    (b"GET /boot/x.ipxe HTTP/1.1\r", True),
+    (b"GET /boot/x.ipxe HTTP/1.0", True),
+    (b"HEAD /a?b=c HTTP/1.1\r", True),
+    (b"GET /boot/x.ipxe\r", False),              # HTTP/0.9: no version
+    (b"GET /boot/x.ipxe", False),
+    (b"GET\r", False),
+    (b"GET  /x HTTP/1.1\r", False),
+    (b"GET /x HTTP/1.1 extra\r", False),
+    (b"\x00\x01\x02 junk", False),
+    (b"", False),
+])
+def test_request_line_shape(line, ok):
+    assert request_line_ok(line) is ok
