@@ -82,15 +82,21 @@ def assert_installed_copy(found: dict[str, str], prefix: str) -> None:
     assert int(found["hook_bytes"]) == (REPO / "sidusd/data" / HOOK).stat().st_size
 
 
-def test_the_wheel_works_in_a_venv_outside_the_checkout(tmp_path):
-    wheels = tmp_path / "wheel"
-    r = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)], tmp_path)
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    """A fresh venv (outside the checkout) with the wheel built from it, installed with pip."""
+    base = tmp_path_factory.mktemp("wheel")
+    wheels, venv = base / "wheel", base / "venv"
+    r = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)], base)
     assert r.returncode == 0, r.stderr
     (wheel,) = wheels.glob("sidusd-*.whl")
-    venv = tmp_path / "venv"
-    assert run([sys.executable, "-m", "venv", str(venv)], tmp_path).returncode == 0
-    r = run([str(venv / "bin/python"), "-m", "pip", "install", "-q", str(wheel)], tmp_path)
+    assert run([sys.executable, "-m", "venv", str(venv)], base).returncode == 0
+    r = run([str(venv / "bin/python"), "-m", "pip", "install", "-q", str(wheel)], base)
     assert r.returncode == 0, r.stderr
+    return venv
+
+
+def test_the_wheel_works_in_a_venv_outside_the_checkout(venv, tmp_path):
     found = where(str(venv / "bin/python"), tmp_path)
     assert_installed_copy(found, str(venv))
 
@@ -104,18 +110,12 @@ def test_the_wheel_works_in_a_venv_outside_the_checkout(tmp_path):
     assert r.returncode == 3 and f"{tmp_path}/root/run/sidus/control.sock" in r.stderr, r.stderr
 
 
-def test_sidus_image_build_finds_the_hook_in_the_installed_wheel(tmp_path):
+def test_sidus_image_build_finds_the_hook_in_the_installed_wheel(venv, tmp_path):
     """`sidus-image build` reads the overlay hook before its first stage: from a venv it used to
     stop at once (``.../site-packages/config/initramfs/hooks/sidus-overlay`` missing).  Here it
     goes on to debootstrap, which fails on a mirror that refuses connections."""
     require_root()
     require_tool("debootstrap")
-    wheels, venv = tmp_path / "wheel", tmp_path / "venv"
-    assert run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
-               tmp_path).returncode == 0
-    assert run([sys.executable, "-m", "venv", str(venv)], tmp_path).returncode == 0
-    r = run([str(venv / "bin/python"), "-m", "pip", "install", "-q", *map(str, wheels.glob("*.whl"))], tmp_path)
-    assert r.returncode == 0, r.stderr
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: hooktest\nsuite: bookworm\nmirror: http://127.0.0.1:9/debian\nsecurity_mirror: false\n"
                       "packages: [linux-image-amd64]\n")
