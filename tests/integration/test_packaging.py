@@ -157,6 +157,8 @@ def test_the_debian_package_installs_with_apt_and_runs(tmp_path):
         unit = Path("/lib/systemd/system/sidusd.service").read_text()
         execs = re.findall(r"(?m)^ExecStart(?:Pre)?=(\S+)", unit)
         assert execs == ["/usr/bin/sidusd", "/usr/bin/sidusd"]
+        docs = re.findall(r"file://(\S+)", re.search(r"(?m)^Documentation=(.*)$", unit).group(1))
+        assert docs and all(Path(d).is_file() for d in docs), docs
         assert not list(Path("/etc/systemd/system").rglob("sidusd.service")), "the package enabled the unit"
         assert Path("/var/lib/sidus/inventory.yaml").read_bytes() == (REPO / "sidusd/data/inventory.yaml").read_bytes()
         assert run(["getent", "passwd", "sidus"], tmp_path).returncode == 0
