@@ -123,3 +123,13 @@ def test_sidus_image_works_from_the_config_alone(env, tmp_path, capsys):
     assert image_main.main(["list"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"sidus-image: {cfg} ($SIDUS_CONFIG): invalid: dhcp.interfaces")
+
+
+def test_sidusd_reads_the_same_file(env, tmp_path, capsys):
+    from sidusd import __main__ as sidusd_main
+    bad = tmp_path / "env.yaml"
+    bad.write_text("tftp: {root: /t}\n")
+    env.setenv("SIDUS_CONFIG", str(bad))
+    assert sidusd_main.main(["--check"]) == 2
+    assert capsys.readouterr().err.startswith(f"sidusd: {bad}: dhcp.interfaces")
+    assert cliconfig.DEFAULT_CONFIG == Path(sidusd_main.DEFAULT_CONFIG)
