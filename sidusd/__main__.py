@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError
 
-DEFAULT_CONFIG = "/etc/sidus/sidus.yaml"
+DEFAULT_CONFIG = "/etc/sidus/sidus.yaml"      # = sidusd.cliconfig.DEFAULT_CONFIG (sidusctl and sidus-image read it too)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sidusd", description="sidus network-boot daemon")
-    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    p.add_argument("--config", "-c", default=None, help=f"config file (default $SIDUS_CONFIG, else {DEFAULT_CONFIG})")
     p.add_argument("--check", action="store_true", help="validate config + inventory, then exit")
     p.add_argument("--version", action="version", version=f"sidusd {__version__}")
     args = p.parse_args(argv)
-    path = Path(args.config)
+    from .cliconfig import config_source
+    path = config_source(args.config).path
     if args.check:
         from .runtime import load_snapshot
         try:

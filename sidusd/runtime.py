@@ -55,7 +55,7 @@ def read_inventory(path: Path) -> inv_mod.Inventory:
         text = path.read_bytes()            # decoded by parse_inventory: not UTF-8 is a refusal with the offset
     except FileNotFoundError:
         raise ConfigError("inventory_file", f"{path}: no such file "
-                          "(start from config/inventory.yaml)") from None
+                          "(start from /usr/share/sidus/inventory.yaml; in a checkout: sidusd/data/)") from None
     except OSError as exc:
         raise ConfigError("inventory_file", f"{path}: {exc.strerror}") from None
     return inv_mod.parse_inventory(text, str(path))

@@ -124,7 +124,7 @@ def _iso(t: float) -> str:
 
 def _booted_by_root(config_path: Path | None, now: float | None = None) -> dict[str, list]:
     """Resolved root directory -> live booted records (sidusd's booted file, ``booted:`` of
-    sidus.yaml; docs/images.md "Booted generations").  Empty without --config or records."""
+    sidus.yaml; docs/images.md "Booted generations").  Empty without a config or records."""
     if config_path is None:
         return {}
     import time
@@ -146,8 +146,9 @@ def _booted_by_root(config_path: Path | None, now: float | None = None) -> dict[
 def _gc(adm: Administrator, name: str, keep: int, config_path: Path | None) -> int:
     from sidusd.image.generations import booted_generations
     if config_path is None:
-        print("sidus-image gc: without --config, gc knows neither the inventory's pins nor the machines "
-              "that booted a generation: only the served one and the --keep newest are kept",
+        print("sidus-image gc: no config read (both directories given, without --config): gc knows neither "
+              "the inventory's pins nor the machines that booted a generation: only the served one and the "
+              "--keep newest are kept",
               file=sys.stderr)
     pinned = _pinned(config_path, name)
     by_root = _booted_by_root(config_path)

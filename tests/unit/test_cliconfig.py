@@ -123,3 +123,29 @@ def test_sidus_image_works_from_the_config_alone(env, tmp_path, capsys):
     assert image_main.main(["list"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"sidus-image: {cfg} ($SIDUS_CONFIG): invalid: dhcp.interfaces")
+
+
+def test_sidusd_reads_the_same_file(env, tmp_path, capsys):
+    from sidusd import __main__ as sidusd_main
+    bad = tmp_path / "env.yaml"
+    bad.write_text("tftp: {root: /t}\n")
+    env.setenv("SIDUS_CONFIG", str(bad))
+    assert sidusd_main.main(["--check"]) == 2
+    assert capsys.readouterr().err.startswith(f"sidusd: {bad}: dhcp.interfaces")
+    assert cliconfig.DEFAULT_CONFIG == Path(sidusd_main.DEFAULT_CONFIG)
+
+
+def test_sidus_image_reloads_through_the_configs_socket_only_while_it_exists(env, tmp_path, capsys):
+    """The config's control socket absent (sidusd not running): the switch is done and no reload is
+    tried (sidusd reads the images file when it starts).  A socket given by flag is used as given."""
+    images = tmp_path / "images"
+    cfg = write_config(tmp_path / "sidus.yaml", str(tmp_path / "tftp"), str(images / "images.yaml"),
+                       str(tmp_path / "no-daemon.sock"))
+    adm = Administrator(images, tmp_path / "tftp", out=io.StringIO())
+    for _ in range(2):
+        adm._new_generation("demo", None, "build", lambda part, log: {})
+    assert image_main.main(["--config", str(cfg), "rollback", "demo"]) == 0
+    assert capsys.readouterr().out.strip() == "demo: generation 1 served"
+    code = image_main.main(["--config", str(cfg), "--control-socket", str(tmp_path / "no-daemon.sock"),
+                            "rollback", "demo", "--to", "2"])
+    assert code == 1 and "sidusctl reload failed" in capsys.readouterr().err
