@@ -8,7 +8,8 @@ to families named after the Prometheus conventions (``sidus_`` prefix,
 ``_total`` counters, base units, labels for kinds and reasons) by the table
 :data:`COUNTERS` / :data:`PREFIXES`.  A counter name the table does not know
 is still exported, as ``sidus_events_total{name="..."}`` (bounded:
-``privsep.reports.MAX_COUNTER_NAMES``).
+``privsep.reports.MAX_COUNTER_NAMES``).  The known counters are exported from
+the start, at 0 until they count, so a rate() over them has no gaps.
 
 The histograms are observed once per boot stage and once per finished
 transfer, by :class:`BootMetrics`, an observer listener fed the timeline
@@ -107,7 +108,8 @@ class SidusCollector:
         """The counter families of ``counters`` (dotted names; pure, for tests)."""
         fams: dict[str, CounterMetricFamily] = {}
         other = CounterMetricFamily("sidus_events", "Other sidusd counters, by dotted name", labels=["name"])
-        for name, value in sorted(counters.items()):
+        # every known counter is exported from the start (0 until it counts), every family too
+        for name, value in sorted({**dict.fromkeys(COUNTERS, 0), **counters}.items()):
             spec = COUNTERS.get(name)
             if spec is not None:
                 fam_name, help_, label, lvalue = spec
@@ -123,6 +125,9 @@ class SidusCollector:
                 fam = fams[fam_name] = CounterMetricFamily("sidus_" + fam_name, help_,
                                                            labels=[label] if label else None)
             fam.add_metric([str(lvalue)] if label else [], value)
+        for fam_name, help_, label in PREFIXES.values():
+            if fam_name not in fams:
+                fams[fam_name] = CounterMetricFamily("sidus_" + fam_name, help_, labels=[label])
         return [*fams.values(), other]
 
     def collect(self) -> Iterator[Metric]:
