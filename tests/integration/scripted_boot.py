@@ -53,7 +53,7 @@ def discover(mac: str, xid: int) -> bytes:
 class BootLab:
     """The daemon in ``server``, the scripted machine in ``client``; files under ``tmp``."""
 
-    def __init__(self, tmp: Path, server: NetNs, client: NetNs, hosts: list[dict]):
+    def __init__(self, tmp: Path, server: NetNs, client: NetNs, hosts: list[dict], privsep: bool = True):
         self.tmp, self.server, self.client = tmp, server, client
         self.log_path = tmp / "sidusd.log"
         self.proc: subprocess.Popen | None = None
@@ -74,6 +74,7 @@ class BootLab:
                "http": {"enabled": True, "address": SERVER_IP, "port": HTTP_PORT},
                "metrics": {"enabled": True, "address": "127.0.0.1", "port": METRICS_PORT},
                "nfs": {"backend": "none", "server_address": SERVER_IP},
+               "security": {"privsep": privsep},
                "images": {"demo": {"root": str(tmp / "images" / "demo"), "kernel": "images/demo/vmlinuz",
                                    "initrd": "images/demo/initrd.img"}}}
         (tmp / "sidus.yaml").write_text(yaml.safe_dump(cfg))
@@ -182,7 +183,7 @@ class BootLab:
         self.sock.close()
 
 
-def boot_lab(tmp: Path, hosts: list[dict], prefix: str):
+def boot_lab(tmp: Path, hosts: list[dict], prefix: str, privsep: bool = True):
     """``with boot_lab(tmp, hosts, "sidus-t-x") as lab:`` the namespaces, removed at the end."""
     import contextlib
 
@@ -190,7 +191,7 @@ def boot_lab(tmp: Path, hosts: list[dict], prefix: str):
     def cm():
         with NetNs(prefix + "s") as s, NetNs(prefix + "c") as c:
             veth_link(s, c, SERVER_IP, CLIENT_IP)
-            lab = BootLab(tmp, s, c, hosts)
+            lab = BootLab(tmp, s, c, hosts, privsep)
             try:
                 yield lab
             finally:

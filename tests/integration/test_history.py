@@ -20,14 +20,15 @@ pytestmark = pytest.mark.netns
 MAC = "52:54:00:00:17:01"
 
 
-@pytest.fixture
-def lab(tmp_path):
+@pytest.fixture(params=[True, False], ids=["privsep", "one-process"])
+def lab(tmp_path, request):
     require_root()
     require_tool("ip")
     require_tool("curl")
     pytest.importorskip("scapy", reason="missing tool: scapy (pip, pyproject test extra)")
     pytest.importorskip("tftpy", reason="missing tool: tftpy (pip, pyproject test extra)")
-    with boot_lab(tmp_path, [{"mac": MAC, "hostname": "node17", "profile": "default"}], "sidus-t-hist") as lab:
+    with boot_lab(tmp_path, [{"mac": MAC, "hostname": "node17", "profile": "default"}], "sidus-t-hist",
+                  privsep=request.param) as lab:
         yield lab
 
 

@@ -205,3 +205,15 @@ def test_journal_compaction_keeps_it_bounded(tmp_path):
     recs, bad = replay(path.read_text().splitlines())
     assert bad == 0 and len(recs[0].timeline) == 64 and recs[0].timeline[-1]["file"] == "f99"
     asyncio.run(j.aclose())
+
+
+def test_the_endpoint_is_off_and_on_loopback_by_default_history_on():
+    from sidusd import config
+    cfg = config.parse("dhcp: {mode: 'off'}\ntftp: {root: /srv/tftp}\n", base_dir=None)
+    assert cfg.metrics.enabled is False and str(cfg.metrics.address) == "127.0.0.1"
+    assert cfg.history.enabled is True
+    from sidusd.history import history_path
+    assert history_path(cfg) == cfg.state_dir / "history.jsonl"
+    bad = "dhcp: {mode: 'off'}\ntftp: {root: /srv/tftp}\nmetrics: {port: 0}\n"
+    with __import__("pytest").raises(config.ConfigError, match="metrics.port"):
+        config.parse(bad, base_dir=None)
