@@ -9,7 +9,10 @@ histograms listen to the observer (:mod:`sidusd.metrics`), and, with
 
 The endpoint is small on purpose: GET/HEAD of ``/metrics`` only, requests
 bounded by aiohttp's limits (8 KiB lines, a 1 KiB body at most), a listen
-backlog of ``MAX_CONNECTIONS``; it reads the observer and writes nothing.  A port that cannot
+backlog of ``MAX_CONNECTIONS``; it reads the observer and writes nothing.
+With privilege separation a scrape first waits for the worker's report
+(``Supervisor.sync``, as ``sidusctl status`` does), so the counters and the
+transfers in flight are those of the moment of the scrape.  A port that cannot
 be bound is logged (``metrics.listen_failed``) and the daemon keeps booting
 machines: metrics are not worth a boot.
 """
@@ -94,6 +97,11 @@ class Monitoring:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.runtime.observer.count("metrics.scrapes")
+        sync = getattr(self.runtime, "sync_worker", None)
+        if sync is not None:
+            # privilege separation: the worker's counters and transfers in flight up to now
+            # (one round trip per scrape, bounded by SYNC_TIMEOUT_S; never per packet)
+            await sync()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -80,6 +80,8 @@ def test_prometheus_scrapes_a_boot(lab):
     try:
         wait_value(lab, 'up{job="sidus"}', lambda v: v == 1.0)        # the target is scraped
         lab.boot(MAC)
+        now = lab.metrics()            # a scrape waits for the worker's counters: exact at once
+        assert 'sidus_up_reports_total{result="accepted"} 2.0' in now, now
         wait_value(lab, 'sidus_tftp_transfers_total{result="done"}', lambda v: v >= 4)
         wait_value(lab, 'sidus_dhcp_replies_total{kind="offer"}', lambda v: v >= 1)
         wait_value(lab, "sidus_boots_total", lambda v: v == 1)
@@ -103,3 +105,34 @@ def test_prometheus_scrapes_a_boot(lab):
     from tests.unit.test_metrics_dashboard import dashboard_metric_names, exposed_names
     missing = dashboard_metric_names(DASHBOARD) - exposed_names(text)
     assert not missing, missing
+
+
+def test_a_transfer_in_flight_is_seen_at_the_scrape(lab):
+    """The worker serves the transfer; the supervisor's endpoint still sees it, at once (a scrape
+    waits for the worker's report), and sees it end."""
+    import socket
+
+    from netns import socket_in_netns
+    from scripted_boot import SERVER_IP
+
+    lab.start()
+    sock = socket_in_netns(lab.client.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        # an RRQ that is never ACKed: the transfer stays in flight, retransmitting
+        sock.sendto(b"\x00\x01images/demo/vmlinuz\x00octet\x00", (SERVER_IP, 69))
+        deadline = time.monotonic() + 3
+        text = ""
+        while 'sidus_transfers_in_flight{service="tftp"} 1.0' not in text:
+            assert time.monotonic() < deadline, text
+            text = lab.metrics()
+        sock.settimeout(5)
+        _, tid = sock.recvfrom(65536)                       # a DATA block from the transfer's port
+        sock.sendto(b"\x00\x05\x00\x00client gave up\x00", tid)   # ERROR: the client aborts
+        deadline = time.monotonic() + 20
+        while 'sidus_tftp_transfers_total{result="failed"} 1.0' not in text:
+            assert time.monotonic() < deadline, text
+            time.sleep(0.5)
+            text = lab.metrics()
+        assert 'sidus_transfers_in_flight{service="tftp"} 0.0' in text
+    finally:
+        sock.close()
