@@ -61,3 +61,15 @@ def test_no_url_no_report_and_failures_never_stop_the_boot(server):
     assert got == []
     assert subprocess.run(["sh", str(SCRIPT), "prereqs"], capture_output=True, text=True).stdout.strip() \
         == "sidus-overlay"
+
+
+def test_images_built_by_sidus_image_get_the_script():
+    from sidusd.image.build import initramfs_files
+    from sidusd.image.recipe import parse_recipe
+    from sidusd.image.stages import plan
+    files = initramfs_files()
+    assert files["scripts/init-bottom/sidus-up"] == SCRIPT.read_bytes()
+    st = plan(parse_recipe("name: k\npackages: [linux-image-amd64]\n"), mirror="http://deb.example/debian",
+              initramfs=files)
+    placed = {p: m for s in st if s.name == "initramfs" for p, _, m in s.files}
+    assert placed["etc/initramfs-tools/scripts/init-bottom/sidus-up"] == 0o755
