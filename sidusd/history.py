@@ -19,7 +19,11 @@ privilege separation, else the one process).  Crash-safe as the lease journal
 Lines: ``{"k": "c", "mac", "ip", "arch", "first_seen", "last_seen", "timeline": [...]}``
 (a whole record, written by a rewrite), ``{"k": "s", "mac", "ip", "arch", "t"}``
 (seen) and ``{"k": "e", "mac", "e": {entry}}`` (a timeline entry).
-Counters: ``history.lines_bad``, ``history.write_errors``, ``history.compactions``.
+Bounded in memory too: at most ``MAX_BUFFERED`` lines wait for a flush (more
+are dropped and counted); a machine's "seen" is written only when it is new or
+its address or firmware changed.
+Counters: ``history.lines_bad``, ``history.lines_torn``, ``history.lines_dropped``,
+``history.write_errors``, ``history.compactions``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ FLUSH_S = 1.0
 COMPACT_AFTER = 20_000
 FILE_MODE = 0o640
 MAX_LINE = 64 * 1024
+MAX_BUFFERED = 20_000        # lines waiting for the next flush (a flood beyond it is dropped, counted)
 
 
 def history_path(config: Any) -> Path | None:
@@ -102,8 +107,10 @@ def record_line(rec: ClientRecord) -> str:
 class HistoryJournal:
     """Loads the journal into an observer, then records what the observer hears (its listener)."""
 
-    def __init__(self, path: Path, observer: Observer, compact_after: int = COMPACT_AFTER):
+    def __init__(self, path: Path, observer: Observer, compact_after: int = COMPACT_AFTER,
+                 max_buffered: int = MAX_BUFFERED):
         self.path = Path(path)
+        self.max_buffered = max_buffered
         self.obs = observer
         self.compact_after = max(1, compact_after)
         self.log = get_logger("history")
@@ -146,7 +153,9 @@ class HistoryJournal:
         else:
             d = {"k": "e", "mac": mac, "e": data}
         line = json.dumps(d, separators=(",", ":"), default=str).encode() + b"\n"
-        if len(line) <= MAX_LINE:
+        if len(line) > MAX_LINE or len(self._buf) >= self.max_buffered:
+            self.obs.count("history.lines_dropped")
+        else:
             self._buf.append(line)
             if len(self._buf) == 1:
                 self._wake.set()

@@ -162,6 +162,7 @@ class Observer:
     def client_seen(self, mac: str, ip: str | None = None, arch: str | None = None) -> ClientRecord:
         """Note that ``mac`` spoke to us (from ``ip``, with firmware ``arch``)."""
         rec = self.client(mac)
+        before = (rec.ip, rec.arch) if rec.timeline or rec.ip or rec.arch else None
         if ip and ip != "0.0.0.0":
             if rec.ip and self._ip_to_mac.get(rec.ip) == mac:
                 del self._ip_to_mac[rec.ip]
@@ -169,7 +170,7 @@ class Observer:
             self._ip_to_mac[ip] = mac
         if arch:
             rec.arch = arch
-        if self.listeners:
+        if self.listeners and before != (rec.ip, rec.arch):     # new, or its address / firmware changed
             self._notify(mac, "seen", {"ip": rec.ip, "arch": rec.arch, "t": round(rec.last_seen, 3)})
         return rec
 

@@ -217,3 +217,17 @@ def test_the_endpoint_is_off_and_on_loopback_by_default_history_on():
     bad = "dhcp: {mode: 'off'}\ntftp: {root: /srv/tftp}\nmetrics: {port: 0}\n"
     with __import__("pytest").raises(config.ConfigError, match="metrics.port"):
         config.parse(bad, base_dir=None)
+
+
+def test_journal_writes_a_seen_only_on_change_and_bounds_its_buffer(tmp_path):
+    obs = Observer(clock=lambda: 1.0)
+    j = HistoryJournal(tmp_path / "h.jsonl", obs, max_buffered=10)
+    j.load()
+    for _ in range(5):
+        obs.client_seen(MAC, "10.0.0.5", "bios")          # every DHCP reply of a storm says the same
+    obs.client_seen(MAC, "10.0.0.7", "bios")
+    assert [json.loads(b)["ip"] for b in j._buf] == ["10.0.0.5", "10.0.0.7"]
+    for i in range(20):
+        obs.timeline(MAC, "tftp", file=f"f{i}")
+    assert len(j._buf) == 10 and obs.counters["history.lines_dropped"] == 12
+    asyncio.run(j.aclose())
