@@ -116,3 +116,21 @@ def current_boot(timeline: list[Mapping[str, Any]] | Any, files: tuple[str, str]
     for e in timeline:
         boot, _ = step(boot, e, files)
     return boot
+
+
+def summary(boot: Boot | None, now: float) -> dict[str, Any]:
+    """What a live view shows of a machine's boot (``sidusctl watch``, the web page: issue 17):
+    ``state`` (``never``: no boot seen, ``booting``, ``up``, ``stale``: no entry for ``BOOT_IDLE_S``
+    before reaching ``up``), the last ``stage`` reached (``dhcp`` before the first file), when the
+    boot ``started`` and ``stages``: seconds from the start to each stage reached."""
+    if boot is None:
+        return {"state": "never", "stage": None, "started": None, "stages": {}}
+    reached = [s for s in STAGES if s in boot.reached]
+    if "up" in boot.reached:
+        state = "up"
+    elif now - boot.last >= BOOT_IDLE_S:
+        state = "stale"
+    else:
+        state = "booting"
+    return {"state": state, "stage": reached[-1] if reached else "dhcp", "started": boot.start,
+            "stages": {s: boot.seconds(s) for s in reached}}

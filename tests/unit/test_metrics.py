@@ -231,3 +231,16 @@ def test_journal_writes_a_seen_only_on_change_and_bounds_its_buffer(tmp_path):
         obs.timeline(MAC, "tftp", file=f"f{i}")
     assert len(j._buf) == 10 and obs.counters["history.lines_dropped"] == 12
     asyncio.run(j.aclose())
+
+
+def test_summary_for_the_live_views():
+    from sidusd.boottrack import summary
+    assert summary(None, 5.0)["state"] == "never"
+    tl = [e(10, "dhcp.offer", file="pxelinux.0"), ok(12, "pxelinux.0"), ok(20, "images/demo/vmlinuz")]
+    s = summary(current_boot(tl, FILES), 30.0)
+    assert (s["state"], s["stage"], s["started"], s["stages"]) == ("booting", "kernel", 10, {"first_file": 2.0,
+                                                                                            "kernel": 10.0})
+    assert summary(current_boot(tl, FILES), 20 + BOOT_IDLE_S)["state"] == "stale"
+    s = summary(current_boot(tl + [e(50, "up", stage="multiuser")], FILES), 60.0)
+    assert (s["state"], s["stage"], s["stages"]["up"]) == ("up", "up", 40.0)
+    assert summary(current_boot(tl[:1], FILES), 11.0)["stage"] == "dhcp"
