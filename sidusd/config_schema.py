@@ -208,6 +208,25 @@ class BootedConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``metrics:`` the Prometheus endpoint (sidusd/metrics.py; docs/operations.md "Monitoring").
+
+    Off by default; when on, ``http://<address>:<port>/metrics`` (text
+    exposition format), bound to the loopback address unless configured."""
+    enabled: bool = False
+    address: IPv4Address = IPv4Address("127.0.0.1")
+    port: Port = 9743
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """``history:`` the boot history journal (sidusd/history.py): ``sidusctl clients`` survives a
+    restart.  ``file`` None: ``<state_dir>/history.jsonl``."""
+    enabled: bool = True
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, one immutable snapshot (swapped whole on reload)."""
     tftp: TftpConfig
@@ -224,6 +243,8 @@ class Config:
     images: Mapping[str, ImageConfig] = field(default_factory=lambda: types.MappingProxyType({}))
     images_file: Path | None = None
     booted: BootedConfig = field(default_factory=BootedConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     source: str = field(default="<string>", compare=False)
 
     def listener_key(self) -> tuple:
@@ -247,6 +268,9 @@ def listener_items(c: Config) -> list[tuple[str, object]]:
         ("http.port", c.http.port), ("control.socket_path", c.control.socket_path),
         ("log.format", c.log.format),
         ("security.privsep", c.security.privsep), ("security.worker_user", c.security.worker_user),
+        ("metrics.enabled", c.metrics.enabled), ("metrics.address", c.metrics.address),
+        ("metrics.port", c.metrics.port), ("history.enabled", c.history.enabled),
+        ("history.file", c.history.file),
     ]
 
 

@@ -208,6 +208,8 @@ _POSITIONAL = ("event", "t", "file", "bytes", "size", "duration_s")
 def render_event(e: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
     """One timeline line: ``12:03:04.123  tftp  pxelinux.0  412 B  0.01 s``."""
     parts = [fmt_time(e.get("t"), tz, millis=True), str(e.get("event", "?"))]
+    if e.get("event") == "up" and isinstance(e.get("after_s"), (int, float)):   # a machine's up-report
+        return "  ".join([parts[0], f"up after {e['after_s']} s", f"stage={_field(e.get('stage'))}"])
     size = e.get("bytes", e.get("size"))
     rest = {k: v for k, v in e.items() if k not in _POSITIONAL}
     if "file" in e and size is not None:

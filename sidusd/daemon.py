@@ -56,7 +56,7 @@ async def serve(runtime: Runtime) -> int:
     await runtime.apply_backends()
 
     listeners = [l for svc in services.values() for l in svc.listeners()]
-    await serve_signals(runtime, stop, log, listeners=listeners)
+    await serve_signals(runtime, stop, log, services=services, listeners=listeners)
     for svc in reversed(started):
         await stop_service(svc)
     await runtime.stop_watchers()

@@ -22,6 +22,7 @@ import collections
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +229,9 @@ class Observer:
         self.clients: collections.OrderedDict[str, ClientRecord] = collections.OrderedDict()
         # ip -> mac of the last DHCP exchange seen for that ip (bounded with clients)
         self._ip_to_mac: dict[str, str] = {}
+        # called after each client change: (mac, "seen", {ip, arch, t}) or (mac, "tl", entry);
+        # the history journal and the boot metrics listen here (none in the worker)
+        self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
         self.log = get_logger("sidusd")
 
     # -- counters --------------------------------------------------------
@@ -255,6 +259,7 @@ class Observer:
     def client_seen(self, mac: str, ip: str | None = None, arch: str | None = None) -> ClientRecord:
         """Note that ``mac`` spoke to us (from ``ip``, with firmware ``arch``)."""
         rec = self.client(mac)
+        before = (rec.ip, rec.arch) if rec.timeline or rec.ip or rec.arch else None
         if ip and ip != "0.0.0.0":
             if rec.ip and self._ip_to_mac.get(rec.ip) == mac:
                 del self._ip_to_mac[rec.ip]
@@ -263,6 +268,8 @@ class Observer:
             rec.claims.note(ip, rec.last_seen)
         if arch:
             rec.arch = arch
+        if self.listeners and before != (rec.ip, rec.arch):     # new, or its address / firmware changed
+            self._notify(mac, "seen", {"ip": rec.ip, "arch": rec.arch, "t": round(rec.last_seen, 3)})
         return rec
 
     def claimed_from(self, mac: str) -> tuple[str, ...]:
@@ -278,8 +285,47 @@ class Observer:
         """Append ``event`` to the boot timeline of ``mac`` (ignored if None)."""
         if not mac:
             return
+        self.record(mac, round(self._clock(), 3), event, fields)
+
+    def record(self, mac: str, t: float, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Append the entry ``{"t", "event", **fields}`` (time given) to ``mac``'s timeline."""
         rec = self.client(mac)
-        rec.timeline.append({"t": round(self._clock(), 3), "event": event, **fields})
+        entry = {"t": t, "event": event, **fields}
+        rec.timeline.append(entry)
+        if self.listeners:
+            self._notify(mac, "tl", entry)
+        return entry
+
+    def _notify(self, mac: str, kind: str, data: dict[str, Any]) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(mac, kind, data)
+            except Exception as exc:  # a listener's bug must not stop the packet path
+                self.counters["observer.listener_errors"] += 1
+                self.log.error("observer.listener_failed", error=repr(exc))
+
+    def restore(self, records: list[ClientRecord]) -> None:
+        """Put ``records`` (oldest first, e.g. read back from the history journal) behind the
+        machines seen since the start; a machine in both keeps the older entries first."""
+        merged: collections.OrderedDict[str, ClientRecord] = collections.OrderedDict()
+        for r in records:
+            merged[r.mac] = r
+            merged.move_to_end(r.mac)
+        for mac, rec in self.clients.items():
+            old = merged.pop(mac, None)
+            if old is not None:
+                entries = list(old.timeline) + list(rec.timeline)
+                rec.timeline = collections.deque(entries, maxlen=MAX_TIMELINE)
+                rec.first_seen = min(rec.first_seen, old.first_seen)
+                rec.ip, rec.arch = rec.ip or old.ip, rec.arch or old.arch
+            merged[mac] = rec
+        while len(merged) > self._max_clients:
+            merged.popitem(last=False)
+        self.clients = merged
+        self._ip_to_mac = {}
+        for mac, rec in merged.items():
+            if rec.ip:
+                self._ip_to_mac[rec.ip] = mac
 
     def snapshot(self) -> dict[str, Any]:
         """Counters as a plain dict (for `sidusctl status`)."""

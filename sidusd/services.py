@@ -64,10 +64,16 @@ async def stop_service(svc: Any, grace_s: float = STOP_GRACE_S) -> None:
         get_logger("daemon").error("stop.failed", service=type(svc).__name__, error=str(exc))
 
 
-async def serve_signals(runtime: Any, stop: asyncio.Event, log: Any, **ready: Any) -> None:
+async def serve_signals(runtime: Any, stop: asyncio.Event, log: Any, services: dict[str, Any] | None = None,
+                        **ready: Any) -> None:
     """Serve until SIGTERM/SIGINT: SIGHUP reloads (sd_notify around it), ``daemon.ready``
-    (with ``ready``) and READY=1 first, STOPPING=1 last; the handlers are removed on return."""
+    (with ``ready``) and READY=1 first, STOPPING=1 last; the handlers are removed on return.
+    The monitoring (boot history, metrics endpoint: :mod:`sidusd.monitoring`) runs meanwhile,
+    reading ``services`` for the transfers in flight."""
+    from .monitoring import Monitoring
     loop = asyncio.get_running_loop()
+    monitoring = Monitoring(runtime, services or {})
+    await monitoring.start()
     reloads: set[asyncio.Task] = set()
 
     async def do_reload() -> None:
@@ -90,3 +96,4 @@ async def serve_signals(runtime: Any, stop: asyncio.Event, log: Any, **ready: An
     log.info("daemon.stopping")
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
+    await monitoring.stop()

@@ -88,8 +88,9 @@ def security_mirror(recipe: Recipe, etc_apt: Path = Path("/etc/apt")) -> str | N
 
 
 def initramfs_files(src: Path = INITRAMFS_SRC) -> dict[str, bytes]:
-    """The overlay hook, init-bottom script and module list (sidusd/data/initramfs/)."""
-    rels = ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay")
+    """The overlay hook, init-bottom scripts (overlay; sidus-up: the root up-report) and module list
+    (sidusd/data/initramfs/)."""
+    rels = ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay", "scripts/init-bottom/sidus-up")
     out = {rel: (src / rel).read_bytes() for rel in rels}
     out["modules"] = b"# sidus (sidusd/data/initramfs/modules)\n" + (src / "modules").read_bytes()
     return out

@@ -144,7 +144,7 @@ class Lab:
     vms: list[Vm] = field(default_factory=list)
     image: Any = None
     log_level: str = "info"                 # sidusd's log.level (debug shows every dropped packet)
-    http: bool = False                      # sidusd's HTTP boot server on SERVER_IP:HTTP_PORT
+    http: bool = True                       # sidusd's HTTP boot server on SERVER_IP:HTTP_PORT (and /up)
     ipxe_chain: bool = False                # boot.ipxe_chain: iPXE clients get the HTTP script URL
 
     # -- paths -------------------------------------------------------------
@@ -236,7 +236,8 @@ class Lab:
                     "client_networks": [str(NETWORK)],
                     "ganesha_config": str(exports_file), "ganesha_pid_file": str(pid_file)},
             "images": {"demo": {"root": str(self.image.root), "kernel": "demo/vmlinuz",
-                                "initrd": "demo/initrd.img", "append": "console=ttyS0"}},
+                                "initrd": "demo/initrd.img", "append": "console=ttyS0" + (
+                                    f" sidus.up=http://{SERVER_IP}:{HTTP_PORT}/up" if self.http else "")}},
         }
 
     def write_config(self, exports_file: Path, pid_file: Path) -> None:

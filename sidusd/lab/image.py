@@ -4,11 +4,14 @@
 
 * ``root/``          a busybox root filesystem, exported read-only over NFS.  Its
                      ``/sbin/init`` prints ``SIDUS-BOOT:`` markers on the console
-                     (documented in docs/boot-chain.md) and acts on ``sidus.demo=``.
+                     (documented in docs/boot-chain.md), acts on ``sidus.demo=``,
+                     and with ``sidus.up=<URL>`` sends the up-report
+                     ``POST <URL>?stage=multiuser`` (``SIDUS-BOOT: up-report: ...``).
 * ``boot/vmlinuz-<kver>``   a copy of the host's ``linux-image-amd64`` kernel.
 * ``boot/initrd.img-<kver>`` ``mkinitramfs`` with BOOT=nfs, MODULES=netboot (which
                      has virtio_pci + virtio_net + nfs) and the sidus-overlay hook,
-                     init-bottom script and module list from sidusd/data/initramfs/.
+                     init-bottom scripts (sidus-overlay, sidus-up: the root up-report)
+                     and module list from sidusd/data/initramfs/.
 
 It is idempotent: each part has a stamp (a hash of everything it is made
 from) and is rebuilt only when missing or outdated.  The full Debian image
@@ -69,6 +72,18 @@ for a in $(cat /proc/cmdline); do
   esac
 done
 say "hostname: $(hostname)"
+# the up-report (sidusd/net/http_up.py): this image is as "up" as it gets, tell sidusd
+up=""
+for a in $(cat /proc/cmdline); do
+  case "$a" in sidus.up=http://*) up="${a#sidus.up=}" ;; esac
+done
+if [ -n "$up" ]; then
+  if answer=$(timeout 5 wget -q -O - --post-data "" "$up?stage=multiuser" 2>&1); then
+    say "up-report: $answer"
+  else
+    say "up-report failed: $answer"
+  fi
+fi
 case "$demo" in
 reboot-after-write)
   if echo "written by $(hostname) at boot" > /var/sidus-reboot-probe; then
@@ -196,7 +211,7 @@ def make_conf_dir(conf: Path, src: Path = INITRAMFS_SRC, modules: str = "netboot
     (conf / "initramfs.conf").write_text(text)
     with open(conf / "modules", "a") as f:
         f.write("\n# sidus (sidusd/data/initramfs/modules)\n" + (src / "modules").read_text())
-    for rel in ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay"):
+    for rel in ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay", "scripts/init-bottom/sidus-up"):
         (conf / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / rel, conf / rel)     # a copy, not a link: the conf dir stands alone
         os.chmod(conf / rel, 0o755)

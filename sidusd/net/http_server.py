@@ -56,6 +56,7 @@ from .http_conns import Gate as _Gate  # (names as in start(), which binds the l
 from .http_conns import ParserLog as _ParserLog
 from .http_conns import Server as _Server
 from .http_conns import Slots
+from .http_up import UP_PATH, UpReports
 from .io import ServiceIO, local_io
 
 DEFAULT_MAX_CONNECTIONS = 256
@@ -110,6 +111,7 @@ class HttpService:
         self._watchdog: asyncio.Task | None = None
         self._stopping, self._active, self._refusing = False, 0, 0
         self._idle = asyncio.Event()
+        self.up_reports = UpReports(runtime, self.log)        # /up: machines that report (http_up.py)
 
     def _limit(self, name: str, default: float) -> Any:
         fixed = self._fixed[name]
@@ -237,6 +239,8 @@ class HttpService:
     # -- requests ----------------------------------------------------------------
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         assert self._loop is not None
+        if request.path == UP_PATH:
+            return await self.up_reports.answer(request, request.remote or "?")
         t0 = self._loop.time()
         conn = self.slots.conns.get(request.protocol)
         if conn is not None:

@@ -2,7 +2,8 @@
 
 Counter deltas are added to the supervisor's observer (at most
 ``MAX_COUNTER_NAMES`` distinct names: memory bound), clients seen and timeline
-entries go to its client history, and a served boot config becomes a booted
+entries go to its client history (``Observer.record``: the history journal and
+the boot metrics listen there), and a served boot config becomes a booted
 record (the supervisor writes the file: docs/images.md).
 """
 
@@ -38,8 +39,8 @@ def apply_events(runtime: Any, refusals: Any, b: dict[str, Any]) -> None:
         if e[0] == "seen":
             obs.client_seen(e[1], e[2], e[3])
         elif e[0] == "tl":
-            rec = obs.client(e[1])
-            rec.timeline.append({"t": round(e[2], 3), "event": e[3], **e[4]})
+            # through the observer, so its listeners (history journal, boot metrics) hear it
+            obs.record(e[1], round(e[2], 3), e[3], dict(e[4]))
         elif e[0] == "booted":
             img = cfg.images.get(e[2])
             if img is None:

@@ -353,7 +353,7 @@ async def serve(runtime: Any) -> int:
     monitor = loop.create_task(sup.monitor())
 
     ready = [l for ls in sup.worker_listeners.values() for l in ls]
-    await serve_signals(runtime, stop, log, listeners=ready,
+    await serve_signals(runtime, stop, log, services=sup.services, listeners=ready,
                         worker_pid=sup.worker.proc.pid if sup.worker else None, worker_user=sup.user.name)
     await sup.stop(STOP_GRACE_S)
     monitor.cancel()

@@ -12,6 +12,7 @@ import ipaddress
 
 import pytest
 
+from sidusd.ctl import render_event
 from sidusd.lab.demo import HostSpec, boot_markers, server_probe_file, tree_fingerprint
 from sidusd.lab.topology import SERVER_IP
 from sidusd.lab.vm import mac_for
@@ -74,6 +75,12 @@ def test_bios_proxy_boot_nfs_root_overlay(make_lab, demo_image):
     seen = [(e["event"], e.get("file")) for e in mine[0]["timeline"]]
     assert ("dhcp.offer", "pxelinux.0") in seen, seen
     assert ("tftp", "pxelinux.cfg/01-" + mac.replace(":", "-")) in seen, seen
+    # the machine reported itself (initramfs: root, the image: multi-user): its timeline ends "up after N s"
+    tl_events = mine[0]["timeline"]
+    assert [e.get("stage") for e in tl_events if e["event"] == "up"] == ["root", "multiuser"], tl_events
+    assert render_event(tl_events[-1]).split("  ")[1].startswith("up after "), tl_events[-1]
+    assert 0 < tl_events[-1]["after_s"] < BOOT_TIMEOUT_S, tl_events[-1]
+    assert any(m.startswith("up-report: up after") for m in markers), markers
 
 
 def test_two_hosts_each_get_their_own_config(make_lab, demo_image):
