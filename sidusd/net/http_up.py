@@ -35,7 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from ..boottrack import REPORT_STAGES, current_boot
-from ..observability import RepeatBackoff
+from ..observability import LogLimiter, RepeatBackoff
 
 UP_PATH = "/up"
 RATE_PER_S = 20.0
@@ -67,6 +67,7 @@ class UpReports:
     def __init__(self, runtime: Any, log: Any, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic):
         self.runtime, self.log = runtime, log
+        self.rlog = LogLimiter(log)          # one line per accepted report, keyed by peer: bounded
         self._clock, self._mono = clock, monotonic
         self._tokens, self._at = BURST, monotonic()
         self._backoff = RepeatBackoff(LOG_EVERY_S, LOG_EVERY_S)
@@ -118,5 +119,5 @@ class UpReports:
         after_s = round(max(0.0, now - boot.start), 1)
         obs.count("http.up.accepted")
         obs.timeline(mac, "up", stage=stage, after_s=after_s)
-        self.log.info("http.up", mac=mac, peer=peer_ip, stage=stage, after_s=after_s)
+        self.rlog.info("http.up", key=peer_ip, mac=mac, peer=peer_ip, stage=stage, after_s=after_s)
         return web.Response(status=200, text=f"up after {after_s} s ({stage})\n")
