@@ -184,6 +184,10 @@ def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
         brows = [{"backend": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in backends.items()]
         keys = _keys(brows, ["backend", "ok"])
         out += [""] + table([k.upper() for k in keys], [[d.get(k) for k in keys] for d in brows])
+    problems = r.get("preflight") or []
+    if problems:
+        out += ["", f"PROBLEMS ({len(problems)}): what a boot needs and does not find (sidusd --check)"]
+        out += [f"  {p.get('key')}: {p.get('path')}: {p.get('reason')}; fix: {p.get('fix')}" for p in problems]
     counters = r.get("counters") or {}
     out += [""] + (table(["COUNTER", "VALUE"], sorted(counters.items())) if counters else ["no counters yet"])
     return "\n".join(out)

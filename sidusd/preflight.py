@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,7 @@ def _boot_files(config: Any) -> list[tuple[str, str, str]]:
     (boot.policy.boot_file_for): with ``boot.ipxe_chain`` BIOS and x64 UEFI get the iPXE binaries."""
     files = config.boot.boot_files
     chain = config.boot.ipxe_chain
-    out = []
+    out: list[tuple[str, str, str]] = []
     for family in ("bios", "uefi_x64", "uefi_ia32", "arm64"):
         if getattr(files, family) is None:
             continue
@@ -227,7 +228,18 @@ def broken_images(found: list[Problem]) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------- the edge (I/O)
 
-def gather(wanted: Iterable[Need], sys_class_net: Path = Path("/sys/class/net")) -> frozenset[tuple[str, str]]:
+def interface_exists(name: str) -> bool:
+    """Whether this network namespace has interface ``name`` (``if_nametoindex``: the namespace of
+    the process, where ``/sys/class/net`` shows the one sysfs was mounted in)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def gather(wanted: Iterable[Need],
+           has_interface: Callable[[str], bool] = interface_exists) -> frozenset[tuple[str, str]]:
     """The ``(kind, path)`` of the needs that exist on this machine."""
     out = set()
     for n in wanted:
@@ -236,7 +248,7 @@ def gather(wanted: Iterable[Need], sys_class_net: Path = Path("/sys/class/net"))
         elif n.kind == FILE:
             ok = os.path.isfile(n.path) and not os.path.islink(n.path)
         else:
-            ok = (sys_class_net / n.path).exists()
+            ok = has_interface(n.path)
         if ok:
             out.add((n.kind, n.path))
     return frozenset(out)

@@ -223,6 +223,7 @@ class ControlServer:
             "transfers_by_service": per_service, "counters": self.runtime.observer.snapshot(),
             "backend_status": st.get("backend_status", {}),
             "privsep": st.get("privsep", False), "processes": st.get("processes", []),
+            "preflight": st.get("preflight", []), "broken_images": st.get("broken_images", {}),
         }
 
     async def _clients(self, mac: str | None = None) -> list[dict[str, Any]]:

@@ -118,15 +118,13 @@ def test_gather_looks_at_the_file_system(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "f").write_text("x")
     (tmp_path / "l").symlink_to(tmp_path / "f")
-    net = tmp_path / "net"
-    (net / "eth9").mkdir(parents=True)
     wanted = [pf.Need("k", pf.DIR, str(tmp_path / "d"), pf.IMAGE, ""),
               pf.Need("k", pf.FILE, str(tmp_path / "f"), pf.BOOT, ""),
               pf.Need("k", pf.FILE, str(tmp_path / "l"), pf.BOOT, ""),     # a symlink is not served
               pf.Need("k", pf.FILE, str(tmp_path / "d"), pf.BOOT, ""),     # a directory is no file
               pf.Need("k", pf.IFACE, "eth9", pf.INTERFACE, ""),
               pf.Need("k", pf.IFACE, "eth8", pf.INTERFACE, "")]
-    assert pf.gather(wanted, net) == {("dir", str(tmp_path / "d")), ("file", str(tmp_path / "f")),
+    assert pf.gather(wanted, {"eth9"}.__contains__) == {("dir", str(tmp_path / "d")), ("file", str(tmp_path / "f")),
                                       ("interface", "eth9")}
 
 
@@ -148,3 +146,7 @@ def test_populate_plan_lists_sources():
         ("/srv/tftp/ldlinux.c32", "/usr/lib/syslinux/modules/bios/ldlinux.c32"),
         ("/srv/tftp/syslinux.efi", "/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi"),
         ("/srv/tftp/ldlinux.e64", "/usr/lib/syslinux/modules/efi64/ldlinux.e64")]
+
+
+def test_interface_exists_in_this_namespace():
+    assert pf.interface_exists("lo") and not pf.interface_exists("sidus-nosuch")
