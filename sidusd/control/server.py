@@ -26,6 +26,7 @@ from .. import __version__
 from ..errors import ControlError, RemoteProtocolError, SidusError
 from ..observability import get_logger
 from . import messages as m
+from .ops import InventoryOps, unanswered
 from .unixsocket import bind_safely, peer_uid
 
 MAX_CONNECTIONS = 16
@@ -52,6 +53,7 @@ class ControlServer:
         self._ino: tuple[int, int] | None = None
         self._conns: set[asyncio.Task] = set()
         self.log = get_logger("control", socket=str(self.path))
+        self.ops = InventoryOps(runtime, self.log, self._sync_worker)
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -189,8 +191,15 @@ class ControlServer:
             m.OP_RELOAD: self._reload,
             m.OP_HOSTS_DISK: self._hosts_disk,
             m.OP_HOSTS_RESET_DISK: self._hosts_reset_disk,
+            m.OP_HOSTS_SHOW: self.ops.show,
+            m.OP_HOSTS_SET: self.ops.set,
+            m.OP_HOSTS_ADOPT: self.ops.adopt,
+            m.OP_IMAGES_STATUS: self.ops.image_status,
         }
-        return await handlers[req.op](**req.args)
+        args = dict(req.args)
+        if "mac" in args:
+            args["mac"] = _normalize(args["mac"])
+        return await handlers[req.op](**args)
 
     async def _sync_worker(self) -> None:
         """With privilege separation: wait for the worker's counters and clients first."""
@@ -235,7 +244,7 @@ class ControlServer:
             records = [r for r in records if r.mac == want]
             if not records:
                 raise ControlError(f"no machine with MAC {want} seen recently")
-        return [r.as_dict() for r in records]
+        return [{**r.as_dict(), "unanswered": unanswered(list(r.timeline))} for r in records]
 
     async def _hosts_list(self) -> list[dict[str, Any]]:
         hosts = self.runtime.inventory.hosts
