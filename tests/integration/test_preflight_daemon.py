@@ -7,12 +7,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import poll_until, require_root, require_tool
 from daemon_fixture import REPO, SidusDaemon, base_config, free_udp_port
 from netns import NetNs
 
+from sidusd.image import publish
 from sidusd.lab.ganesha import GaneshaServer
 
 SERVER_IP = "10.13.21.1"
@@ -137,6 +139,12 @@ def test_bad_image_reload_refused_others_stay_exported(tmp_path):
                 assert "PROBLEMS (1)" in text and f"images.beta.root: {beta}: no such directory" in text
                 assert any(e.get("event") == "preflight.problem" and e.get("level") == "error"
                            and e.get("path") == beta for e in d.events())
+                # what sidus-image is told before it says "served"
+                assert publish.confirm_served(d.socket_path, "gamma", Path(gamma)).text == \
+                    "served (exported, boot config rendered)"
+                said = publish.confirm_served(d.socket_path, "beta", Path(beta))
+                assert said.refused and "no such directory" in said.text, said
+                assert f"{beta} is not exported by the NFS backend (ganesha" in said.text, said
         finally:
             log = server.log_tail()
             server.stop()
