@@ -51,6 +51,7 @@ OP_HOSTS_ADOPT = "hosts.adopt"
 OP_IMAGES_STATUS = "images.status"
 
 MAX_ARG_CHARS = 4096    # any single string argument
+LIST_ARGS = frozenset({"unset"})     # the arguments that are lists of strings
 Text = Annotated[str, Meta(max_length=MAX_ARG_CHARS)]
 
 
@@ -197,7 +198,7 @@ def parse_args(op: str, args: Any) -> Args:
             raise RemoteProtocolError(f"{op}: {text[:200]}") from None
         if f.type in (bool, bool | None):
             raise RemoteProtocolError(f"{op}: argument {name!r} must be true or false") from None
-        if isinstance(args[name], list):
+        if name in LIST_ARGS:
             raise RemoteProtocolError(f"{op}: argument {name!r} must be a short list of short strings") from None
         if isinstance(args[name], str):
             raise RemoteProtocolError(f"{op}: argument {name!r} is too long (limit {MAX_ARG_CHARS})") from None
