@@ -150,3 +150,14 @@ def test_populate_plan_lists_sources():
 
 def test_interface_exists_in_this_namespace():
     assert pf.interface_exists("lo") and not pf.interface_exists("sidus-nosuch")
+
+
+def test_config_refuses_ipxe_chain_without_http():
+    """Before: accepted, and every chained iPXE then got no answer (policy: no_boot_file)."""
+    import pytest
+
+    from sidusd.errors import ConfigError
+    with pytest.raises(ConfigError) as ei:
+        conf(boot="boot: {ipxe_chain: true}")
+    assert ei.value.path == "boot.ipxe_chain" and "needs http.enabled: true" in ei.value.reason
+    assert conf(boot="boot: {ipxe_chain: true}", extra="http: {enabled: true}").boot.ipxe_chain
