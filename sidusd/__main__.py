@@ -1,5 +1,9 @@
 """`sidusd --config FILE` runs the daemon in the foreground; `--check` validates and exits.
 
+``--check`` also verifies what a boot needs (:mod:`sidusd.preflight`): the TFTP
+root, the boot files and their companions, each image's root, kernel and
+initrd, the NFS backend; a missing ``dhcp.interfaces`` entry is a warning.
+
 Exit codes: 0 ok, 1 runtime failure (a port could not be bound...), 2 bad config.
 """
 
@@ -38,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
             except StartupError as exc:
                 print(f"sidusd: {path}: {exc}", file=sys.stderr)
                 return 2
+        from .preflight import at_check, inspect
+        errors, warnings = at_check(inspect(cfg, nfs=True))
+        for w in warnings:
+            print(f"sidusd: {path}: warning: {w}", file=sys.stderr)
+        for e in errors:
+            print(f"sidusd: {path}: {e}", file=sys.stderr)
+        if errors:
+            print(f"sidusd: {path}: {len(errors)} problem(s) would leave machines unbootable", file=sys.stderr)
+            return 2
         print(f"{path}: OK (dhcp {cfg.dhcp.mode}, tftp {'on' if cfg.tftp.enabled else 'off'}, "
               f"{len(cfg.images)} image(s), {len(snap.inventory.profiles)} profile(s), "
               f"{len(snap.inventory.hosts)} host(s))")

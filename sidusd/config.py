@@ -177,6 +177,9 @@ def _complete(c: Config, raw: dict[str, Any], images: dict[str, ImageConfig], so
     if not 1 <= per_client <= h.max_connections:
         raise ConfigError("http.max_per_client", "out of range: must be between 1 and "
                           f"{h.max_connections}, got {per_client}")
+    if c.boot.ipxe_chain and not c.http.enabled:
+        raise ConfigError("boot.ipxe_chain", "needs http.enabled: true (a chained iPXE is given its script as "
+                          "http://<server>:<http.port>/boot/<mac>.ipxe); enable http or set ipxe_chain: false")
     if c.nfs.backend != "none" and not c.nfs.client_networks:
         raise ConfigError("nfs.client_networks", f"required when backend is {c.nfs.backend}: "
                           "list the networks allowed to mount the images")

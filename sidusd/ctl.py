@@ -7,6 +7,7 @@
     sidusctl hosts remove MAC [--delete-disk]
     sidusctl hosts disk MAC [--show-secret]
     sidusctl hosts reset-disk MAC
+    sidusctl hosts show MAC | set MAC [--FIELD V] [--unset F] | adopt MAC;  sidusctl tftp-root populate [DIR]
     sidusctl reload
 
 It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``, else the
@@ -29,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from sidusd import ctl_inventory, tftproot
 from sidusd.cliconfig import CONFIG_ENV, DEFAULT_CONFIG, ToolConfigError, control_socket
 from sidusd.control import messages as m
 from sidusd.errors import RemoteProtocolError, SidusError
@@ -184,6 +186,7 @@ def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
         brows = [{"backend": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in backends.items()]
         keys = _keys(brows, ["backend", "ok"])
         out += [""] + table([k.upper() for k in keys], [[d.get(k) for k in keys] for d in brows])
+    out += ctl_inventory.problem_lines(r.get("preflight") or [])
     counters = r.get("counters") or {}
     out += [""] + (table(["COUNTER", "VALUE"], sorted(counters.items())) if counters else ["no counters yet"])
     return "\n".join(out)
@@ -226,9 +229,9 @@ def render_clients(clients: list[dict[str, Any]], tz: dt.tzinfo | None = None) -
     """Each recently seen machine, then its boot timeline indented."""
     if not clients:
         return "no machine seen yet"
-    lines = table(["MAC", "IP", "ARCH", "LAST SEEN", "EVENTS"],
+    lines = table(["MAC", "IP", "ARCH", "LAST SEEN", "EVENTS", "ANSWER"],
                   [[c.get("mac"), c.get("ip"), c.get("arch"), fmt_time(c.get("last_seen"), tz),
-                    len(c.get("timeline") or [])] for c in clients])
+                    len(c.get("timeline") or []), ctl_inventory.answer_cell(c)] for c in clients])
     out = [lines[0]]
     for line, c in zip(lines[1:], clients, strict=True):
         out.append(line)
@@ -282,6 +285,8 @@ def render(op: str, result: Any, tz: dt.tzinfo | None = None) -> str:
     if op in (m.OP_HOSTS_DISK, m.OP_HOSTS_RESET_DISK):
         return ("disk wiped: the next boot makes a new file system\n" if op == m.OP_HOSTS_RESET_DISK
                 else "") + render_disk(result)
+    if isinstance(result, dict) and (own := ctl_inventory.render(op, result, render_hosts, _cell)) is not None:
+        return own
     if op == m.OP_RELOAD:
         lines = [f"reloaded (generation {result.get('generation', '-')})"]
         return "\n".join(lines + [f"warning: {x}" for x in result.get("restart_needed") or []])
@@ -316,7 +321,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("clients", parents=[common], help="recently seen machines and their boot timeline")
     c.add_argument("mac", nargs="?", help="only this machine")
     h = sub.add_parser("hosts", parents=[common], help="the inventory's hosts")
-    hs = h.add_subparsers(dest="hosts_cmd", required=True, metavar="list|add|remove|disk|reset-disk")
+    hs = h.add_subparsers(dest="hosts_cmd", required=True,
+                          metavar="list|show|add|set|adopt|remove|disk|reset-disk")
     hs.add_parser("list", parents=[common], help="list the hosts")
     a = hs.add_parser("add", parents=[common],
                       help="add a host, or replace the one with this MAC (written to the inventory file)")
@@ -337,6 +343,8 @@ def _parser() -> argparse.ArgumentParser:
     z = hs.add_parser("reset-disk", parents=[common],
                       help="wipe a persistent host's disk (factory reset; refused while it is logged in)")
     z.add_argument("mac")
+    ctl_inventory.add_parsers(hs, common)
+    tftproot.add_parser(sub, common)
     sub.add_parser("reload", parents=[common], help="re-read config and inventory (like SIGHUP)")
     return p
 
@@ -361,6 +369,8 @@ def _request(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return m.OP_HOSTS_DISK, {"mac": _mac(ns.mac), **({"show_secret": True} if ns.show_secret else {})}
         if ns.hosts_cmd == "reset-disk":
             return m.OP_HOSTS_RESET_DISK, {"mac": _mac(ns.mac)}
+        if ns.hosts_cmd in ctl_inventory.COMMANDS:
+            return ctl_inventory.request(ns, _mac)
         args = {"mac": _mac(ns.mac), "profile": ns.profile}
         args.update({k: getattr(ns, k) for k in ("hostname", "image", "ip", "append") if getattr(ns, k) is not None})
         if ns.persistent:
@@ -372,6 +382,8 @@ def _request(ns: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sidusctl`` console script; returns the exit code."""
     ns = _parser().parse_args(argv)
+    if ns.cmd == "tftp-root":                   # local: no daemon needed (sidusd/tftproot.py)
+        return tftproot.main(ns.dir, ns.config)
     try:
         op, args = _request(ns)
         try:

@@ -68,6 +68,7 @@ def run(config_path: Path) -> int:
     """Load the config (fatal if bad), set up logging, serve."""
     runtime = Runtime.load(config_path, nfs_factory=nfs_factory)
     setup_logging(runtime.config.log.format, runtime.config.log.level)
+    runtime.check_start()           # what a boot needs (sidusd/preflight.py); ConfigError if fatal
     if runtime.config.nfs.backend == "none":
         runtime._nfs_factory = None
     if runtime.config.security.privsep:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import config as config_mod
+from . import preflight
 from .boot import inventory as inv_mod
 from .boot import provider, render
 from .boot.render import IscsiLogin
@@ -91,7 +92,8 @@ class Runtime:
     def __init__(self, config_path: Path, snapshot: Snapshot, observer: Observer | None = None,
                  nfs_factory: Callable[[config_mod.Config], NfsManager] | None = None,
                  iscsi_factory: Callable[[config_mod.Config], IscsiManager] | None = None,
-                 iscsi_watch_s: float = 5.0):
+                 iscsi_watch_s: float = 5.0,
+                 inspect: Callable[[config_mod.Config], list[preflight.Problem]] = preflight.inspect):
         self.config_path = Path(config_path)
         self._snap = snapshot
         self.observer = observer or Observer()
@@ -113,6 +115,9 @@ class Runtime:
         self.process_info: Callable[[], list[dict[str, Any]]] | None = None
         self.log = get_logger("runtime")
         self.rlog = LogLimiter(self.log)      # lines per request (render decisions)
+        # what the running config lacks for a boot (sidusd/preflight.py): status, reload's baseline
+        self._inspect = inspect
+        self.preflight: list[preflight.Problem] = []
 
     @classmethod
     def load(cls, config_path: Path, **kw: Any) -> Runtime:
@@ -195,6 +200,13 @@ class Runtime:
         async with self._lock:
             try:
                 new = load_snapshot(self.config_path, self._snap.generation + 1)
+                # refused: what the new config lacks and the running one does not (checked now)
+                found = await asyncio.to_thread(self._inspect, new.config)
+                running = await asyncio.to_thread(self._inspect, self.config)
+                refused = preflight.refused_at_reload(found, running)
+                if refused:
+                    raise ConfigError(refused[0].key, "; ".join(
+                        f"{p.path}: {p.reason}; fix: {p.fix}" if p is refused[0] else str(p) for p in refused))
             except (SidusError, OSError) as exc:
                 result = ReloadResult(False, str(exc))
                 self.observer.count("reload.refused")
@@ -203,6 +215,7 @@ class Runtime:
                 restart = [f"{key} changed: restart sidusd to apply it"
                            for key in config_mod.restart_needed(self.config, new.config)]
                 self._snap = new
+                self._note_problems(found)
                 self.observer.count("reload.ok")
                 self.log.info("reload.ok", generation=new.generation, restart_needed=restart)
                 await self.apply_backends()
@@ -210,6 +223,22 @@ class Runtime:
                 result = ReloadResult(True, None, restart)
             self.last_reload = {"t": time.time(), **result.as_dict()}
             return result
+
+    def check_start(self) -> None:
+        """Verify what a boot needs before serving (sidusd/preflight.py): every problem is logged
+        at error and kept for status; a missing TFTP root or interface refuses the start."""
+        self._note_problems(self._inspect(self.config))
+        fatal = preflight.fatal_at_start(self.preflight)
+        if fatal:
+            raise ConfigError(fatal[0].key, "; ".join(
+                f"{p.path}: {p.reason}; fix: {p.fix}" if p is fatal[0] else str(p) for p in fatal))
+
+    def _note_problems(self, found: list[preflight.Problem]) -> None:
+        had = {(p.key, p.path) for p in self.preflight}
+        self.preflight = list(found)
+        for p in found:
+            if (p.key, p.path) not in had:
+                self.log.error("preflight.problem", **p.as_dict())
 
     async def edit_inventory(self, fn: Callable[[inv_mod.Inventory], inv_mod.Inventory]) -> inv_mod.Inventory:
         """Apply ``fn`` to the inventory, check it, write the file atomically, swap."""
@@ -343,11 +372,14 @@ class Runtime:
 
     def status(self) -> dict[str, Any]:
         self.refresh_backend_status()
+        problems = self._inspect(self.config)       # as things are now (a few stat calls)
         return {"pid": os.getpid(), "started_at": self.started_at,
                 "uptime_s": round(time.time() - self.started_at, 1),
                 "config_path": str(self.config_path), "generation": self.generation,
                 "last_reload": self.last_reload, "backend_status": self.backend_status,
                 "privsep": self.process_info is not None,
+                "preflight": [p.as_dict() for p in problems],
+                "broken_images": preflight.broken_images(problems),
                 "processes": self.process_info() if self.process_info is not None else [_this_process()]}
 
 

@@ -45,8 +45,13 @@ OP_HOSTS_REMOVE = "hosts.remove"
 OP_RELOAD = "reload"
 OP_HOSTS_DISK = "hosts.disk"
 OP_HOSTS_RESET_DISK = "hosts.reset-disk"
+OP_HOSTS_SHOW = "hosts.show"
+OP_HOSTS_SET = "hosts.set"
+OP_HOSTS_ADOPT = "hosts.adopt"
+OP_IMAGES_STATUS = "images.status"
 
 MAX_ARG_CHARS = 4096    # any single string argument
+LIST_ARGS = frozenset({"unset"})     # the arguments that are lists of strings
 Text = Annotated[str, Meta(max_length=MAX_ARG_CHARS)]
 
 
@@ -82,6 +87,29 @@ class MacArgs(Args, frozen=True):
     mac: Text
 
 
+class HostsSetArgs(Args, frozen=True):
+    """Change the fields given, keep the others; ``unset`` clears hostname, image, ip or append."""
+    mac: Text
+    profile: Text | None = None
+    hostname: Text | None = None
+    image: Text | None = None
+    ip: Text | None = None
+    append: Text | None = None
+    unset: Annotated[list[Text], Meta(max_length=8)] | None = None
+
+
+class HostsAdoptArgs(Args, frozen=True):
+    mac: Text
+    profile: Text | None = None
+    hostname: Text | None = None
+    image: Text | None = None
+    append: Text | None = None
+
+
+class NameArgs(Args, frozen=True):
+    name: Text
+
+
 #: Every op and the declaration of the arguments it accepts.  Unknown args are refused.
 OPS: dict[str, type[Args]] = {
     OP_STATUS: Args,
@@ -92,6 +120,10 @@ OPS: dict[str, type[Args]] = {
     OP_RELOAD: Args,
     OP_HOSTS_DISK: HostsDiskArgs,
     OP_HOSTS_RESET_DISK: MacArgs,
+    OP_HOSTS_SHOW: MacArgs,
+    OP_HOSTS_SET: HostsSetArgs,
+    OP_HOSTS_ADOPT: HostsAdoptArgs,
+    OP_IMAGES_STATUS: NameArgs,
 }
 
 
@@ -166,6 +198,8 @@ def parse_args(op: str, args: Any) -> Args:
             raise RemoteProtocolError(f"{op}: {text[:200]}") from None
         if f.type in (bool, bool | None):
             raise RemoteProtocolError(f"{op}: argument {name!r} must be true or false") from None
+        if name in LIST_ARGS:
+            raise RemoteProtocolError(f"{op}: argument {name!r} must be a short list of short strings") from None
         if isinstance(args[name], str):
             raise RemoteProtocolError(f"{op}: argument {name!r} is too long (limit {MAX_ARG_CHARS})") from None
         raise RemoteProtocolError(f"{op}: argument {name!r} must be a string") from None

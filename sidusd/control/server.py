@@ -26,6 +26,7 @@ from .. import __version__
 from ..errors import ControlError, RemoteProtocolError, SidusError
 from ..observability import LogLimiter, get_logger
 from . import messages as m
+from .ops import InventoryOps, unanswered
 from .unixsocket import bind_safely, peer_uid
 
 MAX_CONNECTIONS = 16
@@ -53,6 +54,7 @@ class ControlServer:
         self._conns: set[asyncio.Task] = set()
         self.log = get_logger("control", socket=str(self.path))
         self.rlog = LogLimiter(self.log)      # lines per connection / request
+        self.ops = InventoryOps(runtime, self.log, self._sync_worker)
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -190,8 +192,15 @@ class ControlServer:
             m.OP_RELOAD: self._reload,
             m.OP_HOSTS_DISK: self._hosts_disk,
             m.OP_HOSTS_RESET_DISK: self._hosts_reset_disk,
+            m.OP_HOSTS_SHOW: self.ops.show,
+            m.OP_HOSTS_SET: self.ops.set,
+            m.OP_HOSTS_ADOPT: self.ops.adopt,
+            m.OP_IMAGES_STATUS: self.ops.image_status,
         }
-        return await handlers[req.op](**req.args)
+        args = dict(req.args)
+        if "mac" in args:
+            args["mac"] = _normalize(args["mac"])
+        return await handlers[req.op](**args)
 
     async def _sync_worker(self) -> None:
         """With privilege separation: wait for the worker's counters and clients first."""
@@ -224,6 +233,7 @@ class ControlServer:
             "transfers_by_service": per_service, "counters": self.runtime.observer.snapshot(),
             "backend_status": st.get("backend_status", {}),
             "privsep": st.get("privsep", False), "processes": st.get("processes", []),
+            "preflight": st.get("preflight", []), "broken_images": st.get("broken_images", {}),
         }
 
     async def _clients(self, mac: str | None = None) -> list[dict[str, Any]]:
@@ -235,7 +245,7 @@ class ControlServer:
             records = [r for r in records if r.mac == want]
             if not records:
                 raise ControlError(f"no machine with MAC {want} seen recently")
-        return [r.as_dict() for r in records]
+        return [{**r.as_dict(), "unanswered": unanswered(list(r.timeline))} for r in records]
 
     async def _hosts_list(self) -> list[dict[str, Any]]:
         hosts = self.runtime.inventory.hosts

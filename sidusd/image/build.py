@@ -215,8 +215,13 @@ class Administrator:
                 publish.publish_generation(root, self.tftp_root, name, number)
             if switch:
                 self.serve(name, number)
+            # "served" only when sidusd says it serves this generation (image/publish.py)
+            served = publish.confirm_served(self.control_socket, name, root.resolve()) if switch else None
             print(f"{name}: generation {number} complete ({meta['duration_s']:.0f} s)"
-                  + (", served" if switch else ""), file=self.out, flush=True)
+                  + (f", {served.text}" if served else ""), file=self.out, flush=True)
+            if served is not None and served.refused:
+                raise BackendError(f"{name}: generation {number} is committed and switched, but sidusd does "
+                                   "not serve it", detail=served.text)
             return number
 
     def serve(self, name: str, number: int) -> None:

@@ -117,3 +117,52 @@ def write_images_file(path: Path, entries: dict[str, dict[str, str]]) -> None:
             + dump_yaml({"images": entries}))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(path), text.encode())
+
+
+# -- "served": only when sidusd says so ----------------------------------------------
+
+SERVED, UNCONFIRMED, NOT_SERVED = "served", "unconfirmed", "not served"
+
+
+@dataclass(frozen=True)
+class Served:
+    """Whether sidusd serves a generation: ``state`` (served, unconfirmed, not served) and the words."""
+    state: str
+    text: str
+
+    @property
+    def refused(self) -> bool:
+        return self.state == NOT_SERVED
+
+
+def judge_served(result: dict, name: str, root: Path) -> Served:
+    """sidusd's ``images.status`` answer about image ``name``, for generation root ``root`` (pure)."""
+    if Path(str(result.get("root"))) != Path(root):
+        return Served(NOT_SERVED, f"NOT served: sidusd serves {name} from {result.get('root')}, not {root} "
+                                  "(see `sidusctl status`: last reload)")
+    why = list(result.get("problems") or [])
+    if result.get("exported") is False:
+        why.append(f"{root} is not exported by the NFS backend ({result.get('nfs_backend')}; see sidusctl status)")
+    if result.get("render_error"):
+        why.append(f"its boot config does not render: {result['render_error']}")
+    if why:
+        return Served(NOT_SERVED, "NOT served: " + "; ".join(why))
+    if result.get("exported") is None:
+        return Served(SERVED, "served (nfs.backend is none: the NFS export is yours to make)")
+    return Served(SERVED, "served (exported, boot config rendered)")
+
+
+def confirm_served(control_socket: Path | None, name: str, root: Path, timeout_s: float = 30) -> Served:
+    """Ask sidusd (control socket, ``images.status``) whether it serves ``root`` as image ``name``."""
+    if control_socket is None:
+        return Served(UNCONFIRMED, "switched; not confirmed served: no control socket to ask sidusd "
+                                   "(`sidusctl reload`, then `sidusctl status`)")
+    from sidusd.control import messages as m
+    from sidusd.ctl import CtlError, call
+    try:
+        resp = call(str(control_socket), m.OP_IMAGES_STATUS, {"name": name}, timeout_s)
+    except CtlError as exc:
+        return Served(NOT_SERVED, f"NOT confirmed served: {exc}")
+    if not resp.ok:
+        return Served(NOT_SERVED, f"NOT served: sidusd says: {resp.error}")
+    return judge_served(resp.result if isinstance(resp.result, dict) else {}, name, root)

@@ -45,6 +45,7 @@ from sidusd.config import PoolConfig
 from sidusd.errors import RemoteProtocolError, SidusError, StartupError
 from sidusd.net.io import LeaseJournal, ServiceIO, local_io
 from sidusd.net.listeners import check_interface, interface_ipv4
+from sidusd.net.unanswered import UNANSWERED, UnansweredLog
 from sidusd.observability import RepeatBackoff, get_logger
 from sidusd.proto import dhcp
 from sidusd.runtime_view import RuntimeView
@@ -90,6 +91,7 @@ class DhcpService:
         self._res_for: Inventory | None = None
         self._res = Reservations({}, {})
         self._malformed = RepeatBackoff(MALFORMED_LOG_INTERVAL_S, MALFORMED_LOG_INTERVAL_S)
+        self._unanswered = UnansweredLog()        # machines that got no answer (sidusctl clients)
         self._file_warned = False
         self._lease_log = RepeatBackoff(LEASE_LOG_FIRST_S, LEASE_LOG_MAX_S)
         self._write_log = RepeatBackoff(MALFORMED_LOG_INTERVAL_S, MALFORMED_LOG_INTERVAL_S)
@@ -278,6 +280,8 @@ class DhcpService:
         res = self._reservations(inventory) if db is not None else NO_RESERVATIONS
         decision = policy.decide(req, config, lookup, leases=db, reservations=res, now=now)
         if isinstance(decision, policy.Drop):
+            if decision.code in UNANSWERED:
+                self._note_unanswered(req, decision, now)
             self._drop(lst, pkt, decision)
             return
         lease = decision.lease
@@ -367,6 +371,7 @@ class DhcpService:
             self.log.warning("dhcp.send_failed", mac=req.mac, dest=f"{reply.dest[0]}:{reply.dest[1]}",
                              error=str(exc))
             return
+        self._unanswered.answered(req.mac)
         obs.count({"offer": "dhcp.offers", "ack": "dhcp.acks", "nak": "dhcp.naks"}[reply.kind])
         p = reply.packet
         ip = p.yiaddr if p.yiaddr != policy.ZERO else req.packet.ciaddr
@@ -379,6 +384,18 @@ class DhcpService:
         self.log.info("dhcp.reply", mac=req.mac, xid=p.xid, port=lst.port, file=reply.boot_file,
                       kind=reply.kind, arch=req.arch_name if req.pxe else None, ip=str(p.yiaddr),
                       dest=f"{reply.dest[0]}:{reply.dest[1]}", interface=lst.iface)
+
+    def _note_unanswered(self, req: policy.BootRequest, drop: policy.Drop, now: float) -> None:
+        """A booting machine got no answer: for ``sidusctl clients`` and the log (info, rate-limited)."""
+        suppressed = self._unanswered.note(req.mac, drop.code, now)
+        if suppressed is None:
+            return
+        obs = self.runtime.observer
+        arch = req.arch_name if req.pxe else None
+        obs.client_seen(req.mac, None, arch)
+        obs.timeline(req.mac, "dhcp.unanswered", code=drop.code, reason=drop.detail)
+        self.log.info("dhcp.unanswered", mac=req.mac, arch=arch, code=drop.code, reason=drop.detail,
+                      suppressed=suppressed)
 
     def _drop(self, lst: _Listener, pkt: dhcp.DhcpPacket, drop: policy.Drop) -> None:
         obs = self.runtime.observer

@@ -214,6 +214,11 @@ def _read_pid(pid_file: Path) -> tuple[int | None, str]:
     return pid, ""
 
 
+def ganesha_running(pid_file: Path) -> tuple[int | None, str]:
+    """(pid, "") when nfs-ganesha runs with the pid in ``pid_file``, else (None, why not)."""
+    return _read_pid(pid_file)
+
+
 class GaneshaBackend:
     """nfs-ganesha: writes ``config_file`` (``%include``d by ganesha.conf) and sends SIGHUP.
 
@@ -340,6 +345,7 @@ class NfsManager:
         self.runner = runner
         self._key = _backend_key(config.nfs)
         self.backend = make_backend(config.nfs, runner)
+        self.skipped: dict[str, tuple[str, ...]] = {}    # root -> images, not exported (missing)
         self.log = get_logger("nfs", backend=config.nfs.backend)
 
     async def apply(self, config: Any) -> None:
@@ -361,8 +367,16 @@ class NfsManager:
             exports = plan_exports(config)
         except ConfigError as exc:
             raise BackendError("cannot plan the NFS exports", detail=str(exc)) from exc
-        await self.backend.apply(exports)
-        self.log.info("nfs.applied", exports=[str(e.path) for e in exports])
+        # One image whose root is missing must not block the exports of the others: it is
+        # left out (and said, by the error below and health()), the rest are applied.
+        present = [e for e in exports if e.path.is_dir()]
+        self.skipped = {str(e.path): e.images for e in exports if e not in present}
+        await self.backend.apply(present)
+        self.log.info("nfs.applied", exports=[str(e.path) for e in present])
+        if self.skipped:
+            raise BackendError("image root is not a directory, not exported (the other images are)",
+                               detail="; ".join(f"{path} (images {', '.join(names)})"
+                                                for path, names in self.skipped.items()))
 
     async def remove_all(self) -> None:
         """Unexport every image root sidusd exported."""
@@ -375,4 +389,9 @@ class NfsManager:
         if self.backend is None:
             return {"backend": "none", "ok": True,
                     "detail": "nfs.backend is none: sidusd manages no exports", "exports": []}
-        return self.backend.health()
+        h = self.backend.health()
+        if self.skipped:
+            h = {**h, "ok": False, "skipped": sorted(self.skipped),
+                 "detail": "not exported (root is not a directory): " + ", ".join(
+                     f"{p} ({', '.join(n)})" for p, n in self.skipped.items()) + "; " + str(h.get("detail"))}
+        return h

@@ -27,9 +27,22 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
+#: what the default boot files need in tftp.root (sidusd/preflight.py: --check refuses without them)
+BOOT_FILES = ("pxelinux.0", "ldlinux.c32", "syslinux.efi", "ldlinux.e64")
+
+
+def populate_tftp_root(root: Path, image: str = "demo") -> None:
+    """Stand-ins for the boot files and the image's kernel and initrd (kept if already there)."""
+    for rel in (*BOOT_FILES, f"images/{image}/vmlinuz", f"images/{image}/initrd.img"):
+        f = root / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if not f.exists():
+            f.write_bytes(f"stand-in {rel}\n".encode())
+
+
 def base_config(tmp: Path, tftp_port: int) -> dict:
     root = tmp / "tftp"
-    (root / "images" / "demo").mkdir(parents=True, exist_ok=True)
+    populate_tftp_root(root)
     (tmp / "images" / "demo").mkdir(parents=True, exist_ok=True)
     return {
         "state_dir": str(tmp / "state"),

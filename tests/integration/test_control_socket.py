@@ -303,8 +303,8 @@ def test_clients_shows_the_boot_timeline(daemon):
     p = ctl(daemon, "clients")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0].split() == ["MAC", "IP", "ARCH", "LAST", "SEEN", "EVENTS"]
-    assert lines[1].split()[:3] == [MAC1, "127.0.0.1", "bios"]
+    assert lines[0].split() == ["MAC", "IP", "ARCH", "LAST", "SEEN", "EVENTS", "ANSWER"]
+    assert lines[1].split()[:3] == [MAC1, "127.0.0.1", "bios"] and lines[1].split()[-1] == "-"
     assert lines[2].startswith("    ") and lines[2].split()[1:] == ["dhcp.offer", "file=pxelinux.0"]
     assert lines[3].startswith("    ") and lines[3].split()[1:5] == ["tftp", "hello.bin", "1.5", "KiB"]
     one = ctl_json(daemon, "clients", MAC1.upper())

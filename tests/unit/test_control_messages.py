@@ -29,6 +29,10 @@ def test_request_round_trip_every_op():
         m.OP_RELOAD: {},
         m.OP_HOSTS_DISK: {"mac": "52:54:00:00:00:01", "show_secret": True},
         m.OP_HOSTS_RESET_DISK: {"mac": "52:54:00:00:00:01"},
+        m.OP_HOSTS_SHOW: {"mac": "52:54:00:00:00:01"},
+        m.OP_HOSTS_SET: {"mac": "52:54:00:00:00:01", "append": "quiet", "unset": ["hostname", "ip"]},
+        m.OP_HOSTS_ADOPT: {"mac": "52:54:00:00:00:01", "profile": "default", "hostname": "vm1"},
+        m.OP_IMAGES_STATUS: {"name": "demo"},
     }
     assert set(samples) == set(m.OPS)
     for op, args in samples.items():
@@ -66,6 +70,13 @@ def test_request_without_args_field_means_no_args():
     ({"v": 1, "op": "hosts.add", "args": {"mac": "a", "profile": "p", "persistent": "yes"}},
      "'persistent' must be true or false"),
     ({"v": 1, "op": "hosts.disk", "args": {"mac": "a", "show_secret": 1}}, "'show_secret' must be true or false"),
+    ({"v": 1, "op": "hosts.set", "args": {"mac": "a", "unset": "hostname"}},
+     "'unset' must be a short list of short strings"),
+    ({"v": 1, "op": "hosts.set", "args": {"mac": "a", "unset": ["x"] * 9}},
+     "'unset' must be a short list of short strings"),
+    ({"v": 1, "op": "hosts.adopt", "args": {"mac": "a", "ip": "10.0.0.1"}},
+     "unknown argument(s) ip (allowed: mac, profile, hostname, image, append)"),
+    ({"v": 1, "op": "images.status", "args": {}}, "missing argument 'name'"),
 ])
 def test_bad_requests_are_refused_with_a_clear_message(obj, needle):
     with pytest.raises(RemoteProtocolError) as exc:

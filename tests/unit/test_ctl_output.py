@@ -97,17 +97,23 @@ CLIENTS = [
           "duration_s": 0.0123, "blksize": 1468},
          {"t": T + 2.5, "event": "tftp.error", "file": "ldlinux.c32", "error": "not found"},
      ]},
-    {"mac": "52:54:00:00:00:02", "ip": None, "arch": "uefi-x64", "first_seen": T, "last_seen": T, "timeline": []},
+    {"mac": "52:54:00:00:00:02", "ip": None, "arch": "uefi-x64", "first_seen": T, "last_seen": T, "timeline": [],
+     "unanswered": None},
+    {"mac": "52:54:00:00:00:03", "ip": None, "arch": "efi-ia32", "first_seen": T, "last_seen": T,
+     "timeline": [{"t": T, "event": "dhcp.unanswered", "code": "no_boot_file", "reason": "no boot_files.uefi_ia32"}],
+     "unanswered": {"t": T, "code": "no_boot_file", "reason": "no boot_files.uefi_ia32"}},
 ]
 
 CLIENTS_TEXT = """\
-MAC                IP            ARCH      LAST SEEN            EVENTS
-52:54:00:00:00:01  10.13.20.101  bios      2025-11-24 16:00:02  4
+MAC                IP            ARCH      LAST SEEN            EVENTS  ANSWER
+52:54:00:00:00:01  10.13.20.101  bios      2025-11-24 16:00:02  4       -
     16:00:00.123  dhcp.offer  file=pxelinux.0
     16:00:00.500  tftp  pxelinux.0  42.2 KiB  0.10 s
     16:00:01.000  tftp  pxelinux.cfg/01-52-54-00-00-00-01  412 B  0.01 s  blksize=1468
     16:00:02.500  tftp.error  file=ldlinux.c32  error="not found"
-52:54:00:00:00:02  -             uefi-x64  2025-11-24 16:00:00  0"""
+52:54:00:00:00:02  -             uefi-x64  2025-11-24 16:00:00  0       -
+52:54:00:00:00:03  -             efi-ia32  2025-11-24 16:00:00  1       NONE: no boot_files.uefi_ia32
+    16:00:00.000  dhcp.unanswered  code=no_boot_file  reason="no boot_files.uefi_ia32\""""
 
 
 def test_clients_golden():

@@ -29,6 +29,15 @@ def cfg(images: dict[str, str], tmp: Path, backend="kernel", nets=(NET,)):
                             ganesha_pid_file=tmp / "ganesha.pid"))
 
 
+def dirs(tmp: Path, *names: str) -> dict[str, str]:
+    """Image name -> an existing root directory (the manager exports only roots that exist)."""
+    out = {}
+    for n in names:
+        (tmp / "srv" / n).mkdir(parents=True, exist_ok=True)
+        out[n] = str(tmp / "srv" / n)
+    return out
+
+
 def test_plan_one_export_per_root_sorted_and_deduplicated(tmp_path):
     c = cfg({"b": "/srv/b", "a": "/srv/a", "a2": "/srv/a/"}, tmp_path, nets=(NET, NET2))
     plan = nfs.plan_exports(c)
@@ -89,28 +98,28 @@ def run(coro):
 
 
 def test_kernel_backend_writes_then_exportfs(tmp_path):
-    c = cfg({"a": "/srv/a", "b": "/srv/b"}, tmp_path)
+    c = cfg(dirs(tmp_path, "a", "b"), tmp_path)
     rr = RecordingRunner()
     m = nfs.NfsManager(c, rr)
     run(m.apply(c))
     assert rr.calls == [["exportfs", "-ra"]]
     written = (tmp_path / "sidus.exports").read_text()
-    assert "/srv/a 10.13.20.0/24(" in written and "/srv/b 10.13.20.0/24(" in written
+    assert f"{tmp_path}/srv/a 10.13.20.0/24(" in written and f"{tmp_path}/srv/b 10.13.20.0/24(" in written
     assert oct((tmp_path / "sidus.exports").stat().st_mode & 0o777) == "0o644"
     h = m.health()
-    assert h["backend"] == "kernel" and h["ok"] and h["exports"] == ["/srv/a", "/srv/b"]
+    assert h["backend"] == "kernel" and h["ok"] and h["exports"] == [f"{tmp_path}/srv/a", f"{tmp_path}/srv/b"]
     # image b leaves the config: it leaves the exports file
-    c2 = cfg({"a": "/srv/a"}, tmp_path)
+    c2 = cfg(dirs(tmp_path, "a"), tmp_path)
     run(m.apply(c2))
-    assert "/srv/b" not in (tmp_path / "sidus.exports").read_text()
-    assert m.health()["exports"] == ["/srv/a"]
+    assert f"{tmp_path}/srv/b" not in (tmp_path / "sidus.exports").read_text()
+    assert m.health()["exports"] == [f"{tmp_path}/srv/a"]
     run(m.remove_all())
     assert not (tmp_path / "sidus.exports").exists()
     assert rr.calls == [["exportfs", "-ra"]] * 3
 
 
 def test_kernel_backend_error_carries_exportfs_stderr(tmp_path):
-    c = cfg({"a": "/srv/a"}, tmp_path)
+    c = cfg(dirs(tmp_path, "a"), tmp_path)
     rr = RecordingRunner()
     rr.script(["exportfs"], rc=1, stderr=b"exportfs: Failed to stat /srv/a: No such file or directory\n")
     m = nfs.NfsManager(c, rr)
@@ -122,7 +131,7 @@ def test_kernel_backend_error_carries_exportfs_stderr(tmp_path):
 
 
 def test_kernel_backend_unwritable_dir(tmp_path):
-    c = cfg({"a": "/srv/a"}, tmp_path)
+    c = cfg(dirs(tmp_path, "a"), tmp_path)
     c.nfs.exports_file = tmp_path / "missing-dir" / "sidus.exports"
     with pytest.raises(BackendError, match="cannot write"):
         run(nfs.NfsManager(c, RecordingRunner()).apply(c))
@@ -255,11 +264,11 @@ def test_ganesha_log_confirmation(tmp_path, fake_ganesha):
 
 
 def test_backend_change_removes_old_exports(tmp_path):
-    c = cfg({"a": "/srv/a"}, tmp_path)
+    c = cfg(dirs(tmp_path, "a"), tmp_path)
     rr = RecordingRunner()
     m = nfs.NfsManager(c, rr)
     run(m.apply(c))
-    run(m.apply(cfg({"a": "/srv/a"}, tmp_path, backend="none")))
+    run(m.apply(cfg(dirs(tmp_path, "a"), tmp_path, backend="none")))
     assert not (tmp_path / "sidus.exports").exists()
     assert m.health()["backend"] == "none"
 
@@ -275,3 +284,38 @@ def test_plan_from_the_real_config_parser(tmp_path):
         "t.yaml", tmp_path)
     (e,) = nfs.plan_exports(c)
     assert (str(e.path), e.clients, e.images) == ("/srv/sidus/demo", (NET,), ("demo",))
+
+
+def test_a_missing_root_does_not_block_the_other_exports(tmp_path):
+    """One image whose root is missing is left out, said in the error and in health(); the others
+    are exported (before: the backend refused the whole apply and exported nothing new)."""
+    good = dirs(tmp_path, "a", "c")
+    c = cfg({**good, "b": str(tmp_path / "never-built")}, tmp_path)
+    rr = RecordingRunner()
+    m = nfs.NfsManager(c, rr)
+    with pytest.raises(BackendError) as ei:
+        run(m.apply(c))
+    assert str(tmp_path / "never-built") in ei.value.detail and "images b" in ei.value.detail
+    written = (tmp_path / "sidus.exports").read_text()
+    assert f"{good['a']} 10.13.20.0/24(" in written and f"{good['c']} 10.13.20.0/24(" in written
+    assert "never-built" not in written
+    assert rr.calls == [["exportfs", "-ra"]]
+    h = m.health()
+    assert not h["ok"] and h["exports"] == [good["a"], good["c"]]
+    assert h["skipped"] == [str(tmp_path / "never-built")] and "never-built (b)" in h["detail"]
+    # built later: the next apply exports it and the health is good again
+    (tmp_path / "never-built").mkdir()
+    run(m.apply(c))
+    assert m.health()["ok"] and "never-built" in (tmp_path / "sidus.exports").read_text()
+
+
+def test_ganesha_a_missing_root_does_not_block_the_others(tmp_path, fake_ganesha):
+    _proc, hups = fake_ganesha
+    good = dirs(tmp_path, "a")
+    c = cfg({**good, "b": str(tmp_path / "nope")}, tmp_path, backend="ganesha")
+    m = nfs.NfsManager(c, RecordingRunner())
+    with pytest.raises(BackendError):
+        run(m.apply(c))
+    _wait_hups(hups, 1)                       # ganesha was told: the good export is served
+    text = (tmp_path / "sidus.conf").read_text()
+    assert text.count("EXPORT {") == 1 and f'Path = "{good["a"]}";' in text
