@@ -1,6 +1,6 @@
 """Full-DHCP load test with ISC's perfdhcp (Debian ``kea-admin``): sidusd vs dnsmasq, one run.
 
-    python3 -m bench.perfdhcp [--seconds 10] [--rate 4000] [--clients 20000] [--rounds 2]
+    python3 -m bench.perfdhcp [--seconds 10] [--rate 1000] [--clients 20000] [--rounds 3] [--base TREE]
 
 Self-contained (root): it makes two network namespaces joined by a veth pair
 (server ``pd-s0`` 10.78.0.1/16, client ``pd-c0`` 10.78.0.2/16), starts each
@@ -98,9 +98,15 @@ def sidusd_config(work: Path, privsep: bool) -> Path:
     return path
 
 
-def start_server(name: str, ns: Namespaces, work: Path) -> subprocess.Popen:
-    """Start ``name`` in the server namespace; returns once it answers (or raises)."""
+def start_server(name: str, ns: Namespaces, work: Path, base: Path | None = None) -> subprocess.Popen:
+    """Start ``name`` in the server namespace; returns once it answers (or raises).
+
+    ``base-sidusd*``: the sidusd of the source tree ``base`` (``--base``: before / after)."""
     log = open(work / f"{name}.log", "ab")
+    tree = REPO
+    if name.startswith("base-"):
+        assert base is not None
+        tree, name = base, name[len("base-"):]
     if name.startswith("sidusd"):
         cfg = sidusd_config(work, privsep=name == "sidusd-privsep")
         argv = [sys.executable, "-m", "sidusd", "--config", str(cfg)]
@@ -113,8 +119,8 @@ def start_server(name: str, ns: Namespaces, work: Path) -> subprocess.Popen:
                 f"--dhcp-leasefile={leases}", f"--dhcp-lease-max={1 << 20}", "--quiet-dhcp", "--no-ping",
                 f"--pid-file={work / 'dnsmasq.pid'}", "--user=root"]
     proc = subprocess.Popen(["ip", "netns", "exec", ns.server, *argv], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=REPO, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            cwd=tree, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(tree)})
     log.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -198,7 +204,8 @@ def perfdhcp(ns: Namespaces, rate: int, clients: int, seconds: float, base_mac: 
 SERVERS = ("sidusd", "sidusd-privsep", "dnsmasq")
 
 
-def bench(servers: tuple[str, ...], rate: int, clients: int, seconds: float, rounds: int) -> list[dict]:
+def bench(servers: tuple[str, ...], rate: int, clients: int, seconds: float, rounds: int,
+          base: Path | None = None) -> list[dict]:
     """Every server ``rounds`` times, interleaved, each with a fresh lease file; one dict per run."""
     if os.geteuid() != 0:
         raise SystemExit("bench.perfdhcp: run as root (network namespaces)")
@@ -211,7 +218,7 @@ def bench(servers: tuple[str, ...], rate: int, clients: int, seconds: float, rou
             for i, name in enumerate(servers):
                 work = Path(tmp) / name
                 work.mkdir(exist_ok=True)
-                proc = start_server(name, ns, work)
+                proc = start_server(name, ns, work, base)
                 try:
                     load = os.getloadavg()[0]
                     got = perfdhcp(ns, rate, clients, seconds, base_mac=f"02:{0x20 + r:02x}:{i:02x}:00:00:00",
@@ -242,16 +249,20 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m bench.perfdhcp", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="perfdhcp test period per run (-p)")
-    ap.add_argument("--rate", type=int, default=4000, help="DORA exchanges started per second (-r)")
+    ap.add_argument("--rate", type=int, default=1000, help="DORA exchanges started per second (-r)")
     ap.add_argument("--clients", type=int, default=20000, help="distinct MACs (-R)")
     ap.add_argument("--rounds", type=int, default=3, help="runs per server, interleaved")
     ap.add_argument("--servers", default=",".join(SERVERS), help=f"comma list of {', '.join(SERVERS)}")
+    ap.add_argument("--base", type=Path, help="a sidus source tree (e.g. `git archive` of an older commit, "
+                    "with its C module built): its sidusd and sidusd-privsep run too, as base-sidusd*")
     a = ap.parse_args(argv)
     servers = tuple(s for s in a.servers.split(",") if s)
     unknown = [s for s in servers if s not in SERVERS]
+    if a.base is not None:
+        servers += tuple(f"base-{s}" for s in servers if s.startswith("sidusd"))
     if unknown:
         ap.error(f"unknown server {unknown[0]!r}: choose among {', '.join(SERVERS)}")
-    results = bench(servers, a.rate, a.clients, a.seconds, a.rounds)
+    results = bench(servers, a.rate, a.clients, a.seconds, a.rounds, a.base)
     print(f"\nperfdhcp -r {a.rate} -R {a.clients} -p {a.seconds:g}, {a.rounds} rounds, "
           f"{os.cpu_count()} CPUs, load average at start of runs: "
           f"{', '.join(str(r['load1']) for r in results)}\n")

@@ -59,7 +59,6 @@ LEASE_LOG_FIRST_S, LEASE_LOG_MAX_S = 1.0, 10.0      # dhcp.lease: then at most o
 @dataclass
 class _Pending:
     """A decision whose lease is applied but not yet journaled (group commit)."""
-
     lst: _Listener
     pkt: dhcp.DhcpPacket
     req: policy.BootRequest
@@ -295,8 +294,7 @@ class DhcpService:
         self._act(lst, pkt, req, decision, now)
 
     def _queue(self, p: _Pending) -> None:
-        """Apply ``p``'s lease now (the next decision must see it) and journal it with the
-        rest of this loop turn's (:meth:`_flush`, scheduled once per turn)."""
+        """Apply ``p``'s lease now (the next decision sees it); journaled with the turn's (_flush)."""
         assert self._db is not None and self._loop is not None and p.decision.lease is not None
         self._db.begin()
         self._db.apply(p.decision.lease)
@@ -320,8 +318,10 @@ class DhcpService:
         sync = any(isinstance(p.decision, policy.Reply) for p in group)
         try:
             await self._store.append_many([p.decision.lease for p in group], sync=sync)
-        except OSError as exc:
+        except BaseException as exc:          # a failed write (or a bug, or cancel): nothing stays
             self._db.rollback()
+            if not isinstance(exc, OSError):
+                raise
             obs.count("dhcp.lease_write_errors", len(group))
             if self._write_log.failed("", time.monotonic()):
                 self.log.error("dhcp.lease_write_failed", leases=len(group), mac=group[0].req.mac,
