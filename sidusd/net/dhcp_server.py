@@ -22,19 +22,17 @@ Counters: ``dhcp.rx``, ``dhcp.malformed``, ``dhcp.offers``, ``dhcp.acks``,
 ``dhcp.naks``, ``dhcp.release``, ``dhcp.decline``, ``dhcp.drop.<code>``, ``dhcp.send_errors``,
 ``dhcp.lease_write_errors``, ``dhcp.lease_syncs``, ``dhcp.lease_unsynced_groups``, ``dhcp.errors``.
 Log events: ``dhcp.listening``, ``dhcp.reply``, ``dhcp.lease`` (rate limited),
-``dhcp.drop`` (debug), ``dhcp.malformed`` (rate limited), ``dhcp.lease_write_failed``
+``dhcp.drop`` (debug), ``dhcp.malformed`` (rate limited); every line a packet can cause is
+rate-limited (``LogLimiter``, or ``RepeatBackoff`` with ``suppressed=``), ``dhcp.lease_write_failed``
 (rate limited), ``dhcp.leases.loaded`` (a warning if lines were refused), ``dhcp.error``, ``dhcp.stopped``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
-import socket
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from sidusd.boot import policy
@@ -43,10 +41,11 @@ from sidusd.boot.leases import NO_RESERVATIONS, Lease, LeaseDB, Reservations
 from sidusd.boot.ratelimit import DeclineLimiter
 from sidusd.config import PoolConfig
 from sidusd.errors import RemoteProtocolError, SidusError, StartupError
+from sidusd.net.dhcp_records import Listener, Pending, replace_lease_file
 from sidusd.net.io import LeaseJournal, ServiceIO, local_io
 from sidusd.net.listeners import check_interface, interface_ipv4
 from sidusd.net.unanswered import UNANSWERED, UnansweredLog
-from sidusd.observability import RepeatBackoff, get_logger
+from sidusd.observability import LogLimiter, RepeatBackoff, get_logger
 from sidusd.proto import dhcp
 from sidusd.runtime_view import RuntimeView
 
@@ -56,25 +55,6 @@ MALFORMED_LOG_INTERVAL_S = 10.0
 LEASE_LOG_FIRST_S, LEASE_LOG_MAX_S = 1.0, 10.0      # dhcp.lease: then at most one line per 10 s
 
 
-@dataclass
-class _Pending:
-    """A decision whose lease is applied but not yet journaled (group commit)."""
-    lst: _Listener
-    pkt: dhcp.DhcpPacket
-    req: policy.BootRequest
-    decision: policy.Reply | policy.LeaseChange
-    now: float
-
-
-@dataclass
-class _Listener:
-    iface: str
-    via: str
-    port: int
-    sock: socket.socket
-    address: str
-
-
 class DhcpService:
     """proxyDHCP / full DHCP on the interfaces of ``runtime.config.dhcp``."""
 
@@ -82,7 +62,8 @@ class DhcpService:
         self.runtime = runtime
         self.io = io if io is not None else local_io()
         self.log = get_logger("dhcp")
-        self._listeners: list[_Listener] = []
+        self.rlog = LogLimiter(self.log)          # every line a packet can cause (issue 14 item 11)
+        self._listeners: list[Listener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db: LeaseDB | None = None
         self._pool: PoolConfig | None = None
@@ -96,7 +77,7 @@ class DhcpService:
         self._write_log = RepeatBackoff(MALFORMED_LOG_INTERVAL_S, MALFORMED_LOG_INTERVAL_S)
         self._declines = DeclineLimiter()
         self._writing: asyncio.Task | None = None     # a lease group being journaled: readers paused
-        self._group: list[_Pending] = []              # lease changes of this loop turn, applied, not on disk
+        self._group: list[Pending] = []              # lease changes of this loop turn, applied, not on disk
         self._flush_at: asyncio.Handle | None = None
 
     # -- life cycle -----------------------------------------------------------
@@ -114,7 +95,7 @@ class DhcpService:
                 address = check_interface(iface)
                 for via, port in ((policy.VIA_DHCP, cfg.port), (policy.VIA_PXE, cfg.pxe_port)):
                     sock = self.io.listener("dhcp", "0.0.0.0", port, iface)
-                    lst = _Listener(iface, via, port, sock, address)
+                    lst = Listener(iface, via, port, sock, address)
                     self._listeners.append(lst)
                     self._loop.add_reader(sock.fileno(), self._on_readable, lst)
                     self.log.info("dhcp.listening", interface=iface, port=port, address=address,
@@ -132,9 +113,12 @@ class DhcpService:
             raise StartupError(f"dhcp: lease file {pool.lease_file}: {exc.strerror}") from None
         self._db, self._store, self._pool = db, store, pool
         # a refused record may be a lease someone holds: a warning, with what was refused
-        (self.log.warning if bad else self.log.info)(
-            "dhcp.leases.loaded", file=str(pool.lease_file), lines=good, refused=bad, leases=len(db),
-            first_refused=[f"line {n}: {why}" for n, why in getattr(store, "refused", [])])
+        fields = dict(file=str(pool.lease_file), lines=good, refused=bad, leases=len(db),
+                      first_refused=[f"line {n}: {why}" for n, why in getattr(store, "refused", [])])
+        if bad:
+            self.log.warning("dhcp.leases.loaded", **fields)
+        else:
+            self.log.info("dhcp.leases.loaded", **fields)
 
     async def stop(self) -> None:
         """Close every socket and the lease journal (after the lease being written, if any)."""
@@ -168,7 +152,7 @@ class DhcpService:
                 for l in self._db.leases()]
 
     # -- receiving --------------------------------------------------------------
-    def _on_readable(self, lst: _Listener) -> None:
+    def _on_readable(self, lst: Listener) -> None:
         for _ in range(BATCH):
             if self._writing is not None:
                 return                           # paused: read on once the lease is on disk
@@ -178,11 +162,11 @@ class DhcpService:
                 return
             except OSError as exc:
                 self.runtime.observer.count("dhcp.recv_errors")
-                self.log.warning("dhcp.recv_error", interface=lst.iface, error=str(exc))
+                self.rlog.warning("dhcp.recv_error", interface=lst.iface, error=str(exc))
                 return
             self.datagram_received(lst, data, addr)
 
-    def datagram_received(self, lst: _Listener, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, lst: Listener, data: bytes, addr: tuple[str, int]) -> None:
         """Handle one datagram; never raises."""
         obs = self.runtime.observer
         obs.count("dhcp.rx")
@@ -197,12 +181,12 @@ class DhcpService:
         except Exception as exc:  # a bug must not stop the reader
             self._error(lst, pkt, exc)
 
-    def _error(self, lst: _Listener, pkt: dhcp.DhcpPacket, exc: Exception) -> None:
+    def _error(self, lst: Listener, pkt: dhcp.DhcpPacket, exc: Exception) -> None:
         """Count and log a bug met serving ``pkt`` (called in the ``except`` block)."""
         self.runtime.observer.count("dhcp.errors")
-        self.log.exception("dhcp.error", mac=pkt.mac, xid=pkt.xid, port=lst.port, error=repr(exc))
+        self.rlog.exception("dhcp.error", mac=pkt.mac, xid=pkt.xid, port=lst.port, error=repr(exc))
 
-    def _hold(self, lst: _Listener, pkt: dhcp.DhcpPacket, write: Coroutine[Any, Any, None]) -> None:
+    def _hold(self, lst: Listener, pkt: dhcp.DhcpPacket, write: Coroutine[Any, Any, None]) -> None:
         """Run ``write`` (journal, then answer) with every reader paused: requests wait in the kernel."""
         loop = self._loop
         assert loop is not None
@@ -223,7 +207,7 @@ class DhcpService:
 
         self._writing = loop.create_task(run())
 
-    def _log_malformed(self, lst: _Listener, addr: tuple[str, int], exc: Exception) -> None:
+    def _log_malformed(self, lst: Listener, addr: tuple[str, int], exc: Exception) -> None:
         if not self._malformed.failed("", time.monotonic()):
             return
         self.log.warning("dhcp.malformed", peer=f"{addr[0]}:{addr[1]}", port=lst.port,
@@ -254,7 +238,7 @@ class DhcpService:
             self.log.info("dhcp.pool_changed", network=str(kept.network), leases=len(db))
         return self._db
 
-    def _serve(self, lst: _Listener, pkt: dhcp.DhcpPacket, addr: tuple[str, int]) -> None:
+    def _serve(self, lst: Listener, pkt: dhcp.DhcpPacket, addr: tuple[str, int]) -> None:
         """Decide; act at once, or queue the lease to journal with this turn's (then act)."""
         rt = self.runtime
         snap = getattr(rt, "snapshot", None)
@@ -289,11 +273,11 @@ class DhcpService:
                     and not self._declines.allow(req.mac, lst.iface, time.monotonic()):
                 self._drop(lst, pkt, policy.Drop("decline_rate", "too many DECLINEs (per MAC or interface)"))
                 return
-            self._queue(_Pending(lst, pkt, req, decision, now))
+            self._queue(Pending(lst, pkt, req, decision, now))
             return
         self._act(lst, pkt, req, decision, now)
 
-    def _queue(self, p: _Pending) -> None:
+    def _queue(self, p: Pending) -> None:
         """Apply ``p``'s lease now (the next decision sees it); journaled with the turn's (_flush)."""
         assert self._db is not None and self._loop is not None and p.decision.lease is not None
         self._db.begin()
@@ -311,7 +295,7 @@ class DhcpService:
         if group:
             self._hold(group[0].lst, group[0].pkt, self._commit(group))
 
-    async def _commit(self, group: list[_Pending]) -> None:
+    async def _commit(self, group: list[Pending]) -> None:
         """One write (and one fsync if an ACK waits) for ``group``; no ACK for a lease not on disk."""
         assert self._store is not None and self._db is not None   # see _serve
         obs = self.runtime.observer
@@ -335,9 +319,9 @@ class DhcpService:
         try:
             self._store.maybe_compact(self._db, group[-1].now)
         except OSError as exc:
-            self.log.error("dhcp.lease_compact_failed", error=str(exc))
+            self.rlog.error("dhcp.lease_compact_failed", error=str(exc))
 
-    def _act(self, lst: _Listener, pkt: dhcp.DhcpPacket, req: policy.BootRequest,
+    def _act(self, lst: Listener, pkt: dhcp.DhcpPacket, req: policy.BootRequest,
              decision: policy.Reply | policy.LeaseChange, now: float, applied: bool = False) -> None:
         """Do what ``decision`` says (its lease already applied if ``applied``: a journaled group)."""
         if isinstance(decision, policy.LeaseChange):
@@ -359,7 +343,7 @@ class DhcpService:
         self._db.apply(lease)
         return True
 
-    def _reply(self, lst: _Listener, req: policy.BootRequest, reply: policy.Reply, applied: bool) -> None:
+    def _reply(self, lst: Listener, req: policy.BootRequest, reply: policy.Reply, applied: bool) -> None:
         obs = self.runtime.observer
         if reply.lease is not None and not applied and not self._apply(reply.lease):
             return
@@ -368,8 +352,8 @@ class DhcpService:
             lst.sock.sendto(data, reply.dest)
         except OSError as exc:
             obs.count("dhcp.send_errors")
-            self.log.warning("dhcp.send_failed", mac=req.mac, dest=f"{reply.dest[0]}:{reply.dest[1]}",
-                             error=str(exc))
+            self.rlog.warning("dhcp.send_failed", mac=req.mac, dest=f"{reply.dest[0]}:{reply.dest[1]}",
+                              error=str(exc))
             return
         self._unanswered.answered(req.mac)
         obs.count({"offer": "dhcp.offers", "ack": "dhcp.acks", "nak": "dhcp.naks"}[reply.kind])
@@ -381,9 +365,9 @@ class DhcpService:
                         req.arch_name if req.pxe else None)
         obs.timeline(req.mac, f"dhcp.{reply.kind}", file=reply.boot_file, server=str(req.server_ip),
                      port=lst.port, ip=str(p.yiaddr) if p.yiaddr != policy.ZERO else None)
-        self.log.info("dhcp.reply", mac=req.mac, xid=p.xid, port=lst.port, file=reply.boot_file,
-                      kind=reply.kind, arch=req.arch_name if req.pxe else None, ip=str(p.yiaddr),
-                      dest=f"{reply.dest[0]}:{reply.dest[1]}", interface=lst.iface)
+        self.rlog.info("dhcp.reply", key=req.mac, mac=req.mac, xid=p.xid, port=lst.port,
+                       file=reply.boot_file, kind=reply.kind, arch=req.arch_name if req.pxe else None,
+                       ip=str(p.yiaddr), dest=f"{reply.dest[0]}:{reply.dest[1]}", interface=lst.iface)
 
     def _note_unanswered(self, req: policy.BootRequest, drop: policy.Drop, now: float) -> None:
         """A booting machine got no answer: for ``sidusctl clients`` and the log (info, rate-limited)."""
@@ -397,7 +381,7 @@ class DhcpService:
         self.log.info("dhcp.unanswered", mac=req.mac, arch=arch, code=drop.code, reason=drop.detail,
                       suppressed=suppressed)
 
-    def _drop(self, lst: _Listener, pkt: dhcp.DhcpPacket, drop: policy.Drop) -> None:
+    def _drop(self, lst: Listener, pkt: dhcp.DhcpPacket, drop: policy.Drop) -> None:
         obs = self.runtime.observer
         obs.count(f"dhcp.drop.{drop.code}")
         if drop.seen_ip is not None:
@@ -405,12 +389,5 @@ class DhcpService:
             server = pkt.option(dhcp.OPT_SERVER_ID)
             obs.timeline(pkt.mac, "dhcp.site_request", ip=str(drop.seen_ip),
                          server=str(ipaddress.IPv4Address(server)) if server else None)
-        self.log.debug("dhcp.drop", mac=pkt.mac, xid=pkt.xid, port=lst.port, code=drop.code,
+        self.rlog.debug("dhcp.drop", mac=pkt.mac, xid=pkt.xid, port=lst.port, code=drop.code,
                        detail=drop.detail)
-
-
-def replace_lease_file(pool: Any, lease_file: Any) -> Any:
-    """``pool`` with ``lease_file`` kept (the open journal does not move on reload)."""
-    if dataclasses.is_dataclass(pool) and not isinstance(pool, type):
-        return dataclasses.replace(pool, lease_file=lease_file)
-    return pool

@@ -68,7 +68,7 @@ class Broker:
         if self._db is None or pool is None:
             return self._db
         from ..boot.leases import LeaseDB
-        from ..net.dhcp_server import replace_lease_file
+        from ..net.dhcp_records import replace_lease_file
         kept = replace_lease_file(pool, self._pool.lease_file)
         if kept != self._pool:
             db = LeaseDB.for_pool(kept)
