@@ -7,6 +7,7 @@
     sidusctl hosts remove MAC [--delete-disk]
     sidusctl hosts disk MAC [--show-secret]
     sidusctl hosts reset-disk MAC
+    sidusctl hosts import FILE... [--format F] [--profile P] [--replace] [--dry-run]  (sidusd/ctl_import.py)
     sidusctl reload
 
 It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``,
@@ -308,7 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("clients", parents=[common], help="recently seen machines and their boot timeline")
     c.add_argument("mac", nargs="?", help="only this machine")
     h = sub.add_parser("hosts", parents=[common], help="the inventory's hosts")
-    hs = h.add_subparsers(dest="hosts_cmd", required=True, metavar="list|add|remove|disk|reset-disk")
+    hs = h.add_subparsers(dest="hosts_cmd", required=True, metavar="list|add|remove|disk|reset-disk|import")
     hs.add_parser("list", parents=[common], help="list the hosts")
     a = hs.add_parser("add", parents=[common],
                       help="add a host, or replace the one with this MAC (written to the inventory file)")
@@ -329,6 +330,8 @@ def _parser() -> argparse.ArgumentParser:
     z = hs.add_parser("reset-disk", parents=[common],
                       help="wipe a persistent host's disk (factory reset; refused while it is logged in)")
     z.add_argument("mac")
+    from sidusd import ctl_import
+    ctl_import.add_parser(hs, common)
     sub.add_parser("reload", parents=[common], help="re-read config and inventory (like SIGHUP)")
     return p
 
@@ -366,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     path = ns.socket or os.environ.get(m.SOCKET_ENV) or m.DEFAULT_SOCKET_PATH
     try:
+        if ns.cmd == "hosts" and ns.hosts_cmd == "import":
+            from sidusd import ctl_import
+            return ctl_import.run(ns, lambda op, a: call(path, op, a, ns.timeout), render_hosts, CtlError)
         op, args = _request(ns)
         try:
             resp = call(path, op, args, ns.timeout)

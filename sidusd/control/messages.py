@@ -45,6 +45,7 @@ OP_HOSTS_REMOVE = "hosts.remove"
 OP_RELOAD = "reload"
 OP_HOSTS_DISK = "hosts.disk"
 OP_HOSTS_RESET_DISK = "hosts.reset-disk"
+OP_HOSTS_IMPORT = "hosts.import"
 
 MAX_ARG_CHARS = 4096    # any single string argument
 Text = Annotated[str, Meta(max_length=MAX_ARG_CHARS)]
@@ -82,6 +83,23 @@ class MacArgs(Args, frozen=True):
     mac: Text
 
 
+class ImportHost(Struct, frozen=True, forbid_unknown_fields=True):
+    """One host of a ``hosts.import`` batch; ``source`` (``FILE:LINE``) is named in refusals."""
+    mac: Text
+    profile: Text
+    hostname: Text | None = None
+    image: Text | None = None
+    ip: Text | None = None
+    append: Text | None = None
+    source: Text | None = None
+
+
+class HostsImportArgs(Args, frozen=True):
+    """``sidusctl hosts import``: every host in one inventory change (all or nothing)."""
+    hosts: Annotated[list[ImportHost], Meta(min_length=1)]
+    replace: bool | None = None
+
+
 #: Every op and the declaration of the arguments it accepts.  Unknown args are refused.
 OPS: dict[str, type[Args]] = {
     OP_STATUS: Args,
@@ -92,6 +110,7 @@ OPS: dict[str, type[Args]] = {
     OP_RELOAD: Args,
     OP_HOSTS_DISK: HostsDiskArgs,
     OP_HOSTS_RESET_DISK: MacArgs,
+    OP_HOSTS_IMPORT: HostsImportArgs,
 }
 
 
