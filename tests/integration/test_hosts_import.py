@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from daemon_fixture import SidusDaemon
+
 from sidusd.boot.inventory import parse_inventory
 
 G = Path(__file__).resolve().parent.parent / "golden" / "migration"
