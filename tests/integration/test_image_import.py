@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, require_root, require_tool
 from sidus_tree import make_tree
 
