@@ -14,8 +14,8 @@ import types
 from pathlib import Path
 
 import pytest
-
 from sidus_tree import make_tree
+
 from sidusd.lab.demo import Lab
 from sidusd.lab.timeline import boot_markers
 from sidusd.lab.topology import SERVER_IP
