@@ -1,22 +1,16 @@
 """Hosts from a hand-made site's files, for ``sidusctl hosts import`` (pure: text in, hosts or errors out).
 
-Four formats (docs/migration.md):
+* ``csv``: a header line (``mac`` required; ``hostname``, ``profile``, ``ip``, ``image``, ``append``).
+* ``ethers``: ``/etc/ethers``, ``MAC NAME-OR-ADDRESS`` a line.
+* ``dhcpd``: every ``host NAME { hardware ethernet M; fixed-address IP; option host-name "N"; }`` of a
+  dhcpd.conf, at any depth (groups, subnets), comments and quoted strings understood.
+* ``pxelinux``: a ``pxelinux.cfg/`` directory; each ``01-<mac>`` file is a host whose ``append`` is the
+  APPEND line of its DEFAULT label (else its first label, else the global one) without what sidusd
+  renders itself (:data:`RENDERED_ARGS`); rootaufs's ``aufs=iscsi`` becomes ``overlay_hint``.
 
-* ``csv``      a header line naming the columns (``mac`` required; ``hostname``, ``profile``,
-               ``ip``, ``image``, ``append`` optional), then one host a line.
-* ``ethers``   ``/etc/ethers``: ``MAC NAME-OR-ADDRESS`` a line, ``#`` comments.
-* ``dhcpd``    isc-dhcp-server's dhcpd.conf: every ``host NAME { hardware ethernet M;
-               fixed-address IP; option host-name "N"; }`` at any depth (groups, subnets,
-               shared-networks), comments and quoted strings understood.
-* ``pxelinux`` a tftpd-hpa ``pxelinux.cfg/`` directory: each ``01-<mac>`` file is a host whose
-               extra kernel arguments are the APPEND line of its DEFAULT label (else its first
-               label, else the global APPEND).  What sidus renders itself is dropped from it:
-               see :data:`RENDERED_ARGS`.  The documentation's rootaufs ``aufs=iscsi`` is kept as
-               :attr:`ImportedHost.overlay_hint` (the CLI picks ``--iscsi-profile`` for those).
-
-Every parser returns :class:`Parsed` (hosts, errors with file and line).  :func:`merge` refuses a
-MAC seen twice or already in the inventory (unless ``replace``), naming both places;
-:func:`apply_batch` makes the one new inventory.  All or nothing: nothing applied on any error.
+Every parser returns :class:`Parsed` (hosts, errors with file and line); :func:`merge` joins files
+and refuses duplicates naming both places; :func:`sidusd.boot.hostbatch.apply_batch` makes the one new inventory.
+All or nothing: the caller applies nothing when any error is left (docs/migration.md).
 """
 
 from __future__ import annotations
@@ -27,10 +21,10 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from sidusd.errors import ConfigError, InventoryError
+from sidusd.errors import ConfigError
 from sidusd.yamlstrict import check_kernel_args, check_name
 
-from .inventory import MAX_HOSTNAME_CHARS, Host, Inventory, normalize_mac
+from .inventory import MAX_HOSTNAME_CHARS, normalize_mac
 
 FORMATS = ("csv", "ethers", "dhcpd", "pxelinux")
 CSV_COLUMNS = ("mac", "hostname", "profile", "ip", "image", "append")
@@ -357,45 +351,38 @@ def parse(fmt: str, text: str, source: str) -> Parsed:
     return {"csv": parse_csv, "ethers": parse_ethers, "dhcpd": parse_dhcpd}[fmt](text, source)
 
 
+_FIELDS = ("hostname", "profile", "ip", "image", "append", "overlay_hint")
+
+
 def merge(parsed: Sequence[Parsed], existing: Mapping[str, str], replace_existing: bool = False) -> Parsed:
-    """All hosts of ``parsed``; a MAC twice, or in ``existing`` (MAC -> where, e.g. the inventory's
-    host name) without ``replace_existing``, is an error naming both places."""
-    hosts: list[ImportedHost] = []
+    """All hosts of ``parsed`` (one :class:`Parsed` per file).  A MAC twice in one file, in two files
+    with different values of one field, or in ``existing`` (MAC -> where, e.g. the inventory's host)
+    without ``replace_existing``, is an error naming both places.  One MAC in two files that agree
+    (dhcpd.conf: its name and address; pxelinux.cfg/: its APPEND) is one host with both."""
     errors = [e for p in parsed for e in p.errors]
-    seen: dict[str, str] = {}
+    hosts: dict[str, ImportedHost] = {}
     for p in parsed:
+        mine: set[str] = set()
         for h in p.hosts:
-            if h.mac in seen:
-                errors.append(ImportIssue(h.source, f"MAC {h.mac} is already at {seen[h.mac]}"))
+            old = hosts.get(h.mac)
+            if h.mac in mine:
+                where = old.source if old else "a line above"
+                errors.append(ImportIssue(h.source, f"MAC {h.mac} is already at {where}"))
                 continue
-            seen[h.mac] = h.source
-            if h.mac in existing and not replace_existing:
-                errors.append(ImportIssue(h.source, f"MAC {h.mac} is already in the inventory "
-                                          f"({existing[h.mac]}); --replace replaces it"))
+            mine.add(h.mac)
+            if old is None:
+                if h.mac in existing and not replace_existing:
+                    errors.append(ImportIssue(h.source, f"MAC {h.mac} is already in the inventory "
+                                              f"({existing[h.mac]}); --replace replaces it"))
+                    continue
+                hosts[h.mac] = h
                 continue
-            hosts.append(h)
-    return Parsed(tuple(hosts), tuple(errors), tuple(n for p in parsed for n in p.notes))
+            clash = [f for f in _FIELDS if getattr(h, f) and getattr(old, f) and getattr(h, f) != getattr(old, f)]
+            if clash:
+                errors.append(ImportIssue(h.source, f"MAC {h.mac}: {clash[0]} {getattr(h, clash[0])!r} differs "
+                                          f"from {getattr(old, clash[0])!r} at {old.source}"))
+                continue
+            hosts[h.mac] = replace(old, source=f"{old.source} + {h.source}", dropped=old.dropped + h.dropped,
+                                   **{f: getattr(h, f) for f in _FIELDS if getattr(h, f) and not getattr(old, f)})
+    return Parsed(tuple(hosts.values()), tuple(errors), tuple(n for p in parsed for n in p.notes))
 
-
-def apply_batch(inv: Inventory, hosts: Sequence[Host], sources: Sequence[str | None],
-                replace_existing: bool = False) -> Inventory:
-    """``inv`` with every host of the batch added (replacing the same MACs when
-    ``replace_existing``), checked once as a whole; InventoryError names the batch entry's source."""
-    where = {h.mac: (src or f"hosts[{i}]") for i, (h, src) in enumerate(zip(hosts, sources, strict=True))}
-    if len(where) != len(hosts):
-        dup = next(h.mac for i, h in enumerate(hosts) if h.mac in {x.mac for x in hosts[:i]})
-        raise InventoryError("hosts", f"MAC {dup} is twice in the import")
-    taken = [m for m in where if m in inv.hosts]
-    if taken and not replace_existing:
-        listed = ", ".join(f"{m} (from {where[m]})" for m in taken[:10]) + (" ..." if len(taken) > 10 else "")
-        raise InventoryError("hosts", f"already in the inventory: {listed}; nothing imported (--replace "
-                             "replaces them)")
-    merged = dict(inv.hosts)
-    merged.update({h.mac: h for h in hosts})
-    try:
-        return Inventory(inv.profiles, merged)
-    except InventoryError as e:
-        m = re.match(r"hosts\[([0-9a-f:]{17})\]", e.path)
-        src = where.get(m.group(1)) if m else None
-        raise InventoryError(e.path, e.reason + (f" (imported from {src})" if src else "")
-                             + "; nothing imported") from None

@@ -276,7 +276,7 @@ class ControlServer:
 
     async def _hosts_import(self, hosts: list[dict[str, Any]], replace: bool | None = None) -> dict[str, Any]:
         """Add every host of the batch in one inventory change (all or nothing, docs/migration.md)."""
-        from ..boot.hostimport import apply_batch
+        from ..boot.hostbatch import apply_batch
         from ..boot.inventory import Host
         batch = [Host(**{k: v for k, v in h.items() if k != "source"}) for h in hosts]
         sources = [h.get("source") for h in hosts]

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidusd.boot import hostimport as hi
+from sidusd.boot.hostbatch import apply_batch
 from sidusd.boot.inventory import Host, Inventory, Profile
 from sidusd.errors import InventoryError
 
@@ -96,13 +97,28 @@ def test_ethers_and_csv_errors_name_the_line():
 def test_merge_refuses_a_mac_twice_and_one_in_the_inventory_with_both_places():
     a = hi.parse_ethers("52:54:00:12:00:21 node21\n", "ethers")
     b = hi.parse_dhcpd("host x { hardware ethernet 52-54-00-12-00-21; }\n"
-                       "host y { hardware ethernet 52:54:00:12:00:99; }", "dhcpd.conf")
+                       "host y { hardware ethernet 52:54:00:12:00:99; }\n"
+                       "host z { hardware ethernet 52:54:00:12:00:99; }", "dhcpd.conf")
     m = hi.merge([a, b], {"52:54:00:12:00:99": "host old99"})
     assert [str(e) for e in m.errors] == [
-        "dhcpd.conf:1: MAC 52:54:00:12:00:21 is already at ethers:1",
-        "dhcpd.conf:2: MAC 52:54:00:12:00:99 is already in the inventory (host old99); --replace replaces it"]
+        "dhcpd.conf:1: MAC 52:54:00:12:00:21: hostname 'x' differs from 'node21' at ethers:1",
+        "dhcpd.conf:2: MAC 52:54:00:12:00:99 is already in the inventory (host old99); --replace replaces it",
+        "dhcpd.conf:3: MAC 52:54:00:12:00:99 is already at a line above"]
     m = hi.merge([b], {"52:54:00:12:00:99": "host old99"}, replace_existing=True)
-    assert m.errors == () and len(m.hosts) == 2
+    assert [str(e) for e in m.errors] == ["dhcpd.conf:3: MAC 52:54:00:12:00:99 is already at dhcpd.conf:2"]
+
+
+def test_merge_joins_one_mac_of_two_files_that_agree():
+    conf = hi.parse_dhcpd("host n41 { hardware ethernet 52:54:00:12:00:41; fixed-address 10.13.20.241; }", "d")
+    d = G / "pxelinux.cfg"
+    pxe = hi.parse_pxelinux({f.name: f.read_text() for f in d.iterdir()}, "p")
+    m = hi.merge([conf, pxe], {})
+    assert m.errors == ()
+    n41 = next(h for h in m.hosts if h.mac == "52:54:00:12:00:41")
+    assert (n41.hostname, n41.ip, n41.overlay_hint) == ("n41", "10.13.20.241", "tmpfs")
+    assert n41.append == "console=tty1 nouveau.modeset=0 console=ttyS0,115200"
+    assert n41.source == "d:1 + p/01-52-54-00-12-00-41:5" and n41.dropped
+    assert len(m.hosts) == 2
 
 
 def test_detect_format():
@@ -120,19 +136,19 @@ def inventory() -> Inventory:
 def test_apply_batch_all_or_nothing_and_names_the_source():
     inv = inventory()
     new = [Host("52:54:00:00:00:02", "default", hostname="n2"), Host("52:54:00:00:00:03", "default")]
-    out = hi.apply_batch(inv, new, ["f:1", "f:2"])
+    out = apply_batch(inv, new, ["f:1", "f:2"])
     assert sorted(out.hosts) == ["52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03"]
     with pytest.raises(InventoryError, match=r"already in the inventory: 52:54:00:00:00:01 \(from f:9\)"):
-        hi.apply_batch(inv, [Host("52:54:00:00:00:01", "default")], ["f:9"])
-    assert hi.apply_batch(inv, [Host("52:54:00:00:00:01", "default")], ["f:9"],
+        apply_batch(inv, [Host("52:54:00:00:00:01", "default")], ["f:9"])
+    assert apply_batch(inv, [Host("52:54:00:00:00:01", "default")], ["f:9"],
                           replace_existing=True).hosts["52:54:00:00:00:01"].hostname is None
     # a host name clash with a host already there: refused, naming the file and line
     with pytest.raises(InventoryError, match=r"duplicate host name 'old'.*\(imported from f:7\); nothing"):
-        hi.apply_batch(inv, [Host("52:54:00:00:00:04", "default", hostname="old")], ["f:7"])
+        apply_batch(inv, [Host("52:54:00:00:00:04", "default", hostname="old")], ["f:7"])
     with pytest.raises(InventoryError, match="unknown profile"):
-        hi.apply_batch(inv, [Host("52:54:00:00:00:05", "nosuch")], [None])
+        apply_batch(inv, [Host("52:54:00:00:00:05", "nosuch")], [None])
     with pytest.raises(InventoryError, match="twice"):
-        hi.apply_batch(inv, [Host("52:54:00:00:00:06", "default")] * 2, [None, None])
+        apply_batch(inv, [Host("52:54:00:00:00:06", "default")] * 2, [None, None])
     assert sorted(inv.hosts) == ["52:54:00:00:00:01"]          # immutable: nothing changed
 
 
