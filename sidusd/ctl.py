@@ -12,7 +12,8 @@
 
 It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``,
 else ``/run/sidus/control.sock``) with :mod:`sidusd.control.messages`, and
-imports nothing else of the daemon but :func:`sidusd.boot.inventory.normalize_mac`.
+imports nothing else of the daemon but :func:`sidusd.boot.inventory.normalize_mac` (and, for
+``hosts import``, :mod:`sidusd.ctl_import` with the pure parsers of :mod:`sidusd.boot.hostimport`).
 
 Exit codes: 0 success; 1 the daemon answered with an error (refused request,
 failed reload); 2 usage error (bad option, invalid MAC); 3 the daemon is not

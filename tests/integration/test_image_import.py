@@ -121,3 +121,26 @@ def test_trees_that_cannot_be_images_are_refused(tmp_path):
     finally:
         subprocess.run(["umount", str(tree / "proc")], check=True)
     assert not (tmp_path / "images" / "x").exists() or not list((tmp_path / "images" / "x").glob("gen-*"))
+
+
+def test_sigterm_during_an_in_place_import_puts_the_tree_back(tmp_path):
+    require_root()
+    require_tool("busybox")
+    import signal
+    import time
+    tree = tiny_tree(tmp_path / "sidus", "touch /update-started\nsleep 120\n")
+    p = subprocess.Popen([sys.executable, "-m", "sidusd.image", "--images-dir", str(tmp_path / "images"),
+                          "--tftp-root", str(tmp_path / "tftp"), "import", "sidus", str(tree), "--in-place"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = tmp_path / "images" / "sidus" / "gen-0001.partial" / "update-started"
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    assert started.exists(), p.communicate(timeout=30)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert tree.is_dir() and (tree / "update-started").exists()          # the site's tree is back
+    assert not (tmp_path / "images" / "sidus" / "gen-0001.partial").exists()
+    assert list((tmp_path / "images" / "sidus").glob("gen-*")) == []
+    assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
