@@ -8,11 +8,13 @@
     sidusctl hosts disk MAC [--show-secret]
     sidusctl hosts reset-disk MAC
     sidusctl hosts show MAC | set MAC [--FIELD V] [--unset F] | adopt MAC;  sidusctl tftp-root populate [DIR]
+    sidusctl hosts import FILE... [--format F] [--profile P] [--replace] [--dry-run]  (sidusd/ctl_import.py)
     sidusctl reload
 
 It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``, else the
 daemon's config's, :func:`sidusd.cliconfig.control_socket`) with :mod:`sidusd.control.messages`,
-and imports nothing else of the daemon but :func:`sidusd.boot.inventory.normalize_mac`.
+and imports nothing else of the daemon but :func:`sidusd.boot.inventory.normalize_mac` (and, for
+``hosts import``, :mod:`sidusd.ctl_import` with the pure parsers of :mod:`sidusd.boot.hostimport`).
 
 Exit codes: 0 success; 1 the daemon answered with an error (refused request,
 failed reload); 2 usage error (bad option, invalid MAC); 3 the daemon is not
@@ -322,7 +324,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("mac", nargs="?", help="only this machine")
     h = sub.add_parser("hosts", parents=[common], help="the inventory's hosts")
     hs = h.add_subparsers(dest="hosts_cmd", required=True,
-                          metavar="list|show|add|set|adopt|remove|disk|reset-disk")
+                          metavar="list|show|add|set|adopt|remove|disk|reset-disk|import")
     hs.add_parser("list", parents=[common], help="list the hosts")
     a = hs.add_parser("add", parents=[common],
                       help="add a host, or replace the one with this MAC (written to the inventory file)")
@@ -345,6 +347,8 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("mac")
     ctl_inventory.add_parsers(hs, common)
     tftproot.add_parser(sub, common)
+    from sidusd import ctl_import
+    ctl_import.add_parser(hs, common)
     sub.add_parser("reload", parents=[common], help="re-read config and inventory (like SIGHUP)")
     return p
 
@@ -385,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.cmd == "tftp-root":                   # local: no daemon needed (sidusd/tftproot.py)
         return tftproot.main(ns.dir, ns.config)
     try:
+        if ns.cmd == "hosts" and ns.hosts_cmd == "import":
+            from sidusd import ctl_import
+            return ctl_import.run(ns, lambda op, a: call(path, op, a, ns.timeout), render_hosts, CtlError)
         op, args = _request(ns)
         try:
             path = control_socket(ns.socket, ns.config)

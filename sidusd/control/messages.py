@@ -49,6 +49,7 @@ OP_HOSTS_SHOW = "hosts.show"
 OP_HOSTS_SET = "hosts.set"
 OP_HOSTS_ADOPT = "hosts.adopt"
 OP_IMAGES_STATUS = "images.status"
+OP_HOSTS_IMPORT = "hosts.import"
 
 MAX_ARG_CHARS = 4096    # any single string argument
 LIST_ARGS = frozenset({"unset"})     # the arguments that are lists of strings
@@ -110,6 +111,23 @@ class NameArgs(Args, frozen=True):
     name: Text
 
 
+class ImportHost(Struct, frozen=True, forbid_unknown_fields=True):
+    """One host of a ``hosts.import`` batch; ``source`` (``FILE:LINE``) is named in refusals."""
+    mac: Text
+    profile: Text
+    hostname: Text | None = None
+    image: Text | None = None
+    ip: Text | None = None
+    append: Text | None = None
+    source: Text | None = None
+
+
+class HostsImportArgs(Args, frozen=True):
+    """``sidusctl hosts import``: every host in one inventory change (all or nothing)."""
+    hosts: Annotated[list[ImportHost], Meta(min_length=1)]
+    replace: bool | None = None
+
+
 #: Every op and the declaration of the arguments it accepts.  Unknown args are refused.
 OPS: dict[str, type[Args]] = {
     OP_STATUS: Args,
@@ -124,6 +142,7 @@ OPS: dict[str, type[Args]] = {
     OP_HOSTS_SET: HostsSetArgs,
     OP_HOSTS_ADOPT: HostsAdoptArgs,
     OP_IMAGES_STATUS: NameArgs,
+    OP_HOSTS_IMPORT: HostsImportArgs,
 }
 
 

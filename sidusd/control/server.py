@@ -196,6 +196,7 @@ class ControlServer:
             m.OP_HOSTS_SET: self.ops.set,
             m.OP_HOSTS_ADOPT: self.ops.adopt,
             m.OP_IMAGES_STATUS: self.ops.image_status,
+            m.OP_HOSTS_IMPORT: self._hosts_import,
         }
         args = dict(req.args)
         if "mac" in args:
@@ -283,6 +284,24 @@ class ControlServer:
         if persistent:
             out["disk"] = await self._disk_info(mac)
         return out
+
+    async def _hosts_import(self, hosts: list[dict[str, Any]], replace: bool | None = None) -> dict[str, Any]:
+        """Add every host of the batch in one inventory change (all or nothing, docs/migration.md)."""
+        from ..boot.hostbatch import apply_batch
+        from ..boot.inventory import Host
+        batch = [Host(**{k: v for k, v in h.items() if k != "source"}) for h in hosts]
+        sources = [h.get("source") for h in hosts]
+        before: list[Any] = []
+
+        def add(inv: Any) -> Any:
+            before[:] = [set(inv.hosts)]
+            return apply_batch(inv, batch, sources, bool(replace))
+
+        await self.runtime.edit_inventory(add)
+        replaced = sorted(h.mac for h in batch if h.mac in before[0])
+        self.log.info("control.hosts_imported", count=len(batch), replaced=len(replaced))
+        return {"imported": len(batch), "replaced": replaced,
+                "added": sorted(h.mac for h in batch if h.mac not in before[0])}
 
     async def _hosts_remove(self, mac: str, delete_disk: bool | None = None) -> dict[str, Any]:
         """Remove the host; its iSCSI target goes with it, its disk only with ``delete_disk``."""

@@ -9,6 +9,7 @@ Commands (docs/images.md)::
     sidus-image shell NAME
     sidus-image rollback NAME [--to N]
     sidus-image gc NAME [--keep N]
+    sidus-image import NAME DIR [--in-place] [--no-switch]   (docs/migration.md)
 
 Where it works comes from the daemon's config (``--config``, else ``$SIDUS_CONFIG``, else
 /etc/sidus/sidus.yaml; :func:`sidusd.cliconfig.image_paths`): the images directory beside its
@@ -88,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="remove old unserved generations")
     gc.add_argument("name")
     gc.add_argument("--keep", type=int, default=2)
+    im = sub.add_parser("import", help="adopt a hand-made SIDUS tree as generation 1 (docs/migration.md)")
+    im.add_argument("name")
+    im.add_argument("dir", type=Path)
+    im.add_argument("--in-place", action="store_true", help="move DIR into the image (same file system), no copy")
+    im.add_argument("--no-switch", action="store_true", help="do not serve the new generation")
+    im.add_argument("--keep-failed", action="store_true", help="keep a failed copy's directory")
     return p
 
 
@@ -232,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.name}: generation {n} served")
         elif args.cmd == "gc":
             return _gc(adm, args.name, args.keep, args.config)
+        elif args.cmd == "import":
+            from sidusd.image.importer import import_tree
+            import_tree(adm, args.name, args.dir, in_place=args.in_place, switch=not args.no_switch,
+                        keep_failed=args.keep_failed)
     except LockBusy as e:
         print(f"sidus-image: {e}", file=sys.stderr)
         return EXIT_BUSY

@@ -18,6 +18,18 @@ def line(obj) -> bytes:
 
 # -- requests ------------------------------------------------------------------
 
+def test_hosts_import_batch_is_checked_entry_by_entry():
+    ok = {"mac": "52:54:00:00:00:01", "profile": "default"}
+    with pytest.raises(RemoteProtocolError, match="hosts.import"):
+        m.encode_request(m.OP_HOSTS_IMPORT, {"hosts": []})                  # an empty batch
+    with pytest.raises(RemoteProtocolError, match=r"hosts\[1\]"):
+        m.encode_request(m.OP_HOSTS_IMPORT, {"hosts": [ok, {"mac": "52:54:00:00:00:02"}]})
+    with pytest.raises(RemoteProtocolError, match=r"hosts\[0\].*|profle"):
+        m.encode_request(m.OP_HOSTS_IMPORT, {"hosts": [dict(ok, profle="x")]})
+    with pytest.raises(RemoteProtocolError, match="too long"):
+        m.encode_request(m.OP_HOSTS_IMPORT, {"hosts": [dict(ok, append="x" * 4000)] * 20})
+
+
 def test_request_round_trip_every_op():
     samples = {
         m.OP_STATUS: {},
@@ -33,6 +45,8 @@ def test_request_round_trip_every_op():
         m.OP_HOSTS_SET: {"mac": "52:54:00:00:00:01", "append": "quiet", "unset": ["hostname", "ip"]},
         m.OP_HOSTS_ADOPT: {"mac": "52:54:00:00:00:01", "profile": "default", "hostname": "vm1"},
         m.OP_IMAGES_STATUS: {"name": "demo"},
+        m.OP_HOSTS_IMPORT: {"hosts": [{"mac": "52:54:00:00:00:01", "profile": "default", "source": "f:1"}],
+                            "replace": False},
     }
     assert set(samples) == set(m.OPS)
     for op, args in samples.items():
