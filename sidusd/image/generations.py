@@ -26,15 +26,18 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sidusd.errors import BackendError
 from sidusd.fsutil import _fsync_dir, atomic_write
+from sidusd.image import layers
+from sidusd.observability import get_logger
 from sidusd.storage.runner import Runner
 from sidusd.yamlstrict import check_name
 
+log = get_logger("image.generations")
 _GEN = re.compile(r"^gen-(\d{4,9})$")
 COPY_TIMEOUT_S = 3600
 
@@ -104,9 +107,11 @@ def booted_generations(roots_in_use: Iterable[str], generation_roots: dict[int, 
 class ImageStore:
     """Generations of the images under one directory."""
 
-    def __init__(self, images_dir: Path, runner: Runner | None = None):
+    def __init__(self, images_dir: Path, runner: Runner | None = None,
+                 replace: Callable[[str, str], None] = layers.replace_entry):
         self.dir = Path(images_dir)
         self.runner = runner or Runner()
+        self.replace = replace              # how flatten puts a changed entry in place (tests break it)
 
     def image_dir(self, name: str) -> Path:
         check_name("image", name, what="image name")
@@ -162,37 +167,57 @@ class ImageStore:
     # -- making generations ------------------------------------------------------
 
     def begin(self, name: str, parent: int | None) -> tuple[int, Path]:
-        """A new ``gen-N.partial`` directory (a copy of ``parent`` with hard links never shared:
-        ``cp -a --reflink=auto``), and its number N.  Stale partials are removed first."""
+        """A new ``gen-N.partial`` and its number N.  With a ``parent``: an overlayfs mount over
+        the parent (sidusd.image.layers; the parent is its read-only lower layer), or, when the
+        overlay cannot be mounted, a full copy (``cp -a --reflink=auto``).  Stale partials and
+        layers (a crash) are released and removed first."""
         d = self.image_dir(name)
         for sub in ("", "meta", "logs"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        from sidusd.image.chroot import release
         for p in d.iterdir():
             if p.name.endswith(".partial"):       # left by a crash: release, then remove
-                from sidusd.image.chroot import release
                 release(p, self.runner)
+                self._remove_tree(p)
+        for p in d.iterdir():
+            if p.name.endswith(".layer"):
                 self._remove_tree(p)
         nums = self.numbers(name)
         number = (max(nums) + 1) if nums else 1
         part = d / f"{gen_dirname(number)}.partial"
         if parent is None:
             part.mkdir(mode=0o755)
-        else:
-            src = self.path(name, parent)
-            if not src.is_dir():
-                raise BackendError(f"image {name} has no generation {parent}")
+            return number, part
+        src = self.path(name, parent)
+        if not src.is_dir():
+            raise BackendError(f"image {name} has no generation {parent}")
+        try:
+            layers.prepare(src, part, parent, self.runner)
+        except (BackendError, OSError) as e:
+            log.warning("image.generation.full_copy", image=name, generation=number, reason=str(e))
+            for p in (part, layers.layer_dir(part)):
+                self._remove_tree(p)
             self.runner.run(["cp", "-a", "--reflink=auto", "--one-file-system", str(src), str(part)],
                             timeout_s=COPY_TIMEOUT_S).check()
         return number, part
 
     def commit(self, name: str, number: int, meta: dict) -> Path:
-        """Make ``gen-N.partial`` the complete generation N (rename) and record its metadata."""
+        """Make ``gen-N.partial`` the complete generation N (rename) and record its metadata.
+        An overlay generation is unmounted and flattened first (parent's hard-link farm + the
+        upper layer's entries; ``meta["changes"]`` says how much changed)."""
         d = self.image_dir(name)
         final = self.path(name, number)
+        part = d / f"{gen_dirname(number)}.partial"
+        lower = layers.lower_of(part)
+        if lower is not None:
+            from sidusd.image.chroot import release
+            release(part, self.runner)
+            meta = dict(meta, changes=layers.flatten(self.path(name, lower), part, self.runner,
+                                                     self.replace).as_meta())
         meta = dict(meta, generation=number,
                     created=meta.get("created") or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         atomic_write(d / "meta" / f"{gen_dirname(number)}.json", (json.dumps(meta, indent=1) + "\n").encode())
-        os.rename(d / f"{gen_dirname(number)}.partial", final)
+        os.rename(part, final)
         _fsync_dir(d)
         return final
 
@@ -203,6 +228,7 @@ class ImageStore:
         if part.exists():
             release(part, self.runner)
         self._remove_tree(part)
+        self._remove_tree(layers.layer_dir(part))
 
     def switch(self, name: str, number: int) -> None:
         """Serve generation ``number``: a new symlink renamed over ``current`` (atomic)."""

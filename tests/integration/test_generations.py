@@ -1,0 +1,246 @@
+"""Generations share their parent's files and never change them (sidusd/image/layers.py).
+
+A synthetic root (files with modes, owners, xattrs, a sparse file, hard links,
+a symlink, a fifo, a device, a dpkg database) is generation 1.  Each kind of
+write is done in the overlay of a new generation by the real tools (dpkg
+--root with a .deb built here by dpkg-deb, sh ``>>``, sed -i, chmod, chown,
+setfattr, ln, mv, rm -rf + mkdir, dd conv=notrunc into a hard-linked file),
+then the generation is published.  Every file of the parent is hashed before
+and after: content, type, mode, owner, size, mtime, symlink target, device
+number and xattrs.  Link count and ctime may change (a hard link to a shared
+inode adds a link and sets its ctime: the mechanism itself), nothing else.
+The published tree equals the merged view the tools saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sidusd.image import layers
+from sidusd.image.build import Administrator
+from sidusd.image.chroot import mounts_under
+from sidusd.image.generations import ImageStore
+from tests.conftest import require_root, require_tool
+
+NAME = "synth"
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Everything of every entry under ``root`` but inode number, link count, atime and ctime."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in [*dirnames, *filenames, ""] if dirpath == str(root) else [*dirnames, *filenames]:
+            p = os.path.join(dirpath, n) if n else dirpath
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    body = hashlib.sha256(f.read()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(p)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                body = f"dev {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            else:
+                body = ""
+            xattrs = tuple(sorted((a, os.getxattr(p, a, follow_symlinks=False))
+                                  for a in os.listxattr(p, follow_symlinks=False)))
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size,
+                                             st.st_mtime_ns, body, xattrs)
+    return out
+
+
+def make_root(root: Path) -> None:
+    for d in ("usr/bin", "etc/sub", "opt/d", "var/lib/dpkg/info", "var/lib/dpkg/updates",
+              "var/lib/dpkg/triggers", "usr/share/doc/base", "dev"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "etc/motd").write_text("hello\n")
+    (root / "etc/config").write_text("alpha=1\nbeta=2\n")
+    (root / "etc/sub/secret").write_text("s\n")
+    os.chmod(root / "etc/sub/secret", 0o600)
+    os.chown(root / "etc/sub/secret", 1234, 4321)
+    os.setxattr(root / "etc/config", "user.kept", b"1")
+    os.setxattr(root / "etc/sub", "trusted.dirmark", b"d")
+    os.setxattr(root / "usr/bin", "user.dir", b"u")
+    (root / "usr/bin/tool").write_bytes(b"\x7fELF" + os.urandom(4000))
+    os.chmod(root / "usr/bin/tool", 0o4755)
+    os.setxattr(root / "usr/bin/tool", "security.capability",
+                bytes.fromhex("0100000200200000000000000000000000000000"))
+    os.link(root / "usr/bin/tool", root / "usr/bin/tool-alias")
+    (root / "opt/shared-a").write_text("one inode, two names\n")
+    os.link(root / "opt/shared-a", root / "opt/shared-b")
+    (root / "opt/d/f").write_text("old\n")
+    (root / "usr/share/doc/base/README").write_text("doc\n")
+    os.symlink("../etc/motd", root / "usr/motd-link")
+    os.mkfifo(root / "dev/fifo")
+    os.mknod(root / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    with open(root / "opt/sparse", "wb") as f:
+        f.truncate(64 << 20)
+        f.write(b"head")
+    (root / "var/lib/dpkg/status").write_text("")
+    (root / "var/lib/dpkg/available").write_text("")
+    os.chmod(root, 0o755)
+
+
+def build_deb(tmp: Path, version: str, body: str) -> Path:
+    pkg = tmp / f"pkg-{version}"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "usr/share/sidus-test").mkdir(parents=True)
+    (pkg / "etc").mkdir()
+    (pkg / "DEBIAN/control").write_text(f"Package: sidus-test\nVersion: {version}\nArchitecture: all\n"
+                                        "Maintainer: sidus <sidus@example.org>\nDescription: test package\n")
+    (pkg / "DEBIAN/conffiles").write_text("/etc/sidus-test.conf\n")
+    (pkg / "usr/share/sidus-test/data").write_text(body)
+    (pkg / "etc/sidus-test.conf").write_text(f"conf {version}\n")
+    out = tmp / f"sidus-test_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(pkg), str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+@pytest.fixture
+def store(tmp_path):
+    require_root()
+    require_tool("setfattr")
+    require_tool("dpkg-deb")
+    st = ImageStore(tmp_path / "images")
+    n, part = st.begin(NAME, None)
+    make_root(part)
+    st.commit(NAME, n, {"kind": "build"})
+    st.switch(NAME, n)
+    yield st
+    assert mounts_under(tmp_path) == []
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(list(argv), check=True, capture_output=True)
+
+
+def dpkg(root: Path, *args: str) -> None:
+    sh("dpkg", f"--root={root}", "--force-script-chrootless", "--force-not-root", "--no-triggers",
+       "--path-exclude=/usr/share/doc/*", *args)
+
+
+WRITES = {
+    "append": lambda m, t: sh("sh", "-c", f"echo more >> {m}/etc/motd"),
+    "sed-i": lambda m, t: sh("sed", "-i", "s/alpha=1/alpha=9/", f"{m}/etc/config"),
+    "chmod-chown": lambda m, t: (sh("chmod", "0700", f"{m}/usr/bin/tool"),
+                                 sh("chown", "0:0", f"{m}/etc/sub/secret"), sh("chmod", "0700", f"{m}/etc")),
+    "setfattr": lambda m, t: (sh("setfattr", "-n", "user.new", "-v", "x", f"{m}/etc/motd"),
+                              sh("setfattr", "-x", "trusted.dirmark", f"{m}/etc/sub"),
+                              sh("setfattr", "-n", "trusted.t", "-v", "y", f"{m}/opt/d/f")),
+    "hard-link": lambda m, t: (sh("ln", f"{m}/etc/motd", f"{m}/etc/motd2"),
+                               sh("sh", "-c", f"echo via-link >> {m}/etc/motd2")),
+    "rename": lambda m, t: (sh("mv", f"{m}/etc/config", f"{m}/etc/config.old"),
+                            sh("mv", f"{m}/usr/share/doc/base", f"{m}/usr/share/doc/moved")),
+    "rm-and-recreate-dir": lambda m, t: (sh("rm", "-rf", f"{m}/opt/d"), sh("mkdir", f"{m}/opt/d"),
+                                         sh("sh", "-c", f"echo new > {m}/opt/d/g"),
+                                         sh("rm", f"{m}/usr/motd-link", f"{m}/dev/fifo")),
+    "write-through-shared-link": lambda m, t: (
+        sh("dd", "if=/dev/zero", f"of={m}/opt/shared-a", "bs=1", "count=3", "conv=notrunc"),
+        sh("dd", "if=/dev/urandom", f"of={m}/opt/sparse", "bs=4096", "count=1", "seek=1000", "conv=notrunc"),
+        sh("truncate", "-s", "0", f"{m}/usr/bin/tool-alias")),
+    "dpkg-install": lambda m, t: dpkg(m, "-i", str(build_deb(t, "1.0", "v1\n"))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WRITES))
+def test_parent_generation_is_immutable_and_child_is_what_the_tools_wrote(store, tmp_path, kind):
+    parent = store.path(NAME, 1)
+    before = snapshot(parent)
+    n, part = store.begin(NAME, 1)
+    assert mounts_under(part) == [str(part)]                       # the overlay, lower = generation 1
+    WRITES[kind](part, tmp_path)
+    merged = snapshot(part)
+    assert merged != before
+    store.commit(NAME, n, {"kind": "run"})
+    child = store.path(NAME, n)
+    assert snapshot(parent) == before, "the parent generation changed"
+    assert snapshot(child) == merged, "the published generation differs from what the tools wrote"
+    assert not layers.layer_dir(store.image_dir(NAME) / f"gen-{n:04d}.partial").exists()
+    # unchanged files are shared (same inode), at no cost
+    assert os.lstat(child / "usr/share/doc").st_ino != os.lstat(parent / "usr/share/doc").st_ino   # own dirs
+    if kind not in ("write-through-shared-link",):
+        assert os.lstat(child / "opt/sparse").st_ino == os.lstat(parent / "opt/sparse").st_ino
+
+
+def test_dpkg_install_upgrade_purge_each_a_generation(store, tmp_path):
+    v1, v2 = build_deb(tmp_path, "1.0", "v1\n"), build_deb(tmp_path, "2.0", "v2 data\n")
+    steps = [("-i", str(v1)), ("-i", str(v2)), ("--purge", "sidus-test")]
+    for i, args in enumerate(steps, start=1):
+        gens = {g: snapshot(store.path(NAME, g)) for g in store.numbers(NAME)}
+        n, part = store.begin(NAME, i)
+        dpkg(part, *args)
+        store.commit(NAME, n, {"kind": "run"})
+        store.switch(NAME, n)
+        for g, snap in gens.items():
+            assert snapshot(store.path(NAME, g)) == snap, f"generation {g} changed by step {args}"
+    g2, g3, g4 = (store.path(NAME, g) for g in (2, 3, 4))
+    assert (g2 / "usr/share/sidus-test/data").read_text() == "v1\n"
+    assert (g3 / "usr/share/sidus-test/data").read_text() == "v2 data\n"
+    assert (g3 / "etc/sidus-test.conf").read_text() == "conf 2.0\n"
+    assert not (g4 / "usr/share/sidus-test").exists() and not (g4 / "etc/sidus-test.conf").exists()
+    assert "Version: 2.0" in (g3 / "var/lib/dpkg/status").read_text()
+    assert "sidus-test" not in (g4 / "var/lib/dpkg/status").read_text().replace("Status: purge", "")
+
+
+def test_the_check_catches_a_publish_that_writes_into_a_shared_inode(tmp_path):
+    """The deliberately broken variant: flatten copies the changed content INTO the existing name
+    (following the hard link to the parent's inode) instead of renaming over it."""
+    require_root()
+
+    def write_in_place(src: str, dst: str) -> None:
+        if os.path.lexists(dst) and not os.path.isdir(dst):
+            with open(src, "rb") as s, open(dst, "r+b") as d:     # the bug: the shared inode is written
+                d.truncate(0)
+                d.write(s.read())
+            os.unlink(src)
+        else:
+            layers.replace_entry(src, dst)
+
+    st = ImageStore(tmp_path / "images", replace=write_in_place)
+    n, part = st.begin(NAME, None)
+    make_root(part)
+    st.commit(NAME, n, {"kind": "build"})
+    before = snapshot(st.path(NAME, 1))
+    n, part = st.begin(NAME, 1)
+    WRITES["append"](part, tmp_path)
+    st.commit(NAME, n, {"kind": "run"})
+    assert snapshot(st.path(NAME, 1)) != before
+    assert (st.path(NAME, 1) / "etc/motd").read_text() == "hello\nmore\n"     # what the check saw
+
+
+def test_administrator_run_in_a_chroot_shares_and_keeps_the_parent(tmp_path):
+    """The whole path: `run` in a chroot (busybox sh inside) on the overlay, then published."""
+    require_root()
+    bb = require_tool("busybox")
+    adm = Administrator(tmp_path / "images", tmp_path / "tftp", out=io.StringIO())
+    n, part = adm.store.begin(NAME, None)
+    make_root(part)
+    (part / "bin").mkdir()
+    shutil.copy2(bb, part / "bin/busybox")
+    for app in ("sh", "sed", "chmod", "ln", "mv", "cat"):
+        os.symlink("busybox", part / "bin" / app)
+    adm.store.commit(NAME, n, {"kind": "build"})
+    adm.serve(NAME, n)
+    before = snapshot(adm.store.path(NAME, 1))
+    adm.run(NAME, ["/bin/sh", "-c", "echo x >> /etc/motd; sed -i s/beta/gamma/ /etc/config; "
+                                    "chmod 600 /usr/bin/tool; ln /etc/motd /etc/m2; mv /opt/d /opt/e; "
+                                    "cat /proc/self/mounts > /root-mounts"])
+    assert adm.store.current(NAME) == 2 and mounts_under(tmp_path) == []
+    g1, g2 = adm.store.path(NAME, 1), adm.store.path(NAME, 2)
+    assert snapshot(g1) == before
+    assert (g2 / "etc/motd").read_text() == "hello\nx\n" and "gamma=2" in (g2 / "etc/config").read_text()
+    assert os.stat(g2 / "etc/motd").st_ino == os.stat(g2 / "etc/m2").st_ino
+    assert (g2 / "opt/e/f").read_text() == "old\n" and not (g2 / "opt/d").exists()
+    assert " /proc " in (g2 / "root-mounts").read_text()
+    assert not (g2 / "usr/sbin/policy-rc.d").exists()
+    assert os.stat(g2 / "opt/sparse").st_ino == os.stat(g1 / "opt/sparse").st_ino
+    meta = adm.store.meta(NAME, 2)
+    assert meta["changes"]["files"] >= 4 and meta["changes"]["bytes"] < 1 << 20
