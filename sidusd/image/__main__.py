@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log events at info level (default: warnings)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="debootstrap package cache (kept between builds)")
+    p.add_argument("--btrfs-snapshots", action="store_true",
+                   help="on btrfs, make generations as subvolume snapshots (kernel nfsd; nfs-ganesha 4 "
+                        "cannot export them; docs/images.md)")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build a new generation from a recipe")
     b.add_argument("recipe", type=Path)
@@ -99,11 +102,10 @@ def _parser() -> argparse.ArgumentParser:
 def _list(adm: Administrator, name: str | None, as_json: bool, config_path: Path | None) -> None:
     users = _image_users(config_path)
     booted_by_root = _booted_by_root(config_path)
-    from sidusd.image.history import sharing
     rows: list[dict[str, Any]] = []
     for n in ([name] if name else adm.store.names()):
         gens = adm.store.list(n)
-        shares = sharing({g.number: g.path for g in gens})
+        shares = adm.store.own_shared(n, [g.number for g in gens])
         for g in gens:
             used = users.get(f"{n}.gen-{g.number}", []) + (users.get(n, []) if g.current else [])
             recs = booted_by_root.get(os.path.realpath(g.path), [])
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_format, "info" if args.verbose else "warning")
     adm = Administrator(args.images_dir, args.tftp_root, cache_dir=args.cache_dir,
-                        images_file=args.images_file, control_socket=args.control_socket)
+                        images_file=args.images_file, control_socket=args.control_socket,
+                        btrfs_snapshots=args.btrfs_snapshots)
     try:
         if args.cmd == "build":
             adm.build(read_recipe(args.recipe), switch=not args.no_switch, keep_failed=args.keep_failed,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from sidusd.errors import BackendError
 from sidusd.fsutil import _fsync_dir, atomic_write
-from sidusd.image import layers
+from sidusd.image import btrfs, layers
 from sidusd.observability import get_logger
 from sidusd.storage.runner import Runner
 from sidusd.yamlstrict import check_name
@@ -108,10 +108,13 @@ class ImageStore:
     """Generations of the images under one directory."""
 
     def __init__(self, images_dir: Path, runner: Runner | None = None,
-                 replace: Callable[[str, str], None] = layers.replace_entry):
+                 replace: Callable[[str, str], None] = layers.replace_entry, btrfs_snapshots: bool = False):
         self.dir = Path(images_dir)
         self.runner = runner or Runner()
+        # opt-in: nfs-ganesha 4 (Debian 12) does not export btrfs subvolumes (docs/images.md)
+        self.btrfs_snapshots = btrfs_snapshots
         self.replace = replace              # how flatten puts a changed entry in place (tests break it)
+        self._made: dict[tuple[str, int], str] = {}     # (image, number) -> how begin() made it
 
     def image_dir(self, name: str) -> Path:
         check_name("image", name, what="image name")
@@ -185,12 +188,21 @@ class ImageStore:
         nums = self.numbers(name)
         number = (max(nums) + 1) if nums else 1
         part = d / f"{gen_dirname(number)}.partial"
+        on_btrfs = self.btrfs_snapshots and btrfs.available(d)
         if parent is None:
-            part.mkdir(mode=0o755)
+            if on_btrfs:
+                btrfs.create(part, self.runner)     # so that its children can be snapshots
+            else:
+                part.mkdir(mode=0o755)
+            self._made[(name, number)] = "btrfs-subvolume" if on_btrfs else "directory"
             return number, part
         src = self.path(name, parent)
         if not src.is_dir():
             raise BackendError(f"image {name} has no generation {parent}")
+        if on_btrfs and btrfs.is_subvolume(src):
+            btrfs.snapshot(src, part, self.runner)  # O(1), copy-on-write: the fast path
+            self._made[(name, number)] = "btrfs-snapshot"
+            return number, part
         try:
             layers.prepare(src, part, parent, self.runner)
         except (BackendError, OSError) as e:
@@ -199,6 +211,7 @@ class ImageStore:
                 self._remove_tree(p)
             self.runner.run(["cp", "-a", "--reflink=auto", "--one-file-system", str(src), str(part)],
                             timeout_s=COPY_TIMEOUT_S).check()
+            self._made[(name, number)] = "copy"
         return number, part
 
     def commit(self, name: str, number: int, meta: dict) -> Path:
@@ -213,7 +226,11 @@ class ImageStore:
             from sidusd.image.chroot import release
             release(part, self.runner)
             meta = dict(meta, changes=layers.flatten(self.path(name, lower), part, self.runner,
-                                                     self.replace).as_meta())
+                                                     self.replace).as_meta(), mechanism="overlay+hardlinks")
+        else:
+            if btrfs.is_subvolume(part):
+                btrfs.set_readonly(part, self.runner)
+            meta = dict(meta, mechanism=self._made.pop((name, number), "directory"))
         meta = dict(meta, generation=number,
                     created=meta.get("created") or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         atomic_write(d / "meta" / f"{gen_dirname(number)}.json", (json.dumps(meta, indent=1) + "\n").encode())
@@ -271,4 +288,16 @@ class ImageStore:
         left = mounts_under(path)
         if left:
             raise BackendError(f"refusing to remove {path}: something is mounted in it", detail=", ".join(left))
-        shutil.rmtree(path)
+        if btrfs.is_subvolume(path):
+            btrfs.delete(path, self.runner)
+        else:
+            shutil.rmtree(path)
+
+    def own_shared(self, name: str, numbers: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """Generation -> (own bytes, shared bytes): extents on btrfs (``btrfs filesystem du``),
+        else inodes (sidusd.image.history.sharing)."""
+        from sidusd.image.history import sharing
+        roots = {n: self.path(name, n) for n in numbers}
+        if roots and all(btrfs.is_subvolume(p) for p in roots.values()):
+            return btrfs.du(roots, self.runner)
+        return sharing(roots)

@@ -100,6 +100,8 @@ def _same_content(a: str, b: str) -> bool:
 def _same(a_root: Path, b_root: Path, rel: str, sa: os.stat_result, sb: os.stat_result) -> bool:
     if (sa.st_ino, sa.st_dev) == (sb.st_ino, sb.st_dev):
         return True                                   # one inode: unchanged (hard-link farm)
+    if sa.st_ino == sb.st_ino and sa.st_ctime_ns == sb.st_ctime_ns and not stat.S_ISDIR(sa.st_mode):
+        return True                                   # a btrfs snapshot's untouched file (ctime unsettable)
     if (sa.st_mode, sa.st_uid, sa.st_gid) != (sb.st_mode, sb.st_uid, sb.st_gid):
         return False
     pa, pb = str(a_root / rel), str(b_root / rel)

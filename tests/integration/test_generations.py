@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from sidusd.image import layers
+from sidusd.image import btrfs, layers
 from sidusd.image.build import Administrator
 from sidusd.image.chroot import mounts_under
 from sidusd.image.generations import ImageStore
@@ -34,7 +34,8 @@ NAME = "synth"
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Everything of every entry under ``root`` but inode number, link count, atime and ctime."""
+    """Everything of every entry under ``root`` but inode number, link count, atime, ctime and a
+    directory's st_size (overlayfs shows the upper directory's; btrfs counts names)."""
     out: dict[str, tuple] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for n in [*dirnames, *filenames, ""] if dirpath == str(root) else [*dirnames, *filenames]:
@@ -51,7 +52,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
                 body = ""
             xattrs = tuple(sorted((a, os.getxattr(p, a, follow_symlinks=False))
                                   for a in os.listxattr(p, follow_symlinks=False)))
-            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size,
+            size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size    # a directory's size is the fs's business
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, size,
                                              st.st_mtime_ns, body, xattrs)
     return out
 
@@ -104,18 +106,40 @@ def build_deb(tmp: Path, version: str, body: str) -> Path:
     return out
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(params=["ext4", "btrfs", "btrfs-snapshots"])
+def images_dir(request, tmp_path):
+    """The images directory on this machine's file system (ext4: overlay + hard-link farm) or on
+    a loop-mounted btrfs (the same, or with ``btrfs_snapshots`` the snapshot fast path)."""
     require_root()
+    if request.param == "ext4":
+        assert btrfs._fstype(tmp_path) == 0xEF53, "tmp_path is expected on ext4 here"
+        yield tmp_path / "images"
+        return
+    require_tool("mkfs.btrfs")
+    require_tool("btrfs")
+    img, mnt = tmp_path / "btrfs.img", tmp_path / "btrfs"
+    with open(img, "wb") as f:
+        f.truncate(1 << 30)
+    sh("mkfs.btrfs", "-q", str(img))
+    mnt.mkdir()
+    sh("mount", "-o", "loop", str(img), str(mnt))
+    try:
+        yield mnt / "images"
+    finally:
+        sh("umount", str(mnt))
+
+
+@pytest.fixture
+def store(images_dir, tmp_path, request):
     require_tool("setfattr")
     require_tool("dpkg-deb")
-    st = ImageStore(tmp_path / "images")
+    st = ImageStore(images_dir, btrfs_snapshots=request.node.callspec.params["images_dir"] == "btrfs-snapshots")
     n, part = st.begin(NAME, None)
     make_root(part)
     st.commit(NAME, n, {"kind": "build"})
     st.switch(NAME, n)
     yield st
-    assert mounts_under(tmp_path) == []
+    assert mounts_under(images_dir) == []
 
 
 def sh(*argv: str) -> None:
@@ -155,7 +179,11 @@ def test_parent_generation_is_immutable_and_child_is_what_the_tools_wrote(store,
     parent = store.path(NAME, 1)
     before = snapshot(parent)
     n, part = store.begin(NAME, 1)
-    assert mounts_under(part) == [str(part)]                       # the overlay, lower = generation 1
+    on_btrfs = btrfs.is_subvolume(parent)
+    if on_btrfs:
+        assert btrfs.is_subvolume(part) and mounts_under(part) == []          # a writable snapshot
+    else:
+        assert mounts_under(part) == [str(part)]                   # the overlay, lower = generation 1
     WRITES[kind](part, tmp_path)
     merged = snapshot(part)
     assert merged != before
@@ -164,7 +192,13 @@ def test_parent_generation_is_immutable_and_child_is_what_the_tools_wrote(store,
     assert snapshot(parent) == before, "the parent generation changed"
     assert snapshot(child) == merged, "the published generation differs from what the tools wrote"
     assert not layers.layer_dir(store.image_dir(NAME) / f"gen-{n:04d}.partial").exists()
+    if on_btrfs:                                                   # published read-only
+        assert store.meta(NAME, n)["mechanism"] == "btrfs-snapshot"
+        with pytest.raises(OSError, match="Read-only file system"):
+            (child / "etc/motd").write_text("no")
+        return
     # unchanged files are shared (same inode), at no cost
+    assert store.meta(NAME, n)["mechanism"] == "overlay+hardlinks"
     assert os.lstat(child / "usr/share/doc").st_ino != os.lstat(parent / "usr/share/doc").st_ino   # own dirs
     if kind not in ("write-through-shared-link",):
         assert os.lstat(child / "opt/sparse").st_ino == os.lstat(parent / "opt/sparse").st_ino
@@ -244,3 +278,62 @@ def test_administrator_run_in_a_chroot_shares_and_keeps_the_parent(tmp_path):
     assert os.stat(g2 / "opt/sparse").st_ino == os.stat(g1 / "opt/sparse").st_ino
     meta = adm.store.meta(NAME, 2)
     assert meta["changes"]["files"] >= 4 and meta["changes"]["bytes"] < 1 << 20
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("images_dir", ["ext4", "btrfs"], indirect=True)
+def test_ganesha_exports_a_generation_and_its_child_while_the_next_is_built(store, tmp_path):
+    """nfs-ganesha (VFS) serves generation 1 and its child 2 (hard-link farm, or btrfs snapshot)
+    side by side: an NFSv3
+    client (libnfs's nfs-cat) reads the shared inode through both exports and each generation's
+    own version of the changed file; generation 1 keeps serving while 3 is in its overlay."""
+    import asyncio
+
+    from netns import NetNs
+
+    from sidusd import config as config_mod
+    from sidusd.lab.ganesha import GaneshaServer
+    from sidusd.storage.nfs import NfsManager
+    from sidusd.storage.runner import Runner
+    for t in ("ganesha.nfsd", "rpcbind", "showmount", "unshare", "nfs-cat"):
+        require_tool(t)
+    n, part = store.begin(NAME, 1)
+    WRITES["append"](part, tmp_path)
+    store.commit(NAME, n, {"kind": "run"})
+    g1, g2 = store.path(NAME, 1), store.path(NAME, 2)
+    ip = "10.13.21.1"
+    with NetNs("sidus-t-gen") as ns:
+        ns.run("ip", "link", "add", "gv0", "type", "veth", "peer", "name", "gv1")
+        ns.run("ip", "addr", "add", f"{ip}/24", "dev", "gv0")
+        ns.run("ip", "link", "set", "gv0", "up")
+        ns.run("ip", "link", "set", "gv1", "up")
+        server = GaneshaServer(ns.name, tmp_path / "ganesha", tmp_path / "exports.conf", ip)
+        try:
+            server.start()
+            server.wait_ready(timeout_s=60)
+            cfg = config_mod.parse(
+                "dhcp: {mode: 'off'}\n" f"tftp: {{root: {tmp_path}}}\n"
+                f"nfs: {{backend: ganesha, client_networks: [10.13.21.0/24], ganesha_config: "
+                f"{server.exports_file}, ganesha_pid_file: {server.pid_file}}}\n"
+                f"images:\n  g1: {{root: {g1}, kernel: k, initrd: i}}\n  g2: {{root: {g2}, kernel: k, initrd: i}}\n",
+                "test.yaml", tmp_path)
+            asyncio.run(NfsManager(cfg, Runner()).apply(cfg))
+            for g in (g1, g2):
+                server.wait_exported(g, timeout_s=30)
+
+            def cat(root: Path, rel: str) -> bytes:
+                r = subprocess.run(["ip", "netns", "exec", ns.name, "nfs-cat",
+                                    f"nfs://{ip}{root}/{rel}?version=3"], capture_output=True, timeout=60)
+                assert r.returncode == 0, r.stderr
+                return r.stdout
+            n3, part3 = store.begin(NAME, 2)                                # the next one, being built
+            WRITES["sed-i"](part3, tmp_path)
+            assert cat(g1, "etc/motd") == b"hello\n" and cat(g2, "etc/motd") == b"hello\nmore\n"
+            assert cat(g1, "opt/shared-a") == cat(g2, "opt/shared-b") == b"one inode, two names\n"
+            assert cat(g2, "etc/config") == b"alpha=1\nbeta=2\n"
+            store.commit(NAME, n3, {"kind": "run"})
+            assert cat(g2, "etc/config") == b"alpha=1\nbeta=2\n"           # 2 unchanged by 3's publish
+        finally:
+            log = server.log_tail()
+            server.stop()
+            print(log)
