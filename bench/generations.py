@@ -66,10 +66,9 @@ def loop_fs(fstype: str, work: Path, size_gib: int) -> Iterator[Path]:
         img.unlink()
 
 
-def make_tree(root: Path, shape: str, count: int) -> int:
+def make_tree(root: Path, shape: str, count: int, per_dir: int) -> int:
     """The synthetic 32 GiB tree; the number of files."""
     size = TREE_BYTES // count
-    per_dir = 1000
     for i in range(count):
         d = root / "usr" / f"d{i // per_dir:05d}"
         if i % per_dir == 0:
@@ -86,12 +85,13 @@ def make_tree(root: Path, shape: str, count: int) -> int:
     return count
 
 
-def one_case(fstype: str, shape: str, count: int, work: Path) -> dict:
+def one_case(fs: str, shape: str, count: int, work: Path, per_dir: int) -> dict:
+    fstype = fs.split("-")[0]
     with loop_fs(fstype, work, 64) as mnt:
-        st = ImageStore(mnt / "images")
+        st = ImageStore(mnt / "images", btrfs_snapshots=fs == "btrfs-snapshots")
         n, part = st.begin(NAME, None)
         t = time.monotonic()
-        files = make_tree(part, shape, count)
+        files = make_tree(part, shape, count, per_dir)
         st.commit(NAME, n, {"kind": "build"})
         st.switch(NAME, n)
         make_s = time.monotonic() - t
@@ -114,9 +114,11 @@ def one_case(fstype: str, shape: str, count: int, work: Path) -> dict:
         st.switch(NAME, n2)
         t = time.monotonic()
         st.remove(NAME, 1)                                         # gc of the old generation
+        subprocess.run(["sync"], check=True)
         gc_s = time.monotonic() - t
         meta = st.meta(NAME, n2)
-        return {"fs": fstype, "shape": shape, "files": files, "tree_gib": TREE_BYTES >> 30,
+        return {"fs": fs, "shape": shape, "files": files, "dirs": -(-files // per_dir),
+                "mechanism": meta.get("mechanism"), "tree_gib": TREE_BYTES >> 30,
                 "make_tree_s": round(make_s, 1), "new_generation_s": round(new_s, 2),
                 "publish_s": round(publish_s, 2),
                 "extra_disk_mib": round(extra / 2**20, 2), "changes": meta.get("changes"),
@@ -158,10 +160,13 @@ def apt_case(package: str, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.generations", description=__doc__.split("\n")[0])
-    p.add_argument("--fs", nargs="*", default=["ext4", "xfs", "btrfs"])
+    p.add_argument("--fs", nargs="*", default=["ext4", "xfs", "btrfs", "btrfs-snapshots"],
+                   help="btrfs-snapshots: btrfs with sidus-image --btrfs-snapshots")
     p.add_argument("--shapes", nargs="*", default=["large", "many"])
     p.add_argument("--large-files", type=int, default=1024)
     p.add_argument("--many-files", type=int, default=300_000)
+    p.add_argument("--files-per-dir", type=int, default=1000,
+                   help="files per directory (a Debian /usr has about 8: every directory costs a block)")
     p.add_argument("--apt", metavar="PACKAGE", default=None, help="also the one-package comparison")
     p.add_argument("--work", type=Path, default=None, help="where the image files go (default: a temp dir)")
     args = p.parse_args(argv)
@@ -172,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for fs in args.fs:
-            if shutil.which(f"mkfs.{fs}") is None:
+            if shutil.which(f"mkfs.{fs.split('-')[0]}") is None:
                 print(f"{fs}: skipped (no mkfs.{fs})", file=sys.stderr)
                 continue
             for shape in args.shapes:
                 count = args.large_files if shape == "large" else args.many_files
-                r = one_case(fs, shape, count, work)
+                r = one_case(fs, shape, count, work, args.files_per_dir)
                 print(json.dumps(r), flush=True)
                 results.append(r)
         if args.apt:

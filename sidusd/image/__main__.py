@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--keep-failed", action="store_true", help="keep a failed generation's directory")
         sp.add_argument("-m", "--message", default=None, help="why this generation (shown by list)")
         if sp.prog.split()[-1] == "run":
-            sp.add_argument("command", nargs=argparse.REMAINDER)
+            sp.add_argument("command", nargs="*", help="after --: the command and its arguments")
     ls = sub.add_parser("list", help="generations, size, date")
     ls.add_argument("name", nargs="?")
     ls.add_argument("--json", action="store_true")
@@ -238,6 +238,13 @@ def _pinned(config_path: Path | None, name: str) -> set[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sidus-image``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    after: list[str] | None = None
+    if "run" in argv and "--" in argv[argv.index("run"):]:
+        # `run NAME [options] -- CMD...`: the options before `--` are sidus-image's, what follows the
+        # command's (argparse's REMAINDER alone would take `-m TEXT` after NAME as the command)
+        i = argv.index("--", argv.index("run"))
+        argv, after = argv[:i], argv[i + 1:]
     args = _parser().parse_args(argv)
     setup_logging(args.log_format, "info" if args.verbose else "warning")
     adm = Administrator(args.images_dir, args.tftp_root, cache_dir=args.cache_dir,
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "update":
             adm.update(args.name, switch=not args.no_switch, keep_failed=args.keep_failed, message=args.message)
         elif args.cmd == "run":
-            cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+            cmd = after if after is not None else args.command
             if not cmd:
                 print("sidus-image run: give the command after --", file=sys.stderr)
                 return 2

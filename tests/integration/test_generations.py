@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from sidusd.image.generations import ImageStore
 from tests.conftest import require_root, require_tool
 
 NAME = "synth"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -250,17 +253,21 @@ def test_the_check_catches_a_publish_that_writes_into_a_shared_inode(tmp_path):
     assert (st.path(NAME, 1) / "etc/motd").read_text() == "hello\nmore\n"     # what the check saw
 
 
+def busybox_root(part: Path, bb: str) -> None:
+    make_root(part)
+    (part / "bin").mkdir()
+    shutil.copy2(bb, part / "bin/busybox")
+    for app in ("sh", "sed", "chmod", "ln", "mv", "cat"):
+        os.symlink("busybox", part / "bin" / app)
+
+
 def test_administrator_run_in_a_chroot_shares_and_keeps_the_parent(tmp_path):
     """The whole path: `run` in a chroot (busybox sh inside) on the overlay, then published."""
     require_root()
     bb = require_tool("busybox")
     adm = Administrator(tmp_path / "images", tmp_path / "tftp", out=io.StringIO())
     n, part = adm.store.begin(NAME, None)
-    make_root(part)
-    (part / "bin").mkdir()
-    shutil.copy2(bb, part / "bin/busybox")
-    for app in ("sh", "sed", "chmod", "ln", "mv", "cat"):
-        os.symlink("busybox", part / "bin" / app)
+    busybox_root(part, bb)
     adm.store.commit(NAME, n, {"kind": "build"})
     adm.serve(NAME, n)
     before = snapshot(adm.store.path(NAME, 1))
@@ -337,3 +344,52 @@ def test_ganesha_exports_a_generation_and_its_child_while_the_next_is_built(stor
             log = server.log_tail()
             server.stop()
             print(log)
+
+
+def test_cli_message_list_sizes_diff_and_gc_record(tmp_path):
+    """`run -m`, `list --json` (message, own/shared), `diff`, `gc --dry-run`, `gc` and its record."""
+    require_root()
+    bb = require_tool("busybox")
+    require_tool("dpkg-deb")
+    images, tftp = tmp_path / "images", tmp_path / "tftp"
+    adm = Administrator(images, tftp, out=io.StringIO())
+    n, part = adm.store.begin(NAME, None)
+    busybox_root(part, bb)
+    adm.store.commit(NAME, n, {"kind": "build", "message": "first"})
+    adm.serve(NAME, n)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "sidusd.image", "--images-dir", str(images),
+                               "--tftp-root", str(tftp), *args], capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
+    r = cli("run", NAME, "-m", "motd says more", "--", "sh", "-c", "echo more >> /etc/motd")
+    assert r.returncode == 0, r.stderr
+    n, part = adm.store.begin(NAME, 2)                                  # a package, as dpkg does it
+    dpkg(part, "-i", str(build_deb(tmp_path, "1.0", "v1\n")))
+    adm.store.commit(NAME, n, {"kind": "run", "parent": 2, "message": "sidus-test"})
+    adm.serve(NAME, n)
+    rows = {r["generation"]: r for r in json.loads(cli("list", NAME, "--json").stdout)}
+    assert [rows[g]["message"] for g in (1, 2, 3)] == ["first", "motd says more", "sidus-test"]
+    bb_bytes = os.lstat(adm.store.path(NAME, 1) / "bin/busybox").st_blocks * 512
+    for g in (1, 2, 3):
+        assert rows[g]["shared_bytes"] >= bb_bytes > 500_000            # busybox: one inode, 3 names
+        assert rows[g]["own_bytes"] < 300_000 and rows[g]["size_bytes"] > bb_bytes
+    text = cli("list", NAME).stdout
+    assert "OWN" in text and "SHARED" in text and "motd says more" in text
+    r = cli("diff", NAME, "1", "3")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "+ sidus-test 1.0" in lines and "M /etc/motd" in lines
+    assert not any("usr/share/sidus-test" in ln or "var/lib/dpkg" in ln for ln in lines[:-1])
+    assert "3 file(s) of the changed packages" in lines[-1], r.stdout
+    d = json.loads(cli("diff", NAME, "2", "3", "--json").stdout)
+    assert d["packages"]["added"] == {"sidus-test": "1.0"} and d["files"] == []
+    r = cli("gc", NAME, "--keep", "1", "--dry-run")
+    assert "would remove generation(s) 1, 2" in r.stdout and adm.store.numbers(NAME) == [1, 2, 3]
+    r = cli("gc", NAME, "--keep", "1")
+    assert "removed generation(s) 1, 2" in r.stdout and adm.store.numbers(NAME) == [3]
+    recs = [json.loads(x) for x in (images / NAME / "meta/removed.jsonl").read_text().splitlines()]
+    assert [(x["generation"], x["message"], x["kind"]) for x in recs] == [(1, "first", "build"),
+                                                                        (2, "motd says more", "run")]
+    assert recs[0]["packages"] == [] and recs[1]["parent"] == 1
+    assert (adm.store.path(NAME, 3) / "etc/motd").read_text() == "hello\nmore\n"       # gc freed, 3 intact
