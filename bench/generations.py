@@ -134,6 +134,8 @@ def apt_case(package: str, work: Path) -> dict:
                         cache_dir=REPO / "lab-state" / "image-cache" / "debootstrap")
     adm.build(read_recipe(REPO / "config" / "recipes" / "minimal.yaml"))
     src = adm.store.path("minimal", 1)
+    dirs = sum(1 for _ in os.walk(src))
+    entries = sum(len(d) + len(f) for _, d, f in os.walk(src))
     plain = work / "plain"
     subprocess.run(["cp", "-a", str(src), str(plain)], check=True)
     subprocess.run(["sync"], check=True)
@@ -152,7 +154,8 @@ def apt_case(package: str, work: Path) -> dict:
     gen_s = time.monotonic() - t
     subprocess.run(["sync"], check=True)
     gen_extra = used_bytes(work) - u
-    return {"package": package, "plain_chroot_s": round(plain_s, 1), "generation_s": round(gen_s, 1),
+    return {"package": package, "image_dirs": dirs, "image_entries": entries,
+            "plain_chroot_s": round(plain_s, 1), "generation_s": round(gen_s, 1),
             "time_ratio": round(gen_s / plain_s, 2), "plain_chroot_bytes_changed": plain_changed,
             "generation_extra_bytes": gen_extra, "changes": adm.store.meta("minimal", 2).get("changes"),
             "disk_ratio": round(gen_extra / max(plain_changed, 1), 2)}

@@ -5,9 +5,14 @@ Layout of one image under the images directory (docs/images.md)::
     <images_dir>/<name>/
         .lock                 flock of administrations (sidusd.image.chroot.ImageLock)
         gen-0001/             a complete root file system (generation 1)
-        gen-0002.partial/     a generation being built (never served, removed on failure)
+        gen-0002.partial/     a generation being built (never served, removed on failure): an
+                              overlayfs view over its parent (sidusd.image.layers), or on btrfs with
+                              ``btrfs_snapshots`` a snapshot (sidusd.image.btrfs)
+        gen-0002.layer/       its overlay's upper + work directories (gone once published)
         current -> gen-0002   the served generation: a relative symlink, replaced by rename(2)
-        meta/gen-0001.json    what made it (build/update, parent, recipe, kernel), when, how long
+        meta/gen-0001.json    what made it (build/update, parent, message, recipe, kernel), when, how
+                              long, how (mechanism) and what changed
+        meta/removed.jsonl    what gc removed (sidusd.image.history.removal_record)
         logs/gen-0001.log     the full log of the build or update
 
 A generation directory appears under its final name only once complete

@@ -181,3 +181,12 @@ def test_gc_dry_run_removes_nothing_and_gc_records_what_it_removed(tmp_path, dry
                                                                                (2, "step 2", ["p=1"])]
     assert lines[0]["booted"] == [{"mac": "52:54:00:00:00:09", "hostname": "old-node", "last_served": 2.0}]
     assert lines[1]["booted"] == []
+
+
+def test_btrfs_du_output_parsed_to_own_and_shared():
+    from sidusd.image import btrfs
+    text = ("     Total   Exclusive  Set shared  Filename\n"
+            "  10485760      4096     10481664  /srv/images/x/gen-0001\n"
+            "  10489856      8192     10481664  /srv/images/x/gen 0002\n")
+    assert btrfs.parse_du(text) == {"/srv/images/x/gen-0001": (4096, 10481664),
+                                    "/srv/images/x/gen 0002": (8192, 10481664)}
