@@ -126,9 +126,16 @@ def one_case(fs: str, shape: str, count: int, work: Path, per_dir: int) -> dict:
 
 
 def apt_case(package: str, work: Path) -> dict:
-    """One package installed as a new generation vs in a plain chroot (a full copy)."""
+    """One package installed as a new generation vs in a plain chroot (a full copy), on a loop
+    ext4 of its own (statvfs counts only this)."""
+    with loop_fs("ext4", work, 16) as mnt:
+        return _apt_case(package, mnt)
+
+
+def _apt_case(package: str, work: Path) -> dict:
     from sidusd.image.build import Administrator
     from sidusd.image.chroot import Chroot
+    from sidusd.image.history import sharing
     from sidusd.image.recipe import read_recipe
     adm = Administrator(work / "images", work / "tftp", out=io.StringIO(),
                         cache_dir=REPO / "lab-state" / "image-cache" / "debootstrap")
@@ -158,6 +165,7 @@ def apt_case(package: str, work: Path) -> dict:
             "plain_chroot_s": round(plain_s, 1), "generation_s": round(gen_s, 1),
             "time_ratio": round(gen_s / plain_s, 2), "plain_chroot_bytes_changed": plain_changed,
             "generation_extra_bytes": gen_extra, "changes": adm.store.meta("minimal", 2).get("changes"),
+            "own_bytes_gen2": sharing({1: src, 2: adm.store.path("minimal", 2)})[2][0],
             "disk_ratio": round(gen_extra / max(plain_changed, 1), 2)}
 
 
