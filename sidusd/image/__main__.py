@@ -7,9 +7,13 @@ Commands (docs/images.md)::
     sidus-image update NAME
     sidus-image run NAME -- CMD [ARG...]
     sidus-image shell NAME
+    sidus-image diff NAME A B [--json]
     sidus-image rollback NAME [--to N]
-    sidus-image gc NAME [--keep N]
+    sidus-image gc NAME [--keep N] [--dry-run]
     sidus-image import NAME DIR [--in-place] [--no-switch]   (docs/migration.md)
+
+``build``, ``update``, ``run`` and ``shell`` take ``-m/--message TEXT`` (why this generation;
+shown by ``list`` and kept by ``gc`` in ``meta/removed.jsonl``).
 
 Where it works comes from the daemon's config (``--config``, else ``$SIDUS_CONFIG``, else
 /etc/sidus/sidus.yaml; :func:`sidusd.cliconfig.image_paths`): the images directory beside its
@@ -68,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log events at info level (default: warnings)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="debootstrap package cache (kept between builds)")
+    p.add_argument("--btrfs-snapshots", action="store_true",
+                   help="on btrfs, make generations as subvolume snapshots (kernel nfsd; nfs-ganesha 4 "
+                        "cannot export them; docs/images.md)")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build a new generation from a recipe")
     b.add_argument("recipe", type=Path)
@@ -78,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("name")
         sp.add_argument("--no-switch", action="store_true", help="do not serve the new generation")
         sp.add_argument("--keep-failed", action="store_true", help="keep a failed generation's directory")
+        sp.add_argument("-m", "--message", default=None, help="why this generation (shown by list)")
         if sp.prog.split()[-1] == "run":
-            sp.add_argument("command", nargs=argparse.REMAINDER)
+            sp.add_argument("command", nargs="*", help="after --: the command and its arguments")
     ls = sub.add_parser("list", help="generations, size, date")
     ls.add_argument("name", nargs="?")
     ls.add_argument("--json", action="store_true")
@@ -89,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="remove old unserved generations")
     gc.add_argument("name")
     gc.add_argument("--keep", type=int, default=2)
+    gc.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    df = sub.add_parser("diff", help="packages and files changed between two generations")
+    df.add_argument("name")
+    df.add_argument("a", type=int)
+    df.add_argument("b", type=int)
+    df.add_argument("--json", action="store_true")
     im = sub.add_parser("import", help="adopt a hand-made SIDUS tree as generation 1 (docs/migration.md)")
     im.add_argument("name")
     im.add_argument("dir", type=Path)
@@ -103,11 +117,15 @@ def _list(adm: Administrator, name: str | None, as_json: bool, config_path: Path
     booted_by_root = _booted_by_root(config_path)
     rows: list[dict[str, Any]] = []
     for n in ([name] if name else adm.store.names()):
-        for g in adm.store.list(n):
+        gens = adm.store.list(n)
+        shares = adm.store.own_shared(n, [g.number for g in gens])
+        for g in gens:
             used = users.get(f"{n}.gen-{g.number}", []) + (users.get(n, []) if g.current else [])
             recs = booted_by_root.get(os.path.realpath(g.path), [])
             rows.append({"image": n, "generation": g.number, "served": g.current, "kind": g.kind,
                          "created": g.created, "size_bytes": g.size_bytes, "kernel": g.meta.get("kver"),
+                         "own_bytes": shares[g.number][0], "shared_bytes": shares[g.number][1],
+                         "message": g.meta.get("message"),
                          "hosts": used,
                          "booted": [{"mac": r.mac, "hostname": r.hostname, "image": r.image,
                                      "first_served": _iso(r.first_s), "last_served": _iso(r.last_s)}
@@ -115,13 +133,41 @@ def _list(adm: Administrator, name: str | None, as_json: bool, config_path: Path
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'IMAGE':<16} {'GEN':>4} {'SERVED':<6} {'KIND':<7} {'CREATED':<26} {'SIZE':>10}  {'KERNEL':<16} "
-          "HOSTS (inventory) / BOOTED")
+    print(f"{'IMAGE':<16} {'GEN':>4} {'SERVED':<6} {'KIND':<7} {'CREATED':<26} {'SIZE':>10} {'OWN':>10} "
+          f"{'SHARED':>10}  {'KERNEL':<16} HOSTS (inventory) / BOOTED")
     for r in rows:
         booted_names = [f"{b['hostname'] or b['mac']} (booted)" for b in r["booted"]]
         print(f"{r['image']:<16} {r['generation']:>4} {'*' if r['served'] else '':<6} {r['kind']:<7} "
-              f"{r['created']:<26} {_human(r['size_bytes']):>10}  {r['kernel'] or '-':<16} "
+              f"{r['created']:<26} {_human(r['size_bytes']):>10} {_human(r['own_bytes']):>10} "
+              f"{_human(r['shared_bytes']):>10}  {r['kernel'] or '-':<16} "
               f"{', '.join(r['hosts'] + booted_names) or '-'}")
+        if r["message"]:
+            print(f"{'':<22}{r['message']}")
+
+
+def _diff(adm: Administrator, name: str, a: int, b: int, as_json: bool) -> int:
+    from sidusd.image.history import diff
+    for n in (a, b):
+        if n not in adm.store.numbers(name):
+            print(f"sidus-image diff: image {name} has no generation {n}", file=sys.stderr)
+            return 1
+    d = diff(adm.store.path(name, a), adm.store.path(name, b))
+    if as_json:
+        print(json.dumps(d, indent=1))
+        return 0
+    p = d["packages"]
+    for k, v in p["added"].items():
+        print(f"+ {k} {v}")
+    for k, v in p["removed"].items():
+        print(f"- {k} {v}")
+    for k, (old, new) in p["upgraded"].items():
+        print(f"~ {k} {old} -> {new}")
+    for status, rel in d["files"]:
+        print(f"{status} /{rel}")
+    print(f"({len(p['added'])} added, {len(p['removed'])} removed, {len(p['upgraded'])} upgraded; "
+          f"{len(d['files'])} other file(s) changed; not listed: {d['package_files_changed']} file(s) of "
+          f"the changed packages, {d['package_state_changed']} of the package manager's state)")
+    return 0
 
 
 def _iso(t: float) -> str:
@@ -129,9 +175,10 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 
 
-def _booted_by_root(config_path: Path | None, now: float | None = None) -> dict[str, list]:
+def _booted_by_root(config_path: Path | None, now: float | None = None, live_only: bool = True) -> dict[str, list]:
     """Resolved root directory -> live booted records (sidusd's booted file, ``booted:`` of
-    sidus.yaml; docs/images.md "Booted generations").  Empty without a config or records."""
+    sidus.yaml; docs/images.md "Booted generations"; every record with ``live_only=False``).
+    Empty without a config or records."""
     if config_path is None:
         return {}
     import time
@@ -143,14 +190,14 @@ def _booted_by_root(config_path: Path | None, now: float | None = None) -> dict[
     if cfg.booted.file is None:
         return {}
     table = read_table(cfg.booted.file, cfg.booted.max_hosts)
-    live = table.live(time.time() if now is None else now, cfg.booted.ttl_s)
+    live = table.live(time.time() if now is None else now, cfg.booted.ttl_s) if live_only else table.records()
     out: dict[str, list] = {}
     for root, recs in users_by_root(live).items():
         out.setdefault(os.path.realpath(root), []).extend(recs)
     return out
 
 
-def _gc(adm: Administrator, name: str, keep: int, config_path: Path | None) -> int:
+def _gc(adm: Administrator, name: str, keep: int, config_path: Path | None, dry_run: bool = False) -> int:
     from sidusd.image.generations import booted_generations
     if config_path is None:
         print("sidus-image gc: no config read (both directories given, without --config): gc knows neither "
@@ -166,8 +213,10 @@ def _gc(adm: Administrator, name: str, keep: int, config_path: Path | None) -> i
         print(f"{name}: keeping generation {n}: booted by {who}")
     for n in sorted(pinned - booted):
         print(f"{name}: keeping generation {n}: pinned by the inventory")
-    gone = adm.gc(name, keep, sorted(pinned | booted))
-    print(f"{name}: removed generation(s) {', '.join(map(str, gone)) or 'none'}")
+    gone = adm.gc(name, keep, sorted(pinned | booted), dry_run=dry_run,
+                  booted_by_root=_booted_by_root(config_path, live_only=False))
+    print(f"{name}: {'would remove' if dry_run else 'removed'} generation(s) {', '.join(map(str, gone)) or 'none'}"
+          + ("" if dry_run or not gone else f" (recorded in {adm.store.image_dir(name) / 'meta' / 'removed.jsonl'})"))
     return 0
 
 
@@ -203,6 +252,13 @@ def _pinned(config_path: Path | None, name: str) -> set[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sidus-image``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    after: list[str] | None = None
+    if "run" in argv and "--" in argv[argv.index("run"):]:
+        # `run NAME [options] -- CMD...`: the options before `--` are sidus-image's, what follows the
+        # command's (argparse's REMAINDER alone would take `-m TEXT` after NAME as the command)
+        i = argv.index("--", argv.index("run"))
+        argv, after = argv[:i], argv[i + 1:]
     args = _parser().parse_args(argv)
     setup_logging(args.log_format, "info" if args.verbose else "warning")
     try:
@@ -216,29 +272,34 @@ def main(argv: list[str] | None = None) -> int:
         sock = None                      # the config's socket, and no sidusd: it reads the images file at start
     args.config = where.config
     adm = Administrator(where.images_dir, where.tftp_root, cache_dir=args.cache_dir,
-                        images_file=where.images_file, control_socket=sock)
+                        images_file=where.images_file, control_socket=sock,
+                        btrfs_snapshots=args.btrfs_snapshots)
     try:
         if args.cmd == "build":
-            adm.build(read_recipe(args.recipe), switch=not args.no_switch, keep_failed=args.keep_failed)
+            adm.build(read_recipe(args.recipe), switch=not args.no_switch, keep_failed=args.keep_failed,
+                      message=args.message)
         elif args.cmd == "update":
-            adm.update(args.name, switch=not args.no_switch, keep_failed=args.keep_failed)
+            adm.update(args.name, switch=not args.no_switch, keep_failed=args.keep_failed, message=args.message)
         elif args.cmd == "run":
-            cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+            cmd = after if after is not None else args.command
             if not cmd:
                 print("sidus-image run: give the command after --", file=sys.stderr)
                 return 2
-            adm.run(args.name, cmd, switch=not args.no_switch, keep_failed=args.keep_failed)
+            adm.run(args.name, cmd, switch=not args.no_switch, keep_failed=args.keep_failed, message=args.message)
         elif args.cmd == "shell":
             adm.run(args.name, ["/bin/bash", "-i"] if (adm.store.path(args.name, adm._served(args.name))
                                                         / "bin/bash").exists() else ["/bin/sh", "-i"],
-                    interactive=True, switch=not args.no_switch, keep_failed=args.keep_failed)
+                    interactive=True, switch=not args.no_switch, keep_failed=args.keep_failed,
+                    message=args.message)
         elif args.cmd == "list":
             _list(adm, args.name, args.json, args.config)
         elif args.cmd == "rollback":
             n = adm.rollback(args.name, args.to)
             print(f"{args.name}: generation {n} served")
         elif args.cmd == "gc":
-            return _gc(adm, args.name, args.keep, args.config)
+            return _gc(adm, args.name, args.keep, args.config, args.dry_run)
+        elif args.cmd == "diff":
+            return _diff(adm, args.name, args.a, args.b, args.json)
         elif args.cmd == "import":
             from sidusd.image.importer import import_tree
             import_tree(adm, args.name, args.dir, in_place=args.in_place, switch=not args.no_switch,

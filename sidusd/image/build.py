@@ -18,20 +18,22 @@ go to ``out``; the full output of every command goes to
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from sidusd import data
 from sidusd.errors import BackendError, SidusError
-from sidusd.fsutil import atomic_write
-from sidusd.image import publish
+from sidusd.fsutil import append_durable, atomic_write
+from sidusd.image import history, publish
 from sidusd.image.chroot import Chroot, ImageLock, signals_as_exceptions
 from sidusd.image.generations import ImageStore
 from sidusd.image.recipe import Recipe, mirror_from_sources, security_from_sources
@@ -181,17 +183,17 @@ class Administrator:
 
     def __init__(self, images_dir: Path, tftp_root: Path, runner: Runner | None = None,
                  out: TextIO | None = None, cache_dir: Path | None = None, images_file: Path | None = None,
-                 control_socket: Path | None = None):
+                 control_socket: Path | None = None, btrfs_snapshots: bool = False):
         self.runner = runner or Runner()
         self.images_file = Path(images_file) if images_file else Path(images_dir) / "images.yaml"
         self.control_socket = control_socket
-        self.store = ImageStore(images_dir, self.runner)
+        self.store = ImageStore(images_dir, self.runner, btrfs_snapshots=btrfs_snapshots)
         self.tftp_root = Path(tftp_root)
         self.out = out or sys.stderr
         self.cache_dir = cache_dir
 
     def _new_generation(self, name: str, parent: int | None, kind: str, work: Callable[[Path, Path], dict],
-                        switch: bool = True, keep_failed: bool = False) -> int:
+                        switch: bool = True, keep_failed: bool = False, message: str | None = None) -> int:
         with signals_as_exceptions(), ImageLock(self.store.image_dir(name), kind):
             number, part = self.store.begin(name, parent)
             logfile = self.store.log_path(name, number)
@@ -207,7 +209,7 @@ class Administrator:
                 if not keep_failed:
                     self.store.abort(name, number)
                 raise
-            meta.update(kind=kind, parent=parent, duration_s=round(time.monotonic() - t0, 1))
+            meta.update(kind=kind, parent=parent, message=message, duration_s=round(time.monotonic() - t0, 1))
             self.store.commit(name, number, meta)
             log.info("image.generation.committed", image=name, generation=number, kind=kind)
             root = self.store.path(name, number)
@@ -264,7 +266,8 @@ class Administrator:
             pass
         return meta
 
-    def build(self, recipe: Recipe, switch: bool = True, keep_failed: bool = False) -> int:
+    def build(self, recipe: Recipe, switch: bool = True, keep_failed: bool = False,
+              message: str | None = None) -> int:
         """Bootstrap and configure a new generation of ``recipe.name``; its number."""
         mirror = recipe.mirror or host_mirror(recipe.suite)
         security = security_mirror(recipe)
@@ -294,17 +297,17 @@ class Administrator:
             meta.update(recipe=recipe.source, suite=recipe.suite, mirror=mirror, security_mirror=security)
             return meta
 
-        return self._new_generation(recipe.name, None, "build", work, switch, keep_failed)
+        return self._new_generation(recipe.name, None, "build", work, switch, keep_failed, message)
 
-    def update(self, name: str, switch: bool = True, keep_failed: bool = False) -> int:
+    def update(self, name: str, switch: bool = True, keep_failed: bool = False, message: str | None = None) -> int:
         """apt update + full-upgrade (+ initramfs) in a copy of the served generation."""
         parent = self._served(name)
         return self._new_generation(name, parent, "update",
                                     lambda part, logfile: self._stages(update_plan(), part, logfile, None),
-                                    switch, keep_failed)
+                                    switch, keep_failed, message)
 
     def run(self, name: str, argv: Sequence[str], interactive: bool = False, switch: bool = True,
-            keep_failed: bool = False) -> int:
+            keep_failed: bool = False, message: str | None = None) -> int:
         """Run ``argv`` (or an interactive shell) in a copy of the served generation; commit if it succeeds."""
         parent = self._served(name)
 
@@ -329,7 +332,8 @@ class Administrator:
                 pass
             return meta
 
-        return self._new_generation(name, parent, "shell" if interactive else "run", work, switch, keep_failed)
+        return self._new_generation(name, parent, "shell" if interactive else "run", work, switch, keep_failed,
+                                    message)
 
     def rollback(self, name: str, to: int | None = None) -> int:
         """Serve the previous generation (or ``to``); its number."""
@@ -338,16 +342,28 @@ class Administrator:
             self.serve(name, target)
             return target
 
-    def gc(self, name: str, keep: int = 2, in_use: Sequence[int] = ()) -> list[int]:
-        """Remove generations that are not served, not in use and not among the ``keep`` newest."""
+    def gc(self, name: str, keep: int = 2, in_use: Sequence[int] = (), dry_run: bool = False,
+           booted_by_root: Mapping[str, Sequence[Any]] | None = None) -> list[int]:
+        """Remove generations that are not served, not in use and not among the ``keep`` newest
+        (``dry_run``: only say which).  Each removal first appends a record to
+        ``meta/removed.jsonl`` (sidusd.image.history.removal_record; ``booted_by_root``: resolved
+        root -> booted records, every record of sidusd's booted file)."""
         from sidusd.image.generations import gc_candidates
         with ImageLock(self.store.image_dir(name), "gc"):
             doomed = gc_candidates(self.store.numbers(name), self.store.current(name), keep, in_use)
+            if dry_run:
+                return doomed
             if doomed:
                 # first out of the images file (sidusd reloaded: no longer exported nor bootable),
                 # then off the disk
                 self.write_images_file({name: set(doomed)})
             for n in doomed:
+                root = self.store.path(name, n)
+                rec = history.removal_record(name, n, self.store.meta(name, n), root,
+                                             (booted_by_root or {}).get(os.path.realpath(root), ()),
+                                             datetime.now(UTC).isoformat(timespec="seconds"))
+                append_durable(self.store.image_dir(name) / "meta" / "removed.jsonl",
+                               json.dumps(rec, separators=(",", ":")).encode(), 0o644)
                 self.store.remove(name, n)
                 publish.unpublish_generation(self.tftp_root, name, n)
                 log.info("image.generation.removed", image=name, generation=n)

@@ -171,9 +171,16 @@ def _is_real_dir(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode)
 
 
-def release(root: Path, runner: Runner | None = None) -> None:
+def _below(root: Path) -> list[str]:
+    """Mounts strictly below ``root`` (not ``root`` itself: an overlay generation's merged view)."""
+    root_s = os.path.realpath(root)
+    return [m for m in mounts_under(root) if m != root_s]
+
+
+def release(root: Path, runner: Runner | None = None, keep_root: bool = False) -> None:
     """Stop every process rooted in ``root`` and unmount everything under it (deepest first,
     lazily as a last resort), then verify with /proc/self/mountinfo; BackendError says what is left.
+    ``keep_root``: a mount on ``root`` itself stays (the overlay a Chroot works in).
     Also used on a failed debootstrap, which mounts /proc and /sys in its target itself."""
     runner = runner or Runner()
     errors = []
@@ -181,13 +188,14 @@ def release(root: Path, runner: Runner | None = None) -> None:
         kill_processes_in(root)
     except BackendError as e:
         errors.append(str(e))
-    for mp in mounts_under(root):
+    under = _below if keep_root else mounts_under
+    for mp in under(root):
         res = runner.run(["umount", mp])
         if not res.ok:
             res = runner.run(["umount", "-l", mp])
             if not res.ok:
                 errors.append(f"umount {mp}: {res.err.strip()}")
-    left = mounts_under(root)
+    left = under(root)
     if left:
         errors.append("still mounted: " + ", ".join(left))
     if errors:
@@ -209,7 +217,7 @@ class Chroot:
     def __enter__(self) -> Chroot:
         if not (self.root / "usr").is_dir() or self.root == Path("/"):
             raise BackendError(f"{self.root} is not an image root (no usr/ directory)")
-        left = mounts_under(self.root)
+        left = _below(self.root)
         if left:
             raise BackendError(f"{self.root} already has mounts (another administration, or a crash?)",
                                detail=", ".join(left))
@@ -245,7 +253,7 @@ class Chroot:
     def cleanup(self) -> None:
         """Kill leftovers, unmount everything under the root, remove our policy-rc.d; verify."""
         try:
-            release(self.root, self.runner)
+            release(self.root, self.runner, keep_root=True)
         finally:
             self.mounted.clear()
             if self.added_policy:

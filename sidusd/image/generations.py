@@ -5,9 +5,14 @@ Layout of one image under the images directory (docs/images.md)::
     <images_dir>/<name>/
         .lock                 flock of administrations (sidusd.image.chroot.ImageLock)
         gen-0001/             a complete root file system (generation 1)
-        gen-0002.partial/     a generation being built (never served, removed on failure)
+        gen-0002.partial/     a generation being built (never served, removed on failure): an
+                              overlayfs view over its parent (sidusd.image.layers), or on btrfs with
+                              ``btrfs_snapshots`` a snapshot (sidusd.image.btrfs)
+        gen-0002.layer/       its overlay's upper + work directories (gone once published)
         current -> gen-0002   the served generation: a relative symlink, replaced by rename(2)
-        meta/gen-0001.json    what made it (build/update, parent, recipe, kernel), when, how long
+        meta/gen-0001.json    what made it (build/update, parent, message, recipe, kernel), when, how
+                              long, how (mechanism) and what changed
+        meta/removed.jsonl    what gc removed (sidusd.image.history.removal_record)
         logs/gen-0001.log     the full log of the build or update
 
 A generation directory appears under its final name only once complete
@@ -26,15 +31,18 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sidusd.errors import BackendError
 from sidusd.fsutil import _fsync_dir, atomic_write
+from sidusd.image import btrfs, layers
+from sidusd.observability import get_logger
 from sidusd.storage.runner import Runner
 from sidusd.yamlstrict import check_name
 
+log = get_logger("image.generations")
 _GEN = re.compile(r"^gen-(\d{4,9})$")
 COPY_TIMEOUT_S = 3600
 
@@ -104,9 +112,14 @@ def booted_generations(roots_in_use: Iterable[str], generation_roots: dict[int, 
 class ImageStore:
     """Generations of the images under one directory."""
 
-    def __init__(self, images_dir: Path, runner: Runner | None = None):
+    def __init__(self, images_dir: Path, runner: Runner | None = None,
+                 replace: Callable[[str, str], None] = layers.replace_entry, btrfs_snapshots: bool = False):
         self.dir = Path(images_dir)
         self.runner = runner or Runner()
+        # opt-in: nfs-ganesha 4 (Debian 12) does not export btrfs subvolumes (docs/images.md)
+        self.btrfs_snapshots = btrfs_snapshots
+        self.replace = replace              # how flatten puts a changed entry in place (tests break it)
+        self._made: dict[tuple[str, int], str] = {}     # (image, number) -> how begin() made it
 
     def image_dir(self, name: str) -> Path:
         check_name("image", name, what="image name")
@@ -162,37 +175,71 @@ class ImageStore:
     # -- making generations ------------------------------------------------------
 
     def begin(self, name: str, parent: int | None) -> tuple[int, Path]:
-        """A new ``gen-N.partial`` directory (a copy of ``parent`` with hard links never shared:
-        ``cp -a --reflink=auto``), and its number N.  Stale partials are removed first."""
+        """A new ``gen-N.partial`` and its number N.  With a ``parent``: an overlayfs mount over
+        the parent (sidusd.image.layers; the parent is its read-only lower layer), or, when the
+        overlay cannot be mounted, a full copy (``cp -a --reflink=auto``).  Stale partials and
+        layers (a crash) are released and removed first."""
         d = self.image_dir(name)
         for sub in ("", "meta", "logs"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        from sidusd.image.chroot import release
         for p in d.iterdir():
             if p.name.endswith(".partial"):       # left by a crash: release, then remove
-                from sidusd.image.chroot import release
                 release(p, self.runner)
+                self._remove_tree(p)
+        for p in d.iterdir():
+            if p.name.endswith(".layer"):
                 self._remove_tree(p)
         nums = self.numbers(name)
         number = (max(nums) + 1) if nums else 1
         part = d / f"{gen_dirname(number)}.partial"
+        on_btrfs = self.btrfs_snapshots and btrfs.available(d)
         if parent is None:
-            part.mkdir(mode=0o755)
-        else:
-            src = self.path(name, parent)
-            if not src.is_dir():
-                raise BackendError(f"image {name} has no generation {parent}")
+            if on_btrfs:
+                btrfs.create(part, self.runner)     # so that its children can be snapshots
+            else:
+                part.mkdir(mode=0o755)
+            self._made[(name, number)] = "btrfs-subvolume" if on_btrfs else "directory"
+            return number, part
+        src = self.path(name, parent)
+        if not src.is_dir():
+            raise BackendError(f"image {name} has no generation {parent}")
+        if on_btrfs and btrfs.is_subvolume(src):
+            btrfs.snapshot(src, part, self.runner)  # O(1), copy-on-write: the fast path
+            self._made[(name, number)] = "btrfs-snapshot"
+            return number, part
+        try:
+            layers.prepare(src, part, parent, self.runner)
+        except (BackendError, OSError) as e:
+            log.warning("image.generation.full_copy", image=name, generation=number, reason=str(e))
+            for p in (part, layers.layer_dir(part)):
+                self._remove_tree(p)
             self.runner.run(["cp", "-a", "--reflink=auto", "--one-file-system", str(src), str(part)],
                             timeout_s=COPY_TIMEOUT_S).check()
+            self._made[(name, number)] = "copy"
         return number, part
 
     def commit(self, name: str, number: int, meta: dict) -> Path:
-        """Make ``gen-N.partial`` the complete generation N (rename) and record its metadata."""
+        """Make ``gen-N.partial`` the complete generation N (rename) and record its metadata.
+        An overlay generation is unmounted and flattened first (parent's hard-link farm + the
+        upper layer's entries; ``meta["changes"]`` says how much changed)."""
         d = self.image_dir(name)
         final = self.path(name, number)
+        part = d / f"{gen_dirname(number)}.partial"
+        lower = layers.lower_of(part)
+        if lower is not None:
+            from sidusd.image.chroot import release
+            release(part, self.runner)
+            meta = dict(meta, changes=layers.flatten(self.path(name, lower), part, self.runner,
+                                                     self.replace).as_meta(), mechanism="overlay+hardlinks")
+        else:
+            if btrfs.is_subvolume(part):
+                btrfs.set_readonly(part, self.runner)
+            meta = dict(meta, mechanism=self._made.pop((name, number), "directory"))
         meta = dict(meta, generation=number,
                     created=meta.get("created") or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         atomic_write(d / "meta" / f"{gen_dirname(number)}.json", (json.dumps(meta, indent=1) + "\n").encode())
-        os.rename(d / f"{gen_dirname(number)}.partial", final)
+        os.rename(part, final)
         _fsync_dir(d)
         return final
 
@@ -203,6 +250,7 @@ class ImageStore:
         if part.exists():
             release(part, self.runner)
         self._remove_tree(part)
+        self._remove_tree(layers.layer_dir(part))
 
     def switch(self, name: str, number: int) -> None:
         """Serve generation ``number``: a new symlink renamed over ``current`` (atomic)."""
@@ -245,4 +293,16 @@ class ImageStore:
         left = mounts_under(path)
         if left:
             raise BackendError(f"refusing to remove {path}: something is mounted in it", detail=", ".join(left))
-        shutil.rmtree(path)
+        if btrfs.is_subvolume(path):
+            btrfs.delete(path, self.runner)
+        else:
+            shutil.rmtree(path)
+
+    def own_shared(self, name: str, numbers: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """Generation -> (own bytes, shared bytes): extents on btrfs (``btrfs filesystem du``),
+        else inodes (sidusd.image.history.sharing)."""
+        from sidusd.image.history import sharing
+        roots = {n: self.path(name, n) for n in numbers}
+        if roots and all(btrfs.is_subvolume(p) for p in roots.values()):
+            return btrfs.du(roots, self.runner)
+        return sharing(roots)

@@ -70,7 +70,7 @@ def wait_for(cond, what: str, proc: subprocess.Popen | None = None):
 
 
 def partials(adm: Administrator) -> list[str]:
-    return [p.name for p in adm.store.image_dir("minimal").iterdir() if p.name.endswith(".partial")]
+    return [p.name for p in adm.store.image_dir("minimal").iterdir() if p.name.endswith((".partial", ".layer"))]
 
 
 def test_build_made_a_shared_root(built):
@@ -121,6 +121,10 @@ def test_run_mounts_policy_and_kills_leftovers(built):
     assert mounts_under(built.store.dir) == [] and partials(built) == []
     assert not (root / "usr/sbin/policy-rc.d").exists()
     assert not (built.store.path("minimal", 1) / "etc/sidus-generation").exists()   # gen 1 untouched
+    meta = built.store.meta("minimal", 2)                   # overlay + hard links: a few files changed
+    assert meta["mechanism"] == "overlay+hardlinks" and meta["changes"]["bytes"] < 1 << 20, meta
+    g1, g2 = built.store.path("minimal", 1), root
+    assert os.stat(g1 / "usr/bin/dpkg").st_ino == os.stat(g2 / "usr/bin/dpkg").st_ino
 
 
 def test_failed_command_leaves_nothing_and_keeps_serving(built):
