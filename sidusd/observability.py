@@ -38,6 +38,17 @@ LOG_FLUSH_S = 10.0          # a suppressed count is reported at the latest this 
 MAX_LOG_KEYS = 512          # (event, key) buckets; beyond, a new key shares its event's bucket
 
 
+class _Stderr:
+    """``sys.stderr`` as it is when a line is written, not when logging was set up (a stream
+    swapped or closed since, e.g. by a test's capture, must not break every later line)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def setup_logging(fmt: str = "auto", level: str = "info") -> None:
     """Configure structlog once for the process.
 
@@ -57,7 +68,7 @@ def setup_logging(fmt: str = "auto", level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=False,
     )
 
