@@ -7,7 +7,7 @@
     sidusctl hosts remove MAC [--delete-disk]
     sidusctl hosts disk MAC [--show-secret]
     sidusctl hosts reset-disk MAC
-    sidusctl reload
+    sidusctl reload | watch
 
 It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``,
 else ``/run/sidus/control.sock``) with :mod:`sidusd.control.messages`, and
@@ -332,6 +332,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="wipe a persistent host's disk (factory reset; refused while it is logged in)")
     z.add_argument("mac")
     sub.add_parser("reload", parents=[common], help="re-read config and inventory (like SIGHUP)")
+    sub.add_parser("watch", parents=[common], help="live view of the boots (/ filter, q quit)").add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
     return p
 
 
@@ -368,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     path = ns.socket or os.environ.get(m.SOCKET_ENV) or m.DEFAULT_SOCKET_PATH
     try:
+        if ns.cmd == "watch":       # unreachable / permission denied: an exit code, then the screen
+            from sidusd.watch import run
+            call(path, m.OP_STATUS, None, ns.timeout)
+            return run(lambda op: call(path, op, None, ns.timeout), max(0.2, ns.interval))
         op, args = _request(ns)
         try:
             resp = call(path, op, args, ns.timeout)
