@@ -22,6 +22,7 @@
   function label(m) {
     if (m.state === "booting") return "booting: " + (m.stage || "dhcp");
     if (m.state === "failed") return "failed: " + (m.reason || "");
+    if (m.state === "up" && m.stages && typeof m.stages.up === "number") return "up after " + m.stages.up + " s";
     return m.state;
   }
   function group(m) { return m.known ? "profile " + (m.profile || "-") : "not in the inventory"; }
