@@ -10,6 +10,7 @@ stops answering is shown on the page, and the view keeps retrying.
 from __future__ import annotations
 
 import curses
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +61,8 @@ class Keys:
 
 def run(fetch: Fetch, interval: float = 1.0) -> int:
     """Draw until ``q`` (the curses main loop); returns 0."""
+    for var in ("COLUMNS", "LINES"):   # the terminal's size (and its resizes), not one inherited from a parent
+        os.environ.pop(var, None)
     return int(curses.wrapper(_loop, fetch, interval))
 
 

@@ -5,8 +5,10 @@ room in a real headless chromium (selenium + chromedriver), its tile going never
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 import yaml
 from conftest import require_root, require_tool
 from netns import CLONE_NEWNET
-from scripted_boot import METRICS_PORT, REPO, boot_lab
+from scripted_boot import CLIENT_IP, METRICS_PORT, REPO, SERVER_IP, boot_lab
 
 pytestmark = pytest.mark.netns
 
@@ -97,7 +99,8 @@ class Tmux:
         try:
             return poll_until(check, timeout, what)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; the pane:\n{last[0]}") from None
+            size = self.run("display", "-p", "-t", "w", "#{window_width}x#{window_height}").strip()
+            raise AssertionError(f"{exc}; the pane ({size}):\n{last[0]}") from None
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True, timeout=10)
@@ -144,6 +147,65 @@ def test_watch_in_tmux_shows_the_boot_and_filters(tmp_path):
         poll_until(lambda: "w" not in tmux.run("list-sessions", "-F", "#{session_name}").split()
                    if _alive(tmux) else True, timeout=10, what="watch quit on q")
     finally:
+        if tmux is not None:
+            tmux.close()
+        cm.__exit__(None, None, None)
+
+
+def slow_tftp(lab, name: str, seconds: float, stop: threading.Event) -> int:
+    """A TFTP client in the machine's namespace that ACKs one 512-byte block every 0.2 s (a transfer
+    kept in flight for ``seconds``); returns the bytes received."""
+    import socket
+    import struct
+
+    from netns import socket_in_netns
+
+    def make():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2.0)
+        return s
+    sock = socket_in_netns(lab.client.name, make)
+    got = 0
+    try:
+        sock.sendto(b"\x00\x01" + name.encode() + b"\x00octet\x00", (SERVER_IP, 69))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not stop.is_set():
+            data, peer = sock.recvfrom(2048)
+            op, block = struct.unpack("!HH", data[:4])
+            assert op == 3, data[:60]
+            got = max(got, (block - 1) * 512 + len(data) - 4)
+            time.sleep(0.2)
+            sock.sendto(struct.pack("!HH", 4, block), peer)
+    finally:
+        sock.close()
+    return got
+
+
+def test_watch_shows_a_transfer_in_flight_with_its_speed(tmp_path):
+    """With privilege separation the worker's transfers in flight reach ``sidusctl status`` (``transfers``)
+    and the watch page, with the peer's MAC and the speed."""
+    require_tool("tmux")
+    cm, lab = lab_for(tmp_path, "sidus-t-watchx")
+    tmux = None
+    stop = threading.Event()
+    t = threading.Thread(target=slow_tftp, args=(lab, "images/demo/vmlinuz", 15.0, stop), daemon=True)
+    try:
+        lab.start()
+        lab.dhcp(MAC, 0x7301)
+        t.start()
+        rows = poll_until(lambda: [r for r in json.loads(lab.ctl("--json", "status").stdout)["transfers"]
+                                   if r["bytes"] >= 2048], 10, "the transfer in flight in sidusctl status")
+        assert rows[0]["service"] == "tftp" and rows[0]["file"] == "images/demo/vmlinuz", rows
+        assert rows[0]["size"] == 300_000 and rows[0]["duration_s"] > 0 and rows[0]["peer"].startswith(CLIENT_IP)
+        tmux = Tmux(["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "sidusd.ctl", "--socket",
+                     str(lab.tmp / "control.sock"), "watch", "--interval", "0.3"])
+        pane = tmux.until(lambda p: re.search(r"tftp\s+" + MAC + r"\s+images/demo/vmlinuz\s+[\d.]+ KiB of 293\.0 KiB"
+                                              r"\s+[\d.]+ (B|KiB)/s", p), 10, "the transfer and its speed")
+        assert "TRANSFERS" in pane
+    finally:
+        stop.set()
+        if t.is_alive():
+            t.join(5)              # the client stops before its namespace goes
         if tmux is not None:
             tmux.close()
         cm.__exit__(None, None, None)

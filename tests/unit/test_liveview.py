@@ -132,3 +132,23 @@ def test_a_hostile_hostname_is_escaped_in_the_page_and_the_events():
     # the script writes text only
     js = asset("room.js")
     assert ".innerHTML" not in js and "insertAdjacentHTML" not in js and "document.write" not in js
+
+
+def test_transfers_in_flight_cross_the_privsep_wire_bounded():
+    """The worker's ``stats`` lists its transfers in flight (``ipc.Active``), checked and bounded."""
+    import pytest
+
+    from sidusd.errors import RemoteProtocolError
+    from sidusd.privsep import ipc
+
+    one = {"service": "tftp", "file": "images/demo/vmlinuz", "peer": "10.0.0.5:3333", "bytes": 4096,
+           "size": 300000, "duration_s": 1.5}
+
+    def stats(active):
+        return json.dumps({"t": "stats", "id": 1, "transfers": {"tftp": 1}, "listeners": {},
+                           "active": active}).encode()
+    assert ipc.decode_worker(stats([one])).body["active"] == [one]
+    for bad in ([one] * (ipc.MAX_ACTIVE + 1), [{**one, "bytes": -1}], [{**one, "file": "x" * 600}],
+                [{**one, "duration_s": float("inf")}], [{**one, "extra": 1}], [{**one, "service": "A B"}]):
+        with pytest.raises(RemoteProtocolError):
+            ipc.decode_worker(stats(bad))
