@@ -13,9 +13,11 @@ Served by :class:`sidusd.monitoring.Monitoring` on the monitoring endpoint
   fields of :data:`sidusd.liveview.SAFE_FIELDS`);
 * ``GET /events``: server-sent events: ``room`` once, then ``machine`` (a tile
   that changed, at most once per ``PUSH_S`` per machine) and ``counters``
-  (every ``COUNTERS_S``).  At most ``MAX_SUBSCRIBERS`` streams; a client that
-  does not read (its queue of ``QUEUE`` events full) is cut off, and its
-  browser reconnects and starts over with a ``room``.
+  (every ``COUNTERS_S``; with privilege separation after one ``sync`` of
+  the worker, as a scrape does: one round trip per ``COUNTERS_S``, not per
+  viewer).  At most ``MAX_SUBSCRIBERS`` streams; a client that does not read
+  (its queue of ``QUEUE`` events full) is cut off, and its browser reconnects
+  and starts over with a ``room``.
 
 The script writes text only (``textContent``), never HTML, and the responses
 carry a Content-Security-Policy that forbids any script but ``/room.js``.
@@ -143,6 +145,9 @@ class WebRoom:
                         self._send(sse("machine", tile(row)))
                 if time.monotonic() - last_counters >= COUNTERS_S:
                     last_counters = time.monotonic()
+                    sync = getattr(self.runtime, "sync_worker", None)
+                    if sync is not None:      # privilege separation: the worker's transfers in flight now
+                        await sync()
                     st = self.state()
                     self._send(sse("counters", {k: st[k] for k in ("now", "states", "counters", "transfers",
                                                                      "in_flight")}))

@@ -41,13 +41,13 @@ def poll_until(fn, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def lab_for(tmp_path, prefix: str, web: bool = False):
+def lab_for(tmp_path, prefix: str, web: bool = False, privsep: bool = True):
     require_root()
     require_tool("ip")
     require_tool("curl")
     pytest.importorskip("scapy", reason="missing tool: scapy (pip, pyproject test extra)")
     pytest.importorskip("tftpy", reason="missing tool: tftpy (pip, pyproject test extra)")
-    cm = boot_lab(tmp_path, HOSTS, prefix)
+    cm = boot_lab(tmp_path, HOSTS, prefix, privsep=privsep)
     lab = cm.__enter__()
     if web:
         cfg = yaml.safe_load((lab.tmp / "sidus.yaml").read_text())
@@ -181,11 +181,12 @@ def slow_tftp(lab, name: str, seconds: float, stop: threading.Event) -> int:
     return got
 
 
-def test_watch_shows_a_transfer_in_flight_with_its_speed(tmp_path):
-    """With privilege separation the worker's transfers in flight reach ``sidusctl status`` (``transfers``)
-    and the watch page, with the peer's MAC and the speed."""
+@pytest.mark.parametrize("privsep", [True, False], ids=["privsep", "one-process"])
+def test_watch_shows_a_transfer_in_flight_with_its_speed(tmp_path, privsep):
+    """The transfers in flight (with privilege separation: the worker's) reach ``sidusctl status``
+    (``transfers``) and the watch page, with the peer's MAC and the speed."""
     require_tool("tmux")
-    cm, lab = lab_for(tmp_path, "sidus-t-watchx")
+    cm, lab = lab_for(tmp_path, "sidus-t-watchx", privsep=privsep)
     tmux = None
     stop = threading.Event()
     t = threading.Thread(target=slow_tftp, args=(lab, "images/demo/vmlinuz", 15.0, stop), daemon=True)
