@@ -192,13 +192,21 @@ class WebRoom:
         self._subs.add(q)
         try:
             await resp.write(b"retry: 2000\n\n" + sse("room", self.state()))
+            quiet = 0.0
             while q in self._subs or not q.empty():
                 try:
-                    data = await asyncio.wait_for(q.get(), KEEPALIVE_S)
+                    data = await asyncio.wait_for(q.get(), 1.0)
                 except TimeoutError:
+                    # a viewer that went away frees its place within a second, not at the next write
+                    if request.transport is None or request.transport.is_closing():
+                        break
+                    quiet += 1.0
+                    if quiet < KEEPALIVE_S:
+                        continue
                     data = b": keepalive\n\n"
                 if not data:
                     break
+                quiet = 0.0
                 await resp.write(data)
         except (ConnectionError, asyncio.CancelledError):
             pass

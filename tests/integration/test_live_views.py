@@ -355,6 +355,28 @@ def test_the_page_sends_no_secret_and_safe_headers(tmp_path):
         bad = lab.server.run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", base + "/machine?mac=%3Cx%3E",
                              check=False).stdout
         assert bad == "400"
+
+        # at most MAX_SUBSCRIBERS event streams: the next one gets 503, and a stream that closes frees its place
+        from sidusd.web import MAX_SUBSCRIBERS
+
+        def code() -> str:
+            return lab.server.run("curl", "-sS", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}", base + "/events",
+                                  check=False).stdout
+        time.sleep(2.0)                                 # the streams above have gone (freed within 1 s)
+        streams = [lab.server.popen(["curl", "-sSN", "-o", "/dev/null", base + "/events"])
+                   for _ in range(MAX_SUBSCRIBERS)]
+        try:
+            time.sleep(1.0)
+            assert [p.poll() for p in streams] == [None] * MAX_SUBSCRIBERS     # all eight admitted, open
+            assert code() == "503"
+        finally:
+            for p in streams:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, 9)
+                p.wait(5)
+        poll_until(lambda: code() == "200", 15, "a stream admitted again")
+        streams = [lab.server.popen(["curl", "-sSN", "-o", "/dev/null", base + "/events"]) for _ in range(2)]
+        time.sleep(1.0)
         assert lab.stop() == 0                          # the open event streams do not hold the stop
     finally:
         cm.__exit__(None, None, None)
