@@ -152,3 +152,38 @@ def test_transfers_in_flight_cross_the_privsep_wire_bounded():
                 [{**one, "duration_s": float("inf")}], [{**one, "extra": 1}], [{**one, "service": "A B"}]):
         with pytest.raises(RemoteProtocolError):
             ipc.decode_worker(stats(bad))
+
+
+def _web_room():
+    from types import SimpleNamespace
+
+    from sidusd.boot.inventory import Host, Inventory, Profile
+    from sidusd.observability import Observer
+    from sidusd.web import WebRoom
+    inv = Inventory({"p": Profile(name="p", image="demo", append="sidus.key=hunter2")},
+                    {MAC1: Host(mac=MAC1, profile="p", hostname="node1", append="x.secret=hunter3")})
+    rt = SimpleNamespace(observer=Observer(), inventory=inv, config=None)
+    return WebRoom(rt, {}, lambda: {"tftp": 0}), rt
+
+
+def test_web_room_state_has_no_secret_and_a_slow_viewer_is_cut_off():
+    import asyncio
+
+    from sidusd.web import QUEUE
+    room, rt = _web_room()
+    rt.observer.client_seen(MAC1, "10.0.0.5", "bios")
+    rt.observer.timeline(MAC1, "dhcp.offer", file="pxelinux.0", server="10.0.0.1")
+    st = room.state()
+    assert [m["state"] for m in st["machines"]] == ["booting"] and st["machines"][0]["hostname"] == "node1"
+    assert "hunter" not in lv.safe_json(st) and "hunter" not in lv.page(room.template, st)
+
+    async def slow():
+        q: asyncio.Queue[bytes] = asyncio.Queue(QUEUE)
+        room._subs.add(q)
+        for i in range(QUEUE + 1):                 # nobody reads: the last one does not fit
+            room._send(lv.sse("counters", {"i": i}))
+        return q
+    q = asyncio.run(slow())
+    assert q not in room._subs and rt.observer.counters["web.slow_clients"] == 1
+    items = [q.get_nowait() for _ in range(q.qsize())]
+    assert items[-1] == b"" and len(items) == QUEUE               # the handler ends at the empty item
