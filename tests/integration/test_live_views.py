@@ -273,6 +273,7 @@ def test_web_page_tile_goes_booting_then_up(tmp_path):
     require_tool("chromium")
     require_tool("chromedriver")
     pytest.importorskip("selenium", reason="missing tool: selenium (pip, pyproject test extra)")
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -284,33 +285,32 @@ def test_web_page_tile_goes_booting_then_up(tmp_path):
         driver = ns.call(lambda: chrome(tmp_path))
         url = f"http://127.0.0.1:{METRICS_PORT}/"
 
-        def tile_state(d) -> str | None:
-            tiles = [t for t in d.find_elements(By.CSS_SELECTOR, ".tile") if t.get_attribute("data-mac") == MAC]
-            return tiles[0].get_attribute("data-state") if tiles else None
+        js = ("const t = document.querySelector('.tile[data-mac=\"" + MAC + "\"]'); return t && "
+              "{state: t.getAttribute('data-state'), text: t.textContent, bg: getComputedStyle(t).backgroundColor};")
 
-        def wait_state(want: str, what: str) -> None:
-            ns.call(lambda: WebDriverWait(driver, 30, 0.2).until(lambda d: tile_state(d) == want, what))
+        def wait_tile(pred, what: str) -> dict:
+            """The tile (read in one script: the page replaces tiles as events come) once ``pred`` holds."""
+            return ns.call(lambda: WebDriverWait(driver, 30, 0.2).until(
+                lambda d: (t := d.execute_script(js)) and pred(t) and t, what))
 
         ns.call(lambda: driver.get(url))
         assert ns.call(lambda: driver.title) == "sidus: the room"
-        wait_state("never", "the inventory host as never seen")
+        wait_tile(lambda t: t["state"] == "never", "the inventory host as never seen")
         ns.call(lambda: WebDriverWait(driver, 15, 0.2).until(
             lambda d: d.find_element(By.ID, "live").text == "live", "the event stream open"))
         group = ns.call(lambda: driver.find_element(By.CSS_SELECTOR, ".group h2").text)
         assert group == "profile default"
 
         first_stages(lab)                                  # pushed over server-sent events, no reload
-        wait_state("booting", "the tile booting")
-        assert "first_file" in ns.call(lambda: [t.text for t in driver.find_elements(By.CSS_SELECTOR, ".tile")
-                                                if MAC in t.text][0])
+        t = wait_tile(lambda t: t["state"] == "booting" and "first_file" in t["text"], "the tile booting: first_file")
+        assert t["bg"] == "rgb(255, 221, 68)", t           # .booting { background: #fd4 }
         last_stages(lab)
-        wait_state("up", "the tile up")
-        colour = ns.call(lambda: [t.value_of_css_property("background-color")
-                                  for t in driver.find_elements(By.CSS_SELECTOR, ".tile.up")][0])
-        assert colour == "rgba(85, 204, 85, 1)", colour   # .up { background: #5c5 }
+        t = wait_tile(lambda t: t["state"] == "up", "the tile up")
+        assert t["bg"] == "rgb(85, 204, 85)" and "up after" in t["text"], t   # .up { background: #5c5 }
 
         # its timeline on click, and the counters
-        ns.call(lambda: [t for t in driver.find_elements(By.CSS_SELECTOR, ".tile.up")][0].click())
+        ns.call(lambda: WebDriverWait(driver, 10, 0.2, ignored_exceptions=[StaleElementReferenceException]).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, f'.tile[data-mac="{MAC}"]').click() or True, "a click"))
         ns.call(lambda: WebDriverWait(driver, 10, 0.2).until(
             lambda d: "multiuser" in d.find_element(By.ID, "timeline").text, "the timeline shown"))
         timeline = ns.call(lambda: driver.find_element(By.ID, "timeline").text)
