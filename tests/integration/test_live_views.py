@@ -133,6 +133,9 @@ def test_watch_in_tmux_shows_the_boot_and_filters(tmp_path):
         pane = tmux.until(lambda p: " up " in line_of(p, MAC), 20,
                       "the machine up")
         assert "up (multiuser) after" in pane, pane
+        # the clients reply carries each machine's summary, its stages named after the boot target's files
+        summary = [c for c in json.loads(lab.ctl("--json", "clients").stdout) if c["mac"] == MAC][0]["summary"]
+        assert summary["state"] == "up" and list(summary["stages"]) == ["first_file", "kernel", "initrd", "root", "up"]
 
         # the filter: / then the hostname: the other machine goes away, then Esc brings it back
         tmux.run("send-keys", "-t", "w", "/", "rack1-node1", "Enter")
