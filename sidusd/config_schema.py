@@ -219,6 +219,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``web:`` the read-only web page of the room (sidusd/web.py; docs/operations.md "Monitoring"),
+    served on the monitoring endpoint (``metrics.address:port``, loopback unless configured)."""
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
 class HistoryConfig:
     """``history:`` the boot history journal (sidusd/history.py): ``sidusctl clients`` survives a
     restart.  ``file`` None: ``<state_dir>/history.jsonl``."""
@@ -245,6 +252,7 @@ class Config:
     booted: BootedConfig = field(default_factory=BootedConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     source: str = field(default="<string>", compare=False)
 
     def listener_key(self) -> tuple:
@@ -270,7 +278,7 @@ def listener_items(c: Config) -> list[tuple[str, object]]:
         ("security.privsep", c.security.privsep), ("security.worker_user", c.security.worker_user),
         ("metrics.enabled", c.metrics.enabled), ("metrics.address", c.metrics.address),
         ("metrics.port", c.metrics.port), ("history.enabled", c.history.enabled),
-        ("history.file", c.history.file),
+        ("history.file", c.history.file), ("web.enabled", c.web.enabled),
     ]
 
 

@@ -9,7 +9,7 @@
     sidusctl hosts reset-disk MAC
     sidusctl hosts show MAC | set MAC [--FIELD V] [--unset F] | adopt MAC;  sidusctl tftp-root populate [DIR]
     sidusctl hosts import FILE... [--format F] [--profile P] [--replace] [--dry-run]  (sidusd/ctl_import.py)
-    sidusctl reload
+    sidusctl reload | watch
 
 It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``, else the
 daemon's config's, :func:`sidusd.cliconfig.control_socket`) with :mod:`sidusd.control.messages`,
@@ -29,12 +29,12 @@ import datetime as dt
 import json
 import socket
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from sidusd import ctl_inventory, tftproot
 from sidusd.cliconfig import CONFIG_ENV, DEFAULT_CONFIG, ToolConfigError, control_socket
 from sidusd.control import messages as m
+from sidusd.ctl_format import _cell, _keys, fmt_duration, fmt_size, fmt_time, table  # noqa: F401 (sidusctl's names)
 from sidusd.errors import RemoteProtocolError, SidusError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PERMISSION, EXIT_PROTOCOL = range(6)
@@ -92,71 +92,6 @@ def call(path: str, op: str, args: dict[str, Any] | None = None,
         return m.decode_response(bytes(buf[:buf.index(b"\n")]))
     except RemoteProtocolError as exc:
         raise CtlError(EXIT_PROTOCOL, f"bad response from sidusd: {exc}") from None
-
-
-# -- formatting (pure) ---------------------------------------------------------
-
-def fmt_size(n: Any) -> str:
-    """``412 B``, ``1.5 KiB``, ``34.2 MiB``."""
-    if not isinstance(n, (int, float)):
-        return "-"
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
-def fmt_duration(s: Any) -> str:
-    """``0.01 s``, ``12.3 s``, ``4 min 5 s``, ``3 h 2 min``, ``2 d 4 h``."""
-    if not isinstance(s, (int, float)):
-        return "-"
-    if round(s, 2) < 10:
-        return f"{s:.2f} s"
-    if round(s, 1) < 60:
-        return f"{s:.1f} s"
-    s = int(round(s))
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 86400} d {s % 86400 // 3600} h"
-
-
-def fmt_time(t: Any, tz: dt.tzinfo | None = None, millis: bool = False) -> str:
-    """A timestamp (seconds since the epoch) in local time (or ``tz``)."""
-    if not isinstance(t, (int, float)):
-        return "-"
-    d = dt.datetime.fromtimestamp(t, tz)
-    return d.strftime("%H:%M:%S.") + f"{d.microsecond // 1000:03d}" if millis else d.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _cell(v: Any) -> str:
-    if v is None or v == "":
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, (list, tuple)):
-        return ",".join(_cell(x) for x in v) or "-"
-    if isinstance(v, dict):
-        return " ".join(f"{k}={_cell(x)}" for k, x in v.items()) or "-"
-    return str(v)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "") -> list[str]:
-    """Left-aligned columns separated by two spaces (trailing spaces stripped)."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return [(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))).rstrip() for r in cells]
-
-
-def _keys(dicts: Sequence[dict[str, Any]], first: Sequence[str] = ()) -> list[str]:
-    keys = [k for k in first if any(k in d for d in dicts)]
-    for d in dicts:
-        keys += [k for k in d if k not in keys]
-    return keys
 
 
 def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
@@ -350,6 +285,8 @@ def _parser() -> argparse.ArgumentParser:
     from sidusd import ctl_import
     ctl_import.add_parser(hs, common)
     sub.add_parser("reload", parents=[common], help="re-read config and inventory (like SIGHUP)")
+    sub.add_parser("watch", parents=[common], help="live view of the boots (/ filter, q quit)").add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
     return p
 
 
@@ -389,14 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     if ns.cmd == "tftp-root":                   # local: no daemon needed (sidusd/tftproot.py)
         return tftproot.main(ns.dir, ns.config)
     try:
-        if ns.cmd == "hosts" and ns.hosts_cmd == "import":
-            from sidusd import ctl_import
-            return ctl_import.run(ns, lambda op, a: call(path, op, a, ns.timeout), render_hosts, CtlError)
-        op, args = _request(ns)
         try:
             path = control_socket(ns.socket, ns.config)
         except ToolConfigError as exc:
             raise CtlError(EXIT_USAGE, str(exc)) from None
+        if ns.cmd == "hosts" and ns.hosts_cmd == "import":
+            from sidusd import ctl_import
+            return ctl_import.run(ns, lambda op, a: call(path, op, a, ns.timeout), render_hosts, CtlError)
+        if ns.cmd == "watch":       # unreachable / permission denied: an exit code, then the screen
+            from sidusd.watch import run
+            call(path, m.OP_STATUS, None, ns.timeout)
+            return run(lambda op: call(path, op, None, ns.timeout), max(0.2, ns.interval))
+        op, args = _request(ns)
         try:
             resp = call(path, op, args, ns.timeout)
         except RemoteProtocolError as exc:      # the request itself is refused locally

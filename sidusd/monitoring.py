@@ -6,8 +6,10 @@ history is read back into the observer (:mod:`sidusd.history`), the boot
 histograms listen to the observer (:mod:`sidusd.metrics`), and, with
 ``metrics.enabled``, ``GET /metrics`` is served on ``metrics.address:port``
 (loopback by default; text exposition format 0.0.4 from prometheus_client).
+With ``web.enabled`` the same endpoint serves the web page of the room
+(``/``, ``/events``...: :mod:`sidusd.web`), with or without ``/metrics``.
 
-The endpoint is small on purpose: GET/HEAD of ``/metrics`` only, requests
+The endpoint is small on purpose: GET/HEAD only (``/metrics`` and the page's paths), requests
 bounded by aiohttp's limits (8 KiB lines, a 1 KiB body at most), a listen
 backlog of ``MAX_CONNECTIONS``; it reads the observer and writes nothing.
 With privilege separation a scrape first waits for the worker's report
@@ -28,6 +30,7 @@ from .history import HistoryJournal, history_path
 from .metrics import make_registry
 from .net.http_up import target_files
 from .observability import get_logger
+from .web import WebRoom
 
 MAX_CONNECTIONS = 16
 
@@ -55,6 +58,7 @@ class Monitoring:
                                                   lambda mac: target_files(runtime, mac))
         self.history: HistoryJournal | None = None
         self._runner: web.AppRunner | None = None
+        self.web: WebRoom | None = None
         self.bound: tuple[str, int] | None = None
 
     async def start(self) -> None:
@@ -73,13 +77,20 @@ class Monitoring:
                 self.history = journal
         self.boots.seed(obs.clients)
         obs.listeners.append(self.boots.on_event)
-        if cfg.metrics.enabled:
-            await self._listen(str(cfg.metrics.address), int(cfg.metrics.port))
+        if cfg.web.enabled:
+            self.web = WebRoom(self.runtime, self.services, lambda: transfers_of(self.services))
+        if cfg.metrics.enabled or self.web is not None:
+            await self._listen(str(cfg.metrics.address), int(cfg.metrics.port), cfg.metrics.enabled)
 
-    async def _listen(self, address: str, port: int) -> None:
+    async def _listen(self, address: str, port: int, metrics: bool = True) -> None:
         app = web.Application(client_max_size=1024)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=15)
+        if metrics:
+            app.router.add_get("/metrics", self._metrics)
+        if self.web is not None:
+            self.web.routes(app)
+            self.web.start()
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=15,
+                                     shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, address, port, backlog=MAX_CONNECTIONS, reuse_address=True)
         try:
@@ -93,7 +104,8 @@ class Monitoring:
         server = getattr(site, "_server", None)
         socks = getattr(server, "sockets", None) or []
         self.bound = socks[0].getsockname()[:2] if socks else (address, port)
-        self.log.info("metrics.listening", address=self.bound[0], port=self.bound[1], path="/metrics")
+        self.log.info("metrics.listening", address=self.bound[0], port=self.bound[1],
+                      path="/metrics" if metrics else None, web=self.web is not None)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.runtime.observer.count("metrics.scrapes")
@@ -108,6 +120,8 @@ class Monitoring:
     async def stop(self) -> None:
         if self.boots.on_event in self.runtime.observer.listeners:
             self.runtime.observer.listeners.remove(self.boots.on_event)
+        if self.web is not None:
+            await self.web.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -24,6 +24,8 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ControlError, RemoteProtocolError, SidusError
+from ..liveview import client_summary
+from ..net.http_up import target_files
 from ..observability import LogLimiter, get_logger
 from . import messages as m
 from .ops import InventoryOps, unanswered
@@ -235,6 +237,7 @@ class ControlServer:
             "backend_status": st.get("backend_status", {}),
             "privsep": st.get("privsep", False), "processes": st.get("processes", []),
             "preflight": st.get("preflight", []), "broken_images": st.get("broken_images", {}),
+            "transfers": _transfers(self.services),
         }
 
     async def _clients(self, mac: str | None = None) -> list[dict[str, Any]]:
@@ -246,7 +249,11 @@ class ControlServer:
             records = [r for r in records if r.mac == want]
             if not records:
                 raise ControlError(f"no machine with MAC {want} seen recently")
-        return [{**r.as_dict(), "unanswered": unanswered(list(r.timeline))} for r in records]
+        now = time.time()
+        # the boot state and stage of each (sidusctl watch: sidusd.liveview), additive to the records
+        return [{**r.as_dict(), "unanswered": unanswered(list(r.timeline)),
+                 "summary": client_summary(list(r.timeline), target_files(self.runtime, r.mac), now)}
+                for r in records]
 
     async def _hosts_list(self) -> list[dict[str, Any]]:
         hosts = self.runtime.inventory.hosts
@@ -363,6 +370,17 @@ def _normalize(mac: str) -> str:
         return normalize_mac(mac)
     except (ValueError, SidusError) as exc:
         raise ControlError(getattr(exc, "reason", None) or str(exc)) from None
+
+
+def _transfers(services: dict[str, Any]) -> list[dict[str, Any]]:
+    """The transfers in flight of the services that list them (``transfers()``), with their service."""
+    out: list[dict[str, Any]] = []
+    for name, svc in services.items():
+        try:
+            out += [{"service": name, **t} for t in svc.transfers()] if hasattr(svc, "transfers") else []
+        except Exception:  # noqa: BLE001 (one broken service must not hide the others)
+            continue
+    return out
 
 
 def host_dict(host: Any) -> dict[str, Any]:

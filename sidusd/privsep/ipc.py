@@ -48,6 +48,7 @@ MAX_COUNTERS = 512                   # counter deltas in one message
 MAX_FIELDS = 16                      # fields of one timeline entry
 MAX_STR = 512                        # any string field
 MAX_PARTS = 64                       # path components of an open request
+MAX_ACTIVE = 32                      # transfers in flight listed in a stats answer (sidusctl watch)
 MAX_ENTRY = 1024                     # one timeline entry's fields, as JSON (64 x 1024 clients kept)
 
 
@@ -156,10 +157,21 @@ class Ready(_Message, tag="ready", frozen=True):
     listeners: Listeners
 
 
+class Active(Struct, frozen=True, forbid_unknown_fields=True):
+    """One transfer in flight (``TftpService.transfers()``), for ``sidusctl watch`` and the web page."""
+    service: Name
+    file: Str
+    peer: Str
+    bytes: Id
+    size: Id | None = None
+    duration_s: Annotated[float, Meta(ge=0.0, le=1e9)] = 0.0
+
+
 class Stats(_Message, tag="stats", frozen=True):
     id: Id
     listeners: Listeners
     transfers: Annotated[dict[Name, Count], Meta(max_length=8)]
+    active: Annotated[list[Active], Meta(max_length=MAX_ACTIVE)] = field(default_factory=list)
 
 
 class _Event(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -228,6 +240,9 @@ def decode_worker(data: bytes) -> WorkerMessage:
     if isinstance(msg, Events):
         events = [_event_tuple(e, f"events[{i}]") for i, e in enumerate(msg.events)]
         return WorkerMessage(t, {"counters": msg.counters, "events": events, "dropped": msg.dropped})
+    if isinstance(msg, Stats):
+        active = [msgspec.structs.asdict(a) for a in msg.active]
+        return WorkerMessage(t, {**msgspec.structs.asdict(msg), "active": active})
     return WorkerMessage(t, msgspec.structs.asdict(msg))
 
 

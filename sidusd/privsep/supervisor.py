@@ -80,6 +80,11 @@ class _RemoteTransferService(_RemoteService):
     def active_transfers(self) -> int:
         return int(self.sup.worker_transfers.get(self.name, 0))
 
+    def transfers(self) -> list[dict[str, Any]]:
+        """The transfers in flight of the worker's last report (``ipc.Active``; sidusctl watch)."""
+        return [{k: v for k, v in t.items() if k != "service"} for t in self.sup.worker_active
+                if t["service"] == self.name]
+
 
 class Supervisor:
     def __init__(self, runtime: Any, listeners: list[Listener]):
@@ -95,6 +100,7 @@ class Supervisor:
         self.worker: WorkerProc | None = None
         self.worker_listeners: dict[str, list[dict[str, Any]]] = {}
         self.worker_transfers: dict[str, int] = {}
+        self.worker_active: list[dict[str, Any]] = []
         self.restarts = 0
         self.last_exit: dict[str, Any] | None = None
         self._stopping = False
@@ -146,7 +152,7 @@ class Supervisor:
     def _exited(self, w: WorkerProc, rc: int, lived: float, delay: float) -> None:
         self.restarts += 1
         self.last_exit = {"pid": w.proc.pid, "status": rc, "t": time.time(), "lived_s": round(lived, 1)}
-        self.worker_transfers = {}
+        self.worker_transfers, self.worker_active = {}, []
         self.obs.count("privsep.worker_restarts")
         self.log.error("privsep.worker_exited", pid=w.proc.pid, status=rc, lived_s=round(lived, 1),
                        restart_in_s=delay, restarts=self.restarts)
@@ -271,6 +277,7 @@ class Supervisor:
         elif msg.t == "stats":
             self.worker_listeners = b["listeners"]
             self.worker_transfers = b["transfers"]
+            self.worker_active = b.get("active", [])
             fut = self._syncs.get(b["id"])
             if fut is not None and not fut.done():
                 fut.set_result(None)

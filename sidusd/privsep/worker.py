@@ -76,11 +76,17 @@ class Worker:
     def stats(self, sid: int) -> dict[str, Any]:
         listeners = {}
         transfers = {}
+        active: list[dict[str, Any]] = []
         for name, svc in self.services.items():
             listeners[name] = [{k: plain_value(v) for k, v in l.items()} for l in svc.listeners()]
             if hasattr(svc, "active_transfers"):
                 transfers[name] = int(svc.active_transfers())
-        return {"t": "stats", "id": sid, "listeners": listeners, "transfers": transfers}
+            if hasattr(svc, "transfers"):          # the first MAX_ACTIVE in flight (sidusctl watch)
+                active += [{"service": name, "file": str(t["file"])[:ipc.MAX_STR], "peer": str(t["peer"]),
+                            "bytes": int(t["bytes"]), "size": t.get("size"),
+                            "duration_s": max(0.0, float(t.get("duration_s") or 0.0))}
+                           for t in svc.transfers()[:ipc.MAX_ACTIVE - len(active)]]
+        return {"t": "stats", "id": sid, "listeners": listeners, "transfers": transfers, "active": active}
 
     async def run(self) -> int:
         from ..errors import SidusError

@@ -35,7 +35,8 @@ def test_good_messages_come_out_clean():
     assert ipc.decode_worker(enc({"t": "hello", "pid": 42})).body == {"pid": 42}
     s = ipc.decode_worker(enc({"t": "stats", "id": 7, "transfers": {"tftp": 1},
                                "listeners": {"tftp": [{"proto": "udp", "port": 69}]}}))
-    assert s.body == {"id": 7, "transfers": {"tftp": 1}, "listeners": {"tftp": [{"proto": "udp", "port": 69}]}}
+    assert s.body == {"id": 7, "transfers": {"tftp": 1}, "listeners": {"tftp": [{"proto": "udp", "port": 69}]},
+                      "active": []}
 
 
 @pytest.mark.parametrize("data, reason", [
