@@ -83,3 +83,61 @@ def test_clear_claims_ends_a_conflict(tmp_path):
     assert obs.clients[M1].as_dict()["conflict"] is False
     obs.client_seen(M1, "10.0.0.5")                          # the real host boots again
     assert _served_secret(rt.provide(PXE[M1], "10.0.0.1", "10.0.0.5"))
+
+
+def test_the_worker_forgets_the_claims_when_the_supervisor_says_so(tmp_path):
+    """privsep: the worker's table is the one the secret guard reads (Runtime._asker)."""
+    import socket
+    from types import SimpleNamespace
+
+    from sidusd.privsep import ipc
+    from sidusd.privsep.worker import Worker
+
+    obs = Observer(clock=Clock())
+    obs.client_seen(M1, "10.0.0.5")
+    obs.client_seen(M1, "10.0.0.66")
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        w = Worker(child, SimpleNamespace(), obs, SimpleNamespace(error=lambda *a, **k: None), None)
+        for dgram in ipc.encode_parent(("clear_claims", M1)):
+            parent.send(dgram)
+        w._on_ctl()
+        assert obs.claimed_from(M1) == () and w.exit_code == 0
+    finally:
+        parent.close()
+        child.close()
+
+
+def test_rotate_secret_op_pushes_the_new_secret_and_is_audited():
+    import asyncio
+    from types import SimpleNamespace
+
+    import pytest
+
+    from sidusd.control.ops import InventoryOps
+    from sidusd.errors import ControlError
+
+    pushed, lines, rotated = [], [], []
+
+    class Manager:
+        def disk(self, mac):
+            return object() if mac == M1 else None
+
+        async def rotate(self, mac):
+            rotated.append(mac)
+            return SimpleNamespace(plan=SimpleNamespace(target_iqn="iqn.x:disk-1", user="sidus-1"))
+
+    async def push():
+        pushed.append(True)
+    rt = SimpleNamespace(iscsi=Manager(), on_change=[push])
+    log = SimpleNamespace(warning=lambda event, **kw: lines.append((event, kw)))
+
+    async def nothing():
+        pass
+    ops = InventoryOps(rt, log, nothing)
+    res = asyncio.run(ops.rotate_secret(M1))
+    assert res == {"mac": M1, "target": "iqn.x:disk-1", "user": "sidus-1", "rotated": True}
+    assert rotated == [M1] and pushed == [True]
+    assert lines == [("control.secret_rotated", {"mac": M1, "target": "iqn.x:disk-1"})]
+    with pytest.raises(ControlError, match="has no iSCSI disk"):
+        asyncio.run(ops.rotate_secret(M2))
