@@ -97,3 +97,22 @@ def test_in_full_mode_a_4011_claim_from_an_address_we_did_not_lease_moves_nothin
     assert mine["ip"] == leased and mine["claimed_from"] == [leased], mine
     assert mine["conflict"] is False and mine["claim_attempts"] == [ATTACKER_IP], mine
     assert lab.counters()["dhcp.claims_refused"] == 1
+
+
+def test_sidusctl_hosts_clear_conflict_on_the_privsep_daemon(claims_lab):
+    """The admin's answer to a CONFLICT (supervisor and worker both forget the claims)."""
+    lab = claims_lab
+    lab.configure("proxy", hosts=[{"mac": MAC, "profile": "default"}])
+    lab.start()
+    _pxe_boot_claims(lab, MAC, CLIENT_IP, 0x4600)
+    _pxe_boot_claims(lab, MAC, ATTACKER_IP, 0x4610)
+    assert {c["mac"]: c for c in lab.ctl_json("clients")}[MAC]["conflict"] is True
+    done = subprocess.run([sys.executable, "-m", "sidusd.ctl", "--socket", str(lab.tmp / "control.sock"),
+                           "hosts", "clear-conflict", MAC], capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert f"claimed from {ATTACKER_IP}, {CLIENT_IP}; a CONFLICT" in done.stdout, done.stdout
+    _pxe_boot_claims(lab, MAC, CLIENT_IP, 0x4620)                   # the real host boots again
+    mine = {c["mac"]: c for c in lab.ctl_json("clients")}[MAC]
+    assert mine["conflict"] is False and mine["claimed_from"] == [CLIENT_IP], mine
+    log = lab.log_path.read_text()
+    assert "control.conflict_cleared" in log and "worker.bad_snapshot" not in log, log
