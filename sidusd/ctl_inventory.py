@@ -3,6 +3,8 @@
     sidusctl hosts show MAC
     sidusctl hosts set MAC [--profile P] [--hostname H] [--image I] [--ip A] [--append ARGS] [--unset FIELD]...
     sidusctl hosts adopt MAC [--profile P] [--hostname H] [--image I] [--append ARGS]
+    sidusctl hosts clear-conflict MAC
+    sidusctl hosts rotate-secret MAC
 
 Argument parsing, the request of each command and its human output; the socket
 talk and the exit codes are :mod:`sidusd.ctl`'s.
@@ -16,7 +18,9 @@ from typing import Any
 
 from sidusd.control import messages as m
 
-COMMANDS = ("show", "set", "adopt")
+COMMANDS = ("show", "set", "adopt", "clear-conflict", "rotate-secret")
+SIMPLE = {"show": m.OP_HOSTS_SHOW, "clear-conflict": m.OP_HOSTS_CLEAR_CONFLICT,
+          "rotate-secret": m.OP_HOSTS_ROTATE_SECRET}       # the commands that take a MAC only
 
 
 def add_parsers(hs: Any, common: argparse.ArgumentParser) -> None:
@@ -36,12 +40,16 @@ def add_parsers(hs: Any, common: argparse.ArgumentParser) -> None:
     a.add_argument("mac")
     for name in ("profile", "hostname", "image", "append"):
         a.add_argument(f"--{name}", metavar="ARGS" if name == "append" else None)
+    hs.add_parser("clear-conflict", parents=[common],
+                  help="forget the addresses a MAC was claimed from (after checking a CONFLICT)").add_argument("mac")
+    hs.add_parser("rotate-secret", parents=[common],
+                  help="a new iSCSI CHAP secret for a persistent host (after a suspected theft)").add_argument("mac")
 
 
 def request(ns: argparse.Namespace, mac: Callable[[str], str]) -> tuple[str, dict[str, Any]]:
     """The op and arguments of ``hosts show|set|adopt``; ``mac`` normalizes (usage error if bad)."""
-    if ns.hosts_cmd == "show":
-        return m.OP_HOSTS_SHOW, {"mac": mac(ns.mac)}
+    if ns.hosts_cmd in SIMPLE:
+        return SIMPLE[ns.hosts_cmd], {"mac": mac(ns.mac)}
     names = ("profile", "hostname", "image", "ip", "append") if ns.hosts_cmd == "set" else (
         "profile", "hostname", "image", "append")
     args: dict[str, Any] = {"mac": mac(ns.mac)}
@@ -98,4 +106,11 @@ def render(op: str, result: dict[str, Any], hosts_table: Callable[[list[dict[str
                 "before / after)\n" + hosts_table([result["previous"], result["host"]]))
     if op == m.OP_HOSTS_ADOPT:
         return f"host {result['host'].get('mac')} adopted\n" + hosts_table([result["host"]])
+    if op == m.OP_HOSTS_CLEAR_CONFLICT:
+        was = ", ".join(result.get("claimed_from") or []) or "no address"
+        return (f"host {result.get('mac')}: claims forgotten (it was claimed from {was}"
+                + ("; a CONFLICT" if result.get("conflict") else "") + ")")
+    if op == m.OP_HOSTS_ROTATE_SECRET:
+        return (f"host {result.get('mac')}: new CHAP secret set on {result.get('target')} "
+                "(its next boot config carries it; a session logged in with the old one stays up)")
     return None

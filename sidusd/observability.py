@@ -22,7 +22,7 @@ import collections
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO, cast
 
@@ -30,6 +30,7 @@ import structlog
 
 from sidusd.boot.claims import Claims
 
+CLAIM_REFUSED = "dhcp.claim_refused"   # timeline event: a PXE claim our lease table contradicts
 MAX_CLIENTS = 1024          # machines remembered by `sidusctl clients`
 MAX_TIMELINE = 64           # events remembered per machine
 LOG_BURST = 20              # lines of one event written at once ...
@@ -220,6 +221,8 @@ class ClientRecord:
     timeline: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=MAX_TIMELINE))
     claims: Claims = field(default_factory=Claims)      # the addresses this MAC was claimed from
+    # full DHCP mode: addresses that stated this MAC against our lease table (boot.claims.pxe_claim)
+    attempts: Claims = field(default_factory=Claims)
 
     def as_dict(self) -> dict[str, Any]:
         return {"mac": self.mac, "ip": self.ip, "arch": self.arch,
@@ -227,7 +230,8 @@ class ClientRecord:
                 "timeline": list(self.timeline),
                 # as of the last time it was seen (boot.claims: a conflict withholds disk secrets)
                 "claimed_from": list(self.claims.recent(self.last_seen)),
-                "conflict": self.claims.conflict(self.last_seen)}
+                "conflict": self.claims.conflict(self.last_seen),
+                "claim_attempts": list(self.attempts.recent(self.last_seen))}
 
 
 class Observer:
@@ -240,6 +244,10 @@ class Observer:
         self.clients: collections.OrderedDict[str, ClientRecord] = collections.OrderedDict()
         # ip -> mac of the last DHCP exchange seen for that ip (bounded with clients)
         self._ip_to_mac: dict[str, str] = {}
+        # the MACs the inventory lists (set_known, at start / reload / snapshot): never evicted by
+        # others; the records of the other MACs, least recently seen first (at most max_clients)
+        self._known: frozenset[str] = frozenset()
+        self._unknown: collections.OrderedDict[str, None] = collections.OrderedDict()
         # called after each client change: (mac, "seen", {ip, arch, t}) or (mac, "tl", entry);
         # the history journal and the boot metrics listen here (none in the worker)
         self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
@@ -251,6 +259,23 @@ class Observer:
         self.counters[name] += n
 
     # -- clients ---------------------------------------------------------
+    def set_known(self, macs: Iterable[str]) -> None:
+        """The MACs the inventory lists (the runtime calls this with each new snapshot).
+
+        Their records are never evicted by other MACs (a flood of made-up MACs must not
+        erase a host's claims: boot.claims); they are bounded by the inventory's size, the
+        others by ``max_clients`` (least recently seen evicted, as in boot.booted)."""
+        self._known = frozenset(macs)
+        self._unknown = collections.OrderedDict((m, None) for m in self.clients if m not in self._known)
+        self._evict()
+
+    def _evict(self) -> None:
+        while len(self._unknown) > self._max_clients:
+            old_mac, _ = self._unknown.popitem(last=False)
+            old = self.clients.pop(old_mac)
+            if old.ip and self._ip_to_mac.get(old.ip) == old_mac:
+                del self._ip_to_mac[old.ip]
+
     def client(self, mac: str) -> ClientRecord:
         """The record for ``mac`` (lower-case, colon separated), created if new."""
         now = self._clock()
@@ -258,14 +283,28 @@ class Observer:
         if rec is None:
             rec = ClientRecord(mac=mac, first_seen=now, last_seen=now)
             self.clients[mac] = rec
-            while len(self.clients) > self._max_clients:
-                old_mac, old = self.clients.popitem(last=False)
-                if old.ip and self._ip_to_mac.get(old.ip) == old_mac:
-                    del self._ip_to_mac[old.ip]
+            if mac not in self._known:
+                self._unknown[mac] = None
+                self._evict()
         else:
             self.clients.move_to_end(mac)
+            if mac in self._unknown:
+                self._unknown.move_to_end(mac)
         rec.last_seen = now
         return rec
+
+    def claim_attempt(self, mac: str, ip: str) -> None:
+        """``ip`` stated ``mac`` against our lease table (full DHCP mode): shown, not a claim."""
+        self.count("dhcp.claims_refused")
+        self.timeline(mac, CLAIM_REFUSED, ip=ip)      # through the timeline: forwarded by privsep
+
+    def clear_claims(self, mac: str) -> bool:
+        """Forget the addresses ``mac`` was claimed from (``sidusctl hosts clear-conflict``)."""
+        rec = self.clients.get(mac)
+        if rec is None:
+            return False
+        rec.claims, rec.attempts = Claims(), Claims()
+        return True
 
     def client_seen(self, mac: str, ip: str | None = None, arch: str | None = None) -> ClientRecord:
         """Note that ``mac`` spoke to us (from ``ip``, with firmware ``arch``)."""
@@ -303,6 +342,8 @@ class Observer:
         rec = self.client(mac)
         entry = {"t": t, "event": event, **fields}
         rec.timeline.append(entry)
+        if event == CLAIM_REFUSED and isinstance(fields.get("ip"), str):
+            rec.attempts.note(fields["ip"], t)
         if self.listeners:
             self._notify(mac, "tl", entry)
         return entry
@@ -330,9 +371,8 @@ class Observer:
                 rec.first_seen = min(rec.first_seen, old.first_seen)
                 rec.ip, rec.arch = rec.ip or old.ip, rec.arch or old.arch
             merged[mac] = rec
-        while len(merged) > self._max_clients:
-            merged.popitem(last=False)
         self.clients = merged
+        self.set_known(self._known)
         self._ip_to_mac = {}
         for mac, rec in merged.items():
             if rec.ip:

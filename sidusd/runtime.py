@@ -97,6 +97,7 @@ class Runtime:
         self.config_path = Path(config_path)
         self._snap = snapshot
         self.observer = observer or Observer()
+        self.observer.set_known(snapshot.inventory.hosts)   # inventory hosts: never evicted by others
         self.started_at = time.time()
         self.last_reload: dict[str, Any] | None = None
         self.backend_status: dict[str, dict[str, Any]] = {}
@@ -215,6 +216,7 @@ class Runtime:
                 restart = [f"{key} changed: restart sidusd to apply it"
                            for key in config_mod.restart_needed(self.config, new.config)]
                 self._snap = new
+                self.observer.set_known(new.inventory.hosts)
                 self._note_problems(found)
                 self.observer.count("reload.ok")
                 self.log.info("reload.ok", generation=new.generation, restart_needed=restart)
@@ -252,6 +254,7 @@ class Runtime:
             data = inv_mod.dump_inventory(new_inv).encode()
             await asyncio.to_thread(atomic_write, snap.config.inventory_file, data, 0o640)
             self._snap = Snapshot(snap.config, new_inv, snap.generation + 1)
+            self.observer.set_known(new_inv.hosts)
             self.observer.count("inventory.writes")
             self.log.info("inventory.written", hosts=len(new_inv.hosts), generation=self.generation)
             await self.apply_iscsi()

@@ -30,6 +30,9 @@ class ObserverView(Protocol):
     def client_seen(self, mac: str, ip: str | None = None, arch: str | None = None) -> object:
         """Note that ``mac`` spoke to us (from ``ip``, with firmware ``arch``): the DHCP table."""
 
+    def claim_attempt(self, mac: str, ip: str) -> None:
+        """``ip`` stated ``mac`` against the lease table (full mode): counted and shown, no claim."""
+
 
 class RuntimeView(Protocol):
     """The live state as the services see it (swapped atomically on reload)."""

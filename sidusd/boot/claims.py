@@ -19,6 +19,10 @@ spoofing: the threat model"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidusd.boot.leases import Lease
 
 CLAIM_WINDOW_S = 600.0        # two addresses for one MAC within this time: a conflict
 MAX_ADDRESSES = 4             # addresses remembered per MAC (the oldest forgotten first)
@@ -61,3 +65,17 @@ def secret_problem(client_ip: str, claimed_from: tuple[str, ...], fixed_ip: str 
         return (f"the MAC was also claimed from {', '.join(others)} in the last {CLAIM_WINDOW_S:.0f} s "
                 "(conflict): disk secrets are withheld from every address until it passes")
     return None
+
+
+def pxe_claim(ciaddr: str, lease: Lease | None, now: float) -> bool:
+    """Full-DHCP mode: is a PXE REQUEST's ``ciaddr`` a claim of the MAC it names?
+
+    There the lease table is the authority for which address a MAC holds: only
+    the address our (active) lease binds to that MAC is a claim.  Any other
+    ``ciaddr`` -- a spoofer stating its own address with another machine's MAC
+    -- moves nothing: the caller counts it and shows it as a conflict attempt
+    (:meth:`Claims.note` on the record's ``attempts``), and since the MAC's
+    address does not change, its disk secret is not served there.
+    ``lease``: the lease table's record for the MAC (``LeaseDB.by_mac``), None without one.
+    """
+    return lease is not None and lease.active(now) and ciaddr == str(lease.ip)

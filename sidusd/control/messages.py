@@ -50,6 +50,8 @@ OP_HOSTS_SET = "hosts.set"
 OP_HOSTS_ADOPT = "hosts.adopt"
 OP_IMAGES_STATUS = "images.status"
 OP_HOSTS_IMPORT = "hosts.import"
+OP_HOSTS_CLEAR_CONFLICT = "hosts.clear-conflict"    # forget who claimed a MAC (boot.claims)
+OP_HOSTS_ROTATE_SECRET = "hosts.rotate-secret"      # a new CHAP secret for a persistent host
 
 MAX_ARG_CHARS = 4096    # any single string argument
 LIST_ARGS = frozenset({"unset"})     # the arguments that are lists of strings
@@ -143,6 +145,8 @@ OPS: dict[str, type[Args]] = {
     OP_HOSTS_ADOPT: HostsAdoptArgs,
     OP_IMAGES_STATUS: NameArgs,
     OP_HOSTS_IMPORT: HostsImportArgs,
+    OP_HOSTS_CLEAR_CONFLICT: MacArgs,
+    OP_HOSTS_ROTATE_SECRET: MacArgs,
 }
 
 

@@ -4,6 +4,10 @@
   image merged) and what the daemon saw of it;
 * ``hosts.set MAC ...``: change some fields of a host, keep the others (``unset`` clears one);
 * ``hosts.adopt MAC``: a machine seen in ``clients`` becomes a host (default profile unless given);
+* ``hosts.clear-conflict MAC``: forget the addresses a MAC was claimed from (boot/claims.py), here
+  and in the worker, after an admin has checked a conflict;
+* ``hosts.rotate-secret MAC``: a new CHAP secret for a persistent host, set on its target (a stolen
+  copy stops working) and pushed to the worker for its next boot config;
 * ``images.status NAME``: is the image served as the running config says: its problems
   (sidusd/preflight.py), exported by the NFS backend, its boot config rendered.  ``sidus-image``
   asks this before it says "served".
@@ -16,6 +20,7 @@ the server sends back as they are.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 from ..errors import ControlError, SidusError
@@ -121,6 +126,37 @@ class InventoryOps:
         new = await self.runtime.edit_inventory(edit)
         self.log.info("control.host_adopted", mac=mac, profile=profile)
         return {"host": _jsonable(dataclasses.asdict(new.hosts[mac])), "client": client_summary(rec)}
+
+    async def clear_conflict(self, mac: str) -> dict[str, Any]:
+        """Forget who claimed ``mac`` (both processes): the next claim starts a fresh record."""
+        await self._sync()
+        rt = self.runtime
+        rec = rt.observer.clients.get(mac)
+        if rec is None:
+            raise ControlError(f"no machine with MAC {mac} seen recently (sidusctl clients lists them)")
+        before = rec.as_dict()
+        rt.observer.clear_claims(mac)
+        worker = getattr(rt, "worker_clear_claims", None)    # privsep: the worker's table decides
+        if worker is not None:
+            await worker(mac)
+        self.log.warning("control.conflict_cleared", mac=mac, claimed_from=before["claimed_from"],
+                         claim_attempts=before["claim_attempts"], conflict=before["conflict"])
+        return {"mac": mac, "conflict": before["conflict"], "claimed_from": before["claimed_from"],
+                "claim_attempts": before["claim_attempts"]}
+
+    async def rotate_secret(self, mac: str) -> dict[str, Any]:
+        """A new CHAP secret for persistent host ``mac``, on its target and in its next config."""
+        rt = self.runtime
+        mgr = rt.iscsi
+        if mgr is None or mgr.disk(mac) is None:
+            raise ControlError(f"host {mac} has no iSCSI disk (not persistent, or iscsi.backend is none)")
+        disk = await mgr.rotate(mac)
+        for fn in list(rt.on_change):                 # privsep: the worker renders with the new one
+            res = fn()
+            if inspect.isawaitable(res):
+                await res
+        self.log.warning("control.secret_rotated", mac=mac, target=disk.plan.target_iqn)
+        return {"mac": mac, "target": disk.plan.target_iqn, "user": disk.plan.user, "rotated": True}
 
     async def image_status(self, name: str) -> dict[str, Any]:
         """Whether image ``name`` is served as the running config says (for ``sidus-image``)."""

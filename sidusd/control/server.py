@@ -199,6 +199,7 @@ class ControlServer:
             m.OP_HOSTS_ADOPT: self.ops.adopt,
             m.OP_IMAGES_STATUS: self.ops.image_status,
             m.OP_HOSTS_IMPORT: self._hosts_import,
+            m.OP_HOSTS_CLEAR_CONFLICT: self.ops.clear_conflict, m.OP_HOSTS_ROTATE_SECRET: self.ops.rotate_secret,
         }
         args = dict(req.args)
         if "mac" in args:

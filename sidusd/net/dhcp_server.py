@@ -35,7 +35,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from sidusd.boot import policy
+from sidusd.boot import claims, policy
 from sidusd.boot.inventory import BootTarget, Inventory
 from sidusd.boot.leases import NO_RESERVATIONS, Lease, LeaseDB, Reservations
 from sidusd.boot.ratelimit import DeclineLimiter
@@ -359,6 +359,10 @@ class DhcpService:
         obs.count({"offer": "dhcp.offers", "ack": "dhcp.acks", "nak": "dhcp.naks"}[reply.kind])
         p = reply.packet
         ip = p.yiaddr if p.yiaddr != policy.ZERO else req.packet.ciaddr
+        if p.yiaddr == policy.ZERO and ip != policy.ZERO and self._db is not None and not claims.pxe_claim(
+                str(ip), self._db.by_mac(req.mac), time.time()):    # full mode: the lease table decides
+            obs.claim_attempt(req.mac, str(ip))
+            ip = policy.ZERO
         # The firmware type only means something for PXE clients (a booted kernel's
         # DHCP client sends no option 93 and must not overwrite it with "bios").
         obs.client_seen(req.mac, str(ip) if ip != policy.ZERO else None,

@@ -151,6 +151,7 @@ def make_runtime_class() -> type:
 
         def update(self, snapshot: Any, disks: dict[str, Any] | None) -> None:
             self._snap = snapshot
+            self.observer.set_known(snapshot.inventory.hosts)
             # the worker's stand-in has only disk() (for iscsi_login): the supervisor owns the manager
             self.iscsi = _Disks(disks) if disks is not None else None  # type: ignore[assignment]
 

@@ -227,6 +227,13 @@ class Supervisor:
             return
         await self.sync()
 
+    async def clear_claims(self, mac: str) -> None:
+        """``sidusctl hosts clear-conflict``: the worker forgets who claimed ``mac`` too."""
+        w = self.worker
+        if w is not None and not w.closed:
+            await self._send(w, ("clear_claims", mac))
+            await self.sync()
+
     async def sync(self) -> None:
         """Wait until the worker has sent everything it counted so far (for status / clients)."""
         w = self.worker
@@ -356,6 +363,7 @@ async def serve(runtime: Any) -> int:
 
     await runtime.apply_backends()
     runtime.on_change.append(sup.push)
+    runtime.worker_clear_claims = sup.clear_claims
     await sup.push()                   # the iSCSI credentials apply_backends made
     monitor = loop.create_task(sup.monitor())
 

@@ -157,6 +157,8 @@ class Worker:
         kind = msg[0]
         if kind == "snapshot":
             self.runtime.update(msg[1], msg[2])
+        elif kind == "clear_claims":          # sidusctl hosts clear-conflict
+            self.obs.clear_claims(str(msg[1]))
         elif kind == "sync":
             self.flush()
             self.send(self.stats(int(msg[1])))

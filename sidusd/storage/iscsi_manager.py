@@ -141,6 +141,17 @@ class IscsiManager:
         self.log.info("iscsi.disk_reset", mac=mac, path=str(p.backing_file))
         return await self.info(mac)
 
+    async def rotate(self, mac: str) -> Disk:
+        """Give host ``mac`` a new CHAP secret (saved first) and set it on its target."""
+        d = self.disks.get(mac)
+        if d is None:
+            raise BackendError(f"host {mac} has no iSCSI disk", detail="its profile's overlay is not iscsi")
+        secret = await asyncio.to_thread(self.secrets.rotate, mac)
+        self.disks[mac] = Disk(d.plan, secret)
+        await self._apply_backend()             # the target's account gets the new secret
+        self.log.info("iscsi.secret_rotated", mac=mac, target=d.plan.target_iqn)
+        return self.disks[mac]
+
     async def remove_host(self, mac: str, plan: DiskPlan, delete_disk: bool = False) -> None:
         """Remove a removed host's target and secret, and its backing file if asked."""
         await self.backend.remove(plan.target_iqn)

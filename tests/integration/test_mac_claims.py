@@ -74,3 +74,45 @@ def test_a_mac_claimed_from_a_second_address_shows_as_a_conflict(claims_lab):
                            "clients", MAC], capture_output=True, text=True, cwd=REPO, timeout=30)
     assert text.returncode == 0, text.stderr
     assert f"CONFLICT: claimed from {ATTACKER_IP}, {CLIENT_IP} recently" in text.stdout, text.stdout
+
+
+def test_in_full_mode_a_4011_claim_from_an_address_we_did_not_lease_moves_nothing(claims_lab):
+    """Full DHCP mode: the lease table is the authority.  Before: the spoofed ciaddr became the
+    MAC's address and a conflict (``claimed_from`` [attacker, leased]); now it is a refused
+    claim attempt, counted, and the MAC stays at the address we leased it."""
+    lab = claims_lab
+    lab.configure("full", hosts=[{"mac": MAC, "profile": "default"}])
+    lab.start()
+    offer = lab.exchange(request(MAC, 0x4500, "discover", VCI, 0), ("255.255.255.255", 67), 0x4500)
+    assert offer is not None, lab.log_tail()
+    leased = offer[0].yiaddr
+    ack = lab.exchange(request(MAC, 0x4501, "request", VCI, 0, extra=[("server_id", SERVER_IP),
+                                                                      ("requested_addr", leased)]),
+                       ("255.255.255.255", 67), 0x4501)
+    assert ack is not None and ack[0].yiaddr == leased, lab.log_tail()
+    got = lab.exchange(request(MAC, 0x4502, "request", VCI, 0, ciaddr=ATTACKER_IP,
+                               extra=[("server_id", SERVER_IP)]), (SERVER_IP, 4011), 0x4502, wait_s=WAIT_S)
+    assert got is not None, lab.log_tail()
+    mine = {c["mac"]: c for c in lab.ctl_json("clients")}[MAC]
+    assert mine["ip"] == leased and mine["claimed_from"] == [leased], mine
+    assert mine["conflict"] is False and mine["claim_attempts"] == [ATTACKER_IP], mine
+    assert lab.counters()["dhcp.claims_refused"] == 1
+
+
+def test_sidusctl_hosts_clear_conflict_on_the_privsep_daemon(claims_lab):
+    """The admin's answer to a CONFLICT (supervisor and worker both forget the claims)."""
+    lab = claims_lab
+    lab.configure("proxy", hosts=[{"mac": MAC, "profile": "default"}])
+    lab.start()
+    _pxe_boot_claims(lab, MAC, CLIENT_IP, 0x4600)
+    _pxe_boot_claims(lab, MAC, ATTACKER_IP, 0x4610)
+    assert {c["mac"]: c for c in lab.ctl_json("clients")}[MAC]["conflict"] is True
+    done = subprocess.run([sys.executable, "-m", "sidusd.ctl", "--socket", str(lab.tmp / "control.sock"),
+                           "hosts", "clear-conflict", MAC], capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert f"claimed from {ATTACKER_IP}, {CLIENT_IP}; a CONFLICT" in done.stdout, done.stdout
+    _pxe_boot_claims(lab, MAC, CLIENT_IP, 0x4620)                   # the real host boots again
+    mine = {c["mac"]: c for c in lab.ctl_json("clients")}[MAC]
+    assert mine["conflict"] is False and mine["claimed_from"] == [CLIENT_IP], mine
+    log = lab.log_path.read_text()
+    assert "control.conflict_cleared" in log and "worker.bad_snapshot" not in log, log

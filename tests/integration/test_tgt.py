@@ -251,3 +251,65 @@ def test_sidusctl_disk_ops_through_the_control_socket(lab, tmp_path, capsys):
         asyncio.run(scenario())
     finally:
         structlog.reset_defaults()
+
+
+def test_sidusctl_rotate_secret_and_clear_conflict_after_a_suspected_theft(lab, tmp_path, capsys):
+    """Issue 14 item 14: after a CONFLICT, the admin clears it and rotates the host's CHAP secret;
+    the old secret (the thief's copy) no longer logs in to the real tgtd target, the new one does."""
+    from sidusd import ctl
+    from sidusd.boot.inventory import dump_inventory
+    from sidusd.control.server import ControlServer
+    from sidusd.observability import Observer, setup_logging
+    from sidusd.runtime import Runtime, Snapshot
+
+    cfg, inv, tgtd, _ = lab
+    cfg.inventory_file.parent.mkdir(parents=True, exist_ok=True)
+    cfg.inventory_file.write_text(dump_inventory(inv))
+    sock = tmp_path / "control.sock"
+
+    def sidusctl(*argv: str) -> tuple[int, str, str]:
+        rc = ctl.main(["--socket", str(sock), *argv])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    setup_logging("json", "info")
+
+    async def scenario():
+        obs = Observer()
+        rt = Runtime(tmp_path / "sidus.yaml", Snapshot(cfg, inv, 1), observer=obs, iscsi_watch_s=0)
+        await rt.apply_backends()
+        server = ControlServer(rt, {}, socket_path=sock)
+        await server.start()
+        try:
+            d1 = rt.iscsi.disk(M1)
+            old = d1.secret
+            obs.client_seen(M1, "10.0.0.5")
+            obs.client_seen(M1, "10.0.0.66")                 # the spoofed claim: a conflict
+            rc, out, err = await asyncio.to_thread(sidusctl, "hosts", "clear-conflict", M1)
+            assert rc == 0 and "claimed from 10.0.0.66, 10.0.0.5; a CONFLICT" in out, (out, err)
+            assert obs.clients[M1].as_dict()["conflict"] is False
+            rc, out, err = await asyncio.to_thread(sidusctl, "hosts", "clear-conflict", "52:54:00:00:99:99")
+            assert rc == 1 and "no machine with MAC" in err
+
+            rc, out, err = await asyncio.to_thread(sidusctl, "hosts", "rotate-secret", M1)
+            assert rc == 0 and f"new CHAP secret set on {d1.plan.target_iqn}" in out, (out, err)
+            assert '"event": "control.secret_rotated"' in err and old not in err    # the audit line
+            new = rt.iscsi.disk(M1).secret
+            assert new != old and json.loads(cfg.iscsi.secrets_file.read_text())[M1] == new
+            assert new not in out + err and old not in out
+            stolen = ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, old, d1.plan.target_iqn)
+            assert stolen.returncode != 0 and "Authentication failure" in stolen.stdout + stolen.stderr
+            assert ls(tgtd.port, d1.plan.initiator_iqn, d1.plan.user, new, d1.plan.target_iqn).returncode == 0
+            assert rt.iscsi_login(M1, "127.0.0.1").secret == new          # the next boot config's
+            d2 = rt.iscsi.disk(M2)                                         # host 2 untouched
+            assert ls(tgtd.port, d2.plan.initiator_iqn, d2.plan.user, d2.secret, d2.plan.target_iqn).returncode == 0
+            rc, out, err = await asyncio.to_thread(sidusctl, "hosts", "rotate-secret", "52:54:00:00:99:99")
+            assert rc == 1 and "has no iSCSI disk" in err
+        finally:
+            await server.stop()
+            await rt.remove_backends()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        structlog.reset_defaults()

@@ -47,6 +47,8 @@ def test_request_round_trip_every_op():
         m.OP_IMAGES_STATUS: {"name": "demo"},
         m.OP_HOSTS_IMPORT: {"hosts": [{"mac": "52:54:00:00:00:01", "profile": "default", "source": "f:1"}],
                             "replace": False},
+        m.OP_HOSTS_CLEAR_CONFLICT: {"mac": "52:54:00:00:00:01"},
+        m.OP_HOSTS_ROTATE_SECRET: {"mac": "52:54:00:00:00:01"},
     }
     assert set(samples) == set(m.OPS)
     for op, args in samples.items():

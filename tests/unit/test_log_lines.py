@@ -43,7 +43,9 @@ ONCE: dict[str, str] = {
                      "preflight.problem"],
                     "once per reload / backend change / stop"),
     **dict.fromkeys(["control.host_saved", "control.host_removed", "control.secret_shown", "control.disk_reset",
-                     "control.host_changed", "control.host_adopted", "control.hosts_imported"],
+                     "control.host_changed", "control.host_adopted", "control.hosts_imported",
+                     "control.conflict_cleared",
+                     "control.secret_rotated"],
                     "audit record of an admin action (after the uid check): never dropped"),
 }
 
