@@ -19,21 +19,18 @@ document rendered per MAC, or a refusal, mapped to a status by
 * Files go out with ``loop.sendfile`` (``sendfile(2)``), in chunks of
   ``SEND_CHUNK`` bytes, each with ``idle_timeout_s``: a client that stops
   reading is cut after that long without progress.
-* Bounded (config ``http.max_connections``, ``http.max_per_client``,
-  ``http.idle_timeout_s``, ``http.header_timeout_s``, applied to new
-  connections on reload): ``max_per_client`` per client IP (over it: ``503``
-  + ``Retry-After``, closed before anything is parsed) and ``max_connections``
-  in all; when every slot is taken, a newcomer takes one back if it can
-  (:meth:`~.http_conns.Slots.victim`), so a slowloris only ever evicts
-  itself.  No first complete request within ``header_timeout_s``, idle
-  between requests or not reading for ``idle_timeout_s``: closed.
-* Every response ends with one ``http.transfer`` log event (rate limited, as
-  every line a client can cause: ``self.rlog``) and, when the MAC is known, a
-  ``http`` entry in that machine's boot timeline (``sidusctl clients``).
-
-Counters (``http.``): requests, connections, malformed, refused.<busy|per_client|stopping|reset|
-method|encoding|name|not_found|access|range>, evicted.<idle|busy>, transfers.done/failed,
-bytes, ranges, timeouts.<header|idle|send>, read_errors, internal_errors.
+* Bounded (``http.max_connections``, ``max_per_client``, ``idle_timeout_s``,
+  ``header_timeout_s``; new connections after a reload): ``max_per_client`` per client IP
+  (over it: ``503`` + ``Retry-After``, closed unparsed) and ``max_connections`` in all; when
+  every slot is taken a newcomer takes one back if it can (:meth:`~.http_conns.Slots.victim`):
+  a slowloris only evicts itself.  No first request in ``header_timeout_s``, or idle or not
+  reading for ``idle_timeout_s``: closed.
+* Every response ends with one ``http.transfer`` log event (rate limited: ``self.rlog``)
+  and, when the MAC is known, an ``http`` entry in its boot timeline (``sidusctl clients``).
+  ``/up``: machines that report they are up (:mod:`.http_up`).
+Counters (``http.``): requests, connections, malformed, refused.<busy|per_client|stopping|reset|method|
+encoding|name|not_found|access|range>, evicted.<idle|busy>, transfers.done/failed, bytes, ranges,
+timeouts.<header|idle|send>, read_errors, internal_errors.
 """
 
 from __future__ import annotations

@@ -247,3 +247,11 @@ def test_the_cycle_finder_finds_cycles_and_only_those():
     assert cycles(import_graph(src, pk, deferred=True)) == []
     src["p.c"] = "try:\n    from p.a import thing\nexcept ImportError:\n    pass\n"
     assert cycles(import_graph(src, pk)) == [["p.a", "p.b", "p.c"]]
+
+
+def test_every_source_file_is_under_400_lines():
+    """The style rule (docs/architecture.md): a file that grows past it is split by job."""
+    pkg = Path(__file__).resolve().parents[2] / "sidusd"
+    long = {str(p.relative_to(pkg)): n for p in sorted(pkg.rglob("*"))
+            if p.suffix in (".py", ".c", ".h") and (n := len(p.read_text().splitlines())) >= 400}
+    assert not long, long
