@@ -37,7 +37,7 @@ from ..errors import RemoteProtocolError
 from ..proto import tftp, tftp_netascii
 from ..proto.tftp_session import BytesSource
 from .files import NotServable, ReadAheadSource
-from .tftp_admission import ADMIT, BUSY, Admission
+from .tftp_admission import ADMIT, BUSY, FLOOD, Admission
 
 if TYPE_CHECKING:
     from .tftp_server import TftpService
@@ -69,6 +69,7 @@ class Intake:
         self.log = svc.log
         self.admission = Admission(svc)
         self.pending: dict[Peer, asyncio.Task] = {}         # admitted, its file being opened
+        self.pending_at: dict[Peer, float] = {}             # when (loop time)
 
     @property
     def per_client(self) -> collections.Counter[str]:
@@ -158,6 +159,9 @@ class Intake:
             return self.refuse(peer, local, tftp.ERR_UNDEFINED, "server stopping", "stopping", name)
         verdict = self.admission.decide(peer[0], len(svc._transfers) + len(self.pending),
                                         cfg.max_transfers, cfg.max_transfers_per_client, svc.loop.time())
+        if verdict == FLOOD:            # every slot unconfirmed and young: no answer (maybe forged)
+            obs.count("tftp.refused.flood")
+            return
         if verdict == BUSY:
             return self.refuse(peer, local, tftp.ERR_UNDEFINED, "server busy, retry later", "busy", name)
         if verdict != ADMIT:
@@ -184,6 +188,7 @@ class Intake:
                     self.release(peer[0])
             return
         assert svc._loop is not None
+        self.pending_at[peer] = svc._loop.time()
         self.pending[peer] = svc._loop.create_task(
             self._open(pkt, peer, local, ifindex, name, decision, cfg))
 
@@ -211,10 +216,28 @@ class Intake:
             self.svc.runtime.observer.count("tftp.internal_errors")
             self.log.exception("tftp.internal_error", peer=f"{peer[0]}:{peer[1]}", file=name)
         finally:
-            self.pending.pop(peer, None)
-            if not begun:
-                self.release(peer[0])
+            if self.pending.get(peer) is asyncio.current_task():    # not evicted meanwhile
+                del self.pending[peer]
+                self.pending_at.pop(peer, None)
+                if not begun:
+                    self.release(peer[0])
             self.svc._maybe_idle()
+
+    def old_pending(self, before: float) -> bool:
+        """Is the oldest open under way older than ``before``?"""
+        for at in self.pending_at.values():
+            return at <= before
+        return False
+
+    def evict_pending(self) -> Any:
+        """Cancel the oldest open still under way (admission at the cap: its request is as
+        unconfirmed as a transfer that never heard an ACK); what it held is released now."""
+        peer, task = next(iter(self.pending.items()))
+        del self.pending[peer]
+        self.pending_at.pop(peer, None)
+        self.release(peer[0])
+        task.cancel()
+        return _Evicted(peer, "")
 
     async def _netascii(self, source: ReadAheadSource, peer: Peer, local: str,
                         name: str) -> tftp_netascii.NetasciiSource | None:
@@ -247,6 +270,7 @@ class Intake:
             await asyncio.gather(*tasks, return_exceptions=True)
         for peer in list(self.pending):         # a task cancelled before it ran
             del self.pending[peer]
+            self.pending_at.pop(peer, None)
             self.release(peer[0])
 
 
@@ -271,3 +295,10 @@ class _NetasciiFile(tftp_netascii.NetasciiSource):
 
     def close(self) -> None:
         self.file.close()
+
+
+class _Evicted:
+    """What the eviction log line names: a request whose file was still being opened."""
+
+    def __init__(self, peer: Peer, file: str):
+        self.peer, self.file = peer, file

@@ -178,7 +178,8 @@ class TftpService:
         except BaseException:
             _close(source)
             raise
-        t = Transfer(port, peer, local, name, session, source, mac or self.runtime.observer.mac_for_ip(peer[0]))
+        t = Transfer(port, peer, local, name, session, source, mac or self.runtime.observer.mac_for_ip(peer[0]),
+                     loop.time())
         self._transfers[peer] = t
         self._intake.admission.begun(t)
         self.ports.begun(port.local, t.key)
