@@ -10,7 +10,6 @@ Real clients: atftp, and the scripted lockstep client ``Raw``; both engines
 from __future__ import annotations
 
 import os
-import threading
 import time
 import tracemalloc
 
