@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .tftp_server import TftpService
 
 SCAN = 8                    # oldest unconfirmed transfers compared for the fair-share choice
-GRACE_S = 0.02              # an unconfirmed transfer this young is not evicted (its ACK is on the way)
+GRACE_S = 0.05              # an unconfirmed transfer this young is not evicted (its ACK is on the way)
 
 Peer = tuple[str, int]
 
