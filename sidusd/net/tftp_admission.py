@@ -20,15 +20,15 @@ cap) fills ``max_transfers`` in a millisecond, and real clients are refused
   recycles the unconfirmed slots, and a real client's request is served as
   long as its ACK comes back before ``(slots left unconfirmed) / (flood rate)``
   seconds (``bench/tftpflood.py`` measures it);
-* a request whose file is still being opened is unconfirmed too: when no
-  transfer can give way, the oldest such open is cancelled (a burst fills the
-  slots with opens before any transfer begins);
+* a request whose file is still being opened holds its slot (at most a
+  loop turn's requests, ``tftp_intake.BATCH``, locally; an RPC round trip
+  with privilege separation);
 * an unconfirmed transfer (or open) younger than ``GRACE_S`` is not
   evicted: a real client's ACK needs a loop turn or two to be read.  When every
   candidate is that young, the request is dropped without an answer (counted
   ``tftp.refused.flood``; the client retransmits it): this bounds what a flood
   can recycle to ``max_transfers / GRACE_S`` requests per second;
-* only "busy" when every slot is confirmed.
+* "busy" only when every slot is confirmed or being opened.
 
 What this does not stop: an attacker who forges the ACKs too (the server port
 is shared and the first block numbers are known) confirms its transfers
@@ -69,19 +69,13 @@ class Admission:
         """ADMIT (after evicting an unconfirmed transfer if the cap is reached), BUSY or PER_CLIENT."""
         full = in_use >= max_transfers
         victim = self.victim(now) if full else None
-        intake = self.svc._intake
         if full and victim is None:
-            if not self.unconfirmed and not intake.pending:
-                return BUSY
-            if not intake.old_pending(now - GRACE_S):
-                return FLOOD
+            # young unconfirmed transfers (maybe a flood's): no answer; else all held for real
+            return FLOOD if self.unconfirmed else BUSY
         if self.per_client[ip] >= max_per_client:
             return PER_CLIENT
-        if full:
-            if victim is not None:
-                self.svc._evict(victim, now)
-            else:
-                victim = intake.evict_pending()
+        if victim is not None:
+            self.svc._evict(victim, now)
             self.svc.runtime.observer.count("tftp.evictions")
             if self._evicted_log.failed("", now):
                 self.svc.log.warning("tftp.evicted", peer=f"{victim.peer[0]}:{victim.peer[1]}",

@@ -69,7 +69,6 @@ class Intake:
         self.log = svc.log
         self.admission = Admission(svc)
         self.pending: dict[Peer, asyncio.Task] = {}         # admitted, its file being opened
-        self.pending_at: dict[Peer, float] = {}             # when (loop time)
 
     @property
     def per_client(self) -> collections.Counter[str]:
@@ -188,7 +187,6 @@ class Intake:
                     self.release(peer[0])
             return
         assert svc._loop is not None
-        self.pending_at[peer] = svc._loop.time()
         self.pending[peer] = svc._loop.create_task(
             self._open(pkt, peer, local, ifindex, name, decision, cfg))
 
@@ -216,28 +214,10 @@ class Intake:
             self.svc.runtime.observer.count("tftp.internal_errors")
             self.log.exception("tftp.internal_error", peer=f"{peer[0]}:{peer[1]}", file=name)
         finally:
-            if self.pending.get(peer) is asyncio.current_task():    # not evicted meanwhile
-                del self.pending[peer]
-                self.pending_at.pop(peer, None)
-                if not begun:
-                    self.release(peer[0])
+            self.pending.pop(peer, None)
+            if not begun:
+                self.release(peer[0])
             self.svc._maybe_idle()
-
-    def old_pending(self, before: float) -> bool:
-        """Is the oldest open under way older than ``before``?"""
-        for at in self.pending_at.values():
-            return at <= before
-        return False
-
-    def evict_pending(self) -> Any:
-        """Cancel the oldest open still under way (admission at the cap: its request is as
-        unconfirmed as a transfer that never heard an ACK); what it held is released now."""
-        peer, task = next(iter(self.pending.items()))
-        del self.pending[peer]
-        self.pending_at.pop(peer, None)
-        self.release(peer[0])
-        task.cancel()
-        return _Evicted(peer, "")
 
     async def _netascii(self, source: ReadAheadSource, peer: Peer, local: str,
                         name: str) -> tftp_netascii.NetasciiSource | None:
@@ -270,7 +250,6 @@ class Intake:
             await asyncio.gather(*tasks, return_exceptions=True)
         for peer in list(self.pending):         # a task cancelled before it ran
             del self.pending[peer]
-            self.pending_at.pop(peer, None)
             self.release(peer[0])
 
 
@@ -296,9 +275,3 @@ class _NetasciiFile(tftp_netascii.NetasciiSource):
     def close(self) -> None:
         self.file.close()
 
-
-class _Evicted:
-    """What the eviction log line names: a request whose file was still being opened."""
-
-    def __init__(self, peer: Peer, file: str):
-        self.peer, self.file = peer, file
