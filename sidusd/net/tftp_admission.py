@@ -28,7 +28,9 @@ cap) fills ``max_transfers`` in a millisecond, and real clients are refused
   candidate is that young, the request is dropped without an answer (counted
   ``tftp.refused.flood``; the client retransmits it): this bounds what a flood
   can recycle to ``max_transfers / GRACE_S`` requests per second;
-* "busy" only when every slot is confirmed or being opened.
+* "busy" only when every slot is confirmed or being opened and nothing was
+  evicted in the last ``FLOOD_S`` (during a flood, an ERROR would end a real
+  client's request for good, a silent drop lets it retransmit).
 
 What this does not stop: an attacker who forges the ACKs too (the server port
 is shared and the first block numbers are known) confirms its transfers
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from .tftp_server import TftpService
 
 SCAN = 8                    # oldest unconfirmed transfers compared for the fair-share choice
+FLOOD_S = 1.0               # after an eviction, a request finding no slot is dropped, not refused
 GRACE_S = 0.05              # an unconfirmed transfer this young is not evicted (its ACK is on the way)
 
 Peer = tuple[str, int]
@@ -63,6 +66,7 @@ class Admission:
         self.per_client: collections.Counter[str] = collections.Counter()
         self.unconfirmed: collections.OrderedDict[Peer, Transfer] = collections.OrderedDict()
         self._evicted_log = RepeatBackoff(10.0, 10.0)
+        self._flood_until = 0.0             # an eviction happened less than FLOOD_S ago
 
     def decide(self, ip: str, in_use: int, max_transfers: int, max_per_client: int,
                now: float) -> str:
@@ -70,11 +74,13 @@ class Admission:
         full = in_use >= max_transfers
         victim = self.victim(now) if full else None
         if full and victim is None:
-            # young unconfirmed transfers (maybe a flood's): no answer; else all held for real
-            return FLOOD if self.unconfirmed else BUSY
+            # young unconfirmed transfers, or a flood going on: no answer (the client
+            # retransmits; an ERROR would end it); else every slot is held for real
+            return FLOOD if self.unconfirmed or now < self._flood_until else BUSY
         if self.per_client[ip] >= max_per_client:
             return PER_CLIENT
         if victim is not None:
+            self._flood_until = now + FLOOD_S
             self.svc._evict(victim, now)
             self.svc.runtime.observer.count("tftp.evictions")
             if self._evicted_log.failed("", now):
