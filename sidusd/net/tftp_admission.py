@@ -20,7 +20,17 @@ cap) fills ``max_transfers`` in a millisecond, and real clients are refused
   recycles the unconfirmed slots, and a real client's request is served as
   long as its ACK comes back before ``(slots left unconfirmed) / (flood rate)``
   seconds (``bench/tftpflood.py`` measures it);
-* only "busy" when every slot is confirmed or still being opened.
+* a request whose file is still being opened holds its slot (at most a
+  loop turn's requests, ``tftp_intake.BATCH``, locally; an RPC round trip
+  with privilege separation);
+* an unconfirmed transfer (or open) younger than ``GRACE_S`` is not
+  evicted: a real client's ACK needs a loop turn or two to be read.  When every
+  candidate is that young, the request is dropped without an answer (counted
+  ``tftp.refused.flood``; the client retransmits it): this bounds what a flood
+  can recycle to ``max_transfers / GRACE_S`` requests per second;
+* "busy" only when every slot is confirmed or being opened and nothing was
+  evicted in the last ``FLOOD_S`` (during a flood, an ERROR would end a real
+  client's request for good, a silent drop lets it retransmit).
 
 What this does not stop: an attacker who forges the ACKs too (the server port
 is shared and the first block numbers are known) confirms its transfers
@@ -40,10 +50,12 @@ if TYPE_CHECKING:
     from .tftp_server import TftpService
 
 SCAN = 8                    # oldest unconfirmed transfers compared for the fair-share choice
+FLOOD_S = 1.0               # after an eviction, a request finding no slot is dropped, not refused
+GRACE_S = 0.05              # an unconfirmed transfer this young is not evicted (its ACK is on the way)
 
 Peer = tuple[str, int]
 
-ADMIT, BUSY, PER_CLIENT = "admit", "busy", "per_client"
+ADMIT, BUSY, PER_CLIENT, FLOOD = "admit", "busy", "per_client", "flood"
 
 
 class Admission:
@@ -54,16 +66,21 @@ class Admission:
         self.per_client: collections.Counter[str] = collections.Counter()
         self.unconfirmed: collections.OrderedDict[Peer, Transfer] = collections.OrderedDict()
         self._evicted_log = RepeatBackoff(10.0, 10.0)
+        self._flood_until = 0.0             # an eviction happened less than FLOOD_S ago
 
     def decide(self, ip: str, in_use: int, max_transfers: int, max_per_client: int,
                now: float) -> str:
         """ADMIT (after evicting an unconfirmed transfer if the cap is reached), BUSY or PER_CLIENT."""
-        victim = self.victim() if in_use >= max_transfers else None
-        if in_use >= max_transfers and victim is None:
-            return BUSY
+        full = in_use >= max_transfers
+        victim = self.victim(now) if full else None
+        if full and victim is None:
+            # young unconfirmed transfers, or a flood going on: no answer (the client
+            # retransmits; an ERROR would end it); else every slot is held for real
+            return FLOOD if self.unconfirmed or now < self._flood_until else BUSY
         if self.per_client[ip] >= max_per_client:
             return PER_CLIENT
         if victim is not None:
+            self._flood_until = now + FLOOD_S
             self.svc._evict(victim, now)
             self.svc.runtime.observer.count("tftp.evictions")
             if self._evicted_log.failed("", now):
@@ -72,9 +89,9 @@ class Admission:
                                      reason="max_transfers reached; unconfirmed transfer ended")
         return ADMIT
 
-    def victim(self) -> Transfer | None:
-        """The unconfirmed transfer to end: among the ``SCAN`` oldest, the oldest of the source
-        holding the most slots.  Confirmed ones met on the way leave the list."""
+    def victim(self, now: float) -> Transfer | None:
+        """The unconfirmed transfer to end: among the ``SCAN`` oldest (older than ``GRACE_S``),
+        the oldest of the source holding the most slots.  Confirmed ones met leave the list."""
         gone: list[Peer] = []
         best: Transfer | None = None
         best_n = 0
@@ -83,6 +100,8 @@ class Admission:
             if t.finished or confirmed(t):
                 gone.append(peer)
                 continue
+            if t.begun_at > now - GRACE_S:
+                break                           # this one and all after it are too young
             n = self.per_client[peer[0]]
             if n > best_n:
                 best, best_n = t, n

@@ -37,7 +37,7 @@ from ..errors import RemoteProtocolError
 from ..proto import tftp, tftp_netascii
 from ..proto.tftp_session import BytesSource
 from .files import NotServable, ReadAheadSource
-from .tftp_admission import ADMIT, BUSY, Admission
+from .tftp_admission import ADMIT, BUSY, FLOOD, Admission
 
 if TYPE_CHECKING:
     from .tftp_server import TftpService
@@ -158,6 +158,9 @@ class Intake:
             return self.refuse(peer, local, tftp.ERR_UNDEFINED, "server stopping", "stopping", name)
         verdict = self.admission.decide(peer[0], len(svc._transfers) + len(self.pending),
                                         cfg.max_transfers, cfg.max_transfers_per_client, svc.loop.time())
+        if verdict == FLOOD:            # every slot unconfirmed and young: no answer (maybe forged)
+            obs.count("tftp.refused.flood")
+            return
         if verdict == BUSY:
             return self.refuse(peer, local, tftp.ERR_UNDEFINED, "server busy, retry later", "busy", name)
         if verdict != ADMIT:
@@ -271,3 +274,4 @@ class _NetasciiFile(tftp_netascii.NetasciiSource):
 
     def close(self) -> None:
         self.file.close()
+

@@ -26,7 +26,7 @@ Files are read through :class:`~sidusd.net.files.ReadAheadSource` (one
 its negotiated parameters: a config reload never changes a transfer in flight.
 
 Counters (``tftp.``): rx, malformed, unexpected, duplicate_rrq, wrong_tid, late,
-refused.<write|mode|busy|per_client|name|not_found|access|render|socket|stopping|read>,
+refused.<write|mode|busy|per_client|flood|name|not_found|access|render|socket|stopping|read>,
 transfers.started/done/failed/probe/evicted, evictions (unconfirmed transfers ended to admit
 a request at the cap), wrong_tid_unanswered (strangers not answered: rate bound),
 error_suspect (an ERROR ignored: its source IP sprays datagrams matching no transfer),
@@ -178,7 +178,8 @@ class TftpService:
         except BaseException:
             _close(source)
             raise
-        t = Transfer(port, peer, local, name, session, source, mac or self.runtime.observer.mac_for_ip(peer[0]))
+        t = Transfer(port, peer, local, name, session, source, mac or self.runtime.observer.mac_for_ip(peer[0]),
+                     loop.time())
         self._transfers[peer] = t
         self._intake.admission.begun(t)
         self.ports.begun(port.local, t.key)

@@ -23,15 +23,16 @@ class Transfer:
     """A session, the port and peer it is served on, its file and its place in the timer heap."""
 
     __slots__ = ("port", "peer", "key", "dest", "local", "file", "session", "source", "mac",
-                 "heap_at", "finished", "run", "plan")
+                 "heap_at", "finished", "run", "plan", "begun_at")
 
     def __init__(self, port: SharedPort, peer: tuple[str, int], local: str, file: str,
-                 session: ReadSession, source: Any, mac: str | None):
+                 session: ReadSession, source: Any, mac: str | None, begun_at: float = 0.0):
         self.port, self.peer, self.local = port, peer, local
         self.key = mmsg.peer_key(peer)
         self.dest = mmsg.Peer(self.key)
         self.file, self.session, self.source, self.mac = file, session, source, mac
         self.heap_at: float | None = None
+        self.begun_at = begun_at        # loop time it began (admission's eviction grace)
         self.finished = False
         self.run: Run[mmsg.Peer] | None = None     # its C run while C may take its steps
         self.plan: LockstepRun | None = None    # what that run carries out (the session's decision)

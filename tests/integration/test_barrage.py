@@ -249,7 +249,8 @@ def test_rrq_flood_stays_within_session_caps(lab):
           f"latency ms {[round(x * 1000, 1) for x in latencies]}")
     assert peak <= 64
     assert c["tftp.transfers.started"] < 5000
-    assert refused.get("tftp.refused.busy", 0) + refused.get("tftp.refused.per_client", 0) > 0
+    # busy / per_client, or (unconfirmed slots all too young to give way) dropped as a flood
+    assert sum(refused.values()) > 0
     wait_until(lambda: lab.ctl_json("status")["active_transfers"] == 0, timeout_s=120, what="idle")
     wait_until(lambda: fd_count(pid) <= fd_base, timeout_s=30, what="descriptors released")
     assert lab.proc.poll() is None
