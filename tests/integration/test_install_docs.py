@@ -29,9 +29,10 @@ from sidusd import data
 from sidusd.cliconfig import DEFAULT_CONFIG, image_paths
 from sidusd.image.build import Administrator
 from sidusd.image.recipe import read_recipe
+from tests.ganesha_running import point_pid_file, running_ganesha
 
 REPO = Path(__file__).resolve().parents[2]
-PREFIXES = ("/etc/sidus", "/var/lib/sidus", "/srv/sidus", "/run/sidus")
+PREFIXES = ("/etc/sidus", "/var/lib/sidus", "/srv/sidus", "/run/sidus", "/etc/ganesha", "/run/ganesha")
 SHARE = "/usr/share/sidus"          # the package's links into sidusd/data (debian/sidus.links)
 
 
@@ -138,9 +139,11 @@ def test_the_readme_boot_host_steps_give_a_config_that_passes_check(tmp_path):
             built = build_image(root, root.move(argv[2]))
         elif cmd == "sidusd":
             assert argv[1:] == ["--check"], f"sidusd --check needs no flag after the documented steps: {step}"
-            r = subprocess.run([sys.executable, "-m", "sidusd", "--check", "--config",
-                                root.move(str(DEFAULT_CONFIG))], capture_output=True, text=True, env=env,
-                               cwd=tmp_path, timeout=60)
+            with running_ganesha(tmp_path / "nfs") as server:      # --check asks whether NFS runs
+                point_pid_file(server, Path(root.move("/run/ganesha/ganesha.pid")))
+                r = subprocess.run([sys.executable, "-m", "sidusd", "--check", "--config",
+                                    root.move(str(DEFAULT_CONFIG))], capture_output=True, text=True, env=env,
+                                   cwd=tmp_path, timeout=60)
             assert r.returncode == 0, r.stderr
             assert "OK" in r.stdout and "2 image(s)" in r.stdout, r.stdout    # the image and its gen-1 pin
             checked = True

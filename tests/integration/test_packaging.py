@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root, require_tool
+from tests.ganesha_running import point_pid_file, running_ganesha
 
 REPO = Path(__file__).resolve().parents[2]
-PREFIXES = ("/etc/sidus", "/var/lib/sidus", "/srv/sidus", "/run/sidus")
+PREFIXES = ("/etc/sidus", "/var/lib/sidus", "/srv/sidus", "/run/sidus", "/etc/ganesha", "/run/ganesha")
 HOOK = "initramfs/hooks/sidus-overlay"
 
 
@@ -105,6 +106,10 @@ def test_the_wheel_works_in_a_venv_outside_the_checkout(venv, tmp_path):
     conf = checkable_config(Path(found["example"]), Path(found["example"]).with_name("inventory.yaml"),
                             tmp_path / "root")
     r = run([str(venv / "bin/sidusd"), "--check", "--config", str(conf)], tmp_path)
+    assert r.returncode == 2 and "nfs-ganesha is not running" in r.stderr, r.stderr   # the NFS backend is asked
+    with running_ganesha(tmp_path / "nfs") as server:
+        point_pid_file(server, tmp_path / "root/run/ganesha/ganesha.pid")
+        r = run([str(venv / "bin/sidusd"), "--check", "--config", str(conf)], tmp_path)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
     r = run([str(venv / "bin/sidusctl"), "--config", str(conf), "status"], tmp_path)
     assert r.returncode == 3 and f"{tmp_path}/root/run/sidus/control.sock" in r.stderr, r.stderr
@@ -173,7 +178,9 @@ def test_the_debian_package_installs_with_apt_and_runs(tmp_path):
         assert r.returncode == 2 and "/etc/sidus/sidus.yaml" in r.stderr and "debian12" in r.stderr, r.stderr
         conf = checkable_config(Path("/etc/sidus/sidus.yaml"), Path("/usr/share/sidus/inventory.yaml"),
                                 tmp_path / "root")
-        r = run(["/usr/bin/sidusd", "--check", "--config", str(conf)], tmp_path)
+        with running_ganesha(tmp_path / "nfs") as server:
+            point_pid_file(server, tmp_path / "root/run/ganesha/ganesha.pid")
+            r = run(["/usr/bin/sidusd", "--check", "--config", str(conf)], tmp_path)
         assert r.returncode == 0 and "OK" in r.stdout, r.stderr
     finally:
         purge = subprocess.run(["apt-get", "purge", "-y", "-q", "sidus"], env=env, capture_output=True, text=True,
