@@ -54,7 +54,7 @@ def on_port_readable(svc: TftpService, port: SharedPort) -> None:
             rest, rx, calls, err = port.pump(now, RX_ROUNDS)
             if err:
                 obs.count("tftp.rx_errors")
-                svc.log.warning("tftp.rx_error", error=os.strerror(err))
+                svc.rlog.warning("tftp.rx_error", error=os.strerror(err))
             if rest:
                 dispatch(svc, port, rest, now)
                 port.flush()
@@ -64,7 +64,7 @@ def on_port_readable(svc: TftpService, port: SharedPort) -> None:
                 batch = port.recv()
             except OSError as exc:
                 obs.count("tftp.rx_errors")
-                svc.log.warning("tftp.rx_error", error=exc.strerror)
+                svc.rlog.warning("tftp.rx_error", error=exc.strerror)
                 break
             if not batch:
                 break

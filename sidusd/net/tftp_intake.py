@@ -66,7 +66,7 @@ class Intake:
 
     def __init__(self, svc: TftpService):
         self.svc = svc
-        self.log = svc.log
+        self.log, self.rlog = svc.log, svc.rlog
         self.admission = Admission(svc)
         self.pending: dict[Peer, asyncio.Task] = {}         # admitted, its file being opened
 
@@ -89,7 +89,7 @@ class Intake:
                 return
             except OSError as exc:
                 obs.count("tftp.rx_errors")
-                self.log.warning("tftp.rx_error", error=exc.strerror)
+                self.rlog.warning("tftp.rx_error", error=exc.strerror)
                 return
             obs.count("tftp.rx")
             local, ifindex = svc._bound[0] if svc._bound else "0.0.0.0", 0
@@ -104,14 +104,14 @@ class Intake:
                 self.on_request(data, peer, local, ifindex)
             except Exception:  # a request must never stop the intake loop
                 obs.count("tftp.internal_errors")
-                self.log.exception("tftp.internal_error", peer=f"{peer[0]}:{peer[1]}")
+                self.rlog.exception("tftp.internal_error", peer=f"{peer[0]}:{peer[1]}")
 
     def refuse(self, peer: Peer, local: str, code: int, message: str, reason: str,
                file: str | None = None) -> None:
         """ERROR ``code`` to ``peer`` from ``local`` (the address its request arrived on)."""
         sock = self.svc._sock
         self.svc.runtime.observer.count(f"tftp.refused.{reason}")
-        self.log.info("tftp.refused", peer=f"{peer[0]}:{peer[1]}", file=file, reason=reason,
+        self.rlog.info("tftp.refused", peer=f"{peer[0]}:{peer[1]}", file=file, reason=reason,
                       message=message)
         if sock is None:
             return
@@ -137,7 +137,7 @@ class Intake:
             pkt = tftp.decode(data)
         except RemoteProtocolError as exc:
             obs.count("tftp.malformed")
-            self.log.debug("tftp.malformed", peer=f"{peer[0]}:{peer[1]}", error=str(exc))
+            self.rlog.debug("tftp.malformed", peer=f"{peer[0]}:{peer[1]}", error=str(exc))
             return
         if isinstance(pkt, tftp.WRQ):
             return self.refuse(peer, local, tftp.ERR_ACCESS, "write requests are not accepted",
@@ -169,7 +169,7 @@ class Intake:
         try:
             decision = svc.runtime.provide(name, local, peer[0])
         except Exception as exc:
-            self.log.error("tftp.render_failed", file=name, error=f"{type(exc).__name__}: {exc}")
+            self.rlog.error("tftp.render_failed", file=name, error=f"{type(exc).__name__}: {exc}")
             decision = provider.Refusal(provider.INTERNAL, "internal error")
         if isinstance(decision, provider.Refusal):
             return self.refuse_decision(peer, local, decision, name)
@@ -201,7 +201,7 @@ class Intake:
                 self.refuse_decision(peer, local, provider.refused_open(exc.missing, exc.reason), name)
                 return
             except OSError as exc:      # the opener itself failed (e.g. the supervisor is gone)
-                self.log.error("tftp.open_failed", file=name, error=exc.strerror or str(exc))
+                self.rlog.error("tftp.open_failed", file=name, error=exc.strerror or str(exc))
                 self.refuse_decision(peer, local, provider.Refusal(provider.INTERNAL, "open failed"), name)
                 return
             source: Any = ReadAheadSource(fd, size)
@@ -212,7 +212,7 @@ class Intake:
             begun = self.svc._begin(pkt, peer, local, ifindex, name, source, None, cfg)
         except Exception:
             self.svc.runtime.observer.count("tftp.internal_errors")
-            self.log.exception("tftp.internal_error", peer=f"{peer[0]}:{peer[1]}", file=name)
+            self.rlog.exception("tftp.internal_error", peer=f"{peer[0]}:{peer[1]}", file=name)
         finally:
             self.pending.pop(peer, None)
             if not begun:
@@ -228,7 +228,7 @@ class Intake:
                 None, _count_netascii, source.fd, source.size)
         except OSError as exc:
             source.close()
-            self.log.warning("tftp.read_error", file=name, error=exc.strerror)
+            self.rlog.warning("tftp.read_error", file=name, error=exc.strerror)
             self.refuse(peer, local, tftp.ERR_UNDEFINED, "read error", "read", name)
             return None
         except BaseException:

@@ -45,7 +45,7 @@ import socket
 from typing import Any
 
 from ..config import TftpConfig
-from ..observability import get_logger
+from ..observability import LogLimiter, get_logger
 from ..proto import tftp
 from ..proto.tftp_session import ReadSession
 from ..runtime_view import RuntimeView
@@ -71,6 +71,7 @@ class TftpService:
         self.runtime = runtime
         self.io = io if io is not None else local_io()
         self.log = get_logger("tftp")
+        self.rlog = LogLimiter(self.log)      # every line a datagram can cause (issue 14 item 11)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._bound: tuple[str, int] | None = None
@@ -172,7 +173,7 @@ class TftpService:
             port = self.ports.port_for(loop, local, self._on_port_readable)
         except OSError as exc:
             _close(source)
-            self.log.error("tftp.socket_failed", error=exc.strerror or str(exc), local=local)
+            self.rlog.error("tftp.socket_failed", error=exc.strerror or str(exc), local=local)
             self._intake.refuse(peer, local, tftp.ERR_UNDEFINED, "server error", "socket", name)
             return False
         except BaseException:
@@ -204,7 +205,7 @@ class TftpService:
     def _internal_error(self, t: Transfer, now: float) -> None:
         """A bug of ours in one transfer: log it, end that transfer (ERROR 0), go on."""
         self.runtime.observer.count("tftp.internal_errors")
-        self.log.exception("tftp.internal_error", file=t.file, peer=f"{t.peer[0]}:{t.peer[1]}")
+        self.rlog.exception("tftp.internal_error", file=t.file, peer=f"{t.peer[0]}:{t.peer[1]}")
         tftp_accel.drop_run(t)
         try:
             t.session.abort(now, "internal error")
@@ -242,7 +243,7 @@ class TftpService:
 
     def _read_error(self, t: Transfer, exc: OSError, now: float) -> None:
         """The file could not be read any more: end the transfer with an ERROR."""
-        self.log.warning("tftp.read_error", file=t.file, error=exc.strerror)
+        self.rlog.warning("tftp.read_error", file=t.file, error=exc.strerror)
         t.session.abort(now, "read error")
         self._pump(t, now)
 
@@ -287,7 +288,7 @@ class TftpService:
         self._transfers.pop(t.peer, None)
         self._intake.admission.ended(t)
         self._intake.release(t.peer[0])
-        summarize(t, now, self.runtime.observer, self.log)
+        summarize(t, now, self.runtime.observer, self.rlog)
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:

@@ -38,7 +38,7 @@ class Transfer:
         self.plan: LockstepRun | None = None    # what that run carries out (the session's decision)
 
 
-def summarize(t: Transfer, now: float, obs: ObserverView, log: Any) -> None:
+def summarize(t: Transfer, now: float, obs: ObserverView, rlog: Any) -> None:
     """The transfer's end: counters, one ``tftp.transfer`` event, the boot-timeline entry."""
     s = t.session.summary(now)
     result = {"ok": "done", "probe": "probe", "evicted": "evicted"}.get(s.outcome, "failed")
@@ -47,8 +47,8 @@ def summarize(t: Transfer, now: float, obs: ObserverView, log: Any) -> None:
         return          # never confirmed (likely forged): counted; the intake logs them, rate-limited
     obs.count("tftp.retransmits", s.retransmits)
     obs.count("tftp.bytes", s.bytes)
-    emit = log.info if result != "failed" else log.warning
-    emit("tftp.transfer", file=t.file, peer=f"{t.peer[0]}:{t.peer[1]}", mac=t.mac, bytes=s.bytes,
+    emit = rlog.info if result != "failed" else rlog.warning    # a LogLimiter, keyed by peer IP
+    emit("tftp.transfer", key=t.peer[0], file=t.file, peer=f"{t.peer[0]}:{t.peer[1]}", mac=t.mac, bytes=s.bytes,
          size=t.source.size, blksize=s.blksize, windowsize=s.windowsize, retransmits=s.retransmits,
          duration_s=s.duration_s, outcome=s.outcome, error=s.error)
     obs.timeline(t.mac, "tftp", file=t.file, bytes=s.bytes, duration_s=s.duration_s,
