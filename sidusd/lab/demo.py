@@ -146,6 +146,7 @@ class Lab:
     log_level: str = "info"                 # sidusd's log.level (debug shows every dropped packet)
     http: bool = True                       # sidusd's HTTP boot server on SERVER_IP:HTTP_PORT (and /up)
     ipxe_chain: bool = False                # boot.ipxe_chain: iPXE clients get the HTTP script URL
+    extra_config: dict[str, Any] = field(default_factory=dict)   # top-level sections added (metrics:, web:)
 
     # -- paths -------------------------------------------------------------
     @property
@@ -238,6 +239,7 @@ class Lab:
             "images": {"demo": {"root": str(self.image.root), "kernel": "demo/vmlinuz",
                                 "initrd": "demo/initrd.img", "append": "console=ttyS0" + (
                                     f" sidus.up=http://{SERVER_IP}:{HTTP_PORT}/up" if self.http else "")}},
+            **self.extra_config,
         }
 
     def write_config(self, exports_file: Path, pid_file: Path) -> None:

@@ -9,6 +9,7 @@ sidusd log tail.  A boot takes ~45 s under TCG: keep the number of boots small.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -58,30 +59,52 @@ def demo_image(tmp_path_factory):
     return build_demo_image(workdir, progress=lambda msg: None)
 
 
-@pytest.fixture
-def make_lab(request, tmp_path):
-    """``make_lab(mode, hosts) -> Lab`` already up; every lab is closed at the end."""
+@contextlib.contextmanager
+def _lab_factory(workdir, failed):
+    """``make(mode, hosts, image, **lab_fields) -> Lab`` already up (``lab_fields``: Lab's own fields,
+    e.g. ``extra_config={"metrics": {...}}``); every lab is closed at the end, with the diagnostics
+    printed if ``failed()``."""
     require_lab()
     from sidusd.lab.demo import Lab
     labs = []
 
-    def make(mode, hosts, image):
-        lab = Lab(tmp_path / f"lab{len(labs)}", mode=mode, progress=lambda msg: None)
+    def make(mode, hosts, image, **lab_fields):
+        lab = Lab(workdir / f"lab{len(labs)}", mode=mode, progress=lambda msg: None, **lab_fields)
         labs.append(lab)
         lab.up(image, hosts)
         return lab
 
-    yield make
-    failed = any(getattr(request.node, f"rep_{w}", None) is not None
-                 and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
-    from sidusd.lab.topology import netns_list
-    names = []
-    for lab in labs:
-        if lab.topology is not None:
-            names += [lab.topology.lab_ns, lab.topology.site_ns]
-        if failed:
-            for vm in list(lab.vms) or [None]:
-                print(lab.diagnostics(vm))
-        lab.close()
-    left = set(names) & set(netns_list())
-    assert not left, f"lab namespaces left behind: {sorted(left)}"
+    try:
+        yield make
+    finally:
+        from sidusd.lab.topology import netns_list
+        names = []
+        bad = failed()
+        for lab in labs:
+            if lab.topology is not None:
+                names += [lab.topology.lab_ns, lab.topology.site_ns]
+            if bad:
+                for vm in list(lab.vms) or [None]:
+                    print(lab.diagnostics(vm))
+            lab.close()
+        left = set(names) & set(netns_list())
+        assert not left, f"lab namespaces left behind: {sorted(left)}"
+
+
+@pytest.fixture
+def make_lab(request, tmp_path):
+    """``make_lab(mode, hosts, image, **lab_fields) -> Lab`` already up; every lab is closed at the end."""
+    def failed():
+        return any(getattr(request.node, f"rep_{w}", None) is not None
+                   and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
+    with _lab_factory(tmp_path, failed) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def make_module_lab(request, tmp_path_factory):
+    """``make_lab`` for a lab shared by a module's tests (one boot, several observers)."""
+    failures = request.session.testsfailed
+    with _lab_factory(tmp_path_factory.mktemp("modlab"),
+                      lambda: request.session.testsfailed > failures) as make:
+        yield make

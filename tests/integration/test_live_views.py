@@ -7,20 +7,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import re
-import shutil
-import subprocess
 import sys
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 import yaml
 from conftest import require_root, require_tool
-from netns import CLONE_NEWNET
+from observers import InNetns, Tmux, chrome, keep_artifact, line_of, poll_until, tile_js
 from scripted_boot import CLIENT_IP, METRICS_PORT, REPO, SERVER_IP, boot_lab
 
 pytestmark = pytest.mark.netns
@@ -28,17 +23,6 @@ pytestmark = pytest.mark.netns
 MAC, OTHER = "52:54:00:00:17:21", "52:54:00:00:17:22"
 HOSTS = [{"mac": MAC, "hostname": "rack1-node1", "profile": "default"},
          {"mac": OTHER, "hostname": "rack1-node2", "profile": "default"}]
-
-
-def poll_until(fn, timeout: float, what: str):
-    """``fn()``'s first true value, polled every 0.2 s; fails naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def lab_for(tmp_path, prefix: str, web: bool = False, privsep: bool = True):
@@ -73,42 +57,6 @@ def last_stages(lab) -> None:
 
 
 # -- sidusctl watch in tmux --------------------------------------------------------------
-
-class Tmux:
-    """A private tmux server (its own socket name) running one command; killed at the end."""
-
-    def __init__(self, argv: list[str]):
-        self.sock = f"sidus-watch-{uuid.uuid4().hex[:8]}"
-        self.run("new-session", "-d", "-s", "w", "-x", "160", "-y", "48", " ".join(argv))
-
-    def run(self, *args: str) -> str:
-        r = subprocess.run(["tmux", "-L", self.sock, *args], capture_output=True, text=True, timeout=10)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
-
-    def pane(self) -> str:
-        return self.run("capture-pane", "-p", "-t", "w")
-
-    def until(self, pred, timeout: float, what: str) -> str:
-        """The pane once ``pred(pane)`` holds."""
-        last = [""]
-
-        def check():
-            last[0] = self.pane()
-            return last[0] if pred(last[0]) else None
-        try:
-            return poll_until(check, timeout, what)
-        except AssertionError as exc:
-            size = self.run("display", "-p", "-t", "w", "#{window_width}x#{window_height}").strip()
-            raise AssertionError(f"{exc}; the pane ({size}):\n{last[0]}") from None
-
-    def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True, timeout=10)
-
-
-def line_of(pane: str, mac: str) -> str:
-    return next((line for line in pane.splitlines() if line.startswith(mac)), "")
-
 
 def test_watch_in_tmux_shows_the_boot_and_filters(tmp_path):
     require_tool("tmux")
@@ -148,7 +96,7 @@ def test_watch_in_tmux_shows_the_boot_and_filters(tmp_path):
         poll_until(lambda: OTHER in tmux.pane() or None, timeout=10, what="the filter cleared")
         tmux.run("send-keys", "-t", "w", "q")
         poll_until(lambda: "w" not in tmux.run("list-sessions", "-F", "#{session_name}").split()
-                   if _alive(tmux) else True, timeout=10, what="watch quit on q")
+                   if tmux.alive() else True, timeout=10, what="watch quit on q")
     finally:
         if tmux is not None:
             tmux.close()
@@ -215,62 +163,7 @@ def test_watch_shows_a_transfer_in_flight_with_its_speed(tmp_path, privsep):
         cm.__exit__(None, None, None)
 
 
-def _alive(tmux: Tmux) -> bool:
-    return subprocess.run(["tmux", "-L", tmux.sock, "has-session", "-t", "w"], capture_output=True).returncode == 0
-
-
 # -- the web page in a headless chromium -------------------------------------------------
-
-class InNetns:
-    """A thread inside network namespace ``ns`` that runs the callables given to :meth:`call` (the
-    browser and its driver, started from it, live there too: the page is on the namespace's loopback)."""
-
-    def __init__(self, ns: str):
-        self.jobs: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, args=(ns,), daemon=True)
-        self.thread.start()
-
-    def _run(self, ns: str) -> None:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        entered = libc.setns(fd, CLONE_NEWNET) == 0
-        os.close(fd)
-        while True:
-            fn, out = self.jobs.get()
-            if fn is None:
-                return
-            try:
-                if not entered:
-                    raise OSError(ctypes.get_errno(), "setns")
-                out.put((True, fn()))
-            except BaseException as exc:  # handed to the caller
-                out.put((False, exc))
-
-    def call(self, fn):
-        out: queue.Queue = queue.Queue()
-        self.jobs.put((fn, out))
-        ok, value = out.get(timeout=120)
-        if not ok:
-            raise value
-        return value
-
-    def close(self) -> None:
-        self.jobs.put((None, None))
-        self.thread.join(10)
-
-
-def chrome(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = require_tool("chromium")
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900",
-              f"--user-data-dir={tmp_path / 'chromium-profile'}", "--no-first-run", "--disable-extensions"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(require_tool("chromedriver"), log_output=str(tmp_path / "driver.log")),
-                            options=opts)
-
 
 def test_web_page_tile_goes_booting_then_up(tmp_path):
     require_tool("chromium")
@@ -285,11 +178,10 @@ def test_web_page_tile_goes_booting_then_up(tmp_path):
     driver = None
     try:
         lab.start()
-        driver = ns.call(lambda: chrome(tmp_path))
+        driver = ns.call(lambda: chrome(tmp_path, require_tool("chromium"), require_tool("chromedriver")))
         url = f"http://127.0.0.1:{METRICS_PORT}/"
 
-        js = ("const t = document.querySelector('.tile[data-mac=\"" + MAC + "\"]'); return t && "
-              "{state: t.getAttribute('data-state'), text: t.textContent, bg: getComputedStyle(t).backgroundColor};")
+        js = tile_js(MAC)
 
         def wait_tile(pred, what: str) -> dict:
             """The tile (read in one script: the page replaces tiles as events come) once ``pred`` holds."""
@@ -326,10 +218,8 @@ def test_web_page_tile_goes_booting_then_up(tmp_path):
         shot = tmp_path / "room.png"
         ns.call(lambda: driver.save_screenshot(str(shot)))
         assert shot.stat().st_size > 10_000
-        keep = Path(os.environ.get("SIDUS_TEST_ARTIFACTS", "/tmp/sidus-test-artifacts"))
-        keep.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, keep / "web_room.png")
-        print(f"\nscreenshot of the room: {shot} (copied to {keep / 'web_room.png'})")
+        kept = keep_artifact(shot, "web_room.png")
+        print(f"\nscreenshot of the room: {shot} (copied to {kept})")
     finally:
         if driver is not None:
             with contextlib.suppress(Exception):

@@ -11,14 +11,13 @@ endpoint's text; the Grafana dashboard's metric names all exist in it.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
 from conftest import require_root, require_tool
+from observers import Prometheus
 from scripted_boot import METRICS_PORT, boot_lab
 
 pytestmark = pytest.mark.netns
@@ -39,63 +38,27 @@ def lab(tmp_path):
         yield lab
 
 
-def start_prometheus(lab) -> subprocess.Popen:
-    cfg = lab.tmp / "prometheus.yml"
-    cfg.write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        "scrape_configs:\n  - job_name: sidus\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{METRICS_PORT}']\n")
-    (lab.tmp / "prom-data").mkdir()
-    log = open(lab.tmp / "prometheus.log", "ab")
-    proc = lab.server.popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={lab.tmp / 'prom-data'}",
-                             f"--web.listen-address=127.0.0.1:{PROM_PORT}"], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    return proc
-
-
-def query(lab, promql: str) -> list[dict]:
-    url = f"http://127.0.0.1:{PROM_PORT}/api/v1/query?query=" + urllib.parse.quote(promql)
-    r = lab.server.run("curl", "-sS", url, check=False)
-    if r.returncode != 0:
-        return []
-    data = json.loads(r.stdout)
-    assert data["status"] == "success", data
-    return data["data"]["result"]
-
-
-def wait_value(lab, promql: str, want, timeout_s: float = 30.0) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        res = query(lab, promql)
-        if res and want(float(res[0]["value"][1])):
-            return res
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{promql}: {res}\n{(lab.tmp / 'prometheus.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-
-
 def test_prometheus_scrapes_a_boot(lab):
     lab.start()
-    prom = start_prometheus(lab)
+    prom = Prometheus(lab.server.name, lab.tmp, f"127.0.0.1:{METRICS_PORT}", PROM_PORT)
     try:
-        wait_value(lab, 'up{job="sidus"}', lambda v: v == 1.0)        # the target is scraped
+        prom.wait_value('up{job="sidus"}', lambda v: v == 1.0)        # the target is scraped
         lab.boot(MAC)
         now = lab.metrics()            # a scrape waits for the worker's counters: exact at once
         assert 'sidus_up_reports_total{result="accepted"} 2.0' in now, now
-        wait_value(lab, 'sidus_tftp_transfers_total{result="done"}', lambda v: v >= 4)
-        wait_value(lab, 'sidus_dhcp_replies_total{kind="offer"}', lambda v: v >= 1)
-        wait_value(lab, "sidus_boots_total", lambda v: v == 1)
+        prom.wait_value('sidus_tftp_transfers_total{result="done"}', lambda v: v >= 4)
+        prom.wait_value('sidus_dhcp_replies_total{kind="offer"}', lambda v: v >= 1)
+        prom.wait_value("sidus_boots_total", lambda v: v == 1)
         for stage in ("first_file", "kernel", "initrd", "root", "up"):
-            wait_value(lab, f'sidus_boot_stage_seconds_count{{stage="{stage}"}}', lambda v: v == 1)
+            prom.wait_value(f'sidus_boot_stage_seconds_count{{stage="{stage}"}}', lambda v: v == 1)
         # the boot took well under a minute: its "up" lies in the first buckets
-        wait_value(lab, 'sidus_boot_stage_seconds_bucket{stage="up",le="60.0"}', lambda v: v == 1)
-        wait_value(lab, 'sidus_up_reports_total{result="accepted"}', lambda v: v == 2)
-        wait_value(lab, "sidus_tftp_sent_bytes_total", lambda v: v >= 540_000)
-        wait_value(lab, "sidus_tftp_transfer_duration_seconds_count", lambda v: v >= 4)
-        wait_value(lab, 'sidus_worker_up', lambda v: v == 1)
+        prom.wait_value('sidus_boot_stage_seconds_bucket{stage="up",le="60.0"}', lambda v: v == 1)
+        prom.wait_value('sidus_up_reports_total{result="accepted"}', lambda v: v == 2)
+        prom.wait_value("sidus_tftp_sent_bytes_total", lambda v: v >= 540_000)
+        prom.wait_value("sidus_tftp_transfer_duration_seconds_count", lambda v: v >= 4)
+        prom.wait_value('sidus_worker_up', lambda v: v == 1)
     finally:
-        prom.terminate()
-        prom.wait(30)
+        prom.close()
 
     text = lab.metrics()
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
