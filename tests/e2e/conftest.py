@@ -85,3 +85,16 @@ def make_lab(request, tmp_path):
         lab.close()
     left = set(names) & set(netns_list())
     assert not left, f"lab namespaces left behind: {sorted(left)}"
+
+
+@pytest.fixture(scope="session")
+def bookworm_tree():
+    """The suite's one debootstrap'd bookworm tree (tests/debian_tree.py: the documentation's
+    include/exclude command line, cached by it; test_debian_image.py's build shares it).
+    Read-only: copy it (debian_tree.copy_tree) before changing anything."""
+    require_lab()
+    require_tool("debootstrap")
+    from debian_tree import cached_tree, debootstrap_argv
+
+    from sidusd.image.build import host_mirror
+    return cached_tree(debootstrap_argv("TARGET", host_mirror("bookworm")), log=lambda msg: None)
