@@ -389,14 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     if ns.cmd == "tftp-root":                   # local: no daemon needed (sidusd/tftproot.py)
         return tftproot.main(ns.dir, ns.config)
     try:
-        if ns.cmd == "hosts" and ns.hosts_cmd == "import":
-            from sidusd import ctl_import
-            return ctl_import.run(ns, lambda op, a: call(path, op, a, ns.timeout), render_hosts, CtlError)
-        op, args = _request(ns)
         try:
             path = control_socket(ns.socket, ns.config)
         except ToolConfigError as exc:
             raise CtlError(EXIT_USAGE, str(exc)) from None
+        if ns.cmd == "hosts" and ns.hosts_cmd == "import":
+            from sidusd import ctl_import
+            return ctl_import.run(ns, lambda op, a: call(path, op, a, ns.timeout), render_hosts, CtlError)
+        op, args = _request(ns)
         try:
             resp = call(path, op, args, ns.timeout)
         except RemoteProtocolError as exc:      # the request itself is refused locally
