@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -111,16 +112,19 @@ def values(markers: list[str], key: str) -> list[str]:
 
 def test_imported_debootstrapped_sidus_and_hosts_boot_with_the_sidus_overlay(tmp_path_factory, bookworm_tree):
     work = tmp_path_factory.mktemp("migration")
+    t0 = time.monotonic()
     tree = sidus_site_tree(bookworm_tree, work / "srv" / "nfsroot" / "sidus")
     kernels = sorted(p.name for p in (tree / "boot").glob("vmlinuz-*"))
     assert kernels and not (tree / "etc/hostname").exists()
     lab = MigratedLab(work / "lab", mode="proxy", progress=lambda msg: None)
     lab.images_file = work / "lab" / "images" / "images.yaml"
+    t1 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "sidusd.image", "--images-dir", str(work / "lab" / "images"),
                         "--tftp-root", str(lab.tftp_root), "--images-file", str(lab.images_file),
                         "import", NAME, str(tree)],
                        capture_output=True, text=True, cwd=REPO, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
+    t2 = time.monotonic()
     gen = (work / "lab" / "images" / NAME / "gen-0001").resolve()
     pub = lab.tftp_root / "images" / NAME / "gen-0001"
     # copy mode: the site's tree is as it was, generation 1 is the changed copy
@@ -148,6 +152,9 @@ def test_imported_debootstrapped_sidus_and_hosts_boot_with_the_sidus_overlay(tmp
         tl = lab.timeline(vm)
         assert lab.follow(vm, tl, BOOT_TIMEOUT_S, until="ready"), (
             f"the imported image did not boot; first missing step: {tl.first_missing()}\n{lab.diagnostics(vm, 60)}")
+        t3 = time.monotonic()
+        print(f"migration: site tree {t1 - t0:.0f} s, import {t2 - t1:.0f} s, boot {t3 - t2:.0f} s "
+              f"(lab, hosts import, VM to the marker)")
         console = vm.console_text()
         markers = boot_markers(console)
         cmdline = " ".join(values(markers, "cmdline"))
