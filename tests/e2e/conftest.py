@@ -108,3 +108,15 @@ def make_module_lab(request, tmp_path_factory):
     with _lab_factory(tmp_path_factory.mktemp("modlab"),
                       lambda: request.session.testsfailed > failures) as make:
         yield make
+
+@pytest.fixture(scope="session")
+def bookworm_tree():
+    """The suite's one debootstrap'd bookworm tree (tests/debian_tree.py: the documentation's
+    include/exclude command line, cached by it; test_debian_image.py's build shares it).
+    Read-only: copy it (debian_tree.copy_tree) before changing anything."""
+    require_lab()
+    require_tool("debootstrap")
+    from debian_tree import cached_tree, debootstrap_argv
+
+    from sidusd.image.build import host_mirror
+    return cached_tree(debootstrap_argv("TARGET", host_mirror("bookworm")), log=lambda msg: None)
