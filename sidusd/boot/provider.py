@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidusd.boot import claims, content, render
+from sidusd.boot import claims, content, grub, render
 from sidusd.boot.inventory import BootTarget, Inventory, normalize_mac
 from sidusd.config import Config
 from sidusd.errors import InventoryError
@@ -69,7 +69,7 @@ class Document:
 
     body: bytes
     kind: str
-    mac: str | None                 # the MAC the name carries (None for ``pxelinux-default``)
+    mac: str | None                 # the MAC the name carries (None for the ``-default`` kinds)
     booted_mac: str | None = None   # record: this MAC was served ``target``
     target: BootTarget | None = None
 
@@ -118,9 +118,10 @@ def document(kind: str, mac: str | None, asker: Asker, config: Config, inventory
     """The document of a generated name (``boot.content.Generated``), or why there is none."""
     try:
         ctx = context(config, asker.server_ip)
-        if kind == "pxelinux-default":
+        if kind in ("pxelinux-default", "grub-default"):
             target = inventory.resolve(None, config)
-            body = render.pxelinux_default(ctx, target)
+            body = (render.pxelinux_default(ctx, target) if kind == "pxelinux-default"
+                    else grub.grub_default(ctx, target))
             # booted record: the MAC is the one that did DHCP from this IP
             return Document(body, kind, None, asker.dhcp_mac if target else None, target)
         if mac is None:
@@ -142,6 +143,8 @@ def document(kind: str, mac: str | None, asker: Asker, config: Config, inventory
             body = render.pxelinux_config(target, ctx, iscsi)
         elif kind == "ipxe":
             body = render.ipxe_script(target, ctx, iscsi)
+        elif kind == "grub":
+            body = grub.grub_config(target, ctx, iscsi)
         else:
             return Refusal(NOT_FOUND, f"unknown document kind {kind!r}", mac, kind=kind)
         return Document(body, kind, mac, mac, target)

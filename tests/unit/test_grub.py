@@ -1,0 +1,182 @@
+"""sidusd.boot.grub: per-MAC grub.cfg, the default grub.cfg, and GRUB-script injection attempts.
+
+The rendered files are read back by a small GRUB-script tokenizer written here from GRUB 2.06's
+lexer rules (grub-core/script/yylex.l): blanks separate words; ``'...'`` is literal; ``"..."``
+expands ``$name``/``${name}`` and honours backslash; an unquoted backslash escapes one character;
+an unquoted ``#`` at the start of a word starts a comment; unquoted ``;`` and newline end a
+command; unquoted ``| & < >`` are operators (sidus never writes one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidusd import config
+from sidusd.boot import cmdline, content, grub, render
+from sidusd.boot.inventory import Host, Inventory, Profile
+from sidusd.boot.render import RenderContext, RenderError
+
+CFG = config.parse("""
+dhcp: {mode: proxy, interfaces: [eth1]}
+tftp: {root: /srv/tftp}
+images:
+  demo: {root: /srv/images/demo, kernel: demo/vmlinuz, initrd: demo/initrd.img, append: console=ttyS0}
+""")
+MAC = "52:54:00:00:00:01"
+INV = Inventory({"default": Profile("default", "demo", "tmpfs", "quiet")},
+                {MAC: Host(MAC, "default", hostname="vm1", append="sidus.marker=one")})
+TARGET = INV.resolve(MAC, CFG)
+CTX = RenderContext(server_ip="10.0.0.1", nfs_server="10.0.0.2", mount_options="tcp,vers=3")
+OPERATORS = set(";|&<>\n")
+
+
+def tokenize(text: str, env: dict[str, str]) -> list[list[str]]:
+    """GRUB script ``text`` -> commands (lists of words after quote removal and expansion)."""
+    cmds: list[list[str]] = []
+    words: list[str] = []
+    i, n = 0, len(text)
+
+    def var(j: int) -> tuple[str, int]:
+        if text[j] == "{":
+            end = text.index("}", j)
+            return env.get(text[j + 1:end], ""), end + 1
+        k = j
+        while k < n and (text[k].isalnum() or text[k] in "_?"):
+            k += 1
+        return env.get(text[j:k], ""), k
+
+    while i < n:
+        c = text[i]
+        if c in " \t":
+            i += 1
+            continue
+        if c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        if c in ";\n":
+            if words:
+                cmds.append(words)
+            words = []
+            i += 1
+            continue
+        if c in "|&<>":
+            raise AssertionError(f"GRUB operator {c!r} at {i} in {text!r}")
+        word = ""
+        while i < n and text[i] not in " \t" and text[i] not in OPERATORS:
+            c = text[i]
+            if c == "'":
+                end = text.index("'", i + 1)
+                word += text[i + 1:end]
+                i = end + 1
+            elif c == '"':
+                i += 1
+                while text[i] != '"':
+                    if text[i] == "\\" and text[i + 1] in '$"\\\n':
+                        word += text[i + 1]
+                        i += 2
+                    elif text[i] == "$":
+                        val, i = var(i + 1)
+                        word += val
+                    else:
+                        word += text[i]
+                        i += 1
+                i += 1
+            elif c == "\\":
+                word += text[i + 1]
+                i += 2
+            elif c == "$":
+                val, i = var(i + 1)
+                word += val
+            else:
+                word += c
+                i += 1
+        words.append(word)
+    if words:
+        cmds.append(words)
+    return cmds
+
+
+ENV = {"prefix": "(tftp,10.0.0.1)/grub", "net_default_mac": MAC}
+
+
+def test_per_mac_grub_cfg_boots_with_the_pxelinux_command_line():
+    text = grub.grub_config(TARGET, CTX).decode("ascii")
+    assert text.startswith("# sidus GRUB configuration for 52:54:00:00:00:01 (vm1), profile default")
+    cmds = tokenize(text, ENV)
+    assert [c[0] for c in cmds] == ["echo", "linux", "initrd", "boot"]
+    assert cmds[1] == ["linux", "/demo/vmlinuz", *render.kernel_cmdline(TARGET, CTX).split(),
+                       "BOOTIF=01-52-54-00-00-00-01"]
+    assert cmds[2] == ["initrd", "/demo/initrd.img"]
+
+
+def test_default_grub_cfg_sources_the_per_mac_name_then_the_default_profile():
+    cmds = tokenize(grub.grub_default(CTX, INV.resolve(None, CFG)).decode("ascii"), ENV)
+    assert cmds[:2] == [["set", "timeout=0"], ["source", "(tftp,10.0.0.1)/grub/grub.cfg-01-" + MAC]]
+    # the name GRUB asks for is the per-MAC document
+    leaf = cmds[1][1].split(")/", 1)[1]
+    assert content.resolve(leaf) == content.Generated("grub", MAC)
+    assert [c[0] for c in cmds[2:]] == ["echo", "linux", "initrd", "boot"]
+    assert cmds[3][-1] == "BOOTIF=01-" + MAC
+
+
+def test_default_grub_cfg_without_default_profile_exits_to_the_firmware():
+    cmds = tokenize(grub.grub_default(CTX, None).decode("ascii"), ENV)
+    assert [c[0] for c in cmds] == ["set", "source", "echo", "sleep", "exit"]
+    assert not any(c[0] in ("linux", "boot") for c in cmds)
+
+
+def test_grub_names():
+    assert content.resolve("grub/grub.cfg") == content.Generated("grub-default", None)
+    assert content.resolve("/grub/grub.cfg-01-52-54-00-00-00-01") == content.Generated("grub", MAC)
+    assert content.resolve("grub/grub.cfg-01-52:54:00:00:00:01") == content.Generated("grub", MAC)
+    assert isinstance(content.resolve("grub/grub.cfg-01-52:54:00"), content.Refused)
+    # the other probes are plain files: not found unless the operator put them there
+    assert content.resolve("grub/x86_64-efi/grub.cfg") == content.StaticPath(("grub", "x86_64-efi", "grub.cfg"))
+    assert content.resolve("grub/grub.cfg-0A000064") == content.StaticPath(("grub", "grub.cfg-0A000064"))
+
+
+@pytest.mark.parametrize("append", [
+    "a;reboot", "x}{", "a<b", "a>b", "x=1;set root=(tftp,6.6.6.6)", "a#b", "(hd0)", "{", "}", "a;;b",
+])
+def test_grub_metacharacters_stay_inside_one_argument(append):
+    assert cmdline.append_problem(append) is None         # pxelinux/iPXE/Linux accept it
+    target = dataclasses.replace(TARGET, append=append)
+    cmds = tokenize(grub.grub_config(target, CTX).decode("ascii"), ENV)
+    assert [c[0] for c in cmds] == ["echo", "linux", "initrd", "boot"]
+    assert cmds[1][2:-1] == render.kernel_cmdline(target, CTX).split()
+
+
+@pytest.mark.parametrize("append", ["a'b", "x=' ; reboot '", 'a="b c"', "'"])
+def test_quotes_are_refused_for_grub(append):
+    assert cmdline.grub_append_problem(append) is not None
+    with pytest.raises(RenderError):
+        grub.grub_config(dataclasses.replace(TARGET, append=append), CTX)
+
+
+_SAFE = st.text(st.sampled_from(list("abz09=.,:;_-/#{}()<>[]~!%*+?@^ ")), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_SAFE)
+def test_any_accepted_append_reads_back_word_for_word(append):
+    if cmdline.grub_append_problem(append) is not None:
+        return
+    target = dataclasses.replace(TARGET, append=append)
+    cmds = tokenize(grub.grub_config(target, CTX).decode("ascii"), ENV)
+    assert [c[0] for c in cmds] == ["echo", "linux", "initrd", "boot"]
+    assert cmds[1][2:-1] == cmdline.linux_words(render.kernel_cmdline(target, CTX))
+
+
+def test_iscsi_login_is_in_the_per_mac_grub_cfg_only():
+    login = render.IscsiLogin("iqn.2026-12.org.sidus:vm1", "10.0.0.1", 3260, "iqn.2026-12.org.sidus:i1",
+                              "vm1", "s" * 20)
+    target = dataclasses.replace(TARGET, overlay="iscsi")
+    cmds = tokenize(grub.grub_config(target, CTX, login).decode("ascii"), ENV)
+    assert "sidus.iscsi.secret=" + "s" * 20 in cmds[1]
+    with pytest.raises(RenderError):
+        grub.grub_config(target, CTX)
