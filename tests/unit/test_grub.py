@@ -1,10 +1,6 @@
 """sidusd.boot.grub: per-MAC grub.cfg, the default grub.cfg, and GRUB-script injection attempts.
 
-The rendered files are read back by a small GRUB-script tokenizer written here from GRUB 2.06's
-lexer rules (grub-core/script/yylex.l): blanks separate words; ``'...'`` is literal; ``"..."``
-expands ``$name``/``${name}`` and honours backslash; an unquoted backslash escapes one character;
-an unquoted ``#`` at the start of a word starts a comment; unquoted ``;`` and newline end a
-command; unquoted ``| & < >`` are operators (sidus never writes one).
+The rendered files are read back by the GRUB-script tokenizer of tests/grub_script.py.
 """
 
 from __future__ import annotations
@@ -12,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from grub_script import tokenize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,76 +28,6 @@ INV = Inventory({"default": Profile("default", "demo", "tmpfs", "quiet")},
                 {MAC: Host(MAC, "default", hostname="vm1", append="sidus.marker=one")})
 TARGET = INV.resolve(MAC, CFG)
 CTX = RenderContext(server_ip="10.0.0.1", nfs_server="10.0.0.2", mount_options="tcp,vers=3")
-OPERATORS = set(";|&<>\n")
-
-
-def tokenize(text: str, env: dict[str, str]) -> list[list[str]]:
-    """GRUB script ``text`` -> commands (lists of words after quote removal and expansion)."""
-    cmds: list[list[str]] = []
-    words: list[str] = []
-    i, n = 0, len(text)
-
-    def var(j: int) -> tuple[str, int]:
-        if text[j] == "{":
-            end = text.index("}", j)
-            return env.get(text[j + 1:end], ""), end + 1
-        k = j
-        while k < n and (text[k].isalnum() or text[k] in "_?"):
-            k += 1
-        return env.get(text[j:k], ""), k
-
-    while i < n:
-        c = text[i]
-        if c in " \t":
-            i += 1
-            continue
-        if c == "#":
-            while i < n and text[i] != "\n":
-                i += 1
-            continue
-        if c in ";\n":
-            if words:
-                cmds.append(words)
-            words = []
-            i += 1
-            continue
-        if c in "|&<>":
-            raise AssertionError(f"GRUB operator {c!r} at {i} in {text!r}")
-        word = ""
-        while i < n and text[i] not in " \t" and text[i] not in OPERATORS:
-            c = text[i]
-            if c == "'":
-                end = text.index("'", i + 1)
-                word += text[i + 1:end]
-                i = end + 1
-            elif c == '"':
-                i += 1
-                while text[i] != '"':
-                    if text[i] == "\\" and text[i + 1] in '$"\\\n':
-                        word += text[i + 1]
-                        i += 2
-                    elif text[i] == "$":
-                        val, i = var(i + 1)
-                        word += val
-                    else:
-                        word += text[i]
-                        i += 1
-                i += 1
-            elif c == "\\":
-                word += text[i + 1]
-                i += 2
-            elif c == "$":
-                val, i = var(i + 1)
-                word += val
-            else:
-                word += c
-                i += 1
-        words.append(word)
-    if words:
-        cmds.append(words)
-    return cmds
-
-
 ENV = {"prefix": "(tftp,10.0.0.1)/grub", "net_default_mac": MAC}
 
 
