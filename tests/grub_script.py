@@ -7,7 +7,6 @@ unquoted ``| & < >`` are operators (sidus never writes one: the tokenizer fails 
 
 from __future__ import annotations
 
-
 OPERATORS = set(";|&<>\n")
 
 

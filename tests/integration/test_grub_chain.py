@@ -45,8 +45,9 @@ def daemon(tmp_path):
     cfg["security"] = {"privsep": False}
     (tmp_path / "sidus.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "inventory.yaml").write_text(yaml.safe_dump({"profiles": {}, "hosts": []}))
+    env = {**os.environ, "SIDUS_CONFIG": str(tmp_path / "sidus.yaml")}
     r = subprocess.run([sys.executable, "-m", "sidusd.ctl", "tftp-root", "populate"], capture_output=True,
-                       text=True, cwd=REPO, timeout=60, env={**os.environ, "SIDUS_CONFIG": str(tmp_path / "sidus.yaml")})
+                       text=True, cwd=REPO, timeout=60, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     d = SidusDaemon(tmp_path, hosts=[{"mac": MAC, "profile": "default", "hostname": "sb1",
                                       "append": "sidus.marker=grub-one"}], config=cfg)
