@@ -107,3 +107,37 @@ def test_iscsi_login_is_in_the_per_mac_grub_cfg_only():
     assert "sidus.iscsi.secret=" + "s" * 20 in cmds[1]
     with pytest.raises(RenderError):
         grub.grub_config(target, CTX)
+
+
+# -- provider: the GRUB names go through the same decision as pxelinux's ----------------------
+
+def _decide(name, client_ip="10.0.0.5", dhcp_mac=None, unknown="default"):
+    from sidusd.boot import provider
+    c = config.parse(f"""
+dhcp: {{mode: proxy, interfaces: [eth1], unknown_hosts: {unknown}}}
+tftp: {{root: /srv/tftp}}
+images:
+  demo: {{root: /srv/images/demo, kernel: demo/vmlinuz, initrd: demo/initrd.img}}
+""")
+    inv = Inventory({"default": Profile("default", "demo"), "persist": Profile("persist", "demo", overlay="iscsi")},
+                    {MAC: Host(MAC, "persist", hostname="vm1"), "52:54:00:00:00:02": Host("52:54:00:00:00:02", "default")})
+    login = render.IscsiLogin("iqn.2026-12.org.sidus:vm1", "10.0.0.1", 3260, "iqn.2026-12.org.sidus:i1",
+                              "vm1", "S3cretS3cretS3cret")
+    return provider.decide(name, provider.Asker("10.0.0.1", client_ip, dhcp_mac), c, inv, lambda m, s: login)
+
+
+def test_provider_renders_grub_names_and_keeps_the_secret_guard():
+    from sidusd.boot import provider
+    out = _decide("grub/grub.cfg-01-52:54:00:00:00:02")
+    assert isinstance(out, provider.Document) and out.kind == "grub" and out.booted_mac == "52:54:00:00:00:02"
+    assert b"linux '/demo/vmlinuz'" in out.body and b"'BOOTIF=01-52-54-00-00-00-02'" in out.body
+    # the host with a disk login: only to the address that did that MAC's DHCP
+    refused = _decide("grub/grub.cfg-01-" + MAC, dhcp_mac="52:54:00:00:00:02")
+    assert isinstance(refused, provider.Refusal) and refused.cause == provider.SECRET
+    served = _decide("grub/grub.cfg-01-" + MAC.replace(":", "-"), dhcp_mac=MAC)
+    assert isinstance(served, provider.Document) and b"sidus.iscsi.secret=S3cretS3cretS3cret" in served.body
+    default = _decide("grub/grub.cfg", dhcp_mac="52:54:00:00:00:03")
+    assert isinstance(default, provider.Document) and default.kind == "grub-default"
+    assert default.booted_mac == "52:54:00:00:00:03" and b"secret" not in default.body
+    ignored = _decide("grub/grub.cfg", unknown="ignore")
+    assert isinstance(ignored, provider.Document) and ignored.booted_mac is None and b"\nexit\n" in ignored.body
