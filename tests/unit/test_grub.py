@@ -120,7 +120,8 @@ images:
   demo: {{root: /srv/images/demo, kernel: demo/vmlinuz, initrd: demo/initrd.img}}
 """)
     inv = Inventory({"default": Profile("default", "demo"), "persist": Profile("persist", "demo", overlay="iscsi")},
-                    {MAC: Host(MAC, "persist", hostname="vm1"), "52:54:00:00:00:02": Host("52:54:00:00:00:02", "default")})
+                    {MAC: Host(MAC, "persist", hostname="vm1"),
+                     "52:54:00:00:00:02": Host("52:54:00:00:00:02", "default")})
     login = render.IscsiLogin("iqn.2026-12.org.sidus:vm1", "10.0.0.1", 3260, "iqn.2026-12.org.sidus:i1",
                               "vm1", "S3cretS3cretS3cret")
     return provider.decide(name, provider.Asker("10.0.0.1", client_ip, dhcp_mac), c, inv, lambda m, s: login)
