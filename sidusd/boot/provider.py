@@ -113,6 +113,13 @@ def _same_mac(a: str | None, b: str) -> bool:
         return False
 
 
+def _known(mac: str, inventory: Inventory) -> bool:
+    try:
+        return normalize_mac(mac) in inventory.hosts
+    except InventoryError:
+        return False
+
+
 def document(kind: str, mac: str | None, asker: Asker, config: Config, inventory: Inventory,
              login: Login) -> Document | Refusal:
     """The document of a generated name (``boot.content.Generated``), or why there is none."""
@@ -122,8 +129,12 @@ def document(kind: str, mac: str | None, asker: Asker, config: Config, inventory
             target = inventory.resolve(None, config)
             body = (render.pxelinux_default(ctx, target) if kind == "pxelinux-default"
                     else grub.grub_default(ctx, target))
-            # booted record: the MAC is the one that did DHCP from this IP
-            return Document(body, kind, None, asker.dhcp_mac if target else None, target)
+            # booted record: the MAC is the one that did DHCP from this IP.  Every GRUB reads
+            # grub/grub.cfg before its per-MAC name: a host in the inventory is recorded there.
+            booted = asker.dhcp_mac if target else None
+            if kind == "grub-default" and booted is not None and _known(booted, inventory):
+                booted = None
+            return Document(body, kind, None, booted, target)
         if mac is None:
             return Refusal(NOT_FOUND, "no MAC in the name", None, kind=kind)
         target = inventory.resolve(mac, config)

@@ -140,5 +140,8 @@ def test_provider_renders_grub_names_and_keeps_the_secret_guard():
     default = _decide("grub/grub.cfg", dhcp_mac="52:54:00:00:00:03")
     assert isinstance(default, provider.Document) and default.kind == "grub-default"
     assert default.booted_mac == "52:54:00:00:00:03" and b"secret" not in default.body
+    # a known host reads grub.cfg first too: its booted record comes from its own name
+    known = _decide("grub/grub.cfg", dhcp_mac="52:54:00:00:00:02")
+    assert isinstance(known, provider.Document) and known.booted_mac is None
     ignored = _decide("grub/grub.cfg", unknown="ignore")
     assert isinstance(ignored, provider.Document) and ignored.booted_mac is None and b"\nexit\n" in ignored.body
