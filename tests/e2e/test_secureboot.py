@@ -15,6 +15,7 @@ Boot would refuse it; OVMF's own PXE driver boots.  ~35 s under TCG.
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 import subprocess
 import time
@@ -123,3 +124,90 @@ def test_unsigned_syslinux_efi_is_refused_by_the_firmware(tmp_path):
     # OVMF: "BdsDxe: failed to load Boot0001 "UEFI PXEv4 (MAC:...)" from ...: Access Denied"
     assert refused and "failed to load" in refused[0] and "PXEv4" in refused[0], console[-3000:]
     assert "Kernel command line" not in console and "ldlinux" not in console
+
+
+# -- the whole lab: sidusd (full DHCP) + NFS root + overlay, through shim -> GRUB ---------------
+
+@pytest.mark.netns
+def test_lab_secure_boot_through_sidusd_to_the_marker(tmp_path, demo_image):
+    """sidusd as the DHCP server (``dhcp.mode: full``: Debian's GRUB reads only the DHCP ACK, see
+    docs/quirks.md) serves shim, GRUB, both grub.cfg and the image over its own TFTP; the guest
+    checks Secure Boot and reaches READY with its per-host argument."""
+    from conftest import require_lab
+
+    from sidusd.lab.demo import HostSpec, Lab, boot_markers
+    from sidusd.lab.topology import netns_list
+    from sidusd.lab.vm import Vm, mac_for
+
+    require_lab()
+    _need()
+
+    class SbVm(Vm):
+        """The lab's UEFI VM with the Secure Boot firmware, the MS-keys store and no (unsigned) NIC ROM."""
+
+        def argv(self) -> list[str]:
+            out = super().argv()
+            i = out.index("-drive")
+            out[i:i + 4] = ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on",
+                            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={CODE}",
+                            "-drive", f"if=pflash,format=raw,unit=1,file={self.ovmf_vars}"]
+            return [a.split(",romfile=")[0] + ",romfile=,bootindex=1" if ",romfile=" in a else a for a in out]
+
+    class SbLab(Lab):
+        def publish_tftp(self, image) -> None:
+            super().publish_tftp(image)
+            shutil.copyfile(SHIM, self.tftp_root / "shimx64.efi")
+            shutil.copyfile(GRUB, self.tftp_root / "grubx64.efi")
+
+        def config_dict(self, exports_file, pid_file):
+            cfg = super().config_dict(exports_file, pid_file)
+            cfg["boot"] = {**cfg.get("boot", {}), "boot_files": {"uefi_x64": "shimx64.efi"}}
+            return cfg
+
+    mac = mac_for(32)
+    lab = SbLab(tmp_path / "lab", mode=os.environ.get("SIDUS_SB_MODE", "full"), progress=lambda msg: None)
+    names: list[str] = []
+    try:
+        lab.up(demo_image, [HostSpec(mac, "e2e-sb", "sidus.demo=poweroff sidus.test=secureboot")])
+        names = [lab.topology.lab_ns] if lab.topology is not None else []
+        tap = lab.topology.add_tap()
+        vm = SbVm(lab.topology, tap, mac, lab.workdir, name="sb1", uefi=True)
+        lab.vms.append(vm)
+        vm.workdir.mkdir(parents=True, exist_ok=True)
+        vm.console_log.write_bytes(b"")
+        t0 = time.monotonic()
+        _start_with_secboot_vars(vm)
+        deadline = t0 + 600
+        while time.monotonic() < deadline and vm.running() and "READY" not in boot_markers(vm.console_text()):
+            time.sleep(1)
+        took = time.monotonic() - t0
+        console = vm.console_text()
+        markers = boot_markers(console)
+        assert "READY" in markers, (took, console[-4000:], lab.sidusd_log_tail(30))
+        assert "secureboot: Secure boot enabled" in console, console[-3000:]
+        cmdline = " ".join(m.split(":", 1)[1] for m in markers if m.startswith("cmdline:"))
+        assert "sidus.test=secureboot" in cmdline, markers
+        assert "writable: yes" in markers, markers
+        # every file of the chain came from sidusd's TFTP, in GRUB's order
+        clients = lab.sidusctl("clients", mac)
+        files = [str(e.get("file")).lstrip("/") for e in clients[0]["timeline"] if e["event"] == "tftp"]
+        chain = ["shimx64.efi", "grubx64.efi", "grub/grub.cfg", "grub/grub.cfg-01-" + mac, "demo/vmlinuz",
+                 "demo/initrd.img"]
+        assert list(dict.fromkeys(f for f in files if f in chain)) == chain, files
+        print(f"secure boot lab: READY after {took:.0f} s; TFTP: {files}")
+    finally:
+        lab.close()
+    assert not set(names) & set(netns_list()), "lab namespaces left behind"
+
+
+def _start_with_secboot_vars(vm) -> None:
+    """Vm.start with this VM's copy of the Microsoft-keys variable store instead of OVMF_VARS.fd."""
+    import subprocess as sp
+    shutil.copyfile(VARS, vm.ovmf_vars)
+    errlog = open(vm.workdir / f"{vm.name}-qemu.stderr", "wb")
+    try:
+        vm.proc = sp.Popen(vm.topology.lab_argv(vm.argv()), stdin=sp.DEVNULL, stdout=errlog, stderr=errlog,
+                           start_new_session=True)
+    finally:
+        errlog.close()
+    vm.started_at = time.monotonic()
