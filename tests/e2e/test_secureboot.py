@@ -15,7 +15,6 @@ Boot would refuse it; OVMF's own PXE driver boots.  ~35 s under TCG.
 from __future__ import annotations
 
 import glob
-import os
 import shutil
 import subprocess
 import time
@@ -165,7 +164,7 @@ def test_lab_secure_boot_through_sidusd_to_the_marker(tmp_path, demo_image):
             return cfg
 
     mac = mac_for(32)
-    lab = SbLab(tmp_path / "lab", mode=os.environ.get("SIDUS_SB_MODE", "full"), progress=lambda msg: None)
+    lab = SbLab(tmp_path / "lab", mode="full", progress=lambda msg: None)
     names: list[str] = []
     try:
         lab.up(demo_image, [HostSpec(mac, "e2e-sb", "sidus.demo=poweroff sidus.test=secureboot")])
