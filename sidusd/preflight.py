@@ -58,6 +58,11 @@ SOURCES: dict[tuple[str, str], Source] = {
     ("uefi_x64", "ldlinux.e64"): Source("syslinux-common", "/usr/lib/syslinux/modules/efi64/ldlinux.e64"),
     ("uefi_ia32", "syslinux.efi"): Source("syslinux-efi", "/usr/lib/SYSLINUX.EFI/efi32/syslinux.efi"),
     ("uefi_ia32", "ldlinux.e32"): Source("syslinux-common", "/usr/lib/syslinux/modules/efi32/ldlinux.e32"),
+    # Secure Boot: shim (signed by Microsoft's UEFI CA) loads grubx64.efi from its own directory;
+    # that name is Debian's signed *network* GRUB (prefix /grub, docs/boot-chain.md)
+    ("uefi_x64", "shimx64.efi"): Source("shim-signed", "/usr/lib/shim/shimx64.efi.signed"),
+    ("uefi_x64", "grubx64.efi"): Source("grub-efi-amd64-signed",
+                                        "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"),
     ("*", "undionly.kpxe"): Source("ipxe", "/usr/lib/ipxe/undionly.kpxe"),
     ("*", "undionly.kkpxe"): Source("ipxe", "/usr/lib/ipxe/undionly.kkpxe"),
     ("*", "ipxe.pxe"): Source("ipxe", "/usr/lib/ipxe/ipxe.pxe"),
@@ -71,6 +76,7 @@ COMPANIONS: dict[tuple[str, str], str] = {
     ("bios", "lpxelinux.0"): "ldlinux.c32",
     ("uefi_x64", "syslinux.efi"): "ldlinux.e64",
     ("uefi_ia32", "syslinux.efi"): "ldlinux.e32",
+    ("uefi_x64", "shimx64.efi"): "grubx64.efi",     # shim netboot.c: DEFAULT_LOADER, same directory
 }
 
 

@@ -31,7 +31,17 @@ loader itself reads ``initrd=`` from that line and loads the file it names.
 Linux (``lib/cmdline.c`` ``next_arg``): words are separated by white space
 outside double quotes; an unclosed ``"`` makes everything after it one word.
 
-GRUB configs are not rendered by sidusd; nothing here is about them.
+GRUB (``sidusd.boot.grub`` renders ``grub.cfg``; GRUB 2.06
+``grub-core/script/yylex.l``, ``grub-core/lib/cmdline.c``): the renderer puts
+every Linux word of the command line in single quotes, inside which GRUB's
+lexer takes every character literally up to the next ``'`` (so ``;``, ``#``,
+``{``, ``<``, newlines... start nothing), and GRUB has no escape inside them.
+What GRUB then hands to Linux is each argument joined with one space, but
+``grub_create_loader_cmdline`` puts a backslash before every ``"``, ``'`` and
+``\\`` and wraps an argument holding a space in double quotes: Linux
+(which knows no backslash escapes) would not read ``a="b c"`` as written.
+:func:`grub_append_problem` therefore refuses quotes of either kind in an
+append that goes into a GRUB config.
 
 The character rule (printable ASCII without ``$ | & \\``) is
 ``yamlstrict.check_kernel_args``; this module adds the rules above, which
@@ -98,6 +108,18 @@ def append_problem(value: str) -> str | None:
         if _param(word) in RESERVED_PARAMS:
             return (f"sets {_param(word)}= ({word!r}): sidusd writes it itself; pxelinux and the "
                     "kernel's EFI stub would load the file it names")
+    return None
+
+
+def grub_append_problem(value: str) -> str | None:
+    """Why ``value`` cannot go into a GRUB ``linux`` line as single-quoted words, or None."""
+    problem = append_problem(value)
+    if problem is not None:
+        return problem
+    for q in ("'", '"'):
+        if q in value:
+            return (f"contains {q!r}: GRUB passes it to Linux as {chr(92) + q!r} (grub_create_loader_cmdline), "
+                    "and a ' would end GRUB's single-quoted word")
     return None
 
 

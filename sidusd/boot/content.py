@@ -9,7 +9,12 @@ into one of:
   ``pxelinux.cfg/default`` -> kind ``pxelinux-default``,
   ``<mac>.ipxe`` and ``boot/<mac>.ipxe`` -> kind ``ipxe`` (``<mac>`` written
   with colons, dashes or 12 bare hex digits, as iPXE's ``${mac}``,
-  ``${mac:hexhyp}`` and ``${mac:hexraw}`` give it);
+  ``${mac:hexhyp}`` and ``${mac:hexraw}`` give it),
+  ``grub/grub.cfg-01-<mac>`` -> kind ``grub`` (``<mac>`` with dashes, as
+  upstream GRUB's ``grub_net_search_config_file`` asks, or colons, as
+  GRUB's ``${net_default_mac}`` gives it in our ``grub/grub.cfg``),
+  ``grub/grub.cfg`` -> kind ``grub-default`` (what Debian's signed
+  ``grubnetx64.efi`` reads: see ``sidusd.boot.grub``);
 * :class:`StaticPath` — components of a path below the TFTP root, opened
   later by :func:`sidusd.net.files.open_confined` (which refuses symlinks);
   other ``pxelinux.cfg/<hex ip>`` probes land here and are normally "file not
@@ -39,13 +44,14 @@ _HEX2 = "[0-9a-fA-F]{2}"
 _PXE_MAC = re.compile(rf"^01-({_HEX2}(?:-{_HEX2}){{5}})$")
 _IPXE_MAC = re.compile(
     rf"^({_HEX2}(?::{_HEX2}){{5}}|{_HEX2}(?:-{_HEX2}){{5}}|[0-9a-fA-F]{{12}})\.ipxe$")
+_GRUB_MAC = re.compile(rf"^grub\.cfg-01-({_HEX2}(?:-{_HEX2}){{5}}|{_HEX2}(?::{_HEX2}){{5}})$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
 class Generated:
-    """A rendered document: ``kind`` is ``pxelinux``, ``pxelinux-default`` or ``ipxe``;
-    ``mac`` is lower-case and colon-separated (None for ``pxelinux-default``)."""
+    """A rendered document: ``kind`` is ``pxelinux``, ``pxelinux-default``, ``ipxe``, ``grub`` or
+    ``grub-default``; ``mac`` is lower-case and colon-separated (None for the ``-default`` kinds)."""
 
     kind: str
     mac: str | None
@@ -102,6 +108,16 @@ def resolve(name: str) -> Resolution:
             if not m:
                 return Refused("malformed MAC in pxelinux.cfg/01-<mac>")
             return Generated("pxelinux", mac_from_hex(m.group(1)))
+        return StaticPath(parts)
+    if len(parts) == 2 and parts[0] == "grub":
+        leaf = parts[1]
+        if leaf == "grub.cfg":
+            return Generated("grub-default", None)
+        if leaf.startswith("grub.cfg-01-"):
+            m = _GRUB_MAC.match(leaf)
+            if not m:
+                return Refused("malformed MAC in grub/grub.cfg-01-<mac>")
+            return Generated("grub", mac_from_hex(m.group(1)))
         return StaticPath(parts)
     if len(parts) == 1 or (len(parts) == 2 and parts[0] == "boot"):
         m = _IPXE_MAC.match(parts[-1])

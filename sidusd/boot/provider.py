@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidusd.boot import claims, content, render
+from sidusd.boot import claims, content, grub, render
 from sidusd.boot.inventory import BootTarget, Inventory, normalize_mac
 from sidusd.config import Config
 from sidusd.errors import InventoryError
@@ -69,7 +69,7 @@ class Document:
 
     body: bytes
     kind: str
-    mac: str | None                 # the MAC the name carries (None for ``pxelinux-default``)
+    mac: str | None                 # the MAC the name carries (None for the ``-default`` kinds)
     booted_mac: str | None = None   # record: this MAC was served ``target``
     target: BootTarget | None = None
 
@@ -113,16 +113,28 @@ def _same_mac(a: str | None, b: str) -> bool:
         return False
 
 
+def _known(mac: str, inventory: Inventory) -> bool:
+    try:
+        return normalize_mac(mac) in inventory.hosts
+    except InventoryError:
+        return False
+
+
 def document(kind: str, mac: str | None, asker: Asker, config: Config, inventory: Inventory,
              login: Login) -> Document | Refusal:
     """The document of a generated name (``boot.content.Generated``), or why there is none."""
     try:
         ctx = context(config, asker.server_ip)
-        if kind == "pxelinux-default":
+        if kind in ("pxelinux-default", "grub-default"):
             target = inventory.resolve(None, config)
-            body = render.pxelinux_default(ctx, target)
-            # booted record: the MAC is the one that did DHCP from this IP
-            return Document(body, kind, None, asker.dhcp_mac if target else None, target)
+            body = (render.pxelinux_default(ctx, target) if kind == "pxelinux-default"
+                    else grub.grub_default(ctx, target))
+            # booted record: the MAC is the one that did DHCP from this IP.  Every GRUB reads
+            # grub/grub.cfg before its per-MAC name: a host in the inventory is recorded there.
+            booted = asker.dhcp_mac if target else None
+            if kind == "grub-default" and booted is not None and _known(booted, inventory):
+                booted = None
+            return Document(body, kind, None, booted, target)
         if mac is None:
             return Refusal(NOT_FOUND, "no MAC in the name", None, kind=kind)
         target = inventory.resolve(mac, config)
@@ -142,6 +154,8 @@ def document(kind: str, mac: str | None, asker: Asker, config: Config, inventory
             body = render.pxelinux_config(target, ctx, iscsi)
         elif kind == "ipxe":
             body = render.ipxe_script(target, ctx, iscsi)
+        elif kind == "grub":
+            body = grub.grub_config(target, ctx, iscsi)
         else:
             return Refusal(NOT_FOUND, f"unknown document kind {kind!r}", mac, kind=kind)
         return Document(body, kind, mac, mac, target)

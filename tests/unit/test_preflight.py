@@ -161,3 +161,15 @@ def test_config_refuses_ipxe_chain_without_http():
         conf(boot="boot: {ipxe_chain: true}")
     assert ei.value.path == "boot.ipxe_chain" and "needs http.enabled: true" in ei.value.reason
     assert conf(boot="boot: {ipxe_chain: true}", extra="http: {enabled: true}").boot.ipxe_chain
+
+
+def test_shim_needs_the_signed_network_grub_as_grubx64_efi():
+    c = conf(boot="boot: {boot_files: {uefi_x64: shimx64.efi}}")
+    paths = {n.path: n.key for n in pf.needs(c) if n.kind == pf.FILE and "uefi_x64" in n.key}
+    assert paths == {"/srv/tftp/shimx64.efi": "boot.boot_files.uefi_x64",
+                     "/srv/tftp/grubx64.efi": "boot.boot_files.uefi_x64 (its companion)"}
+    (p,) = pf.problems(pf.needs(c), without(c, "/srv/tftp/grubx64.efi"))
+    assert "grub-efi-amd64-signed" in p.fix and "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed" in p.fix
+    plan = {str(d): s.path for d, s, _ in pf.populate_plan(c) if s is not None}
+    assert plan["/srv/tftp/shimx64.efi"] == "/usr/lib/shim/shimx64.efi.signed"
+    assert plan["/srv/tftp/grubx64.efi"] == "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"
