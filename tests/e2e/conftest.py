@@ -26,6 +26,8 @@ _spec.loader.exec_module(_root)
 ROOT = _root.ROOT
 require_root = _root.require_root
 require_tool = _root.require_tool
+poll_until = _root.poll_until
+absolute_import = _root.absolute_import
 
 TOOLS = ("ip", "qemu-system-x86_64", "dnsmasq", "ganesha.nfsd", "rpcbind", "showmount",
          "unshare", "busybox", "mkinitramfs")
