@@ -6,7 +6,7 @@ worker's deltas already reached the supervisor's observer in its periodic
 ``events`` reports, no per-packet IPC) when Prometheus scrapes, and maps them
 to families named after the Prometheus conventions (``sidus_`` prefix,
 ``_total`` counters, base units, labels for kinds and reasons) by the table
-:data:`COUNTERS` / :data:`PREFIXES`.  A counter name the table does not know
+:data:`FAMILIES`, :data:`COUNTERS` / :data:`PREFIXES`.  A counter name the table does not know
 is still exported, as ``sidus_events_total{name="..."}`` (bounded:
 ``privsep.reports.MAX_COUNTER_NAMES``).  The known counters are exported from
 the start, at 0 until they count, so a rate() over them has no gaps.
@@ -37,63 +37,95 @@ MAX_TRACKED = 4096           # machines whose boot in progress is followed (olde
 STAGE_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 TRANSFER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
-# dotted counter -> (family without sidus_ and _total, help, label name, label value)
-COUNTERS: dict[str, tuple[str, str, str | None, str | None]] = {
-    "dhcp.rx": ("dhcp_received_datagrams", "DHCP datagrams received", None, None),
-    "dhcp.offers": ("dhcp_replies", "DHCP replies sent, by kind", "kind", "offer"),
-    "dhcp.acks": ("dhcp_replies", "DHCP replies sent, by kind", "kind", "ack"),
-    "dhcp.naks": ("dhcp_replies", "DHCP replies sent, by kind", "kind", "nak"),
-    "dhcp.malformed": ("dhcp_dropped", "DHCP requests dropped, by reason", "reason", "malformed"),
-    "dhcp.recv_errors": ("dhcp_errors", "DHCP socket and internal errors, by kind", "kind", "recv"),
-    "dhcp.send_errors": ("dhcp_errors", "DHCP socket and internal errors, by kind", "kind", "send"),
-    "dhcp.errors": ("dhcp_errors", "DHCP socket and internal errors, by kind", "kind", "internal"),
-    "dhcp.lease_write_errors": ("dhcp_errors", "DHCP socket and internal errors, by kind", "kind", "lease_write"),
-    "tftp.transfers.started": ("tftp_transfers_started", "TFTP transfers started", None, None),
-    "tftp.transfers.done": ("tftp_transfers", "TFTP transfers ended, by result", "result", "done"),
-    "tftp.transfers.failed": ("tftp_transfers", "TFTP transfers ended, by result", "result", "failed"),
-    "tftp.transfers.probe": ("tftp_transfers", "TFTP transfers ended, by result", "result", "probe"),
-    "tftp.bytes": ("tftp_sent_bytes", "TFTP file bytes sent (acknowledged transfers)", None, None),
-    "tftp.retransmits": ("tftp_retransmits", "TFTP DATA blocks sent again", None, None),
-    "tftp.rx": ("tftp_received_datagrams", "TFTP datagrams received", None, None),
-    "tftp.malformed": ("tftp_dropped", "TFTP datagrams dropped, by reason", "reason", "malformed"),
-    "tftp.wrong_tid": ("tftp_dropped", "TFTP datagrams dropped, by reason", "reason", "wrong_tid"),
-    "tftp.late": ("tftp_dropped", "TFTP datagrams dropped, by reason", "reason", "late"),
-    "tftp.duplicate_rrq": ("tftp_dropped", "TFTP datagrams dropped, by reason", "reason", "duplicate_rrq"),
-    "tftp.unexpected": ("tftp_dropped", "TFTP datagrams dropped, by reason", "reason", "unexpected"),
-    "tftp.send_errors": ("tftp_errors", "TFTP socket and internal errors, by kind", "kind", "send"),
-    "tftp.rx_errors": ("tftp_errors", "TFTP socket and internal errors, by kind", "kind", "recv"),
-    "tftp.internal_errors": ("tftp_errors", "TFTP socket and internal errors, by kind", "kind", "internal"),
-    "http.requests": ("http_requests", "HTTP boot requests", None, None),
-    "http.connections": ("http_connections", "HTTP boot connections accepted", None, None),
-    "http.transfers.done": ("http_transfers", "HTTP responses ended, by result", "result", "done"),
-    "http.transfers.failed": ("http_transfers", "HTTP responses ended, by result", "result", "failed"),
-    "http.bytes": ("http_sent_bytes", "HTTP body bytes sent", None, None),
-    "http.ranges": ("http_range_requests", "HTTP responses to a byte range (206)", None, None),
-    "http.malformed": ("http_dropped", "HTTP requests dropped, by reason", "reason", "malformed"),
-    "http.read_errors": ("http_errors", "HTTP read and internal errors, by kind", "kind", "read"),
-    "http.internal_errors": ("http_errors", "HTTP read and internal errors, by kind", "kind", "internal"),
-    "http.up.accepted": ("up_reports", "Up-reports of booted machines, by result", "result", "accepted"),
-    "http.up.repeated": ("up_reports", "Up-reports of booted machines, by result", "result", "repeated"),
-    "privsep.worker_starts": ("worker_starts", "Network worker processes started", None, None),
-    "privsep.worker_restarts": ("worker_restarts", "Network worker restarts after it died", None, None),
-    "privsep.worker_killed": ("worker_killed", "Network workers killed for not stopping", None, None),
-    "privsep.events_dropped": ("worker_events_dropped", "Worker events dropped while the supervisor was slow",
-                               None, None),
-    "reload.ok": ("reloads", "Configuration reloads, by result", "result", "ok"),
-    "reload.refused": ("reloads", "Configuration reloads, by result", "result", "refused"),
-    "render.errors": ("render_errors", "Boot configs that could not be rendered", None, None),
-    "render.secret_refused": ("render_secret_refused", "Per-MAC configs with a secret refused to another address",
-                              None, None),
-    "control.requests": ("control_requests", "sidusctl requests", None, None),
+# family (without sidus_ and _total) -> (help, label name or None): each said once
+FAMILIES: dict[str, tuple[str, str | None]] = {
+    "dhcp_received_datagrams": ("DHCP datagrams received", None),
+    "dhcp_replies": ("DHCP replies sent, by kind", "kind"),
+    "dhcp_dropped": ("DHCP requests dropped, by reason", "reason"),
+    "dhcp_errors": ("DHCP socket and internal errors, by kind", "kind"),
+    "tftp_transfers_started": ("TFTP transfers started", None),
+    "tftp_transfers": ("TFTP transfers ended, by result", "result"),
+    "tftp_sent_bytes": ("TFTP file bytes sent (acknowledged transfers)", None),
+    "tftp_retransmits": ("TFTP DATA blocks sent again", None),
+    "tftp_received_datagrams": ("TFTP datagrams received", None),
+    "tftp_dropped": ("TFTP datagrams dropped, by reason", "reason"),
+    "tftp_errors": ("TFTP socket and internal errors, by kind", "kind"),
+    "http_requests": ("HTTP boot requests", None),
+    "http_connections": ("HTTP boot connections accepted", None),
+    "http_transfers": ("HTTP responses ended, by result", "result"),
+    "http_sent_bytes": ("HTTP body bytes sent", None),
+    "http_range_requests": ("HTTP responses to a byte range (206)", None),
+    "http_dropped": ("HTTP requests dropped, by reason", "reason"),
+    "http_errors": ("HTTP read and internal errors, by kind", "kind"),
+    "up_reports": ("Up-reports of booted machines, by result", "result"),
+    "worker_starts": ("Network worker processes started", None),
+    "worker_restarts": ("Network worker restarts after it died", None),
+    "worker_killed": ("Network workers killed for not stopping", None),
+    "worker_events_dropped": ("Worker events dropped while the supervisor was slow", None),
+    "reloads": ("Configuration reloads, by result", "result"),
+    "render_errors": ("Boot configs that could not be rendered", None),
+    "render_secret_refused": ("Per-MAC configs with a secret refused to another address", None),
+    "control_requests": ("sidusctl requests", None),
+    "tftp_refused": ("TFTP requests refused, by reason", "reason"),
+    "http_refused": ("HTTP requests refused, by reason", "reason"),
+    "http_timeouts": ("HTTP connections cut, by kind", "kind"),
+    "worker_messages_refused": ("Worker messages refused by the supervisor, by code", "code"),
 }
-# dotted prefix -> (family, help, label name): the rest of the name is the label's value
-PREFIXES: dict[str, tuple[str, str, str]] = {
-    "dhcp.drop.": ("dhcp_dropped", "DHCP requests dropped, by reason", "reason"),
-    "tftp.refused.": ("tftp_refused", "TFTP requests refused, by reason", "reason"),
-    "http.refused.": ("http_refused", "HTTP requests refused, by reason", "reason"),
-    "http.timeouts.": ("http_timeouts", "HTTP connections cut, by kind", "kind"),
-    "http.up.refused.": ("up_reports", "Up-reports of booted machines, by result", "result"),
-    "privsep.refused.": ("worker_messages_refused", "Worker messages refused by the supervisor, by code", "code"),
+# dotted counter -> (family, its label's value or None)
+COUNTERS: dict[str, tuple[str, str | None]] = {
+    "dhcp.rx": ("dhcp_received_datagrams", None),
+    "dhcp.offers": ("dhcp_replies", "offer"),
+    "dhcp.acks": ("dhcp_replies", "ack"),
+    "dhcp.naks": ("dhcp_replies", "nak"),
+    "dhcp.malformed": ("dhcp_dropped", "malformed"),
+    "dhcp.recv_errors": ("dhcp_errors", "recv"),
+    "dhcp.send_errors": ("dhcp_errors", "send"),
+    "dhcp.errors": ("dhcp_errors", "internal"),
+    "dhcp.lease_write_errors": ("dhcp_errors", "lease_write"),
+    "tftp.transfers.started": ("tftp_transfers_started", None),
+    "tftp.transfers.done": ("tftp_transfers", "done"),
+    "tftp.transfers.failed": ("tftp_transfers", "failed"),
+    "tftp.transfers.probe": ("tftp_transfers", "probe"),
+    "tftp.bytes": ("tftp_sent_bytes", None),
+    "tftp.retransmits": ("tftp_retransmits", None),
+    "tftp.rx": ("tftp_received_datagrams", None),
+    "tftp.malformed": ("tftp_dropped", "malformed"),
+    "tftp.wrong_tid": ("tftp_dropped", "wrong_tid"),
+    "tftp.late": ("tftp_dropped", "late"),
+    "tftp.duplicate_rrq": ("tftp_dropped", "duplicate_rrq"),
+    "tftp.unexpected": ("tftp_dropped", "unexpected"),
+    "tftp.send_errors": ("tftp_errors", "send"),
+    "tftp.rx_errors": ("tftp_errors", "recv"),
+    "tftp.internal_errors": ("tftp_errors", "internal"),
+    "http.requests": ("http_requests", None),
+    "http.connections": ("http_connections", None),
+    "http.transfers.done": ("http_transfers", "done"),
+    "http.transfers.failed": ("http_transfers", "failed"),
+    "http.bytes": ("http_sent_bytes", None),
+    "http.ranges": ("http_range_requests", None),
+    "http.malformed": ("http_dropped", "malformed"),
+    "http.read_errors": ("http_errors", "read"),
+    "http.internal_errors": ("http_errors", "internal"),
+    "http.up.accepted": ("up_reports", "accepted"),
+    "http.up.repeated": ("up_reports", "repeated"),
+    "privsep.worker_starts": ("worker_starts", None),
+    "privsep.worker_restarts": ("worker_restarts", None),
+    "privsep.worker_killed": ("worker_killed", None),
+    "privsep.events_dropped": ("worker_events_dropped", None),
+    "reload.ok": ("reloads", "ok"),
+    "reload.refused": ("reloads", "refused"),
+    "render.errors": ("render_errors", None),
+    "render.secret_refused": ("render_secret_refused", None),
+    "control.requests": ("control_requests", None),
+}
+# dotted prefix -> family: the rest of the name is the label's value
+PREFIXES: dict[str, str] = {
+    "dhcp.drop.": "dhcp_dropped",
+    "tftp.refused.": "tftp_refused",
+    "http.refused.": "http_refused",
+    "http.timeouts.": "http_timeouts",
+    "http.up.refused.": "up_reports",
+    "privsep.refused.": "worker_messages_refused",
 }
 
 
@@ -112,22 +144,23 @@ class SidusCollector:
         for name, value in sorted({**dict.fromkeys(COUNTERS, 0), **counters}.items()):
             spec = COUNTERS.get(name)
             if spec is not None:
-                fam_name, help_, label, lvalue = spec
+                fam_name, lvalue = spec
             else:
                 pre = next((p for p in PREFIXES if name.startswith(p)), None)
                 if pre is None:
                     other.add_metric([name], value)
                     continue
-                fam_name, help_, label = PREFIXES[pre]
-                lvalue = name[len(pre):]
+                fam_name, lvalue = PREFIXES[pre], name[len(pre):]
+            label = FAMILIES[fam_name][1]
             fam = fams.get(fam_name)
             if fam is None:
-                fam = fams[fam_name] = CounterMetricFamily("sidus_" + fam_name, help_,
+                fam = fams[fam_name] = CounterMetricFamily("sidus_" + fam_name, FAMILIES[fam_name][0],
                                                            labels=[label] if label else None)
             fam.add_metric([str(lvalue)] if label else [], value)
-        for fam_name, help_, label in PREFIXES.values():
+        for fam_name in PREFIXES.values():
             if fam_name not in fams:
-                fams[fam_name] = CounterMetricFamily("sidus_" + fam_name, help_, labels=[label])
+                help_, label = FAMILIES[fam_name]
+                fams[fam_name] = CounterMetricFamily("sidus_" + fam_name, help_, labels=[label] if label else None)
         return [*fams.values(), other]
 
     def collect(self) -> Iterator[Metric]:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require_root, require_tool
+from conftest import require_tool
 from hardening_util import rss_kib, tracebacks, wait_until
-from netns import NetNs, veth_link
-from test_dhcp_netns import CLIENT_IP, SERVER_IP, UUID, Lab, check_proxy_reply, request, socket_in_netns
+from netns import NetNs
+from test_dhcp_netns import SERVER_IP, UUID, Lab, check_proxy_reply, netns_lab, request, socket_in_netns
 
 pytestmark = pytest.mark.netns
 
@@ -69,18 +69,8 @@ def transfer_ports(ns: NetNs) -> list[int]:
 
 @pytest.fixture
 def lab(tmp_path):
-    require_root()
-    require_tool("ip")
-    require_tool("ss")
-    pytest.importorskip("scapy", reason="missing tool: scapy (installed by .ci/run)")
-    with NetNs("sidus-t-bars") as s, NetNs("sidus-t-barc") as c:
-        veth_link(s, c, SERVER_IP, CLIENT_IP)
-        lab = Lab(tmp_path, s, c)
-        try:
-            yield lab
-        finally:
-            lab.sock.close()
-            lab.blast.close()
+    with netns_lab(tmp_path, "sidus-t-bar", "ss") as lab:
+        yield lab
 
 
 def configure(lab: Lab, **tftp_extra) -> bytes:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require_root, require_tool
-from netns import NetNs, veth_link
-from test_dhcp_netns import CLIENT_IP, SERVER_IP, SILENCE_S, Lab, opts_of, request
+from conftest import require_tool
+from test_dhcp_netns import SERVER_IP, SILENCE_S, Lab, netns_lab, opts_of, request
 
 pytestmark = pytest.mark.netns
 
@@ -30,20 +29,8 @@ OWNER, STRANGER = "52:54:00:14:01:01", "52:54:00:14:01:99"
 
 @pytest.fixture
 def lab(tmp_path):
-    require_root()
-    require_tool("ip")
-    pytest.importorskip("scapy", reason="missing tool: scapy (installed by .ci/run)")
-    with NetNs("sidus-t-h14s") as s, NetNs("sidus-t-h14c") as c:
-        veth_link(s, c, SERVER_IP, CLIENT_IP)
-        lab = Lab(tmp_path, s, c)
-        try:
-            yield lab
-        finally:
-            lab.sock.close()
-            lab.blast.close()
-            if lab.proc is not None and lab.proc.poll() is None:
-                lab.proc.terminate()
-                lab.proc.wait(20)
+    with netns_lab(tmp_path, "sidus-t-h14") as lab:
+        yield lab
 
 
 def configure_full(lab: Lab, hosts: list | None = None, range_end: str = "10.77.0.102",

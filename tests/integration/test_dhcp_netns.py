@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,14 @@ class Lab:
             time.sleep(0.05)
         raise AssertionError(f"sidusd not ready:\n{self.log_tail()}")
 
+    def close(self) -> None:
+        """Stop sidusd (if it runs) and close the client sockets."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+        self.sock.close()
+        self.blast.close()
+
     def kill9(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
@@ -144,19 +154,27 @@ class Lab:
         return None
 
 
-@pytest.fixture
-def lab(tmp_path):
+@contextmanager
+def netns_lab(tmp_path: Path, prefix: str, *tools: str) -> Iterator[Lab]:
+    """A :class:`Lab` in namespaces ``<prefix>s`` (sidusd) and ``<prefix>c`` (the client) on a
+    veth; at the end sidusd is stopped and the sockets closed (the namespaces go with it)."""
     require_root()
-    require_tool("ip")
+    for tool in ("ip", *tools):
+        require_tool(tool)
     pytest.importorskip("scapy", reason="missing tool: scapy (installed by .ci/run)")
-    with NetNs("sidus-t-dhcps") as s, NetNs("sidus-t-dhcpc") as c:
+    with NetNs(f"{prefix}s") as s, NetNs(f"{prefix}c") as c:
         veth_link(s, c, SERVER_IP, CLIENT_IP)
         lab = Lab(tmp_path, s, c)
         try:
             yield lab
         finally:
-            lab.sock.close()
-            lab.blast.close()
+            lab.close()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    with netns_lab(tmp_path, "sidus-t-dhcp") as lab:
+        yield lab
 
 
 # -- packets, built by scapy ---------------------------------------------------------

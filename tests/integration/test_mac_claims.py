@@ -17,9 +17,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import require_root, require_tool
-from netns import NetNs, veth_link
-from test_dhcp_netns import CLIENT_IP, REPO, SERVER_IP, WAIT_S, Lab, request
+from test_dhcp_netns import CLIENT_IP, REPO, SERVER_IP, WAIT_S, Lab, netns_lab, request
 
 pytestmark = pytest.mark.netns
 
@@ -31,17 +29,8 @@ VCI = b"PXEClient:Arch:00000:UNDI:002001"
 
 @pytest.fixture
 def claims_lab(tmp_path):
-    require_root()
-    require_tool("ip")
-    pytest.importorskip("scapy", reason="missing tool: scapy (installed by .ci/run)")
-    with NetNs("sidus-t-claims") as s, NetNs("sidus-t-claimc") as c:
-        veth_link(s, c, SERVER_IP, CLIENT_IP)
-        lab = Lab(tmp_path, s, c)
-        try:
-            yield lab
-        finally:
-            lab.sock.close()
-            lab.blast.close()
+    with netns_lab(tmp_path, "sidus-t-claim") as lab:
+        yield lab
 
 
 def _pxe_boot_claims(lab: Lab, mac: str, ip: str, xid: int) -> None:
