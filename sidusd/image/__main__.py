@@ -314,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidus-image: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("sidus-image: interrupted; nothing is left mounted, the served generation is unchanged",
-              file=sys.stderr)
+        left = [f"{adm.store.image_dir(n) / p}" for n in adm.store.names() for p in adm.store.leftovers(n)]
+        print("sidus-image: interrupted; the served generation is unchanged; " + (
+              "NOT cleaned up: " + ", ".join(left) + " (the next command on the image removes it)" if left
+              else "nothing is left mounted, no half-made generation is left"), file=sys.stderr)
         return 130
     return 0
 

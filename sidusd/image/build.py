@@ -210,7 +210,12 @@ class Administrator:
                     self.store.abort(name, number)
                 raise
             meta.update(kind=kind, parent=parent, message=message, duration_s=round(time.monotonic() - t0, 1))
-            self.store.commit(name, number, meta)
+            try:
+                self.store.commit(name, number, meta)         # the copy: hard-link farm + upper layer
+            except BaseException as e:                        # Ctrl-C half-way: no half-made generation
+                log.error("image.generation.aborted", image=name, generation=number, error=str(e) or type(e).__name__)
+                self.store.abort(name, number)
+                raise
             log.info("image.generation.committed", image=name, generation=number, kind=kind)
             root = self.store.path(name, number)
             if meta.get("kernel"):

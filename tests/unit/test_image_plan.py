@@ -44,8 +44,8 @@ def test_kernel_recipe_gets_initramfs_stage_and_packages():
                      "site_files: /s\nenable_units: [a.service]\n"
                      "root_password_hash: '$y$j9T$abcdefghijklmnop'\n")
     st = plan(r, mirror=MIRROR, initramfs=INITRAMFS)
-    assert names(st) == ["apt-sources", "upgrade", "packages", "purge", "locale", "timezone", "keyboard", "network", "limits",
-                         "site-files", "units", "secrets", "machine-id", "initramfs", "clean"]
+    assert names(st) == ["apt-sources", "upgrade", "packages", "purge", "locale", "timezone", "keyboard",
+                         "network", "limits", "site-files", "units", "secrets", "machine-id", "initramfs", "clean"]
     by = {s.name: s for s in st}
     install = by["packages"].commands[1]
     assert install[-7:] == ("linux-image-amd64", "nfs-common", "locales", "tzdata", "keyboard-configuration",
