@@ -6,7 +6,9 @@ Commands (docs/images.md)::
     sidus-image list [NAME] [--json]
     sidus-image update NAME
     sidus-image run NAME -- CMD [ARG...]
-    sidus-image shell NAME
+    sidus-image shell NAME [--from N]     (at its end: publish, keep or discard; sidusd/image/shell.py)
+    sidus-image publish NAME [N]         serve a kept generation
+    sidus-image drop NAME N              remove an unserved generation
     sidus-image diff NAME A B [--json]
     sidus-image rollback NAME [--to N]
     sidus-image gc NAME [--keep N] [--dry-run]
@@ -38,6 +40,7 @@ from typing import Any
 from sidusd.cliconfig import ToolConfigError, image_paths
 from sidusd.control.messages import SOCKET_ENV
 from sidusd.errors import ConfigError, SidusError
+from sidusd.image import shell
 from sidusd.image.build import Administrator
 from sidusd.image.chroot import LockBusy
 from sidusd.image.recipe import read_recipe
@@ -88,6 +91,16 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("-m", "--message", default=None, help="why this generation (shown by list)")
         if sp.prog.split()[-1] == "run":
             sp.add_argument("command", nargs="*", help="after --: the command and its arguments")
+        if sp.prog.split()[-1] == "shell":
+            sp.add_argument("--from", dest="parent", type=int, default=None,
+                            help="start from generation N (a kept session) instead of the served one")
+    pb = sub.add_parser("publish", help="serve a generation kept by a shell session (default: the newest)")
+    pb.add_argument("name")
+    pb.add_argument("number", type=int, nargs="?")
+    pb.add_argument("--force", action="store_true", help="even when a newer generation is served now")
+    dr = sub.add_parser("drop", help="remove an unserved generation (e.g. a kept shell session)")
+    dr.add_argument("name")
+    dr.add_argument("number", type=int)
     ls = sub.add_parser("list", help="generations, size, date")
     ls.add_argument("name", nargs="?")
     ls.add_argument("--json", action="store_true")
@@ -287,10 +300,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             adm.run(args.name, cmd, switch=not args.no_switch, keep_failed=args.keep_failed, message=args.message)
         elif args.cmd == "shell":
-            adm.run(args.name, ["/bin/bash", "-i"] if (adm.store.path(args.name, adm._served(args.name))
-                                                        / "bin/bash").exists() else ["/bin/sh", "-i"],
-                    interactive=True, switch=not args.no_switch, keep_failed=args.keep_failed,
-                    message=args.message)
+            try:
+                adm.shell(args.name, args.parent, switch=not args.no_switch, keep_failed=args.keep_failed,
+                          message=args.message)
+            except shell.Discarded as e:
+                print(f"sidus-image: {e}", file=sys.stderr)
+        elif args.cmd == "publish":
+            n = shell.publish_kept(adm, args.name, args.number, args.force)
+            print(f"{args.name}: generation {n} served")
+        elif args.cmd == "drop":
+            shell.drop(adm, args.name, args.number)
+            print(f"{args.name}: generation {args.number} removed")
         elif args.cmd == "list":
             _list(adm, args.name, args.json, args.config)
         elif args.cmd == "rollback":
@@ -314,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidus-image: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("sidus-image: interrupted; nothing is left mounted, the served generation is unchanged",
-              file=sys.stderr)
+        left = [f"{adm.store.image_dir(n) / p}" for n in adm.store.names() for p in adm.store.leftovers(n)]
+        print("sidus-image: interrupted; the served generation is unchanged; " + (
+              "NOT cleaned up: " + ", ".join(left) + " (the next command on the image removes it)" if left
+              else "nothing is left mounted, no half-made generation is left"), file=sys.stderr)
         return 130
     return 0
 

@@ -21,7 +21,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +32,7 @@ from typing import Any, TextIO
 from sidusd import data
 from sidusd.errors import BackendError, SidusError
 from sidusd.fsutil import append_durable, atomic_write
-from sidusd.image import history, publish
+from sidusd.image import history, publish, shell
 from sidusd.image.chroot import Chroot, ImageLock, signals_as_exceptions
 from sidusd.image.generations import ImageStore
 from sidusd.image.recipe import Recipe, mirror_from_sources, security_from_sources
@@ -206,11 +205,17 @@ class Administrator:
                 log.error("image.stage.failed", image=name, generation=number, error=why)
                 with open(logfile, "a") as f:
                     f.write(f"FAILED: {why}\n")
-                if not keep_failed:
+                if not keep_failed or isinstance(e, shell.Discarded):
                     self.store.abort(name, number)
                 raise
+            switch = switch and not meta.get("kept")            # a kept shell session is not served
             meta.update(kind=kind, parent=parent, message=message, duration_s=round(time.monotonic() - t0, 1))
-            self.store.commit(name, number, meta)
+            try:
+                self.store.commit(name, number, meta)         # the copy: hard-link farm + upper layer
+            except BaseException as e:                        # Ctrl-C half-way: no half-made generation
+                log.error("image.generation.aborted", image=name, generation=number, error=str(e) or type(e).__name__)
+                self.store.abort(name, number)
+                raise
             log.info("image.generation.committed", image=name, generation=number, kind=kind)
             root = self.store.path(name, number)
             if meta.get("kernel"):
@@ -221,6 +226,8 @@ class Administrator:
             served = publish.confirm_served(self.control_socket, name, root.resolve()) if switch else None
             print(f"{name}: generation {number} complete ({meta['duration_s']:.0f} s)"
                   + (f", {served.text}" if served else ""), file=self.out, flush=True)
+            if meta.get("kept"):
+                print(shell.how_to(name, number), file=self.out, flush=True)
             if served is not None and served.refused:
                 raise BackendError(f"{name}: generation {number} is committed and switched, but sidusd does "
                                    "not serve it", detail=served.text)
@@ -306,24 +313,17 @@ class Administrator:
                                     lambda part, logfile: self._stages(update_plan(), part, logfile, None),
                                     switch, keep_failed, message)
 
-    def run(self, name: str, argv: Sequence[str], interactive: bool = False, switch: bool = True,
+    def run(self, name: str, argv: Sequence[str], switch: bool = True,
             keep_failed: bool = False, message: str | None = None) -> int:
-        """Run ``argv`` (or an interactive shell) in a copy of the served generation; commit if it succeeds."""
+        """Run ``argv`` in a copy of the served generation; commit if it succeeds."""
         parent = self._served(name)
 
         def work(part: Path, logfile: Path) -> dict:
             with Chroot(part, self.runner, logfile) as ch:
-                if interactive:
-                    # the one program not run through Runner: it needs the terminal
-                    rc = subprocess.call(ch.argv(argv), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                                             "TERM": os.environ.get("TERM", "vt100"),
-                                                             "HOME": "/root", "PS1": f"(sidus-image {name}) # "})
-                else:
-                    res = ch.run(argv, timeout_s=3600)
-                    rc = res.rc
-                    self.out.write(res.out + res.err)
-                if rc != 0:
-                    raise StageFailed("run", f"{' '.join(argv[:4])} exited with status {rc}")
+                res = ch.run(argv, timeout_s=3600)
+                self.out.write(res.out + res.err)
+                if res.rc != 0:
+                    raise StageFailed("run", f"{' '.join(argv[:4])} exited with status {res.rc}")
             meta: dict[str, Any] = {"command": list(argv)[:20]}
             try:
                 bf = publish.find_boot_files(part)
@@ -332,8 +332,15 @@ class Administrator:
                 pass
             return meta
 
-        return self._new_generation(name, parent, "shell" if interactive else "run", work, switch, keep_failed,
-                                    message)
+        return self._new_generation(name, parent, "run", work, switch, keep_failed, message)
+
+    def shell(self, name: str, parent: int | None = None, switch: bool = True, keep_failed: bool = False,
+              message: str | None = None, stdin: TextIO | None = None) -> int:
+        """An interactive shell in a new generation over the served one (or ``parent``); at its end
+        the session is published, kept or discarded (sidusd.image.shell: never silently lost)."""
+        parent = self._served(name) if parent is None else parent
+        work = shell.shell_work(name, self.runner, stdin or sys.stdin, self.out)
+        return self._new_generation(name, parent, "shell", work, switch, keep_failed, message)
 
     def rollback(self, name: str, to: int | None = None) -> int:
         """Serve the previous generation (or ``to``); its number."""
@@ -350,7 +357,8 @@ class Administrator:
         root -> booted records, every record of sidusd's booted file)."""
         from sidusd.image.generations import gc_candidates
         with ImageLock(self.store.image_dir(name), "gc"):
-            doomed = gc_candidates(self.store.numbers(name), self.store.current(name), keep, in_use)
+            doomed = gc_candidates(self.store.numbers(name), self.store.current(name), keep,
+                                   (*in_use, *shell.kept(self, name)))      # a kept session stays
             if dry_run:
                 return doomed
             if doomed:

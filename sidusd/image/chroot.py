@@ -163,6 +163,20 @@ def signals_as_exceptions() -> Iterator[None]:
             signal.signal(s, h)
 
 
+CLEANUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP while a cleanup runs (a second Ctrl-C must not stop the
+    removal of a half-made generation half-way); they are delivered when it is done."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, CLEANUP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _is_real_dir(path: Path) -> bool:
     try:
         st = os.lstat(path)

@@ -209,14 +209,18 @@ class ImageStore:
             self._made[(name, number)] = "btrfs-snapshot"
             return number, part
         try:
-            layers.prepare(src, part, parent, self.runner)
-        except (BackendError, OSError) as e:
-            log.warning("image.generation.full_copy", image=name, generation=number, reason=str(e))
-            for p in (part, layers.layer_dir(part)):
-                self._remove_tree(p)
-            self.runner.run(["cp", "-a", "--reflink=auto", "--one-file-system", str(src), str(part)],
-                            timeout_s=COPY_TIMEOUT_S).check()
-            self._made[(name, number)] = "copy"
+            try:
+                layers.prepare(src, part, parent, self.runner)
+            except (BackendError, OSError) as e:
+                log.warning("image.generation.full_copy", image=name, generation=number, reason=str(e))
+                for p in (part, layers.layer_dir(part)):
+                    self._remove_tree(p)
+                self.runner.run(["cp", "-a", "--reflink=auto", "--one-file-system", str(src), str(part)],
+                                timeout_s=COPY_TIMEOUT_S).check()
+                self._made[(name, number)] = "copy"
+        except BaseException:                       # Ctrl-C, SIGTERM or a failure half-way: nothing stays
+            self.abort(name, number)
+            raise
         return number, part
 
     def commit(self, name: str, number: int, meta: dict) -> Path:
@@ -244,13 +248,26 @@ class ImageStore:
         return final
 
     def abort(self, name: str, number: int) -> None:
-        """Remove an unfinished ``gen-N.partial`` (its processes stopped and mounts released first)."""
-        from sidusd.image.chroot import release
+        """Remove an unfinished ``gen-N.partial`` and its layer (its processes stopped and mounts
+        released first), and its metadata unless generation N is complete; Ctrl-C, SIGTERM and
+        SIGHUP wait until this is done."""
+        from sidusd.image.chroot import release, signals_deferred
         part = self.image_dir(name) / f"{gen_dirname(number)}.partial"
-        if part.exists():
-            release(part, self.runner)
-        self._remove_tree(part)
-        self._remove_tree(layers.layer_dir(part))
+        with signals_deferred():
+            self._made.pop((name, number), None)
+            if part.exists():
+                release(part, self.runner)
+            self._remove_tree(part)
+            self._remove_tree(layers.layer_dir(part))
+            if not self.path(name, number).exists():
+                (self.image_dir(name) / "meta" / f"{gen_dirname(number)}.json").unlink(missing_ok=True)
+
+    def leftovers(self, name: str) -> tuple[str, ...]:
+        """Half-made generations of ``name`` still on disk (``gen-N.partial``, ``gen-N.layer``)."""
+        d = self.image_dir(name)
+        if not d.is_dir():
+            return ()
+        return tuple(sorted(p.name for p in d.iterdir() if p.name.endswith((".partial", ".layer"))))
 
     def switch(self, name: str, number: int) -> None:
         """Serve generation ``number``: a new symlink renamed over ``current`` (atomic)."""

@@ -21,6 +21,7 @@ POLICY_RC_D = b"#!/bin/sh\n# sidus: no service starts inside an image being admi
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true", "LC_ALL": "C",
            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
 APT_OPTS = ("-y", "-q", "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold")
+UPGRADE_COMMANDS = (("apt-get", "-q", "update"), ("apt-get", *APT_OPTS, "full-upgrade"))
 # -c for a kernel without an initrd, -u otherwise: the stage can run again
 INITRAMFS_SCRIPT = ('set -e; for d in /lib/modules/*; do [ -d "$d" ] || continue; k="${d##*/}"; '
                     'if [ -e "/boot/initrd.img-$k" ]; then update-initramfs -u -k "$k"; '
@@ -213,6 +214,10 @@ def plan(recipe: Recipe, *, mirror: str, initramfs: dict[str, bytes], security: 
                                                                     has_security_archive(recipe.suite) else ""),
               files=(("etc/apt/sources.list", sources_list(recipe, mirror, security), 0o644),)),
     ]
+    # debootstrap installs the suite's versions only: the whole root is brought up to date from
+    # -updates and -security before anything else is installed (a fresh image has no pending upgrade)
+    stages.append(Stage("upgrade", "apt-get update + full-upgrade (the security archive's fixes)", chroot=True,
+                        commands=UPGRADE_COMMANDS, timeout_s=3600))
     pkgs = packages_to_install(recipe)
     install = ["apt-get", *APT_OPTS, "install"]
     install.append("--install-recommends" if recipe.install_recommends else "--no-install-recommends")
@@ -286,8 +291,7 @@ def plan(recipe: Recipe, *, mirror: str, initramfs: dict[str, bytes], security: 
 def update_plan() -> list[Stage]:
     """The stages of ``image update``: apt update, full-upgrade, autoremove, clean, initramfs refresh."""
     return [Stage("upgrade", "apt-get update + full-upgrade", chroot=True, timeout_s=3600,
-                  commands=(("apt-get", "-q", "update"), ("apt-get", *APT_OPTS, "full-upgrade"),
-                            ("apt-get", *APT_OPTS, "autoremove", "--purge"))),
+                  commands=(*UPGRADE_COMMANDS, ("apt-get", *APT_OPTS, "autoremove", "--purge"))),
             Stage("initramfs", "update-initramfs inside", chroot=True, timeout_s=1800,
                   commands=(("sh", "-c", INITRAMFS_SCRIPT),)),
             Stage("secrets", "no ssh host keys", remove=("etc/ssh/ssh_host_*",)),

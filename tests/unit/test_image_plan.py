@@ -23,7 +23,8 @@ def names(stages):
 
 def test_minimal_plan_order_and_contents():
     st = plan(parse_recipe("name: m\n"), mirror=MIRROR, initramfs=INITRAMFS)
-    assert names(st) == ["apt-sources", "packages", "locale", "timezone", "network", "secrets", "machine-id", "clean"]
+    assert names(st) == ["apt-sources", "upgrade", "packages", "locale", "timezone", "network", "secrets",
+                         "machine-id", "clean"]
     by = {s.name: s for s in st}
     assert by["apt-sources"].files[0][1] == (f"# sidus: from the image recipe (docs/images.md)\n"
                                              f"deb {MIRROR} bookworm main\n"
@@ -43,8 +44,8 @@ def test_kernel_recipe_gets_initramfs_stage_and_packages():
                      "site_files: /s\nenable_units: [a.service]\n"
                      "root_password_hash: '$y$j9T$abcdefghijklmnop'\n")
     st = plan(r, mirror=MIRROR, initramfs=INITRAMFS)
-    assert names(st) == ["apt-sources", "packages", "purge", "locale", "timezone", "keyboard", "network", "limits",
-                         "site-files", "units", "secrets", "machine-id", "initramfs", "clean"]
+    assert names(st) == ["apt-sources", "upgrade", "packages", "purge", "locale", "timezone", "keyboard",
+                         "network", "limits", "site-files", "units", "secrets", "machine-id", "initramfs", "clean"]
     by = {s.name: s for s in st}
     install = by["packages"].commands[1]
     assert install[-7:] == ("linux-image-amd64", "nfs-common", "locales", "tzdata", "keyboard-configuration",
