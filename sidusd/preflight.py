@@ -63,6 +63,11 @@ SOURCES: dict[tuple[str, str], Source] = {
     ("uefi_x64", "shimx64.efi"): Source("shim-signed", "/usr/lib/shim/shimx64.efi.signed"),
     ("uefi_x64", "grubx64.efi"): Source("grub-efi-amd64-signed",
                                         "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"),
+    # arm64 UEFI (option 93 = 11): Debian's signed arm64 network GRUB, prefix /grub like grubnetx64
+    # (it reads the same grub/grub.cfg); on an amd64 boot host through multiarch
+    # (dpkg --add-architecture arm64; apt-get update): the package has no arm64 dependencies to pull
+    ("arm64", "grubaa64.efi"): Source("grub-efi-arm64-signed:arm64",
+                                      "/usr/lib/grub/arm64-efi-signed/grubnetaa64.efi.signed"),
     ("*", "undionly.kpxe"): Source("ipxe", "/usr/lib/ipxe/undionly.kpxe"),
     ("*", "undionly.kkpxe"): Source("ipxe", "/usr/lib/ipxe/undionly.kkpxe"),
     ("*", "ipxe.pxe"): Source("ipxe", "/usr/lib/ipxe/ipxe.pxe"),

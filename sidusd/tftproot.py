@@ -3,7 +3,8 @@
 Which files: those ``sidusd --check`` needs (:func:`sidusd.preflight.populate_plan`: the
 boot file of each enabled architecture and its companion, the iPXE binaries with
 ``boot.ipxe_chain``), under the names the config gives them.  From where:
-:data:`sidusd.preflight.SOURCES` (pxelinux, syslinux-common, syslinux-efi, ipxe).
+:data:`sidusd.preflight.SOURCES` (pxelinux, syslinux-common, syslinux-efi, ipxe, shim-signed,
+grub-efi-amd64-signed, grub-efi-arm64-signed:arm64).
 Local: it reads the daemon's config (``$SIDUS_CONFIG``, else ``/etc/sidus/sidus.yaml``)
 for tftp.root and the boot file names, and needs no running daemon (a daemon
 that refuses to start for want of these files can then be started).  A file
