@@ -2,7 +2,7 @@
 
 Commands (docs/images.md)::
 
-    sidus-image build RECIPE [--no-switch] [--keep-failed]
+    sidus-image build RECIPE [--arch ARCH] [--no-switch] [--keep-failed]
     sidus-image list [NAME] [--json]
     sidus-image update NAME
     sidus-image run NAME -- CMD [ARG...]
@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build a new generation from a recipe")
     b.add_argument("recipe", type=Path)
+    b.add_argument("--arch", default=None, metavar="ARCH",
+                   help="Debian architecture of the image (default: the recipe's architecture, amd64); "
+                        "another than the host's needs qemu-user-static (sidusd/image/arch.py)")
     for sp in (b, sub.add_parser("update", help="apt update + full-upgrade in a new generation"),
                sub.add_parser("run", help="run a command in a new generation"),
                sub.add_parser("shell", help="interactive shell in a new generation")):
@@ -289,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                         btrfs_snapshots=args.btrfs_snapshots)
     try:
         if args.cmd == "build":
-            adm.build(read_recipe(args.recipe), switch=not args.no_switch, keep_failed=args.keep_failed,
+            from sidusd.image.arch import check_build_host, with_arch
+            recipe = with_arch(read_recipe(args.recipe), args.arch)
+            check_build_host(recipe)
+            adm.build(recipe, switch=not args.no_switch, keep_failed=args.keep_failed,
                       message=args.message)
         elif args.cmd == "update":
             adm.update(args.name, switch=not args.no_switch, keep_failed=args.keep_failed, message=args.message)
