@@ -115,11 +115,11 @@ def download(debs: Path, runner: Runner, progress: Callable[[str], None]) -> lis
     have = {p.name.split("_")[0]: p for p in debs.glob(f"*_{ARCH}.deb")
             if time.time() - p.stat().st_mtime < MAX_AGE_S}
     fetch = [w for w in wanted if w not in have]
+    for stale in debs.glob(f"*_{ARCH}.deb"):       # older kernels (the mirror moved on), old copies
+        if stale.name.split("_")[0] in fetch or stale.name.split("_")[0] not in wanted:
+            stale.unlink()
     if fetch:
         progress(f"arm64 image: apt-get download {' '.join(fetch)}")
-        for stale in debs.glob(f"*_{ARCH}.deb"):
-            if stale.name.split("_")[0] in fetch:
-                stale.unlink()
         runner.run(["sh", "-c", 'cd "$1" && shift && exec apt-get download "$@"', "sh", str(debs),
                     *(f"{w}:{ARCH}" for w in fetch)], timeout_s=APT_TIMEOUT_S).check()
         have = {p.name.split("_")[0]: p for p in debs.glob(f"*_{ARCH}.deb")}
