@@ -4,9 +4,9 @@ Events wait here while the database is slow or down.  The queue holds at most
 ``bound`` events: a push into a full queue drops the **oldest** event and counts
 it (``dropped``).  :meth:`EventQueue.due` says when a batch should go (a full
 batch, or ``interval_s`` since the last flush); :meth:`take` hands out a batch
-that stays counted as in flight until :meth:`done` (sent) or :meth:`failed`
-(put back in front, in order, still within the bound: what no longer fits is
-the oldest and is dropped and counted).
+that is in flight (at most ``batch_max`` besides the bound) until :meth:`done`
+(sent) or :meth:`failed` (put back in front, in order, within the bound: what
+no longer fits is the oldest and is dropped and counted).
 """
 
 from __future__ import annotations
@@ -42,12 +42,8 @@ class EventQueue:
         """Queue ``event``; False when that dropped the oldest one (counted)."""
         self.queued += 1
         kept = True
-        if len(self._q) + self._inflight >= self.bound:
-            if self._q:
-                self._q.popleft()
-            else:                 # everything queued is in flight: the new one cannot wait
-                self.dropped += 1
-                return False
+        if len(self._q) >= self.bound:
+            self._q.popleft()
             self.dropped += 1
             kept = False
         self._q.append(event)

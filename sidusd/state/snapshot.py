@@ -83,8 +83,8 @@ def _mac(doc: dict[str, Any]) -> str:
 
 def diff(old: StateSnapshot | None, new: StateSnapshot) -> Changes:
     """What ``new`` changes compared with ``old`` (None: everything in ``new`` is added)."""
-    before = {_mac(h): h for h in (old.hosts if old else [])}
-    after = {_mac(h): h for h in new.hosts}
+    before = {_mac(h): {**h, "mac": _mac(h)} for h in (old.hosts if old else [])}
+    after = {_mac(h): {**h, "mac": _mac(h)} for h in new.hosts}
     op = old.profiles if old else {}
     oi = old.images if old else {}
     return Changes(
