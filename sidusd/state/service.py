@@ -66,6 +66,7 @@ class StateService:
         self._runtime: Any = None
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
+        self._stopping = False
         self._reported = {"queued": 0, "sent": 0, "dropped": 0}
         self.log = get_logger("state")
         self._pg = pg.psycopg()              # StartupError naming the package when missing
@@ -110,17 +111,18 @@ class StateService:
         """Stop watching; give the queued events one bounded chance to go out."""
         if self._runtime is not None and self.note_client in self._runtime.observer.listeners:
             self._runtime.observer.listeners.remove(self.note_client)
+        self._stopping = True
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancel that meets a result
+        _, pending = await asyncio.wait(self._tasks, timeout=STOP_FLUSH_S)
+        if pending:
+            self.log.error("state.stop_stuck", tasks=[t.get_name() for t in pending])
         self._tasks = []
         if len(self.queue):
             try:
-                await asyncio.wait_for(self._drain_once(), STOP_FLUSH_S)
+                async with asyncio.timeout(STOP_FLUSH_S):
+                    await self._drain_once()
             except (TimeoutError, self._pg.Error, OSError):
                 pass
             self._count()
@@ -176,7 +178,8 @@ class StateService:
         self.connected = up
 
     async def _refresh(self, conn: Any) -> None:
-        snap = await asyncio.wait_for(pg.aload(conn), self.settings.connect_timeout_s)
+        async with asyncio.timeout(self.settings.connect_timeout_s):
+            snap = await pg.aload(conn)
         if self.current is not None and snap.revision == self.current.revision and self.source == "postgresql":
             return
         changes = snap_mod.diff(self.current, snap)
@@ -198,12 +201,13 @@ class StateService:
     async def _flush_loop(self) -> None:
         delay = RETRY_FIRST_S
         conn: Any = None
-        while True:
+        while not self._stopping:
             wait = self.queue.next_due(self.clock())
             if wait is None or wait > 0:
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
                 continue
@@ -211,7 +215,8 @@ class StateService:
             try:
                 if conn is None or conn.closed:
                     conn = await pg.aconnect(self.dsn, self.settings.connect_timeout_s)
-                await asyncio.wait_for(pg.ainsert_events(conn, batch), self.settings.connect_timeout_s)
+                async with asyncio.timeout(self.settings.connect_timeout_s):
+                    await pg.ainsert_events(conn, batch)
             except (TimeoutError, self._pg.Error, OSError):
                 self.queue.failed(batch)
                 self._count()
