@@ -102,6 +102,7 @@ class StateService:
     # -- running -------------------------------------------------------------------------
     async def start(self, runtime: Any) -> None:
         self._runtime = runtime
+        self._count()
         runtime.observer.listeners.append(self.note_client)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch(), name="state.watch"),
@@ -139,6 +140,8 @@ class StateService:
         self._wake.set()
 
     def _count(self) -> None:
+        if self._runtime is not None:        # `sidusctl status`: backend_status.state
+            self._runtime.backend_status["state"] = self.status()
         obs = self._runtime.observer if self._runtime is not None else None
         for name, value in (("queued", self.queue.queued), ("sent", self.queue.sent),
                             ("dropped", self.queue.dropped)):
@@ -176,6 +179,7 @@ class StateService:
             failures = backoff.recovered()
             self.log.info("state.db_connected", failures=failures)
         self.connected = up
+        self._count()
 
     async def _refresh(self, conn: Any) -> None:
         async with asyncio.timeout(self.settings.connect_timeout_s):
@@ -190,6 +194,7 @@ class StateService:
             self.log.error("state.snapshot_refused", revision=snap.revision, error=str(e))
             return
         self.current, self.source = snap, "postgresql"
+        self._count()
         await asyncio.to_thread(localcopy.write, self.path, snap)
         if changes.empty:
             return

@@ -48,6 +48,11 @@ def revision(conn) -> int:
     return conn.execute("SELECT revision FROM sidus_revision").fetchone()[0]
 
 
+def _pg_stats(conn) -> tuple[int, int]:
+    """(connections to the database, transactions committed so far)."""
+    return conn.execute("SELECT numbackends, xact_commit FROM pg_stat_database WHERE datname = 'postgres'").fetchone()
+
+
 def applied(d: SidusDaemon) -> dict[int, float]:
     return {e["revision"]: e["t"] for e in d.events() if e.get("event") == "state.applied" and e.get("ok")}
 
@@ -60,6 +65,7 @@ def test_a_hosts_change_reaches_both_rack_servers_by_notify(tmp_path):
         a, b = pg_daemon(tmp_path, pg.dsn, "rack1"), pg_daemon(tmp_path, pg.dsn, "rack2")
         with a, b:
             assert b"sidus.rev=0" in a.tftp_get(NAME) and b"sidus.rev=0" in b.tftp_get(NAME)
+            stats0, t0 = _pg_stats(conn), time.monotonic()
             writes: list[tuple[int, float]] = []
             for i in range(1, CHANGES + 1):
                 t = time.time()
@@ -72,6 +78,7 @@ def test_a_hosts_change_reaches_both_rack_servers_by_notify(tmp_path):
                 if all(max(g, default=0) >= writes[-1][0] for g in got):
                     break
                 time.sleep(0.1)
+            stats1, t1 = _pg_stats(conn), time.monotonic()
             delays = []
             for d, seen in zip((a, b), got, strict=True):
                 assert max(seen, default=0) >= writes[-1][0], f"{d.tmp.name} missed changes:\n{d.log_tail()}"
@@ -81,9 +88,13 @@ def test_a_hosts_change_reaches_both_rack_servers_by_notify(tmp_path):
             p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
             print(f"\nstate change -> both rack servers: {len(delays)} deliveries, "
                   f"p50 {statistics.median(delays) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
-                  f"max {delays[-1] * 1000:.0f} ms")
+                  f"max {delays[-1] * 1000:.0f} ms; PostgreSQL: {(stats1[1] - stats0[1]) / (t1 - t0):.0f} "
+                  f"transactions/s, {stats1[0]} connections (2 per rack server + this test's)")
+            assert stats1[0] <= 2 * 2 + 1           # watcher + flusher per server, not one per change
             # not a timing claim on a loaded machine: far below poll_s (60 s), so NOTIFY carried them
             assert p99 < 10.0, delays
+            st = a.ctl_json("status")["backend_status"]["state"]
+            assert st["connected"] and st["source"] == "postgresql" and st["revision"] >= writes[-1][0], st
             final = f"sidus.rev={CHANGES}".encode()
             assert final in a.tftp_get(NAME) and final in b.tftp_get(NAME)
             for d in (a, b):
@@ -156,3 +167,12 @@ def test_bad_state_section_is_refused_with_its_key(tmp_path, state):
     r = subprocess.run([sys.executable, "-m", "sidusd", "--config", str(tmp_path / "sidus.yaml"), "--check"],
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 2 and ("state.backend" in r.stderr or "state.dsn" in r.stderr), r.stderr
+
+
+def test_start_with_postgresql_down_and_no_local_copy_is_refused(tmp_path):
+    require_postgres()
+    d = pg_daemon(tmp_path, f"host={tmp_path}/nosuch port=5 user=sidus dbname=postgres connect_timeout=1", "rack1")
+    r = subprocess.run([sys.executable, "-m", "sidusd", "--config", str(d.config_path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "PostgreSQL cannot be reached" in r.stderr and "no local copy" in r.stderr, r.stderr

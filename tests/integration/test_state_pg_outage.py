@@ -28,7 +28,7 @@ BOUND = 30
 
 
 def _metric(text: str, result: str) -> int:
-    m = re.search(r'^sidus_state_events_total\{result="%s"\} ([0-9.e+]+)$' % result, text, re.M)
+    m = re.search(r'^sidus_state_events_total\{result="' + result + r'"\} ([0-9.e+]+)$', text, re.M)
     assert m, text[-3000:]
     return int(float(m.group(1)))
 
