@@ -67,6 +67,7 @@ class StateService:
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self._stopping = False
+        self._built: tuple[snap_mod.StateSnapshot, config_mod.Config, Any] | None = None
         self._reported = {"queued": 0, "sent": 0, "dropped": 0}
         self.log = get_logger("state")
         self._pg = pg.psycopg()              # StartupError naming the package when missing
@@ -97,7 +98,15 @@ class StateService:
         """The runtime's inventory source (``Runtime(inventory_source=...)``)."""
         assert self.current is not None
         self._base = cfg
-        return build(cfg, self.current)
+        return self._build(cfg, self.current)
+
+    def _build(self, cfg: config_mod.Config, snap: snap_mod.StateSnapshot) -> tuple[config_mod.Config, Any]:
+        """:func:`build`, once per (config, snapshot): the watcher checks, the reload reuses it."""
+        if self._built is not None and self._built[0] is snap and self._built[1] == cfg:
+            return self._built[2]
+        out = build(cfg, snap)
+        self._built = (snap, cfg, out)
+        return out
 
     # -- running -------------------------------------------------------------------------
     async def start(self, runtime: Any) -> None:
@@ -188,7 +197,7 @@ class StateService:
             return
         changes = snap_mod.diff(self.current, snap)
         try:
-            build(self._base, snap)
+            self._build(self._base, snap)
         except ConfigError as e:
             self._runtime.observer.count("state.snapshots.refused")
             self.log.error("state.snapshot_refused", revision=snap.revision, error=str(e))

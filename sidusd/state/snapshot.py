@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from sidusd.boot.inventory import Inventory, parse_inventory
+from sidusd.boot.inventory import Inventory, inventory_from_doc
 from sidusd.errors import ConfigError
 
 MAX_HOSTS = 100_000
@@ -67,8 +67,8 @@ def to_inventory(snap: StateSnapshot, source: str = "<state>") -> Inventory:
     """The inventory of ``snap``, checked as the inventory file is (InventoryError with the path)."""
     if len(snap.hosts) > MAX_HOSTS:
         raise ConfigError(f"{source}.hosts", f"more than {MAX_HOSTS} hosts")
-    # JSON is YAML: the inventory file's parser, with every check and message it has
-    return parse_inventory(json.dumps({"profiles": snap.profiles, "hosts": snap.hosts}), source)
+    # the inventory file's checks and messages, without its YAML parser (1,000 hosts: 0.5 s of it)
+    return inventory_from_doc({"profiles": snap.profiles, "hosts": snap.hosts})
 
 
 def images_text(snap: StateSnapshot) -> str:

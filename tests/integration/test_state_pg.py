@@ -22,6 +22,7 @@ MAC = "52:54:00:00:19:01"
 NAME = "pxelinux.cfg/01-" + MAC.replace(":", "-")
 PROFILES = {"default": {"image": "demo", "overlay": "tmpfs", "append": ""}}
 CHANGES = 50
+SITE_HOSTS = 1000
 
 
 def pg_daemon(tmp, dsn: str, name: str, **state) -> SidusDaemon:
@@ -38,10 +39,14 @@ def pg_daemon(tmp, dsn: str, name: str, **state) -> SidusDaemon:
     return d
 
 
-def seed(conn) -> None:
+def seed(conn, extra_hosts: int = 0) -> None:
     spg.migrate(conn)
     spg.put_profile(conn, "default", PROFILES["default"])
     spg.put_host(conn, {"mac": MAC, "profile": "default", "append": "sidus.rev=0"})
+    docs = [{"mac": f"52:54:01:00:{i >> 8:02x}:{i & 255:02x}", "profile": "default", "hostname": f"n{i}"}
+            for i in range(extra_hosts)]
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO sidus_hosts (mac, doc) VALUES (%s, %s)", [(d["mac"], json.dumps(d)) for d in docs])
 
 
 def revision(conn) -> int:
@@ -61,7 +66,7 @@ def test_a_hosts_change_reaches_both_rack_servers_by_notify(tmp_path):
     require_postgres()
     with running_postgres() as pg:
         conn = pg.connect()
-        seed(conn)
+        seed(conn, extra_hosts=SITE_HOSTS - 1)       # a site's inventory: each change reloads all of it
         a, b = pg_daemon(tmp_path, pg.dsn, "rack1"), pg_daemon(tmp_path, pg.dsn, "rack2")
         with a, b:
             assert b"sidus.rev=0" in a.tftp_get(NAME) and b"sidus.rev=0" in b.tftp_get(NAME)
@@ -86,7 +91,7 @@ def test_a_hosts_change_reaches_both_rack_servers_by_notify(tmp_path):
                     delays.append(min(at for r, at in seen.items() if r >= rev) - t)
             delays.sort()
             p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
-            print(f"\nstate change -> both rack servers: {len(delays)} deliveries, "
+            print(f"\nstate change ({SITE_HOSTS} hosts) -> both rack servers: {len(delays)} deliveries, "
                   f"p50 {statistics.median(delays) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
                   f"max {delays[-1] * 1000:.0f} ms; PostgreSQL: {(stats1[1] - stats0[1]) / (t1 - t0):.0f} "
                   f"transactions/s, {stats1[0]} connections (2 per rack server + this test's)")
