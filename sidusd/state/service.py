@@ -116,6 +116,13 @@ class StateService:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch(), name="state.watch"),
                        loop.create_task(self._flush_loop(), name="state.flush")]
+        for t in self._tasks:
+            t.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:   # a bug: said, not swallowed
+            self._runtime.observer.count("state.db_errors")
+            self.log.error("state.task_failed", task=task.get_name(), error=repr(task.exception()))
 
     async def stop(self) -> None:
         """Stop watching; give the queued events one bounded chance to go out."""

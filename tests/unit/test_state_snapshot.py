@@ -66,3 +66,15 @@ def test_diff_says_what_changed():
     assert S.diff(None, old).hosts_added == ("52:54:00:00:00:01", "52:54:00:00:00:02")
     # a MAC spelled another way is the same host
     assert S.diff(old, S.StateSnapshot(profiles=PROFILES, hosts=[{**H1, "mac": "52-54-00-00-00-01"}, H2])).empty
+
+
+@pytest.mark.parametrize("module", ["snapshot", "queue"])
+def test_the_pure_state_modules_import_no_io(module):
+    import ast
+    from pathlib import Path
+
+    import sidusd.state
+    tree = ast.parse((Path(sidusd.state.__file__).parent / f"{module}.py").read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not names & {"socket", "asyncio", "time", "logging", "structlog", "psycopg", "os"}, names
