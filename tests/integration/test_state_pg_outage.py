@@ -33,6 +33,16 @@ def _metric(text: str, result: str) -> int:
     return int(float(m.group(1)))
 
 
+def _queued_since(lab, before: int, at_least: int, timeout_s: float = 30) -> int:
+    """Events queued since ``before``, once at least ``at_least`` (the worker forwards in batches)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        n = _metric(lab.metrics(), "queued") - before
+        if n >= at_least or time.monotonic() > deadline:
+            return n
+        time.sleep(0.1)
+
+
 def _rows(conn) -> int:
     return conn.execute("SELECT count(*) FROM sidus_events").fetchone()[0]
 
@@ -88,8 +98,8 @@ def test_b_c_outage_queues_events_and_a_restart_serves_the_local_copy(tmp_path):
         for i in range(3):
             lab.dhcp(MAC, 0x1910 + i)
         assert b"sidus.from=pg" in lab.tftp_get(NAME)
-        during = _metric(lab.metrics(), "queued") - queued
-        assert 0 < during < BOUND
+        during = _queued_since(lab, queued, 3)
+        assert 3 <= during < BOUND, during
         pg.start()
         queued2, dropped2, rows2 = _settled(lab, pg)
         assert dropped2 == 0 and rows2 == queued2 == queued + during, (queued2, dropped2, rows2, lab.log_tail())
@@ -98,8 +108,8 @@ def test_b_c_outage_queues_events_and_a_restart_serves_the_local_copy(tmp_path):
         pg.stop()
         for i in range(2 * BOUND):
             lab.dhcp(MAC, 0x1920 + i)
-        during = _metric(lab.metrics(), "queued") - queued2
-        assert during > BOUND
+        during = _queued_since(lab, queued2, 2 * BOUND)
+        assert during >= 2 * BOUND, during
         pg.start()
         queued3, dropped3, rows3 = _settled(lab, pg)
         arrived = rows3 - rows2
