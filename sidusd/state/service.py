@@ -67,6 +67,7 @@ class StateService:
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self._stopping = False
+        self._refused = -1                   # the revision last refused
         self._built: tuple[snap_mod.StateSnapshot, config_mod.Config, Any] | None = None
         self._reported = {"queued": 0, "sent": 0, "dropped": 0}
         self.log = get_logger("state")
@@ -206,8 +207,10 @@ class StateService:
         try:
             self._build(self._base, snap)
         except ConfigError as e:
-            self._runtime.observer.count("state.snapshots.refused")
-            self.log.error("state.snapshot_refused", revision=snap.revision, error=str(e))
+            if snap.revision != self._refused:      # said once per revision, not at every poll
+                self._refused = snap.revision
+                self._runtime.observer.count("state.snapshots.refused")
+                self.log.error("state.snapshot_refused", revision=snap.revision, error=str(e))
             return
         self.current, self.source = snap, "postgresql"
         self._count()
@@ -238,6 +241,9 @@ class StateService:
                     conn = await pg.aconnect(self.dsn, self.settings.connect_timeout_s)
                 async with asyncio.timeout(self.settings.connect_timeout_s):
                     await pg.ainsert_events(conn, batch)
+            except asyncio.CancelledError:          # stopping: the batch is sent again by stop()
+                self.queue.failed(batch)            # (at least once: it may have been written)
+                raise
             except (TimeoutError, self._pg.Error, OSError):
                 self.queue.failed(batch)
                 self._count()
