@@ -1,6 +1,8 @@
 """The shared state's event queue (sidusd/state/queue.py): bounded, drop-oldest counted, batches."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidusd.state.queue import EventQueue
 
@@ -71,3 +73,26 @@ def test_events_pushed_while_a_batch_is_in_flight_keep_the_newest():
 def test_bounds_are_checked():
     with pytest.raises(ValueError):
         EventQueue(bound=0, batch_max=1, interval_s=1.0)
+
+
+@given(st.integers(1, 20), st.integers(1, 8),
+       st.lists(st.sampled_from(["push", "take", "done", "failed"]), max_size=200))
+def test_every_event_is_queued_in_flight_sent_or_counted_as_dropped(bound, batch_max, ops):
+    q = EventQueue(bound, batch_max, interval_s=1.0)
+    batch, n, now = [], 0, 0.0
+    sent: list[int] = []
+    for op in ops:
+        now += 0.5
+        if op == "push":
+            q.push(n)
+            n += 1
+        elif op == "take" and not q.inflight and len(q):
+            batch = q.take(now)
+        elif op == "done" and q.inflight:
+            sent += batch
+            q.done()
+        elif op == "failed" and q.inflight:
+            q.failed(batch)
+        assert len(q) <= bound
+        assert q.queued == len(q) + q.inflight + q.sent + q.dropped
+    assert sent == sorted(sent) and len(set(sent)) == len(sent)     # in order, never twice
