@@ -114,6 +114,9 @@ def test_a_refused_snapshot_keeps_the_old_one_serving(tmp_path):
         conn = pg.connect()
         seed(conn)
         with pg_daemon(tmp_path, pg.dsn, "rack1") as d:
+            check = [sys.executable, "-m", "sidusd", "--config", str(d.config_path), "--check"]
+            r = subprocess.run(check, capture_output=True, text=True, cwd=REPO, timeout=60)
+            assert r.returncode == 0 and "1 host(s)" in r.stdout, r.stdout + r.stderr
             spg.put_host(conn, {"mac": "52:54:00:00:19:02", "profile": "nosuch"})
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not any(
@@ -122,6 +125,8 @@ def test_a_refused_snapshot_keeps_the_old_one_serving(tmp_path):
             refused = [e for e in d.events() if e.get("event") == "state.snapshot_refused"]
             assert refused and "hosts[1].profile" in refused[0]["error"], d.log_tail()
             assert b"sidus.rev=0" in d.tftp_get(NAME)
+            r = subprocess.run(check, capture_output=True, text=True, cwd=REPO, timeout=60)
+            assert r.returncode == 2 and "hosts[1].profile" in r.stderr, r.stdout + r.stderr
         conn.close()
 
 
