@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import ConfigError
+from .errors import ConfigError, StartupError
 
 DEFAULT_CONFIG = "/etc/sidus/sidus.yaml"      # = sidusd.cliconfig.DEFAULT_CONFIG (sidusctl and sidus-image read it too)
 
@@ -27,15 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     from .cliconfig import config_source
     path = config_source(args.config).path
     if args.check:
+        from .daemon import open_state
         from .runtime import load_snapshot
         try:
-            snap = load_snapshot(path)
-        except ConfigError as exc:
+            state = open_state(path)        # state.backend: postgresql: the shared state (or its local copy)
+            snap = load_snapshot(path, source=state.inventory_source if state is not None else None)
+        except (ConfigError, StartupError) as exc:
             print(f"sidusd: {path}: {exc}", file=sys.stderr)
             return 2
         cfg = snap.config
         if cfg.security.privsep:
-            from .errors import StartupError
             from .privsep.creds import lookup_user
             try:
                 lookup_user(cfg.security.worker_user)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from .daemon import run
     try:
         return run(path)
-    except ConfigError as exc:
+    except (ConfigError, StartupError) as exc:
         print(f"sidusd: {path}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -234,6 +234,32 @@ class HistoryConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """``state:`` where hosts, profiles and images come from (sidusd/state; docs/scale.md).
+
+    ``backend: yaml`` (default): ``inventory_file`` and ``images:``, no database.
+    ``backend: postgresql``: the shared state at ``dsn`` (a libpq connection string), held in
+    memory and in ``local_copy`` (None: ``<state_dir>/state-snapshot.json``), read from there at
+    start when the database is down; boot events queued (at most ``queue_max``, the oldest
+    dropped and counted) and written in batches of up to ``batch_max`` every ``flush_interval_s``.
+    ``server_name``: this rack server's name in the events (None: the host name)."""
+    backend: Literal["yaml", "postgresql"] = "yaml"
+    dsn: str | None = None
+    local_copy: Path | None = None
+    queue_max: Count = 10_000
+    batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    flush_interval_s: Annotated[float, Meta(ge=0.01, le=3600)] = 1.0
+    poll_s: Annotated[float, Meta(ge=0.1, le=3600)] = 30.0
+    connect_timeout_s: Annotated[float, Meta(ge=1, le=300)] = 5.0
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend == "postgresql" and not self.dsn:
+            raise ValueError("state.dsn is required when state.backend is postgresql "
+                             "(e.g. 'host=db.example dbname=sidus user=sidus')")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, one immutable snapshot (swapped whole on reload)."""
     tftp: TftpConfig
@@ -253,6 +279,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     source: str = field(default="<string>", compare=False)
 
     def listener_key(self) -> tuple:
@@ -279,6 +306,7 @@ def listener_items(c: Config) -> list[tuple[str, object]]:
         ("metrics.enabled", c.metrics.enabled), ("metrics.address", c.metrics.address),
         ("metrics.port", c.metrics.port), ("history.enabled", c.history.enabled),
         ("history.file", c.history.file), ("web.enabled", c.web.enabled),
+        ("state.backend", c.state.backend), ("state.dsn", c.state.dsn),
     ]
 
 

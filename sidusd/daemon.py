@@ -64,9 +64,33 @@ async def serve(runtime: Runtime) -> int:
     return 0
 
 
+def open_state(config_path: Path) -> Any:
+    """``state.backend: postgresql``: the shared state, opened (sidusd/state; psycopg is imported only
+    then); ``yaml``: None, no database."""
+    from .config import read
+    cfg = read(config_path)
+    if cfg.state.backend != "postgresql":
+        return None
+    setup_logging(cfg.log.format, cfg.log.level)
+    from .state.service import StateService
+    state = StateService(cfg)
+    state.open()
+    return state
+
+
+async def _with_state(state: Any, runtime: Runtime, main: Any) -> int:
+    await state.start(runtime)
+    try:
+        return await main
+    finally:
+        await state.stop()
+
+
 def run(config_path: Path) -> int:
     """Load the config (fatal if bad), set up logging, serve."""
-    runtime = Runtime.load(config_path, nfs_factory=nfs_factory)
+    state = open_state(config_path)
+    runtime = Runtime.load(config_path, nfs_factory=nfs_factory,
+                           inventory_source=state.inventory_source if state is not None else None)
     setup_logging(runtime.config.log.format, runtime.config.log.level)
     runtime.check_start()           # what a boot needs (sidusd/preflight.py); ConfigError if fatal
     if runtime.config.nfs.backend == "none":
@@ -74,5 +98,7 @@ def run(config_path: Path) -> int:
     if runtime.config.security.privsep:
         # root supervisor + unprivileged network worker (sidusd/privsep, docs/security.md)
         from .privsep.supervisor import serve as serve_split
-        return asyncio.run(serve_split(runtime))
-    return asyncio.run(serve(runtime))
+        main = serve_split(runtime)
+    else:
+        main = serve(runtime)
+    return asyncio.run(main if state is None else _with_state(state, runtime, main))

@@ -70,6 +70,9 @@ FAMILIES: dict[str, tuple[str, str | None]] = {
     "http_refused": ("HTTP requests refused, by reason", "reason"),
     "http_timeouts": ("HTTP connections cut, by kind", "kind"),
     "worker_messages_refused": ("Worker messages refused by the supervisor, by code", "code"),
+    "state_events": ("Events for the shared state, by result (queued, sent, dropped: queue full)", "result"),
+    "state_snapshots": ("Shared-state snapshots, by result", "result"),
+    "state_db_errors": ("Shared-state database connections lost or refused", None),
 }
 # dotted counter -> (family, its label's value or None)
 COUNTERS: dict[str, tuple[str, str | None]] = {
@@ -117,6 +120,12 @@ COUNTERS: dict[str, tuple[str, str | None]] = {
     "render.errors": ("render_errors", None),
     "render.secret_refused": ("render_secret_refused", None),
     "control.requests": ("control_requests", None),
+    "state.events.queued": ("state_events", "queued"),
+    "state.events.sent": ("state_events", "sent"),
+    "state.events.dropped": ("state_events", "dropped"),
+    "state.snapshots.applied": ("state_snapshots", "applied"),
+    "state.snapshots.refused": ("state_snapshots", "refused"),
+    "state.db_errors": ("state_db_errors", None),
 }
 # dotted prefix -> family: the rest of the name is the label's value
 PREFIXES: dict[str, str] = {

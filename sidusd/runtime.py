@@ -62,10 +62,13 @@ def read_inventory(path: Path) -> inv_mod.Inventory:
     return inv_mod.parse_inventory(text, str(path))
 
 
-def load_snapshot(config_path: Path, generation: int = 1) -> Snapshot:
-    """Read config + inventory and check them together.  Raises ConfigError."""
+InventorySource = Callable[[config_mod.Config], tuple[config_mod.Config, inv_mod.Inventory]]
+
+
+def load_snapshot(config_path: Path, generation: int = 1, source: InventorySource | None = None) -> Snapshot:
+    """Read config + inventory (``source``: from the config, sidusd/state) and check them together."""
     cfg = config_mod.read(config_path)
-    inv = read_inventory(cfg.inventory_file)
+    cfg, inv = source(cfg) if source is not None else (cfg, read_inventory(cfg.inventory_file))
     inv_mod.check_against(inv, cfg)
     return Snapshot(cfg, inv, generation)
 
@@ -93,8 +96,10 @@ class Runtime:
                  nfs_factory: Callable[[config_mod.Config], NfsManager] | None = None,
                  iscsi_factory: Callable[[config_mod.Config], IscsiManager] | None = None,
                  iscsi_watch_s: float = 5.0,
-                 inspect: Callable[[config_mod.Config], list[preflight.Problem]] = preflight.inspect):
+                 inspect: Callable[[config_mod.Config], list[preflight.Problem]] = preflight.inspect,
+                 inventory_source: InventorySource | None = None):
         self.config_path = Path(config_path)
+        self.inventory_source = inventory_source
         self._snap = snapshot
         self.observer = observer or Observer()
         self.observer.set_known(snapshot.inventory.hosts)   # inventory hosts: never evicted by others
@@ -122,7 +127,7 @@ class Runtime:
 
     @classmethod
     def load(cls, config_path: Path, **kw: Any) -> Runtime:
-        snap = load_snapshot(Path(config_path))
+        snap = load_snapshot(Path(config_path), source=kw.get("inventory_source"))
         # temporaries of inventory writes cut short by a crash (kill -9)
         remove_stale_temps(snap.config.inventory_file)
         return cls(config_path, snap, **kw)
@@ -200,7 +205,7 @@ class Runtime:
         """Re-read config + inventory; on any error keep the old snapshot serving."""
         async with self._lock:
             try:
-                new = load_snapshot(self.config_path, self._snap.generation + 1)
+                new = load_snapshot(self.config_path, self._snap.generation + 1, self.inventory_source)
                 # refused: what the new config lacks and the running one does not (checked now)
                 found = await asyncio.to_thread(self._inspect, new.config)
                 running = await asyncio.to_thread(self._inspect, self.config)

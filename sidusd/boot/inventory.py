@@ -291,7 +291,17 @@ def _entry(raw: Any, tp: type, where: str, own: str, **extra: Any) -> Any:
 def parse_inventory(text: str | bytes, source: str = "<string>") -> Inventory:
     """Parse inventory YAML (pure; bytes must be UTF-8); an empty document is an empty inventory."""
     try:
-        doc = convert(load_yaml(text, source), _InventoryFile, error=InventoryError)
+        raw = load_yaml(text, source)
+    except ConfigError as e:
+        raise _as_inventory_error(e) from None
+    return inventory_from_doc(raw)
+
+
+def inventory_from_doc(raw: Any) -> Inventory:
+    """The inventory of an already decoded document (the shared state's JSON, sidusd/state), with
+    every check and message of :func:`parse_inventory`."""
+    try:
+        doc = convert(raw, _InventoryFile, error=InventoryError)
     except ConfigError as e:
         raise _as_inventory_error(e) from None
     profiles: dict[str, Profile] = {}
