@@ -25,6 +25,7 @@ from sidusd.errors import BackendError
 from sidusd.fsutil import _fsync_dir, atomic_write
 from sidusd.image import publish
 from sidusd.image import rollout_plan as rp
+from sidusd.image.chroot import ImageLock
 from sidusd.image.generations import ImageStore
 from sidusd.observability import get_logger
 
@@ -157,6 +158,14 @@ def push(store: ImageStore, tftp_root: Path, name: str, number: int, rack: Rack,
     if not ((src_boot / "vmlinuz").is_file() and (src_boot / "initrd.img").is_file()):
         raise BackendError(f"image {name} generation {number} has no published kernel and initrd in {src_boot}")
     manifest, count = tree_manifest(src_root, src_boot)
+    with ImageLock(rack.store.image_dir(name), f"push of generation {number}"):    # one push per rack image
+        return _push_locked(store, name, number, rack, src_root, src_boot, manifest, count,
+                            serve=serve, rsync=rsync, extra=extra, on_start=on_start)
+
+
+def _push_locked(store: ImageStore, name: str, number: int, rack: Rack, src_root: Path, src_boot: Path,
+                 manifest: str, count: int, *, serve: bool, rsync: str, extra: Sequence[str],
+                 on_start: Callable[[subprocess.Popen], None] | None) -> PushResult:
     parent = store.meta(name, number).get("parent")
     plan = rp.plan_push(name, number, parent if isinstance(parent, int) else None,
                         rack.arrived(name), rack.on_disk(name))

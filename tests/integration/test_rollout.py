@@ -122,11 +122,8 @@ def rsync_child(pid: int) -> int | None:
     return None
 
 
-def test_interrupted_push_is_never_served_and_the_next_push_completes_it(build, tmp_path):
-    store, tftp, rack_dir = build
-    rack = rollout.Rack(rack_dir)
-    rollout.push(store, tftp, "demo", 1, rack, serve=True)
-    make_gen(store, tftp, 2, {"usr/lib/big.bin": os.urandom(12 * MIB), "usr/lib/other.bin": os.urandom(MIB)}, 1)
+def interrupted_push(tmp_path: Path, rack_dir: Path) -> tuple[int, str]:
+    """``sidus-image push demo 2`` with its rsync killed (SIGKILL) in the middle of big.bin."""
     proc = subprocess.Popen(cli(tmp_path, "push", "demo", "2", "--to", str(rack_dir), "--rsync-arg=--bwlimit=1000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     staging = rack_dir / "images" / "demo" / "gen-0002.incoming"
@@ -143,7 +140,16 @@ def test_interrupted_push_is_never_served_and_the_next_push_completes_it(build, 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 1, (out, err)
+    return proc.returncode, out + err
+
+
+def test_interrupted_push_is_never_served_and_the_next_push_completes_it(build, tmp_path):
+    store, tftp, rack_dir = build
+    rack = rollout.Rack(rack_dir)
+    rollout.push(store, tftp, "demo", 1, rack, serve=True)
+    make_gen(store, tftp, 2, {"usr/lib/big.bin": os.urandom(12 * MIB), "usr/lib/other.bin": os.urandom(MIB)}, 1)
+    rc, err = interrupted_push(tmp_path, rack_dir)
+    assert rc == 1, err
     assert "does not serve it" in err
     assert not rack.store.path("demo", 2).exists() and rack.marker("demo", 2) is None
     assert rack.arrived("demo") == [1]
@@ -162,7 +168,7 @@ def test_interrupted_push_is_never_served_and_the_next_push_completes_it(build, 
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "generation 2 arrived" in done.stdout and "served" in done.stdout
-    assert rack.arrived("demo", verify=True) == [1, 2] and not staging.exists()
+    assert rack.arrived("demo", verify=True) == [1, 2] and not (rack_dir / "images/demo/gen-0002.incoming").exists()
     assert served_roots(rack_dir)["demo"] == str(rack.store.path("demo", 2).resolve())
     assert (rack.store.path("demo", 2) / "usr/lib/big.bin").read_bytes() == \
         (store.path("demo", 2) / "usr/lib/big.bin").read_bytes()
@@ -191,3 +197,50 @@ def test_a_generation_without_a_valid_marker_or_changed_on_the_rack_is_not_serve
     (rack.store.path("demo", 2) / "etc/motd").write_bytes(b"tampered\n")
     rack.write_images_file(verify=True)
     assert set(served_roots(rack_dir)) == {"demo", "demo.gen-1"}
+
+
+def test_a_crash_between_rename_and_marker_is_not_served_and_resumed_without_resending(build):
+    store, tftp, rack_dir = build
+    rack = rollout.Rack(rack_dir)
+    rollout.push(store, tftp, "demo", 1, rack, serve=False)
+    rack.marker_path("demo", 1).unlink()            # renamed into place, marker never written
+    rack.write_images_file()
+    assert served_roots(rack_dir) == {} and rack.arrived("demo") == []
+    res = rollout.push(store, tftp, "demo", 1, rack, serve=True)
+    assert not res.already and res.stats.files == 0 and res.stats.transferred_bytes == 0, res
+    assert rack.arrived("demo", verify=True) == [1] and set(served_roots(rack_dir)) == {"demo", "demo.gen-1"}
+
+
+def test_a_rack_sidusd_serves_only_arrived_generations_across_reloads(build, tmp_path):
+    """The real sidusd of a rack: its images_file is the rack's; the boot config it renders names
+    gen 1 while gen 2's push is interrupted, gen 2 once it arrived (after `sidusctl reload`)."""
+    from daemon_fixture import SidusDaemon, base_config, populate_tftp_root
+    store, tftp, rack_dir = build
+    rack = rollout.Rack(rack_dir)
+    rollout.push(store, tftp, "demo", 1, rack, serve=True)
+    rack_tmp = tmp_path / "racksidusd"
+    rack_tmp.mkdir()
+    d = SidusDaemon(rack_tmp)
+    cfg = base_config(rack_tmp, d.tftp_port)
+    populate_tftp_root(rack_dir / "tftp", image="stand-in")
+    cfg.pop("images")
+    cfg["tftp"]["root"] = str(rack_dir / "tftp")
+    cfg["images_file"] = str(rack.images_file)
+    d.config = cfg
+    d.write_config(cfg)
+    pxe = "pxelinux.cfg/01-52-54-00-00-00-01"
+    g1, g2 = (str(rack.store.path("demo", n).resolve()) for n in (1, 2))
+    with d:
+        body = d.tftp_get(pxe).decode()
+        assert f"nfsroot=10.13.20.1:{g1}," in body and "images/demo/gen-0001/vmlinuz" in body
+        assert d.tftp_get("images/demo/gen-0001/vmlinuz") == b"K" * 4096
+        make_gen(store, tftp, 2, {"usr/lib/big.bin": os.urandom(12 * MIB)}, 1)
+        rc, err = interrupted_push(tmp_path, rack_dir)
+        assert rc == 1, err
+        d.ctl("reload")
+        body = d.tftp_get(pxe).decode()
+        assert f"nfsroot=10.13.20.1:{g1}," in body and "gen-0002" not in body
+        assert rollout.push(store, tftp, "demo", 2, rack, serve=True).generation == 2
+        d.ctl("reload")
+        body = d.tftp_get(pxe).decode()
+        assert f"nfsroot=10.13.20.1:{g2}," in body and "images/demo/gen-0002/initrd.img" in body
