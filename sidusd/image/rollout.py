@@ -180,10 +180,13 @@ def _push_locked(store: ImageStore, name: str, number: int, rack: Rack, src_root
             (base / sub).parent.mkdir(parents=True, exist_ok=True)
         (base / "images" / name / "meta").mkdir(parents=True, exist_ok=True)
         link = plan.link_dest
-        for src, stg, link_dir in ((src_boot, plan.staging_boot, rack.boot_dir(name, link) if link else None),
-                                   (src_root, plan.staging_root, rack.store.path(name, link) if link else None)):
+        # the boot files are compared by content (-c): publish copies them anew for each generation
+        # (a new mtime), an unchanged kernel must not travel again; the root by rsync's quick check
+        for src, stg, link_dir, more in (
+                (src_boot, plan.staging_boot, rack.boot_dir(name, link) if link else None, ["-c"]),
+                (src_root, plan.staging_root, rack.store.path(name, link) if link else None, [])):
             argv = rp.rsync_argv(rsync, str(src), str(base / stg),
-                                 str(link_dir.resolve()) if link_dir else None, extra)
+                                 str(link_dir.resolve()) if link_dir else None, [*more, *extra])
             stats = stats + _rsync(argv, on_start)
         got, _ = tree_manifest(base / plan.staging_root, base / plan.staging_boot)
         if got != manifest:
