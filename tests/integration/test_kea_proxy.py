@@ -7,6 +7,9 @@ kea-dhcp4.conf (libdhcp_lease_cmds + libdhcp_ha, hot-standby, the HA peers talki
 dhcp4 process's own HTTP listener) and stopped by PID.  The PXE client is scripted (scapy-built
 packets on a UDP socket in the client namespace): DISCOVER, then the site's OFFER (an address)
 and proxy OFFERs (a boot file) are told apart, REQUEST to Kea, REQUEST to a proxy on port 4011.
+
+The second test: two Kea without HA on one PostgreSQL lease database (a private postgres on a
+unix socket, Kea's own schema), next to a proxy-mode sidusd.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ KEA = {"kea1": f"{NET}.11", "kea2": f"{NET}.12"}
 SIDUS = {"sa": f"{NET}.21", "sb": f"{NET}.22"}
 POOL = (f"{NET}.100", f"{NET}.150")
 HA_PORT = 8001
+
+
+def kea_db_config(name: str, tmp: Path, pg_socket_dir: str) -> dict:
+    """Kea without HA on a shared PostgreSQL lease database (the other supported set-up)."""
+    cfg = kea_config(name, tmp)
+    d = cfg["Dhcp4"]
+    del d["hooks-libraries"], d["multi-threading"]
+    d["lease-database"] = {"type": "postgresql", "name": "kea", "user": "postgres", "host": pg_socket_dir}
+    return cfg
 
 
 def kea_config(name: str, tmp: Path) -> dict:
@@ -97,9 +109,9 @@ class Segment:
         ns.run("ip", "link", "set", "e0", "up")
         return ns
 
-    def start_kea(self, name: str) -> None:
+    def start_kea(self, name: str, cfg: dict | None = None) -> None:
         conf = self.tmp / f"{name}.conf"
-        conf.write_text(json.dumps(kea_config(name, self.tmp), indent=1))
+        conf.write_text(json.dumps(cfg or kea_config(name, self.tmp), indent=1))
         env = dict(os.environ, KEA_PIDFILE_DIR=str(self.tmp / name), KEA_LOCKFILE_DIR=str(self.tmp / name))
         (self.tmp / name).mkdir(exist_ok=True)
         check = self.nodes[name].run("kea-dhcp4", "-t", str(conf), check=False, env=env, timeout=60)
@@ -211,7 +223,7 @@ class Client:
         or None when an answer is missing."""
         xid = random.randrange(1, 2**32)
         offers = self.collect(packet(mac, xid, "discover"), ("255.255.255.255", 67), xid, 2.0)
-        site = [o for o in offers if o.yiaddr != "0.0.0.0"]
+        site = [o for o in offers if o.yiaddr != "0.0.0.0" and opts_of(o).get("message-type") == 2]
         proxies = [o for o in offers if o.yiaddr == "0.0.0.0" and opts_of(o).get("vendor_class_id") == b"PXEClient"]
         if not site or not proxies:
             return None
@@ -283,3 +295,99 @@ def test_kea_ha_leases_and_two_proxy_sidusd_boot_files_survive_failures(segment)
         client.close()
     log2 = seg.log("kea2", tail=10**7)
     assert "transitions from READY to HOT-STANDBY" in log2 and "transitions from HOT-STANDBY to PARTNER-DOWN" in log2
+
+
+# -- Kea with a shared lease database (PostgreSQL) ---------------------------------------------------
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture
+def postgres():
+    """A private PostgreSQL (Debian's postgresql-15) on a unix socket only, the Kea schema loaded;
+    stopped by PID.  Its directory is outside pytest's 0700 tmp (the server runs as postgres)."""
+    import tempfile
+    if not (PG_BIN / "postgres").is_file():
+        pytest.skip(f"missing tool: {PG_BIN / 'postgres'} (postgresql)")
+    require_tool("psql")
+    schema = Path("/usr/share/kea/scripts/pgsql/dhcpdb_create.pgsql")
+    if not schema.is_file():
+        pytest.skip(f"missing tool: {schema} (kea-common)")
+    d = Path(tempfile.mkdtemp(prefix="sidus-t-keapg-"))
+    os.chown(d, *_pg_ids())
+    proc = None
+    try:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "initdb"), "-D", str(d / "data"),
+                        "-U", "postgres", "--auth=trust", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+        log = open(d / "pg.log", "ab")
+        proc = subprocess.Popen(["runuser", "-u", "postgres", "--", str(PG_BIN / "postgres"), "-D", str(d / "data"),
+                                 "-k", str(d), "-c", "listen_addresses=", "-p", "5432"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while subprocess.run(["psql", "-h", str(d), "-U", "postgres", "-tAc", "select 1"],
+                             capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, (d / "pg.log").read_text()
+            time.sleep(0.2)
+        psql = ["psql", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(d), "-U", "postgres"]
+        subprocess.run([*psql, "-c", "create database kea"], check=True, capture_output=True, timeout=60)
+        subprocess.run([*psql, "-d", "kea", "-f", str(schema)], check=True, capture_output=True, timeout=120)
+        yield str(d)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)          # fast shutdown
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+def _pg_ids() -> tuple[int, int]:
+    import pwd
+    pw = pwd.getpwnam("postgres")
+    return pw.pw_uid, pw.pw_gid
+
+
+def leases_in_db(pg: str) -> dict[str, str]:
+    """MAC -> address of the lease4 table (Kea stores hwaddr as bytea, address as an integer)."""
+    out = subprocess.run(["psql", "-h", pg, "-U", "postgres", "-d", "kea", "-tA", "-F", " ", "-c",
+                          "select encode(hwaddr, 'hex'), address from lease4 where state = 0"],
+                         check=True, capture_output=True, text=True, timeout=30).stdout
+    res = {}
+    for line in out.split("\n"):
+        if line.strip():
+            hw, addr = line.split()
+            a = int(addr)
+            res[":".join(hw[i:i + 2] for i in range(0, 12, 2))] = ".".join(str((a >> s) & 255) for s in (24, 16, 8, 0))
+    return res
+
+
+def test_two_kea_on_one_postgresql_lease_database_next_to_proxy_sidusd(segment, postgres):
+    seg = segment
+    seg.start_kea("kea1", kea_db_config("kea1", seg.tmp, postgres))
+    seg.start_sidus("sa")
+    client = Client(seg.client)
+    try:
+        macs = [f"52:54:00:78:01:0{i}" for i in range(1, 5)]
+        given = {}
+        for m in macs[:3]:                          # three leases from kea1 (kea2 not started yet)
+            r = boot_until(client, m, 90)
+            assert r["dhcp_server"] == KEA["kea1"] and in_pool(r["address"]), r
+            assert r["boot_file"] == "pxelinux.0" and r["boot_server"] == SIDUS["sa"]
+            given[m] = r["address"]
+        assert len(set(given.values())) == 3 and leases_in_db(postgres) == given
+        # kea2 starts fresh (its allocator at the pool's start), kea1 is killed: a new machine gets
+        # an address none of kea1's machines holds (kea2 reads the shared database), and a known
+        # machine gets its own address back from kea2
+        seg.start_kea("kea2", kea_db_config("kea2", seg.tmp, postgres))
+        seg.kill("kea1")
+        new = boot_until(client, macs[3], 60)
+        assert new["dhcp_server"] == KEA["kea2"] and in_pool(new["address"]), new
+        assert new["address"] not in given.values(), (new, given)
+        again = boot_until(client, macs[0], 30)
+        assert again["dhcp_server"] == KEA["kea2"] and again["address"] == given[macs[0]], again
+        assert leases_in_db(postgres) == {**given, macs[3]: new["address"]}
+    finally:
+        client.close()
