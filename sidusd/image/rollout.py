@@ -15,6 +15,7 @@ checking each manifest against the disk.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from collections.abc import Callable, Sequence
@@ -101,6 +102,15 @@ class Rack:
     def boot_dir(self, name: str, n: int) -> Path:
         return publish.tftp_dir(self.tftp_root, name) / rp.gen_name(n)
 
+    def partly_on_disk(self, name: str) -> list[int]:
+        """Generations with a final root or a final boot-file directory (both, or one: a crash)."""
+        boot = publish.tftp_dir(self.tftp_root, name)
+        got = set(self.store.numbers(name))
+        if boot.is_dir():
+            got |= {int(p.name[4:]) for p in boot.iterdir()
+                    if p.is_dir() and p.name.startswith("gen-") and p.name[4:].isdigit()}
+        return sorted(got)
+
     def on_disk(self, name: str) -> list[int]:
         return [n for n in self.store.numbers(name) if self.boot_dir(name, n).is_dir()]
 
@@ -168,13 +178,15 @@ def _push_locked(store: ImageStore, name: str, number: int, rack: Rack, src_root
                  on_start: Callable[[subprocess.Popen], None] | None) -> PushResult:
     parent = store.meta(name, number).get("parent")
     plan = rp.plan_push(name, number, parent if isinstance(parent, int) else None,
-                        rack.arrived(name), rack.on_disk(name))
+                        rack.arrived(name), rack.partly_on_disk(name))
     stats = rp.RsyncStats(0, 0, 0, 0)
     if not plan.already:
         base = rack.path
         if plan.reclaim:                    # renamed into place, crashed before the marker: resume
             for fin, stg in ((plan.final_root, plan.staging_root), (plan.final_boot, plan.staging_boot)):
-                if (base / fin).exists() and not (base / stg).exists():
+                if (base / fin).exists():       # never served (no marker): back to staging
+                    if (base / stg).exists():
+                        shutil.rmtree(base / stg)
                     os.rename(base / fin, base / stg)
         for sub in (plan.staging_root, plan.staging_boot):
             (base / sub).parent.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,8 @@ class PushPlan:
 def plan_push(image: str, generation: int, parent: int | None, rack_arrived: Iterable[int],
               rack_on_disk: Iterable[int]) -> PushPlan:
     """How to push generation ``generation`` (whose parent on the build host is ``parent``) to a
-    rack that has ``rack_arrived`` complete generations and ``rack_on_disk`` final directories.
+    rack that has ``rack_arrived`` complete generations and ``rack_on_disk`` generations with a
+    final directory (root or boot files: either may be there without the other after a crash).
 
     ``link_dest``: the parent when it arrived on the rack (it shares most inodes), else the newest
     arrived generation older than this one, else the oldest newer one, else None."""

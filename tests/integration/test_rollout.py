@@ -248,3 +248,20 @@ def test_a_rack_sidusd_serves_only_arrived_generations_across_reloads(build, tmp
         d.ctl("reload")
         body = d.tftp_get(pxe).decode()
         assert f"nfsroot=10.13.20.1:{g2}," in body and "images/demo/gen-0002/initrd.img" in body
+
+
+def test_a_crash_between_the_two_renames_is_resumed(build):
+    """Boot files renamed into place, the root still in staging, no marker: not served, and the
+    next push completes it (the final boot directory is taken back, not in the way)."""
+    store, tftp, rack_dir = build
+    rack = rollout.Rack(rack_dir)
+    rollout.push(store, tftp, "demo", 1, rack, serve=True)
+    make_gen(store, tftp, 2, {"etc/motd": b"two\n"}, 1)
+    rollout.push(store, tftp, "demo", 2, rack, serve=False)
+    rack.marker_path("demo", 2).unlink()
+    os.rename(rack.store.path("demo", 2), rack_dir / "images" / "demo" / "gen-0002.incoming")
+    rack.write_images_file()
+    assert set(served_roots(rack_dir)) == {"demo", "demo.gen-1"} and rack.boot_dir("demo", 2).is_dir()
+    res = rollout.push(store, tftp, "demo", 2, rack, serve=True)
+    assert res.stats.transferred_bytes == 0 and rack.arrived("demo", verify=True) == [1, 2]
+    assert served_roots(rack_dir)["demo"] == str(rack.store.path("demo", 2).resolve())
