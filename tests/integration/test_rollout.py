@@ -265,3 +265,14 @@ def test_a_crash_between_the_two_renames_is_resumed(build):
     res = rollout.push(store, tftp, "demo", 2, rack, serve=True)
     assert res.stats.transferred_bytes == 0 and rack.arrived("demo", verify=True) == [1, 2]
     assert served_roots(rack_dir)["demo"] == str(rack.store.path("demo", 2).resolve())
+
+
+def test_a_second_push_to_the_same_rack_image_is_refused_while_one_runs(build, tmp_path):
+    from sidusd.image.chroot import ImageLock
+    store, tftp, rack_dir = build
+    rack = rollout.Rack(rack_dir)
+    with ImageLock(rack.store.image_dir("demo"), "push of generation 1"):
+        r = subprocess.run(cli(tmp_path, "push", "demo", "--to", str(rack_dir)), capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode == 75 and "busy" in r.stderr, (r.returncode, r.stderr)
+    assert rack.arrived("demo") == [] and not (rack_dir / "images" / "demo" / "gen-0001.incoming").exists()
