@@ -13,6 +13,8 @@ Commands (docs/images.md)::
     sidus-image rollback NAME [--to N]
     sidus-image gc NAME [--keep N] [--dry-run]
     sidus-image import NAME DIR [--in-place] [--no-switch]   (docs/migration.md)
+    sidus-image push NAME [N] --to RACK [--to RACK...] [--no-serve]   (docs/scale.md "Image rollout")
+    sidus-image rack-scan RACK
 
 ``build``, ``update``, ``run`` and ``shell`` take ``-m/--message TEXT`` (why this generation;
 shown by ``list`` and kept by ``gc`` in ``meta/removed.jsonl``).
@@ -40,7 +42,7 @@ from typing import Any
 from sidusd.cliconfig import ToolConfigError, image_paths
 from sidusd.control.messages import SOCKET_ENV
 from sidusd.errors import ConfigError, SidusError
-from sidusd.image import shell
+from sidusd.image import rollout, shell
 from sidusd.image.build import Administrator
 from sidusd.image.chroot import LockBusy
 from sidusd.image.recipe import read_recipe
@@ -125,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--in-place", action="store_true", help="move DIR into the image (same file system), no copy")
     im.add_argument("--no-switch", action="store_true", help="do not serve the new generation")
     im.add_argument("--keep-failed", action="store_true", help="keep a failed copy's directory")
+    rollout.add_parsers(sub)
     return p
 
 
@@ -326,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             return _gc(adm, args.name, args.keep, args.config, args.dry_run)
         elif args.cmd == "diff":
             return _diff(adm, args.name, args.a, args.b, args.json)
+        elif args.cmd in ("push", "rack-scan"):
+            return rollout.run(args, adm.store, where.tftp_root)
         elif args.cmd == "import":
             from sidusd.image.importer import import_tree
             import_tree(adm, args.name, args.dir, in_place=args.in_place, switch=not args.no_switch,
