@@ -10,6 +10,8 @@
     sidusctl hosts show MAC | set MAC [--FIELD V] [--unset F] | adopt MAC;  sidusctl tftp-root populate [DIR]
     sidusctl hosts import FILE... [--format F] [--profile P] [--replace] [--dry-run]  (sidusd/ctl_import.py)
     sidusctl reload | watch
+    sidusctl --server HOST:PORT [--cert C --key K --ca CA] COMMAND;  sidusctl --all COMMAND  (TCP, mutual TLS)
+    sidusctl pki ca DIR | server DIR NAME --address IP | client DIR NAME       (sidusd/ctl_remote.py)
 
 It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``, else the
 daemon's config's, :func:`sidusd.cliconfig.control_socket`) with :mod:`sidusd.control.messages`,
@@ -31,7 +33,7 @@ import socket
 import sys
 from typing import Any
 
-from sidusd import ctl_inventory, tftproot
+from sidusd import ctl_inventory, ctl_remote, tftproot
 from sidusd.cliconfig import CONFIG_ENV, DEFAULT_CONFIG, ToolConfigError, control_socket
 from sidusd.control import messages as m
 from sidusd.ctl_format import _cell, _keys, fmt_duration, fmt_size, fmt_time, table  # noqa: F401 (sidusctl's names)
@@ -92,6 +94,9 @@ def call(path: str, op: str, args: dict[str, Any] | None = None,
         return m.decode_response(bytes(buf[:buf.index(b"\n")]))
     except RemoteProtocolError as exc:
         raise CtlError(EXIT_PROTOCOL, f"bad response from sidusd: {exc}") from None
+
+
+call_local = call
 
 
 def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
@@ -244,6 +249,7 @@ def _options(p: argparse.ArgumentParser, main: bool) -> None:
     p.add_argument("--json", action="store_true", default=d(False), help="print the daemon's raw result as JSON")
     p.add_argument("--timeout", type=float, default=d(DEFAULT_TIMEOUT_S), metavar="SECONDS",
                    help=f"give up waiting for the daemon after this long (default {DEFAULT_TIMEOUT_S:g})")
+    ctl_remote.add_options(p, d)        # --server, --all, --cert, --key, --ca (sidusd/ctl_remote.py)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -282,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("mac")
     ctl_inventory.add_parsers(hs, common)
     tftproot.add_parser(sub, common)
+    ctl_remote.add_pki_parser(sub, common)
     from sidusd import ctl_import
     ctl_import.add_parser(hs, common)
     sub.add_parser("reload", parents=[common], help="re-read config and inventory (like SIGHUP)")
@@ -325,11 +332,24 @@ def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     if ns.cmd == "tftp-root":                   # local: no daemon needed (sidusd/tftproot.py)
         return tftproot.main(ns.dir, ns.config)
+    if ns.cmd == "pki":                         # local: the site's certificates (sidusd/ctl_remote.py)
+        return ctl_remote.pki_main(ns)
     try:
         try:
-            path = control_socket(ns.socket, ns.config)
+            servers, tls = ctl_remote.targets(ns)
+            path = "" if servers else control_socket(ns.socket, ns.config)
         except ToolConfigError as exc:
             raise CtlError(EXIT_USAGE, str(exc)) from None
+        ctx = ctl_remote.context(tls) if tls is not None else None
+        if ctx is not None and (ns.all or len(servers) > 1):        # fan-out: one line per server
+            if ns.cmd == "watch" or (ns.cmd == "hosts" and ns.hosts_cmd == "import"):
+                raise CtlError(EXIT_USAGE, f"{ns.cmd} talks to one server: give one --server, not several")
+            return ctl_remote.fan_out(servers, ctx, *_request(ns), ns.timeout, ns.json, render)
+
+        def call(_: str, op: str, args: dict[str, Any] | None, timeout_s: float) -> m.Response:
+            if ctx is None:
+                return call_local(path, op, args, timeout_s)
+            return ctl_remote.call_tcp(servers[0], ctx, op, args, timeout_s)
         if ns.cmd == "hosts" and ns.hosts_cmd == "import":
             from sidusd import ctl_import
             return ctl_import.run(ns, lambda op, a: call(path, op, a, ns.timeout), render_hosts, CtlError)
