@@ -36,19 +36,19 @@ from typing import Any
 from sidusd import ctl_inventory, ctl_remote, tftproot
 from sidusd.cliconfig import CONFIG_ENV, DEFAULT_CONFIG, ToolConfigError, control_socket
 from sidusd.control import messages as m
+from sidusd.ctl_errors import (  # noqa: F401 (sidusctl's names)
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_PERMISSION,
+    EXIT_PROTOCOL,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    CtlError,
+)
 from sidusd.ctl_format import _cell, _keys, fmt_duration, fmt_size, fmt_time, table  # noqa: F401 (sidusctl's names)
 from sidusd.errors import RemoteProtocolError, SidusError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PERMISSION, EXIT_PROTOCOL = range(6)
 DEFAULT_TIMEOUT_S = 30.0
-
-
-class CtlError(Exception):
-    """A failure to report on stderr with exit status ``code``."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 # -- talking to the daemon ---------------------------------------------------

@@ -47,7 +47,7 @@ def targets(ns: argparse.Namespace) -> tuple[tuple[str, ...], ClientTls | None]:
 
 def context(tls: ClientTls) -> ssl.SSLContext:
     from sidusd.control.tls import client_context
-    from sidusd.ctl import EXIT_USAGE, CtlError
+    from sidusd.ctl_errors import EXIT_USAGE, CtlError
     try:
         return client_context(tls.cert, tls.key, tls.ca, prefix="sidusctl")
     except ConfigError as exc:
@@ -57,7 +57,7 @@ def context(tls: ClientTls) -> ssl.SSLContext:
 def call_tcp(server: str, ctx: ssl.SSLContext, op: str, args: dict[str, Any] | None,
              timeout_s: float) -> m.Response:
     """One request to ``server`` (``host:port``) over mutual TLS; CtlError as :func:`sidusd.ctl.call`."""
-    from sidusd.ctl import EXIT_PROTOCOL, EXIT_UNREACHABLE, EXIT_USAGE, CtlError
+    from sidusd.ctl_errors import EXIT_PROTOCOL, EXIT_UNREACHABLE, EXIT_USAGE, CtlError
     try:
         host, port = parse_listen(server)
     except ValueError as exc:
@@ -73,8 +73,12 @@ def call_tcp(server: str, ctx: ssl.SSLContext, op: str, args: dict[str, Any] | N
                     raise CtlError(EXIT_PROTOCOL, f"response from {server} exceeds {m.MAX_RESPONSE_BYTES} bytes")
                 chunk = s.recv(1 << 16)
                 if not chunk:
-                    raise CtlError(EXIT_UNREACHABLE, f"{server} closed the connection without answering")
+                    raise CtlError(EXIT_UNREACHABLE, f"{server} closed the connection without answering "
+                                                     "(TLS 1.3: a refused client certificate looks like this)")
                 buf += chunk
+    except ssl.SSLCertVerificationError as exc:
+        raise CtlError(EXIT_UNREACHABLE, f"TLS with {server}: its certificate is not trusted "
+                                         f"({exc.verify_message}; is --ca the site's CA?)") from None
     except ssl.SSLError as exc:
         raise CtlError(EXIT_UNREACHABLE, f"TLS with {server} failed: {exc.reason or exc}") from None
     except TimeoutError:
@@ -90,7 +94,7 @@ def call_tcp(server: str, ctx: ssl.SSLContext, op: str, args: dict[str, Any] | N
 def one(server: str, ctx: ssl.SSLContext, op: str, args: dict[str, Any] | None,
         timeout_s: float) -> dict[str, Any]:
     """``{"server", "status": ok|error|unreachable, "result" or "error"}`` for one server."""
-    from sidusd.ctl import EXIT_UNREACHABLE, CtlError
+    from sidusd.ctl_errors import EXIT_UNREACHABLE, CtlError
     try:
         resp = call_tcp(server, ctx, op, args, timeout_s)
     except CtlError as exc:
@@ -104,7 +108,7 @@ def one(server: str, ctx: ssl.SSLContext, op: str, args: dict[str, Any] | None,
 def fan_out(servers: tuple[str, ...], ctx: ssl.SSLContext, op: str, args: dict[str, Any] | None,
             timeout_s: float, as_json: bool, render: Callable[[str, Any], str]) -> int:
     """``op`` on every server; one line each (``--json``: the list); 0 only if every one said ok."""
-    from sidusd.ctl import EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE
+    from sidusd.ctl_errors import EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE
     from sidusd.ctl_format import table
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(servers))) as pool:
         rows = list(pool.map(lambda s: one(s, ctx, op, args, timeout_s), servers))

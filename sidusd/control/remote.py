@@ -99,11 +99,11 @@ class RemoteControlServer:
                 await self._send(writer, m.encode_error(authz.denial_message(authz.decide(None, ""), cn, "")))
                 return
             await self._serve(reader, writer, peer_ip, cn, role)
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError):
-            pass
-        except TimeoutError:
+        except TimeoutError:        # before OSError: TimeoutError is one
             self.obs.count("control.remote.timeouts")
             self.rlog.info("control.remote.timeout", key=peer_ip, peer=peer_ip)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError):
+            pass
         finally:
             self._conns.discard(task)
             writer.close()

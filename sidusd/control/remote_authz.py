@@ -55,6 +55,8 @@ def role_for(cn: str | None, admins: Iterable[str], readers: Iterable[str]) -> R
 
 def decide(role: Role | None, op: str) -> Decision:
     """May a client with ``role`` run ``op``?"""
+    if role is None:
+        return Decision(False, "no_role")
     if op not in m.OPS:
         return Decision(False, "unknown_op")
     if role == ROLE_ADMIN:

@@ -207,3 +207,10 @@ def test_all_with_no_servers_and_no_client_refused(tmp_path):
         cliconfig.remote_servers(None, True, str(cfg), {})
     with pytest.raises(cliconfig.ToolConfigError, match="no control.client"):
         cliconfig.client_tls(None, None, None, str(cfg), {})
+
+
+def test_no_role_is_reported_as_such_whatever_the_op():
+    # the listener refuses a certificate without a role before it reads any op
+    d = authz.decide(None, "")
+    assert d.reason == "no_role"
+    assert "neither control.tcp.admins nor control.tcp.readers" in authz.denial_message(d, "carol", "")
