@@ -41,14 +41,15 @@ class RemoteControlServer:
         self.log = get_logger("control.remote", listen=tcp.listen)
         self.rlog = LogLimiter(self.log)
         self._ctx: ssl.SSLContext | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task] = set()
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound address (the port chosen by the kernel when ``listen`` says 0)."""
         assert self._server is not None
-        return self._server.sockets[0].getsockname()[:2]
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
 
     async def start(self) -> None:
         """Check the certificate files (ConfigError with the key) and start listening."""

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from . import messages as m
 
-ROLE_ADMIN = "admin"
-ROLE_READ = "read"
 Role = Literal["admin", "read"]
+ROLE_ADMIN: Role = "admin"
+ROLE_READ: Role = "read"
 
 #: the ops that change nothing and show no secret (hosts.disk can show a CHAP secret: admin)
 READ_OPS = frozenset({m.OP_STATUS, m.OP_CLIENTS, m.OP_HOSTS_LIST, m.OP_HOSTS_SHOW, m.OP_IMAGES_STATUS})
