@@ -96,8 +96,6 @@ def call(path: str, op: str, args: dict[str, Any] | None = None,
         raise CtlError(EXIT_PROTOCOL, f"bad response from sidusd: {exc}") from None
 
 
-call_local = call
-
 
 def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
     """The `sidusctl status` page."""
@@ -346,20 +344,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise CtlError(EXIT_USAGE, f"{ns.cmd} talks to one server: give one --server, not several")
             return ctl_remote.fan_out(servers, ctx, *_request(ns), ns.timeout, ns.json, render)
 
-        def call(_: str, op: str, args: dict[str, Any] | None, timeout_s: float) -> m.Response:
+        def send(op: str, args: dict[str, Any] | None, timeout_s: float) -> m.Response:
             if ctx is None:
-                return call_local(path, op, args, timeout_s)
+                return call(path, op, args, timeout_s)
             return ctl_remote.call_tcp(servers[0], ctx, op, args, timeout_s)
+
         if ns.cmd == "hosts" and ns.hosts_cmd == "import":
             from sidusd import ctl_import
-            return ctl_import.run(ns, lambda op, a: call(path, op, a, ns.timeout), render_hosts, CtlError)
+            return ctl_import.run(ns, lambda op, a: send(op, a, ns.timeout), render_hosts, CtlError)
         if ns.cmd == "watch":       # unreachable / permission denied: an exit code, then the screen
             from sidusd.watch import run
-            call(path, m.OP_STATUS, None, ns.timeout)
-            return run(lambda op: call(path, op, None, ns.timeout), max(0.2, ns.interval))
+            send(m.OP_STATUS, None, ns.timeout)
+            return run(lambda op: send(op, None, ns.timeout), max(0.2, ns.interval))
         op, args = _request(ns)
         try:
-            resp = call(path, op, args, ns.timeout)
+            resp = send(op, args, ns.timeout)
         except RemoteProtocolError as exc:      # the request itself is refused locally
             raise CtlError(EXIT_USAGE, str(exc)) from None
         if not resp.ok:

@@ -41,6 +41,8 @@ def add_options(p: argparse.ArgumentParser, d: Callable[[Any], Any]) -> None:
 
 def targets(ns: argparse.Namespace) -> tuple[tuple[str, ...], ClientTls | None]:
     """The servers to talk to (() = the local socket) and, for them, the client's files."""
+    if ns.socket and not ns.server and not ns.all:      # --socket: the local daemon, whatever $SIDUS_SERVER says
+        return (), None
     servers = remote_servers(ns.server, ns.all, ns.config)
     return servers, (client_tls(ns.cert, ns.key, ns.ca, ns.config) if servers else None)
 

@@ -56,7 +56,7 @@ class RemoteControlServer:
         self._ctx = server_context(self.tcp)
         self._server = await asyncio.start_server(self._on_connection, self.host, self.port,
                                                   limit=m.MAX_REQUEST_BYTES + 1)
-        self.log.info("control.remote.started", address=list(self.address),
+        self.rlog.info("control.remote.started", address=list(self.address),
                       admins=len(self.tcp.admins), readers=len(self.tcp.readers))
 
     async def stop(self) -> None:
@@ -69,7 +69,7 @@ class RemoteControlServer:
             await asyncio.gather(*self._conns, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
-        self.log.info("control.remote.stopped")
+        self.rlog.info("control.remote.stopped")
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

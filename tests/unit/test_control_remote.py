@@ -214,3 +214,9 @@ def test_no_role_is_reported_as_such_whatever_the_op():
     d = authz.decide(None, "")
     assert d.reason == "no_role"
     assert "neither control.tcp.admins nor control.tcp.readers" in authz.denial_message(d, "carol", "")
+
+
+def test_null_optional_sections_are_absent(tmp_path):
+    # as the example config writes them (sidusd/data/sidus.yaml): tcp: null, client: null
+    c = config.parse(_cfg(tmp_path, {"tcp": None, "client": None, "servers": []}), "t.yaml", tmp_path)
+    assert c.control.tcp is None and c.control.client is None and c.control.servers == ()
