@@ -312,7 +312,7 @@ def listener_items(c: Config) -> list[tuple[str, object]]:
         ("tftp.port", c.tftp.port), ("tftp.intake_queue", c.tftp.intake_queue),
         ("http.enabled", c.http.enabled), ("http.address", c.http.address),
         ("http.port", c.http.port), ("control.socket_path", c.control.socket_path),
-        ("log.format", c.log.format),
+        ("control.tcp", c.control.tcp), ("log.format", c.log.format),
         ("security.privsep", c.security.privsep), ("security.worker_user", c.security.worker_user),
         ("metrics.enabled", c.metrics.enabled), ("metrics.address", c.metrics.address),
         ("metrics.port", c.metrics.port), ("history.enabled", c.history.enabled),

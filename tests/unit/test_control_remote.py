@@ -220,3 +220,10 @@ def test_null_optional_sections_are_absent(tmp_path):
     # as the example config writes them (sidusd/data/sidus.yaml): tcp: null, client: null
     c = config.parse(_cfg(tmp_path, {"tcp": None, "client": None, "servers": []}), "t.yaml", tmp_path)
     assert c.control.tcp is None and c.control.client is None and c.control.servers == ()
+
+
+def test_a_changed_tcp_section_needs_a_restart(tmp_path):
+    old = config.parse(_cfg(tmp_path, {"tcp": TCP}), "t.yaml", tmp_path)
+    new = config.parse(_cfg(tmp_path, {"tcp": {**TCP, "readers": ["bob"]}}), "t.yaml", tmp_path)
+    assert config.restart_needed(old, new) == ["control.tcp"]
+    assert config.restart_needed(old, old) == []
