@@ -76,8 +76,8 @@ class ControlTcpConfig:
     admins: tuple[str, ...] = ()
     readers: tuple[str, ...] = ()
     max_connections: Annotated[int, Meta(ge=1, le=1024)] = 16
-    handshake_timeout_s: Annotated[float, Meta(ge=0.1, le=300)] = 10.0
-    read_timeout_s: Annotated[float, Meta(ge=0.1, le=3600)] = 60.0
+    handshake_timeout_s: Annotated[float, Meta(ge=0.1, le=300.0)] = 10.0
+    read_timeout_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 60.0
 
     def __post_init__(self) -> None:
         from sidusd.control.remote_authz import listen_problem, names_problem
