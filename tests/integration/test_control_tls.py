@@ -237,3 +237,16 @@ def test_bad_tls_config_refused_at_start(pki, tmp_path):
         d.start()
     d.stop()
     assert "control.tcp.tls_key" in str(exc.value) and "is not the key of the certificate" in str(exc.value)
+
+
+def test_check_refuses_what_the_start_would(pki, tmp_path):
+    cfg = tcp_config(tmp_path, pki, free_tcp_port())
+    (tmp_path / "inventory.yaml").write_text(yaml.safe_dump({"profiles": {"default": {"image": "demo"}}}))
+    (tmp_path / "sidus.yaml").write_text(yaml.safe_dump(cfg))
+    check = [sys.executable, "-m", "sidusd", "--check", "--config", str(tmp_path / "sidus.yaml")]
+    ok = subprocess.run(check, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    cfg["control"]["tcp"]["client_ca"] = str(tmp_path / "missing-ca.crt")
+    (tmp_path / "sidus.yaml").write_text(yaml.safe_dump(cfg))
+    bad = subprocess.run(check, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert bad.returncode == 2 and "control.tcp.client_ca" in bad.stderr and "no such file" in bad.stderr, bad.stderr
