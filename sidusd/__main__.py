@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
             except StartupError as exc:
                 print(f"sidusd: {path}: {exc}", file=sys.stderr)
                 return 2
+        if cfg.control.tcp is not None:          # the TLS files, as the start would (control/tls.py)
+            from .control.tls import server_context
+            try:
+                server_context(cfg.control.tcp)
+            except ConfigError as exc:
+                print(f"sidusd: {path}: {exc}", file=sys.stderr)
+                return 2
         from .preflight import at_check, inspect
         errors, warnings = at_check(inspect(cfg, nfs=True))
         for w in warnings:

@@ -137,3 +137,54 @@ def image_paths(*, images_dir: Path | None, tftp_root: Path | None, images_file:
         images_file = images_file or cfg.images_file
     return ImagePaths(images_dir, tftp_root or cfg.tftp.root, images_file or images_dir / "images.yaml",
                       control_socket or cfg.control.socket_path, src.path)
+
+
+SERVER_ENV = "SIDUS_SERVER"         # host:port[,host:port...]: sidusctl talks TCP (mutual TLS) to these
+CERT_ENV, KEY_ENV, CA_ENV = "SIDUS_CERT", "SIDUS_KEY", "SIDUS_CA"
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """The certificate and key ``sidusctl`` presents to a remote sidusd, and the CA it trusts."""
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def remote_servers(flags: list[str] | None, all_servers: bool, config_flag: str | Path | None,
+                   environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The rack servers to talk to over TCP; () for the local unix socket.
+
+    ``--all``: every server of ``control.servers`` in the config file; else each ``--server``,
+    else ``$SIDUS_SERVER`` (comma-separated)."""
+    env = os.environ if environ is None else environ
+    if all_servers:
+        if flags:
+            raise ToolConfigError("--all and --server: give one of them (--all is every control.servers entry)")
+        cfg = read_config(config_source(config_flag, env), "the rack servers of --all (control.servers)",
+                          "name them with --server HOST:PORT (repeatable)")
+        if not cfg.control.servers:
+            raise ToolConfigError(f"{config_source(config_flag, env).describe()}: control.servers is empty; "
+                                  "--all runs the command on each server listed there")
+        return tuple(cfg.control.servers)
+    if flags:
+        return tuple(flags)
+    return tuple(s.strip() for s in env.get(SERVER_ENV, "").split(",") if s.strip())
+
+
+def client_tls(cert: str | None, key: str | None, ca: str | None, config_flag: str | Path | None,
+               environ: Mapping[str, str] | None = None) -> ClientTls:
+    """Each of ``--cert`` / ``--key`` / ``--ca``: the flag, else ``$SIDUS_CERT`` / ``$SIDUS_KEY`` /
+    ``$SIDUS_CA``, else ``control.client`` of the config file (read only when one is missing)."""
+    env = os.environ if environ is None else environ
+    vals = [cert or env.get(CERT_ENV), key or env.get(KEY_ENV), ca or env.get(CA_ENV)]
+    if all(vals):
+        return ClientTls(*(Path(v) for v in vals if v))
+    src = config_source(config_flag, env)
+    cfg = read_config(src, "the client certificate of sidusctl (control.client: cert, key, ca)",
+                      f"give --cert/--key/--ca or ${CERT_ENV}/${KEY_ENV}/${CA_ENV}")
+    cc = cfg.control.client
+    if cc is None:
+        raise ToolConfigError(f"{src.describe()}: no control.client (cert, key, ca): sidusctl needs a client "
+                              f"certificate for --server; give --cert/--key/--ca or ${CERT_ENV}/${KEY_ENV}/${CA_ENV}")
+    return ClientTls(Path(vals[0] or cc.cert), Path(vals[1] or cc.key), Path(vals[2] or cc.ca))

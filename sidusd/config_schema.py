@@ -62,9 +62,47 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ControlTcpConfig:
+    """``control.tcp:`` the remote control listener, mutual TLS (docs/security.md "Remote control").
+
+    ``admins`` / ``readers``: the client certificates' common names (CN) that may run every op /
+    only the read-only ones (sidusd/control/remote_authz.py); any other certificate of
+    ``client_ca`` is refused.  The files are checked when the listener starts
+    (sidusd/control/tls.py: missing, unreadable, key not matching the certificate)."""
+    listen: str
+    tls_cert: Path
+    tls_key: Path
+    client_ca: Path
+    admins: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
+    max_connections: Annotated[int, Meta(ge=1, le=1024)] = 16
+    handshake_timeout_s: Annotated[float, Meta(ge=0.1, le=300.0)] = 10.0
+    read_timeout_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 60.0
+
+    def __post_init__(self) -> None:
+        from sidusd.control.remote_authz import listen_problem, names_problem
+        problem = listen_problem(self.listen) or names_problem(self.admins, self.readers)
+        if problem:
+            raise ValueError(problem)
+
+
+@dataclass(frozen=True)
+class ControlClientConfig:
+    """``control.client:`` the certificate ``sidusctl --server`` presents, and the CA it trusts."""
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
 class ControlConfig:
-    """``control:`` section: the unix socket of ``sidusctl`` (mode 0600)."""
+    """``control:`` section: the unix socket of ``sidusctl`` (mode 0600); optionally the TCP
+    listener (``tcp``), the rack servers of ``sidusctl --all`` (``servers``, ``host:port``) and
+    the client certificate of ``sidusctl`` (``client``)."""
     socket_path: Path = Path("/run/sidus/control.sock")
+    tcp: ControlTcpConfig | None = None
+    servers: tuple[str, ...] = ()
+    client: ControlClientConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -301,7 +339,7 @@ def listener_items(c: Config) -> list[tuple[str, object]]:
         ("tftp.port", c.tftp.port), ("tftp.intake_queue", c.tftp.intake_queue),
         ("http.enabled", c.http.enabled), ("http.address", c.http.address),
         ("http.port", c.http.port), ("control.socket_path", c.control.socket_path),
-        ("log.format", c.log.format),
+        ("control.tcp", c.control.tcp), ("log.format", c.log.format),
         ("security.privsep", c.security.privsep), ("security.worker_user", c.security.worker_user),
         ("metrics.enabled", c.metrics.enabled), ("metrics.address", c.metrics.address),
         ("metrics.port", c.metrics.port), ("history.enabled", c.history.enabled),

@@ -10,6 +10,8 @@
     sidusctl hosts show MAC | set MAC [--FIELD V] [--unset F] | adopt MAC;  sidusctl tftp-root populate [DIR]
     sidusctl hosts import FILE... [--format F] [--profile P] [--replace] [--dry-run]  (sidusd/ctl_import.py)
     sidusctl reload | watch
+    sidusctl --server HOST:PORT [--cert C --key K --ca CA] COMMAND;  sidusctl --all COMMAND  (TCP, mutual TLS)
+    sidusctl pki ca DIR | server DIR NAME --address IP | client DIR NAME       (sidusd/ctl_remote.py)
 
 It talks to the daemon's control socket (``--socket``, else ``$SIDUS_SOCKET``, else the
 daemon's config's, :func:`sidusd.cliconfig.control_socket`) with :mod:`sidusd.control.messages`,
@@ -31,22 +33,22 @@ import socket
 import sys
 from typing import Any
 
-from sidusd import ctl_inventory, tftproot
+from sidusd import ctl_inventory, ctl_remote, tftproot
 from sidusd.cliconfig import CONFIG_ENV, DEFAULT_CONFIG, ToolConfigError, control_socket
 from sidusd.control import messages as m
+from sidusd.ctl_errors import (  # noqa: F401 (sidusctl's names)
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_PERMISSION,
+    EXIT_PROTOCOL,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    CtlError,
+)
 from sidusd.ctl_format import _cell, _keys, fmt_duration, fmt_size, fmt_time, table  # noqa: F401 (sidusctl's names)
 from sidusd.errors import RemoteProtocolError, SidusError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PERMISSION, EXIT_PROTOCOL = range(6)
 DEFAULT_TIMEOUT_S = 30.0
-
-
-class CtlError(Exception):
-    """A failure to report on stderr with exit status ``code``."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 # -- talking to the daemon ---------------------------------------------------
@@ -92,6 +94,7 @@ def call(path: str, op: str, args: dict[str, Any] | None = None,
         return m.decode_response(bytes(buf[:buf.index(b"\n")]))
     except RemoteProtocolError as exc:
         raise CtlError(EXIT_PROTOCOL, f"bad response from sidusd: {exc}") from None
+
 
 
 def render_status(r: dict[str, Any], tz: dt.tzinfo | None = None) -> str:
@@ -244,6 +247,7 @@ def _options(p: argparse.ArgumentParser, main: bool) -> None:
     p.add_argument("--json", action="store_true", default=d(False), help="print the daemon's raw result as JSON")
     p.add_argument("--timeout", type=float, default=d(DEFAULT_TIMEOUT_S), metavar="SECONDS",
                    help=f"give up waiting for the daemon after this long (default {DEFAULT_TIMEOUT_S:g})")
+    ctl_remote.add_options(p, d)        # --server, --all, --cert, --key, --ca (sidusd/ctl_remote.py)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -282,6 +286,7 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("mac")
     ctl_inventory.add_parsers(hs, common)
     tftproot.add_parser(sub, common)
+    ctl_remote.add_pki_parser(sub, common)
     from sidusd import ctl_import
     ctl_import.add_parser(hs, common)
     sub.add_parser("reload", parents=[common], help="re-read config and inventory (like SIGHUP)")
@@ -325,21 +330,35 @@ def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     if ns.cmd == "tftp-root":                   # local: no daemon needed (sidusd/tftproot.py)
         return tftproot.main(ns.dir, ns.config)
+    if ns.cmd == "pki":                         # local: the site's certificates (sidusd/ctl_remote.py)
+        return ctl_remote.pki_main(ns)
     try:
         try:
-            path = control_socket(ns.socket, ns.config)
+            servers, tls = ctl_remote.targets(ns)
+            path = "" if servers else control_socket(ns.socket, ns.config)
         except ToolConfigError as exc:
             raise CtlError(EXIT_USAGE, str(exc)) from None
+        ctx = ctl_remote.context(tls) if tls is not None else None
+        if ctx is not None and (ns.all or len(servers) > 1):        # fan-out: one line per server
+            if ns.cmd == "watch" or (ns.cmd == "hosts" and ns.hosts_cmd == "import"):
+                raise CtlError(EXIT_USAGE, f"{ns.cmd} talks to one server: give one --server, not several")
+            return ctl_remote.fan_out(servers, ctx, *_request(ns), ns.timeout, ns.json, render)
+
+        def send(op: str, args: dict[str, Any] | None, timeout_s: float) -> m.Response:
+            if ctx is None:
+                return call(path, op, args, timeout_s)
+            return ctl_remote.call_tcp(servers[0], ctx, op, args, timeout_s)
+
         if ns.cmd == "hosts" and ns.hosts_cmd == "import":
             from sidusd import ctl_import
-            return ctl_import.run(ns, lambda op, a: call(path, op, a, ns.timeout), render_hosts, CtlError)
+            return ctl_import.run(ns, lambda op, a: send(op, a, ns.timeout), render_hosts, CtlError)
         if ns.cmd == "watch":       # unreachable / permission denied: an exit code, then the screen
             from sidusd.watch import run
-            call(path, m.OP_STATUS, None, ns.timeout)
-            return run(lambda op: call(path, op, None, ns.timeout), max(0.2, ns.interval))
+            send(m.OP_STATUS, None, ns.timeout)
+            return run(lambda op: send(op, None, ns.timeout), max(0.2, ns.interval))
         op, args = _request(ns)
         try:
-            resp = call(path, op, args, ns.timeout)
+            resp = send(op, args, ns.timeout)
         except RemoteProtocolError as exc:      # the request itself is refused locally
             raise CtlError(EXIT_USAGE, str(exc)) from None
         if not resp.ok:

@@ -152,8 +152,10 @@ def record_fields(tp: type) -> dict[str, tuple[Any, bool]]:
 
 def _prepare(raw: Any, tp: Any, path: str, error: Callable[[str, str], Exception],
              skip: frozenset[str]) -> Any:
-    base, _ = _non_none(tp)
+    base, optional = _non_none(tp)
     if _is_record(base):
+        if raw is None and optional:
+            return None                      # an optional section given as null: absent (control.tcp: null)
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):

@@ -29,6 +29,7 @@ from ..net.http_up import target_files
 from ..observability import LogLimiter, get_logger
 from . import messages as m
 from .ops import InventoryOps, unanswered
+from .remote import start_remote
 from .unixsocket import bind_safely, peer_uid
 
 MAX_CONNECTIONS = 16
@@ -57,10 +58,12 @@ class ControlServer:
         self.log = get_logger("control", socket=str(self.path))
         self.rlog = LogLimiter(self.log)      # lines per connection / request
         self.ops = InventoryOps(runtime, self.log, self._sync_worker)
+        self.remote: Any = None         # the control.tcp listener (control/remote.py)
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
         """Bind the socket (see module docstring) and start accepting."""
+        self.remote = await start_remote(self)      # control.tcp (None: not configured)
         sock = bind_safely(self.path)
         st = os.lstat(self.path)
         self._ino = (st.st_dev, st.st_ino)
@@ -72,6 +75,7 @@ class ControlServer:
         """Stop accepting, close open connections and remove our socket file."""
         if self._server is None:
             return
+        self.remote = self.remote and await self.remote.stop()
         self._server.close()
         for task in list(self._conns):
             task.cancel()
@@ -123,12 +127,12 @@ class ControlServer:
                 # transport is closed already, nothing to wait for.
                 pass
 
-    async def _lines(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes | object]:
+    async def _lines(self, reader: asyncio.StreamReader, timeout: float | None = None) -> AsyncIterator[bytes | object]:
         """Request lines; ``_TOO_LONG`` for each line over the cap (its bytes discarded)."""
         buf = bytearray()
         discarding = False
         while True:
-            chunk = await asyncio.wait_for(reader.read(m.MAX_REQUEST_BYTES + 1), self.read_timeout_s)
+            chunk = await asyncio.wait_for(reader.read(m.MAX_REQUEST_BYTES + 1), timeout or self.read_timeout_s)
             if not chunk:
                 if buf.strip() and not discarding:
                     yield bytes(buf)
@@ -182,6 +186,8 @@ class ControlServer:
             return m.encode_error(f"internal error in {req.op}: {type(exc).__name__}: {exc}")
         self.rlog.info("control.request", op=req.op, ok=True)
         return m.encode_ok(result)
+
+    request_lines, answer_line, send = _lines, _answer, _send       # for the TCP listener (control/remote.py)
 
     # -- ops ----------------------------------------------------------------------
     async def _dispatch(self, req: m.Request) -> Any:
