@@ -40,7 +40,7 @@ from typing import Any
 from sidusd.cliconfig import ToolConfigError, image_paths
 from sidusd.control.messages import SOCKET_ENV
 from sidusd.errors import ConfigError, SidusError
-from sidusd.image import shell
+from sidusd.image import publish, shell
 from sidusd.image.build import Administrator
 from sidusd.image.chroot import LockBusy
 from sidusd.image.recipe import read_recipe
@@ -123,6 +123,19 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--no-switch", action="store_true", help="do not serve the new generation")
     im.add_argument("--keep-failed", action="store_true", help="keep a failed copy's directory")
     return p
+
+
+def _say_served(adm: Administrator, name: str, number: int) -> int:
+    """After ``rollback`` / ``publish``: say "served" only when sidusd confirms it serves generation
+    ``number`` (``images.status`` on its control socket, publish.confirm_served), as ``build``,
+    ``update`` and ``run`` do; 1 when sidusd refuses it (the switch is done: the message says why)."""
+    served = publish.confirm_served(adm.control_socket, name, adm.store.path(name, number).resolve())
+    print(f"{name}: generation {number}: {served.text}")
+    if served.refused:
+        print(f"sidus-image: {name}: generation {number} is switched, but sidusd does not serve it: "
+              f"{served.text}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _list(adm: Administrator, name: str | None, as_json: bool, config_path: Path | None) -> None:
@@ -306,16 +319,14 @@ def main(argv: list[str] | None = None) -> int:
             except shell.Discarded as e:
                 print(f"sidus-image: {e}", file=sys.stderr)
         elif args.cmd == "publish":
-            n = shell.publish_kept(adm, args.name, args.number, args.force)
-            print(f"{args.name}: generation {n} served")
+            return _say_served(adm, args.name, shell.publish_kept(adm, args.name, args.number, args.force))
         elif args.cmd == "drop":
             shell.drop(adm, args.name, args.number)
             print(f"{args.name}: generation {args.number} removed")
         elif args.cmd == "list":
             _list(adm, args.name, args.json, args.config)
         elif args.cmd == "rollback":
-            n = adm.rollback(args.name, args.to)
-            print(f"{args.name}: generation {n} served")
+            return _say_served(adm, args.name, adm.rollback(args.name, args.to))
         elif args.cmd == "gc":
             return _gc(adm, args.name, args.keep, args.config, args.dry_run)
         elif args.cmd == "diff":

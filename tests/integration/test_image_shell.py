@@ -160,7 +160,7 @@ def test_scripted_session_is_kept_then_continued_published_and_dropped(adm):
     g4 = adm.store.path(NAME, 4)
     assert (g4 / "etc/x").exists() and (g4 / "etc/y").exists() and adm.store.meta(NAME, 4)["parent"] == 2
     r = cli(adm, "publish", NAME)                                  # the newest kept one
-    assert r.returncode == 0 and "generation 4 served" in r.stdout, r.stderr
+    assert r.returncode == 0 and "generation 4: switched; not confirmed served" in r.stdout, r.stderr
     assert adm.store.current(NAME) == 4 and adm.store.meta(NAME, 4)["kept"] is False
     # generation 3 was made on 1, and 4 is served now: publishing it would drop 4's changes
     r = cli(adm, "publish", NAME, "3")
