@@ -79,12 +79,14 @@ def shell_env(name: str, number: int) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _terminal_signals_to_the_shell() -> Iterator[list[int]]:
-    """Ctrl-C at the terminal reaches the shell (our whole process group gets it): do nothing
-    here.  A hang-up (the ssh session dropped) ends the shell, and is noted: the session is then
-    kept.  Python handlers, not SIG_IGN, so the shell's programs get the defaults again."""
+def _noted(signals: tuple[int, ...]) -> Iterator[list[int]]:
+    """While inside, ``signals`` are only noted (in the list yielded).  Ctrl-C at the terminal
+    reaches the shell (our whole process group gets it): nothing to do here.  A hang-up (the ssh
+    session dropped) ends the shell, and is noted from the chroot's set-up to the question: the
+    session is then kept.  Python handlers, not SIG_IGN, so the shell's programs get the
+    defaults again."""
     got: list[int] = []
-    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGHUP)}
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in signals}
     try:
         yield got
     finally:
@@ -104,24 +106,39 @@ def _take_terminal(fd: int) -> None:
         signal.signal(signal.SIGTTOU, old)
 
 
+class _HungUp(Exception):
+    """SIGHUP while the question waits (the terminal went away)."""
+
+
+def _hung_up(signum, frame) -> None:
+    raise _HungUp
+
+
 def decide(rc: int, number: int, stdin: TextIO, out: TextIO) -> str:
-    """``publish``, ``keep`` or ``discard``: asked on a terminal, else ``keep``."""
+    """``publish``, ``keep`` or ``discard``: asked on a terminal, else ``keep``; end of input,
+    Ctrl-C or a hang-up (SIGHUP, or the terminal gone: EIO) at the question keep it too (before,
+    SIGHUP there raised the image commands' SystemExit and the session was removed)."""
     if not stdin.isatty():
         return "keep"
-    _take_terminal(stdin.fileno())
-    while True:
-        print(f"\nThe shell ended (status {rc}). Generation {number}: [p]ublish and serve it, [k]eep it "
-              "for later (not served), [d]iscard it? ", end="", file=out, flush=True)
-        try:
-            line = stdin.readline()
-        except (KeyboardInterrupt, OSError):
-            line = ""
-        if not line:
-            print("(no answer: kept)", file=out, flush=True)
-            return "keep"                       # end of input, Ctrl-C, hang-up: nothing is thrown away
-        answer = ANSWERS.get(line.strip().lower())
-        if answer:
-            return answer
+    old = signal.signal(signal.SIGHUP, _hung_up)
+    try:
+        _take_terminal(stdin.fileno())
+        while True:
+            try:
+                print(f"\nThe shell ended (status {rc}). Generation {number}: [p]ublish and serve it, [k]eep "
+                      "it for later (not served), [d]iscard it? ", end="", file=out, flush=True)
+                line = stdin.readline()
+            except (KeyboardInterrupt, OSError, _HungUp):
+                line = ""
+            if not line:
+                with contextlib.suppress(OSError, _HungUp):
+                    print("(no answer: kept)", file=out, flush=True)
+                return "keep"                   # end of input, Ctrl-C, hang-up: nothing is thrown away
+            answer = ANSWERS.get(line.strip().lower())
+            if answer:
+                return answer
+    finally:
+        signal.signal(signal.SIGHUP, old)
 
 
 def how_to(name: str, number: int) -> str:
@@ -134,15 +151,16 @@ def shell_work(name: str, runner: Runner, stdin: TextIO, out: TextIO) -> Callabl
     def work(part: Path, logfile: Path) -> dict:
         number = int(part.name.removesuffix(".partial").removeprefix("gen-"))
         rc_path = part / RC_PATH
-        with Chroot(part, runner, logfile) as ch:
-            atomic_write(rc_path, rc_file(name, number), 0o644)
-            try:
-                with _terminal_signals_to_the_shell() as got:
-                    # the one program not run through Runner: it needs the terminal
-                    rc = subprocess.call(ch.argv(shell_argv(part)), env=shell_env(name, number))
-            finally:
-                rc_path.unlink(missing_ok=True)
-        choice = "keep" if signal.SIGHUP in got else decide(rc, number, stdin, out)
+        with _noted((signal.SIGHUP,)) as hung_up:
+            with Chroot(part, runner, logfile) as ch:
+                atomic_write(rc_path, rc_file(name, number), 0o644)
+                try:
+                    with _noted((signal.SIGINT,)):
+                        # the one program not run through Runner: it needs the terminal
+                        rc = subprocess.call(ch.argv(shell_argv(part)), env=shell_env(name, number))
+                finally:
+                    rc_path.unlink(missing_ok=True)
+            choice = "keep" if hung_up else decide(rc, number, stdin, out)
         log.info("image.shell.ended", image=name, generation=number, status=rc, choice=choice)
         if choice == "discard":
             raise Discarded(f"{name}: generation {number} discarded, as asked")

@@ -170,3 +170,58 @@ def test_scripted_session_is_kept_then_continued_published_and_dropped(adm):
     assert r.returncode == 0, r.stderr
     assert adm.store.numbers(NAME) == [1, 2, 4]
     assert cli(adm, "drop", NAME, "4").returncode == 1               # the served one stays
+
+
+def _hang_up(t: Terminal) -> int | None:
+    """The terminal goes away (an ssh session dropped): the kernel sends SIGHUP to the CLI, the
+    session leader, and to the terminal's foreground process group."""
+    os.close(t.master)
+    try:
+        return t.proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        t.proc.kill()
+        t.proc.wait()
+        return None
+
+
+def _kept(adm: Administrator) -> None:
+    assert adm.store.numbers(NAME) == [1, 2] and adm.store.leftovers(NAME) == ()
+    assert adm.store.current(NAME) == 1 and adm.store.meta(NAME, 2)["kept"] is True
+    assert (adm.store.path(NAME, 2) / "etc/made-in-shell").exists()
+
+
+@pytest.mark.parametrize("how", ["ctrl-d", "ctrl-c", "hang-up"])
+def test_no_answer_at_the_question_keeps_the_session(adm, how):
+    """End of input (Ctrl-D), Ctrl-C or a hang-up at the question: kept, not served.  Before, the
+    hang-up there raised the SystemExit of SIGHUP and the session was removed."""
+    t = Terminal(argv(adm, "shell", NAME))
+    try:
+        t.expect(PROMPT)
+        t.send(b"touch /etc/made-in-shell\nexit\n")
+        t.expect(b"[p]ublish")
+        if how == "hang-up":
+            assert _hang_up(t) is not None, "the CLI did not end after the hang-up"
+        else:
+            t.send(b"\x04" if how == "ctrl-d" else b"\x03")
+            t.expect(b"(no answer: kept)")
+            t.expect(b"sidus-image publish img 2")
+            assert t.close() == 0, t.seen[-800:]
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+            t.proc.wait()
+    _kept(adm)
+
+
+def test_hang_up_during_the_session_keeps_it(adm):
+    t = Terminal(argv(adm, "shell", NAME))
+    try:
+        t.expect(PROMPT)
+        t.send(b"touch /etc/made-in-shell && echo done-$((2+3))\n")
+        t.expect(b"done-5")
+        assert _hang_up(t) is not None, "the CLI did not end after the hang-up"
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+            t.proc.wait()
+    _kept(adm)
