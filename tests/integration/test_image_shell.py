@@ -225,3 +225,25 @@ def test_hang_up_during_the_session_keeps_it(adm):
             t.proc.kill()
             t.proc.wait()
     _kept(adm)
+
+
+def test_sigterm_during_the_session_stops_it_and_leaves_nothing(adm):
+    """SIGTERM (kill, a shutdown) is not a hang-up: the session stops like any interrupted
+    operation (docs/images.md "Interrupted"): the shell is stopped, the generation removed,
+    nothing left mounted, and the CLI says so (exit 143)."""
+    import signal
+    t = Terminal(argv(adm, "shell", NAME))
+    try:
+        t.expect(PROMPT)
+        t.send(b"touch /etc/made-in-shell && echo done-$((2+3))\n")
+        t.expect(b"done-5")
+        t.proc.send_signal(signal.SIGTERM)
+        t.expect(b"no half-made generation is left")
+        assert b"sidus-image: stopped by SIGTERM; the served generation is unchanged" in t.seen, t.seen[-800:]
+        rc = t.close()
+    finally:
+        if t.proc.poll() is None:
+            t.close(timeout=5)
+    assert rc == 143, t.seen[-800:]
+    assert adm.store.numbers(NAME) == [1] and adm.store.leftovers(NAME) == ()
+    assert adm.store.current(NAME) == 1
