@@ -373,7 +373,8 @@ def _interrupted(adm: Administrator, before: dict[str, int | None], what: str, c
     mounted = mounts_under(adm.store.dir) if adm.store.dir.exists() else []
     parts = ["; ".join(changed) if changed else "the served generation is unchanged"]
     if left:
-        parts.append("NOT cleaned up: " + ", ".join(left) + " (the next command on the image removes it)")
+        parts.append("NOT cleaned up: " + ", ".join(left)
+                     + " (the next build, update, run, shell or import of the image removes it)")
     if mounted:
         parts.append("STILL MOUNTED: " + ", ".join(mounted))
     if not left and not mounted:

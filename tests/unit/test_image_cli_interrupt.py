@@ -23,4 +23,5 @@ def test_interrupted_says_what_is_served_and_what_is_left(tmp_path, capsys):
     assert image_main._interrupted(adm, before, "stopped by SIGTERM", 143) == 143
     err = capsys.readouterr().err.strip()
     assert err == ("sidus-image: stopped by SIGTERM; img: generation 2 is served now; NOT cleaned up: "
-                   f"{adm.store.image_dir('img') / 'gen-0003.partial'} (the next command on the image removes it)")
+                   f"{adm.store.image_dir('img') / 'gen-0003.partial'} (the next build, update, run, shell or "
+                   "import of the image removes it)")
