@@ -27,14 +27,16 @@ sidusd runs).  Each can be overridden: ``--images-dir`` / ``$SIDUS_IMAGES_DIR``,
 directories given, no config is read.  ``--cache-dir``: the debootstrap package cache.
 Exit codes: 0 ok, 1 operation failed (the message names the stage), 2 usage or
 recipe error, 75 the image is busy (another administration holds its lock),
-130 interrupted (everything was unmounted).
+130 interrupted by Ctrl-C, 143 stopped by SIGTERM, 129 by SIGHUP (what is left is said).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ from typing import Any
 from sidusd.cliconfig import ToolConfigError, image_paths
 from sidusd.control.messages import SOCKET_ENV
 from sidusd.errors import ConfigError, SidusError
-from sidusd.image import rollout, shell
+from sidusd.image import publish, rollout, shell
 from sidusd.image.build import Administrator
 from sidusd.image.chroot import LockBusy
 from sidusd.image.recipe import read_recipe
@@ -129,6 +131,19 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--keep-failed", action="store_true", help="keep a failed copy's directory")
     rollout.add_parsers(sub)
     return p
+
+
+def _say_served(adm: Administrator, name: str, number: int) -> int:
+    """After ``rollback`` / ``publish``: say "served" only when sidusd confirms it serves generation
+    ``number`` (``images.status`` on its control socket, publish.confirm_served), as ``build``,
+    ``update`` and ``run`` do; 1 when sidusd refuses it (the switch is done: the message says why)."""
+    served = publish.confirm_served(adm.control_socket, name, adm.store.path(name, number).resolve())
+    print(f"{name}: generation {number}: {served.text}")
+    if served.refused:
+        print(f"sidus-image: {name}: generation {number} is switched, but sidusd does not serve it: "
+              f"{served.text}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _list(adm: Administrator, name: str | None, as_json: bool, config_path: Path | None) -> None:
@@ -293,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     adm = Administrator(where.images_dir, where.tftp_root, cache_dir=args.cache_dir,
                         images_file=where.images_file, control_socket=sock,
                         btrfs_snapshots=args.btrfs_snapshots)
+    served_before = _served_now(adm)
     try:
         if args.cmd == "build":
             from sidusd.image.arch import check_build_host, with_arch
@@ -315,16 +331,14 @@ def main(argv: list[str] | None = None) -> int:
             except shell.Discarded as e:
                 print(f"sidus-image: {e}", file=sys.stderr)
         elif args.cmd == "publish":
-            n = shell.publish_kept(adm, args.name, args.number, args.force)
-            print(f"{args.name}: generation {n} served")
+            return _say_served(adm, args.name, shell.publish_kept(adm, args.name, args.number, args.force))
         elif args.cmd == "drop":
             shell.drop(adm, args.name, args.number)
             print(f"{args.name}: generation {args.number} removed")
         elif args.cmd == "list":
             _list(adm, args.name, args.json, args.config)
         elif args.cmd == "rollback":
-            n = adm.rollback(args.name, args.to)
-            print(f"{args.name}: generation {n} served")
+            return _say_served(adm, args.name, adm.rollback(args.name, args.to))
         elif args.cmd == "gc":
             return _gc(adm, args.name, args.keep, args.config, args.dry_run)
         elif args.cmd == "diff":
@@ -345,12 +359,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidus-image: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        left = [f"{adm.store.image_dir(n) / p}" for n in adm.store.names() for p in adm.store.leftovers(n)]
-        print("sidus-image: interrupted; the served generation is unchanged; " + (
-              "NOT cleaned up: " + ", ".join(left) + " (the next command on the image removes it)" if left
-              else "nothing is left mounted, no half-made generation is left"), file=sys.stderr)
-        return 130
+        return _interrupted(adm, served_before, "interrupted", 130)
+    except SystemExit as e:           # SIGTERM / SIGHUP (sidusd.image.chroot.signals_as_exceptions)
+        if e.code not in STOP_CODES:
+            raise
+        return _interrupted(adm, served_before, f"stopped by {STOP_CODES[e.code]}", e.code)
     return 0
+
+
+STOP_CODES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGHUP: "SIGHUP"}
+
+
+def _served_now(adm: Administrator) -> dict[str, int | None]:
+    return {n: adm.store.current(n) for n in adm.store.names()}
+
+
+def _interrupted(adm: Administrator, before: dict[str, int | None], what: str, code: int) -> int:
+    """What an interrupted command leaves, said as it is (Ctrl-C: 130, SIGTERM: 143, SIGHUP: 129):
+    which generation is served, the half-made generations and mounts still there, if any."""
+    from sidusd.image.chroot import mounts_under
+    now = _served_now(adm)
+    changed = [f"{n}: generation {g} is served now" for n, g in now.items() if g != before.get(n, g)]
+    left = [f"{adm.store.image_dir(n) / p}" for n in adm.store.names() for p in adm.store.leftovers(n)]
+    mounted = mounts_under(adm.store.dir) if adm.store.dir.exists() else []
+    parts = ["; ".join(changed) if changed else "the served generation is unchanged"]
+    if left:
+        parts.append("NOT cleaned up: " + ", ".join(left)
+                     + " (the next build, update, run, shell or import of the image removes it)")
+    if mounted:
+        parts.append("STILL MOUNTED: " + ", ".join(mounted))
+    if not left and not mounted:
+        parts.append("nothing is left mounted, no half-made generation is left")
+    with contextlib.suppress(OSError):          # stderr may be a terminal gone (hang-up)
+        print(f"sidus-image: {what}; " + "; ".join(parts), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

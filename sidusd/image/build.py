@@ -17,6 +17,7 @@ go to ``out``; the full output of every command goes to
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -202,19 +203,24 @@ class Administrator:
                 meta = work(part, logfile)
             except BaseException as e:
                 why = str(e) or type(e).__name__
-                log.error("image.stage.failed", image=name, generation=number, error=why)
-                with open(logfile, "a") as f:
-                    f.write(f"FAILED: {why}\n")
+                with contextlib.suppress(OSError):
+                    with open(logfile, "a") as f:
+                        f.write(f"FAILED: {why}\n")
                 if not keep_failed or isinstance(e, shell.Discarded):
                     self.store.abort(name, number)
+                # after the cleanup, and never instead of it: stderr may be a terminal gone (hang-up: EIO)
+                with contextlib.suppress(OSError):
+                    log.error("image.stage.failed", image=name, generation=number, error=why)
                 raise
             switch = switch and not meta.get("kept")            # a kept shell session is not served
             meta.update(kind=kind, parent=parent, message=message, duration_s=round(time.monotonic() - t0, 1))
             try:
                 self.store.commit(name, number, meta)         # the copy: hard-link farm + upper layer
             except BaseException as e:                        # Ctrl-C half-way: no half-made generation
-                log.error("image.generation.aborted", image=name, generation=number, error=str(e) or type(e).__name__)
                 self.store.abort(name, number)
+                with contextlib.suppress(OSError):
+                    log.error("image.generation.aborted", image=name, generation=number,
+                              error=str(e) or type(e).__name__)
                 raise
             log.info("image.generation.committed", image=name, generation=number, kind=kind)
             root = self.store.path(name, number)

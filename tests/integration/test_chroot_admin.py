@@ -215,3 +215,19 @@ def test_ctrl_c_during_debootstrap_releases_its_mounts(built, tmp_path):
     assert processes_in(tmp_path) == []
     assert adm.store.numbers("minimal") == [] and adm.store.current("minimal") is None
     assert not any(p.name.endswith(".partial") for p in adm.store.image_dir("minimal").iterdir())
+
+
+def test_a_fresh_build_has_no_pending_upgrade(built):
+    """Issue 15: "a new image has 11 pending upgrades".  The build's upgrade stage ran the full
+    upgrade against -updates and -security; asked again now, inside (apt-get update, then a
+    simulated full-upgrade), apt finds nothing to do.  The served generation is the build's or a
+    ``run`` over it that installed nothing; the check is a ``run --no-switch``, dropped after."""
+    served = built.store.current("minimal")
+    r = cli(built, "run", "--no-switch", "minimal", "--", "sh", "-c",
+            "apt-get -q update >/dev/null && apt-get -s -o Debug::NoLocking=1 full-upgrade")
+    assert r.returncode == 0, r.stderr
+    assert "0 upgraded, 0 newly installed, 0 to remove" in r.stderr, r.stderr[-2000:]
+    assert "\nInst " not in r.stderr, r.stderr[-2000:]
+    check = max(built.store.numbers("minimal"))
+    assert built.store.current("minimal") == served != check
+    assert cli(built, "drop", "minimal", str(check)).returncode == 0

@@ -160,7 +160,7 @@ def test_scripted_session_is_kept_then_continued_published_and_dropped(adm):
     g4 = adm.store.path(NAME, 4)
     assert (g4 / "etc/x").exists() and (g4 / "etc/y").exists() and adm.store.meta(NAME, 4)["parent"] == 2
     r = cli(adm, "publish", NAME)                                  # the newest kept one
-    assert r.returncode == 0 and "generation 4 served" in r.stdout, r.stderr
+    assert r.returncode == 0 and "generation 4: switched; not confirmed served" in r.stdout, r.stderr
     assert adm.store.current(NAME) == 4 and adm.store.meta(NAME, 4)["kept"] is False
     # generation 3 was made on 1, and 4 is served now: publishing it would drop 4's changes
     r = cli(adm, "publish", NAME, "3")
@@ -170,3 +170,80 @@ def test_scripted_session_is_kept_then_continued_published_and_dropped(adm):
     assert r.returncode == 0, r.stderr
     assert adm.store.numbers(NAME) == [1, 2, 4]
     assert cli(adm, "drop", NAME, "4").returncode == 1               # the served one stays
+
+
+def _hang_up(t: Terminal) -> int | None:
+    """The terminal goes away (an ssh session dropped): the kernel sends SIGHUP to the CLI, the
+    session leader, and to the terminal's foreground process group."""
+    os.close(t.master)
+    try:
+        return t.proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        t.proc.kill()
+        t.proc.wait()
+        return None
+
+
+def _kept(adm: Administrator) -> None:
+    assert adm.store.numbers(NAME) == [1, 2] and adm.store.leftovers(NAME) == ()
+    assert adm.store.current(NAME) == 1 and adm.store.meta(NAME, 2)["kept"] is True
+    assert (adm.store.path(NAME, 2) / "etc/made-in-shell").exists()
+
+
+@pytest.mark.parametrize("how", ["ctrl-d", "ctrl-c", "hang-up"])
+def test_no_answer_at_the_question_keeps_the_session(adm, how):
+    """End of input (Ctrl-D), Ctrl-C or a hang-up at the question: kept, not served.  Before, the
+    hang-up there raised the SystemExit of SIGHUP and the session was removed."""
+    t = Terminal(argv(adm, "shell", NAME))
+    try:
+        t.expect(PROMPT)
+        t.send(b"touch /etc/made-in-shell\nexit\n")
+        t.expect(b"[p]ublish")
+        if how == "hang-up":
+            assert _hang_up(t) is not None, "the CLI did not end after the hang-up"
+        else:
+            t.send(b"\x04" if how == "ctrl-d" else b"\x03")
+            t.expect(b"(no answer: kept)")
+            t.expect(b"sidus-image publish img 2")
+            assert t.close() == 0, t.seen[-800:]
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+            t.proc.wait()
+    _kept(adm)
+
+
+def test_hang_up_during_the_session_keeps_it(adm):
+    t = Terminal(argv(adm, "shell", NAME))
+    try:
+        t.expect(PROMPT)
+        t.send(b"touch /etc/made-in-shell && echo done-$((2+3))\n")
+        t.expect(b"done-5")
+        assert _hang_up(t) is not None, "the CLI did not end after the hang-up"
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+            t.proc.wait()
+    _kept(adm)
+
+
+def test_sigterm_during_the_session_stops_it_and_leaves_nothing(adm):
+    """SIGTERM (kill, a shutdown) is not a hang-up: the session stops like any interrupted
+    operation (docs/images.md "Interrupted"): the shell is stopped, the generation removed,
+    nothing left mounted, and the CLI says so (exit 143)."""
+    import signal
+    t = Terminal(argv(adm, "shell", NAME))
+    try:
+        t.expect(PROMPT)
+        t.send(b"touch /etc/made-in-shell && echo done-$((2+3))\n")
+        t.expect(b"done-5")
+        t.proc.send_signal(signal.SIGTERM)
+        t.expect(b"no half-made generation is left")
+        assert b"sidus-image: stopped by SIGTERM; the served generation is unchanged" in t.seen, t.seen[-800:]
+        rc = t.close()
+    finally:
+        if t.proc.poll() is None:
+            t.close(timeout=5)
+    assert rc == 143, t.seen[-800:]
+    assert adm.store.numbers(NAME) == [1] and adm.store.leftovers(NAME) == ()
+    assert adm.store.current(NAME) == 1
