@@ -276,6 +276,14 @@ def inspect(config: Any, *, nfs: bool = False) -> list[Problem]:
     return found
 
 
+def inspect_serving(config: Any) -> list[Problem]:
+    """What the daemon verifies at start, at reload and for status: :func:`inspect` with the NFS
+    backend asked too. A backend that does not answer is logged at error and shown by ``sidusctl
+    status`` but refuses neither (``fatal_at_start``, ``refused_at_reload``): the NFS server starts
+    and restarts on its own, and TFTP/DHCP keep serving the machines that boot without it."""
+    return inspect(config, nfs=True)
+
+
 def nfs_problem(config: Any, proc: Path = Path("/proc")) -> Problem | None:
     """Whether the NFS server of ``nfs.backend`` runs (None: it does, or backend none)."""
     nfs = config.nfs

@@ -96,7 +96,7 @@ class Runtime:
                  nfs_factory: Callable[[config_mod.Config], NfsManager] | None = None,
                  iscsi_factory: Callable[[config_mod.Config], IscsiManager] | None = None,
                  iscsi_watch_s: float = 5.0,
-                 inspect: Callable[[config_mod.Config], list[preflight.Problem]] = preflight.inspect,
+                 inspect: Callable[[config_mod.Config], list[preflight.Problem]] = preflight.inspect_serving,
                  inventory_source: InventorySource | None = None):
         self.config_path = Path(config_path)
         self.inventory_source = inventory_source

@@ -153,3 +153,23 @@ def test_bad_image_reload_refused_others_stay_exported(tmp_path):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_start_and_reload_ask_the_nfs_backend(tmp_path):
+    """Issue 15: start and reload verify that the NFS backend answers (before, only --check
+    asked it): a ganesha that does not run is logged at error with the key and the fix and shown
+    by status, and refuses neither (DHCP/TFTP keep serving; ganesha starts on its own)."""
+    d = SidusDaemon(tmp_path)
+    cfg = dict(d.config)
+    cfg["nfs"] = {"backend": "ganesha", "server_address": "127.0.0.1",
+                  "ganesha_config": str(tmp_path / "sidus-exports.conf"),
+                  "ganesha_pid_file": str(tmp_path / "no-ganesha.pid"), "client_networks": ["127.0.0.0/8"]}
+    d.write_config(cfg)
+    with d:
+        said = [e for e in d.events() if e.get("event") == "preflight.problem" and e.get("key") == "nfs.backend"]
+        assert said and said[0].get("level") == "error", d.log_tail()
+        assert "systemctl start nfs-ganesha" in said[0].get("fix", ""), said
+        st = d.ctl_json("status")
+        assert [p for p in st["preflight"] if p["key"] == "nfs.backend"], st["preflight"]
+        assert d.ctl("reload", check=False).returncode == 0, d.log_tail()
+        assert d.tftp_get("pxelinux.0"), "TFTP still serves"
