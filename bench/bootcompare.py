@@ -25,11 +25,11 @@ same bytes.
 The timeline of a boot comes from the wire, the same way for every server: a
 pcap of the lab bridge (tcpdump in the lab namespace, lab traffic only) read by
 :func:`wire_timeline` (the VM's first DHCPDISCOVER, the site server's DHCPACK,
-each TFTP RRQ and the last DATA block of each transfer), and from the guest
+each TFTP RRQ and the client's last ACK of each transfer), and from the guest
 console (``Linux version``, the ``SIDUS-BOOT:`` markers ``root mounted`` and
 ``READY``, seen by polling every 0.2 s).  "up" is ``READY``.
 Phases: firmware (qemu start -> first DISCOVER), dhcp (-> ACK), idle (ACK ->
-first RRQ), each file (its RRQ -> its last block), kernel (initrd end -> Linux
+first RRQ), each file (its RRQ -> its last ACK), kernel (initrd end -> Linux
 banner), root (-> root mounted), init (-> READY).
 
 Prints every boot's timeline, then per path and server the median of each
@@ -121,12 +121,13 @@ class WireTimeline:
     discover: float | None = None
     ack: float | None = None                       # the last DHCPACK before the first RRQ
     ra: float | None = None                        # first Router Advertisement to the VM, if any
-    files: list[tuple[str, float, float]] = field(default_factory=list)   # (name, RRQ, last DATA)
+    files: list[tuple[str, float, float]] = field(default_factory=list)   # (name, RRQ, last ACK)
 
 
 def wire_timeline(packets: list[tuple[float, bytes]], mac: str) -> WireTimeline:
     """The VM's first DHCPDISCOVER, the DHCPACK before its first TFTP RRQ, its RRQs (file names)
-    and the last DATA block each transfer sent (by the transfer's server port and client port)."""
+    and the client's last ACK of each transfer (by client and server port: a transfer the
+    client abandoned ends at its last ACK, whatever the server retransmits after it)."""
     want = bytes.fromhex(mac.replace(":", ""))
     tl = WireTimeline()
     acks: list[float] = []
@@ -153,15 +154,11 @@ def wire_timeline(packets: list[tuple[float, bytes]], mac: str) -> WireTimeline:
             name = payload[2:].split(b"\x00", 1)[0].decode("ascii", "replace")
             tl.files.append((name, t, t))
             pending[sport] = len(tl.files) - 1
-        elif payload[:2] in (b"\x00\x03", b"\x00\x06") and dport in pending:
-            key = (dport, sport)
-            if key not in transfers:
-                transfers[key] = pending[dport]
-            idx = transfers[key]
-            name, start, _ = tl.files[idx]
-            tl.files[idx] = (name, start, t)
-        elif payload[:2] in (b"\x00\x03", b"\x00\x06") and (dport, sport) in transfers:
-            idx = transfers[(dport, sport)]
+        elif payload[:2] in (b"\x00\x03", b"\x00\x06") and dport in pending \
+                and (dport, sport) not in transfers:
+            transfers[(dport, sport)] = pending[dport]   # the server's first answer names its port
+        elif payload[:2] == b"\x00\x04" and (sport, dport) in transfers:
+            idx = transfers[(sport, dport)]                # the client ACKs: the transfer goes on
             name, start, _ = tl.files[idx]
             tl.files[idx] = (name, start, t)
     tl.ack = acks[-1] if acks else None
