@@ -44,5 +44,5 @@ def test_ipv6_no_router_ends_ipxe_idle_after_dhcp_ack(make_lab, demo_image, tmp_
     assert wire.ack is not None and wire.files, "no DHCPACK or no TFTP request on the wire"
     first_rrq = wire.files[0][1]
     assert wire.files[0][0] == "pxelinux.0"
-    assert wire.ra is not None and wire.ra < first_rrq, "no router advertisement reached the VM before its RRQ"
     assert first_rrq - wire.ack < 5.0, f"iPXE idled {first_rrq - wire.ack:.1f} s after its DHCPACK"
+    assert wire.ra is not None and wire.ra < first_rrq, "no router advertisement reached the VM before its RRQ"
