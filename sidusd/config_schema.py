@@ -140,6 +140,9 @@ class DhcpConfig:
     client_port: Port = 68
     unknown_hosts: Literal["default", "ignore"] = "default"
     pool: PoolConfig | None = None
+    # answer IPv6 router solicitations on `interfaces` with "no router here" (lifetime 0, no
+    # prefix): ends iPXE's ~16 s IPv6 wait on IPv4-only segments (sidusd/net/ra.py)
+    ipv6_no_router: bool = False
 
 
 @dataclass(frozen=True)
@@ -334,7 +337,7 @@ def listener_items(c: Config) -> list[tuple[str, object]]:
     return [
         ("dhcp.mode", c.dhcp.mode), ("dhcp.interfaces", c.dhcp.interfaces),
         ("dhcp.port", c.dhcp.port), ("dhcp.pxe_port", c.dhcp.pxe_port),
-        ("dhcp.client_port", c.dhcp.client_port),
+        ("dhcp.client_port", c.dhcp.client_port), ("dhcp.ipv6_no_router", c.dhcp.ipv6_no_router),
         ("tftp.enabled", c.tftp.enabled), ("tftp.address", c.tftp.address),
         ("tftp.port", c.tftp.port), ("tftp.intake_queue", c.tftp.intake_queue),
         ("http.enabled", c.http.enabled), ("http.address", c.http.address),

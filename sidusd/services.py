@@ -44,6 +44,9 @@ def build_services(runtime: Any, io: ServiceIO) -> dict[str, Any]:
     if cfg.dhcp.mode != "off":
         from .net.dhcp_server import DhcpService
         services["dhcp"] = DhcpService(runtime, io=io)
+        if cfg.dhcp.ipv6_no_router:
+            from .net.ra import RaService
+            services["ra"] = RaService(runtime, io=io)
     if cfg.tftp.enabled:
         from .net.tftp_server import TftpService
         services["tftp"] = TftpService(runtime, io=io)

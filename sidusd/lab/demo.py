@@ -147,6 +147,7 @@ class Lab:
     http: bool = True                       # sidusd's HTTP boot server on SERVER_IP:HTTP_PORT (and /up)
     ipxe_chain: bool = False                # boot.ipxe_chain: iPXE clients get the HTTP script URL
     extra_config: dict[str, Any] = field(default_factory=dict)   # top-level sections added (metrics:, web:)
+    dhcp_extra: dict[str, Any] = field(default_factory=dict)     # keys added to dhcp: (ipv6_no_router)
 
     # -- paths -------------------------------------------------------------
     @property
@@ -219,7 +220,7 @@ class Lab:
 
     def config_dict(self, exports_file: Path, pid_file: Path) -> dict[str, Any]:
         """The sidusd configuration of this lab (docs/architecture.md schema)."""
-        dhcp: dict[str, Any] = {"mode": self.mode, "interfaces": [BRIDGE]}
+        dhcp: dict[str, Any] = {"mode": self.mode, "interfaces": [BRIDGE], **self.dhcp_extra}
         if self.mode == "full":
             dhcp["pool"] = {"network": str(NETWORK), "range_start": "10.13.20.100",
                             "range_end": "10.13.20.199", "router": SERVER_IP,

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 SIOCGIFADDR = 0x8915
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
-KIND = {"dhcp": "udp", "tftp": "udp", "http": "tcp"}
+KIND = {"dhcp": "udp", "tftp": "udp", "http": "tcp", "ra": "raw"}
 HTTP_BACKLOG = 1024
 
 
@@ -55,9 +55,39 @@ def open_socket(ifname: str, port: int) -> socket.socket:
     return s
 
 
+ICMP6_FILTER = 1                        # <netinet/icmp6.h>, level IPPROTO_ICMPV6
+ALL_ROUTERS = "ff02::2"
+
+
+def open_icmp6(ifname: str) -> socket.socket:
+    """A non-blocking raw ICMPv6 socket on ``ifname`` for Router Solicitations/Advertisements
+    (``dhcp.ipv6_no_router``, :mod:`sidusd.net.ra`): only types 133/134 pass the filter,
+    ff02::2 joined, each packet's hop limit reported, 255 on what it sends (RFC 4861 §6.1)."""
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
+        blocked = [0xFFFFFFFF] * 8
+        for t in (133, 134):
+            blocked[t >> 5] &= ~(1 << (t & 31))
+        s.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("=8I", *blocked))
+        mreq = socket.inet_pton(socket.AF_INET6, ALL_ROUTERS) + struct.pack("=I", socket.if_nametoindex(ifname))
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 def _bind(service: str, address: str, port: int, device: str | None, rcvbuf: int) -> socket.socket:
     if service == "dhcp":
         return open_socket(device or "", port)
+    if service == "ra":
+        return open_icmp6(device or "")
     kind = socket.SOCK_DGRAM if KIND[service] == "udp" else socket.SOCK_STREAM
     s = socket.socket(socket.AF_INET, kind)
     try:
@@ -88,7 +118,8 @@ def bind_listener(service: str, address: str, port: int, device: str | None = No
     try:
         return _bind(service, address, port, device, rcvbuf)
     except OSError as exc:
-        where = f"{device} udp/{port}" if service == "dhcp" else f"{address}:{port}"
+        where = (f"{device} udp/{port}" if service == "dhcp" else f"{device} icmpv6" if service == "ra"
+                 else f"{address}:{port}")
         raise StartupError(f"{service}: cannot listen on {where}: {exc.strerror}") from None
 
 
@@ -134,6 +165,8 @@ def bind_listeners(config: Config) -> list[Listener]:
                 check_interface(iface)
                 for port in (d.port, d.pxe_port):
                     add("dhcp", "0.0.0.0", port, iface)
+                if d.ipv6_no_router:
+                    add("ra", "0.0.0.0", 0, iface)
         if config.tftp.enabled:
             t = config.tftp
             add("tftp", str(t.address), int(t.port), rcvbuf=t.intake_queue * 512)

@@ -1,0 +1,413 @@
+"""Whole boot, qemu start to up: sidus against dnsmasq (proxyDHCP + TFTP) and dnsmasq + tftpd-hpa.
+
+    sudo .venv/bin/python -m bench.bootcompare [--boots N] [--paths bios,uefi] [--servers ...]
+                                               [--workdir DIR] [--json FILE]
+
+One run, one lab (:mod:`sidusd.lab`: the namespaces, the site DHCP server that
+hands out addresses only, nfs-ganesha, the demo image), one VM MAC.  Each
+round boots the same VM once per server, the servers' order rotated every
+round (interleaved), for each firmware path (``bios``: SeaBIOS + the iPXE ROM of
+ipxe-qemu, pxelinux.0; ``uefi``: OVMF + iPXE's EFI ROM, syslinux.efi):
+
+* ``sidus``          sidusd: proxyDHCP + TFTP (and the NFS export), as shipped,
+                     plus ``dhcp.ipv6_no_router: true`` (``--sidus-ra off`` leaves it out).
+* ``dnsmasq``        dnsmasq ``--dhcp-range=...,proxy --pxe-service=...
+                     --enable-tftp`` (the recipe of bench/peers.py) on the lab bridge.
+* ``dnsmasq+hpa``    the same dnsmasq for proxyDHCP, TFTP by tftpd-hpa (bench/peers.py
+                     fetches it into bench/.peers/).
+
+For the peers sidusd is restarted with ``dhcp.mode: off`` and TFTP off: it only
+keeps the NFS export (the same nfs-ganesha, the same image).  They serve a copy
+of the lab's TFTP root plus the ``pxelinux.cfg/01-<mac>`` that sidusd renders
+for that MAC (fetched from sidusd over TFTP first), so every server sends the
+same bytes.
+
+The timeline of a boot comes from the wire, the same way for every server: a
+pcap of the lab bridge (tcpdump in the lab namespace, lab traffic only) read by
+:func:`wire_timeline` (the VM's first DHCPDISCOVER, the site server's DHCPACK,
+each TFTP RRQ and the client's last ACK of each transfer), and from the guest
+console (``Linux version``, the ``SIDUS-BOOT:`` markers ``root mounted`` and
+``READY``, seen by polling every 0.2 s).  "up" is ``READY``.
+Phases: firmware (qemu start -> first DISCOVER), dhcp (-> ACK), idle (ACK ->
+first RRQ), each file (its RRQ -> its last ACK), kernel (initrd end -> Linux
+banner), root (-> root mounted), init (-> READY).
+
+Prints every boot's timeline, then per path and server the median of each
+phase and of the whole boot, and the ratio sidus / peer of the medians.
+Needs root (namespaces, qemu on a tap) and the lab's packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SITE_IP = "10.13.20.2"
+SERVER_IP = "10.13.20.1"
+SERVERS = ("sidus", "dnsmasq", "dnsmasq+hpa")
+PATHS = ("bios", "uefi")
+BOOT_TIMEOUT_S = 400.0
+PHASES = ("firmware", "dhcp", "idle", "files", "kernel", "root", "init")
+
+
+# -- the wire: a pcap of the lab bridge, read without any library (pure) -----------------------
+
+def pcap_packets(data: bytes) -> list[tuple[float, bytes]]:
+    """``(time, ethernet frame)`` of a classic pcap file (tcpdump -w), either byte order."""
+    if len(data) < 24:
+        return []
+    magic = data[:4]
+    endian = {b"\xd4\xc3\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">",
+              b"\x4d\x3c\xb2\xa1": "<", b"\xa1\xb2\x3c\x4d": ">"}.get(magic)
+    if endian is None:
+        raise ValueError("not a pcap file")
+    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+    out, i = [], 24
+    while i + 16 <= len(data):
+        sec, frac, incl, _orig = struct.unpack_from(endian + "IIII", data, i)
+        i += 16
+        out.append((sec + frac / (1e9 if nano else 1e6), data[i:i + incl]))
+        i += incl
+    return out
+
+
+def _udp(frame: bytes) -> tuple[str, str, int, int, bytes] | None:
+    """``(src ip, dst ip, sport, dport, payload)`` of an Ethernet/IPv4/UDP frame, else None."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x00":
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    if frame[23] != 17 or len(frame) < 14 + ihl + 8:
+        return None
+    src, dst = socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34])
+    sport, dport = struct.unpack_from("!HH", frame, 14 + ihl)
+    return src, dst, sport, dport, frame[14 + ihl + 8:]
+
+
+def _dhcp_type(payload: bytes) -> tuple[int, bytes] | None:
+    """(option 53 message type, chaddr[:6]) of a BOOTP/DHCP payload, else None."""
+    if len(payload) < 240 or payload[236:240] != b"\x63\x82\x53\x63":
+        return None
+    i = 240
+    while i < len(payload):
+        code = payload[i]
+        if code == 255:
+            break
+        if code == 0:
+            i += 1
+            continue
+        if i + 1 >= len(payload):
+            break
+        ln = payload[i + 1]
+        if code == 53 and ln >= 1 and i + 2 < len(payload):
+            return payload[i + 2], payload[28:34]
+        i += 2 + ln
+    return None
+
+
+@dataclass
+class WireTimeline:
+    """What a boot did on the wire (absolute times): see :func:`wire_timeline`."""
+
+    discover: float | None = None
+    ack: float | None = None                       # the last DHCPACK before the first RRQ
+    ra: float | None = None                        # first Router Advertisement to the VM, if any
+    files: list[tuple[str, float, float]] = field(default_factory=list)   # (name, RRQ, last ACK)
+
+
+def wire_timeline(packets: list[tuple[float, bytes]], mac: str) -> WireTimeline:
+    """The VM's first DHCPDISCOVER, the DHCPACK before its first TFTP RRQ, its RRQs (file names)
+    and the client's last ACK of each transfer (by client and server port: a transfer the
+    client abandoned ends at its last ACK, whatever the server retransmits after it)."""
+    want = bytes.fromhex(mac.replace(":", ""))
+    tl = WireTimeline()
+    acks: list[float] = []
+    transfers: dict[tuple[int, int], int] = {}      # (client port, server port) -> index in files
+    pending: dict[int, int] = {}                     # client port -> index, until the server answers
+    for t, frame in packets:
+        if len(frame) >= 62 and frame[12:14] == b"\x86\xdd" and frame[20] == 58 and frame[54] == 134 \
+                and frame[0:6] == want and tl.ra is None:
+            tl.ra = t
+            continue
+        u = _udp(frame)
+        if u is None:
+            continue
+        src, dst, sport, dport, payload = u
+        if sport == 68 and dport == 67:
+            d = _dhcp_type(payload)
+            if d and d[1] == want and d[0] == 1 and tl.discover is None:
+                tl.discover = t
+        elif sport == 67 and dport == 68:
+            d = _dhcp_type(payload)
+            if d and d[1] == want and d[0] == 5 and not tl.files:
+                acks.append(t)
+        elif dport == 69 and payload[:2] == b"\x00\x01":
+            name = payload[2:].split(b"\x00", 1)[0].decode("ascii", "replace")
+            tl.files.append((name, t, t))
+            pending[sport] = len(tl.files) - 1
+        elif payload[:2] in (b"\x00\x03", b"\x00\x06") and dport in pending \
+                and (dport, sport) not in transfers:
+            transfers[(dport, sport)] = pending[dport]   # the server's first answer names its port
+        elif payload[:2] == b"\x00\x04" and (sport, dport) in transfers:
+            idx = transfers[(sport, dport)]                # the client ACKs: the transfer goes on
+            name, start, _ = tl.files[idx]
+            tl.files[idx] = (name, start, t)
+    tl.ack = acks[-1] if acks else None
+    return tl
+
+
+def phases(wire: WireTimeline, t0: float, console: dict[str, float]) -> dict[str, float | None]:
+    """Seconds per phase (:data:`PHASES`, ``file:<name>`` for each file) and ``total`` (t0 -> READY).
+
+    ``console``: absolute times of ``linux``, ``root``, ``ready`` (None-less: missing keys absent).
+    Only files that were sent (a size probe the client abandoned counts into the next)."""
+    out: dict[str, float | None] = {}
+
+    def gap(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(b - a, 2)
+
+    first_rrq = wire.files[0][1] if wire.files else None
+    out["firmware"] = gap(t0, wire.discover)
+    out["dhcp"] = gap(wire.discover, wire.ack)
+    out["idle"] = gap(wire.ack, first_rrq)
+    for name, start, end in wire.files:
+        key = f"file:{name}"
+        out[key] = round((out.get(key) or 0.0) + (end - start), 2)
+    last_end = max((e for _, _, e in wire.files), default=None)
+    out["files"] = gap(first_rrq, last_end)
+    out["kernel"] = gap(last_end, console.get("linux"))
+    out["root"] = gap(console.get("linux"), console.get("root"))
+    out["init"] = gap(console.get("root"), console.get("ready"))
+    out["total"] = gap(t0, console.get("ready"))
+    return out
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{path: {server: {phase: median seconds}}}`` over the boots that reached READY."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for r in results:
+        if r["phases"].get("total") is None:
+            continue
+        out.setdefault(r["path"], {}).setdefault(r["server"], {})
+    for path, servers in out.items():
+        for server in servers:
+            boots = [r["phases"] for r in results if r["path"] == path and r["server"] == server
+                     and r["phases"].get("total") is not None]
+            keys = [k for k in (*PHASES, "total") if all(b.get(k) is not None for b in boots)]
+            servers[server] = {k: round(statistics.median(b[k] for b in boots), 2) for k in keys}
+            servers[server]["n"] = len(boots)
+    return out
+
+
+# -- the lab (root, qemu): everything below runs the real thing ---------------------------------
+
+def _console_times(vm: Any, follower: Any, lab: Any, timeout_s: float) -> dict[str, float]:
+    times: dict[str, float] = {}
+
+    def on_step(step: Any) -> None:
+        if step.key in ("linux", "root", "ready") and step.key not in times:
+            times[step.key] = time.time()
+    lab.follow(vm, follower, timeout_s, until="ready", on_step=on_step)
+    return times
+
+
+class Rig:
+    """One lab and the servers that take turns on it."""
+
+    def __init__(self, workdir: Path, mac: str, sidus_ra: bool):
+        from sidusd.lab.demo import HostSpec, Lab
+        from sidusd.lab.image import build_demo_image
+        self.workdir, self.mac = workdir, mac
+        self.image = build_demo_image(workdir / "image", progress=lambda m: print("   " + m, flush=True))
+        self.lab = Lab(workdir / "lab", mode="proxy", progress=lambda m: print("== " + m, flush=True),
+                       dhcp_extra={"ipv6_no_router": True} if sidus_ra else {})
+        self.host = HostSpec(mac, "bench1", "sidus.demo=poweroff")
+        self.peer_root = workdir / "peer-tftp"
+        self.procs: list[subprocess.Popen] = []
+        self.sidus_mode = "serve"
+
+    def up(self) -> None:
+        self.lab.up(self.image, [self.host])
+        self._make_peer_root()
+
+    def _make_peer_root(self) -> None:
+        """A copy of the TFTP root with the pxelinux.cfg/01-<mac> sidusd renders (fetched over TFTP)."""
+        if self.peer_root.exists():
+            shutil.rmtree(self.peer_root)
+        shutil.copytree(self.lab.tftp_root, self.peer_root)
+        cfg_name = "pxelinux.cfg/01-" + self.mac.replace(":", "-")
+        (self.peer_root / "pxelinux.cfg").mkdir(exist_ok=True)
+        out = self.peer_root / cfg_name
+        argv = self.lab.topology.lab_argv(["busybox", "tftp", "-g", "-r", cfg_name, "-l", str(out), SERVER_IP])
+        subprocess.run(argv, check=True, timeout=30, capture_output=True)
+        text = out.read_text()
+        if "demo/vmlinuz" not in text:
+            raise RuntimeError(f"sidusd rendered no kernel line for {cfg_name}: {text!r}")
+
+    def _sidusd(self, mode: str) -> None:
+        """Restart sidusd serving (``serve``) or keeping only the NFS export (``nfs-only``)."""
+        if mode == self.sidus_mode:
+            return
+        lab = self.lab
+        lab.stop_sidusd()
+        orig = lab.config_dict
+
+        def cfg(exports_file: Path, pid_file: Path) -> dict[str, Any]:
+            c = orig(exports_file, pid_file)
+            if mode == "nfs-only":
+                c["dhcp"] = {"mode": "off"}
+                c["tftp"] = dict(c["tftp"], enabled=False)
+            return c
+        exports = lab.workdir / "ganesha-exports.conf"
+        lab.config_dict = cfg  # type: ignore[method-assign]   (this lab object only)
+        try:
+            lab.write_config(exports, lab.ganesha.pid_file)
+        finally:
+            del lab.config_dict
+        lab.start_sidusd()
+        lab.ganesha.wait_exported(str(self.image.root), 30.0)
+        self.sidus_mode = mode
+
+    def start(self, server: str) -> None:
+        from bench.peers import ensure_peers
+        self._sidusd("serve" if server == "sidus" else "nfs-only")
+        if server == "sidus":
+            return
+        topo = self.lab.topology
+        dnsmasq = [shutil.which("dnsmasq") or "/usr/sbin/dnsmasq", "--keep-in-foreground",
+                   "--conf-file=/dev/null", "--port=0", "--user=root", "--pid-file=",
+                   "--interface=br0", "--bind-interfaces", f"--listen-address={SERVER_IP}",
+                   "--dhcp-range=10.13.20.0,proxy,255.255.255.0",
+                   '--pxe-service=x86PC,"sidus",pxelinux',
+                   '--pxe-service=BC_EFI,"sidus",syslinux.efi',
+                   '--pxe-service=X86-64_EFI,"sidus",syslinux.efi',
+                   f"--dhcp-leasefile={self.workdir / 'peer.leases'}",
+                   f"--log-facility={self.workdir / 'peer-dnsmasq.log'}", "--log-dhcp"]
+        if server == "dnsmasq":
+            dnsmasq += ["--enable-tftp", f"--tftp-root={self.peer_root}"]
+        self.procs.append(subprocess.Popen(topo.lab_argv(dnsmasq), stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           start_new_session=True))
+        if server == "dnsmasq+hpa":
+            hpa = ensure_peers(["tftpd-hpa"])["tftpd-hpa"]
+            self.procs.append(subprocess.Popen(
+                topo.lab_argv([str(hpa), "-L", "-u", "root", "-s", str(self.peer_root),
+                               "-a", f"{SERVER_IP}:69"]),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True))
+        time.sleep(1.0)
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{server}: {p.args[-1]!r}... exited with {p.returncode}")
+
+    def stop_peers(self) -> None:
+        from bench.peers import stop_server
+        procs, self.procs = self.procs, []
+        for p in procs:
+            stop_server(p)
+
+    def boot(self, server: str, path: str, index: int) -> dict[str, Any]:
+        """One boot of the VM through ``server``; its phases."""
+        from sidusd.lab.proc import terminate
+        lab = self.lab
+        pcap = self.workdir / f"boot-{index:02d}-{path}-{server.replace('+', '-')}.pcap"
+        dump = subprocess.Popen(lab.topology.lab_argv(["tcpdump", "-i", "br0", "-U", "-s", "400", "-w", str(pcap)]),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(1.0)
+        vm = lab.boot_vm(self.mac, name=f"b{index:02d}", uefi=path == "uefi")
+        t0 = time.time()
+        follower = lab.timeline(vm)
+        follower.t0 = t0
+        try:
+            console = _console_times(vm, follower, lab, BOOT_TIMEOUT_S)
+            vm.wait_exit(20)
+        finally:
+            vm.stop()
+            lab.vms.remove(vm)
+            time.sleep(0.5)
+            terminate(dump, 5)
+        wire = wire_timeline(pcap_packets(pcap.read_bytes()), self.mac)
+        ph = phases(wire, t0, console)
+        return {"server": server, "path": path, "round": index, "phases": ph,
+                "ra": None if wire.ra is None else round(wire.ra - t0, 2),
+                "files": [(n, round(s - t0, 2), round(e - t0, 2)) for n, s, e in wire.files]}
+
+    def close(self) -> None:
+        self.stop_peers()
+        self.lab.close()
+
+
+def print_boot(r: dict[str, Any]) -> None:
+    ph = r["phases"]
+
+    def f(v: float | None) -> str:
+        return "  -  " if v is None else f"{v:5.1f}"
+    files = " ".join(f"{k[5:]}={v:.2f}" for k, v in ph.items() if k.startswith("file:") and v is not None)
+    print(f"  {r['path']:4} {r['server']:12} total {f(ph['total'])} s | " + " ".join(
+        f"{p} {f(ph[p])}" for p in PHASES) + f" | {files}", flush=True)
+
+
+def print_summary(summary: dict[str, dict[str, dict[str, float]]]) -> None:
+    for path, servers in summary.items():
+        print(f"\n{path}: median seconds (n boots)")
+        print("  server       " + " ".join(f"{p:>8}" for p in (*PHASES, "total")) + "   n")
+        for server, med in servers.items():
+            print(f"  {server:12} " + " ".join(f"{med.get(p, float('nan')):8.2f}" for p in (*PHASES, "total"))
+                  + f"   {med['n']:.0f}")
+        if "sidus" in servers:
+            for peer, med in servers.items():
+                if peer != "sidus":
+                    print(f"  ratio sidus/{peer}: {servers['sidus']['total'] / med['total']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--boots", type=int, default=3, help="boots per server and path (default 3)")
+    ap.add_argument("--paths", default="bios,uefi")
+    ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--sidus-ra", choices=("on", "off"), default="on",
+                    help="dhcp.ipv6_no_router for sidus (default on)")
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/sidus-bootcompare"))
+    ap.add_argument("--json", type=Path, help="write every boot's phases here")
+    args = ap.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    servers = [s for s in args.servers.split(",") if s]
+    for s in servers:
+        if s not in SERVERS:
+            ap.error(f"unknown server {s!r} (known: {', '.join(SERVERS)})")
+    from sidusd.lab.vm import mac_for
+    rig = Rig(args.workdir, mac_for(0), args.sidus_ra == "on")
+    results: list[dict[str, Any]] = []
+    try:
+        rig.up()
+        for rnd in range(args.boots):
+            order = servers[rnd % len(servers):] + servers[:rnd % len(servers)]
+            for server in order:
+                rig.start(server)
+                try:
+                    for path in paths:
+                        r = rig.boot(server, path, len(results))
+                        results.append(r)
+                        print_boot(r)
+                finally:
+                    rig.stop_peers()
+    finally:
+        rig.close()
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    print_summary(summarize(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
