@@ -105,7 +105,8 @@ def in_use(config: Any) -> list[tuple[str, str, str, str]]:
         if name is None or (family, name) in seen:
             return
         seen.add((family, name))
-        out.append((f"{c.source} ({key})" if c.source != key else key, family, c.loader, name))
+        plain = c.source == key or c.source == "boot.ipxe_chain" or c.source.startswith("boot.boot_files.")
+        out.append((key if plain else f"{c.source} ({key})", family, c.loader, name))
 
     boot_files = config.boot.boot_files
     for family in FAMILIES:
