@@ -38,16 +38,16 @@ from sidusd.config_schema import (  # noqa: F401  (the schema's names are this m
     BootConfig,
     BootedConfig,
     BootFiles,
-    GrubFiles,
-    LoaderConfig,
     Config,
     ControlConfig,
     DhcpConfig,
+    GrubFiles,
     HttpConfig,
     ImageConfig,
     IPv4Address,
     IPv4Network,
     IscsiConfig,
+    LoaderConfig,
     LogConfig,
     NfsConfig,
     PoolConfig,
@@ -65,7 +65,8 @@ from sidusd.yamlstrict import check_kernel_args, check_name, decode_text, dump_y
 
 __all__ = [
     "DHCP_MODES", "ISCSI_BACKENDS", "LOG_FORMATS", "LOG_LEVELS", "MAX_BOOT_FILE_BYTES", "MAX_LEASE_TIME_S",
-    "NFS_BACKENDS", "UNKNOWN_HOSTS", "BootConfig", "BootedConfig", "BootFiles", "Config", "GrubFiles", "LoaderConfig", "ControlConfig",
+    "NFS_BACKENDS", "UNKNOWN_HOSTS", "BootConfig", "BootedConfig", "BootFiles", "Config", "ControlConfig",
+    "GrubFiles", "LoaderConfig",
     "DhcpConfig", "HttpConfig", "ImageConfig", "ImagesFile", "IPv4Address", "IPv4Network", "IscsiConfig",
     "LogConfig", "NfsConfig", "PoolConfig", "SecurityConfig", "TftpConfig", "dump_yaml", "listener_items",
     "load_yaml", "merge_images_file", "parse", "read", "restart_needed"]
