@@ -57,26 +57,37 @@ def is_x64_efi(data: bytes) -> bool:
     return data[pe:pe + 4] == b"PE\0\0" and struct.unpack_from("<H", data, pe + 4)[0] == 0x8664
 
 
-def test_http_boot_client_is_offered_ipxe_and_fetches_it_and_profiles_choose_their_loader(tmp_path):
+def start(lab, tmp_path: Path, boot: dict | None) -> None:
+    tftp = tmp_path / "tftp"
+    shutil.copyfile(SNPONLY, tftp / "snponly.efi")
+    for name in ("shimx64.efi", "grubx64.efi"):          # only their presence matters here
+        (tftp / name).write_bytes(b"MZ" + name.encode())
+    cfg = yaml.safe_load((tmp_path / "sidus.yaml").read_text())
+    cfg["dhcp"]["pool"]["range_end"] = "10.78.0.60"
+    if boot is not None:
+        cfg["boot"] = boot
+    (tmp_path / "sidus.yaml").write_text(yaml.safe_dump(cfg))
+    inv = yaml.safe_load((tmp_path / "inventory.yaml").read_text())
+    inv["profiles"]["secure"] = {"image": "demo", "overlay": "tmpfs", "append": ""}
+    (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(inv))
+    lab.start()
+
+
+def need() -> None:
     require_tool("curl")
     if not SNPONLY.is_file():
         pytest.skip(f"missing {SNPONLY} (package ipxe)")
-    hosts = [{"mac": HTTP_MAC, "hostname": "hb1", "profile": "default"},
-             {"mac": SB_MAC, "hostname": "sb1", "profile": "secure"}]
-    with boot_lab(tmp_path, hosts, "sidus-t-hb") as lab:
-        tftp = tmp_path / "tftp"
-        shutil.copyfile(SNPONLY, tftp / "snponly.efi")
-        for name in ("shimx64.efi", "grubx64.efi"):          # only their presence matters here
-            (tftp / name).write_bytes(b"MZ" + name.encode())
-        cfg = yaml.safe_load((tmp_path / "sidus.yaml").read_text())
-        cfg["dhcp"]["pool"]["range_end"] = "10.78.0.60"
-        cfg["boot"] = {"loader": {"profiles": {"secure": "grub"}}}       # boot.loader.http: the default
-        (tmp_path / "sidus.yaml").write_text(yaml.safe_dump(cfg))
-        inv = yaml.safe_load((tmp_path / "inventory.yaml").read_text())
-        inv["profiles"]["secure"] = {"image": "demo", "overlay": "tmpfs", "append": ""}
-        (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(inv))
-        lab.start()
 
+
+HOSTS = [{"mac": HTTP_MAC, "hostname": "hb1", "profile": "default"},
+         {"mac": SB_MAC, "hostname": "sb1", "profile": "secure"}]
+
+
+def test_http_boot_client_is_offered_ipxe_and_fetches_it(tmp_path):
+    """The default config (no boot.loader key): before issue 18 the offer was .../syslinux.efi."""
+    need()
+    with boot_lab(tmp_path, HOSTS, "sidus-t-hb") as lab:
+        start(lab, tmp_path, None)
         reply, opts = ask(lab, HTTP_MAC, 0x1801, 16, b"HTTPClient:Arch:00016:UNDI:003001")
         url = reply.file.rstrip(b"\0").decode()
         assert url == f"http://{SERVER_IP}:{HTTP_PORT}/snponly.efi", (url, lab.log_tail())
@@ -88,11 +99,19 @@ def test_http_boot_client_is_offered_ipxe_and_fetches_it_and_profiles_choose_the
         r = lab.client.run("curl", "-fsS", "-o", str(got), url, check=False)
         assert r.returncode == 0, r.stderr + lab.log_tail()
         assert got.read_bytes() == SNPONLY.read_bytes() and is_x64_efi(got.read_bytes())
+        assert lab.stop() == 0
 
+
+def test_a_profile_chooses_its_loader_but_not_over_http_boot(tmp_path):
+    need()
+    with boot_lab(tmp_path, HOSTS, "sidus-t-hl") as lab:
+        start(lab, tmp_path, {"loader": {"profiles": {"secure": "grub"}}})
         reply, opts = ask(lab, SB_MAC, 0x1802, 7, b"PXEClient:Arch:00007:UNDI:003016")
         assert reply.file.rstrip(b"\0") == b"shimx64.efi", (reply.file, lab.log_tail())
         assert opts.get("vendor_class_id") == b"PXEClient", opts
-        # the same profile over UEFI HTTP Boot: grub cannot go on after it, iPXE is offered
-        reply, _ = ask(lab, SB_MAC, 0x1803, 16, b"HTTPClient:Arch:00016:UNDI:003001")
+        reply, _ = ask(lab, HTTP_MAC, 0x1803, 7, b"PXEClient:Arch:00007:UNDI:003016")
+        assert reply.file.rstrip(b"\0") == b"syslinux.efi", reply.file       # another profile
+        # the grub profile over UEFI HTTP Boot: GRUB's TFTP path cannot go on after it, iPXE is offered
+        reply, _ = ask(lab, SB_MAC, 0x1804, 16, b"HTTPClient:Arch:00016:UNDI:003001")
         assert reply.file.rstrip(b"\0").decode().endswith("/snponly.efi"), reply.file
         assert lab.stop() == 0
