@@ -41,11 +41,13 @@ from sidusd.config_schema import (  # noqa: F401  (the schema's names are this m
     Config,
     ControlConfig,
     DhcpConfig,
+    GrubFiles,
     HttpConfig,
     ImageConfig,
     IPv4Address,
     IPv4Network,
     IscsiConfig,
+    LoaderConfig,
     LogConfig,
     NfsConfig,
     PoolConfig,
@@ -64,6 +66,7 @@ from sidusd.yamlstrict import check_kernel_args, check_name, decode_text, dump_y
 __all__ = [
     "DHCP_MODES", "ISCSI_BACKENDS", "LOG_FORMATS", "LOG_LEVELS", "MAX_BOOT_FILE_BYTES", "MAX_LEASE_TIME_S",
     "NFS_BACKENDS", "UNKNOWN_HOSTS", "BootConfig", "BootedConfig", "BootFiles", "Config", "ControlConfig",
+    "GrubFiles", "LoaderConfig",
     "DhcpConfig", "HttpConfig", "ImageConfig", "ImagesFile", "IPv4Address", "IPv4Network", "IscsiConfig",
     "LogConfig", "NfsConfig", "PoolConfig", "SecurityConfig", "TftpConfig", "dump_yaml", "listener_items",
     "load_yaml", "merge_images_file", "parse", "read", "restart_needed"]
@@ -257,7 +260,17 @@ def _check_boot(b: BootConfig) -> BootConfig:
             if len(value.encode()) > MAX_BOOT_FILE_BYTES:
                 raise ConfigError(where, f"longer than {MAX_BOOT_FILE_BYTES} bytes (BOOTP file field)")
         files[f.name] = value
-    return dataclasses.replace(b, boot_files=BootFiles(**files))
+    grub = {}
+    for f in dataclasses.fields(GrubFiles):         # boot.loader.grub: the same rules
+        value = getattr(b.loader.grub, f.name)
+        if value is not None:
+            where = f"boot.loader.grub.{f.name}"
+            value = _tftp_relative(where, value)
+            if len(value.encode()) > MAX_BOOT_FILE_BYTES:
+                raise ConfigError(where, f"longer than {MAX_BOOT_FILE_BYTES} bytes (BOOTP file field)")
+        grub[f.name] = value
+    loader = dataclasses.replace(b.loader, grub=GrubFiles(**grub))
+    return dataclasses.replace(b, boot_files=BootFiles(**files), loader=loader)
 
 
 def _tftp_relative(where: str, value: str) -> str:

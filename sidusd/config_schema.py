@@ -156,12 +156,42 @@ class BootFiles:
     ipxe_efi: str = "snponly.efi"
 
 
+Loader = Literal["pxelinux", "grub", "ipxe"]
+# UEFI HTTP Boot runs the downloaded file without PXE base code: only iPXE fetches on by itself
+HttpLoader = Annotated[str, Meta(pattern=r"^ipxe\Z", description=(
+    "{value!r} cannot boot after a UEFI HTTP Boot download (no PXE base code: syslinux.efi and "
+    "GRUB's TFTP path find nothing); use ipxe, or null to leave HTTP Boot clients unanswered"))]
+
+
+@dataclass(frozen=True)
+class GrubFiles:
+    """``boot.loader.grub:`` the first file of the grub loader per architecture (relative to
+    tftp.root): x64 is shim (shim-signed), which loads ``grubx64.efi`` from its own directory."""
+    uefi_x64: str | None = "shimx64.efi"
+    arm64: str | None = None
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """``boot.loader:`` which loader (pxelinux, grub, ipxe) each client gets (sidusd/boot/loaders.py):
+    per profile first, then per architecture (null: ``boot_files.<arch>``, or iPXE with
+    ``boot.ipxe_chain``); UEFI HTTP Boot clients get ``http`` unless their choice is ipxe."""
+    bios: Loader | None = None
+    uefi_x64: Loader | None = None
+    uefi_ia32: Loader | None = None
+    arm64: Loader | None = None
+    profiles: Mapping[ProfileName, Loader] = field(default_factory=lambda: types.MappingProxyType({}))
+    http: HttpLoader | None = "ipxe"
+    grub: GrubFiles = field(default_factory=GrubFiles)
+
+
 @dataclass(frozen=True)
 class BootConfig:
     """``boot:`` section."""
     default_profile: ProfileName = "default"
     boot_files: BootFiles = field(default_factory=BootFiles)
     ipxe_chain: bool = False
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
 
 
 @dataclass(frozen=True)

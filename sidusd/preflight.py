@@ -123,21 +123,11 @@ class Problem:
 
 
 def _boot_files(config: Any) -> list[tuple[str, str, str]]:
-    """(key, family, name) of each boot file a PXE client of an enabled architecture is given
-    (boot.policy.boot_file_for): with ``boot.ipxe_chain`` BIOS and x64 UEFI get the iPXE binaries."""
-    files = config.boot.boot_files
-    chain = config.boot.ipxe_chain
-    out: list[tuple[str, str, str]] = []
-    for family in ("bios", "uefi_x64", "uefi_ia32", "arm64"):
-        if getattr(files, family) is None:
-            continue
-        if chain and family == "bios":
-            out.append(("boot.boot_files.ipxe_bios", family, files.ipxe_bios))
-        elif chain and family == "uefi_x64":
-            out.append(("boot.boot_files.ipxe_efi", family, files.ipxe_efi))
-        else:
-            out.append((f"boot.boot_files.{family}", family, getattr(files, family)))
-    return out
+    """(key, family, name) of each first file a loader of the config hands out (boot.loaders.in_use:
+    each architecture's, each profile's, UEFI HTTP Boot's; with ``boot.ipxe_chain`` BIOS and x64
+    UEFI get the iPXE binaries)."""
+    from sidusd.boot.loaders import in_use
+    return [(key, family, name) for key, family, _, name in in_use(config)]
 
 
 def _file_fix(family: str, name: str) -> str:

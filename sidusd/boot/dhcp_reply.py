@@ -83,7 +83,8 @@ def build_reply(req: BootRequest, msg_type: int, *, yiaddr: IPv4Address = ZERO,
             file = raw
         else:
             opts.append((dhcp.OPT_BOOTFILE, raw))
-        if req.http_client:
+        if req.http_boot:
+            # UEFI 2.x §24.7.2: the firmware takes only an offer whose option 60 is "HTTPClient"
             opts.append((dhcp.OPT_VENDOR_CLASS, b"HTTPClient"))
         else:
             opts.append((dhcp.OPT_VENDOR_CLASS, b"PXEClient"))

@@ -86,5 +86,10 @@ class BootRequest:
                    ipxe=user_class == b"iPXE" or pkt.has(dhcp.OPT_IPXE_ENCAP))
 
     @property
+    def http_boot(self) -> bool:
+        """A UEFI HTTP Boot client: option 60 ``HTTPClient`` or an HTTP architecture (93 = 15/16/19)."""
+        return self.http_client or (self.arch is not None and self.arch.http)
+
+    @property
     def arch_name(self) -> str:
         return self.arch.name if self.arch else f"arch-{self.arch_code}"

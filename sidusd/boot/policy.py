@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from sidusd.boot import loaders
 from sidusd.boot.dhcp_full import decide_full
 from sidusd.boot.dhcp_reply import (
     BROADCAST,
@@ -46,35 +47,38 @@ __all__ = [
 Lookup = Callable[[str], Any]
 
 
-def boot_file_for(req: BootRequest, config: Any) -> tuple[str | None, str]:
-    """The boot file of a PXE client, or (None, why).
+def boot_file_for(req: BootRequest, config: Any, target: Any = None) -> tuple[str | None, str]:
+    """The boot file of a PXE or UEFI HTTP Boot client, or (None, why).
 
-    ``boot.ipxe_chain`` false: the file of the client's family (``bios``,
-    ``uefi_x64``, ``uefi_ia32``, ``arm64``), iPXE or not.  True: a client that
-    is already iPXE gets ``http://<server>:<http.port>/boot/<mac>.ipxe`` (so
-    iPXE is never chainloaded in a loop); BIOS and x64 EFI firmware get the iPXE
-    binary (``ipxe_bios``, ``ipxe_efi``); IA32 and arm64 keep their own file (no
-    iPXE binary is configured for them).  UEFI HTTP boot clients get the file
-    as ``http://<server>:<http.port>/<file>``.
+    The loader (:func:`sidusd.boot.loaders.choose`: the profile of ``target``,
+    then the architecture, then ``boot.ipxe_chain``, else ``boot.boot_files``)
+    gives the first file.  A client that is already iPXE and whose loader is
+    ipxe gets ``http://<server>:<http.port>/boot/<mac>.ipxe`` (so iPXE is never
+    chainloaded in a loop); an iPXE client of another loader gets that loader's
+    file, through iPXE's PXE base code.  UEFI HTTP boot clients get
+    ``boot.loader.http`` (iPXE: a PXE loader cannot work after an HTTP boot) as
+    ``http://<server>:<http.port>/<file>``.
     """
-    files, http = config.boot.boot_files, config.http
+    http = config.http
     base = f"http://{req.server_ip}:{http.port}"
     if req.arch is None:
         return None, f"unsupported client architecture {req.arch_code} (option 93)"
-    if config.boot.ipxe_chain and req.ipxe:
-        if not http.enabled:
-            return None, "boot.ipxe_chain needs http.enabled for the iPXE script"
-        return f"{base}/boot/{req.mac.replace(':', '-')}.ipxe", ""
     family = req.arch.family
-    if config.boot.ipxe_chain and family == "bios":
-        name = files.ipxe_bios
-    elif config.boot.ipxe_chain and family == "uefi_x64":
-        name = files.ipxe_efi
-    else:
-        name = getattr(files, family)
+    http_boot = req.http_boot
+    choice = loaders.choose(family, config, profile=getattr(target, "profile", None), http=http_boot)
+    if choice.loader is None:
+        return None, f"UEFI HTTP boot client ({req.arch.name}) and {choice.source} is null"
+    legacy_chain = config.boot.ipxe_chain and choice.source.startswith("boot.boot_files")
+    if req.ipxe and not http_boot and (choice.loader == loaders.IPXE or legacy_chain):
+        if not http.enabled:
+            return None, f"{choice.source}: ipxe needs http.enabled for the iPXE script"
+        return f"{base}/boot/{req.mac.replace(':', '-')}.ipxe", ""
+    name, key, why = loaders.first_file(choice.loader, family, config)
     if not name:
-        return None, f"no boot_files.{family} configured for {req.arch.name} (arch {req.arch_code})"
-    if req.http_client or req.arch.http:
+        if choice.loader == loaders.PXELINUX:
+            return None, f"no boot_files.{family} configured for {req.arch.name} (arch {req.arch_code})"
+        return None, f"{choice.source}: {why}"
+    if http_boot:
         if not http.enabled:
             return None, "UEFI HTTP boot client but http.enabled is false"
         return f"{base}/{name}", ""
@@ -118,7 +122,7 @@ def decide(req: BootRequest, config: Any, lookup: Lookup, *, leases: LeaseDB | N
         return Drop("unknown_host", "not in the inventory and dhcp.unknown_hosts is ignore")
     boot: str | None = None
     if req.pxe:
-        boot, why = boot_file_for(req, config)
+        boot, why = boot_file_for(req, config, target)
         if boot is None:
             return Drop("no_boot_file", why)
     if mode == "proxy" or req.via == VIA_PXE:

@@ -80,8 +80,9 @@ TABLE = [
     ("uefi-x64-9",        dict(arch=9, vci=EFI_VCI),                        False, "syslinux.efi"),
     ("uefi-ia32",         dict(arch=6, vci=EFI_VCI),                        False, "ia32.efi"),
     ("arm64",             dict(arch=11, vci=EFI_VCI),                       False, "grubaa64.efi"),
+    # UEFI HTTP Boot: iPXE (boot.loader.http), never syslinux.efi (it needs PXE base code, issue 18)
     ("http-client-16",    dict(arch=16, vci=b"HTTPClient:Arch:00016:UNDI:003001"), False,
-     f"http://{SERVER}:8080/syslinux.efi"),
+     f"http://{SERVER}:8080/snponly.efi"),
     ("ipxe-bios",         dict(arch=0, ipxe=True, ipxe175=True),            False, "pxelinux.0"),
     ("ipxe-efi",          dict(arch=7, vci=EFI_VCI, ipxe=True),             False, "syslinux.efi"),
     ("no-option-93",      dict(arch=None),                                  False, "pxelinux.0"),
@@ -199,7 +200,7 @@ def test_long_http_url_goes_to_option_67():
     p = pkt(arch=16, vci=b"HTTPClient", mac="52:54:00:00:00:01")
     cfg = config()
     cfg = replace(cfg, boot=replace(cfg.boot, boot_files=replace(cfg.boot.boot_files,
-                                                                 uefi_x64="d/" * 60 + "x.efi")))
+                                                                 ipxe_efi="d/" * 60 + "x.efi")))
     d = decide(p, cfg)
     assert d.packet.file == b"" and d.packet.option(dhcp.OPT_BOOTFILE).startswith(b"http://10.0.0.1:8080/d/")
     assert len(dhcp.encode(d.packet)) > 300
