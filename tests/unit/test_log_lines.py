@@ -28,7 +28,8 @@ RAW = {"log", "_log", "logger"}          # names of raw (unlimited) loggers
 
 # event -> why it is not per packet / per connection
 ONCE: dict[str, str] = {
-    **dict.fromkeys(["http.listening", "ra.listening", "ra.stopped", "dhcp.listening", "tftp.listening", "privsep.listening",
+    **dict.fromkeys(["http.listening", "ra.listening", "ra.stopped",
+                     "dhcp.listening", "tftp.listening", "privsep.listening",
                      "control.started", "control.stopped", "dhcp.stopped", "daemon.stopped",
                      "startup.failed", "dhcp.leases.loaded", "privsep.leases_loaded",
                      "tftp.transfer_socket"], "start / stop (tftp.transfer_socket: once per local address)"),
