@@ -14,7 +14,7 @@ Then a new generation with one changed file (overlay mount, ``>>`` of 4 KiB to
 one file, publish), timed end to end, with the file system's used blocks
 before and after (``statvfs``: every byte the generation cost, directories
 and metadata included); then ``rollback`` (switch back) and ``gc`` of the
-old generation, timed.  ``--apt PACKAGE`` also builds config/recipes/minimal.yaml
+old generation, timed.  ``--apt PACKAGE`` also builds sidusd/data/recipes/minimal.yaml
 and compares ``sidus-image run NAME -- apt-get install PACKAGE`` (a new
 generation) with the same apt-get in a plain chroot (a full copy), time and
 disk.  Results: docs/performance.md "Image generations (issue 16)".
@@ -139,7 +139,7 @@ def _apt_case(package: str, work: Path) -> dict:
     from sidusd.image.recipe import read_recipe
     adm = Administrator(work / "images", work / "tftp", out=io.StringIO(),
                         cache_dir=REPO / "lab-state" / "image-cache" / "debootstrap")
-    adm.build(read_recipe(REPO / "config" / "recipes" / "minimal.yaml"))
+    adm.build(read_recipe(REPO / "sidusd" / "data" / "recipes" / "minimal.yaml"))
     src = adm.store.path("minimal", 1)
     dirs = sum(1 for _ in os.walk(src))
     entries = sum(len(d) + len(f) for _, d, f in os.walk(src))
