@@ -194,7 +194,9 @@ class Farm:
     def __init__(self, lower: Path, part: Path, runner: Runner):
         self.lower, self.path, self.runner = lower, farm_dir(part), runner
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._make, name=f"farm-{part.name}", daemon=True)
+        # not a daemon: a process leaving without commit or abort (a kept failure) waits for cp
+        # rather than leave it writing a farm that the next administration removes
+        self._thread = threading.Thread(target=self._make, name=f"farm-{part.name}", daemon=False)
         self._thread.start()
 
     def _make(self) -> None:
