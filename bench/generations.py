@@ -129,15 +129,17 @@ def one_case(fs: str, shape: str, count: int, work: Path, per_dir: int) -> dict:
 CACHE = REPO / "lab-state" / "image-cache" / "debootstrap"
 
 
-def apt_case(package: str, work: Path, repeat: int = 1, cache: Path = CACHE) -> dict:
+def apt_case(package: str, work: Path, repeat: int = 1, cache: Path = CACHE, cli: bool = False) -> dict:
     """One package installed as a new generation vs in a plain chroot (a full copy), on a loop
     ext4 of its own (statvfs counts only this); ``repeat`` pairs, interleaved (plain, then the
-    generation, then plain again...), so both sides see the same load."""
+    generation, then plain again...), so both sides see the same load.  ``cli``: the generation
+    side is the ``sidus-image run`` command (a new Python process: its start-up counts), else
+    :meth:`Administrator.run` in this one."""
     with loop_fs("ext4", work, 16) as mnt:
-        return _apt_case(package, mnt, repeat, cache)
+        return _apt_case(package, mnt, repeat, cache, cli)
 
 
-def _apt_case(package: str, work: Path, repeat: int = 1, cache: Path = CACHE) -> dict:
+def _apt_case(package: str, work: Path, repeat: int = 1, cache: Path = CACHE, cli: bool = False) -> dict:
     from sidusd.image.build import Administrator
     from sidusd.image.chroot import Chroot
     from sidusd.image.history import sharing
@@ -167,7 +169,13 @@ def _apt_case(package: str, work: Path, repeat: int = 1, cache: Path = CACHE) ->
         subprocess.run(["sync"], check=True)
         u = used_bytes(work)
         t = time.monotonic()
-        n = adm.run("minimal", argv)
+        if cli:
+            subprocess.run([sys.executable, "-m", "sidusd.image", "--images-dir", str(adm.store.dir),
+                            "--tftp-root", str(adm.tftp_root), "--images-file", str(adm.images_file),
+                            "run", "minimal", "--", *argv], check=True, capture_output=True)
+            n = max(adm.store.numbers("minimal"))
+        else:
+            n = adm.run("minimal", argv)
         gen_s = time.monotonic() - t
         subprocess.run(["sync"], check=True)
         gen_extra = used_bytes(work) - u
@@ -181,7 +189,7 @@ def _apt_case(package: str, work: Path, repeat: int = 1, cache: Path = CACHE) ->
         adm.serve("minimal", 1)                                     # back to generation 1 for the next pair
         adm.store.remove("minimal", n)
     ratios = sorted(r["time_ratio"] for r in runs)
-    return {"package": package, "image_dirs": dirs, "image_entries": entries, "runs": runs,
+    return {"package": package, "cli": cli, "image_dirs": dirs, "image_entries": entries, "runs": runs,
             "time_ratio_median": ratios[len(ratios) // 2], "time_ratios": ratios,
             "disk_target_met": all(r["generation_extra_bytes"] <= r["disk_target_bytes"] for r in runs)}
 
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="files per directory (a Debian /usr has about 8: every directory costs a block)")
     p.add_argument("--apt", metavar="PACKAGE", default=None, help="also the one-package comparison")
     p.add_argument("--cache-dir", type=Path, default=CACHE, help="debootstrap's .deb cache")
+    p.add_argument("--cli", action="store_true", help="time the sidus-image run command (its Python start-up too)")
     p.add_argument("--repeat", type=int, default=1, help="pairs of the one-package comparison (interleaved)")
     p.add_argument("--work", type=Path, default=None, help="where the image files go (default: a temp dir)")
     args = p.parse_args(argv)
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(r), flush=True)
                 results.append(r)
         if args.apt:
-            r = apt_case(args.apt, work, args.repeat, args.cache_dir)
+            r = apt_case(args.apt, work, args.repeat, args.cache_dir, args.cli)
             print(json.dumps(r), flush=True)
             results.append(r)
     finally:
