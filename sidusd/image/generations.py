@@ -193,10 +193,16 @@ class ImageStore:
         for p in d.iterdir():
             if p.name.endswith((".layer", ".farm")):
                 self._remove_tree(p)
+        # earlier generations' used-up layers: the overlay path's Farm removes them, off the clock
+        spent = [p for p in d.iterdir() if p.name.endswith(".spent")]
         nums = self.numbers(name)
         number = (max(nums) + 1) if nums else 1
         part = d / f"{gen_dirname(number)}.partial"
         on_btrfs = self.btrfs_snapshots and btrfs.available(d)
+        if parent is None:                          # a build: no farm to hand them to
+            for p in spent:
+                self._remove_tree(p)
+            spent = []
         if parent is None:
             if on_btrfs:
                 btrfs.create(part, self.runner)     # so that its children can be snapshots
@@ -208,16 +214,18 @@ class ImageStore:
         if not src.is_dir():
             raise BackendError(f"image {name} has no generation {parent}")
         if on_btrfs and btrfs.is_subvolume(src):
+            for p in spent:
+                self._remove_tree(p)
             btrfs.snapshot(src, part, self.runner)  # O(1), copy-on-write: the fast path
             self._made[(name, number)] = "btrfs-snapshot"
             return number, part
         try:
             try:
                 layers.prepare(src, part, parent, self.runner)
-                self._farms[(name, number)] = layers.Farm(src, part, self.runner)   # while the work runs
+                self._farms[(name, number)] = layers.Farm(src, part, self.runner, tuple(spent))
             except (BackendError, OSError) as e:
                 log.warning("image.generation.full_copy", image=name, generation=number, reason=str(e))
-                for p in (part, layers.layer_dir(part)):
+                for p in (part, layers.layer_dir(part), *spent):
                     self._remove_tree(p)
                 self.runner.run(["cp", "-a", "--reflink=auto", "--one-file-system", str(src), str(part)],
                                 timeout_s=COPY_TIMEOUT_S).check()

@@ -186,14 +186,22 @@ def farm_dir(part: Path) -> Path:
     return part.with_name(part.name.removesuffix(".partial") + ".farm")
 
 
+def spent_dir(part: Path) -> Path:
+    """``gen-N.spent``: generation N's used-up layer (empty directories, overlayfs's work
+    directory), left by :func:`flatten` for the next :class:`Farm` to remove off the clock."""
+    return part.with_name(part.name.removesuffix(".partial") + ".spent")
+
+
 class Farm:
     """The hard-link farm of ``lower`` at ``farm_dir(part)``, made in a thread from the moment the
     overlay is mounted (``cp`` runs while the work does; the parent never changes, so the farm
-    is the same whenever it is made).  :meth:`wait` returns it or raises what ``cp`` said."""
+    is the same whenever it is made), then the ``spent`` layers of earlier generations removed.
+    :meth:`wait` returns the farm or raises what ``cp`` said."""
 
-    def __init__(self, lower: Path, part: Path, runner: Runner):
-        self.lower, self.path, self.runner = lower, farm_dir(part), runner
+    def __init__(self, lower: Path, part: Path, runner: Runner, spent: tuple[Path, ...] = ()):
+        self.lower, self.path, self.runner, self.spent = lower, farm_dir(part), runner, spent
         self.error: BaseException | None = None
+        self._farmed = threading.Event()
         # not a daemon: a process leaving without commit or abort (a kept failure) waits for cp
         # rather than leave it writing a farm that the next administration removes
         self._thread = threading.Thread(target=self._make, name=f"farm-{part.name}", daemon=False)
@@ -204,9 +212,13 @@ class Farm:
             link_farm(self.lower, self.path, self.runner)
         except BaseException as e:              # handed to wait()
             self.error = e
+        finally:
+            self._farmed.set()
+        for p in self.spent:                    # wait() does not wait for this
+            shutil.rmtree(p, ignore_errors=True)
 
     def wait(self) -> Path:
-        self._thread.join()
+        self._farmed.wait()
         if self.error is not None:
             raise self.error
         return self.path
@@ -214,8 +226,8 @@ class Farm:
 
 def flatten(lower: Path, part: Path, runner: Runner, replace=replace_entry, farm: Farm | None = None) -> Changes:
     """Turn the unmounted ``part`` (+ its layer) into a complete tree: farm of ``lower`` + upper.
-    ``farm``: the farm started with the overlay (else it is made now).  The layer directory is
-    removed afterwards."""
+    ``farm``: the farm started with the overlay (else it is made now).  The layer directory,
+    used up, becomes ``gen-N.spent``."""
     layer = layer_dir(part)
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(part)                              # the empty mount point
@@ -224,7 +236,13 @@ def flatten(lower: Path, part: Path, runner: Runner, replace=replace_entry, farm
     else:
         os.rename(farm.wait(), part)
     ch = apply_upper(layer / "upper", part, replace)
-    shutil.rmtree(layer)
+    spent = spent_dir(part)                         # removed by the next generation's Farm, off the clock
+    if os.path.lexists(spent):                      # a number used again after a drop: rare
+        shutil.rmtree(spent, ignore_errors=True)
+    try:
+        os.rename(layer, spent)
+    except OSError:
+        shutil.rmtree(layer)
     return ch
 
 

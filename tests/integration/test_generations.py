@@ -414,8 +414,8 @@ def _farmed(farm: Path, parent: Path) -> bool:
 @pytest.mark.parametrize("images_dir", ["ext4"], indirect=True)
 def test_the_farm_is_made_while_the_work_runs(store, tmp_path):
     """begin() starts the parent's hard-link farm next to the overlay (gen-N.farm), so commit only
-    applies the upper layer; the farm becomes the generation, and an aborted or crashed one's farm
-    is removed."""
+    applies the upper layer; the farm becomes the generation, the used-up layer (gen-N.spent) is
+    removed by the next generation's farm thread, and an aborted or crashed one's farm is removed."""
     n, part = store.begin(NAME, 1)
     farm = layers.farm_dir(part)
     assert os.path.ismount(part)                                       # the work's overlay is still there
@@ -427,8 +427,11 @@ def test_the_farm_is_made_while_the_work_runs(store, tmp_path):
     assert not farm.exists() and store.leftovers(NAME) == ()
     assert os.lstat(g2 / "opt/shared-a").st_ino == os.lstat(g1 / "opt/shared-a").st_ino
     assert (g2 / "etc/motd").read_text() == "hello\nmore\n" and (g1 / "etc/motd").read_text() == "hello\n"
-    n3, part3 = store.begin(NAME, n)                                   # aborted: its farm goes too
-    store.abort(NAME, n3)
+    spent = layers.spent_dir(part)                                     # the used-up layer, left for later
+    assert spent.is_dir() and not layers.layer_dir(part).exists()
+    n3, part3 = store.begin(NAME, n)                                   # its Farm removes it, off the clock
+    assert poll_until(lambda: not spent.exists(), timeout_s=120), f"{spent} not removed by the next farm"
+    store.abort(NAME, n3)                                              # aborted: its farm goes too
     assert store.leftovers(NAME) == () and not layers.farm_dir(part3).exists()
     crashed = store.image_dir(NAME) / "gen-0009.farm"                  # a crash's farm: removed by begin
     shutil.copytree(g1 / "etc", crashed)
