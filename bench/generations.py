@@ -14,10 +14,11 @@ Then a new generation with one changed file (overlay mount, ``>>`` of 4 KiB to
 one file, publish), timed end to end, with the file system's used blocks
 before and after (``statvfs``: every byte the generation cost, directories
 and metadata included); then ``rollback`` (switch back) and ``gc`` of the
-old generation, timed.  ``--apt PACKAGE`` also builds config/recipes/minimal.yaml
+old generation, timed.  ``--apt PACKAGE`` also builds sidusd/data/recipes/minimal.yaml
 and compares ``sidus-image run NAME -- apt-get install PACKAGE`` (a new
 generation) with the same apt-get in a plain chroot (a full copy), time and
-disk.  Results: docs/performance.md "Image generations (issue 16)".
+disk, ``--repeat`` times interleaved (the ratio of each pair: the machine's load
+moves both sides alike).  Results: docs/performance.md "Image generations (issue 16)".
 """
 
 from __future__ import annotations
@@ -125,48 +126,72 @@ def one_case(fs: str, shape: str, count: int, work: Path, per_dir: int) -> dict:
                 "rollback_s": round(rollback_s, 4), "gc_s": round(gc_s, 2)}
 
 
-def apt_case(package: str, work: Path) -> dict:
+CACHE = REPO / "lab-state" / "image-cache" / "debootstrap"
+
+
+def apt_case(package: str, work: Path, repeat: int = 1, cache: Path = CACHE, cli: bool = False) -> dict:
     """One package installed as a new generation vs in a plain chroot (a full copy), on a loop
-    ext4 of its own (statvfs counts only this)."""
+    ext4 of its own (statvfs counts only this); ``repeat`` pairs, interleaved (plain, then the
+    generation, then plain again...), so both sides see the same load.  ``cli``: the generation
+    side is the ``sidus-image run`` command (a new Python process: its start-up counts), else
+    :meth:`Administrator.run` in this one."""
     with loop_fs("ext4", work, 16) as mnt:
-        return _apt_case(package, mnt)
+        return _apt_case(package, mnt, repeat, cache, cli)
 
 
-def _apt_case(package: str, work: Path) -> dict:
+def _apt_case(package: str, work: Path, repeat: int = 1, cache: Path = CACHE, cli: bool = False) -> dict:
     from sidusd.image.build import Administrator
     from sidusd.image.chroot import Chroot
     from sidusd.image.history import sharing
     from sidusd.image.recipe import read_recipe
     adm = Administrator(work / "images", work / "tftp", out=io.StringIO(),
-                        cache_dir=REPO / "lab-state" / "image-cache" / "debootstrap")
-    adm.build(read_recipe(REPO / "config" / "recipes" / "minimal.yaml"))
+                        cache_dir=cache)
+    adm.build(read_recipe(REPO / "sidusd" / "data" / "recipes" / "minimal.yaml"))
     src = adm.store.path("minimal", 1)
     dirs = sum(1 for _ in os.walk(src))
     entries = sum(len(d) + len(f) for _, d, f in os.walk(src))
-    plain = work / "plain"
-    subprocess.run(["cp", "-a", str(src), str(plain)], check=True)
-    subprocess.run(["sync"], check=True)
-    u = used_bytes(work)
-    t = time.monotonic()
-    with Chroot(plain) as ch:
-        res = ch.run(["apt-get", "install", "-y", "--no-install-recommends", package], timeout_s=900)
-    plain_s = time.monotonic() - t
-    if not res.ok:
-        raise SystemExit(f"plain chroot apt-get failed: {res.err[-500:]}")
-    subprocess.run(["sync"], check=True)
-    plain_changed = used_bytes(work) - u
-    u = used_bytes(work)
-    t = time.monotonic()
-    adm.run("minimal", ["apt-get", "install", "-y", "--no-install-recommends", package])
-    gen_s = time.monotonic() - t
-    subprocess.run(["sync"], check=True)
-    gen_extra = used_bytes(work) - u
-    return {"package": package, "image_dirs": dirs, "image_entries": entries,
-            "plain_chroot_s": round(plain_s, 1), "generation_s": round(gen_s, 1),
-            "time_ratio": round(gen_s / plain_s, 2), "plain_chroot_bytes_changed": plain_changed,
-            "generation_extra_bytes": gen_extra, "changes": adm.store.meta("minimal", 2).get("changes"),
-            "own_bytes_gen2": sharing({1: src, 2: adm.store.path("minimal", 2)})[2][0],
-            "disk_ratio": round(gen_extra / max(plain_changed, 1), 2)}
+    argv = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    runs = []
+    for _ in range(repeat):
+        plain = work / "plain"
+        subprocess.run(["cp", "-a", str(src), str(plain)], check=True)
+        subprocess.run(["sync"], check=True)
+        u = used_bytes(work)
+        t = time.monotonic()
+        with Chroot(plain) as ch:
+            res = ch.run(argv, timeout_s=900)
+        plain_s = time.monotonic() - t
+        if not res.ok:
+            raise SystemExit(f"plain chroot apt-get failed: {res.err[-500:]}")
+        subprocess.run(["sync"], check=True)
+        plain_changed = used_bytes(work) - u
+        shutil.rmtree(plain)
+        subprocess.run(["sync"], check=True)
+        u = used_bytes(work)
+        t = time.monotonic()
+        if cli:
+            subprocess.run([sys.executable, "-m", "sidusd.image", "--images-dir", str(adm.store.dir),
+                            "--tftp-root", str(adm.tftp_root), "--images-file", str(adm.images_file),
+                            "run", "minimal", "--", *argv], check=True, capture_output=True)
+            n = max(adm.store.numbers("minimal"))
+        else:
+            n = adm.run("minimal", argv)
+        gen_s = time.monotonic() - t
+        subprocess.run(["sync"], check=True)
+        gen_extra = used_bytes(work) - u
+        run = {"plain_chroot_s": round(plain_s, 2), "generation_s": round(gen_s, 2),
+               "time_ratio": round(gen_s / plain_s, 2), "plain_chroot_bytes_changed": plain_changed,
+               "generation_extra_bytes": gen_extra, "disk_ratio": round(gen_extra / max(plain_changed, 1), 2),
+               "disk_target_bytes": int(1.1 * plain_changed + (1 << 20)),
+               "changes": adm.store.meta("minimal", n).get("changes"),
+               "own_bytes": sharing({1: src, n: adm.store.path("minimal", n)})[n][0]}
+        runs.append(run)
+        adm.serve("minimal", 1)                                     # back to generation 1 for the next pair
+        adm.store.remove("minimal", n)
+    ratios = sorted(r["time_ratio"] for r in runs)
+    return {"package": package, "cli": cli, "image_dirs": dirs, "image_entries": entries, "runs": runs,
+            "time_ratio_median": ratios[len(ratios) // 2], "time_ratios": ratios,
+            "disk_target_met": all(r["generation_extra_bytes"] <= r["disk_target_bytes"] for r in runs)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files-per-dir", type=int, default=1000,
                    help="files per directory (a Debian /usr has about 8: every directory costs a block)")
     p.add_argument("--apt", metavar="PACKAGE", default=None, help="also the one-package comparison")
+    p.add_argument("--cache-dir", type=Path, default=CACHE, help="debootstrap's .deb cache")
+    p.add_argument("--cli", action="store_true", help="time the sidus-image run command (its Python start-up too)")
+    p.add_argument("--repeat", type=int, default=1, help="pairs of the one-package comparison (interleaved)")
     p.add_argument("--work", type=Path, default=None, help="where the image files go (default: a temp dir)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -197,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(r), flush=True)
                 results.append(r)
         if args.apt:
-            r = apt_case(args.apt, work)
+            r = apt_case(args.apt, work, args.repeat, args.cache_dir, args.cli)
             print(json.dumps(r), flush=True)
             results.append(r)
     finally:

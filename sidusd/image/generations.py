@@ -9,6 +9,8 @@ Layout of one image under the images directory (docs/images.md)::
                               overlayfs view over its parent (sidusd.image.layers), or on btrfs with
                               ``btrfs_snapshots`` a snapshot (sidusd.image.btrfs)
         gen-0002.layer/       its overlay's upper + work directories (gone once published)
+        gen-0002.farm/        the parent's hard-link farm, made while the work runs (becomes gen-0002)
+        gen-0001.spent/       a published generation's used-up layer, removed by the next farm thread
         current -> gen-0002   the served generation: a relative symlink, replaced by rename(2)
         meta/gen-0001.json    what made it (build/update, parent, message, recipe, kernel), when, how
                               long, how (mechanism) and what changed
@@ -26,6 +28,7 @@ pure policy of what ``gc`` may remove.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -120,6 +123,7 @@ class ImageStore:
         self.btrfs_snapshots = btrfs_snapshots
         self.replace = replace              # how flatten puts a changed entry in place (tests break it)
         self._made: dict[tuple[str, int], str] = {}     # (image, number) -> how begin() made it
+        self._farms: dict[tuple[str, int], layers.Farm] = {}    # the farms begin() started
 
     def image_dir(self, name: str) -> Path:
         check_name("image", name, what="image name")
@@ -188,12 +192,18 @@ class ImageStore:
                 release(p, self.runner)
                 self._remove_tree(p)
         for p in d.iterdir():
-            if p.name.endswith(".layer"):
+            if p.name.endswith((".layer", ".farm")):
                 self._remove_tree(p)
+        # earlier generations' used-up layers: the overlay path's Farm removes them, off the clock
+        spent = [p for p in d.iterdir() if p.name.endswith(".spent")]
         nums = self.numbers(name)
         number = (max(nums) + 1) if nums else 1
         part = d / f"{gen_dirname(number)}.partial"
         on_btrfs = self.btrfs_snapshots and btrfs.available(d)
+        if parent is None:                          # a build: no farm to hand them to
+            for p in spent:
+                self._remove_tree(p)
+            spent = []
         if parent is None:
             if on_btrfs:
                 btrfs.create(part, self.runner)     # so that its children can be snapshots
@@ -205,15 +215,18 @@ class ImageStore:
         if not src.is_dir():
             raise BackendError(f"image {name} has no generation {parent}")
         if on_btrfs and btrfs.is_subvolume(src):
+            for p in spent:
+                self._remove_tree(p)
             btrfs.snapshot(src, part, self.runner)  # O(1), copy-on-write: the fast path
             self._made[(name, number)] = "btrfs-snapshot"
             return number, part
         try:
             try:
                 layers.prepare(src, part, parent, self.runner)
+                self._farms[(name, number)] = layers.Farm(src, part, self.runner, tuple(spent))
             except (BackendError, OSError) as e:
                 log.warning("image.generation.full_copy", image=name, generation=number, reason=str(e))
-                for p in (part, layers.layer_dir(part)):
+                for p in (part, layers.layer_dir(part), *spent):
                     self._remove_tree(p)
                 self.runner.run(["cp", "-a", "--reflink=auto", "--one-file-system", str(src), str(part)],
                                 timeout_s=COPY_TIMEOUT_S).check()
@@ -234,8 +247,9 @@ class ImageStore:
         if lower is not None:
             from sidusd.image.chroot import release
             release(part, self.runner)
+            farm = self._farms.pop((name, number), None)
             meta = dict(meta, changes=layers.flatten(self.path(name, lower), part, self.runner,
-                                                     self.replace).as_meta(), mechanism="overlay+hardlinks")
+                                                     self.replace, farm).as_meta(), mechanism="overlay+hardlinks")
         else:
             if btrfs.is_subvolume(part):
                 btrfs.set_readonly(part, self.runner)
@@ -255,19 +269,24 @@ class ImageStore:
         part = self.image_dir(name) / f"{gen_dirname(number)}.partial"
         with signals_deferred():
             self._made.pop((name, number), None)
+            farm = self._farms.pop((name, number), None)
             if part.exists():
                 release(part, self.runner)
+            if farm is not None:
+                with contextlib.suppress(Exception):     # its error does not matter: it is removed
+                    farm.wait()
             self._remove_tree(part)
             self._remove_tree(layers.layer_dir(part))
+            self._remove_tree(layers.farm_dir(part))
             if not self.path(name, number).exists():
                 (self.image_dir(name) / "meta" / f"{gen_dirname(number)}.json").unlink(missing_ok=True)
 
     def leftovers(self, name: str) -> tuple[str, ...]:
-        """Half-made generations of ``name`` still on disk (``gen-N.partial``, ``gen-N.layer``)."""
+        """Half-made generations of ``name`` still on disk (``gen-N.partial``, ``.layer``, ``.farm``)."""
         d = self.image_dir(name)
         if not d.is_dir():
             return ()
-        return tuple(sorted(p.name for p in d.iterdir() if p.name.endswith((".partial", ".layer"))))
+        return tuple(sorted(p.name for p in d.iterdir() if p.name.endswith((".partial", ".layer", ".farm"))))
 
     def switch(self, name: str, number: int) -> None:
         """Serve generation ``number``: a new symlink renamed over ``current`` (atomic)."""

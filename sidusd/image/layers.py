@@ -14,7 +14,9 @@ changes only the upper directory, N's inodes are never opened for writing.
 
 Publishing N+1 (:func:`flatten`): a new directory made by hard-linking N's
 tree (``cp -a -l``: new directories, every other entry a new name of N's inode;
-cost O(number of entries), not bytes), then the upper layer applied by
+cost O(number of entries), not bytes) -- made by a :class:`Farm` started with
+the overlay, so it is built while the work runs (N is immutable, the farm
+does not depend on what the work does) -- then the upper layer applied by
 *replacing entries*, never by writing into an inode: a changed file is
 ``rename(2)``-d from the upper layer over its name (the shared inode only loses
 a link), a whiteout (char device 0/0) removes the name, an opaque directory
@@ -28,6 +30,7 @@ import contextlib
 import os
 import shutil
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,15 +181,68 @@ def link_farm(src: Path, dst: Path, runner: Runner) -> None:
                timeout_s=FARM_TIMEOUT_S).check()
 
 
-def flatten(lower: Path, part: Path, runner: Runner, replace=replace_entry) -> Changes:
+def farm_dir(part: Path) -> Path:
+    """``gen-N.farm`` next to ``gen-N.partial``: the parent's hard-link farm being made."""
+    return part.with_name(part.name.removesuffix(".partial") + ".farm")
+
+
+def spent_dir(part: Path) -> Path:
+    """``gen-N.spent``: generation N's used-up layer (empty directories, overlayfs's work
+    directory), left by :func:`flatten` for the next :class:`Farm` to remove off the clock."""
+    return part.with_name(part.name.removesuffix(".partial") + ".spent")
+
+
+class Farm:
+    """The hard-link farm of ``lower`` at ``farm_dir(part)``, made in a thread from the moment the
+    overlay is mounted (``cp`` runs while the work does; the parent never changes, so the farm
+    is the same whenever it is made), then the ``spent`` layers of earlier generations removed.
+    :meth:`wait` returns the farm or raises what ``cp`` said."""
+
+    def __init__(self, lower: Path, part: Path, runner: Runner, spent: tuple[Path, ...] = ()):
+        self.lower, self.path, self.runner, self.spent = lower, farm_dir(part), runner, spent
+        self.error: BaseException | None = None
+        self._farmed = threading.Event()
+        # not a daemon: a process leaving without commit or abort (a kept failure) waits for cp
+        # rather than leave it writing a farm that the next administration removes
+        self._thread = threading.Thread(target=self._make, name=f"farm-{part.name}", daemon=False)
+        self._thread.start()
+
+    def _make(self) -> None:
+        try:
+            link_farm(self.lower, self.path, self.runner)
+        except BaseException as e:              # handed to wait()
+            self.error = e
+        finally:
+            self._farmed.set()
+        for p in self.spent:                    # wait() does not wait for this
+            shutil.rmtree(p, ignore_errors=True)
+
+    def wait(self) -> Path:
+        self._farmed.wait()
+        if self.error is not None:
+            raise self.error
+        return self.path
+
+
+def flatten(lower: Path, part: Path, runner: Runner, replace=replace_entry, farm: Farm | None = None) -> Changes:
     """Turn the unmounted ``part`` (+ its layer) into a complete tree: farm of ``lower`` + upper.
-    The layer directory is removed afterwards."""
+    ``farm``: the farm started with the overlay (else it is made now).  The layer directory,
+    used up, becomes ``gen-N.spent``."""
     layer = layer_dir(part)
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(part)                              # the empty mount point
-    link_farm(lower, part, runner)
+    if farm is None:
+        link_farm(lower, part, runner)
+    else:
+        os.rename(farm.wait(), part)
     ch = apply_upper(layer / "upper", part, replace)
-    shutil.rmtree(layer)
+    spent = spent_dir(part)                         # removed by the next generation's Farm, off the clock
+    if os.path.lexists(spent):                      # a number used again after a drop: rare
+        shutil.rmtree(spent, ignore_errors=True)
+    try:
+        os.rename(layer, spent)
+    except OSError:
+        shutil.rmtree(layer)
     return ch
 
 

@@ -30,7 +30,7 @@ from sidusd.image import btrfs, layers
 from sidusd.image.build import Administrator
 from sidusd.image.chroot import mounts_under
 from sidusd.image.generations import ImageStore
-from tests.conftest import require_root, require_tool
+from tests.conftest import poll_until, require_root, require_tool
 
 NAME = "synth"
 REPO = Path(__file__).resolve().parents[2]
@@ -393,3 +393,70 @@ def test_cli_message_list_sizes_diff_and_gc_record(tmp_path):
                                                                         (2, "motd says more", "run")]
     assert recs[0]["packages"] == [] and recs[1]["parent"] == 1
     assert (adm.store.path(NAME, 3) / "etc/motd").read_text() == "hello\nmore\n"       # gc freed, 3 intact
+
+
+def _farmed(farm: Path, parent: Path) -> bool:
+    """``farm`` holds every entry of ``parent``, non-directories as the same inodes."""
+    try:
+        for dirpath, dirnames, filenames in os.walk(parent):
+            rel = os.path.relpath(dirpath, parent)
+            for n in filenames:
+                if os.lstat(os.path.join(farm, rel, n)).st_ino != os.lstat(os.path.join(dirpath, n)).st_ino:
+                    return False
+            for n in dirnames:
+                if not os.path.isdir(os.path.join(farm, rel, n)):
+                    return False
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("images_dir", ["ext4"], indirect=True)
+def test_the_farm_is_made_while_the_work_runs(store, tmp_path):
+    """begin() starts the parent's hard-link farm next to the overlay (gen-N.farm), so commit only
+    applies the upper layer; the farm becomes the generation, the used-up layer (gen-N.spent) is
+    removed by the next generation's farm thread, and an aborted or crashed one's farm is removed."""
+    n, part = store.begin(NAME, 1)
+    farm = layers.farm_dir(part)
+    assert os.path.ismount(part)                                       # the work's overlay is still there
+    assert poll_until(lambda: _farmed(farm, store.path(NAME, 1)), timeout_s=120), \
+        f"no farm of generation 1 at {farm} while generation {n} is worked on"
+    WRITES["append"](part, tmp_path)
+    store.commit(NAME, n, {"kind": "run"})
+    g1, g2 = store.path(NAME, 1), store.path(NAME, n)
+    assert not farm.exists() and store.leftovers(NAME) == ()
+    assert os.lstat(g2 / "opt/shared-a").st_ino == os.lstat(g1 / "opt/shared-a").st_ino
+    assert (g2 / "etc/motd").read_text() == "hello\nmore\n" and (g1 / "etc/motd").read_text() == "hello\n"
+    spent = layers.spent_dir(part)                                     # the used-up layer, left for later
+    assert spent.is_dir() and not layers.layer_dir(part).exists()
+    n3, part3 = store.begin(NAME, n)                                   # its Farm removes it, off the clock
+    assert poll_until(lambda: not spent.exists(), timeout_s=120), f"{spent} not removed by the next farm"
+    store.abort(NAME, n3)                                              # aborted: its farm goes too
+    assert store.leftovers(NAME) == () and not layers.farm_dir(part3).exists()
+    crashed = store.image_dir(NAME) / "gen-0009.farm"                  # a crash's farm: removed by begin
+    shutil.copytree(g1 / "etc", crashed)
+    assert "gen-0009.farm" in store.leftovers(NAME)
+    n4, _ = store.begin(NAME, n)
+    assert not crashed.exists()
+    store.abort(NAME, n4)
+
+
+@pytest.mark.parametrize("images_dir", ["ext4"], indirect=True)
+def test_a_failed_farm_fails_the_commit_and_leaves_the_parent(store, tmp_path):
+    """cp failing in the farm's thread is raised by commit; abort leaves nothing, generation 1 intact."""
+    from sidusd.errors import BackendError
+    from sidusd.storage.runner import Runner
+
+    class NoFarm(Runner):
+        def run(self, argv, timeout_s=30, **kw):
+            if argv[:3] == ["cp", "-a", "-l"]:
+                argv = ["cp", "-a", "-l", "/nonexistent-sidus-farm-source", argv[-1]]
+            return super().run(argv, timeout_s, **kw)
+    before = snapshot(store.path(NAME, 1))
+    st = ImageStore(store.dir, NoFarm())
+    n, part = st.begin(NAME, 1)
+    WRITES["append"](part, tmp_path)
+    with pytest.raises(BackendError):
+        st.commit(NAME, n, {"kind": "run"})
+    st.abort(NAME, n)
+    assert st.numbers(NAME) == [1] and st.leftovers(NAME) == () and snapshot(store.path(NAME, 1)) == before
