@@ -139,7 +139,7 @@ def test_build_boot_update_rollback(tmp_path_factory):
         assert [(r["generation"], r["served"], r["kind"]) for r in rows] == [(1, False, "build"), (3, True, "update")]
         # rollback to generation 1: served; the VM still runs 3, so gc keeps 3
         r = image_cli(lab, "rollback", NAME, "--to", "1")
-        assert r.returncode == 0 and "generation 1 served" in r.stdout, r.stderr
+        assert r.returncode == 0 and f"{NAME}: generation 1: served (exported" in r.stdout, r.stderr
         assert booted_on(lab) == {1: [], 3: [HOSTNAME]}
         r = gc(lab)
         assert f"keeping generation 3: booted by {HOSTNAME}" in r.stdout and "removed generation(s) none" in r.stdout
