@@ -19,6 +19,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+@pytest.fixture(autouse=True)
+def _structlog_config_restored():
+    """Every test leaves structlog as it found it: a CLI's ``main()`` called in-process (e.g.
+    sidus-image's, which sets the level to warning) must not filter the info events a later
+    test captures with ``structlog.testing.capture_logs`` (the CI run of 71c7f94: 41 TFTP tests
+    saw no ``tftp.transfer`` event after test_image_rollback_served ran in the same process)."""
+    import structlog
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
 def pytest_configure(config) -> None:
     """Start every test, and every process a test starts, with the default signal dispositions.
 
