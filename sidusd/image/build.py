@@ -271,13 +271,7 @@ class Administrator:
                 t = prog.stage(st)
                 run_stage(st, root, ch, recipe)
                 prog.done(st, t)
-        meta: dict = {}
-        try:
-            bf = publish.find_boot_files(root)
-            meta.update(kernel=bf.kernel.name, initrd=bf.initrd.name, kver=bf.kver)
-        except BackendError:
-            pass
-        return meta
+        return dict(publish.boot_meta(root))
 
     def build(self, recipe: Recipe, switch: bool = True, keep_failed: bool = False,
               message: str | None = None) -> int:
@@ -331,11 +325,7 @@ class Administrator:
                 if res.rc != 0:
                     raise StageFailed("run", f"{' '.join(argv[:4])} exited with status {res.rc}")
             meta: dict[str, Any] = {"command": list(argv)[:20]}
-            try:
-                bf = publish.find_boot_files(part)
-                meta.update(kernel=bf.kernel.name, initrd=bf.initrd.name, kver=bf.kver)
-            except BackendError:
-                pass
+            meta.update(publish.boot_meta(part))
             return meta
 
         return self._new_generation(name, parent, "run", work, switch, keep_failed, message)

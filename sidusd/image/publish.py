@@ -58,6 +58,16 @@ def find_boot_files(root: Path) -> BootFiles:
     return max(found, key=lambda b: _version_key(b.kver))
 
 
+
+def boot_meta(root: Path) -> dict[str, str]:
+    """``kernel``/``initrd``/``kver`` of the generation at ``root`` for its meta record; empty
+    when the tree has no kernel (yet): a generation without one is kept, just not bootable."""
+    try:
+        bf = find_boot_files(root)
+    except BackendError:
+        return {}
+    return {"kernel": bf.kernel.name, "initrd": bf.initrd.name, "kver": bf.kver}
+
 def _copy_atomic(src: Path, dst: Path) -> None:
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
     try:

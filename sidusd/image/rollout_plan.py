@@ -25,15 +25,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from sidusd.image.generations import gen_dirname as gen_name  # one on-disk name of a generation
+
 INCOMING = ".incoming"
 MARKER_SUFFIX = ".arrived"
 MARKER_VERSION = 1
 _STAT = re.compile(r"^(Number of regular files transferred|Total file size|Total transferred file size"
                    r"|Literal data|Matched data): ([\d,.]+)")
-
-
-def gen_name(number: int) -> str:
-    return f"gen-{number:04d}"
 
 
 @dataclass(frozen=True)

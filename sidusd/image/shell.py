@@ -175,11 +175,7 @@ def shell_work(name: str, runner: Runner, stdin: TextIO, out: TextIO) -> Callabl
         if choice == "discard":
             raise Discarded(f"{name}: generation {number} discarded, as asked")
         meta: dict = {"command": ["shell"], "shell_status": rc, "kept": choice == "keep"}
-        try:
-            bf = publish.find_boot_files(part)
-            meta.update(kernel=bf.kernel.name, initrd=bf.initrd.name, kver=bf.kver)
-        except BackendError:
-            pass
+        meta.update(publish.boot_meta(part))
         return meta
     return work
 

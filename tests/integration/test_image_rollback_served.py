@@ -7,20 +7,10 @@ from __future__ import annotations
 import io
 
 from daemon_fixture import SidusDaemon, base_config, free_udp_port
+from test_served_confirmation import fake_build  # what a build leaves (no debootstrap)
 
 from sidusd.image import __main__ as image_main
 from sidusd.image.build import Administrator
-
-KVER = "6.1.0-99-amd64"
-
-
-def fake_build(part, logfile) -> dict:
-    """What a build leaves: a root with a kernel and its initrd (no debootstrap here)."""
-    (part / "boot").mkdir()
-    (part / "boot" / f"vmlinuz-{KVER}").write_bytes(b"kernel\n")
-    (part / "boot" / f"initrd.img-{KVER}").write_bytes(b"initrd\n")
-    (part / "etc").mkdir()
-    return {"kernel": f"vmlinuz-{KVER}", "initrd": f"initrd.img-{KVER}", "kver": KVER}
 
 
 def kept_shell(part, logfile) -> dict:
