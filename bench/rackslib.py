@@ -113,6 +113,8 @@ class RackClients:
     waiters: dict[int, asyncio.Future] = field(default_factory=dict)
     next_id: int = 0
     reader: asyncio.Task | None = None
+    discovers: int = DISCOVERS
+    tries: int = BOOT_TRIES
 
     async def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -163,11 +165,12 @@ class RackClients:
         await asyncio.sleep(delay)
         m = mac(self.rack, i)
         t0 = time.monotonic()
-        rec: dict[str, Any] = {"rack": self.rack, "client": i, "ok": False, "restarts": 0, "errors": []}
-        for attempt in range(BOOT_TRIES):
+        rec: dict[str, Any] = {"rack": self.rack, "client": i, "mac": m, "ok": False, "restarts": 0,
+                               "errors": [], "start": t0}
+        for attempt in range(self.tries):
             rec["restarts"] = attempt
-            td = time.monotonic()
-            for _ in range(DISCOVERS):
+            rec["t_dhcp"] = td = time.monotonic()
+            for _ in range(self.discovers):
                 r = await self.call({"op": "boot", "mac": m, "ipxe": False})
                 if r.get("ok"):
                     break
@@ -196,6 +199,7 @@ class RackClients:
                 await self.proc.wait()
         if self.reader is not None:
             self.reader.cancel()
+        self.proc, self.reader, self.waiters = None, None, {}
 
 
 class Racks:
@@ -426,15 +430,16 @@ class Racks:
 
     # -- the storm -----------------------------------------------------------------
     async def storm(self, spread_s: float = 0.0, expect: bytes | None = None,
-                    during: Any = None) -> dict[str, Any]:
-        """Every client of every rack boots once (arrivals spread over ``spread_s``); the records.
+                    during: Any = None, racks: list[int] | None = None) -> dict[str, Any]:
+        """Every client of every rack (or of ``racks``) boots once, arrivals spread over ``spread_s``.
 
         ``during``: an optional coroutine run alongside (a kill, an outage), its result returned.
         """
-        n = self.k * self.cpr
+        clients = [c for c in self.clients if racks is None or c.rack in racks]
+        n = len(clients) * self.cpr
         t0 = time.monotonic()
-        tasks = [asyncio.create_task(c.boot(i, spread_s * (c.rack * self.cpr + i) / n, expect))
-                 for c in self.clients for i in range(self.cpr)]
+        tasks = [asyncio.create_task(c.boot(i, spread_s * (i * len(clients) + x) / n, expect))
+                 for x, c in enumerate(clients) for i in range(self.cpr)]
         extra = asyncio.create_task(during) if during is not None else None
         recs = await asyncio.gather(*tasks)
         side = await extra if extra is not None else None
@@ -448,6 +453,16 @@ class Racks:
 
     async def close_clients(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
+
+    def run_storm(self, **kw: Any) -> dict[str, Any]:
+        """:meth:`storm` in an event loop of its own, with the clients' processes started and stopped."""
+        async def go() -> dict[str, Any]:
+            try:
+                await self.start_clients()
+                return await self.storm(**kw)
+            finally:
+                await self.close_clients()
+        return asyncio.run(go())
 
     def close(self) -> None:
         """Every process by its PID (NetNs.close), the cluster, the namespaces."""
