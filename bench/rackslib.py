@@ -115,6 +115,7 @@ class RackClients:
     reader: asyncio.Task | None = None
     discovers: int = DISCOVERS
     tries: int = BOOT_TRIES
+    tftp_slots: asyncio.Semaphore | None = None      # at most this many curl processes at once
 
     async def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -155,6 +156,12 @@ class RackClients:
                 "--connect-timeout", "10", "--max-time", "60"]
         for n, name in enumerate(names):
             argv += ["-o", "/dev/null" if n < len(names) - 1 else "-", f"tftp://{server}/{name}"]
+        if self.tftp_slots is not None:
+            async with self.tftp_slots:
+                return await self._curl(argv)
+        return await self._curl(argv)
+
+    async def _curl(self, argv: list[str]) -> tuple[int, bytes, str]:
         p = await asyncio.create_subprocess_exec(*self.ns.argv(*argv), stdout=subprocess.PIPE,
                                                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         out, err = await p.communicate()
@@ -212,6 +219,7 @@ class Racks:
         self.spr = servers_per_rack if isinstance(servers_per_rack, list) else [servers_per_rack] * racks
         self.delay_ms, self.loss_pct = delay_ms, loss_pct
         self.work = work or Path(tempfile.mkdtemp(prefix="sidus-racks-"))
+        self.work.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.namespaces: list[NetNs] = []
         self.servers: list[Server] = []
