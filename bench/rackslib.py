@@ -116,6 +116,7 @@ class RackClients:
     discovers: int = DISCOVERS
     tries: int = BOOT_TRIES
     tftp_slots: asyncio.Semaphore | None = None      # at most this many curl processes at once
+    tftp_timeout_s: float = 10.0                      # curl's wait for the first answer
 
     async def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -153,7 +154,7 @@ class RackClients:
     async def tftp(self, i: int, server: str, names: list[str]) -> tuple[int, bytes, str]:
         """curl, bound to client ``i``'s address, fetches ``names``; (rc, the last file, stderr)."""
         argv = ["curl", "-sS", "--interface", client_ip(self.rack, i), "--tftp-blksize", "1468",
-                "--connect-timeout", "10", "--max-time", "60"]
+                "--connect-timeout", str(self.tftp_timeout_s), "--max-time", str(6 * self.tftp_timeout_s)]
         for n, name in enumerate(names):
             argv += ["-o", "/dev/null" if n < len(names) - 1 else "-", f"tftp://{server}/{name}"]
         if self.tftp_slots is not None:

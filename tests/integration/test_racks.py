@@ -71,7 +71,7 @@ def test_a_rack_server_killed_mid_storm_its_partner_answers(racks):
     killed, partner = r.servers[0], r.servers[1]           # rack 0's pair
     alone = r.servers[2]                                  # rack 1's only server: the control
     for c in r.clients:
-        c.discovers, c.tries = 3, 2                        # a dead rack fails in ~12 s, not ~50
+        c.discovers, c.tries, c.tftp_timeout_s = 3, 2, 3   # a dead rack fails in ~15 s, not ~70
 
     async def kill_later():
         await asyncio.sleep(1.5)
