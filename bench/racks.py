@@ -59,14 +59,15 @@ async def _run(r: Racks, a: argparse.Namespace) -> dict[str, Any]:
             c.tftp_slots = asyncio.Semaphore(a.tftp_parallel)
         stop, load = asyncio.Event(), {}
         sampler = asyncio.create_task(_sample(r, stop, load))
-        (_, x0), t0 = r.pg_stats(), time.monotonic()
+        (_, x0), e0, t0 = r.pg_stats(), r.event_rows(), time.monotonic()
         res = await r.storm(spread_s=a.spread_s)
-        (_, x1), t1 = r.pg_stats(), time.monotonic()
+        (_, x1), e1, t1 = r.pg_stats(), r.event_rows(), time.monotonic()
         stop.set()
         await sampler
     finally:
         await r.close_clients()
     load["xact_per_s"] = round((x1 - x0) / (t1 - t0), 1)
+    load["event_rows_per_s"] = round((e1 - e0) / (t1 - t0), 1)
     with_errors = [x for x in res["records"] if x["errors"]]
     return {"racks": r.k, "servers": sum(r.spr), "clients": res["clients"], "link": r.link_kind,
             "time_to_last_s": round(res["time_to_last_s"], 2), "dhcp_p50_ms": round(res["dhcp_p50_ms"], 1),
@@ -92,13 +93,15 @@ def one(a: argparse.Namespace, racks: int, spr: int, work: Path) -> dict[str, An
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'racks':>5} {'sidusd':>6} {'clients':>7} {'last done s':>11} {'DHCP p50 ms':>11} "
-            f"{'DHCP p99 ms':>11} {'boot p99 s':>10} {'failed':>6} {'over':>5} {'PG xact/s':>9} {'PG conns':>8}")
+            f"{'DHCP p99 ms':>11} {'boot p99 s':>10} {'failed':>6} {'over':>5} {'PG xact/s':>9} {'PG conns':>8} "
+            f"{'events/s':>8}")
     lines = [head, "-" * len(head)]
     for x in rows:
         lines.append(f"{x['racks']:>5} {x['servers']:>6} {x['clients']:>7} {x['time_to_last_s']:>11} "
                      f"{x['dhcp_p50_ms']:>11} {x['dhcp_p99_ms']:>11} {x['boot_p99_s']:>10} {x['failed']:>6} "
                      f"{x['started_over']:>5} {x['postgresql'].get('xact_per_s', '-'):>9} "
-                     f"{x['postgresql'].get('max_connections', '-'):>8}")
+                     f"{x['postgresql'].get('max_connections', '-'):>8} "
+                     f"{x['postgresql'].get('event_rows_per_s', '-'):>8}")
     return "\n".join(lines)
 
 

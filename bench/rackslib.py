@@ -368,6 +368,11 @@ class Racks:
                 cur.executemany("INSERT INTO sidus_hosts (mac, doc) VALUES (%s, %s) "
                                 "ON CONFLICT (mac) DO UPDATE SET doc = EXCLUDED.doc", rows)
 
+    def event_rows(self) -> int:
+        assert self.pg is not None
+        with self.pg.connect() as conn:
+            return int(conn.execute("SELECT count(*) FROM sidus_events").fetchone()[0])
+
     def pg_stats(self) -> tuple[int, int]:
         """(connections to the database, transactions committed so far)."""
         assert self.pg is not None

@@ -20,13 +20,17 @@ DHCP, the first OFFER taken; curl bound to each client's own address for TFTP).
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
 from conftest import require_root, require_tool
 
+from bench.peers import REPO
 from bench.rackslib import PG_ADDR, PG_PORT, Racks, pct
 from sidusd.state import pg as spg
 from tests.netns import socket_in_netns
@@ -198,3 +202,21 @@ def test_d_rack_server_restarted_with_postgresql_down_serves_its_local_copy(rack
     print(f"\nrestarted with PostgreSQL down: {_summary(res)}")
     assert res["failed"] == [], res["failed"]
     assert {x["server"] for x in res["records"]} == {s.ip}
+
+
+def test_the_bench_runs_and_leaves_nothing(tmp_path):
+    """bench/racks.py end to end at a tiny size: every client boots, the figures are written, and
+    no namespace of the run is left."""
+    require_root()
+    require_postgres()
+    out = tmp_path / "racks.json"
+    r = subprocess.run([sys.executable, "-m", "bench.racks", "--clients", "8", "--racks", "2",
+                        "--servers-per-rack", "1", "--spread-s", "0", "--no-single", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = json.loads(out.read_text())["runs"][0]
+    assert (run["clients"], run["racks"], run["failed"]) == (8, 2, 0), run
+    assert sum(run["per_server"].values()) == 8 and all(run["per_server"].values()), run
+    assert run["postgresql"]["xact_per_s"] > 0 and run["postgresql"]["max_connections"] >= 2, run
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "sidus-b-rk" not in left, left
