@@ -177,7 +177,7 @@ class RackClients:
                                "errors": [], "start": t0}
         for attempt in range(self.tries):
             rec["restarts"] = attempt
-            rec["t_dhcp"] = td = time.monotonic()
+            rec["t_dhcp"] = time.monotonic()
             for _ in range(self.discovers):
                 r = await self.call({"op": "boot", "mac": m, "ipxe": False})
                 if r.get("ok"):
@@ -185,7 +185,8 @@ class RackClients:
                 rec["errors"].append(r.get("error"))
             else:
                 continue
-            rec.setdefault("dhcp_s", time.monotonic() - td)       # the first boot's DHCP, retries in
+            rec.setdefault("dhcp_s", time.monotonic() - t0)       # first DISCOVER -> ACK, retries in
+            rec.setdefault("exchange_ms", r["offer_ms"] + (r["ack_ms"] or 0.0))   # the client's own clock
             rec["server"] = r["siaddr"]
             rc, out, err = await self.tftp(i, r["siaddr"], [r["file"], "pxelinux.cfg/01-" + m.replace(":", "-")])
             if rc == 0 and b"vmlinuz" in out and (expect is None or expect in out):
@@ -459,10 +460,12 @@ class Racks:
         side = await extra if extra is not None else None
         t_last = max(r["end"] for r in recs) - t0
         dhcp = sorted(r["dhcp_s"] for r in recs if "dhcp_s" in r)
+        exch = sorted(r["exchange_ms"] for r in recs if "exchange_ms" in r)
         return {"clients": n, "records": recs, "time_to_last_s": t_last, "during": side,
                 "failed": [r for r in recs if not r["ok"]],
                 "restarted": sum(1 for r in recs if r["restarts"]),
                 "dhcp_p50_ms": pct(dhcp, 50) * 1000, "dhcp_p99_ms": pct(dhcp, 99) * 1000,
+                "exchange_p50_ms": pct(exch, 50), "exchange_p99_ms": pct(exch, 99),
                 "boot_p99_s": pct([r["duration_s"] for r in recs], 99)}
 
     async def close_clients(self) -> None:
