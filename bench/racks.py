@@ -57,8 +57,9 @@ async def _sample(r: Racks, stop: asyncio.Event, out: dict[str, Any]) -> None:
 async def _run(r: Racks, a: argparse.Namespace) -> dict[str, Any]:
     try:
         await r.start_clients()
+        slots = asyncio.Semaphore(a.tftp_parallel)      # one for the machine: the same in every topology
         for c in r.clients:
-            c.tftp_slots = asyncio.Semaphore(a.tftp_parallel)
+            c.tftp_slots = slots
         stop, load = asyncio.Event(), {}
         sampler = asyncio.create_task(_sample(r, stop, load))
         (_, x0), e0, t0 = r.pg_stats(), r.event_rows(), time.monotonic()
@@ -71,10 +72,15 @@ async def _run(r: Racks, a: argparse.Namespace) -> dict[str, Any]:
     load["xact_per_s"] = round((x1 - x0) / (t1 - t0), 1)
     load["event_rows_per_s"] = round((e1 - e0) / (t1 - t0), 1)
     with_errors = [x for x in res["records"] if x["errors"]]
+    slowest = max(res["records"], key=lambda x: x["duration_s"])
+    t_first = min(x["start"] for x in res["records"])
     return {"racks": r.k, "servers": sum(r.spr), "clients": res["clients"], "link": r.link_kind,
             "time_to_last_s": round(res["time_to_last_s"], 2), "dhcp_p50_ms": round(res["dhcp_p50_ms"], 1),
             "dhcp_p99_ms": round(res["dhcp_p99_ms"], 1), "exchange_p50_ms": round(res["exchange_p50_ms"], 1),
             "exchange_p99_ms": round(res["exchange_p99_ms"], 1), "boot_p99_s": round(res["boot_p99_s"], 2),
+            "boot_max_s": round(slowest["duration_s"], 2),
+            "slowest": {k: slowest.get(k) for k in ("rack", "client", "server", "dhcp_s", "exchange_ms", "errors")},
+            "last_arrival_s": round(max(x["start"] for x in res["records"]) - t_first, 2),
             "failed": len(res["failed"]), "started_over": res["restarted"], "postgresql": load,
             "errors": sorted({str(e) for x in with_errors for e in x["errors"]})[:10],
             "per_server": {s.name: sum(1 for x in res["records"] if x.get("server") == s.ip) for s in r.servers}}
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-pct", type=float, default=0.0, help="loss on each rack uplink, each way")
     p.add_argument("--spread-s", type=float, default=10.0, help="arrivals spread over this window (0: at once)")
     p.add_argument("--tftp-parallel", type=int, default=64,
-                   help="curl processes at once per rack (the 2-core machine's limit, not the servers')")
+                   help="curl processes at once, all racks together (the 2-core machine's limit, not the servers')")
     p.add_argument("--no-single", dest="single", action="store_false", help="skip the one-server run")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
