@@ -110,8 +110,13 @@ def test_lazylog_without_deferral_is_the_structlog_logger():
     import structlog
 
     from sidusd.image import lazylog
-    with structlog.testing.capture_logs() as logs:
-        lazylog.get_logger("image.x", a=1).info("ev", b=2)
-        lazylog.get_logger("image.x").bind(c=3).warning("ev2")
+    saved = structlog.get_config()
+    structlog.reset_defaults()               # whatever level an earlier test of this process set
+    try:
+        with structlog.testing.capture_logs() as logs:
+            lazylog.get_logger("image.x", a=1).info("ev", b=2)
+            lazylog.get_logger("image.x").bind(c=3).warning("ev2")
+    finally:
+        structlog.configure(**saved)
     assert [(x["event"], x["log_level"]) for x in logs] == [("ev", "info"), ("ev2", "warning")]
     assert logs[0]["a"] == 1 and logs[0]["b"] == 2 and logs[0]["component"] == "image.x" and logs[1]["c"] == 3
