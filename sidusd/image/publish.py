@@ -112,16 +112,19 @@ def _parent_file(src: Path, parent_src: Path | None, published: Path) -> bool:
         return False
 
 
-def _link_atomic(existing: Path, dst: Path) -> None:
+def _link_atomic(existing: Path, dst: Path) -> bool:
+    """``dst`` becomes a new name of ``existing``; False when the file system refuses the link
+    (another file system, too many links: the caller copies)."""
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
     try:
         tmp.unlink(missing_ok=True)
         os.link(existing, tmp, follow_symlinks=False)
         os.rename(tmp, dst)
         tmp.unlink(missing_ok=True)          # dst already was that inode: rename(2) did nothing
-    except OSError as e:
+    except OSError:
         tmp.unlink(missing_ok=True)
-        raise BackendError(f"cannot publish {dst}", detail=str(e)) from e
+        return False
+    return True
 
 
 def publish_generation(root: Path, tftp_root: Path, name: str, number: int, parent: int | None = None,
@@ -140,9 +143,7 @@ def publish_generation(root: Path, tftp_root: Path, name: str, number: int, pare
     pd = tftp_dir(tftp_root, name) / f"gen-{parent:04d}" if parent is not None and parent != number else None
     for src, psrc, fname in ((bf.kernel, pbf.kernel if pbf else None, "vmlinuz"),
                              (bf.initrd, pbf.initrd if pbf else None, "initrd.img")):
-        if pd is not None and _parent_file(src, psrc, pd / fname):
-            _link_atomic(pd / fname, d / fname)
-        else:
+        if not (pd is not None and _parent_file(src, psrc, pd / fname) and _link_atomic(pd / fname, d / fname)):
             _copy_atomic(src, d / fname)
     _fsync_dir(d)
     return bf
