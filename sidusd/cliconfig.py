@@ -82,7 +82,7 @@ def control_socket(flag: str | None, config_flag: str | Path | None,
                    environ: Mapping[str, str] | None = None) -> str:
     """sidusd's control socket: ``--socket`` > ``$SIDUS_SOCKET`` > ``control.socket_path`` of the
     config file (:func:`config_source`), which must then exist and be valid."""
-    from sidusd.control.messages import SOCKET_ENV
+    from sidusd.control import SOCKET_ENV
     env = os.environ if environ is None else environ
     if flag:
         return flag
@@ -118,7 +118,7 @@ def image_paths(*, images_dir: Path | None, tftp_root: Path | None, images_file:
 
     The config is read when a value comes from it, or when it is named (``--config``,
     ``$SIDUS_CONFIG``: ``list`` and ``gc`` use its inventory and booted records)."""
-    from sidusd.control.messages import SOCKET_ENV
+    from sidusd.control import SOCKET_ENV
     env = os.environ if environ is None else environ
     images_dir = images_dir or (Path(env["SIDUS_IMAGES_DIR"]) if env.get("SIDUS_IMAGES_DIR") else None)
     tftp_root = tftp_root or (Path(env["SIDUS_TFTP_ROOT"]) if env.get("SIDUS_TFTP_ROOT") else None)

@@ -24,7 +24,6 @@ from typing import Any
 import yaml
 
 from sidusd.errors import ConfigError
-from sidusd.schema import describe, suggest  # noqa: F401  (describe and suggest lived here before #21)
 
 IPv4Address = ipaddress.IPv4Address
 
@@ -184,6 +183,7 @@ _DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 def check_name(where: str, name: Any, what: str = "name", dns: bool = False) -> str:
     """A name: ``[A-Za-z0-9][A-Za-z0-9_.-]{0,62}``, or an RFC 1123 §2.1 host label when ``dns``."""
     if not isinstance(name, str):
+        from sidusd.schema import describe  # msgspec: only for this message (sidus-image's start-up)
         raise ConfigError(where, f"expected {what} as a string, got {describe(name)}")
     if not (_DNS_LABEL if dns else _NAME).fullmatch(name):
         rule = ("letters, digits and '-', 1-63 characters, not starting or ending with '-' (RFC 1123)"
@@ -198,3 +198,12 @@ def parse_ipv4(where: str, text: str) -> IPv4Address:
         return IPv4Address(text)
     except ValueError:
         raise ConfigError(where, f"not an IPv4 address: {text!r}") from None
+
+
+def __getattr__(name: str) -> Any:
+    """``describe`` and ``suggest`` lived here before #21 (sidusd.schema): imported on use."""
+    if name in ("describe", "suggest"):
+        from sidusd import schema
+        return getattr(schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -29,13 +29,13 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
+from sidusd.control import SOCKET_ENV  # noqa: F401  (defined there: no msgspec for it)
 from sidusd.errors import RemoteProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024           # one request line, newline excluded
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024   # one response line (clients history can be large)
 DEFAULT_SOCKET_PATH = "/run/sidus/control.sock"   # = config.control.socket_path default
-SOCKET_ENV = "SIDUS_SOCKET"
 
 OP_STATUS = "status"
 OP_CLIENTS = "clients"

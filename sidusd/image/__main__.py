@@ -34,37 +34,54 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from sidusd.cliconfig import ToolConfigError, image_paths
-from sidusd.control.messages import SOCKET_ENV
-from sidusd.errors import ConfigError, SidusError
-from sidusd.image import publish, rollout, shell
-from sidusd.image.build import Administrator
-from sidusd.image.chroot import LockBusy
-from sidusd.image.recipe import read_recipe
-from sidusd.observability import setup_logging
+if TYPE_CHECKING:
+    from sidusd.image.build import Administrator
+
+# Only the standard library above: each command imports what it needs, when it runs (a `run`
+# neither msgspec, nor structlog and asyncio, nor the rollout and view code;
+# tests/unit/test_image_imports.py, docs/performance.md "Image generations (issue 16)").
 
 EXIT_BUSY = 75
 
 
-def _human(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+ROLLOUT_CMDS = ("push", "rack-scan")                 # their parsers are sidusd.image.rollout's
+_LOCAL_CMDS = ("build", "update", "run", "shell", "publish", "drop", "list", "rollback", "gc", "diff", "import")
+# commands whose code logs only through sidusd.image.lazylog: logging set up at the first event written
+DEFERRED_LOGGING = ("build", "update", "run", "shell", "publish", "drop", "rollback", "diff")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _command_word(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (after the global options), None if none is or on doubt."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    _global_options(pre)
+    pre.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        ns, _ = pre.parse_known_args(argv)
+    except (argparse.ArgumentError, SystemExit):
+        return None
+    return ns.rest[0] if ns.rest else None
+
+
+def _parser(with_rollout: bool = True) -> argparse.ArgumentParser:
+    """The command line; ``with_rollout=False``: without ``push`` and ``rack-scan`` (for any other
+    command: their module is not imported)."""
     p = argparse.ArgumentParser(prog="sidus-image", description="Build and administer sidus network-boot images.")
+    _global_options(p)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _local_parsers(sub)
+    if with_rollout:
+        from sidusd.image import rollout
+        rollout.add_parsers(sub)
+    return p
+
+
+def _global_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="the daemon's sidus.yaml (default $SIDUS_CONFIG, else /etc/sidus/sidus.yaml): the "
                         "directories below, and for list and gc its inventory and booted records (docs/images.md)")
@@ -82,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--btrfs-snapshots", action="store_true",
                    help="on btrfs, make generations as subvolume snapshots (kernel nfsd; nfs-ganesha 4 "
                         "cannot export them; docs/images.md)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+
+
+def _local_parsers(sub) -> None:
     b = sub.add_parser("build", help="build a new generation from a recipe")
     b.add_argument("recipe", type=Path)
     b.add_argument("--arch", default=None, metavar="ARCH",
@@ -129,172 +148,33 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--in-place", action="store_true", help="move DIR into the image (same file system), no copy")
     im.add_argument("--no-switch", action="store_true", help="do not serve the new generation")
     im.add_argument("--keep-failed", action="store_true", help="keep a failed copy's directory")
-    rollout.add_parsers(sub)
-    return p
-
-
-def _say_served(adm: Administrator, name: str, number: int) -> int:
-    """After ``rollback`` / ``publish``: say "served" only when sidusd confirms it serves generation
-    ``number`` (``images.status`` on its control socket, publish.confirm_served), as ``build``,
-    ``update`` and ``run`` do; 1 when sidusd refuses it (the switch is done: the message says why)."""
-    served = publish.confirm_served(adm.control_socket, name, adm.store.path(name, number).resolve())
-    print(f"{name}: generation {number}: {served.text}")
-    if served.refused:
-        print(f"sidus-image: {name}: generation {number} is switched, but sidusd does not serve it: "
-              f"{served.text}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _list(adm: Administrator, name: str | None, as_json: bool, config_path: Path | None) -> None:
-    users = _image_users(config_path)
-    booted_by_root = _booted_by_root(config_path)
-    rows: list[dict[str, Any]] = []
-    for n in ([name] if name else adm.store.names()):
-        gens = adm.store.list(n)
-        shares = adm.store.own_shared(n, [g.number for g in gens])
-        for g in gens:
-            used = users.get(f"{n}.gen-{g.number}", []) + (users.get(n, []) if g.current else [])
-            recs = booted_by_root.get(os.path.realpath(g.path), [])
-            rows.append({"image": n, "generation": g.number, "served": g.current, "kind": g.kind,
-                         "created": g.created, "size_bytes": g.size_bytes, "kernel": g.meta.get("kver"),
-                         "own_bytes": shares[g.number][0], "shared_bytes": shares[g.number][1],
-                         "message": g.meta.get("message"),
-                         "hosts": used,
-                         "booted": [{"mac": r.mac, "hostname": r.hostname, "image": r.image,
-                                     "first_served": _iso(r.first_s), "last_served": _iso(r.last_s)}
-                                    for r in recs]})
-    if as_json:
-        print(json.dumps(rows, indent=1))
-        return
-    print(f"{'IMAGE':<16} {'GEN':>4} {'SERVED':<6} {'KIND':<7} {'CREATED':<26} {'SIZE':>10} {'OWN':>10} "
-          f"{'SHARED':>10}  {'KERNEL':<16} HOSTS (inventory) / BOOTED")
-    for r in rows:
-        booted_names = [f"{b['hostname'] or b['mac']} (booted)" for b in r["booted"]]
-        print(f"{r['image']:<16} {r['generation']:>4} {'*' if r['served'] else '':<6} {r['kind']:<7} "
-              f"{r['created']:<26} {_human(r['size_bytes']):>10} {_human(r['own_bytes']):>10} "
-              f"{_human(r['shared_bytes']):>10}  {r['kernel'] or '-':<16} "
-              f"{', '.join(r['hosts'] + booted_names) or '-'}")
-        if r["message"]:
-            print(f"{'':<22}{r['message']}")
-
-
-def _diff(adm: Administrator, name: str, a: int, b: int, as_json: bool) -> int:
-    from sidusd.image.history import diff
-    for n in (a, b):
-        if n not in adm.store.numbers(name):
-            print(f"sidus-image diff: image {name} has no generation {n}", file=sys.stderr)
-            return 1
-    d = diff(adm.store.path(name, a), adm.store.path(name, b))
-    if as_json:
-        print(json.dumps(d, indent=1))
-        return 0
-    p = d["packages"]
-    for k, v in p["added"].items():
-        print(f"+ {k} {v}")
-    for k, v in p["removed"].items():
-        print(f"- {k} {v}")
-    for k, (old, new) in p["upgraded"].items():
-        print(f"~ {k} {old} -> {new}")
-    for status, rel in d["files"]:
-        print(f"{status} /{rel}")
-    print(f"({len(p['added'])} added, {len(p['removed'])} removed, {len(p['upgraded'])} upgraded; "
-          f"{len(d['files'])} other file(s) changed; not listed: {d['package_files_changed']} file(s) of "
-          f"the changed packages, {d['package_state_changed']} of the package manager's state)")
-    return 0
-
-
-def _iso(t: float) -> str:
-    import datetime as dt
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
-
-
-def _booted_by_root(config_path: Path | None, now: float | None = None, live_only: bool = True) -> dict[str, list]:
-    """Resolved root directory -> live booted records (sidusd's booted file, ``booted:`` of
-    sidus.yaml; docs/images.md "Booted generations"; every record with ``live_only=False``).
-    Empty without a config or records."""
-    if config_path is None:
-        return {}
-    import time
-
-    from sidusd import config as config_mod
-    from sidusd.boot.booted import users_by_root
-    from sidusd.image.booted_store import read_table
-    cfg = config_mod.read(config_path)
-    if cfg.booted.file is None:
-        return {}
-    table = read_table(cfg.booted.file, cfg.booted.max_hosts)
-    live = table.live(time.time() if now is None else now, cfg.booted.ttl_s) if live_only else table.records()
-    out: dict[str, list] = {}
-    for root, recs in users_by_root(live).items():
-        out.setdefault(os.path.realpath(root), []).extend(recs)
-    return out
-
-
-def _gc(adm: Administrator, name: str, keep: int, config_path: Path | None, dry_run: bool = False) -> int:
-    from sidusd.image.generations import booted_generations
-    if config_path is None:
-        print("sidus-image gc: no config read (both directories given, without --config): gc knows neither "
-              "the inventory's pins nor the machines that booted a generation: only the served one and the "
-              "--keep newest are kept",
-              file=sys.stderr)
-    pinned = _pinned(config_path, name)
-    by_root = _booted_by_root(config_path)
-    roots = {n: os.path.realpath(adm.store.path(name, n)) for n in adm.store.numbers(name)}
-    booted = booted_generations(by_root, roots)
-    for n in sorted(booted):
-        who = ", ".join(r.hostname or r.mac for r in by_root[roots[n]])
-        print(f"{name}: keeping generation {n}: booted by {who}")
-    for n in sorted(pinned - booted):
-        print(f"{name}: keeping generation {n}: pinned by the inventory")
-    gone = adm.gc(name, keep, sorted(pinned | booted), dry_run=dry_run,
-                  booted_by_root=_booted_by_root(config_path, live_only=False))
-    print(f"{name}: {'would remove' if dry_run else 'removed'} generation(s) {', '.join(map(str, gone)) or 'none'}"
-          + ("" if dry_run or not gone else f" (recorded in {adm.store.image_dir(name) / 'meta' / 'removed.jsonl'})"))
-    return 0
-
-
-def _image_users(config_path: Path | None) -> dict[str, list[str]]:
-    """Image name -> hosts of the inventory (hostname or MAC) that boot it; "(unknown hosts)" for
-    the default profile's image when sidusd serves unknown machines."""
-    if config_path is None:
-        return {}
-    from sidusd import config as config_mod
-    from sidusd.boot.inventory import parse_inventory
-    cfg = config_mod.read(config_path)
-    try:
-        text = cfg.inventory_file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    inv = parse_inventory(text, str(cfg.inventory_file))
-    users: dict[str, list[str]] = {}
-    for h in inv.hosts.values():
-        prof = inv.profiles.get(h.profile)
-        image = h.image or (prof.image if prof else None)
-        if image:
-            users.setdefault(image, []).append(h.hostname or h.mac)
-    default = inv.profiles.get(cfg.boot.default_profile)
-    if default is not None and cfg.dhcp.unknown_hosts == "default":
-        users.setdefault(default.image, []).append("(unknown hosts)")
-    return users
-
-
-def _pinned(config_path: Path | None, name: str) -> set[int]:
-    from sidusd.image.generations import pinned_generations
-    return pinned_generations(_image_users(config_path), name)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sidus-image``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from sidusd.image import lazylog
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        lazylog.end_deferral()          # main() called in a process that goes on (tests)
+
+
+def _main(argv: list[str]) -> int:
     after: list[str] | None = None
     if "run" in argv and "--" in argv[argv.index("run"):]:
         # `run NAME [options] -- CMD...`: the options before `--` are sidus-image's, what follows the
         # command's (argparse's REMAINDER alone would take `-m TEXT` after NAME as the command)
         i = argv.index("--", argv.index("run"))
         argv, after = argv[:i], argv[i + 1:]
-    args = _parser().parse_args(argv)
-    setup_logging(args.log_format, "info" if args.verbose else "warning")
+    args = _parser(with_rollout=_command_word(argv) not in _LOCAL_CMDS).parse_args(argv)
+    from sidusd.image import lazylog
+    lazylog.defer_setup(args.log_format, "info" if args.verbose else "warning")
+    if args.cmd not in DEFERRED_LOGGING:
+        lazylog.setup_now()              # code that logs through sidusd.observability itself
+    from sidusd.cliconfig import ToolConfigError, image_paths
+    from sidusd.errors import ConfigError, SidusError
+    from sidusd.image.build import Administrator
+    from sidusd.image.chroot import LockBusy
     try:
         where = image_paths(images_dir=args.images_dir, tftp_root=args.tftp_root, images_file=args.images_file,
                             control_socket=args.control_socket, config_flag=args.config)
@@ -302,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidus-image: {e}", file=sys.stderr)
         return 2
     sock = where.control_socket
-    if sock is not None and not (args.control_socket or os.environ.get(SOCKET_ENV)) and not sock.exists():
+    if sock is not None and not (args.control_socket or _socket_env()) and not sock.exists():
         sock = None                      # the config's socket, and no sidusd: it reads the images file at start
     args.config = where.config
     adm = Administrator(where.images_dir, where.tftp_root, cache_dir=args.cache_dir,
@@ -312,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "build":
             from sidusd.image.arch import check_build_host, with_arch
+            from sidusd.image.recipe import read_recipe
             recipe = with_arch(read_recipe(args.recipe), args.arch)
             check_build_host(recipe)
             adm.build(recipe, switch=not args.no_switch, keep_failed=args.keep_failed,
@@ -325,25 +206,31 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             adm.run(args.name, cmd, switch=not args.no_switch, keep_failed=args.keep_failed, message=args.message)
         elif args.cmd == "shell":
+            from sidusd.image import shell
             try:
                 adm.shell(args.name, args.parent, switch=not args.no_switch, keep_failed=args.keep_failed,
                           message=args.message)
             except shell.Discarded as e:
                 print(f"sidus-image: {e}", file=sys.stderr)
-        elif args.cmd == "publish":
-            return _say_served(adm, args.name, shell.publish_kept(adm, args.name, args.number, args.force))
-        elif args.cmd == "drop":
-            shell.drop(adm, args.name, args.number)
-            print(f"{args.name}: generation {args.number} removed")
-        elif args.cmd == "list":
-            _list(adm, args.name, args.json, args.config)
-        elif args.cmd == "rollback":
-            return _say_served(adm, args.name, adm.rollback(args.name, args.to))
-        elif args.cmd == "gc":
-            return _gc(adm, args.name, args.keep, args.config, args.dry_run)
-        elif args.cmd == "diff":
-            return _diff(adm, args.name, args.a, args.b, args.json)
-        elif args.cmd in ("push", "rack-scan"):
+        elif args.cmd in ("publish", "drop"):
+            from sidusd.image import cli_views, shell
+            if args.cmd == "drop":
+                shell.drop(adm, args.name, args.number)
+                print(f"{args.name}: generation {args.number} removed")
+                return 0
+            return cli_views.say_served(adm, args.name, shell.publish_kept(adm, args.name, args.number, args.force))
+        elif args.cmd in ("list", "rollback", "gc", "diff"):
+            from sidusd.image import cli_views
+            if args.cmd == "list":
+                cli_views.list_generations(adm, args.name, args.json, args.config)
+            elif args.cmd == "rollback":
+                return cli_views.say_served(adm, args.name, adm.rollback(args.name, args.to))
+            elif args.cmd == "gc":
+                return cli_views.gc_generations(adm, args.name, args.keep, args.config, args.dry_run)
+            else:
+                return cli_views.diff_generations(adm, args.name, args.a, args.b, args.json)
+        elif args.cmd in ROLLOUT_CMDS:
+            from sidusd.image import rollout
             return rollout.run(args, adm.store, where.tftp_root)
         elif args.cmd == "import":
             from sidusd.image.importer import import_tree
@@ -368,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STOP_CODES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGHUP: "SIGHUP"}
+
+
+def _socket_env() -> str | None:
+    from sidusd.control import SOCKET_ENV
+    return os.environ.get(SOCKET_ENV)
 
 
 def _served_now(adm: Administrator) -> dict[str, int | None]:

@@ -28,22 +28,31 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from sidusd import data
 from sidusd.errors import BackendError, SidusError
 from sidusd.fsutil import append_durable, atomic_write
-from sidusd.image import history, publish, shell
+from sidusd.image import publish, shell
 from sidusd.image.chroot import Chroot, ImageLock, signals_as_exceptions
 from sidusd.image.generations import ImageStore
-from sidusd.image.recipe import Recipe, mirror_from_sources, security_from_sources
-from sidusd.image.stages import Stage, debootstrap_argv, has_security_archive, plan, update_plan
-from sidusd.observability import get_logger
+from sidusd.image.lazylog import get_logger
+from sidusd.image.mirrors import host_mirror, security_mirror
+from sidusd.image.stages import Stage, debootstrap_argv, plan, update_plan
 from sidusd.storage.runner import Runner
 
+if TYPE_CHECKING:
+    from sidusd.image.recipe import Recipe
+
+# imported when used (recipe: msgspec and yaml; history, data): a `sidus-image run` needs none
 log = get_logger("image.build")
-INITRAMFS_SRC = data.INITRAMFS          # the overlay hook: package data (sidusd/data/initramfs/)
 DEBOOTSTRAP_TIMEOUT_S = 3600
+
+
+def __getattr__(name: str) -> Any:
+    if name == "INITRAMFS_SRC":          # the overlay hook: package data (sidusd/data/initramfs/)
+        from sidusd import data
+        return data.INITRAMFS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class StageFailed(BackendError):
@@ -54,44 +63,12 @@ class StageFailed(BackendError):
         super().__init__(f"stage {stage} failed: {reason}", detail=detail)
 
 
-def _host_sources(etc_apt: Path) -> list[str]:
-    texts = []
-    for p in [etc_apt / "sources.list", *sorted((etc_apt / "sources.list.d").glob("*"))]:
-        if p.suffix in (".list", ".sources") and p.is_file():
-            texts.append(p.read_text(errors="replace"))
-    return texts
-
-
-def host_mirror(suite: str | None, etc_apt: Path = Path("/etc/apt")) -> str:
-    """The Debian mirror of this host's apt sources (never a host name written in code)."""
-    texts = _host_sources(etc_apt)
-    for t in texts:
-        m = mirror_from_sources(t, suite)
-        if m:
-            return m
-    raise BackendError("no Debian mirror found in the host's apt sources",
-                       detail=f"set mirror: in the recipe (looked in {etc_apt})")
-
-
-def security_mirror(recipe: Recipe, etc_apt: Path = Path("/etc/apt")) -> str | None:
-    """The security archive for the image's apt sources: the recipe's ``security_mirror``, none when
-    it is ``false`` or the suite has none (sid), else the host's entry for ``<suite>-security``."""
-    if recipe.security_mirror is False or not has_security_archive(recipe.suite):
-        return None
-    if isinstance(recipe.security_mirror, str):
-        return recipe.security_mirror
-    for t in _host_sources(etc_apt):
-        m = security_from_sources(t, recipe.suite)
-        if m:
-            return m
-    raise BackendError(f"no {recipe.suite}-security archive in the host's apt sources",
-                       detail=f"set security_mirror: URL in the recipe, or security_mirror: false for an image "
-                              f"without security updates (looked in {etc_apt})")
-
-
-def initramfs_files(src: Path = INITRAMFS_SRC) -> dict[str, bytes]:
+def initramfs_files(src: Path | None = None) -> dict[str, bytes]:
     """The overlay hook, init-bottom scripts (overlay; sidus-up: the root up-report) and module list
-    (sidusd/data/initramfs/)."""
+    (sidusd/data/initramfs/, or ``src``)."""
+    if src is None:
+        from sidusd import data
+        src = data.INITRAMFS
     rels = ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay", "scripts/init-bottom/sidus-up")
     out = {rel: (src / rel).read_bytes() for rel in rels}
     out["modules"] = b"# sidus (sidusd/data/initramfs/modules)\n" + (src / "modules").read_bytes()
@@ -224,8 +201,9 @@ class Administrator:
                 raise
             log.info("image.generation.committed", image=name, generation=number, kind=kind)
             root = self.store.path(name, number)
-            if meta.get("kernel"):
-                publish.publish_generation(root, self.tftp_root, name, number)
+            if meta.get("kernel"):         # an unchanged kernel / initrd: a link to the parent's
+                publish.publish_generation(root, self.tftp_root, name, number, parent,
+                                           self.store.path(name, parent) if parent is not None else None)
             if switch:
                 self.serve(name, number)
             # "served" only when sidusd says it serves this generation (image/publish.py)
@@ -351,6 +329,7 @@ class Administrator:
         (``dry_run``: only say which).  Each removal first appends a record to
         ``meta/removed.jsonl`` (sidusd.image.history.removal_record; ``booted_by_root``: resolved
         root -> booted records, every record of sidusd's booted file)."""
+        from sidusd.image import history
         from sidusd.image.generations import gc_candidates
         with ImageLock(self.store.image_dir(name), "gc"):
             doomed = gc_candidates(self.store.numbers(name), self.store.current(name), keep,

@@ -32,8 +32,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from sidusd.errors import BackendError
+from sidusd.image.lazylog import get_logger  # structlog only for an event written (sidus-image)
 from sidusd.image.stages import APT_ENV, POLICY_RC_D
-from sidusd.observability import get_logger
 from sidusd.storage.runner import Result, Runner
 
 log = get_logger("image.chroot")

@@ -41,7 +41,7 @@ from pathlib import Path
 from sidusd.errors import BackendError
 from sidusd.fsutil import _fsync_dir, atomic_write
 from sidusd.image import btrfs, layers
-from sidusd.observability import get_logger
+from sidusd.image.lazylog import get_logger  # structlog only for an event written (sidus-image)
 from sidusd.storage.runner import Runner
 from sidusd.yamlstrict import check_name
 

@@ -6,8 +6,14 @@ served goes through ``current``: each generation has its own kernel/initrd
 copies and its own root directory, and the *generated images file*
 (``images_file:`` in sidus.yaml) says which generation each image name serves::
 
-    <tftp_root>/images/<name>/gen-0002/vmlinuz, initrd.img   one copy per generation
+    <tftp_root>/images/<name>/gen-0002/vmlinuz, initrd.img   one file per generation
     <images_dir>/images.yaml     images: {<name>: gen N's root/kernel/initrd, <name>.gen-N: ...}
+
+A generation whose kernel (or initrd) is the parent's, byte for byte, gets a hard link to the
+parent's published file instead of a copy (:func:`publish_generation`): no new bytes, and
+nothing written into the parent's file (the link is made under a temporary name and renamed
+into the new generation's directory; a changed file is a new inode).  ``gc`` removing one
+generation's directory unlinks its names only: a file another generation links stays.
 
 Switching generations = rewriting that file atomically + ``sidusctl reload``
 (see docs/images.md).
@@ -15,15 +21,16 @@ Switching generations = rewriting that file atomically + ``sidusctl reload``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from sidusd.errors import BackendError
 from sidusd.fsutil import _fsync_dir, atomic_write
-from sidusd.yamlstrict import dump_yaml
 
 TFTP_SUBDIR = "images"
 _KVER = re.compile(r"^vmlinuz-(\d+\.\d+[A-Za-z0-9.+~_-]*)$")
@@ -85,15 +92,80 @@ def tftp_dir(tftp_root: Path, name: str) -> Path:
     return Path(tftp_root) / TFTP_SUBDIR / name
 
 
-def publish_generation(root: Path, tftp_root: Path, name: str, number: int) -> BootFiles:
-    """Copy generation ``number``'s kernel and initrd to its own directory under the TFTP root."""
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _parent_file(src: Path, parent_src: Path | None, published: Path) -> bool:
+    """Whether ``published`` (the parent generation's TFTP file, made from ``parent_src``) has the
+    bytes of ``src``: a plain 0644 file of the same size, and either the very inode the parent
+    published (generations share unchanged inodes: immutable, so the same bytes) or equal bytes."""
+    try:
+        st, pst = os.stat(src), os.lstat(published)
+    except OSError:
+        return False
+    if not stat.S_ISREG(pst.st_mode) or stat.S_IMODE(pst.st_mode) != 0o644 or pst.st_size != st.st_size:
+        return False
+    if parent_src is not None:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(st, os.stat(parent_src)):
+                return True
+    try:
+        return _same_bytes(src, published)
+    except OSError:
+        return False
+
+
+def _link_atomic(existing: Path, dst: Path) -> bool:
+    """``dst`` becomes a new name of ``existing``; False when the file system refuses the link
+    (another file system, too many links: the caller copies)."""
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(existing, tmp, follow_symlinks=False)
+        os.rename(tmp, dst)
+        tmp.unlink(missing_ok=True)          # dst already was that inode: rename(2) did nothing
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def publish_generation(root: Path, tftp_root: Path, name: str, number: int, parent: int | None = None,
+                       parent_root: Path | None = None) -> BootFiles:
+    """Put generation ``number``'s kernel and initrd in its own directory under the TFTP root: a
+    hard link to generation ``parent``'s published file when that has the same bytes (the kernel
+    or initrd did not change), else a new copy.  ``parent_root``: the parent's root, whose boot
+    files tell without reading them when the inode is the same."""
     bf = find_boot_files(root)
     d = tftp_dir(tftp_root, name) / f"gen-{number:04d}"
     d.mkdir(parents=True, exist_ok=True)
-    _copy_atomic(bf.kernel, d / "vmlinuz")
-    _copy_atomic(bf.initrd, d / "initrd.img")
+    pbf: BootFiles | None = None
+    if parent is not None and parent_root is not None:
+        with contextlib.suppress(BackendError, OSError):
+            pbf = find_boot_files(parent_root)
+    pd = tftp_dir(tftp_root, name) / f"gen-{parent:04d}" if parent is not None and parent != number else None
+    for src, psrc, fname in ((bf.kernel, pbf.kernel if pbf else None, "vmlinuz"),
+                             (bf.initrd, pbf.initrd if pbf else None, "initrd.img")):
+        if not (pd is not None and _parent_file(src, psrc, pd / fname) and _link_atomic(pd / fname, d / fname)):
+            _copy_atomic(src, d / fname)
     _fsync_dir(d)
     return bf
+
+
+def boot_sharing(tftp_root: Path, name: str, numbers: list[int]) -> dict[int, tuple[int, int]]:
+    """Generation -> (own bytes, shared bytes) of its published kernel and initrd (a file linked
+    by several generations is shared; ``gc`` of one frees only its own); (0, 0) if none."""
+    from sidusd.image.history import sharing
+    dirs = {n: tftp_dir(tftp_root, name) / f"gen-{n:04d}" for n in numbers}
+    out = sharing({n: p for n, p in dirs.items() if p.is_dir()})
+    return {n: out.get(n, (0, 0)) for n in numbers}
 
 
 def unpublish_generation(tftp_root: Path, name: str, number: int) -> None:
@@ -123,6 +195,7 @@ def images_entries(store, tftp_root: Path) -> dict[str, dict[str, str]]:
 
 def write_images_file(path: Path, entries: dict[str, dict[str, str]]) -> None:
     """Replace the generated images file atomically (readers see the old or the new one)."""
+    from sidusd.yamlstrict import dump_yaml
     text = ("# written by sidus-image: do not edit (docs/images.md); sidus.yaml names it in images_file\n"
             + dump_yaml({"images": entries}))
     Path(path).parent.mkdir(parents=True, exist_ok=True)

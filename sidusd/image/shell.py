@@ -35,7 +35,7 @@ from sidusd.errors import BackendError
 from sidusd.fsutil import atomic_write
 from sidusd.image import publish
 from sidusd.image.chroot import Chroot, ImageLock
-from sidusd.observability import get_logger
+from sidusd.image.lazylog import get_logger
 from sidusd.storage.runner import Runner
 
 if TYPE_CHECKING:

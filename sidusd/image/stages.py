@@ -14,8 +14,10 @@ The executor (:mod:`sidusd.image.build`) runs the plan; this module only decides
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sidusd.image.recipe import Recipe
+if TYPE_CHECKING:                        # annotations only: chroot.py imports the constants below
+    from sidusd.image.recipe import Recipe
 
 POLICY_RC_D = b"#!/bin/sh\n# sidus: no service starts inside an image being administered\nexit 101\n"
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true", "LC_ALL": "C",

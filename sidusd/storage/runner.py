@@ -12,7 +12,6 @@ answers from a script of results, so backends are tested without the programs.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -118,6 +117,7 @@ class Runner:
     async def arun(self, argv: Sequence[str], timeout_s: float = 30, input: bytes | None = None,
                    env: Mapping[str, str] | None = None) -> Result:
         """Asyncio form of :meth:`run` (same semantics; cancellation kills the group)."""
+        import asyncio  # here: a synchronous user (sidus-image) does not import it
         args = _check_argv(argv)
         start = time.monotonic()
         try:
