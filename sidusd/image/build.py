@@ -92,7 +92,8 @@ def security_mirror(recipe: Recipe, etc_apt: Path = Path("/etc/apt")) -> str | N
 def initramfs_files(src: Path = INITRAMFS_SRC) -> dict[str, bytes]:
     """The overlay hook, init-bottom scripts (overlay; sidus-up: the root up-report) and module list
     (sidusd/data/initramfs/)."""
-    rels = ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay", "scripts/init-bottom/sidus-up")
+    rels = ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay", "scripts/init-bottom/sidus-up",
+            "scripts/nfs-top/sidus-link")          # the boot NIC up before klibc ipconfig (docs/quirks.md)
     out = {rel: (src / rel).read_bytes() for rel in rels}
     out["modules"] = b"# sidus (sidusd/data/initramfs/modules)\n" + (src / "modules").read_bytes()
     return out
