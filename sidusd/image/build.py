@@ -69,7 +69,8 @@ def initramfs_files(src: Path | None = None) -> dict[str, bytes]:
     if src is None:
         from sidusd import data
         src = data.INITRAMFS
-    rels = ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay", "scripts/init-bottom/sidus-up")
+    rels = ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay", "scripts/init-bottom/sidus-up",
+            "scripts/nfs-top/sidus-link")          # the boot NIC up before klibc ipconfig (docs/quirks.md)
     out = {rel: (src / rel).read_bytes() for rel in rels}
     out["modules"] = b"# sidus (sidusd/data/initramfs/modules)\n" + (src / "modules").read_bytes()
     return out

@@ -10,7 +10,8 @@
 * ``boot/vmlinuz-<kver>``   a copy of the host's ``linux-image-amd64`` kernel.
 * ``boot/initrd.img-<kver>`` ``mkinitramfs`` with BOOT=nfs, MODULES=netboot (which
                      has virtio_pci + virtio_net + nfs) and the sidus-overlay hook,
-                     init-bottom scripts (sidus-overlay, sidus-up: the root up-report)
+                     init-bottom scripts (sidus-overlay, sidus-up: the root up-report),
+                     the nfs-top script sidus-link (the boot NIC up before ipconfig)
                      and module list from sidusd/data/initramfs/.
 
 It is idempotent: each part has a stamp (a hash of everything it is made
@@ -37,6 +38,10 @@ INITRAMFS_SRC = data.INITRAMFS          # the overlay hook: package data (sidusd
 BUSYBOX = Path("/bin/busybox")
 IMAGE_VERSION = "2"          # bump when the layout below changes
 MKINITRAMFS_TIMEOUT_S = 600
+#: sidusd/data/initramfs/ parts copied into the conf dir; nfs-top/sidus-link: the boot interface is up
+#: before klibc ipconfig's first DHCPDISCOVER (docs/quirks.md "The initramfs waits before its own DHCP")
+INITRAMFS_PARTS = ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay", "scripts/init-bottom/sidus-up",
+                   "scripts/nfs-top/sidus-link")
 
 INIT = r"""#!/bin/sh
 # sidus demo image init: prints SIDUS-BOOT markers on the console (see docs/boot-chain.md)
@@ -211,7 +216,7 @@ def make_conf_dir(conf: Path, src: Path = INITRAMFS_SRC, modules: str = "netboot
     (conf / "initramfs.conf").write_text(text)
     with open(conf / "modules", "a") as f:
         f.write("\n# sidus (sidusd/data/initramfs/modules)\n" + (src / "modules").read_text())
-    for rel in ("hooks/sidus-overlay", "scripts/init-bottom/sidus-overlay", "scripts/init-bottom/sidus-up"):
+    for rel in INITRAMFS_PARTS:
         (conf / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / rel, conf / rel)     # a copy, not a link: the conf dir stands alone
         os.chmod(conf / rel, 0o755)
