@@ -90,7 +90,8 @@ def run(config_path: Path) -> int:
     """Load the config (fatal if bad), set up logging, serve."""
     state = open_state(config_path)
     runtime = Runtime.load(config_path, nfs_factory=nfs_factory,
-                           inventory_source=state.inventory_source if state is not None else None)
+                           inventory_source=state.inventory_source if state is not None else None,
+                           inventory_writer=state.edit_inventory if state is not None else None)
     setup_logging(runtime.config.log.format, runtime.config.log.level)
     runtime.check_start()           # what a boot needs (sidusd/preflight.py); ConfigError if fatal
     if runtime.config.nfs.backend == "none":

@@ -97,9 +97,9 @@ class Runtime:
                  iscsi_factory: Callable[[config_mod.Config], IscsiManager] | None = None,
                  iscsi_watch_s: float = 5.0,
                  inspect: Callable[[config_mod.Config], list[preflight.Problem]] = preflight.inspect_serving,
-                 inventory_source: InventorySource | None = None):
+                 inventory_source: InventorySource | None = None, inventory_writer: Callable[..., Any] | None = None):
         self.config_path = Path(config_path)
-        self.inventory_source = inventory_source
+        self.inventory_source, self.inventory_writer = inventory_source, inventory_writer   # sidusd/state
         self._snap = snapshot
         self.observer = observer or Observer()
         self.observer.set_known(snapshot.inventory.hosts)   # inventory hosts: never evicted by others

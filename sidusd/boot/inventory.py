@@ -328,21 +328,24 @@ def dump_inventory(inv: Inventory) -> str:
     """YAML text that :func:`parse_inventory` reads back to an equal inventory."""
     doc: dict[str, Any] = {
         "profiles": {p.name: _dump_profile(p) for p in inv.profiles.values()},
-        "hosts": [],
+        "hosts": [host_doc(h) for h in inv.hosts.values()],
     }
-    for h in inv.hosts.values():
-        entry: dict[str, Any] = {"mac": h.mac, "profile": h.profile}
-        if h.hostname is not None:
-            entry["hostname"] = h.hostname
-        if h.image is not None:
-            entry["image"] = h.image
-        if h.ip is not None:
-            entry["ip"] = str(h.ip)
-        if h.append:
-            entry["append"] = h.append
-        doc["hosts"].append(entry)
     body = dump_yaml(doc)
     return "# sidus inventory: hosts and profiles (written by sidusd; see `sidusctl hosts`)\n" + body
+
+
+def host_doc(h: Host) -> dict[str, Any]:
+    """Host ``h`` as an inventory file entry (also one row of the shared state, sidusd/state)."""
+    entry: dict[str, Any] = {"mac": h.mac, "profile": h.profile}
+    if h.hostname is not None:
+        entry["hostname"] = h.hostname
+    if h.image is not None:
+        entry["image"] = h.image
+    if h.ip is not None:
+        entry["ip"] = str(h.ip)
+    if h.append:
+        entry["append"] = h.append
+    return entry
 
 
 def _dump_profile(p: Profile) -> dict[str, Any]:

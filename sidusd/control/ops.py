@@ -12,8 +12,10 @@
   (sidusd/preflight.py), exported by the NFS backend, its boot config rendered.  ``sidus-image``
   asks this before it says "served".
 
-Every change goes through ``Runtime.edit_inventory`` (the file on disk re-read, checked, written
-atomically, swapped).  Errors are :class:`~sidusd.errors.ControlError` / ``SidusError`` texts
+Every change goes through :meth:`InventoryOps.edit`: ``Runtime.edit_inventory`` (the file on disk
+re-read, checked, written atomically, swapped), or with ``state.backend: postgresql`` the runtime's
+``inventory_writer`` (sidusd/state/service.py: one transaction in PostgreSQL, checked the same way,
+pushed to every rack server by NOTIFY).  Errors are :class:`~sidusd.errors.ControlError` / ``SidusError`` texts
 the server sends back as they are.
 """
 
@@ -59,6 +61,11 @@ class InventoryOps:
         self.log = log
         self._sync = sync_worker
 
+    async def edit(self, fn: Any) -> Any:
+        """One change of the hosts (``fn``: inventory -> inventory), where the daemon's hosts come from."""
+        writer = getattr(self.runtime, "inventory_writer", None) or self.runtime.edit_inventory
+        return await writer(fn)
+
     async def show(self, mac: str) -> dict[str, Any]:
         await self._sync()
         rt = self.runtime
@@ -102,7 +109,7 @@ class InventoryOps:
             previous[:] = [old]
             return inv.with_host(Host(**fields))
 
-        new = await self.runtime.edit_inventory(edit)
+        new = await self.edit(edit)
         changed = sorted([*changes, *clear])
         self.log.info("control.host_changed", mac=mac, fields=changed)
         return {"host": _jsonable(dataclasses.asdict(new.hosts[mac])),
@@ -123,7 +130,7 @@ class InventoryOps:
                 raise ControlError(f"host {mac} is in the inventory already (change it: sidusctl hosts set)")
             return inv.with_host(host)
 
-        new = await self.runtime.edit_inventory(edit)
+        new = await self.edit(edit)
         self.log.info("control.host_adopted", mac=mac, profile=profile)
         return {"host": _jsonable(dataclasses.asdict(new.hosts[mac])), "client": client_summary(rec)}
 

@@ -291,7 +291,7 @@ class ControlServer:
             previous[:] = [inv.hosts.get(mac)]
             return inv.with_host(host)
 
-        new = await self.runtime.edit_inventory(add)
+        new = await self.ops.edit(add)
         old = previous[0] if previous else None
         self.log.info("control.host_saved", mac=mac, profile=profile, replaced=old is not None)
         out = {"host": host_dict(new.hosts[mac]), "previous": host_dict(old) if old is not None else None}
@@ -311,7 +311,7 @@ class ControlServer:
             before[:] = [set(inv.hosts)]
             return apply_batch(inv, batch, sources, bool(replace))
 
-        await self.runtime.edit_inventory(add)
+        await self.ops.edit(add)
         replaced = sorted(h.mac for h in batch if h.mac in before[0])
         self.log.info("control.hosts_imported", count=len(batch), replaced=len(replaced))
         return {"imported": len(batch), "replaced": replaced,
@@ -330,7 +330,7 @@ class ControlServer:
                 raise ControlError(f"no host {mac} in the inventory")
             return inv.without_host(mac)
 
-        await self.runtime.edit_inventory(remove)
+        await self.ops.edit(remove)
         if mgr is not None and disk is not None and delete_disk:
             await mgr.remove_host(mac, disk.plan, delete_disk=True)
         self.log.info("control.host_removed", mac=mac, disk_deleted=bool(delete_disk))

@@ -8,13 +8,16 @@ Tables (created by :func:`migrate_sql`, ``CREATE TABLE IF NOT EXISTS`` and a ver
   the same trigger sends ``NOTIFY sidus_state, '<revision>'`` (any writer, psql too, is pushed);
 * ``sidus_events``: append-only boot records and events (id, t, server, kind, mac, body).
 
+An admin's change of the hosts (``sidusctl hosts ...`` on any rack server) is
+:func:`awrite_hosts`: one transaction, writers one at a time (the revision row locked).
+
 The packet path never comes here: :mod:`sidusd.state.service` reads on its own task.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .snapshot import StateSnapshot
@@ -139,3 +142,28 @@ def put_profile(conn: Any, name: str, doc: dict[str, Any]) -> None:
 def put_image(conn: Any, name: str, doc: dict[str, Any]) -> None:
     conn.execute("INSERT INTO sidus_images (name, doc) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET doc = %s",
                  (name, json.dumps(doc), json.dumps(doc)))
+
+
+HostWrites = tuple[list[dict[str, Any]], list[str]]     # (host documents to put, MACs to remove)
+_LOCK_REVISION = "SELECT revision FROM sidus_revision FOR UPDATE"
+# a host's row is found by its document's MAC normalized as the inventory does (lower case, ':')
+_DELETE_HOSTS = ("DELETE FROM sidus_hosts WHERE mac = ANY(%(macs)s)"
+                 " OR replace(lower(doc->>'mac'), '-', ':') = ANY(%(macs)s)")
+_PUT_HOSTS = ("INSERT INTO sidus_hosts (mac, doc) SELECT m, d::jsonb FROM unnest(%s::text[], %s::text[]) AS u(m, d)"
+              " ON CONFLICT (mac) DO UPDATE SET doc = EXCLUDED.doc")
+
+
+async def awrite_hosts(conn: Any, plan: Callable[[StateSnapshot], HostWrites]) -> StateSnapshot:
+    """Change the hosts in one transaction: lock the revision row (one writer at a time), read the
+    state, ``plan`` the change from it (an exception there rolls back: nothing written), replace the
+    rows of the changed and removed hosts (two statements: the trigger bumps and notifies).
+    Returns the state as committed (read on ``conn`` after the commit)."""
+    async with conn.transaction():
+        await conn.execute(_LOCK_REVISION)
+        puts, removed = plan(await aload(conn))
+        macs = sorted({*removed, *(d["mac"] for d in puts)})
+        if macs:
+            await conn.execute(_DELETE_HOSTS, {"macs": macs})
+        if puts:
+            await conn.execute(_PUT_HOSTS, ([d["mac"] for d in puts], [json.dumps(d) for d in puts]))
+    return await aload(conn)

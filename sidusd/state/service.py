@@ -25,7 +25,7 @@ from typing import Any
 
 from sidusd import config as config_mod
 from sidusd.boot import inventory as inv_mod
-from sidusd.errors import ConfigError, StartupError
+from sidusd.errors import ConfigError, ControlError, StartupError
 from sidusd.observability import RepeatBackoff, get_logger
 
 from . import localcopy, pg
@@ -35,6 +35,7 @@ from .queue import EventQueue
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 5.0
 STOP_FLUSH_S = 2.0
+WRITE_TIMEOUT_S = 30.0        # an admin's write: connect, wait for another writer, plan, commit
 
 
 def local_copy_path(config: config_mod.Config) -> Path:
@@ -66,6 +67,7 @@ class StateService:
         self._runtime: Any = None
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
+        self._adopting = asyncio.Lock()
         self._stopping = False
         self._refused = -1                   # the revision last refused
         self._built: tuple[snap_mod.StateSnapshot, config_mod.Config, Any] | None = None
@@ -108,6 +110,32 @@ class StateService:
         out = build(cfg, snap)
         self._built = (snap, cfg, out)
         return out
+
+    # -- an admin's change: every rack server gets it -----------------------------------------
+    async def edit_inventory(self, fn: Callable[[inv_mod.Inventory], inv_mod.Inventory]) -> inv_mod.Inventory:
+        """``sidusctl hosts ...`` (``Runtime.inventory_writer``): ``fn`` applied to the database's hosts
+        and written in one transaction (:func:`pg.awrite_hosts`), checked first as the inventory file
+        and as every rack server's watcher would check it (a refusal writes nothing, same messages);
+        then served here at once, and on every other rack server by the NOTIFY."""
+        out: list[inv_mod.Inventory] = []
+
+        def plan(snap: snap_mod.StateSnapshot) -> pg.HostWrites:
+            old, new = _edited(self._base, snap, fn)
+            out[:] = [new]
+            return ([inv_mod.host_doc(h) for m, h in new.hosts.items() if old.hosts.get(m) != h],
+                    [m for m in old.hosts if m not in new.hosts])
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                conn = await pg.aconnect(self.dsn, self.settings.connect_timeout_s)
+                async with conn:
+                    snap = await pg.awrite_hosts(conn, plan)
+        except (TimeoutError, self._pg.Error, OSError) as e:
+            raise ControlError(f"the shared state (PostgreSQL) cannot be written: {_first_line(e)}; "
+                               "nothing changed") from None
+        self._runtime.observer.count("inventory.writes")
+        self.log.info("state.hosts_written", revision=snap.revision, hosts=len(snap.hosts))
+        await self._adopt(snap, newer_only=True)
+        return out[0]
 
     # -- running -------------------------------------------------------------------------
     async def start(self, runtime: Any) -> None:
@@ -201,8 +229,19 @@ class StateService:
     async def _refresh(self, conn: Any) -> None:
         async with asyncio.timeout(self.settings.connect_timeout_s):
             snap = await pg.aload(conn)
-        if self.current is not None and snap.revision == self.current.revision and self.source == "postgresql":
-            return
+        await self._adopt(snap)
+
+    async def _adopt(self, snap: snap_mod.StateSnapshot, newer_only: bool = False) -> None:
+        """Serve ``snap`` unless refused or the one served (``newer_only``, a write: nor older; the
+        watcher takes a lower revision too: a database restored from a dump)."""
+        async with self._adopting:
+            cur = self.current
+            if cur is not None and self.source == "postgresql" and (
+                    snap.revision == cur.revision or (newer_only and snap.revision < cur.revision)):
+                return
+            await self._swap(snap)
+
+    async def _swap(self, snap: snap_mod.StateSnapshot) -> None:
         changes = snap_mod.diff(self.current, snap)
         try:
             self._build(self._base, snap)
@@ -274,6 +313,19 @@ class StateService:
                 "revision": self.current.revision if self.current else None,
                 "queue": {"depth": len(self.queue), "bound": self.queue.bound, "queued": self.queue.queued,
                           "sent": self.queue.sent, "dropped": self.queue.dropped}}
+
+
+def _edited(base: config_mod.Config, snap: snap_mod.StateSnapshot,
+            fn: Callable[[inv_mod.Inventory], inv_mod.Inventory]) -> tuple[inv_mod.Inventory, inv_mod.Inventory]:
+    """(the inventory of ``snap``, ``fn`` applied to it), checked as :meth:`Runtime.edit_inventory` checks
+    the file's, and the snapshot it makes checked as each rack server's watcher will (:func:`build`)."""
+    cfg, inv = build(base, snap)
+    new = fn(inv)
+    inv_mod.check_against(new, cfg)
+    hosts = [inv_mod.host_doc(h) for h in new.hosts.values()]
+    build(base, snap_mod.StateSnapshot(revision=snap.revision, profiles=snap.profiles, hosts=hosts,
+                                       images=snap.images))
+    return inv, new
 
 
 async def _close(conn: Any) -> None:
