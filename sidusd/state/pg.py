@@ -149,8 +149,8 @@ _LOCK_REVISION = "SELECT revision FROM sidus_revision FOR UPDATE"
 # a host's row is found by its document's MAC normalized as the inventory does (lower case, ':')
 _DELETE_HOSTS = ("DELETE FROM sidus_hosts WHERE mac = ANY(%(macs)s)"
                  " OR replace(lower(doc->>'mac'), '-', ':') = ANY(%(macs)s)")
-_PUT_HOSTS = ("INSERT INTO sidus_hosts (mac, doc) SELECT m, d::jsonb FROM unnest(%s::text[], %s::text[]) AS u(m, d)"
-              " ON CONFLICT (mac) DO UPDATE SET doc = EXCLUDED.doc")
+# their old rows deleted first (same transaction): a plain INSERT, one statement trigger, not two
+_PUT_HOSTS = "INSERT INTO sidus_hosts (mac, doc) SELECT m, d::jsonb FROM unnest(%s::text[], %s::text[]) AS u(m, d)"
 
 
 async def awrite_hosts(conn: Any, plan: Callable[[StateSnapshot], HostWrites]) -> StateSnapshot:
