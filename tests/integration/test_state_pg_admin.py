@@ -7,10 +7,11 @@ the boot config of the MAC fetched from both over TFTP by real clients (tftpy, c
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 from tests.conftest import require_tool
-from tests.integration.daemon_fixture import SidusDaemon
+from tests.integration.daemon_fixture import REPO, SidusDaemon
 from tests.integration.test_state_pg import MAC, NAME, pg_daemon, seed
 from tests.pg_running import require_postgres, running_postgres
 
@@ -136,4 +137,37 @@ def test_a_refused_hosts_write_changes_nothing_in_the_database(tmp_path):
             pg.start()
             conn = pg.connect()
             assert rows(conn)[1] == after
+        conn.close()
+
+
+def test_two_rack_servers_writing_at_once_are_checked_one_after_the_other(tmp_path):
+    """Two `hosts add` with the same host name, one per server, both waiting for the same moment:
+    the second is checked against the first's commit and refused (without the revision row lock
+    both checks would pass and the shared state would hold a snapshot every server refuses)."""
+    require_postgres()
+    with running_postgres() as pg:
+        conn, probe = pg.connect(), pg.connect()
+        seed(conn)
+        with pg_daemon(tmp_path, pg.dsn, "rack1") as a, pg_daemon(tmp_path, pg.dsn, "rack2") as b:
+            procs = []
+            with conn.transaction():               # the test holds the writers' lock
+                conn.execute("SELECT revision FROM sidus_revision FOR UPDATE")
+                for d, mac in ((a, "52:54:00:00:19:c1"), (b, "52:54:00:00:19:c2")):
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "sidusd.ctl", "--socket", str(d.socket_path), "hosts", "add", mac,
+                         "--profile", "default", "--hostname", "twin"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO))
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and probe.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0] < 2:
+                    time.sleep(0.05)
+            results = [(p.wait(60), *p.communicate()) for p in procs]
+            assert sorted(r[0] for r in results) == [0, 1], results
+            refused = next(r for r in results if r[0] == 1)
+            assert "duplicate host name 'twin'" in refused[2], refused
+            names = [doc.get("hostname") for _, doc in rows(probe)[1]]
+            assert names.count("twin") == 1, names
+            for d in (a, b):          # both serve the one that was written, neither refused a snapshot
+                assert not [e for e in d.events() if e.get("event") == "state.snapshot_refused"], d.log_tail()
+        probe.close()
         conn.close()
