@@ -7,6 +7,9 @@
 * the watcher (one connection, ``LISTEN sidus_state``): on a notification, or every
   ``state.poll_s``, reads a new snapshot; a valid one is written to the local copy and
   swapped in through :meth:`Runtime.reload`; a refused one leaves the old one serving.
+* :meth:`StateService.edit_inventory` is the runtime's ``inventory_writer``: ``sidusctl hosts ...``
+  on this server written to PostgreSQL in one transaction (all or nothing, the inventory file's
+  checks and messages), served here at once and on every other rack server by the NOTIFY.
 * the flusher: the observer's client events into :class:`~sidusd.state.queue.EventQueue`,
   written in batches; while the database is down they wait (the oldest dropped, counted).
 
