@@ -45,9 +45,10 @@ def _need() -> None:
 def boot_through_shim(workdir: Path, image, mac: str, append: str, *, mode: str = "proxy",
                       site_next_server: str | None = None, boot_extra: dict | None = None,
                       secure: bool = True, timeout_s: float = READY_TIMEOUT_S,
-                      progress=lambda msg: None) -> dict:
+                      until: str | None = None, progress=lambda msg: None) -> dict:
     """One lab boot of ``mac`` through shim -> GRUB (Secure Boot on unless ``secure`` is False),
-    with a pcap of the lab bridge; returns console, markers, sidusd timeline, pcap path, timings."""
+    with a pcap of the lab bridge, until the READY marker (or ``until`` on the console); returns
+    console, markers, sidusd timeline, pcap path, timings."""
     from sidusd.lab.demo import HostSpec, Lab, boot_markers
     from sidusd.lab.topology import BRIDGE
     from sidusd.lab.vm import OVMF_CODE, OVMF_VARS, Vm
@@ -104,8 +105,10 @@ def boot_through_shim(workdir: Path, image, mac: str, append: str, *, mode: str 
         finally:
             errlog.close()
         t0 = vm.started_at = time.monotonic()
-        while (time.monotonic() < t0 + timeout_s and vm.running()
-               and "READY" not in boot_markers(vm.console_text())):
+        def done(text: str) -> bool:
+            return until in text if until is not None else "READY" in boot_markers(text)
+
+        while time.monotonic() < t0 + timeout_s and vm.running() and not done(vm.console_text()):
             time.sleep(1)
         took = time.monotonic() - t0
         clients = lab.sidusctl("clients", mac)
