@@ -89,7 +89,8 @@ def boot_through_shim(workdir: Path, image, mac: str, append: str, *, mode: str 
         assert lab.topology is not None
         dump = subprocess.Popen(lab.topology.lab_argv(
             ["tcpdump", "-i", BRIDGE, "-U", "-s", "600", "-w", str(pcap),
-             "udp port 67 or udp port 68 or udp port 69 or udp port 4011 or tcp port 8080 or udp portrange 1024-65535"]),
+             # DHCP, TFTP read requests, HTTP requests: no data packets (a small pcap, read fast)
+             "udp port 67 or udp port 68 or udp dst port 69 or (tcp dst port 8080 and tcp[tcpflags] & tcp-push != 0)"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(1.0)                                   # tcpdump opens the bridge
         tap = lab.topology.add_tap()
@@ -155,10 +156,12 @@ def test_secure_boot_proxy_mode_with_site_next_server(tmp_path, demo_image):
     _need()
     mac = mac_for(33)
     r = boot_through_shim(tmp_path / "lab", demo_image, mac, "sidus.demo=poweroff sidus.test=sbproxy",
-                          site_next_server=SERVER_IP)
+                          site_next_server=SERVER_IP, boot_extra={"loader": {"grub_http": True}})
     console, markers = r["console"], r["markers"]
     assert "READY" in markers, (r["took"], console[-4000:], r["sidusd_log"], r["site_log"])
     assert "secureboot: Secure boot enabled" in console, console[-3000:]
+    # boot.loader.grub_http is on, but Secure Boot makes GRUB refuse `insmod http`: the TFTP branch
+    assert "sidus: no http module in this GRUB" in console and "over http from" not in console, console[-3000:]
     cmdline = " ".join(m.split(":", 1)[1] for m in markers if m.startswith("cmdline:"))
     assert "sidus.test=sbproxy" in cmdline and f"BOOTIF=01-{mac.replace(':', '-')}" in cmdline, markers
     # the wire: the site's ACK names sidusd as next-server and no file; sidusd's proxy offer the file
@@ -171,4 +174,36 @@ def test_secure_boot_proxy_mode_with_site_next_server(tmp_path, demo_image):
     chain = ["shimx64.efi", "grubx64.efi", "grub/grub.cfg", "grub/grub.cfg-01-" + mac, "demo/vmlinuz",
              "demo/initrd.img"]
     assert list(dict.fromkeys(f for f in files if f in chain)) == chain, files
+    assert not [e for e in r["timeline"] if e["event"] == "http" and "demo/" in str(e.get("file"))], r["timeline"]
     print(f"secure boot, proxy mode: READY after {r['took']:.0f} s; TFTP: {files}")
+
+
+def test_grub_loads_kernel_and_initrd_over_http_without_secure_boot(tmp_path, demo_image):
+    """The same chain (shim -> GRUB, proxy mode, site next-server) with Secure Boot off: GRUB loads
+    ``http.mod`` and fetches kernel and initrd from sidusd's HTTP server.  Stops when the kernel
+    runs /init (the initrd is in memory by then)."""
+    from sidusd.lab.demo import HTTP_PORT
+    from sidusd.lab.topology import SERVER_IP
+    from sidusd.lab.vm import OVMF_CODE, OVMF_VARS, mac_for
+
+    _need()
+    for path in (OVMF_CODE, OVMF_VARS):
+        if not path.is_file():
+            pytest.skip(f"missing {path} (package ovmf)")
+    mac = mac_for(34)
+    r = boot_through_shim(tmp_path / "lab", demo_image, mac, "sidus.test=grubhttp", site_next_server=SERVER_IP,
+                          boot_extra={"loader": {"grub_http": True}}, secure=False,
+                          until="Run /init as init process", timeout_s=400)
+    console = r["console"]
+    assert f"sidus: kernel and initrd over http from {SERVER_IP}:{HTTP_PORT}" in console, console[-3000:]
+    assert "Run /init as init process" in console, (r["took"], console[-3000:], r["sidusd_log"])
+    line = next(l for l in console.splitlines() if "Kernel command line:" in l)
+    assert "sidus.test=grubhttp" in line, line
+    http = {str(e.get("file")).lstrip("/"): e for e in r["timeline"] if e["event"] == "http"}
+    tftp = {str(e.get("file")).lstrip("/") for e in r["timeline"] if e["event"] == "tftp"}
+    assert {"demo/vmlinuz", "demo/initrd.img"} <= set(http), r["timeline"]
+    assert {"demo/vmlinuz", "demo/initrd.img"}.isdisjoint(tftp) and "grub/x86_64-efi/http.mod" in tftp, tftp
+    gets = [name for _, dst, name in pcap_summary(r["pcap"])["get"] if dst == SERVER_IP]
+    assert "/demo/vmlinuz" in gets and "/demo/initrd.img" in gets, gets
+    took = {k: http[k].get("duration_s") for k in ("demo/vmlinuz", "demo/initrd.img")}
+    print(f"GRUB over http: kernel+initrd {took}; /init after {r['took']:.0f} s")
