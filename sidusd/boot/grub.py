@@ -26,6 +26,12 @@ the firmware (the next boot option), like pxelinux's ``LOCALBOOT``.
 Upstream GRUB (without Debian's embedded config) asks for
 ``grub.cfg-01-<mac with dashes>`` first: the same document.
 
+Every document starts with ``set root``/``set prefix`` naming the server the request reached
+(:func:`_root_lines`): Debian's GRUB starts on the DHCP ACK's ``siaddr``, which in proxyDHCP mode
+is the site's server, not sidusd (docs/quirks.md "shim and GRUB in proxyDHCP mode").  With
+``boot.loader.grub_http`` the kernel and initrd come from ``(http,<server>:<http.port>)`` when
+``insmod http`` works, else over TFTP (:func:`_boot_lines`).
+
 Quoting (GRUB 2.06 ``grub-core/script/yylex.l``): every word of the kernel
 line is written in single quotes, inside which GRUB takes every character
 literally; an append holding a quote is refused

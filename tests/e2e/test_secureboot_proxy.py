@@ -207,3 +207,25 @@ def test_grub_loads_kernel_and_initrd_over_http_without_secure_boot(tmp_path, de
     assert "/demo/vmlinuz" in gets and "/demo/initrd.img" in gets, gets
     took = {k: http[k].get("duration_s") for k in ("demo/vmlinuz", "demo/initrd.img")}
     print(f"GRUB over http: kernel+initrd {took}; /init after {r['took']:.0f} s")
+
+
+def measure(path: str, workdir: Path) -> None:
+    """``sudo .venv/bin/python tests/e2e/test_secureboot_proxy.py tftp|http [WORKDIR]``: one boot of the
+    chain above with Secure Boot off to the kernel's /init, printing sidusd's kernel and initrd
+    transfer durations (docs/boot-chain.md "GRUB: TFTP vs HTTP")."""
+    from sidusd.lab.image import build_demo_image
+    from sidusd.lab.topology import SERVER_IP
+
+    image = build_demo_image(workdir / "image", progress=print)
+    r = boot_through_shim(workdir / f"lab-{path}", image, "52:54:00:13:20:31", "sidus.test=measure",
+                          site_next_server=SERVER_IP, secure=False, until="Run /init as init process",
+                          boot_extra={"loader": {"grub_http": path == "http"}}, timeout_s=400, progress=print)
+    for e in r["timeline"]:
+        if str(e.get("file", "")).lstrip("/") in ("demo/vmlinuz", "demo/initrd.img"):
+            print(f"{e['event']} {e.get('file')}: {e.get('bytes')} bytes in {e.get('duration_s')} s")
+    print(f"/init after {r['took']:.1f} s from qemu start; load average {open('/proc/loadavg').read().split()[:3]}")
+
+
+if __name__ == "__main__":
+    import sys
+    measure(sys.argv[1], Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp/sidus-grub-measure"))
