@@ -109,10 +109,13 @@ def _boot_lines(target: BootTarget, ctx: RenderContext, iscsi: IscsiLogin | None
         # boot.loader.grub_http: GRUB's TFTP moves one block per round trip (no windowsize; the
         # blksize is the MTU's); over HTTP the kernel streams on TCP.  Debian's signed network GRUB
         # has no http built in and, with Secure Boot on, refuses `insmod` ("prohibited by secure
-        # boot policy", kern/efi/sb.c): then the same files come over TFTP.
-        lines += ["if insmod http; then",
+        # boot policy", kern/efi/sb.c) -- and insmod returns 0 all the same (GRUB 2.06
+        # grub_cmd_insmod), so the test is `linux` itself: "disk `http,...' not found" -> TFTP.
+        kernel_http, initrd_http = load(f"(http,{http})")
+        lines += ["insmod http",
+                  f"if {kernel_http}; then",
                   f"  echo {quote('sidus: kernel and initrd over http from ' + http)}",
-                  *("  " + line for line in load(f"(http,{http})")),
+                  f"  {initrd_http}",
                   "else",
                   "  echo 'sidus: no http module in this GRUB (Secure Boot refuses insmod): over tftp'",
                   *("  " + line for line in load("")),
