@@ -8,7 +8,9 @@ the boot file and its server from the proxy offer when the site's ACK carries no
 else the ``sname`` field: ``grub-core/net/bootp.c`` ``grub_net_configure_by_dhcp_ack``, called by
 ``efinet.c`` with ``pxe_mode->dhcp_ack``).  So the site's DHCP server must set next-server (siaddr) to
 sidusd, with no boot file: the lab's dnsmasq does (``--dhcp-boot=,,10.13.20.1``).  The pcap of the lab
-bridge proves who asked whom.  One boot, ~60-90 s under TCG.
+bridge proves who asked whom.  ``boot.loader.grub_http`` is on: under Secure Boot GRUB cannot load
+``http.mod`` and takes the TFTP branch.  The second test runs the same chain with Secure Boot off and
+sees the kernel and initrd come over HTTP.  Two boots, each 1-3 min under TCG on a loaded machine.
 """
 
 from __future__ import annotations
