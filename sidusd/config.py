@@ -183,6 +183,9 @@ def _complete(c: Config, raw: dict[str, Any], images: dict[str, ImageConfig], so
     if c.boot.ipxe_chain and not c.http.enabled:
         raise ConfigError("boot.ipxe_chain", "needs http.enabled: true (a chained iPXE is given its script as "
                           "http://<server>:<http.port>/boot/<mac>.ipxe); enable http or set ipxe_chain: false")
+    if c.boot.loader.grub_http and not c.http.enabled:
+        raise ConfigError("boot.loader.grub_http", "needs http.enabled: true (GRUB is told to load the kernel "
+                          "from (http,<server>:<http.port>)); enable http or set grub_http: false")
     if c.nfs.backend != "none" and not c.nfs.client_networks:
         raise ConfigError("nfs.client_networks", f"required when backend is {c.nfs.backend}: "
                           "list the networks allowed to mount the images")

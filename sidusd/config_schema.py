@@ -183,6 +183,9 @@ class LoaderConfig:
     profiles: Mapping[ProfileName, Loader] = field(default_factory=lambda: types.MappingProxyType({}))
     http: HttpLoader | None = "ipxe"
     grub: GrubFiles = field(default_factory=GrubFiles)
+    # GRUB loads kernel and initrd from (http,<server>:<http.port>) when it can load its http
+    # module (not Debian's signed GRUB under Secure Boot: TFTP then); needs http.enabled
+    grub_http: bool = False
 
 
 @dataclass(frozen=True)

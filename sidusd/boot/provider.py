@@ -128,7 +128,7 @@ def document(kind: str, mac: str | None, asker: Asker, config: Config, inventory
         if kind in ("pxelinux-default", "grub-default"):
             target = inventory.resolve(None, config)
             body = (render.pxelinux_default(ctx, target) if kind == "pxelinux-default"
-                    else grub.grub_default(ctx, target))
+                    else grub.grub_default(ctx, target, grub.http_server(config, asker.server_ip)))
             # booted record: the MAC is the one that did DHCP from this IP.  Every GRUB reads
             # grub/grub.cfg before its per-MAC name: a host in the inventory is recorded there.
             booted = asker.dhcp_mac if target else None
@@ -155,7 +155,7 @@ def document(kind: str, mac: str | None, asker: Asker, config: Config, inventory
         elif kind == "ipxe":
             body = render.ipxe_script(target, ctx, iscsi)
         elif kind == "grub":
-            body = grub.grub_config(target, ctx, iscsi)
+            body = grub.grub_config(target, ctx, iscsi, grub.http_server(config, asker.server_ip))
         else:
             return Refusal(NOT_FOUND, f"unknown document kind {kind!r}", mac, kind=kind)
         return Document(body, kind, mac, mac, target)

@@ -148,6 +148,7 @@ class Lab:
     ipxe_chain: bool = False                # boot.ipxe_chain: iPXE clients get the HTTP script URL
     extra_config: dict[str, Any] = field(default_factory=dict)   # top-level sections added (metrics:, web:)
     dhcp_extra: dict[str, Any] = field(default_factory=dict)     # keys added to dhcp: (ipv6_no_router)
+    site_next_server: str | None = None     # proxy mode: the site DHCP's siaddr (SiteDhcp.next_server)
 
     # -- paths -------------------------------------------------------------
     @property
@@ -187,7 +188,7 @@ class Lab:
         self.progress(f"network: namespace {self.topology.lab_ns}, {BRIDGE} {SERVER_IP}/{NETWORK.prefixlen}"
                       + (f", site DHCP in {self.topology.site_ns}" if self.mode == "proxy" else ""))
         if self.mode == "proxy":
-            self.site = SiteDhcp(self.topology, self.workdir)
+            self.site = SiteDhcp(self.topology, self.workdir, next_server=self.site_next_server)
             self.site.start()
             self.progress(f"site DHCP (dnsmasq, addresses only): {RANGE[0]}-{RANGE[1]}")
         self.publish_tftp(image)

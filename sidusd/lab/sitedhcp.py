@@ -31,6 +31,9 @@ class SiteDhcp:
     topology: Topology
     workdir: Path
     interface: str = SITE_IF
+    #: siaddr ("next-server") of every reply, with no boot file: what a site must set for Debian's
+    #: signed GRUB in proxy mode (docs/quirks.md, "GRUB takes its TFTP server from the DHCP ACK")
+    next_server: str | None = None
     proc: subprocess.Popen | None = field(default=None, init=False)
 
     @property
@@ -56,6 +59,8 @@ class SiteDhcp:
             f"--dhcp-leasefile={self.lease_file}", "--log-dhcp",
             f"--log-facility={self.log_file}", f"--pid-file={self.pid_file}",
             "--user=root", "--group=root",
+            # dhcp-boot with an empty file name: siaddr only, option 67 / the file field stay empty
+            *([f"--dhcp-boot=,,{self.next_server}"] if self.next_server else []),
         ]
 
     def start(self, timeout_s: float = 10.0) -> None:

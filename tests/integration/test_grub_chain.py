@@ -66,13 +66,15 @@ def test_files_in_grubs_order_and_the_per_mac_config(daemon):
         daemon.tftp_get("grub/x86_64-efi/grub.cfg")
     default = daemon.tftp_get("grub/grub.cfg").decode("ascii")
     env = {"prefix": "(tftp,127.0.0.1)/grub", "net_default_mac": MAC}
-    source = tokenize(default, env)[1]
+    # root and prefix: the server this request reached (GRUB may have started on another one)
+    assert tokenize(default, env)[1:3] == [["set", "root=tftp,127.0.0.1"], ["set", "prefix=(tftp,127.0.0.1)/grub"]]
+    source = tokenize(default, env)[3]
     assert source[0] == "source" and source[1].startswith("(tftp,127.0.0.1)/")
     per_mac = daemon.tftp_get(source[1].split(")/", 1)[1]).decode("ascii")
     cmds = tokenize(per_mac, env)
-    assert [c[0] for c in cmds] == ["echo", "linux", "initrd", "boot"]
-    linux = cmds[1]
-    assert linux[1] == "/images/demo/vmlinuz" and cmds[2] == ["initrd", "/images/demo/initrd.img"]
+    assert [c[0] for c in cmds] == ["set", "set", "echo", "linux", "initrd", "boot"]
+    linux = cmds[3]
+    assert linux[1] == "/images/demo/vmlinuz" and cmds[4] == ["initrd", "/images/demo/initrd.img"]
     assert "sidus.marker=grub-one" in linux and "sidus.hostname=sb1" in linux
     assert "console=ttyS0" in linux and linux[-1] == "BOOTIF=01-52-54-00-18-00-01"
     # upstream GRUB's own search name (dashes) is the same document

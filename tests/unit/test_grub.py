@@ -29,31 +29,38 @@ INV = Inventory({"default": Profile("default", "demo", "tmpfs", "quiet")},
 TARGET = INV.resolve(MAC, CFG)
 CTX = RenderContext(server_ip="10.0.0.1", nfs_server="10.0.0.2", mount_options="tcp,vers=3")
 ENV = {"prefix": "(tftp,10.0.0.1)/grub", "net_default_mac": MAC}
+ROOT = [["set", "root=tftp,10.0.0.1"], ["set", "prefix=(tftp,10.0.0.1)/grub"]]   # the server the request reached
+BOOT = ["set", "set", "echo", "linux", "initrd", "boot"]
 
 
 def test_per_mac_grub_cfg_boots_with_the_pxelinux_command_line():
     text = grub.grub_config(TARGET, CTX).decode("ascii")
     assert text.startswith("# sidus GRUB configuration for 52:54:00:00:00:01 (vm1), profile default")
     cmds = tokenize(text, ENV)
-    assert [c[0] for c in cmds] == ["echo", "linux", "initrd", "boot"]
-    assert cmds[1] == ["linux", "/demo/vmlinuz", *render.kernel_cmdline(TARGET, CTX).split(),
+    assert [c[0] for c in cmds] == BOOT and cmds[:2] == ROOT
+    assert cmds[3] == ["linux", "/demo/vmlinuz", *render.kernel_cmdline(TARGET, CTX).split(),
                        "BOOTIF=01-52-54-00-00-00-01"]
-    assert cmds[2] == ["initrd", "/demo/initrd.img"]
+    assert cmds[4] == ["initrd", "/demo/initrd.img"]
 
 
 def test_default_grub_cfg_sources_the_per_mac_name_then_the_default_profile():
-    cmds = tokenize(grub.grub_default(CTX, INV.resolve(None, CFG)).decode("ascii"), ENV)
-    assert cmds[:2] == [["set", "timeout=0"], ["source", "(tftp,10.0.0.1)/grub/grub.cfg-01-" + MAC]]
-    # the name GRUB asks for is the per-MAC document
-    leaf = cmds[1][1].split(")/", 1)[1]
-    assert content.resolve(leaf) == content.Generated("grub", MAC)
-    assert [c[0] for c in cmds[2:]] == ["echo", "linux", "initrd", "boot"]
-    assert cmds[3][-1] == "BOOTIF=01-" + MAC
+    text = grub.grub_default(CTX, INV.resolve(None, CFG)).decode("ascii")
+    # GRUB started with the site server's prefix (Debian GRUB: the ACK's siaddr, proxy mode)
+    site = {**ENV, "prefix": "(tftp,10.0.0.2)/grub"}
+    cmds = tokenize(text, site)
+    assert cmds[:3] == [["set", "timeout=0"], *ROOT]
+    # after `set prefix` the per-MAC name goes to the server that answered this file
+    prefix = cmds[2][1].split("=", 1)[1]
+    source = tokenize(text, {**site, "prefix": prefix})[3]
+    assert source == ["source", "(tftp,10.0.0.1)/grub/grub.cfg-01-" + MAC]
+    assert content.resolve(source[1].split(")/", 1)[1]) == content.Generated("grub", MAC)
+    assert [c[0] for c in cmds[4:]] == ["echo", "linux", "initrd", "boot"]
+    assert cmds[5][-1] == "BOOTIF=01-" + MAC
 
 
 def test_default_grub_cfg_without_default_profile_exits_to_the_firmware():
     cmds = tokenize(grub.grub_default(CTX, None).decode("ascii"), ENV)
-    assert [c[0] for c in cmds] == ["set", "source", "echo", "sleep", "exit"]
+    assert [c[0] for c in cmds] == ["set", "set", "set", "source", "echo", "sleep", "exit"]
     assert not any(c[0] in ("linux", "boot") for c in cmds)
 
 
@@ -74,8 +81,8 @@ def test_grub_metacharacters_stay_inside_one_argument(append):
     assert cmdline.append_problem(append) is None         # pxelinux/iPXE/Linux accept it
     target = dataclasses.replace(TARGET, append=append)
     cmds = tokenize(grub.grub_config(target, CTX).decode("ascii"), ENV)
-    assert [c[0] for c in cmds] == ["echo", "linux", "initrd", "boot"]
-    assert cmds[1][2:-1] == render.kernel_cmdline(target, CTX).split()
+    assert [c[0] for c in cmds] == BOOT
+    assert cmds[3][2:-1] == render.kernel_cmdline(target, CTX).split()
 
 
 @pytest.mark.parametrize("append", ["a'b", "x=' ; reboot '", 'a="b c"', "'"])
@@ -95,8 +102,8 @@ def test_any_accepted_append_reads_back_word_for_word(append):
         return
     target = dataclasses.replace(TARGET, append=append)
     cmds = tokenize(grub.grub_config(target, CTX).decode("ascii"), ENV)
-    assert [c[0] for c in cmds] == ["echo", "linux", "initrd", "boot"]
-    assert cmds[1][2:-1] == cmdline.linux_words(render.kernel_cmdline(target, CTX))
+    assert [c[0] for c in cmds] == BOOT
+    assert cmds[3][2:-1] == cmdline.linux_words(render.kernel_cmdline(target, CTX))
 
 
 def test_iscsi_login_is_in_the_per_mac_grub_cfg_only():
@@ -104,7 +111,7 @@ def test_iscsi_login_is_in_the_per_mac_grub_cfg_only():
                               "vm1", "s" * 20)
     target = dataclasses.replace(TARGET, overlay="iscsi")
     cmds = tokenize(grub.grub_config(target, CTX, login).decode("ascii"), ENV)
-    assert "sidus.iscsi.secret=" + "s" * 20 in cmds[1]
+    assert "sidus.iscsi.secret=" + "s" * 20 in cmds[3]
     with pytest.raises(RenderError):
         grub.grub_config(target, CTX)
 
@@ -145,3 +152,69 @@ def test_provider_renders_grub_names_and_keeps_the_secret_guard():
     assert isinstance(known, provider.Document) and known.booted_mac is None
     ignored = _decide("grub/grub.cfg", unknown="ignore")
     assert isinstance(ignored, provider.Document) and ignored.booted_mac is None and b"\nexit\n" in ignored.body
+
+
+# -- boot.loader.grub_http: kernel and initrd from (http,<server>:<port>) when GRUB has http ------
+
+HTTP_CFG = config.parse("""
+dhcp: {mode: proxy, interfaces: [eth1]}
+tftp: {root: /srv/tftp}
+http: {enabled: true, port: 8081}
+boot: {loader: {grub_http: true}}
+images:
+  demo: {root: /srv/images/demo, kernel: demo/vmlinuz, initrd: demo/initrd.img, append: console=ttyS0}
+""")
+
+
+def test_grub_http_loads_over_http_and_falls_back_to_tftp_without_the_module():
+    http = grub.http_server(HTTP_CFG, "10.0.0.1")
+    assert http == "10.0.0.1:8081"
+    cmds = tokenize(grub.grub_config(TARGET, CTX, None, http).decode("ascii"), ENV)
+    heads = [c[0] for c in cmds]
+    assert heads == ["set", "set", "echo", "insmod", "if", "then", "echo", "initrd",
+                     "else", "echo", "linux", "initrd", "fi", "boot"], cmds
+    # insmod returns 0 even when refused (GRUB 2.06): loading the kernel over http is the test
+    words = [*render.kernel_cmdline(TARGET, CTX).split(), "BOOTIF=01-52-54-00-00-00-01"]
+    assert cmds[3] == ["insmod", "http"]
+    assert cmds[4] == ["if", "linux", "(http,10.0.0.1:8081)/demo/vmlinuz", *words]
+    assert cmds[7] == ["initrd", "(http,10.0.0.1:8081)/demo/initrd.img"]
+    # no http module (Debian's signed GRUB under Secure Boot): the same kernel line over TFTP
+    assert cmds[10] == ["linux", "/demo/vmlinuz", *words] and cmds[11] == ["initrd", "/demo/initrd.img"]
+    default = tokenize(grub.grub_default(CTX, INV.resolve(None, CFG), http).decode("ascii"), ENV)
+    assert ["if", "linux", "(http,10.0.0.1:8081)/demo/vmlinuz"] == default[6][:3], default
+
+
+def test_grub_http_is_off_by_default_and_needs_http_enabled():
+    assert grub.http_server(CFG, "10.0.0.1") is None                     # grub_http: false (default)
+    on_no_http = config.parse("""
+dhcp: {mode: proxy, interfaces: [eth1]}
+tftp: {root: /srv/tftp}
+http: {enabled: true}
+images: {}
+""")
+    assert grub.http_server(on_no_http, "10.0.0.1") is None              # http on, grub_http off
+    with pytest.raises(config.ConfigError) as err:
+        config.parse("""
+dhcp: {mode: proxy, interfaces: [eth1]}
+tftp: {root: /srv/tftp}
+boot: {loader: {grub_http: true}}
+images: {}
+""")
+    assert err.value.path == "boot.loader.grub_http" and "http.enabled" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.1", "evil:80)/x'", "(http,1.2.3.4:80)", "1.2.3.4:80; reboot"])
+def test_grub_http_server_must_be_ipv4_and_port(bad):
+    with pytest.raises(RenderError):
+        grub.grub_config(TARGET, CTX, None, bad)
+
+
+def test_provider_renders_http_loads_when_configured():
+    from sidusd.boot import provider
+    inv = Inventory({"default": Profile("default", "demo")}, {MAC: Host(MAC, "default")})
+    out = provider.decide("grub/grub.cfg-01-" + MAC, provider.Asker("10.0.0.9", "10.0.0.5", MAC),
+                          HTTP_CFG, inv, lambda m, s: None)
+    assert isinstance(out, provider.Document)
+    assert b"linux '(http,10.0.0.9:8081)/demo/vmlinuz'" in out.body and b"set root='tftp,10.0.0.9'" in out.body
+    plain = _decide("grub/grub.cfg-01-52:54:00:00:00:02")
+    assert isinstance(plain, provider.Document) and b"http" not in plain.body
