@@ -19,6 +19,13 @@ system, no copy; put back where it was if the import fails).  Then, like a build
    the machine from ``sidus.hostname=`` or DHCP.
 
 The newest ``boot/vmlinuz-*`` with its initrd is published and served, the same way as a build's.
+
+The generation is marked with the tree's architecture (``architecture`` in its meta record): the
+ELF header of its ``bin/sh`` (:func:`sidusd.image.bootarch.tree_arch`).  ``--arch ARCH`` says
+what the tree must be: another is refused before anything is copied, with what it is.  A foreign
+tree (arm64 on an amd64 host) needs qemu-user-static's handler for ``update-initramfs``
+(:func:`sidusd.image.arch.prepare_foreign`), and its kernel and initrd are checked to be of its
+architecture before they are published (:func:`sidusd.image.arch.verify_generation`).
 """
 
 from __future__ import annotations
@@ -133,11 +140,25 @@ def import_plan(root: Path, initramfs: dict[str, bytes], systemd: bool) -> list[
     return stages
 
 
+def tree_architecture(src: Path, wanted: str | None, host: str) -> str:
+    """The architecture the imported tree is marked with; ConfigError when it is not ``wanted``."""
+    from sidusd.image.bootarch import tree_arch
+    found = tree_arch(src)
+    if wanted is not None and found != wanted:
+        what = (f"an {found} tree (its bin/sh is an {found} program)" if found else
+                "a tree whose architecture cannot be told (no ELF program at bin/sh or bin/busybox)")
+        raise ConfigError("--arch", f"{src} is {what}, not {wanted}: nothing imported")
+    return found or host
+
+
 def import_tree(adm: Administrator, name: str, src: Path, in_place: bool = False, switch: bool = True,
-                keep_failed: bool = False) -> int:
-    """Adopt ``src`` as generation 1 of image ``name``; its number (1)."""
+                keep_failed: bool = False, arch: str | None = None) -> int:
+    """Adopt ``src`` as generation 1 of image ``name``; its number (1).  ``arch``: what the tree
+    must be (None: whatever its programs are)."""
+    from sidusd.image.arch import host_architecture, prepare_foreign, verify_generation, with_arch_name
     src = Path(os.path.abspath(src))
     found = check_tree(src)
+    architecture = tree_architecture(src, with_arch_name(arch), host_architecture())
     if adm.store.numbers(name):
         raise ConfigError("NAME", f"image {name} exists already ({adm.store.image_dir(name)}): import makes "
                           "generation 1 of a new image; pick another name")
@@ -151,6 +172,7 @@ def import_tree(adm: Administrator, name: str, src: Path, in_place: bool = False
             raise ConfigError("--in-place", f"{src} is not on the file system of {adm.store.dir}: it cannot be "
                               "moved without a copy (drop --in-place to copy it)")
     initramfs = initramfs_files()
+    prepare_foreign(architecture, adm.out)        # before the copy: the handler, or the reason why not
 
     def work(part: Path, logfile: Path) -> dict:
         if in_place:
@@ -172,6 +194,7 @@ def import_tree(adm: Administrator, name: str, src: Path, in_place: bool = False
         if not meta.get("kernel"):
             raise BackendError(f"no kernel with an initrd in {src}/boot after update-initramfs",
                                detail=f"kernels: {', '.join(found.kernels)}")
+        meta.update(verify_generation(part, architecture, adm.runner))
         meta.update(source=str(src), in_place=in_place, rootaufs_disabled=done)
         return meta
 
