@@ -12,7 +12,7 @@ Commands (docs/images.md)::
     sidus-image diff NAME A B [--json]
     sidus-image rollback NAME [--to N]
     sidus-image gc NAME [--keep N] [--dry-run]
-    sidus-image import NAME DIR [--in-place] [--no-switch]   (docs/migration.md)
+    sidus-image import NAME DIR [--in-place] [--no-switch] [--arch ARCH]   (docs/migration.md)
     sidus-image push NAME [N] --to RACK [--to RACK...] [--no-serve]   (docs/scale.md "Image rollout")
     sidus-image rack-scan RACK
 

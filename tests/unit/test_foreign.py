@@ -295,3 +295,21 @@ def test_tree_architecture_marks_what_the_tree_is(tmp_path):
     assert tree_architecture(arm, "arm64", "amd64") == "arm64"
     assert tree_architecture(arm, None, "amd64") == "arm64"          # no --arch: what it is
     assert tree_architecture(tmp_path, None, "amd64") == "amd64"     # nothing to tell: the host's
+
+
+def test_a_tree_without_initramfs_tools_keeps_an_initrd_with_sidus_overlay(tmp_path):
+    """Before: refused ("no usr/sbin/update-initramfs"), whatever initrd the tree had (the arm64
+    lab's tree, assembled on the host, could not become a generation)."""
+    from sidusd.image.importer import check_tree, import_plan
+    kver = "6.1.0-9-arm64"
+    root = usrmerged_tree(tmp_path / "t", elf(183))
+    (root / "etc").mkdir()
+    (root / "lib" / "modules" / kver).mkdir(parents=True)
+    boot_tree(root, arm64_image_head(), initrd([("bin/busybox", REG, elf(183)),
+                                                ("scripts/init-bottom/sidus-overlay", REG, b"#!/bin/sh\n")]), kver)
+    found = check_tree(root)
+    assert found.own_initrd and found.kernels == (kver,)
+    assert [s.name for s in import_plan(root, {"modules": b"overlay\n"}, False, found.own_initrd)] == ["hostname"]
+    (root / "boot" / f"initrd.img-{kver}").write_bytes(initrd([("bin/busybox", REG, elf(183))]))
+    with pytest.raises(ConfigError, match="no usr/sbin/update-initramfs.*sidus-overlay"):
+        check_tree(root)
