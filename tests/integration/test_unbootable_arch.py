@@ -31,7 +31,7 @@ def test_unbootable_architectures_are_listed_with_the_reason(lab):  # noqa: F811
     clients = {c["mac"]: c for c in lab.ctl_json("clients")}
     for mac, code, _, why in CASES:
         c = clients.get(mac)
-        assert c is not None, (mac, sorted(clients))
+        assert c is not None, (code, mac, sorted(clients))
         assert c["unanswered"] is not None and c["unanswered"]["code"] == "no_boot_file", c
         assert why in c["unanswered"]["reason"], c
         logged = [e for e in lab.events() if e.get("event") == "dhcp.unanswered" and e.get("mac") == mac]
