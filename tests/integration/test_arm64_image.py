@@ -117,7 +117,9 @@ def test_sidus_image_builds_an_arm64_generation_on_amd64(built):
     root = store.path(NAME, 1).resolve()
     assert bootarch.tree_arch(root) == "arm64"
     assert not (root / "etc" / "hostname").exists() and (root / "etc" / "machine-id").read_bytes() == b""
-    assert b"BOOT=nfs" in (root / "etc" / "initramfs-tools" / "initramfs.conf").read_bytes()
+    conf = root / "etc" / "initramfs-tools"
+    assert (conf / "hooks" / "sidus-overlay").is_file() and (conf / "scripts" / "init-bottom" / "sidus-up").is_file()
+    assert "overlay" in (conf / "modules").read_text().split()
 
 
 def test_import_arch_refuses_the_arm64_tree_as_amd64(built):
