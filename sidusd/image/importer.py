@@ -33,7 +33,9 @@ architecture before they are published (:func:`sidusd.image.arch.verify_generati
 
 from __future__ import annotations
 
+import lzma
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,9 @@ def check_tree(src: Path) -> Found:
         if not (p.exists() or p.is_symlink()):
             raise ConfigError("DIR", f"{src}: {why}")
     kernels = tuple(sorted(p.name[len("vmlinuz-"):] for p in (src / "boot").glob("vmlinuz-*")))
+    if not kernels:
+        raise ConfigError("DIR", f"{src}/boot has no vmlinuz-*: install a kernel in the tree "
+                          "(linux-image-amd64)")
     own = False
     if not any((src / rel).exists() for rel in ("usr/sbin/update-initramfs", "sbin/update-initramfs")):
         own = _has_sidus_initrd(src)
@@ -81,9 +86,6 @@ def check_tree(src: Path) -> Found:
             raise ConfigError("DIR", f"{src}: no usr/sbin/update-initramfs: install initramfs-tools in the tree "
                               "first (chroot DIR apt-get install initramfs-tools), or bring an initrd with "
                               f"sidus's overlay script ({OVERLAY}) for its newest kernel")
-    if not kernels:
-        raise ConfigError("DIR", f"{src}/boot has no vmlinuz-*: install a kernel in the tree "
-                          "(linux-image-amd64)")
     missing = [k for k in kernels if not (src / "lib" / "modules" / k).is_dir()
                and not (src / "usr" / "lib" / "modules" / k).is_dir()]
     if len(missing) == len(kernels):
@@ -103,7 +105,7 @@ def _has_sidus_initrd(src: Path) -> bool:
     from sidusd.image.publish import find_boot_files
     try:
         return OVERLAY in initrd_contents(find_boot_files(src).initrd)[1]
-    except (SidusError, OSError, EOFError, ValueError):       # no initrd, or not one that reads
+    except (SidusError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError):   # none, or unreadable
         return False
 
 
