@@ -12,7 +12,7 @@ Commands (docs/images.md)::
     sidus-image diff NAME A B [--json]
     sidus-image rollback NAME [--to N]
     sidus-image gc NAME [--keep N] [--dry-run]
-    sidus-image import NAME DIR [--in-place] [--no-switch]   (docs/migration.md)
+    sidus-image import NAME DIR [--in-place] [--no-switch] [--arch ARCH]   (docs/migration.md)
     sidus-image push NAME [N] --to RACK [--to RACK...] [--no-serve]   (docs/scale.md "Image rollout")
     sidus-image rack-scan RACK
 
@@ -148,6 +148,8 @@ def _local_parsers(sub) -> None:
     im.add_argument("--in-place", action="store_true", help="move DIR into the image (same file system), no copy")
     im.add_argument("--no-switch", action="store_true", help="do not serve the new generation")
     im.add_argument("--keep-failed", action="store_true", help="keep a failed copy's directory")
+    im.add_argument("--arch", default=None, metavar="ARCH",
+                    help="the tree's Debian architecture: another is refused (default: what its bin/sh is)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +196,7 @@ def _main(argv: list[str]) -> int:
             from sidusd.image.arch import check_build_host, with_arch
             from sidusd.image.recipe import read_recipe
             recipe = with_arch(read_recipe(args.recipe), args.arch)
-            check_build_host(recipe)
+            check_build_host(recipe, adm.out)
             adm.build(recipe, switch=not args.no_switch, keep_failed=args.keep_failed,
                       message=args.message)
         elif args.cmd == "update":
@@ -235,7 +237,7 @@ def _main(argv: list[str]) -> int:
         elif args.cmd == "import":
             from sidusd.image.importer import import_tree
             import_tree(adm, args.name, args.dir, in_place=args.in_place, switch=not args.no_switch,
-                        keep_failed=args.keep_failed)
+                        keep_failed=args.keep_failed, arch=args.arch)
     except LockBusy as e:
         print(f"sidus-image: {e}", file=sys.stderr)
         return EXIT_BUSY

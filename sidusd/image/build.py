@@ -280,6 +280,9 @@ class Administrator:
                 print(f"      ok {time.monotonic() - t:.1f} s", file=self.out, flush=True)
                 log.info("image.stage.done", stage="debootstrap", elapsed_s=round(time.monotonic() - t, 1))
             meta = self._stages(stages, part, logfile, recipe, first)
+            # a foreign architecture's kernel and initrd are checked to be of it (never amd64's)
+            from sidusd.image.arch import verify_generation
+            meta.update(verify_generation(part, recipe.architecture, self.runner))
             meta.update(recipe=recipe.source, suite=recipe.suite, mirror=mirror, security_mirror=security)
             return meta
 

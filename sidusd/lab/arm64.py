@@ -17,6 +17,10 @@ and unpacked with ``dpkg-deb -x``; the architecture-independent parts come from 
   ``nfsmount`` and ``run-init`` where busybox has none (the ``klibc-utils`` hook), the kernel
   modules of :data:`MODULES` with their dependencies (``depmod -b`` on the host reads arm64
   modules), and sidus's init-bottom scripts (sidus-overlay, sidus-up) from sidusd/data/initramfs;
+* ``root/boot/`` and ``root/lib/modules/<kver>/``  the same kernel and initrd, and the modules of
+  the initramfs: the root is a tree ``sidus-image import --arch arm64`` takes as it is (no
+  initramfs-tools in it; its initrd has sidus's overlay script: sidusd.image.importer), so the
+  e2e boots a generation made by sidus-image;
 * ``grubaa64.efi``  Debian's signed arm64 network GRUB (``grub-efi-arm64-signed``:
   ``grubnetaa64.efi.signed``, prefix ``/grub``, like grubnetx64).
 
@@ -44,7 +48,7 @@ from sidusd.storage.runner import Runner
 from .image import BUSYBOX, build_root
 
 ARCH = "arm64"
-IMAGE_VERSION = "1"
+IMAGE_VERSION = "2"        # 2: the root carries its boot/ and lib/modules/ (sidus-image import takes it)
 KERNEL_META = "linux-image-arm64"
 #: the packages besides the kernel: (package, what it gives)
 PACKAGES = ("grub-efi-arm64-signed", "busybox-static", "klibc-utils", "libklibc")
@@ -248,6 +252,10 @@ def build_arm64_image(workdir: Path, progress: Callable[[str], None] = print,
     shutil.copy2(x / GRUB_IN_DEB, image.grub)
     build_root(image.root)                     # the applet links of the host's busybox-static ...
     shutil.copy2(x / "bin" / "busybox", image.root / "bin" / "busybox")   # ... on the arm64 binary
+    (image.root / "boot").mkdir()
+    shutil.copy2(image.kernel, image.root / "boot" / image.kernel.name)
+    shutil.copy2(image.initrd, image.root / "boot" / image.initrd.name)
+    shutil.copytree(tree / "lib" / "modules" / kver, image.root / "lib" / "modules" / kver)
     sbin = image.root / "sbin"
     os.replace(sbin / "init", sbin / "init.demo")
     (sbin / "init").write_text(INIT_WRAPPER)
