@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,7 @@ class Rack:
         return entries
 
 
-def _rsync(argv: list[str], on_start: Callable[[subprocess.Popen], None] | None) -> rp.RsyncStats:
+def run_rsync(argv: list[str], on_start: Callable[[subprocess.Popen], None] | None) -> rp.RsyncStats:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     if on_start is not None:
         on_start(proc)
@@ -177,21 +178,10 @@ def _push_locked(store: ImageStore, name: str, number: int, rack: Rack, src_root
                  manifest: str, count: int, *, serve: bool, rsync: str, extra: Sequence[str],
                  on_start: Callable[[subprocess.Popen], None] | None) -> PushResult:
     parent = store.meta(name, number).get("parent")
-    plan = rp.plan_push(name, number, parent if isinstance(parent, int) else None,
-                        rack.arrived(name), rack.partly_on_disk(name))
+    plan = begin(rack, name, number, parent if isinstance(parent, int) else None)
     stats = rp.RsyncStats(0, 0, 0, 0)
     if not plan.already:
-        base = rack.path
-        if plan.reclaim:                    # renamed into place, crashed before the marker: resume
-            for fin, stg in ((plan.final_root, plan.staging_root), (plan.final_boot, plan.staging_boot)):
-                if (base / fin).exists():       # never served (no marker): back to staging
-                    if (base / stg).exists():
-                        shutil.rmtree(base / stg)
-                    os.rename(base / fin, base / stg)
-        for sub in (plan.staging_root, plan.staging_boot):
-            (base / sub).parent.mkdir(parents=True, exist_ok=True)
-        (base / "images" / name / "meta").mkdir(parents=True, exist_ok=True)
-        link = plan.link_dest
+        base, link = rack.path, plan.link_dest
         # the boot files are compared by content (-c): publish copies them anew for each generation
         # (a new mtime), an unchanged kernel must not travel again; the root by rsync's quick check
         for src, stg, link_dir, more in (
@@ -199,23 +189,50 @@ def _push_locked(store: ImageStore, name: str, number: int, rack: Rack, src_root
                 (src_root, plan.staging_root, rack.store.path(name, link) if link else None, [])):
             argv = rp.rsync_argv(rsync, str(src), str(base / stg),
                                  str(link_dir.resolve()) if link_dir else None, [*more, *extra])
-            stats = stats + _rsync(argv, on_start)
+            stats = stats + run_rsync(argv, on_start)
+    commit(rack, plan, rp.Marker(name, number, manifest, count, str(src_root)), serve=serve)
+    log.info("image.rollout.pushed", image=name, generation=number, rack=str(rack.path),
+             link_dest=plan.link_dest, files=stats.files, bytes=stats.transferred_bytes)
+    return PushResult(rack.path, name, number, plan.already, plan.link_dest, stats, serve)
+
+
+def begin(rack: Rack, name: str, number: int, parent: int | None) -> rp.PushPlan:
+    """The rack side's first step (under the rack image's lock): the plan, a final directory
+    without a marker taken back to staging, the staging directories' parents made."""
+    plan = rp.plan_push(name, number, parent, rack.arrived(name), rack.partly_on_disk(name))
+    if plan.already:
+        return plan
+    base = rack.path
+    if plan.reclaim:                    # renamed into place, crashed before the marker: resume
+        for fin, stg in ((plan.final_root, plan.staging_root), (plan.final_boot, plan.staging_boot)):
+            if (base / fin).exists():       # never served (no marker): back to staging
+                if (base / stg).exists():
+                    shutil.rmtree(base / stg)
+                os.rename(base / fin, base / stg)
+    for sub in (plan.staging_root, plan.staging_boot):
+        (base / sub).parent.mkdir(parents=True, exist_ok=True)
+    (base / "images" / name / "meta").mkdir(parents=True, exist_ok=True)
+    return plan
+
+
+def commit(rack: Rack, plan: rp.PushPlan, marker: rp.Marker, *, serve: bool) -> None:
+    """The rack side's last step, after rsync: the manifest of what arrived checked against
+    ``marker``'s (the source's), renamed into place, the marker written, ``current`` switched
+    (``serve``), the images file rewritten.  Raises (nothing renamed) when the manifest differs."""
+    name, number, base = plan.image, plan.generation, rack.path
+    if not plan.already:
         got, _ = tree_manifest(base / plan.staging_root, base / plan.staging_boot)
-        if got != manifest:
+        if got != marker.manifest:
             raise BackendError(f"image {name} generation {number}: what arrived on {rack.path} differs from the "
-                               "source (changed during the push?); not served, push again")
+                               "source (changed or cut during the push?); not served, push again")
         os.rename(base / plan.staging_boot, base / plan.final_boot)
         os.rename(base / plan.staging_root, base / plan.final_root)
         _fsync_dir((base / plan.final_root).parent)
         _fsync_dir((base / plan.final_boot).parent)
-        atomic_write(rack.marker_path(name, number),
-                     rp.Marker(name, number, manifest, count, str(src_root)).to_json())
+        atomic_write(rack.marker_path(name, number), marker.to_json())
     if serve:
         rack.store.switch(name, number)
     rack.write_images_file()
-    log.info("image.rollout.pushed", image=name, generation=number, rack=str(rack.path),
-             link_dest=plan.link_dest, files=stats.files, bytes=stats.transferred_bytes)
-    return PushResult(rack.path, name, number, plan.already, plan.link_dest, stats, serve)
 
 
 # -- sidus-image push / rack-scan ------------------------------------------------------
@@ -226,27 +243,63 @@ def add_parsers(sub) -> None:
     ps.add_argument("name")
     ps.add_argument("number", type=int, nargs="?", default=None, help="default: the served generation")
     ps.add_argument("--to", dest="racks", type=Path, action="append", required=True, metavar="RACK",
-                    help="a rack server's directory (repeat for several racks)")
+                    help="a rack server's directory, or [user@]host:/path over ssh (repeat for several racks)")
     ps.add_argument("--no-serve", action="store_true", help="copy it, but let the rack keep serving its current one")
     ps.add_argument("--rsync-arg", dest="rsync_args", action="append", default=[], metavar="ARG",
                     help="one more rsync option (e.g. --bwlimit=10m)")
+    ps.add_argument("--ssh", default="ssh", metavar="CMD",
+                    help="the ssh command for host:path racks, with its options (default: ssh)")
+    ps.add_argument("--remote-cmd", default="sidus-image", metavar="CMD",
+                    help="sidus-image on the rack, for host:path racks (default: sidus-image)")
+    rr = sub.add_parser("rack-receive", help="the rack side of a push over ssh (run by push, not by hand)")
+    rr.add_argument("rack", type=Path)
+    rr.add_argument("name")
+    rr.add_argument("number", type=int)
+    rr.add_argument("--parent", type=int, default=None)
+    rr.add_argument("--manifest", required=True)
+    rr.add_argument("--entries", type=int, required=True)
+    rr.add_argument("--source", default="")
+    rr.add_argument("--no-serve", action="store_true")
     rs = sub.add_parser("rack-scan", help="rewrite a rack's images file from its completion markers")
     rs.add_argument("rack", type=Path)
 
 
 def run(args, store: ImageStore, tftp_root: Path) -> int:
-    """Run ``push`` / ``rack-scan``; the exit code (errors raise SidusError / OSError)."""
+    """Run ``push`` / ``rack-scan`` / ``rack-receive``; the exit code (errors of one rack are
+    printed and the next rack is pushed: a rack that is down or slow does not stop the rollout)."""
     if args.cmd == "rack-scan":
         entries = Rack(args.rack).write_images_file(verify=True)
         print(f"{args.rack}: {len(entries)} image name(s) served: {', '.join(entries) or 'none'}")
         return 0
+    from sidusd.image import rollout_remote
+    if args.cmd == "rack-receive":
+        return rollout_remote.receive(args)
     number = args.number if args.number is not None else store.current(args.name)
     if number is None:
         raise BackendError(f"image {args.name} has no served generation; name one")
+    from sidusd.errors import SidusError
+    from sidusd.image.chroot import LockBusy
+    code = 0
     for r in args.racks:
-        res = push(store, tftp_root, args.name, number, Rack(r), serve=not args.no_serve, extra=args.rsync_args)
+        try:
+            target = rp.parse_target(str(r))   # a Path keeps host:/path as it is
+            if target.host is None:
+                res = push(store, tftp_root, args.name, number, Rack(Path(target.path)),
+                           serve=not args.no_serve, extra=args.rsync_args)
+            else:
+                res = rollout_remote.push_ssh(store, tftp_root, args.name, number, target, serve=not args.no_serve,
+                                              extra=args.rsync_args, ssh=args.ssh, remote_cmd=args.remote_cmd)
+        except LockBusy as e:
+            print(f"sidus-image: {r}: {e}", file=sys.stderr)
+            code = code or 75
+            continue
+        except (SidusError, OSError, ValueError) as e:
+            print(f"sidus-image: {r}: {e}", file=sys.stderr)
+            code = 1
+            continue
         how = "already there" if res.already else (
             f"{res.stats.files} file(s), {res.stats.transferred_bytes} bytes sent"
             + (f" (unchanged files linked from generation {res.link_dest})" if res.link_dest else " (full copy)"))
-        print(f"{r}: {args.name} generation {number} arrived: {how}" + ("; served" if res.served else ""))
-    return 0
+        print(f"{r}: {args.name} generation {number} arrived: {how}" + ("; served" if res.served else ""),
+              flush=True)
+    return code

@@ -276,3 +276,21 @@ def test_a_second_push_to_the_same_rack_image_is_refused_while_one_runs(build, t
                            timeout=60)
     assert r.returncode == 75 and "busy" in r.stderr, (r.returncode, r.stderr)
     assert rack.arrived("demo") == [] and not (rack_dir / "images" / "demo" / "gen-0001.incoming").exists()
+
+
+def test_a_rack_that_fails_does_not_stop_the_push_to_the_next_racks(build, tmp_path):
+    """`push --to A --to B` with A busy (its lock held) and C not a directory one can write: B
+    still gets the generation and serves it; the exit status says a rack failed, each named."""
+    from sidusd.image.chroot import ImageLock
+    store, tftp, rack_a = build
+    rack_b, rack_c = tmp_path / "rack-b", tmp_path / "rack-c"
+    rack_c.write_text("not a directory\n")
+    with ImageLock(rollout.Rack(rack_a).store.image_dir("demo"), "push of generation 1"):
+        r = subprocess.run(cli(tmp_path, "push", "demo", "--to", str(rack_a), "--to", str(rack_c),
+                               "--to", str(rack_b)), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert f"{rack_a}: image demo is busy" in r.stderr and f"{rack_c}:" in r.stderr, r.stderr
+    assert f"{rack_b}: demo generation 1 arrived" in r.stdout, r.stdout
+    assert rollout.Rack(rack_b).arrived("demo", verify=True) == [1]
+    assert set(served_roots(rack_b)) == {"demo", "demo.gen-1"}
+    assert rollout.Rack(rack_a).arrived("demo") == []
