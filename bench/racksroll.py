@@ -188,7 +188,7 @@ def check(records: list[dict[str, Any]], rollout: Rollout, servers: list[Any]) -
         ip, root = m.group(1), m.group(2)
         k = rack_of.get(rec.get("server", ""))
         if k is None or ip != rec["server"]:
-            violations.append(f"{rec['mac']}: nfsroot names {ip}, not the server that answered it ({rec.get('server')})")
+            violations.append(f"{rec['mac']}: nfsroot names {ip}, not the server that answered ({rec.get('server')})")
             continue
         rack = ro.Rack(rollout.rack_dir(k))
         gm = re.fullmatch(re.escape(str(rack.store.image_dir("demo").resolve())) + r"/gen-(\d{4})", root)

@@ -35,8 +35,8 @@ import time
 import pytest
 from conftest import require_root, require_tool
 
-from bench.peers import REPO
 from bench import racksroll
+from bench.peers import REPO
 from bench.rackslib import PG_ADDR, PG_PORT, Racks, pct
 from sidusd.state import pg as spg
 from tests.netns import socket_in_netns
