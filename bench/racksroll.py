@@ -65,15 +65,19 @@ def make_generation(store: Any, tftp: Path, number: int, files: dict[str, bytes]
     return g
 
 
-def rsync_child(pid: int) -> int | None:
-    """The rsync process among ``pid``'s children (push's own rsync, not the remote one)."""
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return None
+def rsync_child(pid: int, needle: str = "") -> int | None:
+    """The rsync process among ``pid``'s children (push's own rsync, not the remote one) whose
+    command line has ``needle`` (the rack's path: push runs the racks' rsyncs side by side)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):     # push runs each rack's rsync from a thread
+        try:
+            kids += (task / "children").read_text().split()
+        except OSError:
+            continue
     for k in kids:
         try:
-            if Path(f"/proc/{k}/comm").read_text().strip() == "rsync":
+            if Path(f"/proc/{k}/comm").read_text().strip() == "rsync" and \
+                    needle in Path(f"/proc/{k}/cmdline").read_text(errors="replace"):
                 return int(k)
         except OSError:
             continue
@@ -150,7 +154,7 @@ class Rollout:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 if staging.is_dir() and any(p.stat().st_size > 0 for p in staging.glob(".big.bin*")):
-                    pid = rsync_child(proc.pid)
+                    pid = rsync_child(proc.pid, str(self.rack_dir(0)) + "/")
                     if pid is not None:
                         os.kill(pid, signal.SIGKILL)
                         out["t_interrupt"] = time.time()

@@ -247,6 +247,8 @@ def add_parsers(sub) -> None:
     ps.add_argument("--no-serve", action="store_true", help="copy it, but let the rack keep serving its current one")
     ps.add_argument("--rsync-arg", dest="rsync_args", action="append", default=[], metavar="ARG",
                     help="one more rsync option (e.g. --bwlimit=10m)")
+    ps.add_argument("--parallel", type=int, default=4, metavar="N",
+                    help="racks pushed at once (default 4): a slow or dead rack does not hold back the others")
     ps.add_argument("--ssh", default="ssh", metavar="CMD",
                     help="the ssh command for host:path racks, with its options (default: ssh)")
     ps.add_argument("--remote-cmd", default="sidus-image", metavar="CMD",
@@ -277,29 +279,48 @@ def run(args, store: ImageStore, tftp_root: Path) -> int:
     number = args.number if args.number is not None else store.current(args.name)
     if number is None:
         raise BackendError(f"image {args.name} has no served generation; name one")
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     from sidusd.errors import SidusError
     from sidusd.image.chroot import LockBusy
+    live: list[subprocess.Popen] = []           # every rsync started: killed on Ctrl-C / SIGTERM
+
+    def one(r: Path) -> PushResult:
+        target = rp.parse_target(str(r))        # a Path keeps host:/path as it is
+        if target.host is None:
+            return push(store, tftp_root, args.name, number, Rack(Path(target.path)), serve=not args.no_serve,
+                        extra=args.rsync_args, on_start=live.append)
+        return rollout_remote.push_ssh(store, tftp_root, args.name, number, target, serve=not args.no_serve,
+                                       extra=args.rsync_args, ssh=args.ssh, remote_cmd=args.remote_cmd,
+                                       on_start=live.append)
+
     code = 0
-    for r in args.racks:
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        todo = {pool.submit(one, r): r for r in args.racks}
         try:
-            target = rp.parse_target(str(r))   # a Path keeps host:/path as it is
-            if target.host is None:
-                res = push(store, tftp_root, args.name, number, Rack(Path(target.path)),
-                           serve=not args.no_serve, extra=args.rsync_args)
-            else:
-                res = rollout_remote.push_ssh(store, tftp_root, args.name, number, target, serve=not args.no_serve,
-                                              extra=args.rsync_args, ssh=args.ssh, remote_cmd=args.remote_cmd)
-        except LockBusy as e:
-            print(f"sidus-image: {r}: {e}", file=sys.stderr)
-            code = code or 75
-            continue
-        except (SidusError, OSError, ValueError) as e:
-            print(f"sidus-image: {r}: {e}", file=sys.stderr)
-            code = 1
-            continue
-        how = "already there" if res.already else (
-            f"{res.stats.files} file(s), {res.stats.transferred_bytes} bytes sent"
-            + (f" (unchanged files linked from generation {res.link_dest})" if res.link_dest else " (full copy)"))
-        print(f"{r}: {args.name} generation {number} arrived: {how}" + ("; served" if res.served else ""),
-              flush=True)
+            for fut in as_completed(todo):
+                r = todo[fut]
+                try:
+                    res = fut.result()
+                except LockBusy as e:
+                    print(f"sidus-image: {r}: {e}", file=sys.stderr, flush=True)
+                    code = code or 75
+                    continue
+                except (SidusError, OSError, ValueError) as e:
+                    print(f"sidus-image: {r}: {e}", file=sys.stderr, flush=True)
+                    code = 1
+                    continue
+                how = "already there" if res.already else (
+                    f"{res.stats.files} file(s), {res.stats.transferred_bytes} bytes sent"
+                    + (f" (unchanged files linked from generation {res.link_dest})" if res.link_dest
+                       else " (full copy)"))
+                print(f"{r}: {args.name} generation {number} arrived: {how}" + ("; served" if res.served else ""),
+                      flush=True)
+        except BaseException:
+            for f in todo:
+                f.cancel()
+            for p in live:                      # the pushes under way fail (nothing served) and end
+                if p.poll() is None:
+                    p.kill()
+            raise
     return code

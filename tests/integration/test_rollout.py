@@ -113,10 +113,12 @@ def test_second_push_sends_only_the_changed_files(build):
 
 
 def rsync_child(pid: int) -> int | None:
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return None
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):     # push runs each rack's rsync from a thread
+        try:
+            kids += (task / "children").read_text().split()
+        except OSError:
+            continue
     for k in kids:
         try:
             if Path(f"/proc/{k}/comm").read_text().strip() == "rsync":
@@ -294,3 +296,36 @@ def test_a_rack_that_fails_does_not_stop_the_push_to_the_next_racks(build, tmp_p
     assert rollout.Rack(rack_b).arrived("demo", verify=True) == [1]
     assert set(served_roots(rack_b)) == {"demo", "demo.gen-1"}
     assert rollout.Rack(rack_a).arrived("demo") == []
+
+
+def test_racks_are_pushed_side_by_side(build, tmp_path):
+    """`push --to A --to B` (slowed by --bwlimit): both racks' rsyncs write at the same moment,
+    so a slow rack does not hold back the next one; both then serve the generation."""
+    store, tftp, rack_a = build
+    rack_b = tmp_path / "rack-b"
+    for rd in (rack_a, rack_b):
+        rollout.push(store, tftp, "demo", 1, rollout.Rack(rd), serve=True)
+    make_gen(store, tftp, 2, {"usr/lib/big.bin": os.urandom(3 * MIB)}, 1)
+
+    def writing(rd: Path) -> bool:
+        lib = rd / "images" / "demo" / "gen-0002.incoming" / "usr" / "lib"
+        return lib.is_dir() and any(p.stat().st_size > 0 for p in lib.glob(".big.bin*"))
+
+    proc = subprocess.Popen(cli(tmp_path, "push", "demo", "--to", str(rack_a), "--to", str(rack_b),
+                                "--rsync-arg=--bwlimit=1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen: list[bool] = []
+        poll_until(lambda: bool(seen.append(writing(rack_a) and writing(rack_b)) or seen[-1])
+                   or proc.poll() is not None, timeout_s=60)
+        both = any(seen)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert both, "the second rack's rsync did not run beside the first's"
+    assert proc.returncode == 0, out + err
+    for rd in (rack_a, rack_b):
+        assert f"{rd}: demo generation 2 arrived" in out, out
+        assert rollout.Rack(rd).arrived("demo", verify=True) == [1, 2]
