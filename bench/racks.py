@@ -66,7 +66,8 @@ async def _run(r: Racks, a: argparse.Namespace) -> dict[str, Any]:
         (_, x0), e0, t0 = r.pg_stats(), r.event_rows(), time.monotonic()
         during = None
         if r.rollout is not None:       # generation 2 pushed mid-storm; rack 0's push cut when there are others
-            during = r.rollout.during(r.servers, start_after_s=a.spread_s / 4, interrupt=r.k > 1)
+            during = r.rollout.during(r.servers, start_after_s=a.spread_s / 4, interrupt=r.k > 1,
+                                      bwlimit_kbps=1000, reload_every_s=1.0)
         res = await r.storm(spread_s=a.spread_s, during=during)
         (_, x1), e1, t1 = r.pg_stats(), r.event_rows(), time.monotonic()
         stop.set()

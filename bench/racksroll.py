@@ -35,6 +35,7 @@ from .peers import REPO
 
 BIG = 3 * 1024 * 1024
 NFSROOT = re.compile(r"nfsroot=([0-9.]+):([^ ,\s]+)")
+KERNEL = re.compile(r"images/demo/gen-(\d{4})/(?:vmlinuz|initrd\.img)")
 
 
 def make_generation(store: Any, tftp: Path, number: int, files: dict[str, bytes], parent: int | None) -> Path:
@@ -152,7 +153,7 @@ class Rollout:
         if interrupt:
             staging = self.rack_dir(0) / "images" / "demo" / "gen-0002.incoming" / "usr" / "lib"
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and proc.returncode is None:
                 if staging.is_dir() and any(p.stat().st_size > 0 for p in staging.glob(".big.bin*")):
                     pid = rsync_child(proc.pid, str(self.rack_dir(0)) + "/")
                     if pid is not None:
@@ -200,6 +201,9 @@ def check(records: list[dict[str, Any]], rollout: Rollout, servers: list[Any]) -
             violations.append(f"{rec['mac']}: rack {k} served a root that is no final generation of its own: {root}")
             continue
         n = int(gm.group(1))
+        kernels = {int(x) for x in KERNEL.findall(text)}
+        if kernels != {n}:
+            violations.append(f"{rec['mac']}: rack {k} served root gen {n} with the kernel of {sorted(kernels)}")
         served.setdefault(k, {}).setdefault(n, 0)
         served[k][n] += 1
         if (k, n) not in marker_t:
