@@ -124,6 +124,8 @@ def push_ssh(store: ImageStore, tftp_root: Path, name: str, number: int, target:
                        manifest, count, str(src_root), serve)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
+    if on_start is not None:            # the session too: killing it ends the rack side uncommitted
+        on_start(proc)
     assert proc.stdin is not None
     stats = rp.RsyncStats(0, 0, 0, 0)
     try:

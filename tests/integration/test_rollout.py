@@ -329,3 +329,38 @@ def test_racks_are_pushed_side_by_side(build, tmp_path):
     for rd in (rack_a, rack_b):
         assert f"{rd}: demo generation 2 arrived" in out, out
         assert rollout.Rack(rd).arrived("demo", verify=True) == [1, 2]
+
+
+def test_ctrl_c_during_a_push_to_two_racks_stops_both_and_serves_neither(build, tmp_path):
+    """SIGINT while two racks' rsyncs run side by side: push exits 130, no rsync of it is left,
+    neither rack has the generation in place or a marker, both keep serving gen 1."""
+    store, tftp, rack_a = build
+    rack_b = tmp_path / "rack-b"
+    for rd in (rack_a, rack_b):
+        rollout.push(store, tftp, "demo", 1, rollout.Rack(rd), serve=True)
+    make_gen(store, tftp, 2, {"usr/lib/big.bin": os.urandom(12 * MIB)}, 1)
+
+    def writing(rd: Path) -> bool:
+        lib = rd / "images" / "demo" / "gen-0002.incoming" / "usr" / "lib"
+        return lib.is_dir() and any(p.stat().st_size > 0 for p in lib.glob(".big.bin*"))
+
+    proc = subprocess.Popen(cli(tmp_path, "push", "demo", "--to", str(rack_a), "--to", str(rack_b),
+                                "--rsync-arg=--bwlimit=1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert poll_until(lambda: writing(rack_a) and writing(rack_b), timeout_s=60)
+        kids = [k for task in Path(f"/proc/{proc.pid}/task").glob("*/children") for k in task.read_text().split()]
+        rsyncs = [int(k) for k in kids if Path(f"/proc/{k}/comm").read_text().strip() == "rsync"]
+        assert len(rsyncs) == 2, kids
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert poll_until(lambda: not any(Path(f"/proc/{p}").exists() for p in rsyncs), timeout_s=10), rsyncs
+    for rd in (rack_a, rack_b):
+        rack = rollout.Rack(rd)
+        assert rack.marker("demo", 2) is None and not rack.store.path("demo", 2).exists()
+        assert set(served_roots(rd)) == {"demo", "demo.gen-1"}
