@@ -67,7 +67,8 @@ async def _run(r: Racks, a: argparse.Namespace) -> dict[str, Any]:
         during = None
         if r.rollout is not None:       # generation 2 pushed mid-storm; rack 0's push cut when there are others
             during = r.rollout.during(r.servers, start_after_s=a.spread_s / 4, interrupt=r.k > 1,
-                                      bwlimit_kbps=1000, reload_every_s=1.0)
+                                      bwlimit_kbps=1000, reload_every_s=1.0,
+                                      build_ns=r.pg_ns if a.rollout_ssh else None)
         res = await r.storm(spread_s=a.spread_s, during=during)
         (_, x1), e1, t1 = r.pg_stats(), r.event_rows(), time.monotonic()
         stop.set()
@@ -103,7 +104,7 @@ async def _run(r: Racks, a: argparse.Namespace) -> dict[str, Any]:
 def one(a: argparse.Namespace, racks: int, spr: int, work: Path) -> dict[str, Any]:
     per = -(-a.clients // racks)
     r = Racks(racks, spr, per, delay_ms=a.delay_ms, loss_pct=a.loss_pct, work=work, prefix="sidus-b-rk",
-              rollout=a.rollout)
+              rollout=a.rollout or a.rollout_ssh, rollout_ssh=a.rollout_ssh)
     try:
         r.build()
         r.start_postgres()
@@ -142,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rollout", action="store_true",
                    help="each rack serves its own disk; generation 2 is pushed to every rack mid-storm (rack 0's "
                         "push interrupted) and every served config is checked against the racks' markers")
+    p.add_argument("--rollout-ssh", action="store_true",
+                   help="--rollout, pushed over ssh (an sshd on each rack's first server, the push from the "
+                        "database's namespace: across the core and the rack uplinks)")
     p.add_argument("--no-single", dest="single", action="store_false", help="skip the one-server run")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if a.clients < 1 or a.racks < 1 or a.racks > 8 or a.clients > 250 * 200:
         p.error("--clients >= 1, 1 <= --racks <= 8")
-    for tool in ("ip", "curl", *(["rsync"] if a.rollout else [])):
+    for tool in ("ip", "curl", *(["rsync"] if a.rollout or a.rollout_ssh else []),
+                 *(["ssh", "ssh-keygen"] if a.rollout_ssh else [])):
         if not shutil.which(tool):
             print(f"bench.racks: missing tool: {tool}", file=sys.stderr)
             return 2

@@ -221,7 +221,7 @@ class Racks:
 
     def __init__(self, racks: int, servers_per_rack: int | list[int], clients_per_rack: int,
                  delay_ms: float = 0.0, loss_pct: float = 0.0, work: Path | None = None,
-                 prefix: str = "sidus-rk", rollout: bool = False):
+                 prefix: str = "sidus-rk", rollout: bool = False, rollout_ssh: bool = False):
         self.k, self.cpr = racks, clients_per_rack
         self.spr = servers_per_rack if isinstance(servers_per_rack, list) else [servers_per_rack] * racks
         self.delay_ms, self.loss_pct = delay_ms, loss_pct
@@ -238,7 +238,7 @@ class Racks:
         self.rollout = None                 # bench.racksroll.Rollout: each rack its own disk, served from it
         if rollout:
             from .racksroll import Rollout
-            self.rollout = Rollout(self.work, racks)
+            self.rollout = Rollout(self.work, racks, ssh=rollout_ssh)
 
     def _ns(self, tag: str) -> NetNs:
         ns = NetNs(f"{self.prefix}{tag}")
@@ -453,6 +453,8 @@ class Racks:
         if self.rollout is not None and not self.rollout.rack_dir(0).exists():
             self.rollout.prepare({"pxelinux.0": Path("/usr/lib/PXELINUX/pxelinux.0"),
                                   "ldlinux.c32": Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")})
+        if self.rollout is not None and self.rollout.want_ssh and not self.rollout.ssh:
+            self.rollout.start_sshd(self.servers, self.pg_ns)
         for s in self.servers:          # one after the other: the first start creates the tables
             self.start_server(s)
 

@@ -91,12 +91,64 @@ def reload(server: Any) -> Any:
     return ctl.call(str(server.dir / "control.sock"), "reload")
 
 
+SSHD = next((p for p in ("/usr/sbin/sshd", "/usr/bin/sshd") if os.path.exists(p)), None)
+
+
+def sshd_setup(d: Path, listen: list[str], port: int) -> tuple[Path, list[str]]:
+    """Keys and an sshd_config in ``d`` (key authentication only, root allowed, listening on
+    ``listen``); (the config, the ssh command with its options as a list)."""
+    d.mkdir(parents=True, exist_ok=True)
+    key = d / "id_ed25519"
+    if not key.exists():
+        for k in (d / "host_ed25519", key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)], check=True)
+        (d / "authorized_keys").write_bytes(key.with_suffix(".pub").read_bytes())
+    cfg = d / f"sshd_config.{listen[0]}.{port}"
+    cfg.write_text(f"Port {port}\n" + "".join(f"ListenAddress {a}\n" for a in listen) + f"""HostKey {d / 'host_ed25519'}
+AuthorizedKeysFile {d / 'authorized_keys'}
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile none
+""")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)       # sshd's privilege separation directory
+    return cfg, ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+
+
 class Rollout:
-    def __init__(self, work: Path, racks: int):
+    def __init__(self, work: Path, racks: int, ssh: bool = False):
         from sidusd.image.generations import ImageStore
         self.work, self.k = work, racks
         self.store = ImageStore(work / "build" / "images")
         self.tftp = work / "build" / "tftp"
+        self.ssh: list[str] | None = None          # push over ssh: the ssh command (start_sshd)
+        self.ssh_hosts: dict[int, str] = {}
+        self.want_ssh = ssh
+
+    def start_sshd(self, servers: list[Any], from_ns: Any) -> None:
+        """An sshd in the namespace of each rack's first server, on its rack address: the push (run
+        in ``from_ns``, the build host's) then crosses the core and the rack's uplink (its delay
+        and loss) to reach the rack."""
+        if SSHD is None:
+            raise RuntimeError("missing tool: sshd (Debian package openssh-server)")
+        for k in range(self.k):
+            s = next(x for x in servers if x.rack == k)
+            cfg, self.ssh = sshd_setup(self.work / "ssh", [s.ip], 22)
+            log = open(self.work / "ssh" / f"sshd-{k}.log", "ab")
+            s.ns.popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+            log.close()
+            self.ssh_hosts[k] = s.ip
+        for k, ip in self.ssh_hosts.items():
+            deadline = time.monotonic() + 30
+            while (r := subprocess.run(from_ns.argv(*self.ssh, f"root@{ip}", "true"), capture_output=True,
+                                       text=True, timeout=30)).returncode:
+                if time.monotonic() > deadline:
+                    log_text = (self.work / "ssh" / f"sshd-{k}.log").read_text()[-1500:]
+                    raise RuntimeError(f"sshd of rack {k} does not answer: {r.stderr[-500:]}\n{log_text}")
+                time.sleep(0.2)
 
     def rack_dir(self, k: int) -> Path:
         return self.work / f"rackdisk{k}"
@@ -116,14 +168,19 @@ class Rollout:
         make_generation(self.store, self.tftp, 2, {"usr/lib/big.bin": os.urandom(BIG), "etc/motd": b"two\n"}, 1)
 
     def push_argv(self, bwlimit_kbps: int | None = None, racks: list[int] | None = None) -> list[str]:
-        """``sidus-image push demo --to RACK ...`` (the build host's current generation)."""
+        """``sidus-image push demo --to RACK ...`` (the build host's current generation); over ssh
+        (``--to root@<rack server>:RACK``) once :meth:`start_sshd` ran."""
+        def to(k: int) -> str:
+            return f"root@{self.ssh_hosts[k]}:{self.rack_dir(k)}" if self.ssh else str(self.rack_dir(k))
+        more = ["--ssh", " ".join(self.ssh), "--remote-cmd",
+                f"env PYTHONPATH={REPO} {sys.executable} -m sidusd.image"] if self.ssh else []
         return [sys.executable, "-m", "sidusd.image", "--images-dir", str(self.store.dir),
                 "--tftp-root", str(self.tftp), "push", "demo",
-                *[a for k in (range(self.k) if racks is None else racks) for a in ("--to", str(self.rack_dir(k)))],
+                *[a for k in (range(self.k) if racks is None else racks) for a in ("--to", to(k))], *more,
                 *([f"--rsync-arg=--bwlimit={bwlimit_kbps}"] if bwlimit_kbps else [])]
 
     async def during(self, servers: list[Any], start_after_s: float = 1.0, interrupt: bool = True,
-                     bwlimit_kbps: int = 4000, reload_every_s: float = 0.3) -> dict[str, Any]:
+                     bwlimit_kbps: int = 4000, reload_every_s: float = 0.3, build_ns: Any = None) -> dict[str, Any]:
         """Move ``current`` to 2 and push it to every rack while the storm runs (see the module)."""
         await asyncio.sleep(start_after_s)
         out: dict[str, Any] = {"reloads": 0, "reload_errors": []}
@@ -147,8 +204,11 @@ class Rollout:
         task = asyncio.create_task(reloader())
         self.store.switch("demo", 2)
         out["t_switch"] = time.time()
+        argv = self.push_argv(bwlimit_kbps)
+        if build_ns is not None:                # `ip netns exec` execs: proc.pid is the push
+            argv = build_ns.argv(*argv)
         proc = await asyncio.create_subprocess_exec(
-            *self.push_argv(bwlimit_kbps), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            *argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(REPO)})
         if interrupt:
             staging = self.rack_dir(0) / "images" / "demo" / "gen-0002.incoming" / "usr" / "lib"
