@@ -7,9 +7,11 @@ no ``images:`` of its own).  The build host (``work/build``) has generation 1, p
 before the servers start, and generation 2 (a changed file of ``BIG`` bytes and a small one).
 
 During the storm :meth:`Rollout.during` moves the build host's ``current`` to 2 and runs the real
-``sidus-image push demo --to RACK0 --to RACK1 ...`` (``--bwlimit``: slowed); with ``interrupt``,
-rack 0's rsync is killed (SIGKILL) once it has written part of the big file, so rack 0's push is
-not finished and the command goes on with the next racks.  Every rack server is told
+``sidus-image push demo --to RACK0 --to RACK1 ...`` (``--bwlimit``: slowed; the racks side by
+side); with ``interrupt``, rack 0's rsync is killed (SIGKILL) once it has written part of the big
+file, so rack 0's push is not finished while the other racks' go on.  With ``ssh`` the push goes
+over ssh (``--to root@<rack's first server>:RACK``, an sshd in that server's namespace, the push
+run in ``build_ns``: across the core and the rack uplinks, their delay and loss).  Every rack server is told
 ``sidusctl reload`` every ``reload_every_s`` throughout (as a PostgreSQL notification would
 make it re-read its images file at any moment), and once more after the push.
 

@@ -21,6 +21,7 @@ import pytest
 from conftest import poll_until, require_root, require_tool
 from test_rollout import build, cli, make_gen, rsync_child, served_roots  # noqa: F401 -- build: the fixture
 
+from bench.racksroll import SSHD, sshd_setup
 from sidusd.image import rollout
 from tests.netns import NetNs
 
@@ -36,39 +37,20 @@ class Sshd:
         self.tmp = tmp
         self.ns = NetNs("sidus-t-ssh")
         self.proc: subprocess.Popen | None = None
-        self.key = tmp / "id_ed25519"
+        self.ssh: list[str] = []
 
     def start(self) -> None:
-        for key in (self.tmp / "host_ed25519", self.key):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-        (self.tmp / "authorized_keys").write_bytes(self.key.with_suffix(".pub").read_bytes())
-        cfg = self.tmp / "sshd_config"
-        cfg.write_text(f"""Port {PORT}
-ListenAddress 127.0.0.1
-HostKey {self.tmp / 'host_ed25519'}
-AuthorizedKeysFile {self.tmp / 'authorized_keys'}
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PidFile none
-""")
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)       # sshd's privilege separation directory
+        cfg, self.ssh = sshd_setup(self.tmp, ["127.0.0.1"], PORT)
         self.ns.__enter__()
         log = open(self.tmp / "sshd.log", "ab")
         self.proc = self.ns.popen([_sshd(), "-D", "-e", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        assert poll_until(lambda: self.ns.run(*self.ssh_argv(), "root@127.0.0.1", "true", check=False,
+        assert poll_until(lambda: self.ns.run(*self.ssh, "root@127.0.0.1", "true", check=False,
                                               timeout=30).returncode == 0, timeout_s=30), \
             (self.tmp / "sshd.log").read_text()
 
-    def ssh_argv(self) -> list[str]:
-        return ["ssh", "-i", str(self.key), "-p", str(PORT), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
-
     def push_args(self, rack: Path) -> list[str]:
-        return ["--to", f"root@127.0.0.1:{rack}", "--ssh", " ".join(self.ssh_argv()),
+        return ["--to", f"root@127.0.0.1:{rack}", "--ssh", " ".join(self.ssh),
                 "--remote-cmd", f"env PYTHONPATH={REPO} {sys.executable} -m sidusd.image"]
 
     def stop(self) -> None:
@@ -83,10 +65,7 @@ PidFile none
 
 
 def _sshd() -> str:
-    for p in ("/usr/sbin/sshd", "/usr/bin/sshd"):
-        if os.path.exists(p):
-            return p
-    pytest.skip("missing tool: sshd (Debian package openssh-server)")
+    return SSHD or require_tool("sshd")          # Debian's openssh-server (scripts/setup)
 
 
 @pytest.fixture
