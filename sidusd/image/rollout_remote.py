@@ -35,6 +35,7 @@ from sidusd.image import publish
 from sidusd.image import rollout_plan as rp
 from sidusd.image.chroot import ImageLock, LockBusy
 from sidusd.image.generations import ImageStore
+from sidusd.image.rollout_rack import PushResult, Rack, begin, commit, run_rsync, tree_manifest
 
 ANSWER_TIMEOUT_S = 120          # the rack side's answer to "commit" (a manifest of a big tree)
 
@@ -46,7 +47,6 @@ def _say(msg: dict[str, Any]) -> None:
 
 def receive(args) -> int:
     """The rack side (``sidus-image rack-receive``); its stdout is the session's JSON lines."""
-    from sidusd.image.rollout import Rack, begin, commit
     rack = Rack(args.rack)
     try:
         with ImageLock(rack.store.image_dir(args.name), f"push of generation {args.number} (rack-receive)"):
@@ -109,9 +109,8 @@ def _answer(proc: subprocess.Popen, what: str) -> dict[str, Any]:
 
 def push_ssh(store: ImageStore, tftp_root: Path, name: str, number: int, target: rp.Target, *, serve: bool,
              extra: Sequence[str] = (), ssh: str = "ssh", remote_cmd: str = "sidus-image", rsync: str = "rsync",
-             on_start: Callable[[subprocess.Popen], None] | None = None):
+             on_start: Callable[[subprocess.Popen], None] | None = None) -> PushResult:
     """Push generation ``number`` of ``name`` to the rack ``target`` (``host:/path``) over ssh."""
-    from sidusd.image.rollout import PushResult, run_rsync, tree_manifest
     if number not in store.numbers(name):
         raise BackendError(f"image {name} has no complete generation {number} to push")
     src_root = store.path(name, number)
