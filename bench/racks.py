@@ -3,6 +3,7 @@
     python3 -m bench.racks                                  # 1,000 clients, 4 racks x 2 sidusd, vs 1 server
     python3 -m bench.racks --clients 64 --racks 2 --servers-per-rack 1 --no-single
     python3 -m bench.racks --delay-ms 20 --loss-pct 1       # the links between racks
+    python3 -m bench.racks --rollout                        # + a new generation pushed mid-storm (bench.racksroll)
 
 The topology is :mod:`bench.rackslib`'s: each rack a bridge in a network namespace with its
 sidusd (proxyDHCP + TFTP, ``state.backend: postgresql``, each in its own namespace) and one
@@ -63,7 +64,12 @@ async def _run(r: Racks, a: argparse.Namespace) -> dict[str, Any]:
         stop, load = asyncio.Event(), {}
         sampler = asyncio.create_task(_sample(r, stop, load))
         (_, x0), e0, t0 = r.pg_stats(), r.event_rows(), time.monotonic()
-        res = await r.storm(spread_s=a.spread_s)
+        during = None
+        if r.rollout is not None:       # generation 2 pushed mid-storm; rack 0's push cut when there are others
+            during = r.rollout.during(r.servers, start_after_s=a.spread_s / 4, interrupt=r.k > 1,
+                                      bwlimit_kbps=1000, reload_every_s=1.0,
+                                      build_ns=r.pg_ns if a.rollout_ssh else None)
+        res = await r.storm(spread_s=a.spread_s, during=during)
         (_, x1), e1, t1 = r.pg_stats(), r.event_rows(), time.monotonic()
         stop.set()
         await sampler
@@ -73,6 +79,14 @@ async def _run(r: Racks, a: argparse.Namespace) -> dict[str, Any]:
     load["event_rows_per_s"] = round((e1 - e0) / (t1 - t0), 1)
     with_errors = [x for x in res["records"] if x["errors"]]
     slowest = max(res["records"], key=lambda x: x["duration_s"])
+    roll = None
+    if r.rollout is not None:
+        from .racksroll import check
+        d, got = res["during"], check(res["records"], r.rollout, r.servers)
+        roll = {"violations": got["violations"][:20], "violation_count": len(got["violations"]),
+                "configs_by_rack_and_generation": got["served"], "push_rc": d["push_rc"],
+                "push_s": round(d["t_push_end"] - d["t_switch"], 2), "reloads": d["reloads"],
+                "reload_errors": d["reload_errors"][:5], "interrupted_rack_0": "t_interrupt" in d}
     t_first = min(x["start"] for x in res["records"])
     return {"racks": r.k, "servers": sum(r.spr), "clients": res["clients"], "link": r.link_kind,
             "time_to_last_s": round(res["time_to_last_s"], 2), "dhcp_p50_ms": round(res["dhcp_p50_ms"], 1),
@@ -83,12 +97,14 @@ async def _run(r: Racks, a: argparse.Namespace) -> dict[str, Any]:
             "last_arrival_s": round(max(x["start"] for x in res["records"]) - t_first, 2),
             "failed": len(res["failed"]), "started_over": res["restarted"], "postgresql": load,
             "errors": sorted({str(e) for x in with_errors for e in x["errors"]})[:10],
-            "per_server": {s.name: sum(1 for x in res["records"] if x.get("server") == s.ip) for s in r.servers}}
+            "per_server": {s.name: sum(1 for x in res["records"] if x.get("server") == s.ip) for s in r.servers},
+            **({"rollout": roll} if roll is not None else {})}
 
 
 def one(a: argparse.Namespace, racks: int, spr: int, work: Path) -> dict[str, Any]:
     per = -(-a.clients // racks)
-    r = Racks(racks, spr, per, delay_ms=a.delay_ms, loss_pct=a.loss_pct, work=work, prefix="sidus-b-rk")
+    r = Racks(racks, spr, per, delay_ms=a.delay_ms, loss_pct=a.loss_pct, work=work, prefix="sidus-b-rk",
+              rollout=a.rollout or a.rollout_ssh, rollout_ssh=a.rollout_ssh)
     try:
         r.build()
         r.start_postgres()
@@ -124,12 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spread-s", type=float, default=10.0, help="arrivals spread over this window (0: at once)")
     p.add_argument("--tftp-parallel", type=int, default=64,
                    help="curl processes at once, all racks together (the 2-core machine's limit, not the servers')")
+    p.add_argument("--rollout", action="store_true",
+                   help="each rack serves its own disk; generation 2 is pushed to every rack mid-storm (rack 0's "
+                        "push interrupted) and every served config is checked against the racks' markers")
+    p.add_argument("--rollout-ssh", action="store_true",
+                   help="--rollout, pushed over ssh (an sshd on each rack's first server, the push from the "
+                        "database's namespace: across the core and the rack uplinks)")
     p.add_argument("--no-single", dest="single", action="store_false", help="skip the one-server run")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if a.clients < 1 or a.racks < 1 or a.racks > 8 or a.clients > 250 * 200:
         p.error("--clients >= 1, 1 <= --racks <= 8")
-    for tool in ("ip", "curl"):
+    for tool in ("ip", "curl", *(["rsync"] if a.rollout or a.rollout_ssh else []),
+                 *(["ssh", "ssh-keygen"] if a.rollout_ssh else [])):
         if not shutil.which(tool):
             print(f"bench.racks: missing tool: {tool}", file=sys.stderr)
             return 2
@@ -163,8 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(table(rows))
+    for x in rows:
+        if "rollout" in x:
+            ro = x["rollout"]
+            print(f"rollout ({x['racks']} rack(s)): push exit {ro['push_rc']} in {ro['push_s']} s, {ro['reloads']} "
+                  f"reloads, configs by rack and generation {ro['configs_by_rack_and_generation']}, "
+                  f"{ro['violation_count']} served a root that had not arrived")
     print(f"load average at start {load0}, at end {doc['loadavg_end']}; results: {out}")
-    return 1 if any(x["failed"] for x in rows) else 0
+    return 1 if any(x["failed"] or x.get("rollout", {}).get("violation_count") for x in rows) else 0
 
 
 if __name__ == "__main__":

@@ -128,6 +128,8 @@ class RackClients:
         if "hello" not in hello:
             raise BenchSetupError(f"rack {self.rack} DHCP client did not start: {hello}")
         self.reader = asyncio.create_task(self._read())
+        # a storm before this one left the first client's address in place ("up" adds it)
+        self.ns.run("ip", "addr", "del", client_ip(self.rack, 0) + "/16", "dev", "c0", check=False)
         ok = await self.call({"op": "up", "iface": "c0", "address": client_ip(self.rack, 0) + "/16"})
         if not ok.get("ok"):
             raise BenchSetupError(f"rack {self.rack} DHCP client link: {ok}")
@@ -188,9 +190,12 @@ class RackClients:
             rec.setdefault("dhcp_s", time.monotonic() - t0)       # first DISCOVER -> ACK, retries in
             rec.setdefault("exchange_ms", r["offer_ms"] + (r["ack_ms"] or 0.0))   # the client's own clock
             rec["server"] = r["siaddr"]
+            rec["t_cfg_start_wall"] = time.time()
             rc, out, err = await self.tftp(i, r["siaddr"], [r["file"], "pxelinux.cfg/01-" + m.replace(":", "-")])
+            rec["t_cfg_wall"] = time.time()            # the config was served before this (wall clock)
             if rc == 0 and b"vmlinuz" in out and (expect is None or expect in out):
                 rec["ok"] = True
+                rec["config"] = out.decode(errors="replace")[-2000:]
                 break
             rec["errors"].append(f"tftp from {r['siaddr']}: curl rc {rc} {err.strip()}")
         rec["duration_s"] = time.monotonic() - t0
@@ -216,7 +221,7 @@ class Racks:
 
     def __init__(self, racks: int, servers_per_rack: int | list[int], clients_per_rack: int,
                  delay_ms: float = 0.0, loss_pct: float = 0.0, work: Path | None = None,
-                 prefix: str = "sidus-rk"):
+                 prefix: str = "sidus-rk", rollout: bool = False, rollout_ssh: bool = False):
         self.k, self.cpr = racks, clients_per_rack
         self.spr = servers_per_rack if isinstance(servers_per_rack, list) else [servers_per_rack] * racks
         self.delay_ms, self.loss_pct = delay_ms, loss_pct
@@ -230,6 +235,10 @@ class Racks:
         self.pg_ns: NetNs | None = None
         self.wire: subprocess.Popen | None = None
         self.link_kind = "veth"
+        self.rollout = None                 # bench.racksroll.Rollout: each rack its own disk, served from it
+        if rollout:
+            from .racksroll import Rollout
+            self.rollout = Rollout(self.work, racks, ssh=rollout_ssh)
 
     def _ns(self, tag: str) -> NetNs:
         ns = NetNs(f"{self.prefix}{tag}")
@@ -397,6 +406,15 @@ class Racks:
         return root
 
     def config(self, s: Server) -> dict[str, Any]:
+        cfg = self._config(s)
+        if self.rollout is not None:         # the rack's disk: what its pushes made of it, nothing else
+            disk = self.rollout.rack_dir(s.rack)
+            cfg["tftp"]["root"] = str(disk / "tftp")
+            cfg.pop("images")
+            cfg["images_file"] = str(disk / "images" / "images.yaml")
+        return cfg
+
+    def _config(self, s: Server) -> dict[str, Any]:
         return {
             "state_dir": str(s.dir / "state"),
             "log": {"format": "json", "level": "info"},
@@ -432,6 +450,11 @@ class Racks:
             time.sleep(0.1)
 
     def start_servers(self) -> None:
+        if self.rollout is not None and not self.rollout.rack_dir(0).exists():
+            self.rollout.prepare({"pxelinux.0": Path("/usr/lib/PXELINUX/pxelinux.0"),
+                                  "ldlinux.c32": Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")})
+        if self.rollout is not None and self.rollout.want_ssh and not self.rollout.ssh:
+            self.rollout.start_sshd(self.servers, self.pg_ns)
         for s in self.servers:          # one after the other: the first start creates the tables
             self.start_server(s)
 

@@ -15,6 +15,7 @@ Commands (docs/images.md)::
     sidus-image import NAME DIR [--in-place] [--no-switch] [--arch ARCH]   (docs/migration.md)
     sidus-image push NAME [N] --to RACK [--to RACK...] [--no-serve]   (docs/scale.md "Image rollout")
     sidus-image rack-scan RACK
+    sidus-image rack-receive RACK NAME N --manifest H ...   (the rack side of a push over ssh)
 
 ``build``, ``update``, ``run`` and ``shell`` take ``-m/--message TEXT`` (why this generation;
 shown by ``list`` and kept by ``gc`` in ``meta/removed.jsonl``).
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 EXIT_BUSY = 75
 
 
-ROLLOUT_CMDS = ("push", "rack-scan")                 # their parsers are sidusd.image.rollout's
+ROLLOUT_CMDS = ("push", "rack-scan", "rack-receive")                 # their parsers are sidusd.image.rollout's
 _LOCAL_CMDS = ("build", "update", "run", "shell", "publish", "drop", "list", "rollback", "gc", "diff", "import")
 # commands whose code logs only through sidusd.image.lazylog: logging set up at the first event written
 DEFERRED_LOGGING = ("build", "update", "run", "shell", "publish", "drop", "rollback", "diff")

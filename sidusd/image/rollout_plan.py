@@ -165,6 +165,27 @@ def rsync_argv(rsync: str, src: str, dest: str, link_dest: str | None, extra: It
 
 
 @dataclass(frozen=True)
+class Target:
+    """Where ``push --to`` sends: a local rack directory (``host`` None) or ``[user@]host:/path``
+    over ssh, rsync's own rule (a colon before the first slash)."""
+    path: str
+    host: str | None = None
+
+
+def parse_target(text: str) -> Target:
+    """The rack named by ``--to``; a ValueError for what is neither a path nor ``host:/abs/path``."""
+    if text.startswith("rsync://"):
+        raise ValueError(f"{text}: rsync:// racks are not supported (no rack-side step runs there); "
+                         "use host:/path over ssh")
+    head, colon, rest = text.partition(":")
+    if not colon or "/" in head:
+        return Target(text)
+    if not head or head.startswith("-") or not rest.startswith("/") or any(c.isspace() for c in text):
+        raise ValueError(f"{text}: a remote rack is [user@]host:/absolute/path")
+    return Target(rest, head)
+
+
+@dataclass(frozen=True)
 class RsyncStats:
     """What rsync --stats said: regular files sent, bytes of the files sent, literal bytes."""
     files: int

@@ -14,7 +14,12 @@ DHCP, the first OFFER taken; curl bound to each client's own address for TFTP).
 (c) an inventory change reaches every rack server within 2 s p99 (measured and printed;
     asserted with room for a loaded machine);
 (d) a rack server restarted while PostgreSQL is down serves the database's hosts from its
-    local copy.
+    local copy;
+(e) a new generation rolled out mid-storm (bench/racksroll.py): `sidus-image push` to both racks'
+    disks, rack 0's push interrupted, every server reloaded every 0.3 s: no machine is ever given
+    a root that had not fully arrived (a valid marker on its own rack before its config was
+    served); rack 0 keeps serving the old one, rack 1 moves to the new one, and rack 0 too once
+    its push is resumed.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 import pytest
 from conftest import require_root, require_tool
 
+from bench import racksroll
 from bench.peers import REPO
 from bench.rackslib import PG_ADDR, PG_PORT, Racks, pct
 from sidusd.state import pg as spg
@@ -50,6 +56,23 @@ def racks(tmp_path):
         require_tool(tool)
     require_postgres()
     r = Racks(2, [2, 1], CLIENTS, delay_ms=DELAY_MS, work=tmp_path, prefix="sidus-t-rk")
+    try:
+        r.build()
+        r.start_postgres()
+        r.seed(append=MARK.decode())
+        r.start_servers()
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture
+def rollout_racks(tmp_path):
+    require_root()
+    for tool in ("ip", "curl", "rsync"):
+        require_tool(tool)
+    require_postgres()
+    r = Racks(2, [2, 1], CLIENTS, delay_ms=DELAY_MS, work=tmp_path, prefix="sidus-t-rr", rollout=True)
     try:
         r.build()
         r.start_postgres()
@@ -220,3 +243,78 @@ def test_the_bench_runs_and_leaves_nothing(tmp_path):
     assert run["postgresql"]["xact_per_s"] > 0 and run["postgresql"]["max_connections"] >= 2, run
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "sidus-b-rk" not in left, left
+
+
+def _gen(rec) -> int:
+    m = racksroll.NFSROOT.search(rec["config"])
+    assert m, rec
+    return int(m.group(2).rsplit("gen-", 1)[1])
+
+
+def test_e_a_generation_rolled_out_mid_storm_never_gives_a_root_that_has_not_arrived(rollout_racks):
+    r = rollout_racks
+    ro = r.rollout
+    assert ro is not None
+    res = _storm(r, spread_s=8.0, expect=MARK, during=ro.during(r.servers, start_after_s=0.5, interrupt=True))
+    d = res["during"]
+    got = racksroll.check(res["records"], ro, r.servers)
+    print(f"\nrollout mid-storm: {_summary(res)}; push exit {d['push_rc']}, {d['reloads']} reloads, "
+          f"push {d['t_push_end'] - d['t_switch']:.1f} s; configs by rack and generation {got['served']}")
+    assert res["failed"] == [], res["failed"]
+    assert got["violations"] == [], got["violations"]
+    assert d["reloads"] >= 6 and d["reload_errors"] == [], d
+    # rack 0's push was interrupted: the command says so, goes on with rack 1, exits 1
+    assert d["push_rc"] == 1 and "t_interrupt" in d, d
+    assert f"{ro.rack_dir(0)}: " in d["push_err"] and "does not serve it" in d["push_err"], d["push_err"]
+    assert f"{ro.rack_dir(1)}: demo generation 2 arrived" in d["push_out"], d
+    # rack 0 served generation 1 throughout; rack 1 generation 1 until its push, then 2
+    assert set(got["served"][0]) == {1}, got
+    rack1 = [x for x in res["records"] if x["rack"] == 1]
+    assert all(_gen(x) == 1 for x in rack1 if x["t_cfg_wall"] < d["t_switch"]), rack1
+    late = [x for x in rack1 if x["t_cfg_start_wall"] > d["t_reloaded"]]
+    assert late and all(_gen(x) == 2 for x in late), (d, rack1)
+    # the push of rack 0 resumed: then every machine of both racks is given generation 2
+    r0 = subprocess.run(ro.push_argv(racks=[0]), capture_output=True,
+                        text=True, cwd=REPO, timeout=120)
+    assert r0.returncode == 0 and "generation 2 arrived" in r0.stdout, r0.stdout + r0.stderr
+    assert all(racksroll.reload(s).ok for s in r.servers)
+    after = _storm(r, spread_s=1.0, expect=MARK)
+    got2 = racksroll.check(after["records"], ro, r.servers)
+    assert after["failed"] == [] and got2["violations"] == [], (after["failed"], got2)
+    assert {k: set(v) for k, v in got2["served"].items()} == {0: {2}, 1: {2}}, got2
+
+
+def test_the_rollout_check_sees_every_kind_of_root_that_had_not_arrived(tmp_path):
+    """bench/racksroll.check, the judge of (e), on configs made up to break each of its rules
+    (so that (e) passing means something): each is reported, the good one is not."""
+    from types import SimpleNamespace
+    require_tool("rsync")
+    loader = tmp_path / "loader"
+    loader.write_bytes(b"stand-in loader\n")
+    ro = racksroll.Rollout(tmp_path, 2)
+    ro.prepare({"pxelinux.0": loader})
+    from sidusd.image import rollout
+    rollout.push(ro.store, ro.tftp, "demo", 2, rollout.Rack(ro.rack_dir(1)), serve=True)
+    (ro.rack_dir(0) / "images/demo/gen-0002.incoming").mkdir()
+    servers = [SimpleNamespace(ip="10.40.0.11", rack=0), SimpleNamespace(ip="10.41.0.11", rack=1)]
+    marker2 = rollout.Rack(ro.rack_dir(1)).marker_path("demo", 2).stat().st_mtime
+
+    def rec(mac, server, root, gen_kernel, t=marker2 + 1):
+        img = f"images/demo/gen-{gen_kernel:04d}"
+        return {"mac": mac, "server": server, "t_cfg_wall": t,
+                "config": f"KERNEL {img}/vmlinuz\nAPPEND initrd={img}/initrd.img nfsroot={root},vers=3 ro"}
+
+    d0, d1 = (str((ro.rack_dir(k) / "images/demo").resolve()) for k in (0, 1))
+    records = [
+        rec("good", "10.40.0.11", f"10.40.0.11:{d0}/gen-0001", 1),
+        rec("good2", "10.41.0.11", f"10.41.0.11:{d1}/gen-0002", 2),
+        rec("no-marker", "10.40.0.11", f"10.40.0.11:{d0}/gen-0002", 2),
+        rec("staging", "10.40.0.11", f"10.40.0.11:{d0}/gen-0002.incoming", 2),
+        rec("other-rack", "10.40.0.11", f"10.40.0.11:{d1}/gen-0001", 1),
+        rec("too-early", "10.41.0.11", f"10.41.0.11:{d1}/gen-0002", 2, t=marker2 - 0.5),
+        rec("other-server", "10.41.0.11", f"10.40.0.11:{d1}/gen-0002", 2),
+        rec("old-kernel", "10.41.0.11", f"10.41.0.11:{d1}/gen-0002", 1),
+    ]
+    got = racksroll.check(records, ro, servers)
+    bad = sorted(v.split(":")[0] for v in got["violations"])
+    assert bad == ["no-marker", "old-kernel", "other-rack", "other-server", "staging", "too-early"], got

@@ -113,10 +113,12 @@ def test_second_push_sends_only_the_changed_files(build):
 
 
 def rsync_child(pid: int) -> int | None:
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return None
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):     # push runs each rack's rsync from a thread
+        try:
+            kids += (task / "children").read_text().split()
+        except OSError:
+            continue
     for k in kids:
         try:
             if Path(f"/proc/{k}/comm").read_text().strip() == "rsync":
@@ -276,3 +278,89 @@ def test_a_second_push_to_the_same_rack_image_is_refused_while_one_runs(build, t
                            timeout=60)
     assert r.returncode == 75 and "busy" in r.stderr, (r.returncode, r.stderr)
     assert rack.arrived("demo") == [] and not (rack_dir / "images" / "demo" / "gen-0001.incoming").exists()
+
+
+def test_a_rack_that_fails_does_not_stop_the_push_to_the_next_racks(build, tmp_path):
+    """`push --to A --to B` with A busy (its lock held) and C not a directory one can write: B
+    still gets the generation and serves it; the exit status says a rack failed, each named."""
+    from sidusd.image.chroot import ImageLock
+    store, tftp, rack_a = build
+    rack_b, rack_c = tmp_path / "rack-b", tmp_path / "rack-c"
+    rack_c.write_text("not a directory\n")
+    with ImageLock(rollout.Rack(rack_a).store.image_dir("demo"), "push of generation 1"):
+        r = subprocess.run(cli(tmp_path, "push", "demo", "--to", str(rack_a), "--to", str(rack_c),
+                               "--to", str(rack_b)), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert f"{rack_a}: image demo is busy" in r.stderr and f"{rack_c}:" in r.stderr, r.stderr
+    assert f"{rack_b}: demo generation 1 arrived" in r.stdout, r.stdout
+    assert rollout.Rack(rack_b).arrived("demo", verify=True) == [1]
+    assert set(served_roots(rack_b)) == {"demo", "demo.gen-1"}
+    assert rollout.Rack(rack_a).arrived("demo") == []
+
+
+def test_racks_are_pushed_side_by_side(build, tmp_path):
+    """`push --to A --to B` (slowed by --bwlimit): both racks' rsyncs write at the same moment,
+    so a slow rack does not hold back the next one; both then serve the generation."""
+    store, tftp, rack_a = build
+    rack_b = tmp_path / "rack-b"
+    for rd in (rack_a, rack_b):
+        rollout.push(store, tftp, "demo", 1, rollout.Rack(rd), serve=True)
+    make_gen(store, tftp, 2, {"usr/lib/big.bin": os.urandom(3 * MIB)}, 1)
+
+    def writing(rd: Path) -> bool:
+        lib = rd / "images" / "demo" / "gen-0002.incoming" / "usr" / "lib"
+        return lib.is_dir() and any(p.stat().st_size > 0 for p in lib.glob(".big.bin*"))
+
+    proc = subprocess.Popen(cli(tmp_path, "push", "demo", "--to", str(rack_a), "--to", str(rack_b),
+                                "--rsync-arg=--bwlimit=1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen: list[bool] = []
+        poll_until(lambda: bool(seen.append(writing(rack_a) and writing(rack_b)) or seen[-1])
+                   or proc.poll() is not None, timeout_s=60)
+        both = any(seen)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert both, "the second rack's rsync did not run beside the first's"
+    assert proc.returncode == 0, out + err
+    for rd in (rack_a, rack_b):
+        assert f"{rd}: demo generation 2 arrived" in out, out
+        assert rollout.Rack(rd).arrived("demo", verify=True) == [1, 2]
+
+
+def test_ctrl_c_during_a_push_to_two_racks_stops_both_and_serves_neither(build, tmp_path):
+    """SIGINT while two racks' rsyncs run side by side: push exits 130, no rsync of it is left,
+    neither rack has the generation in place or a marker, both keep serving gen 1."""
+    store, tftp, rack_a = build
+    rack_b = tmp_path / "rack-b"
+    for rd in (rack_a, rack_b):
+        rollout.push(store, tftp, "demo", 1, rollout.Rack(rd), serve=True)
+    make_gen(store, tftp, 2, {"usr/lib/big.bin": os.urandom(12 * MIB)}, 1)
+
+    def writing(rd: Path) -> bool:
+        lib = rd / "images" / "demo" / "gen-0002.incoming" / "usr" / "lib"
+        return lib.is_dir() and any(p.stat().st_size > 0 for p in lib.glob(".big.bin*"))
+
+    proc = subprocess.Popen(cli(tmp_path, "push", "demo", "--to", str(rack_a), "--to", str(rack_b),
+                                "--rsync-arg=--bwlimit=1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert poll_until(lambda: writing(rack_a) and writing(rack_b), timeout_s=60)
+        kids = [k for task in Path(f"/proc/{proc.pid}/task").glob("*/children") for k in task.read_text().split()]
+        rsyncs = [int(k) for k in kids if Path(f"/proc/{k}/comm").read_text().strip() == "rsync"]
+        assert len(rsyncs) == 2, kids
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert poll_until(lambda: not any(Path(f"/proc/{p}").exists() for p in rsyncs), timeout_s=10), rsyncs
+    for rd in (rack_a, rack_b):
+        rack = rollout.Rack(rd)
+        assert rack.marker("demo", 2) is None and not rack.store.path("demo", 2).exists()
+        assert set(served_roots(rd)) == {"demo", "demo.gen-1"}
