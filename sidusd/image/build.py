@@ -174,32 +174,43 @@ class Administrator:
                         switch: bool = True, keep_failed: bool = False, message: str | None = None) -> int:
         with signals_as_exceptions(), ImageLock(self.store.image_dir(name), kind):
             number, part = self.store.begin(name, parent)
-            logfile = self.store.log_path(name, number)
-            logfile.write_bytes(f"sidus image {kind} {name} generation {number}\n".encode())
-            t0 = time.monotonic()
+            settled = False      # committed, aborted, or kept on purpose (keep_failed)
             try:
-                meta = work(part, logfile)
-            except BaseException as e:
-                why = str(e) or type(e).__name__
-                with contextlib.suppress(OSError):
-                    with open(logfile, "a") as f:
-                        f.write(f"FAILED: {why}\n")
-                if not keep_failed or isinstance(e, shell.Discarded):
+                logfile = self.store.log_path(name, number)
+                logfile.write_bytes(f"sidus image {kind} {name} generation {number}\n".encode())
+                t0 = time.monotonic()
+                try:
+                    meta = work(part, logfile)
+                except BaseException as e:
+                    why = str(e) or type(e).__name__
+                    with contextlib.suppress(OSError):
+                        with open(logfile, "a") as f:
+                            f.write(f"FAILED: {why}\n")
+                    if not keep_failed or isinstance(e, shell.Discarded):
+                        self.store.abort(name, number)
+                    settled = True
+                    # after the cleanup, and never instead of it: stderr may be a terminal gone (hang-up: EIO)
+                    with contextlib.suppress(OSError):
+                        log.error("image.stage.failed", image=name, generation=number, error=why)
+                    raise
+                switch = switch and not meta.get("kept")            # a kept shell session is not served
+                meta.update(kind=kind, parent=parent, message=message, duration_s=round(time.monotonic() - t0, 1))
+                try:
+                    self.store.commit(name, number, meta)         # the copy: hard-link farm + upper layer
+                    settled = True
+                except BaseException as e:                        # Ctrl-C half-way: no half-made generation
                     self.store.abort(name, number)
-                # after the cleanup, and never instead of it: stderr may be a terminal gone (hang-up: EIO)
-                with contextlib.suppress(OSError):
-                    log.error("image.stage.failed", image=name, generation=number, error=why)
-                raise
-            switch = switch and not meta.get("kept")            # a kept shell session is not served
-            meta.update(kind=kind, parent=parent, message=message, duration_s=round(time.monotonic() - t0, 1))
-            try:
-                self.store.commit(name, number, meta)         # the copy: hard-link farm + upper layer
-            except BaseException as e:                        # Ctrl-C half-way: no half-made generation
-                self.store.abort(name, number)
-                with contextlib.suppress(OSError):
-                    log.error("image.generation.aborted", image=name, generation=number,
-                              error=str(e) or type(e).__name__)
-                raise
+                    settled = True
+                    with contextlib.suppress(OSError):
+                        log.error("image.generation.aborted", image=name, generation=number,
+                                  error=str(e) or type(e).__name__)
+                    raise
+            finally:
+                # A signal can land in a cleanup path before its abort starts (the chroot's command
+                # died of the same SIGHUP first, and the handler's SystemExit came in the except
+                # block): the half-made generation is removed all the same (abort is idempotent).
+                if not settled and not keep_failed:
+                    self.store.abort(name, number)
             log.info("image.generation.committed", image=name, generation=number, kind=kind)
             root = self.store.path(name, number)
             if meta.get("kernel"):         # an unchanged kernel / initrd: a link to the parent's

@@ -159,3 +159,44 @@ def test_hang_up_during_run_leaves_no_half_made_generation(tmp_path):
     assert mounts_under(images) == []
     assert adm.store.current(NAME) == 1 and adm.store.numbers(NAME) == [1]
     assert proc.returncode == 129, proc.returncode
+
+
+class _DiesOfHangUp(RuntimeError):
+    """A stage failure whose message is read while the same hang-up is still on its way: its
+    ``str()`` (read by the failure path before the cleanup) sends SIGHUP to this process, so the
+    handler's SystemExit lands inside the failure path, as it did in CI when the chroot's
+    command died of the SIGHUP before sidus-image's own handler ran."""
+
+    def __str__(self) -> str:
+        os.kill(os.getpid(), signal.SIGHUP)
+        return "sleep: killed by SIGHUP"
+
+
+def test_a_hang_up_landing_in_the_failure_path_still_removes_the_generation(tmp_path):
+    """Before: the SystemExit of a SIGHUP that arrived while the failure path ran (before its
+    abort) skipped the abort, and gen-0002.partial/.layer/.farm stayed (CI, load 30)."""
+    require_root()
+    bb = require_tool("busybox")
+    images, tftp = tmp_path / "images", tmp_path / "tftp"
+    adm = Administrator(images, tftp, out=io.StringIO())
+    n, part = adm.store.begin(NAME, None)
+    (part / "bin").mkdir()
+    shutil.copy2(bb, part / "bin/busybox")
+    adm.store.commit(NAME, n, {"kind": "build"})
+    adm.serve(NAME, n)
+
+    def work(part2: Path, logfile: Path) -> dict:
+        assert (part2 / "bin/busybox").exists()            # the overlay over generation 1 is up
+        (part2 / "changed").write_text("half-made\n")
+        raise _DiesOfHangUp()
+
+    old = signal.getsignal(signal.SIGHUP)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            adm._new_generation(NAME, n, "run", work)
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    assert exc.value.code == 128 + signal.SIGHUP
+    assert adm.store.leftovers(NAME) == (), sorted(p.name for p in (images / NAME).iterdir())
+    assert mounts_under(images) == []
+    assert adm.store.numbers(NAME) == [1] and adm.store.current(NAME) == 1

@@ -20,6 +20,7 @@ from test_dhcp_netns import netns_lab
 pytestmark = pytest.mark.netns
 
 WAIT_S = 3.0
+FIRST_WITHIN_S = 30.0
 SILENCE_S = 1.5
 RS = bytes((133, 0, 0, 0)) + bytes(4) + bytes((1, 1)) + bytes.fromhex("525400aa0001")
 PREFIX_OPT = bytes((3, 4, 64, 0xC0)) + struct.pack("!III", 86400, 14400, 0) + \
@@ -52,10 +53,13 @@ def _send(sock, data: bytes, dest: str, hops: int, ifindex: int) -> None:
     sock.sendto(data, (dest, 0, 0, ifindex))
 
 
-def _advertisements(sock, wait_s: float) -> list[tuple[bytes, str, int | None]]:
-    """Router advertisements read within ``wait_s``: (message, source, hop limit)."""
-    out = []
-    deadline = time.monotonic() + wait_s
+def _advertisements(sock, wait_s: float, first_within_s: float = 0.0) -> list[tuple[bytes, str, int | None]]:
+    """Router advertisements read within ``wait_s``: (message, source, hop limit).  With
+    ``first_within_s``, wait up to that long for the first one (a loaded machine: CI saw none within
+    3 s at load 30), then ``wait_s`` more for any other."""
+    out: list[tuple[bytes, str, int | None]] = []
+    deadline = time.monotonic() + max(wait_s, first_within_s)
+    extended = first_within_s > 0
     while time.monotonic() < deadline:
         try:
             data, anc, _, addr = sock.recvmsg(2048, socket.CMSG_SPACE(4))
@@ -65,6 +69,8 @@ def _advertisements(sock, wait_s: float) -> list[tuple[bytes, str, int | None]]:
             hop = next((int.from_bytes(d[:4], "little") for lvl, typ, d in anc
                         if lvl == socket.IPPROTO_IPV6 and typ == socket.IPV6_HOPLIMIT), None)
             out.append((data, addr[0], hop))
+            if extended:
+                extended, deadline = False, time.monotonic() + wait_s
     return out
 
 
@@ -82,7 +88,7 @@ def test_solicitations_get_a_no_router_advertisement_until_a_real_router_speaks(
         ifindex = socket_in_netns(lab.client.name, lambda: socket.if_nametoindex("vc0"))
         try:
             _send(sock, RS, "ff02::2", 255, ifindex)
-            (ra, src, hop), *more = _advertisements(sock, WAIT_S) or [(b"", "", None)]
+            (ra, src, hop), *more = _advertisements(sock, WAIT_S, first_within_s=FIRST_WITHIN_S) or [(b"", "", None)]
             assert ra, "no router advertisement came back"
             typ, code, _csum, cur_hop, flags, lifetime, reach, retrans = struct.unpack("!BBHBBHII", ra[:16])
             assert (typ, code, cur_hop, flags, lifetime, reach, retrans) == (134, 0, 0, 0, 0, 0, 0)
