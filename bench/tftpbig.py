@@ -208,7 +208,7 @@ async def inner(a: argparse.Namespace) -> int:
         (root / "probe.bin").write_bytes(b"x" * 1000)
         for p in root.iterdir():
             p.chmod(0o644)
-        hosts = dict(zip(SERVERS, addresses(a.link)))
+        hosts = dict(zip(SERVERS, addresses(a.link), strict=True))
         started: dict[str, tuple[subprocess.Popen, CpuMeter]] = {}
         for s in servers:
             spec = server_spec(s, root, work / s, max_transfers=max(256, 2 * max(clients)),
