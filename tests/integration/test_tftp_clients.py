@@ -882,3 +882,22 @@ def test_blksize_capped_by_the_mtu_of_the_arrival_interface(tmp_path) -> None:
         log.close()
     assert r.returncode == 0, r.stderr + (tmp_path / "daemon.log").read_text()[-2000:]
     assert tftp.decode(bytes.fromhex(r.stdout)) == tftp.OACK((("blksize", "1168"),))
+
+
+@pytest.mark.netns
+def test_mtu_is_read_in_the_process_namespace_not_from_sysfs() -> None:
+    """In a namespace made with ``unshare --net`` (sysfs still the host's), the MTU that caps
+    blksize is this namespace's: lo set to 1200 there reads 1200 (from /sys/class/net the
+    host's lo, 65536, was read; a veth there was not found at all and gave 1500)."""
+    require_root()
+    unshare = require_tool("unshare")
+    ip = require_tool("ip")
+    code = ("import socket,subprocess,sys\n"
+            f"subprocess.run([{ip!r},'link','set','lo','mtu','1200'],check=True)\n"
+            "from sidusd.net.tftp_ports import PortRegistry\n"
+            "r=PortRegistry(lambda *a: None, None)\n"
+            "sys.stdout.write(str(r.mtu_for(socket.if_nametoindex('lo'), 0.0)))\n")
+    r = subprocess.run([unshare, "--net", sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert r.stdout == "1200"
