@@ -90,8 +90,8 @@ class ServerSpec:
 
 def server_spec(name: str, root: Path, workdir: Path, max_transfers: int, port: int = 69,
                 dhcp: DhcpSide | None = None, http_port: int | None = None,
-                http_clients: int = 0) -> ServerSpec:
-    """The command line that serves ``root`` over TFTP on 127.0.0.1:``port``.
+                http_clients: int = 0, address: str = "127.0.0.1") -> ServerSpec:
+    """The command line that serves ``root`` over TFTP on ``address``:``port`` (127.0.0.1).
 
     ``dhcp``: also answer proxyDHCP on that interface (sidusd and dnsmasq
     only), TFTP then on every address (the boot server address is the
@@ -106,7 +106,7 @@ def server_spec(name: str, root: Path, workdir: Path, max_transfers: int, port: 
         raise BenchSetupError(f"{name} has no HTTP server")
     if name == "sidusd":
         cfg = write_sidusd_config(root, workdir, max_transfers, port, dhcp=dhcp, http_port=http_port,
-                                  http_clients=http_clients)
+                                  http_clients=http_clients, address=address)
         return ServerSpec(name, [sys.executable, "-m", "sidusd", "--config", str(cfg)], workdir)
     if name == "dnsmasq":
         if port != 69:
@@ -114,7 +114,7 @@ def server_spec(name: str, root: Path, workdir: Path, max_transfers: int, port: 
         argv = [_tool("dnsmasq"), "--keep-in-foreground", "--conf-file=/dev/null",
                 "--port=0", "--enable-tftp", f"--tftp-root={root}",
                 f"--tftp-max={max_transfers}", "--quiet-tftp", "--user=root",
-                "--pid-file=", "--listen-address=127.0.0.1", "--bind-interfaces",
+                "--pid-file=", f"--listen-address={address}", "--bind-interfaces",
                 "--log-facility=-"]
         if dhcp is not None:
             # proxyDHCP (dnsmasq(8): a dhcp-range with "proxy") + a PXE service for BIOS
@@ -127,10 +127,10 @@ def server_spec(name: str, root: Path, workdir: Path, max_transfers: int, port: 
     if name == "tftpd-hpa":
         # -L: stay in the foreground; forks one child per transfer.
         return ServerSpec(name, [str(peer_binary("tftpd-hpa")), "-L", "-u", "root", "-s", str(root),
-                                 "-a", f"127.0.0.1:{port}"], workdir)
+                                 "-a", f"{address}:{port}"], workdir)
     if name == "atftpd":
         return ServerSpec(name, [str(peer_binary("atftpd")), "--daemon", "--no-fork", "--user", "root",
-                                 "--group", "root", "--port", str(port), "--bind-address", "127.0.0.1",
+                                 "--group", "root", "--port", str(port), "--bind-address", address,
                                  "--logfile", "/dev/null", "--maxthread", str(max_transfers),
                                  str(root)], workdir)
     raise BenchSetupError(f"unknown server {name!r} (known: {', '.join(SERVERS)})")
@@ -138,8 +138,8 @@ def server_spec(name: str, root: Path, workdir: Path, max_transfers: int, port: 
 
 def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int,
                         dhcp: DhcpSide | None = None, http_port: int | None = None,
-                        http_clients: int = 0) -> Path:
-    """A sidusd config serving ``root`` on 127.0.0.1 (DHCP off) and logging at warning.
+                        http_clients: int = 0, address: str = "127.0.0.1") -> Path:
+    """A sidusd config serving ``root`` on ``address`` (127.0.0.1; DHCP off) and logging at warning.
 
     With ``dhcp``: proxyDHCP on that interface, TFTP on 0.0.0.0.  With
     ``http_port``: HTTP boot on 0.0.0.0 and ``boot.ipxe_chain`` (BIOS clients
@@ -154,7 +154,7 @@ def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int
         "log": {"format": "json", "level": "warning"},
         "control": {"socket_path": str(workdir / "control.sock")},
         "dhcp": {"mode": "off"},
-        "tftp": {"address": "127.0.0.1", "port": port, "root": str(root),
+        "tftp": {"address": address, "port": port, "root": str(root),
                  "max_transfers": max_transfers,
                  # every simulated client is 127.0.0.1: the per-client cap must not bite
                  "max_transfers_per_client": max_transfers},

@@ -8,8 +8,10 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 
 /* --------------------------------------------------------------- Engine */
 
@@ -174,24 +176,47 @@ fill_slot(EngineObject *self, unsigned int k, RunObject *run, const struct socka
     run->at = now;
 }
 
+/* Wait up to `us` microseconds for `fd` to be readable, the GIL released (ppoll: no
+ * millisecond rounding).  Returns whether it is. */
+static int
+wait_readable(int fd, long us)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = ppoll(&p, 1, &ts, NULL);
+    Py_END_ALLOW_THREADS
+    return r > 0;
+}
+
 PyDoc_STRVAR(pump_doc,
-"pump(fd, runs, now, rounds, sending) -> PumpResult\n\n"
+"pump(fd, runs, now, rounds, sending, wait_us=0) -> PumpResult\n\n"
 "Up to `rounds` recvmmsg calls on the non-blocking UDP socket `fd`.  A datagram that is\n"
 "exactly the 4-byte ACK a Run in `runs` (dict: 6-byte peer key -> Run) waits for takes\n"
 "that run's next step: its DATA is sent (sendmmsg, once per round) or, if `sending` is\n"
 "false or the kernel refuses it for now, returned in `unsent` as (bytes, run.peer).\n"
 "Every other datagram is returned in `rest` as (payload, key, truncated), in order, and\n"
 "stops its peer's run; one from a sender that is not IPv4 is dropped and counted.\n"
+"`wait_us`: when a round took steps, nothing else came and the socket is empty, wait up to\n"
+"that long (in all, per call; GIL released) for the ACK of what was just sent instead of\n"
+"returning: a lockstep peer that answers at once costs no trip through the event loop.\n"
 "PumpResult(rest, unsent, rx, calls, send_errors, blocked, rx_errno; dropped).");
 
 static PyObject *
 Engine_pump(EngineObject *self, PyObject *args)
 {
     int fd, rounds, sending;
+    long wait_us = 0;
     PyObject *runs;
     double now;
-    if (!PyArg_ParseTuple(args, "iO!dip", &fd, &PyDict_Type, &runs, &now, &rounds, &sending))
+    if (!PyArg_ParseTuple(args, "iO!dip|l", &fd, &PyDict_Type, &runs, &now, &rounds, &sending,
+                          &wait_us))
         return NULL;
+    if (wait_us < 0 || wait_us > 100000) {
+        PyErr_SetString(PyExc_ValueError, "pump: 0 <= wait_us <= 100000");
+        return NULL;
+    }
     lockstep_state *st = PyType_GetModuleState(Py_TYPE(self));
     if (st == NULL)
         return NULL;
@@ -199,6 +224,10 @@ Engine_pump(EngineObject *self, PyObject *args)
     int blocked = 0, rx_errno = 0;
     const size_t bs = self->bufsize;
     unsigned int k = 0;                 /* slots filled, not yet sent */
+    int stepped_only = 0;               /* the last round took steps and returned nothing */
+    struct timespec t0 = {0, 0};
+    if (wait_us > 0)
+        clock_gettime(CLOCK_MONOTONIC, &t0);
     PyObject *rest = PyList_New(0), *unsent = PyList_New(0);
     if (rest == NULL || unsent == NULL)
         goto fail;
@@ -213,6 +242,14 @@ Engine_pump(EngineObject *self, PyObject *args)
             h->msg_flags = 0;
         }
         int n = recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && stepped_only && wait_us > 0) {
+            struct timespec t1;
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            long spent = (t1.tv_sec - t0.tv_sec) * 1000000L + (t1.tv_nsec - t0.tv_nsec) / 1000;
+            stepped_only = 0;
+            if (spent < wait_us && wait_readable(fd, wait_us - spent))
+                n = recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
+        }
         if (n < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
                 rx_errno = errno;
@@ -270,10 +307,12 @@ Engine_pump(EngineObject *self, PyObject *args)
             }
             Py_DECREF(item);
         }
+        stepped_only = k > 0 && PyList_GET_SIZE(rest) == 0 && PyList_GET_SIZE(unsent) == 0;
         int rc = send_slots(self, fd, k, sending && !blocked, unsent, &errors, &blocked);
         k = 0;
         if (rc < 0)
             goto fail;
+        stepped_only = stepped_only && !blocked && PyList_GET_SIZE(unsent) == 0;
     }
     PyObject *res = PyStructSequence_New(st->pump_result_type);
     if (res == NULL)

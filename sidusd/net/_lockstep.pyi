@@ -71,8 +71,10 @@ class Engine:
     """Engine(capacity=64, bufsize=2048, tx_capacity=256): recvmmsg/sendmmsg buffers."""
 
     def __new__(cls, capacity: int = 64, bufsize: int = 2048, tx_capacity: int = 256) -> Engine: ...
-    def pump(self, fd: int, runs: dict[bytes, Run[_P]], now: float, rounds: int, sending: bool, /) -> PumpResult[_P]:
-        """Up to ``rounds`` recvmmsg calls on ``fd``; the exact ACK a run waits for takes its step."""
+    def pump(self, fd: int, runs: dict[bytes, Run[_P]], now: float, rounds: int, sending: bool,
+             wait_us: int = 0, /) -> PumpResult[_P]:
+        """Up to ``rounds`` recvmmsg calls on ``fd``; the exact ACK a run waits for takes its step
+        (``wait_us``: how long, in all, C may wait for the ACKs of the steps it just took)."""
 
 
 @final

@@ -131,17 +131,20 @@ class SharedPort:
             self._rx_dropped = dropped
         return batch
 
-    def pump(self, now: float, rounds: int) -> tuple[list[tuple[bytes, bytes, bool]], int, int, int]:
+    def pump(self, now: float, rounds: int,
+             wait_us: int = 0) -> tuple[list[tuple[bytes, bytes, bool]], int, int, int]:
         """Up to ``rounds`` reads; the lockstep steps of :attr:`runs` are taken and sent in C.
 
         Returns ``(rest, rx, calls, rx_errno)``: the datagrams that were not a
         step (as :meth:`recv` returns them, in order), how many were read, in
         how many ``recvmmsg`` calls, and a receive error (0: none).  DATA the
         kernel refuses for now waits in the outbox; behind a non-empty outbox
-        nothing is sent directly (order).  Only with ``accel``.
+        nothing is sent directly (order).  ``wait_us``: C may wait that long (in all) for
+        the ACKs of the steps it just took (``Engine.pump``).  Only with ``accel``.
         """
         assert self._engine is not None
-        res = self._engine.pump(self.fd, self.runs, now, rounds, not self._outbox and not self.closed)
+        res = self._engine.pump(self.fd, self.runs, now, rounds, not self._outbox and not self.closed,
+                                wait_us)
         if res.send_errors:
             self._count("tftp.send_errors", res.send_errors)
         if res.dropped:

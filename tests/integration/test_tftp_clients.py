@@ -267,6 +267,57 @@ def test_big_blocks_and_big_window_recover_from_overflow(server, tmp_path) -> No
     assert (ev["blksize"], ev["windowsize"], ev["outcome"]) == (65464, 64, "ok")
 
 
+def fetch_blksize(client: str, port: int, name: str, out: Path, blksize: int) -> bytes:
+    """One lockstep read (windowsize 1) at ``blksize`` with a real client."""
+    if client == "tftpy":
+        import tftpy
+        logging.getLogger("tftpy").setLevel(logging.CRITICAL)
+        buf = io.BytesIO()
+        tftpy.TftpClient("127.0.0.1", port, options={"blksize": blksize}).download(name, buf, timeout=5)
+        return buf.getvalue()
+    if client == "curl":
+        argv = [require_tool("curl"), "-sS", "--tftp-blksize", str(blksize), "-o", str(out),
+                f"tftp://127.0.0.1:{port}/{name}"]
+    else:
+        argv = [require_tool("atftp"), "--option", f"blksize {blksize}", "-g", "-r", name,
+                "-l", str(out), "127.0.0.1", str(port)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{client}: rc={r.returncode} {r.stderr[-500:]}"
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("blksize", [8972, 65464])
+@pytest.mark.parametrize("client", ["atftp", "curl", "tftpy"])
+def test_big_lockstep_blocks_exact_bytes_and_taken_in_c(server, tmp_path, client, blksize) -> None:
+    """Lockstep at jumbo-frame and the largest block size: the exact bytes with each real
+    client, and with the C engine few trips through Python (``tftp.accel_runs``: a run
+    carries up to 32 blocks, 512 KiB at most; with a fixed 64 KiB a run of 65464-byte
+    blocks was 2 blocks, every other ACK going through Python, of 8972-byte blocks 8)."""
+    data = os.urandom(5 * 1024 * 1024 + 333)
+    (server.root / "initrd.img").write_bytes(data)
+    got = fetch_blksize(client, server.port, "initrd.img", tmp_path / "out", blksize)
+    assert sha(got) == sha(data)
+    server.wait_idle()
+    (ev,) = server.transfers()
+    assert (ev["blksize"], ev["windowsize"], ev["outcome"], ev["bytes"]) == (blksize, 1, "ok", len(data))
+    blocks = len(data) // blksize + 1
+    c = server.counters()
+    steps, runs = c.get("tftp.accel_steps", 0), c.get("tftp.accel_runs", 0)
+    if server.engine == "accel":
+        assert steps >= blocks - 1, (steps, blocks)
+        assert 0 < runs <= blocks / {8972: 20, 65464: 6}[blksize], (runs, blocks)
+    else:
+        assert steps == runs == 0
+
+
+def test_run_bytes_by_block_size() -> None:
+    """What a lockstep run carries: 64 KiB for small blocks, 32 blocks up to 512 KiB."""
+    from sidusd.net import tftp_accel
+    assert tftp_accel.run_bytes(512) == tftp_accel.run_bytes(1468) == 64 * 1024
+    assert tftp_accel.run_bytes(8972) == 32 * 8972
+    assert tftp_accel.run_bytes(65464) == 512 * 1024
+
+
 def test_rendered_per_mac_config_and_tsize(server, tmp_path) -> None:
     name = "pxelinux.cfg/01-" + MAC.replace(":", "-").upper()
     got = fetch("curl", server.port, name, tmp_path / "out")
@@ -831,3 +882,22 @@ def test_blksize_capped_by_the_mtu_of_the_arrival_interface(tmp_path) -> None:
         log.close()
     assert r.returncode == 0, r.stderr + (tmp_path / "daemon.log").read_text()[-2000:]
     assert tftp.decode(bytes.fromhex(r.stdout)) == tftp.OACK((("blksize", "1168"),))
+
+
+@pytest.mark.netns
+def test_mtu_is_read_in_the_process_namespace_not_from_sysfs() -> None:
+    """In a namespace made with ``unshare --net`` (sysfs still the host's), the MTU that caps
+    blksize is this namespace's: lo set to 1200 there reads 1200 (from /sys/class/net the
+    host's lo, 65536, was read; a veth there was not found at all and gave 1500)."""
+    require_root()
+    unshare = require_tool("unshare")
+    ip = require_tool("ip")
+    code = ("import socket,subprocess,sys\n"
+            f"subprocess.run([{ip!r},'link','set','lo','mtu','1200'],check=True)\n"
+            "from sidusd.net.tftp_ports import PortRegistry\n"
+            "r=PortRegistry(lambda *a: None, None)\n"
+            "sys.stdout.write(str(r.mtu_for(socket.if_nametoindex('lo'), 0.0)))\n")
+    r = subprocess.run([unshare, "--net", sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert r.stdout == "1200"

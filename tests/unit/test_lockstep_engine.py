@@ -385,3 +385,57 @@ def test_runs_dropped_during_pump_under_the_debug_allocator() -> None:
     proc = subprocess.run([sys.executable, "-X", "dev", "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_wait_us_takes_the_steps_of_a_peer_that_answers_during_one_pump() -> None:
+    """With ``wait_us`` C waits (GIL released) for the ACK of the DATA it just sent: a lockstep
+    peer answering from a thread has many steps taken per pump call; with wait_us=0 (the
+    GIL held throughout, the peer cannot answer during the call) one call takes one step."""
+    import threading
+    server, client = udp(), udp(blocking=True)
+    plan = make_run(1, 1024, 20, size_last=10)
+    got: list[bytes] = []
+
+    def peer() -> None:                             # ACK every DATA at once, like atftp
+        client.settimeout(5.0)
+        for _ in range(plan.count):
+            d = client.recv(70000)
+            got.append(d)
+            client.sendto(ack((d[2] << 8) | d[3]), server.getsockname())
+
+    final = (ack(plan.ack + plan.count), key_of(client), False)    # not a step: comes back
+    for wait_us in (0, 100_000):
+        got.clear()
+        run = _lockstep.Run(plan.ack, plan.data, plan.blksize, plan.count, "p")
+        runs = {key_of(client): run}
+        engine = _lockstep.Engine()
+        th = threading.Thread(target=peer)
+        th.start()
+        client.sendto(ack(plan.ack), server.getsockname())
+        calls, rest = 0, []
+        while not rest:
+            wait_readable(server)
+            res = engine.pump(server.fileno(), runs, 5.0, 64, True, wait_us)
+            assert (res.send_errors, res.blocked, res.rx_errno, res.unsent) == (0, 0, 0, [])
+            rest += res.rest
+            calls += 1
+        th.join()
+        assert got == [plan.datagram(i) for i in range(plan.count)] and rest == [final]
+        assert run.used == plan.count
+        if wait_us:
+            assert calls <= plan.count // 2, calls
+        else:
+            assert calls == plan.count + 1
+    server.close()
+    client.close()
+
+
+def test_wait_us_bounds() -> None:
+    server = udp()
+    engine = _lockstep.Engine()
+    for bad in (-1, 100_001):
+        with pytest.raises(ValueError):
+            engine.pump(server.fileno(), {}, 0.0, 1, True, bad)
+    res = engine.pump(server.fileno(), {}, 0.0, 1, True, 100_000)   # nothing sent: no wait
+    assert res.rx == 0
+    server.close()
