@@ -78,7 +78,7 @@ def _copy_xattrs(src: str, dst: str) -> None:
         os.setxattr(dst, n, v, follow_symlinks=False)
 
 
-def _set_dir_meta(src: str, st: os.stat_result, dst: str) -> None:
+def set_dir_meta(src: str, st: os.stat_result, dst: str) -> None:
     """Directory ``dst`` (N+1's own, never shared) gets ``src``'s owner, mode and xattrs."""
     os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(st.st_mode))
@@ -98,7 +98,7 @@ def prepare(lower: Path | list[Path], part: Path, parent: int, runner: Runner) -
     (layer / "lower").write_text(f"{parent}\n")
     lowers = lower if isinstance(lower, list) else [lower]
     st = os.lstat(lowers[0])
-    _set_dir_meta(str(lowers[0]), st, str(upper))
+    set_dir_meta(str(lowers[0]), st, str(upper))
     opts = f"lowerdir={':'.join(str(p) for p in lowers)},upperdir={upper},workdir={work},{OVERLAY_OPTS}"
     res = runner.run(["mount", "-t", "overlay", "-o", opts, f"sidus-{part.name}", str(part)])
     if not res.ok:
@@ -156,7 +156,7 @@ def apply_upper(upper: Path, tree: Path, replace=replace_entry) -> Changes:
     ch = Changes()
     times: list[tuple[str, os.stat_result]] = []
     stack = [(str(upper), str(tree))]
-    _set_dir_meta(str(upper), os.lstat(upper), str(tree))
+    set_dir_meta(str(upper), os.lstat(upper), str(tree))
     times.append((str(tree), os.lstat(upper)))
     while stack:
         udir, tdir = stack.pop()
@@ -172,7 +172,7 @@ def apply_upper(upper: Path, tree: Path, replace=replace_entry) -> Changes:
                 if _opaque(e.path) or not _is_dir(dst):             # replaces the lower directory whole
                     _remove(dst)
                     os.mkdir(dst, 0o700)
-                _set_dir_meta(e.path, st, dst)
+                set_dir_meta(e.path, st, dst)
                 times.append((dst, st))
                 ch.dirs += 1
                 stack.append((e.path, dst))

@@ -126,9 +126,17 @@ def publish_layer(image_dir: Path, number: int, part: Path, stack: list[int]) ->
     upper = work / "upper"
     strip_overlay_xattrs(upper)
     ch = count_layer(upper)
-    os.rename(upper, od / "layer")
-    for sub in ("vupper", "vwork"):
-        (od / sub).mkdir(mode=0o755)
+    # a new root directory for the layer, the upper's entries moved into it: overlayfs marks the
+    # upper root "in use" until the work mount's superblock goes, which a copy of the mount in
+    # another mount namespace (a process unshared meanwhile) delays, and a view refuses such a lower
+    layer = od / "layer"
+    layer.mkdir(mode=0o755)
+    ust = os.lstat(upper)
+    for e in os.listdir(upper):
+        os.rename(upper / e, layer / e)
+    layers.set_dir_meta(str(upper), ust, str(layer))
+    os.utime(layer, ns=(ust.st_atime_ns, ust.st_mtime_ns), follow_symlinks=False)
+    _view_dirs(od)
     atomic_write(od / "stack", (" ".join(str(k) for k in stack) + "\n").encode())
     shutil.rmtree(work)                             # overlayfs's (empty) work directory and the stack file
     return ch
@@ -169,6 +177,20 @@ def _super_opts(mp: Path) -> set[str]:
     return set()
 
 
+def _view_dirs(od: Path) -> None:
+    """The view's own empty upper and work directories (old ones, which a mount in another mount
+    namespace may still hold -- overlayfs refuses an upper in use -- are removed first).  The
+    view's root directory is its upper's (an overlay shows a merged directory with the upper
+    one's attributes): it gets the layer root's owner, mode, xattrs and times."""
+    for sub in ("vupper", "vwork"):
+        if os.path.lexists(od / sub):
+            shutil.rmtree(od / sub)
+        (od / sub).mkdir(mode=0o755)
+    top = os.lstat(od / "layer")
+    layers.set_dir_meta(str(od / "layer"), top, str(od / "vupper"))
+    os.utime(od / "vupper", ns=(top.st_atime_ns, top.st_mtime_ns), follow_symlinks=False)
+
+
 def _source(image_dir: Path, number: int) -> str:
     return f"sidus-view-{Path(image_dir).name}-{number:04d}"
 
@@ -196,8 +218,12 @@ def mount(image_dir: Path, number: int, runner: Runner) -> bool:
     if missing:
         raise BackendError(f"cannot mount the view of {root}: layers missing", detail=", ".join(missing))
     root.mkdir(mode=0o755, exist_ok=True)
-    res = runner.run(["mount", "-t", "overlay", "-o", mount_opts(image_dir, number, stack),
-                      _source(image_dir, number), str(root)])
+    argv = ["mount", "-t", "overlay", "-o", mount_opts(image_dir, number, stack), _source(image_dir, number),
+            str(root)]
+    res = runner.run(argv)
+    if not res.ok and len(stack) > 1:           # its upper still held by an unmounted view's copy in
+        _view_dirs(ovl_dir(image_dir, number))  # another mount namespace: an empty upper is as good
+        res = runner.run(argv)
     if not res.ok:
         raise BackendError(f"cannot mount the overlay view {root}", detail=(res.err or res.out).strip())
     return True
