@@ -123,7 +123,8 @@ class ImageStore:
         if views and btrfs_snapshots:
             raise ValueError("--views and --btrfs-snapshots exclude each other: a snapshot already shares "
                              "everything, and nfs-ganesha exports neither a btrfs subvolume nor overlays on it")
-        self.views, self.view_depth = views, views_mod.check_depth(view_depth or views_mod.DEFAULT_DEPTH)
+        self.views, self.view_depth = views, views_mod.check_depth(
+            views_mod.DEFAULT_DEPTH if view_depth is None else view_depth)
         self._probed = False
         self.dir = Path(images_dir)
         self.runner = runner or Runner()
