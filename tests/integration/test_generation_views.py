@@ -179,7 +179,8 @@ def test_ganesha_exports_a_view_mounted_after_it_started(images, tmp_path):
                     "dhcp: {mode: 'off'}\n" f"tftp: {{root: {tmp_path}}}\n"
                     f"nfs: {{backend: ganesha, client_networks: [10.13.22.0/24], ganesha_config: "
                     f"{server.exports_file}, ganesha_pid_file: {server.pid_file}}}\n"
-                    f"images:\n  g1: {{root: {g1}, kernel: k, initrd: i}}\n  g2: {{root: {g2}, kernel: k, initrd: i}}\n",
+                    f"images:\n  g1: {{root: {g1}, kernel: k, initrd: i}}\n"
+                    f"  g2: {{root: {g2}, kernel: k, initrd: i}}\n",
                     "test.yaml", tmp_path)
                 asyncio.run(NfsManager(cfg, Runner()).apply(cfg))
                 for g in (g1, g2):
