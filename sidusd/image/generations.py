@@ -11,6 +11,7 @@ Layout of one image under the images directory (docs/images.md)::
         gen-0002.layer/       its overlay's upper + work directories (gone once published)
         gen-0002.farm/        the parent's hard-link farm, made while the work runs (becomes gen-0002)
         gen-0001.spent/       a published generation's used-up layer, removed by the next farm thread
+        gen-0003/ + .ovl/     with views (sidusd.image.views): a read-only overlay view + its layer
         current -> gen-0002   the served generation: a relative symlink, replaced by rename(2)
         meta/gen-0001.json    what made it (build/update, parent, message, recipe, kernel), when, how
                               long, how (mechanism) and what changed
