@@ -204,6 +204,7 @@ class ImageStore:
         for p in d.iterdir():
             if p.name.endswith((".layer", ".farm")):
                 self._remove_tree(p)
+        views_mod.free_unneeded(d)                  # a crash's half-published layer, if any
         # earlier generations' used-up layers: the overlay path's Farm removes them, off the clock
         spent = [p for p in d.iterdir() if p.name.endswith(".spent")]
         number = max([*self.numbers(name), *views_mod.kept_numbers(d)], default=0) + 1   # never a kept layer's

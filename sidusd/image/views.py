@@ -27,6 +27,7 @@ import os
 import shutil
 import stat
 import sys
+import time
 from pathlib import Path
 
 from sidusd.errors import BackendError
@@ -179,12 +180,13 @@ def _super_opts(mp: Path) -> set[str]:
 
 def _view_dirs(od: Path) -> None:
     """The view's own empty upper and work directories (old ones, which a mount in another mount
-    namespace may still hold -- overlayfs refuses an upper in use -- are removed first).  The
-    view's root directory is its upper's (an overlay shows a merged directory with the upper
-    one's attributes): it gets the layer root's owner, mode, xattrs and times."""
+    namespace may still hold -- overlayfs refuses an upper in use -- are renamed away, never
+    removed under a mount; they go with the layer).  The view's root directory is its upper's
+    (an overlay shows a merged directory with the upper one's attributes): it gets the layer
+    root's owner, mode, xattrs and times."""
     for sub in ("vupper", "vwork"):
         if os.path.lexists(od / sub):
-            shutil.rmtree(od / sub)
+            os.rename(od / sub, od / f"{sub}.old.{time.time_ns()}")
         (od / sub).mkdir(mode=0o755)
     top = os.lstat(od / "layer")
     layers.set_dir_meta(str(od / "layer"), top, str(od / "vupper"))
@@ -221,9 +223,11 @@ def mount(image_dir: Path, number: int, runner: Runner) -> bool:
     argv = ["mount", "-t", "overlay", "-o", mount_opts(image_dir, number, stack), _source(image_dir, number),
             str(root)]
     res = runner.run(argv)
-    if not res.ok and len(stack) > 1:           # its upper still held by an unmounted view's copy in
+    if not res.ok and not mounted(root):        # its upper still held by an unmounted view's copy in
         _view_dirs(ovl_dir(image_dir, number))  # another mount namespace: an empty upper is as good
         res = runner.run(argv)
+    if not res.ok and mounted(root):            # mounted meanwhile (another sidus-image): idempotent
+        return False
     if not res.ok:
         raise BackendError(f"cannot mount the overlay view {root}", detail=(res.err or res.out).strip())
     return True
