@@ -14,7 +14,9 @@ Then a new generation with one changed file (overlay mount, ``>>`` of 4 KiB to
 one file, publish), timed end to end, with the file system's used blocks
 before and after (``statvfs``: every byte the generation cost, directories
 and metadata included); then ``rollback`` (switch back) and ``gc`` of the
-old generation, timed.  ``--apt PACKAGE`` also builds sidusd/data/recipes/minimal.yaml
+old generation, timed.  ``--fs ext4-views`` (any ``FS-views``): the same with
+``ImageStore(views=True)`` (sidusd.image.views: the new generation is its layer
+and an overlay view mounted on ``gen-0002``, no farm).  ``--apt PACKAGE`` also builds sidusd/data/recipes/minimal.yaml
 and compares ``sidus-image run NAME -- apt-get install PACKAGE`` (a new
 generation) with the same apt-get in a plain chroot (a full copy), time and
 disk, ``--repeat`` times interleaved (the ratio of each pair: the machine's load
@@ -36,6 +38,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from sidusd.image import views
 from sidusd.image.generations import ImageStore
 
 TREE_BYTES = 32 << 30
@@ -89,41 +92,48 @@ def make_tree(root: Path, shape: str, count: int, per_dir: int) -> int:
 def one_case(fs: str, shape: str, count: int, work: Path, per_dir: int) -> dict:
     fstype = fs.split("-")[0]
     with loop_fs(fstype, work, 64) as mnt:
-        st = ImageStore(mnt / "images", btrfs_snapshots=fs == "btrfs-snapshots")
-        n, part = st.begin(NAME, None)
-        t = time.monotonic()
-        files = make_tree(part, shape, count, per_dir)
-        st.commit(NAME, n, {"kind": "build"})
-        st.switch(NAME, n)
-        make_s = time.monotonic() - t
-        subprocess.run(["sync"], check=True)
-        used0 = used_bytes(mnt)
-        t0 = time.monotonic()
-        n2, part2 = st.begin(NAME, 1)
-        with open(part2 / "usr/d00000/f0000000", "ab") as f:      # one changed file: an append (>>)
-            f.write(b"y" * 4096)
-        t_changed = time.monotonic()
-        st.commit(NAME, n2, {"kind": "run"})
-        st.switch(NAME, n2)
-        publish_s = time.monotonic() - t_changed
-        new_s = time.monotonic() - t0
-        subprocess.run(["sync"], check=True)
-        extra = used_bytes(mnt) - used0
-        t = time.monotonic()
-        st.switch(NAME, 1)                                         # rollback
-        rollback_s = time.monotonic() - t
-        st.switch(NAME, n2)
-        t = time.monotonic()
-        st.remove(NAME, 1)                                         # gc of the old generation
-        subprocess.run(["sync"], check=True)
-        gc_s = time.monotonic() - t
-        meta = st.meta(NAME, n2)
-        return {"fs": fs, "shape": shape, "files": files, "dirs": -(-files // per_dir),
-                "mechanism": meta.get("mechanism"), "tree_gib": TREE_BYTES >> 30,
-                "make_tree_s": round(make_s, 1), "new_generation_s": round(new_s, 2),
-                "publish_s": round(publish_s, 2),
-                "extra_disk_mib": round(extra / 2**20, 2), "changes": meta.get("changes"),
-                "rollback_s": round(rollback_s, 4), "gc_s": round(gc_s, 2)}
+        try:
+            return _one_case(fs, shape, count, mnt, per_dir)
+        finally:
+            views.umount_all(mnt / "images")
+
+
+def _one_case(fs: str, shape: str, count: int, mnt: Path, per_dir: int) -> dict:
+    st = ImageStore(mnt / "images", btrfs_snapshots=fs == "btrfs-snapshots", views=fs.endswith("-views"))
+    n, part = st.begin(NAME, None)
+    t = time.monotonic()
+    files = make_tree(part, shape, count, per_dir)
+    st.commit(NAME, n, {"kind": "build"})
+    st.switch(NAME, n)
+    make_s = time.monotonic() - t
+    subprocess.run(["sync"], check=True)
+    used0 = used_bytes(mnt)
+    t0 = time.monotonic()
+    n2, part2 = st.begin(NAME, 1)
+    with open(part2 / "usr/d00000/f0000000", "ab") as f:      # one changed file: an append (>>)
+        f.write(b"y" * 4096)
+    t_changed = time.monotonic()
+    st.commit(NAME, n2, {"kind": "run"})
+    st.switch(NAME, n2)
+    publish_s = time.monotonic() - t_changed
+    new_s = time.monotonic() - t0
+    subprocess.run(["sync"], check=True)
+    extra = used_bytes(mnt) - used0
+    t = time.monotonic()
+    st.switch(NAME, 1)                                         # rollback
+    rollback_s = time.monotonic() - t
+    st.switch(NAME, n2)
+    t = time.monotonic()
+    st.remove(NAME, 1)                                         # gc of the old generation
+    subprocess.run(["sync"], check=True)
+    gc_s = time.monotonic() - t
+    meta = st.meta(NAME, n2)
+    return {"fs": fs, "shape": shape, "files": files, "dirs": -(-files // per_dir),
+            "mechanism": meta.get("mechanism"), "tree_gib": TREE_BYTES >> 30,
+            "make_tree_s": round(make_s, 1), "new_generation_s": round(new_s, 2),
+            "publish_s": round(publish_s, 2),
+            "extra_disk_mib": round(extra / 2**20, 2), "changes": meta.get("changes"),
+            "rollback_s": round(rollback_s, 4), "gc_s": round(gc_s, 2)}
 
 
 CACHE = REPO / "lab-state" / "image-cache" / "debootstrap"
@@ -196,8 +206,9 @@ def _apt_case(package: str, work: Path, repeat: int = 1, cache: Path = CACHE, cl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.generations", description=__doc__.split("\n")[0])
-    p.add_argument("--fs", nargs="*", default=["ext4", "xfs", "btrfs", "btrfs-snapshots"],
-                   help="btrfs-snapshots: btrfs with sidus-image --btrfs-snapshots")
+    p.add_argument("--fs", nargs="*", default=["ext4", "ext4-views", "xfs", "btrfs", "btrfs-snapshots"],
+                   help="btrfs-snapshots: btrfs with sidus-image --btrfs-snapshots; ext4-views (xfs-views...): "
+                        "with sidus-image --views (an overlay view per generation, no farm)")
     p.add_argument("--shapes", nargs="*", default=["large", "many"])
     p.add_argument("--large-files", type=int, default=1024)
     p.add_argument("--many-files", type=int, default=300_000)

@@ -52,7 +52,8 @@ EXIT_BUSY = 75
 
 
 ROLLOUT_CMDS = ("push", "rack-scan", "rack-receive")                 # their parsers are sidusd.image.rollout's
-_LOCAL_CMDS = ("build", "update", "run", "shell", "publish", "drop", "list", "rollback", "gc", "diff", "import")
+_LOCAL_CMDS = ("build", "update", "run", "shell", "publish", "drop", "list", "rollback", "gc", "diff", "import",
+               "mount-views")
 # commands whose code logs only through sidusd.image.lazylog: logging set up at the first event written
 DEFERRED_LOGGING = ("build", "update", "run", "shell", "publish", "drop", "rollback", "diff")
 
@@ -100,6 +101,11 @@ def _global_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--btrfs-snapshots", action="store_true",
                    help="on btrfs, make generations as subvolume snapshots (kernel nfsd; nfs-ganesha 4 "
                         "cannot export them; docs/images.md)")
+    p.add_argument("--views", action="store_true",
+                   help="publish a new generation as an overlay layer served through a read-only overlay view "
+                        "(costs what changed, also on ext4; flattened beyond --view-depth; docs/images.md)")
+    p.add_argument("--view-depth", type=int, default=None, metavar="N",
+                   help="layers a view stacks above its flat base before a generation is flattened (default 8)")
 
 
 def _local_parsers(sub) -> None:
@@ -143,6 +149,8 @@ def _local_parsers(sub) -> None:
     df.add_argument("a", type=int)
     df.add_argument("b", type=int)
     df.add_argument("--json", action="store_true")
+    sub.add_parser("mount-views", help="(re)mount every overlay view of the images directory (idempotent; "
+                                       "sidus-views.service runs it at boot, before nfs-ganesha and sidusd)")
     im = sub.add_parser("import", help="adopt a hand-made SIDUS tree as generation 1 (docs/migration.md)")
     im.add_argument("name")
     im.add_argument("dir", type=Path)
@@ -188,9 +196,19 @@ def _main(argv: list[str]) -> int:
     if sock is not None and not (args.control_socket or _socket_env()) and not sock.exists():
         sock = None                      # the config's socket, and no sidusd: it reads the images file at start
     args.config = where.config
-    adm = Administrator(where.images_dir, where.tftp_root, cache_dir=args.cache_dir,
-                        images_file=where.images_file, control_socket=sock,
-                        btrfs_snapshots=args.btrfs_snapshots)
+    try:
+        adm = Administrator(where.images_dir, where.tftp_root, cache_dir=args.cache_dir,
+                            images_file=where.images_file, control_socket=sock,
+                            btrfs_snapshots=args.btrfs_snapshots, views=args.views, view_depth=args.view_depth)
+    except ValueError as e:                # --views with --btrfs-snapshots, a --view-depth out of range
+        print(f"sidus-image: {e}", file=sys.stderr)
+        return 2
+    remounted = adm.store.mount_views()                 # views come back after a reboot (idempotent)
+    for img, n, what in remounted:
+        if what != "already mounted" or args.cmd == "mount-views":
+            print(f"sidus-image: {img} generation {n}: view {what}", file=sys.stderr)
+    if args.cmd == "mount-views":
+        return 1 if any(w.startswith("FAILED") for _, _, w in remounted) else 0
     served_before = _served_now(adm)
     try:
         if args.cmd == "build":

@@ -161,11 +161,13 @@ class Administrator:
 
     def __init__(self, images_dir: Path, tftp_root: Path, runner: Runner | None = None,
                  out: TextIO | None = None, cache_dir: Path | None = None, images_file: Path | None = None,
-                 control_socket: Path | None = None, btrfs_snapshots: bool = False):
+                 control_socket: Path | None = None, btrfs_snapshots: bool = False, views: bool = False,
+                 view_depth: int | None = None):
         self.runner = runner or Runner()
         self.images_file = Path(images_file) if images_file else Path(images_dir) / "images.yaml"
         self.control_socket = control_socket
-        self.store = ImageStore(images_dir, self.runner, btrfs_snapshots=btrfs_snapshots)
+        self.store = ImageStore(images_dir, self.runner, btrfs_snapshots=btrfs_snapshots, views=views,
+                                view_depth=view_depth)
         self.tftp_root = Path(tftp_root)
         self.out = out or sys.stderr
         self.cache_dir = cache_dir

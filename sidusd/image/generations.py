@@ -11,6 +11,7 @@ Layout of one image under the images directory (docs/images.md)::
         gen-0002.layer/       its overlay's upper + work directories (gone once published)
         gen-0002.farm/        the parent's hard-link farm, made while the work runs (becomes gen-0002)
         gen-0001.spent/       a published generation's used-up layer, removed by the next farm thread
+        gen-0003/ + .ovl/     with views (sidusd.image.views): a read-only overlay view + its layer
         current -> gen-0002   the served generation: a relative symlink, replaced by rename(2)
         meta/gen-0001.json    what made it (build/update, parent, message, recipe, kernel), when, how
                               long, how (mechanism) and what changed
@@ -28,6 +29,7 @@ pure policy of what ``gc`` may remove.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as _dt
 import json
@@ -41,6 +43,7 @@ from pathlib import Path
 from sidusd.errors import BackendError
 from sidusd.fsutil import _fsync_dir, atomic_write
 from sidusd.image import btrfs, layers
+from sidusd.image import views as views_mod
 from sidusd.image.lazylog import get_logger  # structlog only for an event written (sidus-image)
 from sidusd.storage.runner import Runner
 from sidusd.yamlstrict import check_name
@@ -116,7 +119,14 @@ class ImageStore:
     """Generations of the images under one directory."""
 
     def __init__(self, images_dir: Path, runner: Runner | None = None,
-                 replace: Callable[[str, str], None] = layers.replace_entry, btrfs_snapshots: bool = False):
+                 replace: Callable[[str, str], None] = layers.replace_entry, btrfs_snapshots: bool = False,
+                 views: bool = False, view_depth: int | None = None):
+        if views and btrfs_snapshots:
+            raise ValueError("--views and --btrfs-snapshots exclude each other: a snapshot already shares "
+                             "everything, and nfs-ganesha exports neither a btrfs subvolume nor overlays on it")
+        self.views, self.view_depth = views, views_mod.check_depth(
+            views_mod.DEFAULT_DEPTH if view_depth is None else view_depth)
+        self._probed = False
         self.dir = Path(images_dir)
         self.runner = runner or Runner()
         # opt-in: nfs-ganesha 4 (Debian 12) does not export btrfs subvolumes (docs/images.md)
@@ -194,10 +204,10 @@ class ImageStore:
         for p in d.iterdir():
             if p.name.endswith((".layer", ".farm")):
                 self._remove_tree(p)
+        views_mod.free_unneeded(d)                  # a crash's half-published layer, if any
         # earlier generations' used-up layers: the overlay path's Farm removes them, off the clock
         spent = [p for p in d.iterdir() if p.name.endswith(".spent")]
-        nums = self.numbers(name)
-        number = (max(nums) + 1) if nums else 1
+        number = max([*self.numbers(name), *views_mod.kept_numbers(d)], default=0) + 1   # never a kept layer's
         part = d / f"{gen_dirname(number)}.partial"
         on_btrfs = self.btrfs_snapshots and btrfs.available(d)
         if parent is None:                          # a build: no farm to hand them to
@@ -220,10 +230,22 @@ class ImageStore:
             btrfs.snapshot(src, part, self.runner)  # O(1), copy-on-write: the fast path
             self._made[(name, number)] = "btrfs-snapshot"
             return number, part
+        stack = views_mod.parent_stack(d, parent)           # [parent] when the parent is flat
+        lowers = views_mod.layer_paths(d, stack)
+        as_view = self.views and len(stack) <= self.view_depth
+        if as_view and not self._probed:
+            views_mod.probe(d, self.runner)                 # refused here, before any work
+            self._probed = True
         try:
             try:
-                layers.prepare(src, part, parent, self.runner)
-                self._farms[(name, number)] = layers.Farm(src, part, self.runner, tuple(spent))
+                layers.prepare(lowers if len(lowers) > 1 else src, part, parent, self.runner)
+                if as_view:                                 # published as a layer: no farm
+                    (layers.layer_dir(part) / "stack").write_text(" ".join(map(str, [number, *stack])) + "\n")
+                    for p in spent:
+                        self._remove_tree(p)
+                else:                                       # farm of the base + the stack's layers
+                    self._farms[(name, number)] = layers.Farm(lowers[-1], part, self.runner, tuple(spent),
+                                                              tuple(reversed(lowers[:-1])))
             except (BackendError, OSError) as e:
                 log.warning("image.generation.full_copy", image=name, generation=number, reason=str(e))
                 for p in (part, layers.layer_dir(part), *spent):
@@ -244,7 +266,13 @@ class ImageStore:
         final = self.path(name, number)
         part = d / f"{gen_dirname(number)}.partial"
         lower = layers.lower_of(part)
-        if lower is not None:
+        vstack = _read_stack(layers.layer_dir(part) / "stack") if lower is not None else None
+        if vstack:
+            from sidusd.image.chroot import release
+            release(part, self.runner)
+            meta = dict(meta, changes=views_mod.publish_layer(d, number, part, vstack).as_meta(),
+                        mechanism="overlay-view", stack=vstack)
+        elif lower is not None:
             from sidusd.image.chroot import release
             release(part, self.runner)
             farm = self._farms.pop((name, number), None)
@@ -259,6 +287,12 @@ class ImageStore:
         atomic_write(d / "meta" / f"{gen_dirname(number)}.json", (json.dumps(meta, indent=1) + "\n").encode())
         os.rename(part, final)
         _fsync_dir(d)
+        if vstack:
+            try:
+                views_mod.mount(d, number, self.runner)
+            except BackendError:
+                self.remove(name, number)
+                raise
         return final
 
     def abort(self, name: str, number: int) -> None:
@@ -293,6 +327,8 @@ class ImageStore:
         d = self.image_dir(name)
         if number not in self.numbers(name):
             raise BackendError(f"image {name} has no complete generation {number}")
+        if views_mod.stack_of(d, number) is not None:
+            views_mod.mount(d, number, self.runner)         # `current` never names an empty mount point
         tmp = d / f".current.{os.getpid()}.tmp"
         if tmp.is_symlink():
             tmp.unlink()
@@ -317,10 +353,18 @@ class ImageStore:
         """Delete generation ``number`` (never the current one)."""
         if number == self.current(name):
             raise BackendError(f"image {name}: generation {number} is served (current); roll back first")
-        self._remove_tree(self.path(name, number))
         d = self.image_dir(name)
+        if views_mod.stack_of(d, number) is not None or number in views_mod.needed(d):
+            views_mod.remove(d, number, self.runner)        # a layer or base that a stack needs stays
+        else:
+            self._remove_tree(self.path(name, number))
+            views_mod.free_unneeded(d)
         for extra in (d / "meta" / f"{gen_dirname(number)}.json", self.log_path(name, number)):
             extra.unlink(missing_ok=True)
+
+    def mount_views(self) -> builtins.list[tuple[str, int, str]]:
+        """(Re)mount every overlay view of every image (idempotent; sidusd.image.views.mount_all)."""
+        return views_mod.mount_all(self.dir, self.runner)
 
     def _remove_tree(self, path: Path) -> None:
         from sidusd.image.chroot import mounts_under
@@ -341,4 +385,12 @@ class ImageStore:
         roots = {n: self.path(name, n) for n in numbers}
         if roots and all(btrfs.is_subvolume(p) for p in roots.values()):
             return btrfs.du(roots, self.runner)
-        return sharing(roots)
+        fs_dev = os.lstat(self.image_dir(name)).st_dev     # a view has its own st_dev, the layers' inodes
+        return sharing(roots, {os.lstat(p).st_dev: fs_dev for p in roots.values() if os.path.ismount(p)})
+
+
+def _read_stack(path: Path) -> list[int] | None:
+    try:
+        return [int(x) for x in path.read_text().split()] or None
+    except (OSError, ValueError):
+        return None

@@ -158,19 +158,19 @@ def diff(a_root: Path, b_root: Path) -> dict:
     return {"packages": pkgs, "files": files, "package_files_changed": in_pkgs, "package_state_changed": state}
 
 
-def sharing(roots: Mapping[int, Path]) -> dict[int, tuple[int, int]]:
-    """Generation -> (own bytes, shared bytes): an inode (st_blocks) that one generation alone
-    uses is its own, one that several use is shared by each of them; directories are own."""
+def sharing(roots: Mapping[int, Path], alias: Mapping[int, int] | None = None) -> dict[int, tuple[int, int]]:
+    """Generation -> (own bytes, shared bytes): an inode (st_blocks, directories too) that one
+    generation alone uses is its own, one that several use is shared by each of them.  ``alias``:
+    st_dev -> the st_dev of the file system that holds its inodes (an overlay view on one file
+    system reports that file system's inode numbers under a device of its own)."""
     users: dict[tuple[int, int], set[int]] = {}
     blocks: dict[tuple[int, int], int] = {}
     own = {n: 0 for n in roots}
+    alias = alias or {}
     for n, root in roots.items():
-        own[n] += os.lstat(root).st_blocks * 512
-        for st in _entries(Path(root)).values():
-            if stat.S_ISDIR(st.st_mode):
-                own[n] += st.st_blocks * 512
-                continue
-            key = (st.st_dev, st.st_ino)
+        rst = os.lstat(root)
+        for st in (rst, *_entries(Path(root)).values()):
+            key = (alias.get(st.st_dev, st.st_dev), st.st_ino)
             users.setdefault(key, set()).add(n)
             blocks[key] = st.st_blocks * 512
     shared = {n: 0 for n in roots}

@@ -78,15 +78,16 @@ def _copy_xattrs(src: str, dst: str) -> None:
         os.setxattr(dst, n, v, follow_symlinks=False)
 
 
-def _set_dir_meta(src: str, st: os.stat_result, dst: str) -> None:
+def set_dir_meta(src: str, st: os.stat_result, dst: str) -> None:
     """Directory ``dst`` (N+1's own, never shared) gets ``src``'s owner, mode and xattrs."""
     os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(st.st_mode))
     _copy_xattrs(src, dst)
 
 
-def prepare(lower: Path, part: Path, parent: int, runner: Runner) -> Path:
-    """Mount the overlay for a new generation on ``part`` over ``lower`` (read-only); the layer dir.
+def prepare(lower: Path | list[Path], part: Path, parent: int, runner: Runner) -> Path:
+    """Mount the overlay for a new generation on ``part`` over ``lower`` (read-only; a list: the
+    layers of an overlay view, top first, sidusd.image.views); the layer dir.
 
     The upper directory starts with the lower root's owner, mode and xattrs, so an untouched
     root directory publishes unchanged.  Raises BackendError when the mount fails."""
@@ -95,9 +96,10 @@ def prepare(lower: Path, part: Path, parent: int, runner: Runner) -> Path:
     for d in (layer, upper, work, part):
         d.mkdir(mode=0o700 if d is layer else 0o755)
     (layer / "lower").write_text(f"{parent}\n")
-    st = os.lstat(lower)
-    _set_dir_meta(str(lower), st, str(upper))
-    opts = f"lowerdir={lower},upperdir={upper},workdir={work},{OVERLAY_OPTS}"
+    lowers = lower if isinstance(lower, list) else [lower]
+    st = os.lstat(lowers[0])
+    set_dir_meta(str(lowers[0]), st, str(upper))
+    opts = f"lowerdir={':'.join(str(p) for p in lowers)},upperdir={upper},workdir={work},{OVERLAY_OPTS}"
     res = runner.run(["mount", "-t", "overlay", "-o", opts, f"sidus-{part.name}", str(part)])
     if not res.ok:
         raise BackendError(f"cannot mount overlayfs on {part}", detail=(res.err or res.out).strip())
@@ -140,13 +142,21 @@ def replace_entry(src: str, dst: str) -> None:
     os.rename(src, dst)
 
 
+def link_entry(src: str, dst: str) -> None:
+    """Put layer entry ``src`` at ``dst`` as a new hard link (the layer is kept: flattening an
+    overlay view's stack, whose layers other views still read)."""
+    _remove(dst)
+    os.link(src, dst, follow_symlinks=False)
+
+
 def apply_upper(upper: Path, tree: Path, replace=replace_entry) -> Changes:
     """Apply overlayfs upper layer ``upper`` to ``tree`` (a hard-link farm of the lower), by
-    replacing entries; the upper layer is consumed (its files are renamed into ``tree``)."""
+    replacing entries; the upper layer is consumed (its files are renamed into ``tree``) unless
+    ``replace`` is :func:`link_entry`."""
     ch = Changes()
     times: list[tuple[str, os.stat_result]] = []
     stack = [(str(upper), str(tree))]
-    _set_dir_meta(str(upper), os.lstat(upper), str(tree))
+    set_dir_meta(str(upper), os.lstat(upper), str(tree))
     times.append((str(tree), os.lstat(upper)))
     while stack:
         udir, tdir = stack.pop()
@@ -162,7 +172,7 @@ def apply_upper(upper: Path, tree: Path, replace=replace_entry) -> Changes:
                 if _opaque(e.path) or not _is_dir(dst):             # replaces the lower directory whole
                     _remove(dst)
                     os.mkdir(dst, 0o700)
-                _set_dir_meta(e.path, st, dst)
+                set_dir_meta(e.path, st, dst)
                 times.append((dst, st))
                 ch.dirs += 1
                 stack.append((e.path, dst))
@@ -196,10 +206,14 @@ class Farm:
     """The hard-link farm of ``lower`` at ``farm_dir(part)``, made in a thread from the moment the
     overlay is mounted (``cp`` runs while the work does; the parent never changes, so the farm
     is the same whenever it is made), then the ``spent`` layers of earlier generations removed.
+    ``stacked``: layers (bottom first) applied to the farm by hard links after ``cp``: the farm of
+    an overlay view's stack (sidusd.image.views), ``lower`` being its base.
     :meth:`wait` returns the farm or raises what ``cp`` said."""
 
-    def __init__(self, lower: Path, part: Path, runner: Runner, spent: tuple[Path, ...] = ()):
+    def __init__(self, lower: Path, part: Path, runner: Runner, spent: tuple[Path, ...] = (),
+                 stacked: tuple[Path, ...] = ()):
         self.lower, self.path, self.runner, self.spent = lower, farm_dir(part), runner, spent
+        self.stacked = stacked
         self.error: BaseException | None = None
         self._farmed = threading.Event()
         # not a daemon: a process leaving without commit or abort (a kept failure) waits for cp
@@ -210,6 +224,8 @@ class Farm:
     def _make(self) -> None:
         try:
             link_farm(self.lower, self.path, self.runner)
+            for lay in self.stacked:
+                apply_upper(lay, self.path, link_entry)
         except BaseException as e:              # handed to wait()
             self.error = e
         finally:

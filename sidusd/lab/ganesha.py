@@ -54,8 +54,11 @@ class GaneshaServer:
     """One nfs-ganesha + rpcbind pair serving ``exports_file`` on ``listen_ip`` in ``netns``."""
 
     def __init__(self, netns: str, workdir: Path, exports_file: Path, listen_ip: str,
-                 runner: Runner | None = None):
+                 runner: Runner | None = None, propagation: str = "private"):
         self.netns = netns
+        # "slave": mounts made on the host after the start (an overlay view of a new generation,
+        # sidusd.image.views) propagate into ganesha's namespace, from a shared mount; its /run doesn't leak out
+        self.propagation = propagation
         self.workdir = Path(workdir)
         self.exports_file = Path(exports_file)
         self.listen_ip = listen_ip
@@ -101,7 +104,7 @@ class GaneshaServer:
         self.config_file.write_text(self.render_config())
         for f in (self.pid_file, self.rpcbind_pid_file):
             f.unlink(missing_ok=True)
-        argv = ["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation", "private",
+        argv = ["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation", self.propagation,
                 "sh", "-c", LAUNCH, "sidus-ganesha", str(self.config_file), str(self.log_file),
                 str(self.pid_file), str(self.rpcbind_pid_file)]
         with open(self.stdout_file, "ab") as out:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from sidusd.image import btrfs, layers
+from sidusd.image import btrfs, layers, views
 from sidusd.image.build import Administrator
 from sidusd.image.chroot import mounts_under
 from sidusd.image.generations import ImageStore
@@ -109,14 +109,16 @@ def build_deb(tmp: Path, version: str, body: str) -> Path:
     return out
 
 
-@pytest.fixture(params=["ext4", "btrfs", "btrfs-snapshots"])
+@pytest.fixture(params=["ext4", "ext4-views", "btrfs", "btrfs-snapshots"])
 def images_dir(request, tmp_path):
-    """The images directory on this machine's file system (ext4: overlay + hard-link farm) or on
-    a loop-mounted btrfs (the same, or with ``btrfs_snapshots`` the snapshot fast path)."""
+    """The images directory on this machine's file system (ext4: overlay + hard-link farm;
+    ext4-views: each generation its layer + an overlay view, sidusd.image.views) or on a
+    loop-mounted btrfs (the same, or with ``btrfs_snapshots`` the snapshot fast path)."""
     require_root()
-    if request.param == "ext4":
+    if request.param.startswith("ext4"):
         assert btrfs._fstype(tmp_path) == 0xEF53, "tmp_path is expected on ext4 here"
         yield tmp_path / "images"
+        views.umount_all(tmp_path / "images")
         return
     require_tool("mkfs.btrfs")
     require_tool("btrfs")
@@ -129,6 +131,7 @@ def images_dir(request, tmp_path):
     try:
         yield mnt / "images"
     finally:
+        views.umount_all(mnt / "images")
         sh("umount", str(mnt))
 
 
@@ -136,12 +139,14 @@ def images_dir(request, tmp_path):
 def store(images_dir, tmp_path, request):
     require_tool("setfattr")
     require_tool("dpkg-deb")
-    st = ImageStore(images_dir, btrfs_snapshots=request.node.callspec.params["images_dir"] == "btrfs-snapshots")
+    kind = request.node.callspec.params["images_dir"]
+    st = ImageStore(images_dir, btrfs_snapshots=kind == "btrfs-snapshots", views=kind.endswith("-views"))
     n, part = st.begin(NAME, None)
     make_root(part)
     st.commit(NAME, n, {"kind": "build"})
     st.switch(NAME, n)
     yield st
+    views.umount_all(images_dir)
     assert mounts_under(images_dir) == []
 
 
@@ -199,6 +204,19 @@ def test_parent_generation_is_immutable_and_child_is_what_the_tools_wrote(store,
         assert store.meta(NAME, n)["mechanism"] == "btrfs-snapshot"
         with pytest.raises(OSError, match="Read-only file system"):
             (child / "etc/motd").write_text("no")
+        return
+    if store.views:                                                # the layer + a read-only view
+        assert store.meta(NAME, n)["mechanism"] == "overlay-view" and os.path.ismount(child)
+        with pytest.raises(OSError, match="Read-only file system"):
+            (child / "etc/motd").write_text("no")
+        layer = views.ovl_dir(store.image_dir(NAME), n) / "layer"
+        assert not (layer / "usr/bin/tool").exists() or kind == "chmod-chown"    # only what changed
+        views.umount(store.image_dir(NAME), n, store.runner)      # after a reboot: the view comes back
+        assert os.listdir(child) == []
+        assert views.mount_all(store.dir) == [(NAME, n, "mounted")]
+        assert snapshot(child) == merged and snapshot(parent) == before
+        if kind not in ("write-through-shared-link",):                # unchanged: the parent's inode
+            assert os.lstat(child / "opt/sparse").st_ino == os.lstat(parent / "opt/sparse").st_ino
         return
     # unchanged files are shared (same inode), at no cost
     assert store.meta(NAME, n)["mechanism"] == "overlay+hardlinks"
