@@ -1,36 +1,49 @@
-"""Whole boot, qemu start to up: sidus against dnsmasq (proxyDHCP + TFTP) and dnsmasq + tftpd-hpa.
+"""Whole boot, qemu start to up: sidus against dnsmasq (proxyDHCP + TFTP), dnsmasq + tftpd-hpa, and
+on the iPXE path dnsmasq + an HTTP server (busybox httpd).
 
-    sudo .venv/bin/python -m bench.bootcompare [--boots N] [--paths bios,uefi] [--servers ...]
+    sudo .venv/bin/python -m bench.bootcompare [--boots N] [--paths bios,uefi,ipxe] [--servers ...]
                                                [--workdir DIR] [--json FILE]
 
 One run, one lab (:mod:`sidusd.lab`: the namespaces, the site DHCP server that
 hands out addresses only, nfs-ganesha, the demo image), one VM MAC.  Each
-round boots the same VM once per server, the servers' order rotated every
-round (interleaved), for each firmware path (``bios``: SeaBIOS + the iPXE ROM of
-ipxe-qemu, pxelinux.0; ``uefi``: OVMF + iPXE's EFI ROM, syslinux.efi):
+round boots the same VM once per server and path, the servers' order rotated
+every round (interleaved).  Paths (qemu's NIC ROM is iPXE in all three):
 
-* ``sidus``          sidusd: proxyDHCP + TFTP (and the NFS export), as shipped,
-                     plus ``dhcp.ipv6_no_router: true`` (``--sidus-ra off`` leaves it out).
-* ``dnsmasq``        dnsmasq ``--dhcp-range=...,proxy --pxe-service=...
-                     --enable-tftp`` (the recipe of bench/peers.py) on the lab bridge.
+* ``bios``  SeaBIOS + the iPXE ROM of ipxe-qemu, handed pxelinux.0 (TFTP: pxelinux.0, ldlinux.c32,
+            pxelinux.cfg/01-<mac>, kernel, initrd);
+* ``uefi``  OVMF + iPXE's EFI ROM, handed syslinux.efi (the same over TFTP);
+* ``ipxe``  SeaBIOS + the iPXE ROM, handed an iPXE script that loads kernel and initrd.
+
+Servers:
+
+* ``sidus``          sidusd: proxyDHCP + TFTP + HTTP (and the NFS export), as shipped, plus
+                     ``dhcp.ipv6_no_router: true`` (``--sidus-ra off`` leaves it out); on the
+                     ipxe path ``boot.ipxe_chain: true``: script, kernel and initrd over its HTTP.
+* ``dnsmasq``        dnsmasq ``--dhcp-range=...,proxy --pxe-service=... --enable-tftp`` (the recipe
+                     of bench/peers.py) on the lab bridge; on the ipxe path
+                     ``--dhcp-match=set:ipxe,175 --dhcp-boot=tag:ipxe,<script>``: script, kernel
+                     and initrd over its TFTP.
 * ``dnsmasq+hpa``    the same dnsmasq for proxyDHCP, TFTP by tftpd-hpa (bench/peers.py
                      fetches it into bench/.peers/).
+* ``dnsmasq+httpd``  ipxe path only: the same dnsmasq handing out the script's URL on busybox
+                     httpd, which serves script, kernel and initrd over HTTP.
 
 For the peers sidusd is restarted with ``dhcp.mode: off`` and TFTP off: it only
-keeps the NFS export (the same nfs-ganesha, the same image).  They serve a copy
-of the lab's TFTP root plus the ``pxelinux.cfg/01-<mac>`` that sidusd renders
-for that MAC (fetched from sidusd over TFTP first), so every server sends the
-same bytes.
+keeps the NFS export (the same nfs-ganesha, the same image) and the HTTP server
+that takes the guest's ``sidus.up`` report.  They serve a copy of the lab's TFTP
+root plus the ``pxelinux.cfg/01-<mac>`` and the iPXE script that sidusd renders
+for that MAC (fetched from sidusd first; the script's kernel and initrd URLs
+pointed at the peer), so every server sends the same bytes.
 
 The timeline of a boot comes from the wire, the same way for every server: a
 pcap of the lab bridge (tcpdump in the lab namespace, lab traffic only) read by
 :func:`wire_timeline` (the VM's first DHCPDISCOVER, the site server's DHCPACK,
-each TFTP RRQ and the client's last ACK of each transfer), and from the guest
-console (``Linux version``, the ``SIDUS-BOOT:`` markers ``root mounted`` and
-``READY``, seen by polling every 0.2 s).  "up" is ``READY``.
+each TFTP RRQ or HTTP GET and the client's last ACK of each transfer), and from
+the guest console (``Linux version``, the ``SIDUS-BOOT:`` markers ``root
+mounted`` and ``READY``, seen by polling every 0.2 s).  "up" is ``READY``.
 Phases: firmware (qemu start -> first DISCOVER), dhcp (-> ACK), idle (ACK ->
-first RRQ), each file (its RRQ -> its last ACK), kernel (initrd end -> Linux
-banner), root (-> root mounted), init (-> READY).
+first file request), each file (its request -> its last ACK), kernel (initrd
+end -> Linux banner), root (-> root mounted), init (-> READY).
 
 Prints every boot's timeline, then per path and server the median of each
 phase and of the whole boot, and the ratio sidus / peer of the medians.
@@ -41,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -50,12 +64,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SITE_IP = "10.13.20.2"
 SERVER_IP = "10.13.20.1"
-SERVERS = ("sidus", "dnsmasq", "dnsmasq+hpa")
-PATHS = ("bios", "uefi")
+HTTP_PORT = 8080                     # sidusd's HTTP server in the lab (sidusd.lab.demo.HTTP_PORT)
+PEER_HTTP_PORT = 8081                # busybox httpd, the dnsmasq+httpd peer (ipxe path only)
+SERVERS = ("sidus", "dnsmasq", "dnsmasq+hpa", "dnsmasq+httpd")
+PATHS = ("bios", "uefi", "ipxe")
+#: the servers that take part in a path (dnsmasq+httpd: an HTTP server only the iPXE path can use)
+PATH_SERVERS = {"bios": SERVERS[:3], "uefi": SERVERS[:3], "ipxe": SERVERS}
 BOOT_TIMEOUT_S = 400.0
 PHASES = ("firmware", "dhcp", "idle", "files", "kernel", "root", "init")
 
@@ -93,6 +111,41 @@ def _udp(frame: bytes) -> tuple[str, str, int, int, bytes] | None:
     return src, dst, sport, dport, frame[14 + ihl + 8:]
 
 
+class Segment(NamedTuple):
+    """An Ethernet/IPv4/TCP frame: ``length`` from the IP header (the capture may be cut short:
+    tcpdump -s), ``payload`` what was captured of it."""
+
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    flags: int
+    seq: int
+    ack: int
+    length: int
+    payload: bytes
+
+
+TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
+
+
+def _tcp(frame: bytes) -> Segment | None:
+    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    total = struct.unpack_from("!H", frame, 16)[0]
+    off = 14 + ihl
+    if len(frame) < off + 20:
+        return None
+    sport, dport, seq, ack = struct.unpack_from("!HHII", frame, off)
+    thl = (frame[off + 12] >> 4) * 4
+    length = total - ihl - thl
+    if thl < 20 or length < 0:
+        return None
+    return Segment(socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34]), sport, dport,
+                   frame[off + 13], seq, ack, length, frame[off + thl:off + thl + length])
+
+
 def _dhcp_type(payload: bytes) -> tuple[int, bytes] | None:
     """(option 53 message type, chaddr[:6]) of a BOOTP/DHCP payload, else None."""
     if len(payload) < 240 or payload[236:240] != b"\x63\x82\x53\x63":
@@ -121,22 +174,58 @@ class WireTimeline:
     discover: float | None = None
     ack: float | None = None                       # the last DHCPACK before the first RRQ
     ra: float | None = None                        # first Router Advertisement to the VM, if any
-    files: list[tuple[str, float, float]] = field(default_factory=list)   # (name, RRQ, last ACK)
+    files: list[tuple[str, float, float]] = field(default_factory=list)   # (name, RRQ/GET, last ACK)
+
+
+@dataclass
+class _HttpConn:
+    """One TCP connection of an HTTP client: its current request and how far the server's data went."""
+
+    index: int                     # the current GET's entry in WireTimeline.files
+    data_end: int | None = None    # sequence number just after the server's last data byte
+
+
+def _http_step(tl: WireTimeline, conns: dict[tuple[str, int, str, int], _HttpConn], t: float,
+               seg: Segment) -> None:
+    """One TCP segment: a GET opens a file (keep-alive: the next GET on the connection opens the
+    next one); the server's data and the client's ACK of it move the file's end; the ACK of a FIN
+    (a connection iPXE closes when it boots the kernel) does not."""
+    key = (seg.src, seg.sport, seg.dst, seg.dport)
+    if seg.length > 0 and seg.payload[:4] == b"GET ":
+        path = seg.payload[4:].split(b" ", 1)[0].decode("ascii", "replace")
+        tl.files.append((path.lstrip("/"), t, t))
+        conns[key] = _HttpConn(len(tl.files) - 1)
+        return
+    back = (seg.dst, seg.dport, seg.src, seg.sport)
+    if back in conns and seg.length > 0:                    # server -> client: data
+        c = conns[back]
+        c.data_end = (seg.seq + seg.length) & 0xFFFFFFFF
+    elif key in conns and seg.length == 0 and not seg.flags & (TCP_FIN | TCP_SYN | TCP_RST):
+        c = conns[key]                                      # client -> server: a pure ACK
+        if c.data_end is not None and (c.data_end - seg.ack) & 0xFFFFFFFF < 1 << 31:   # <= data end
+            name, start, _ = tl.files[c.index]
+            tl.files[c.index] = (name, start, t)
 
 
 def wire_timeline(packets: list[tuple[float, bytes]], mac: str) -> WireTimeline:
-    """The VM's first DHCPDISCOVER, the DHCPACK before its first TFTP RRQ, its RRQs (file names)
-    and the client's last ACK of each transfer (by client and server port: a transfer the
-    client abandoned ends at its last ACK, whatever the server retransmits after it)."""
+    """The VM's first DHCPDISCOVER, the DHCPACK before its first file request, its TFTP RRQs and
+    HTTP GETs (file names) and the client's last ACK of each transfer (TFTP: by client and
+    server port, so a transfer the client abandoned ends at its last ACK, whatever the server
+    retransmits after it; HTTP: the client's last TCP ACK of the server's data for that GET)."""
     want = bytes.fromhex(mac.replace(":", ""))
     tl = WireTimeline()
     acks: list[float] = []
     transfers: dict[tuple[int, int], int] = {}      # (client port, server port) -> index in files
     pending: dict[int, int] = {}                     # client port -> index, until the server answers
+    conns: dict[tuple[str, int, str, int], _HttpConn] = {}    # (client ip, port, server ip, port)
     for t, frame in packets:
         if len(frame) >= 62 and frame[12:14] == b"\x86\xdd" and frame[20] == 58 and frame[54] == 134 \
                 and frame[0:6] == want and tl.ra is None:
             tl.ra = t
+            continue
+        seg = _tcp(frame)
+        if seg is not None:
+            _http_step(tl, conns, t, seg)
             continue
         u = _udp(frame)
         if u is None:
@@ -163,6 +252,25 @@ def wire_timeline(packets: list[tuple[float, bytes]], mac: str) -> WireTimeline:
             tl.files[idx] = (name, start, t)
     tl.ack = acks[-1] if acks else None
     return tl
+
+
+def ipxe_script_for(script: str, base: str, new_base: str) -> str:
+    """sidusd's iPXE script with the kernel and initrd fetched from ``new_base`` instead of ``base``
+    (``http://<server>:<port>``): the same script, kernel command line included (its
+    ``sidus.up=`` URL stays: that report goes to sidusd whichever server booted the VM), for a
+    peer that serves the files over TFTP (``tftp://<server>``) or its own HTTP server."""
+    out = []
+    for line in script.splitlines(keepends=True):
+        words = line.split(" ")
+        if words[0] == "kernel" and len(words) > 1 and words[1].startswith(base + "/"):
+            words[1] = new_base + words[1][len(base):]
+        elif words[0] == "initrd" and words[-1].rstrip("\n").startswith(base + "/"):
+            words[-1] = new_base + words[-1][len(base):]
+        out.append(" ".join(words))
+    text = "".join(out)
+    if text.count(new_base + "/") != 2:
+        raise ValueError(f"not a sidus iPXE script with a kernel and an initrd under {base}: {script!r}")
+    return text
 
 
 def phases(wire: WireTimeline, t0: float, console: dict[str, float]) -> dict[str, float | None]:
@@ -232,6 +340,8 @@ class Rig:
                        dhcp_extra={"ipv6_no_router": True} if sidus_ra else {})
         self.host = HostSpec(mac, "bench1", "sidus.demo=poweroff")
         self.peer_root = workdir / "peer-tftp"
+        self.peer_http_root = workdir / "peer-http"
+        self.script_name = f"boot/{mac.replace(':', '-')}.ipxe"      # the path sidusd serves it under
         self.procs: list[subprocess.Popen] = []
         self.sidus_mode = "serve"
 
@@ -240,10 +350,22 @@ class Rig:
         self._make_peer_root()
 
     def _make_peer_root(self) -> None:
-        """A copy of the TFTP root with the pxelinux.cfg/01-<mac> sidusd renders (fetched over TFTP)."""
-        if self.peer_root.exists():
-            shutil.rmtree(self.peer_root)
+        """A copy of the TFTP root with the pxelinux.cfg/01-<mac> sidusd renders (fetched over TFTP)
+        and its iPXE script (fetched over HTTP) with the kernel and initrd URLs pointed at the peer:
+        ``tftp://`` in the TFTP root, the peer's httpd in ``peer-http/`` (:func:`ipxe_script_for`)."""
+        for d in (self.peer_root, self.peer_http_root):
+            if d.exists():
+                shutil.rmtree(d)
         shutil.copytree(self.lab.tftp_root, self.peer_root)
+        shutil.copytree(self.lab.tftp_root / "demo", self.peer_http_root / "demo", copy_function=os.link)
+        url = f"http://{SERVER_IP}:{HTTP_PORT}/{self.script_name}"
+        res = subprocess.run(self.lab.topology.lab_argv(["curl", "-sSf", url]), check=True, timeout=30,
+                             capture_output=True, text=True)
+        base = f"http://{SERVER_IP}:{HTTP_PORT}"
+        for root, new_base in ((self.peer_root, f"tftp://{SERVER_IP}"),
+                               (self.peer_http_root, f"http://{SERVER_IP}:{PEER_HTTP_PORT}")):
+            (root / self.script_name).parent.mkdir(parents=True, exist_ok=True)
+            (root / self.script_name).write_text(ipxe_script_for(res.stdout, base, new_base))
         cfg_name = "pxelinux.cfg/01-" + self.mac.replace(":", "-")
         (self.peer_root / "pxelinux.cfg").mkdir(exist_ok=True)
         out = self.peer_root / cfg_name
@@ -254,7 +376,9 @@ class Rig:
             raise RuntimeError(f"sidusd rendered no kernel line for {cfg_name}: {text!r}")
 
     def _sidusd(self, mode: str) -> None:
-        """Restart sidusd serving (``serve``) or keeping only the NFS export (``nfs-only``)."""
+        """Restart sidusd serving (``serve``; ``serve-ipxe``: with ``boot.ipxe_chain``, so the NIC's
+        iPXE is handed its script over HTTP) or keeping only the NFS export and the HTTP server
+        that takes the guest's ``sidus.up`` report (``nfs-only``)."""
         if mode == self.sidus_mode:
             return
         lab = self.lab
@@ -266,6 +390,8 @@ class Rig:
             if mode == "nfs-only":
                 c["dhcp"] = {"mode": "off"}
                 c["tftp"] = dict(c["tftp"], enabled=False)
+            elif mode == "serve-ipxe":
+                c["boot"] = dict(c.get("boot", {}), ipxe_chain=True)
             return c
         exports = lab.workdir / "ganesha-exports.conf"
         lab.config_dict = cfg  # type: ignore[method-assign]   (this lab object only)
@@ -277,33 +403,46 @@ class Rig:
         lab.ganesha.wait_exported(str(self.image.root), 30.0)
         self.sidus_mode = mode
 
-    def start(self, server: str) -> None:
+    def dnsmasq_argv(self, server: str, path: str) -> list[str]:
+        """The peer's dnsmasq: proxyDHCP on br0 (``--pxe-service`` per architecture); on the ipxe
+        path a client that is already iPXE (option 175) gets the script instead (``--dhcp-boot``:
+        over TFTP from this host, or the httpd's URL), the usual recipe; ``dnsmasq``: its TFTP too."""
+        ipxe = "tag:!ipxe," if path == "ipxe" else ""
+        argv = [shutil.which("dnsmasq") or "/usr/sbin/dnsmasq", "--keep-in-foreground",
+                "--conf-file=/dev/null", "--port=0", "--user=root", "--pid-file=",
+                "--interface=br0", "--bind-interfaces", f"--listen-address={SERVER_IP}",
+                "--dhcp-range=10.13.20.0,proxy,255.255.255.0",
+                f'--pxe-service={ipxe}x86PC,"sidus",pxelinux',
+                f'--pxe-service={ipxe}BC_EFI,"sidus",syslinux.efi',
+                f'--pxe-service={ipxe}X86-64_EFI,"sidus",syslinux.efi',
+                f"--dhcp-leasefile={self.workdir / 'peer.leases'}",
+                f"--log-facility={self.workdir / 'peer-dnsmasq.log'}", "--log-dhcp"]
+        if path == "ipxe":
+            boot = (f"http://{SERVER_IP}:{PEER_HTTP_PORT}/{self.script_name}" if server == "dnsmasq+httpd"
+                    else f"{self.script_name},,{SERVER_IP}")
+            argv += ["--dhcp-match=set:ipxe,175", f"--dhcp-boot=tag:ipxe,{boot}"]
+        if server == "dnsmasq":
+            argv += ["--enable-tftp", f"--tftp-root={self.peer_root}"]
+        return argv
+
+    def start(self, server: str, path: str) -> None:
         from bench.peers import ensure_peers
-        self._sidusd("serve" if server == "sidus" else "nfs-only")
+        self._sidusd(("serve-ipxe" if path == "ipxe" else "serve") if server == "sidus" else "nfs-only")
         if server == "sidus":
             return
         topo = self.lab.topology
-        dnsmasq = [shutil.which("dnsmasq") or "/usr/sbin/dnsmasq", "--keep-in-foreground",
-                   "--conf-file=/dev/null", "--port=0", "--user=root", "--pid-file=",
-                   "--interface=br0", "--bind-interfaces", f"--listen-address={SERVER_IP}",
-                   "--dhcp-range=10.13.20.0,proxy,255.255.255.0",
-                   '--pxe-service=x86PC,"sidus",pxelinux',
-                   '--pxe-service=BC_EFI,"sidus",syslinux.efi',
-                   '--pxe-service=X86-64_EFI,"sidus",syslinux.efi',
-                   f"--dhcp-leasefile={self.workdir / 'peer.leases'}",
-                   f"--log-facility={self.workdir / 'peer-dnsmasq.log'}", "--log-dhcp"]
-        if server == "dnsmasq":
-            dnsmasq += ["--enable-tftp", f"--tftp-root={self.peer_root}"]
-        self.procs.append(subprocess.Popen(topo.lab_argv(dnsmasq), stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                           start_new_session=True))
+
+        def spawn(argv: list[str]) -> None:
+            self.procs.append(subprocess.Popen(topo.lab_argv(argv), stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                               start_new_session=True))
+        spawn(self.dnsmasq_argv(server, path))
         if server == "dnsmasq+hpa":
             hpa = ensure_peers(["tftpd-hpa"])["tftpd-hpa"]
-            self.procs.append(subprocess.Popen(
-                topo.lab_argv([str(hpa), "-L", "-u", "root", "-s", str(self.peer_root),
-                               "-a", f"{SERVER_IP}:69"]),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True))
+            spawn([str(hpa), "-L", "-u", "root", "-s", str(self.peer_root), "-a", f"{SERVER_IP}:69"])
+        elif server == "dnsmasq+httpd":
+            spawn([shutil.which("busybox") or "/bin/busybox", "httpd", "-f",
+                   "-p", f"{SERVER_IP}:{PEER_HTTP_PORT}", "-h", str(self.peer_http_root)])
         time.sleep(1.0)
         for p in self.procs:
             if p.poll() is not None:
@@ -370,10 +509,17 @@ def print_summary(summary: dict[str, dict[str, dict[str, float]]]) -> None:
                     print(f"  ratio sidus/{peer}: {servers['sidus']['total'] / med['total']:.2f}")
 
 
+def schedule(servers: list[str], paths: list[str], rnd: int) -> list[tuple[str, str]]:
+    """The boots of round ``rnd``: the servers' order rotated by one each round (interleaved),
+    each server's paths in turn, a server only on the paths it takes part in (:data:`PATH_SERVERS`)."""
+    k = rnd % len(servers)
+    return [(s, p) for s in servers[k:] + servers[:k] for p in paths if s in PATH_SERVERS[p]]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--boots", type=int, default=3, help="boots per server and path (default 3)")
-    ap.add_argument("--paths", default="bios,uefi")
+    ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--sidus-ra", choices=("on", "off"), default="on",
                     help="dhcp.ipv6_no_router for sidus (default on)")
@@ -385,20 +531,21 @@ def main(argv: list[str] | None = None) -> int:
     for s in servers:
         if s not in SERVERS:
             ap.error(f"unknown server {s!r} (known: {', '.join(SERVERS)})")
+    for p in paths:
+        if p not in PATHS:
+            ap.error(f"unknown path {p!r} (known: {', '.join(PATHS)})")
     from sidusd.lab.vm import mac_for
     rig = Rig(args.workdir, mac_for(0), args.sidus_ra == "on")
     results: list[dict[str, Any]] = []
     try:
         rig.up()
         for rnd in range(args.boots):
-            order = servers[rnd % len(servers):] + servers[:rnd % len(servers)]
-            for server in order:
-                rig.start(server)
+            for server, path in schedule(servers, paths, rnd):
+                rig.start(server, path)
                 try:
-                    for path in paths:
-                        r = rig.boot(server, path, len(results))
-                        results.append(r)
-                        print_boot(r)
+                    r = rig.boot(server, path, len(results))
+                    results.append(r)
+                    print_boot(r)
                 finally:
                     rig.stop_peers()
     finally:
