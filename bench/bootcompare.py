@@ -509,6 +509,38 @@ def print_summary(summary: dict[str, dict[str, dict[str, float]]]) -> None:
                     print(f"  ratio sidus/{peer}: {servers['sidus']['total'] / med['total']:.2f}")
 
 
+def _short(name: str) -> str:
+    """A file's name in the tables: ``cfg`` for pxelinux.cfg/01-<mac>, ``script`` for the iPXE
+    script, else its last component."""
+    if name.startswith("pxelinux.cfg/"):
+        return "cfg"
+    return "script" if name.endswith(".ipxe") else name.rsplit("/", 1)[-1]
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """docs/performance.md tables of a run: the medians per path and server with the ratio
+    sidus / server of the median totals, then every boot in run order with its files."""
+    summary = summarize(results)
+    cols = (*PHASES, "total")
+    out = ["| path | server | " + " | ".join(cols) + " | n | sidus / it |",
+           "| --- | --- | " + " | ".join("---:" for _ in cols) + " | ---: | ---: |"]
+    for path, servers in summary.items():
+        sidus = servers.get("sidus", {}).get("total")
+        for server, med in servers.items():
+            ratio = "" if server == "sidus" or sidus is None else f"**{sidus / med['total']:.2f}**"
+            cells = [f"{med[c]:.2f}" if c in med else "-" for c in cols]
+            out.append(f"| {path.upper() if path != 'ipxe' else 'iPXE'} | {server} | " + " | ".join(cells)
+                       + f" | {med['n']:.0f} | {ratio} |")
+    out += ["", "| # | path | server | " + " | ".join(cols) + " | each file (request -> last ACK, s) |",
+            "| ---: | --- | --- | " + " | ".join("---:" for _ in cols) + " | --- |"]
+    for i, r in enumerate(results):
+        ph = r["phases"]
+        files = " ".join(f"{_short(k[5:])}={v:.2f}" for k, v in ph.items() if k.startswith("file:") and v is not None)
+        cells = ["-" if ph.get(c) is None else f"{ph[c]:.1f}" for c in cols]
+        out.append(f"| {i} | {r['path']} | {r['server']} | " + " | ".join(cells) + f" | {files} |")
+    return "\n".join(out) + "\n"
+
+
 def schedule(servers: list[str], paths: list[str], rnd: int) -> list[tuple[str, str]]:
     """The boots of round ``rnd``: the servers' order rotated by one each round (interleaved),
     each server's paths in turn, a server only on the paths it takes part in (:data:`PATH_SERVERS`)."""
@@ -525,7 +557,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="dhcp.ipv6_no_router for sidus (default on)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/sidus-bootcompare"))
     ap.add_argument("--json", type=Path, help="write every boot's phases here")
+    ap.add_argument("--markdown", type=Path, help="write the tables of docs/performance.md here")
+    ap.add_argument("--from-json", type=Path, help="no boots: summarize (and --markdown) an earlier --json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        for r in results:
+            print_boot(r)
+        print_summary(summarize(results))
+        if args.markdown:
+            args.markdown.write_text(markdown(results))
+        return 0
     paths = [p for p in args.paths.split(",") if p]
     servers = [s for s in args.servers.split(",") if s]
     for s in servers:
@@ -553,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
     print_summary(summarize(results))
+    if args.markdown:
+        args.markdown.write_text(markdown(results))
     return 0
 
 

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from bench.bootcompare import PATH_SERVERS, ipxe_script_for, pcap_packets, phases, schedule, wire_timeline
+from bench.bootcompare import PATH_SERVERS, ipxe_script_for, markdown, pcap_packets, phases, schedule, wire_timeline
 from tests.unit.test_ipxe_opts_wire import SRV, VM, dhcp, pcap, udp
 
 CLIENT, SERVER = "10.13.20.198", "10.13.20.1"
@@ -107,3 +107,21 @@ def test_schedule_rotates_servers_and_keeps_httpd_to_the_ipxe_path():
                   ("dnsmasq+hpa", "bios"), ("dnsmasq+hpa", "ipxe"), ("dnsmasq+httpd", "ipxe")]
     assert [s for s, _ in schedule(servers, ["ipxe"], 1)] == ["dnsmasq", "dnsmasq+hpa", "dnsmasq+httpd", "sidus"]
     assert "dnsmasq+httpd" not in PATH_SERVERS["bios"] and "dnsmasq+httpd" not in PATH_SERVERS["uefi"]
+
+
+def test_markdown_tables_give_the_ratio_of_median_totals_and_every_boot():
+    def boot(server, total, files):
+        return {"server": server, "path": "ipxe", "phases": {
+            **dict.fromkeys(("firmware", "dhcp", "idle", "files", "kernel", "root", "init"), 1.0),
+            "total": total, **files}}
+    runs = [boot("sidus", 20.0, {f"file:{SCRIPT}": 0.01, "file:demo/vmlinuz": 0.5}),
+            boot("sidus", 30.0, {}), boot("sidus", 24.0, {}),
+            boot("dnsmasq+hpa", 40.0, {"file:pxelinux.cfg/01-52-54-00-13-20-01": 0.0}),
+            boot("dnsmasq+hpa", None, {})]                   # never READY: out of the medians
+    text = markdown(runs)
+    rows = text.splitlines()
+    assert "| iPXE | sidus | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 24.00 | 3 |  |" in rows
+    assert "| iPXE | dnsmasq+hpa | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 40.00 | 1 | **0.60** |" in rows
+    assert "| 0 | ipxe | sidus | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 20.0 | script=0.01 vmlinuz=0.50 |" in rows
+    assert "| 3 | ipxe | dnsmasq+hpa | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 40.0 | cfg=0.00 |" in rows
+    assert rows[-1].startswith("| 4 | ipxe | dnsmasq+hpa |") and "| - |" in rows[-1]
