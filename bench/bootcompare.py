@@ -418,9 +418,11 @@ class Rig:
                 f"--dhcp-leasefile={self.workdir / 'peer.leases'}",
                 f"--log-facility={self.workdir / 'peer-dnsmasq.log'}", "--log-dhcp"]
         if path == "ipxe":
-            boot = (f"http://{SERVER_IP}:{PEER_HTTP_PORT}/{self.script_name}" if server == "dnsmasq+httpd"
-                    else f"{self.script_name},,{SERVER_IP}")
-            argv += ["--dhcp-match=set:ipxe,175", f"--dhcp-boot=tag:ipxe,{boot}"]
+            # ",,<address>": the OFFER's siaddr; without it dnsmasq sends 0.0.0.0 with a URL and this
+            # iPXE asks the proxy on port 4011 again and again, then says "Nothing to boot"
+            script = (f"http://{SERVER_IP}:{PEER_HTTP_PORT}/{self.script_name}" if server == "dnsmasq+httpd"
+                      else self.script_name)
+            argv += ["--dhcp-match=set:ipxe,175", f"--dhcp-boot=tag:ipxe,{script},,{SERVER_IP}"]
         if server == "dnsmasq":
             argv += ["--enable-tftp", f"--tftp-root={self.peer_root}"]
         return argv
