@@ -540,6 +540,39 @@ def markdown(results: list[dict[str, Any]]) -> str:
         files = " ".join(f"{_short(k[5:])}={v:.2f}" for k, v in ph.items() if k.startswith("file:") and v is not None)
         cells = ["-" if ph.get(c) is None else f"{ph[c]:.1f}" for c in cols]
         out.append(f"| {i} | {r['path']} | {r['server']} | " + " | ".join(cells) + f" | {files} |")
+    return "\n".join(out) + "\n\n" + timeline_table(results)
+
+
+def median_boot(results: list[dict[str, Any]], path: str, server: str) -> dict[str, Any] | None:
+    """The boot of ``server`` on ``path`` whose total is the median (the lower middle of an even
+    count) of those that reached READY."""
+    boots = sorted((r for r in results if r["path"] == path and r["server"] == server
+                    and r["phases"].get("total") is not None), key=lambda r: r["phases"]["total"])
+    return boots[(len(boots) - 1) // 2] if boots else None
+
+
+def timeline_table(results: list[dict[str, Any]]) -> str:
+    """One boot per path and server (:func:`median_boot`) as a timeline: seconds from qemu start
+    to the first DISCOVER, the ACK, each file (request-last ACK), the Linux banner, root mounted
+    and READY."""
+    out = ["| path | server | boot # | DISCOVER | ACK | files (request-last ACK) | Linux | root mounted | READY |",
+           "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    seen: list[tuple[str, str]] = []
+    for r in results:
+        if (r["path"], r["server"]) not in seen:
+            seen.append((r["path"], r["server"]))
+    for path, server in sorted(seen, key=lambda k: (PATHS.index(k[0]), SERVERS.index(k[1]))):
+        r = median_boot(results, path, server)
+        if r is None:
+            continue
+        ph = r["phases"]
+        t, marks = 0.0, {}
+        for name in PHASES:
+            t += ph.get(name) or 0.0
+            marks[name] = t
+        files = ", ".join(f"{_short(n)} {s:.1f}-{e:.1f}" for n, s, e in r.get("files", []))
+        out.append(f"| {path} | {server} | {results.index(r)} | {marks['firmware']:.1f} | {marks['dhcp']:.1f} | "
+                   f"{files} | {marks['kernel']:.1f} | {marks['root']:.1f} | {ph['total']:.1f} |")
     return "\n".join(out) + "\n"
 
 

@@ -9,7 +9,17 @@ import struct
 
 import pytest
 
-from bench.bootcompare import PATH_SERVERS, ipxe_script_for, markdown, pcap_packets, phases, schedule, wire_timeline
+from bench.bootcompare import (
+    PATH_SERVERS,
+    ipxe_script_for,
+    markdown,
+    median_boot,
+    pcap_packets,
+    phases,
+    schedule,
+    timeline_table,
+    wire_timeline,
+)
 from tests.unit.test_ipxe_opts_wire import SRV, VM, dhcp, pcap, udp
 
 CLIENT, SERVER = "10.13.20.198", "10.13.20.1"
@@ -124,4 +134,20 @@ def test_markdown_tables_give_the_ratio_of_median_totals_and_every_boot():
     assert "| iPXE | dnsmasq+hpa | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 40.00 | 1 | **0.60** |" in rows
     assert "| 0 | ipxe | sidus | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 20.0 | script=0.01 vmlinuz=0.50 |" in rows
     assert "| 3 | ipxe | dnsmasq+hpa | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 40.0 | cfg=0.00 |" in rows
-    assert rows[-1].startswith("| 4 | ipxe | dnsmasq+hpa |") and "| - |" in rows[-1]
+    last = next(r for r in rows if r.startswith("| 4 | ipxe | dnsmasq+hpa |"))
+    assert "| - |" in last
+    assert "| ipxe | sidus | 2 | 1.0 | 2.0 |  | 5.0 | 6.0 | 24.0 |" in rows       # the median boot's timeline
+
+
+def test_timeline_of_the_median_boot_counts_from_qemu_start():
+    def boot(total, files):
+        ph = {"firmware": 2.0, "dhcp": 1.0, "idle": 0.5, "files": 3.0, "kernel": 4.0, "root": 6.0, "init": 0.5,
+              "total": total}
+        return {"server": "sidus", "path": "ipxe", "phases": ph, "files": files}
+    runs = [boot(40.0, []), boot(17.0, [(SCRIPT, 3.5, 3.6), ("demo/vmlinuz", 3.6, 6.5)]), boot(30.0, []),
+            boot(None, [])]
+    assert median_boot(runs, "ipxe", "sidus") is runs[2]
+    assert median_boot(runs[:2], "ipxe", "sidus") is runs[1]          # even count: the lower middle
+    assert median_boot(runs, "bios", "sidus") is None
+    rows = timeline_table(runs[1:2]).splitlines()
+    assert rows[2] == "| ipxe | sidus | 0 | 2.0 | 3.0 | script 3.5-3.6, vmlinuz 3.6-6.5 | 10.5 | 16.5 | 17.0 |"
