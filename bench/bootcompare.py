@@ -254,6 +254,45 @@ def wire_timeline(packets: list[tuple[float, bytes]], mac: str) -> WireTimeline:
     return tl
 
 
+def tftp_turnaround(packets: list[tuple[float, bytes]], name: str) -> tuple[int, float, float] | None:
+    """Where a lockstep TFTP transfer of ``name`` spent its time, from a pcap of the bridge:
+    ``(blocks, server s, client s)``: the server's share is the sum of each ACK -> the first
+    DATA of the next block, the client's of each block's first DATA -> its ACK (the first
+    transfer of ``name``; retransmissions and other ports left out; None if there is none)."""
+    cport: int | None = None
+    sport: int | None = None
+    sent: dict[int, float] = {}            # block -> its first DATA, until ACKed
+    acked: tuple[int, float] | None = None  # the last block ACKed and when
+    server = client = 0.0
+    blocks = 0
+    for t, frame in packets:
+        u = _udp(frame)
+        if u is None:
+            continue
+        _src, _dst, sp, dp, payload = u
+        if dp == 69 and payload[:2] == b"\x00\x01":
+            if cport is not None:
+                break                                       # the next file: this one is over
+            if payload[2:].split(b"\x00", 1)[0].decode("ascii", "replace") == name:
+                cport = sp
+        elif cport is None or len(payload) < 4:
+            continue
+        elif dp == cport and payload[:2] == b"\x00\x03" and sport in (None, sp):
+            sport = sp
+            block = struct.unpack_from("!H", payload, 2)[0]
+            if acked is not None and block == (acked[0] + 1) & 0xFFFF and block not in sent:
+                server += t - acked[1]
+            sent.setdefault(block, t)
+        elif sp == cport and dp == sport and payload[:2] == b"\x00\x04":
+            block = struct.unpack_from("!H", payload, 2)[0]
+            if block in sent:
+                client += t - sent.pop(block)
+                blocks += 1
+            if acked is None or block != acked[0]:          # a repeated ACK moves nothing
+                acked = (block, t)
+    return (blocks, round(server, 2), round(client, 2)) if blocks else None
+
+
 def ipxe_script_for(script: str, base: str, new_base: str) -> str:
     """sidusd's iPXE script with the kernel and initrd fetched from ``new_base`` instead of ``base``
     (``http://<server>:<port>``): the same script, kernel command line included (its
@@ -479,7 +518,9 @@ class Rig:
             terminate(dump, 5)
         wire = wire_timeline(pcap_packets(pcap.read_bytes()), self.mac)
         ph = phases(wire, t0, console)
-        return {"server": server, "path": path, "round": index, "phases": ph,
+        turn = tftp_turnaround(pcap_packets(pcap.read_bytes()), "demo/initrd.img")
+        return {"server": server, "path": path, "round": index, "phases": ph, "pcap": str(pcap),
+                "initrd_turnaround": turn,
                 "ra": None if wire.ra is None else round(wire.ra - t0, 2),
                 "files": [(n, round(s - t0, 2), round(e - t0, 2)) for n, s, e in wire.files]}
 

@@ -17,6 +17,7 @@ from bench.bootcompare import (
     pcap_packets,
     phases,
     schedule,
+    tftp_turnaround,
     timeline_table,
     wire_timeline,
 )
@@ -151,3 +152,25 @@ def test_timeline_of_the_median_boot_counts_from_qemu_start():
     assert median_boot(runs, "bios", "sidus") is None
     rows = timeline_table(runs[1:2]).splitlines()
     assert rows[2] == "| ipxe | sidus | 0 | 2.0 | 3.0 | script 3.5-3.6, vmlinuz 3.6-6.5 | 10.5 | 16.5 | 17.0 |"
+
+
+def test_tftp_turnaround_splits_a_transfer_into_server_and_client_time():
+    def data(t, n, sport=50000):
+        return (t, udp(SERVER, CLIENT, sport, 2000, b"\x00\x03" + struct.pack("!H", n) + bytes(8)))
+
+    def ack(t, n, dport=50000):
+        return (t, udp(CLIENT, SERVER, 2000, dport, b"\x00\x04" + struct.pack("!H", n)))
+    boot = [(10.0, udp(CLIENT, SERVER, 1999, 69, b"\x00\x01demo/vmlinuz\x00octet\x00")),
+            (10.001, udp(SERVER, CLIENT, 40000, 1999, b"\x00\x03\x00\x01" + bytes(8))),
+            (10.01, udp(CLIENT, SERVER, 1999, 40000, b"\x00\x04\x00\x01")),
+            (11.0, udp(CLIENT, SERVER, 2000, 69, b"\x00\x01demo/initrd.img\x00octet\x00")),
+            (11.01, udp(SERVER, CLIENT, 50000, 2000, b"\x00\x06blksize\x001408\x00")),
+            ack(11.02, 0), data(11.03, 1), ack(11.23, 1),      # server 0.01 (ACK of the OACK), client 0.2
+            data(11.24, 2), ack(11.54, 2),                     # server 0.01, client 0.3
+            (11.6, udp(SERVER, CLIENT, 50001, 2000, b"\x00\x03\x00\x03")),   # another port: not this one
+            data(11.74, 3), ack(11.75, 3),                     # server 0.2, client 0.01
+            data(12.5, 3),                                     # a late retransmission, never ACKed
+            (13.0, udp(CLIENT, SERVER, 2001, 69, b"\x00\x01other\x00octet\x00")), data(13.1, 4), ack(13.2, 4)]
+    assert tftp_turnaround(pcap_packets(pcap(boot)), "demo/initrd.img") == (3, 0.22, 0.51)
+    assert tftp_turnaround(pcap_packets(pcap(boot)), "demo/vmlinuz") == (1, 0.0, 0.01)
+    assert tftp_turnaround(pcap_packets(pcap(boot)), "missing") is None
