@@ -275,10 +275,12 @@ def tftp_turnaround(packets: list[tuple[float, bytes]], name: str) -> tuple[int,
                 break                                       # the next file: this one is over
             if payload[2:].split(b"\x00", 1)[0].decode("ascii", "replace") == name:
                 cport = sp
-        elif cport is None or len(payload) < 4:
             continue
-        elif dp == cport and payload[:2] == b"\x00\x03" and sport in (None, sp):
-            sport = sp
+        if cport is None or len(payload) < 4:
+            continue
+        if dp == cport and sport is None and payload[:2] in (b"\x00\x03", b"\x00\x06"):
+            sport = sp                                      # the server's first answer names its port
+        if dp == cport and payload[:2] == b"\x00\x03" and sp == sport:
             block = struct.unpack_from("!H", payload, 2)[0]
             if acked is not None and block == (acked[0] + 1) & 0xFFFF and block not in sent:
                 server += t - acked[1]
