@@ -576,13 +576,16 @@ def markdown(results: list[dict[str, Any]]) -> str:
             cells = [f"{med[c]:.2f}" if c in med else "-" for c in cols]
             out.append(f"| {path.upper() if path != 'ipxe' else 'iPXE'} | {server} | " + " | ".join(cells)
                        + f" | {med['n']:.0f} | {ratio} |")
-    out += ["", "| # | path | server | " + " | ".join(cols) + " | each file (request -> last ACK, s) |",
-            "| ---: | --- | --- | " + " | ".join("---:" for _ in cols) + " | --- |"]
+    out += ["", "| # | path | server | " + " | ".join(cols)
+            + " | each file (request -> last ACK, s) | initrd: server / client s |",
+            "| ---: | --- | --- | " + " | ".join("---:" for _ in cols) + " | --- | ---: |"]
     for i, r in enumerate(results):
         ph = r["phases"]
         files = " ".join(f"{_short(k[5:])}={v:.2f}" for k, v in ph.items() if k.startswith("file:") and v is not None)
         cells = ["-" if ph.get(c) is None else f"{ph[c]:.1f}" for c in cols]
-        out.append(f"| {i} | {r['path']} | {r['server']} | " + " | ".join(cells) + f" | {files} |")
+        turn = r.get("initrd_turnaround")
+        split = "" if not turn else f"{turn[1]:.1f} / {turn[2]:.1f}"
+        out.append(f"| {i} | {r['path']} | {r['server']} | " + " | ".join(cells) + f" | {files} | {split} |")
     return "\n".join(out) + "\n\n" + timeline_table(results)
 
 
@@ -640,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.from_json:
         results = json.loads(args.from_json.read_text())
+        for i, r in enumerate(results):            # a run from before initrd_turnaround: its pcaps
+            pcap = args.workdir / f"boot-{i:02d}-{r['path']}-{r['server'].replace('+', '-')}.pcap"
+            if r.get("initrd_turnaround") is None and pcap.exists():
+                r["initrd_turnaround"] = tftp_turnaround(pcap_packets(pcap.read_bytes()), "demo/initrd.img")
         for r in results:
             print_boot(r)
         print_summary(summarize(results))
