@@ -571,7 +571,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
            "| --- | --- | " + " | ".join("---:" for _ in cols) + " | ---: | ---: |"]
     for path, servers in summary.items():
         sidus = servers.get("sidus", {}).get("total")
-        for server, med in servers.items():
+        for server, med in sorted(servers.items(), key=lambda kv: SERVERS.index(kv[0])):
             ratio = "" if server == "sidus" or sidus is None else f"**{sidus / med['total']:.2f}**"
             cells = [f"{med[c]:.2f}" if c in med else "-" for c in cols]
             out.append(f"| {path.upper() if path != 'ipxe' else 'iPXE'} | {server} | " + " | ".join(cells)
