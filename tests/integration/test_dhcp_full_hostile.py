@@ -123,8 +123,10 @@ def test_decline_only_from_the_holder_and_rate_limited(lab):
         send(lab, looper, 0x2508 + 16 * i, "decline", got)
     c = settle(lab, "dhcp.drop.decline_rate", 3)
     assert c["dhcp.decline"] == 3 and c["dhcp.drop.decline_rate"] == 3      # per-MAC burst: 3
-    assert c["dhcp.lease_syncs"] - syncs == 6                                # the 6 ACKs, not the DECLINEs
-    assert c["dhcp.lease_unsynced_groups"] >= 1
+    # the 6 ACKs, not the 3 accepted DECLINEs (9 when each DECLINE was fsync'd).  Whether a DECLINE
+    # is written in a group of its own (``dhcp.lease_unsynced_groups``) or with the next exchange's
+    # ACK depends on the loop turn it lands in: not asserted (CI of 0cb2acd: none of its own).
+    assert c["dhcp.lease_syncs"] - syncs == 6
     assert "dhcp.errors" not in c
 
 
