@@ -24,11 +24,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sidusd.errors import BackendError
-from sidusd.image import publish
 from sidusd.image import rollout_plan as rp
 from sidusd.image.chroot import ImageLock
 from sidusd.image.generations import ImageStore
-from sidusd.image.rollout_rack import PushResult, Rack, begin, commit, run_rsync, tree_manifest, walk_entries  # noqa: F401
+from sidusd.image.rollout_rack import (  # noqa: F401
+    PushResult,
+    PushSource,
+    Rack,
+    begin,
+    commit,
+    push_source,
+    run_rsync,
+    tree_manifest,
+    walk_entries,
+)
 from sidusd.observability import get_logger
 
 log = get_logger("image.rollout")
@@ -38,23 +47,15 @@ def push(store: ImageStore, tftp_root: Path, name: str, number: int, rack: Rack,
          rsync: str = "rsync", extra: Sequence[str] = (),
          on_start: Callable[[subprocess.Popen], None] | None = None) -> PushResult:
     """Push generation ``number`` of image ``name`` to ``rack`` (see the module's text)."""
-    if number not in store.numbers(name):
-        raise BackendError(f"image {name} has no complete generation {number} to push")
-    src_root = store.path(name, number)
-    src_boot = publish.tftp_dir(tftp_root, name) / rp.gen_name(number)
-    if not ((src_boot / "vmlinuz").is_file() and (src_boot / "initrd.img").is_file()):
-        raise BackendError(f"image {name} generation {number} has no published kernel and initrd in {src_boot}")
-    manifest, count = tree_manifest(src_root, src_boot)
+    src = push_source(store, tftp_root, name, number)
     with ImageLock(rack.store.image_dir(name), f"push of generation {number}"):    # one push per rack image
-        return _push_locked(store, name, number, rack, src_root, src_boot, manifest, count,
-                            serve=serve, rsync=rsync, extra=extra, on_start=on_start)
+        return _push_locked(name, number, rack, src, serve=serve, rsync=rsync, extra=extra, on_start=on_start)
 
 
-def _push_locked(store: ImageStore, name: str, number: int, rack: Rack, src_root: Path, src_boot: Path,
-                 manifest: str, count: int, *, serve: bool, rsync: str, extra: Sequence[str],
-                 on_start: Callable[[subprocess.Popen], None] | None) -> PushResult:
-    parent = store.meta(name, number).get("parent")
-    plan = begin(rack, name, number, parent if isinstance(parent, int) else None)
+def _push_locked(name: str, number: int, rack: Rack, source: PushSource, *, serve: bool, rsync: str,
+                 extra: Sequence[str], on_start: Callable[[subprocess.Popen], None] | None) -> PushResult:
+    src_root, src_boot, manifest, count = source.root, source.boot, source.manifest, source.count
+    plan = begin(rack, name, number, source.parent)
     stats = rp.RsyncStats(0, 0, 0, 0)
     if not plan.already:
         base, link = rack.path, plan.link_dest

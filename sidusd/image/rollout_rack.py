@@ -133,6 +133,30 @@ class Rack:
         return entries
 
 
+@dataclass(frozen=True)
+class PushSource:
+    """What a push sends: the generation's tree, its published boot files and their manifest."""
+    root: Path
+    boot: Path
+    manifest: str
+    count: int
+    parent: int | None
+
+
+def push_source(store: ImageStore, tftp_root: Path, name: str, number: int) -> PushSource:
+    """Generation ``number`` of ``name`` as a push sends it; refused with the reason when it is
+    not complete or has no published kernel and initrd (both pushes, local and over ssh)."""
+    if number not in store.numbers(name):
+        raise BackendError(f"image {name} has no complete generation {number} to push")
+    src_root = store.path(name, number)
+    src_boot = publish.tftp_dir(tftp_root, name) / rp.gen_name(number)
+    if not ((src_boot / "vmlinuz").is_file() and (src_boot / "initrd.img").is_file()):
+        raise BackendError(f"image {name} generation {number} has no published kernel and initrd in {src_boot}")
+    manifest, count = tree_manifest(src_root, src_boot)
+    parent = store.meta(name, number).get("parent")
+    return PushSource(src_root, src_boot, manifest, count, parent if isinstance(parent, int) else None)
+
+
 def run_rsync(argv: list[str], on_start: Callable[[subprocess.Popen], None] | None) -> rp.RsyncStats:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     if on_start is not None:

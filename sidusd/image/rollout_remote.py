@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from sidusd.errors import BackendError, SidusError
-from sidusd.image import publish
 from sidusd.image import rollout_plan as rp
 from sidusd.image.chroot import ImageLock, LockBusy
 from sidusd.image.generations import ImageStore
-from sidusd.image.rollout_rack import PushResult, Rack, begin, commit, run_rsync, tree_manifest
+from sidusd.image.rollout_rack import PushResult, Rack, begin, commit, push_source, run_rsync
 
 ANSWER_TIMEOUT_S = 120          # the rack side's answer to "commit" (a manifest of a big tree)
 
@@ -111,15 +110,9 @@ def push_ssh(store: ImageStore, tftp_root: Path, name: str, number: int, target:
              extra: Sequence[str] = (), ssh: str = "ssh", remote_cmd: str = "sidus-image", rsync: str = "rsync",
              on_start: Callable[[subprocess.Popen], None] | None = None) -> PushResult:
     """Push generation ``number`` of ``name`` to the rack ``target`` (``host:/path``) over ssh."""
-    if number not in store.numbers(name):
-        raise BackendError(f"image {name} has no complete generation {number} to push")
-    src_root = store.path(name, number)
-    src_boot = publish.tftp_dir(tftp_root, name) / rp.gen_name(number)
-    if not ((src_boot / "vmlinuz").is_file() and (src_boot / "initrd.img").is_file()):
-        raise BackendError(f"image {name} generation {number} has no published kernel and initrd in {src_boot}")
-    manifest, count = tree_manifest(src_root, src_boot)
-    parent = store.meta(name, number).get("parent")
-    argv = remote_argv(ssh, target, remote_cmd, name, number, parent if isinstance(parent, int) else None,
+    source = push_source(store, tftp_root, name, number)
+    src_root, src_boot, manifest, count = source.root, source.boot, source.manifest, source.count
+    argv = remote_argv(ssh, target, remote_cmd, name, number, source.parent,
                        manifest, count, str(src_root), serve)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)

@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -176,22 +177,44 @@ fill_slot(EngineObject *self, unsigned int k, RunObject *run, const struct socka
     run->at = now;
 }
 
-/* Wait up to `us` microseconds for `fd` to be readable, the GIL released (ppoll: no
- * millisecond rounding).  Returns whether it is. */
+static long
+us_since(const struct timespec *t0)
+{
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (t1.tv_sec - t0->tv_sec) * 1000000L + (t1.tv_nsec - t0->tv_nsec) / 1000;
+}
+
+/* Wait up to `us` microseconds for `fd` to be readable, the GIL released: first by polling
+ * it without sleeping for up to `spin_us` (an ACK that comes within it costs no sleep and no
+ * wake-up: on a VM a cross-CPU wake-up is tens of microseconds, a lockstep block's whole
+ * budget), then by sleeping in ppoll (no millisecond rounding).  Returns whether it is. */
 static int
-wait_readable(int fd, long us)
+wait_readable(int fd, long us, long spin_us)
 {
     struct pollfd p = {.fd = fd, .events = POLLIN};
-    struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
-    int r;
+    struct timespec zero = {0, 0}, t0;
+    int r = 0;
     Py_BEGIN_ALLOW_THREADS
-    r = ppoll(&p, 1, &ts, NULL);
+    if (spin_us > us)
+        spin_us = us;
+    if (spin_us > 0) {
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        long spent = 0;
+        while ((r = ppoll(&p, 1, &zero, NULL)) == 0 && (spent = us_since(&t0)) < spin_us)
+            sched_yield();          /* a peer on this CPU runs now: its ACK is what we wait for */
+        us -= spent;
+    }
+    if (r == 0 && us > 0) {
+        struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
+        r = ppoll(&p, 1, &ts, NULL);
+    }
     Py_END_ALLOW_THREADS
     return r > 0;
 }
 
 PyDoc_STRVAR(pump_doc,
-"pump(fd, runs, now, rounds, sending, wait_us=0) -> PumpResult\n\n"
+"pump(fd, runs, now, rounds, sending, wait_us=0, spin_us=0) -> PumpResult\n\n"
 "Up to `rounds` recvmmsg calls on the non-blocking UDP socket `fd`.  A datagram that is\n"
 "exactly the 4-byte ACK a Run in `runs` (dict: 6-byte peer key -> Run) waits for takes\n"
 "that run's next step: its DATA is sent (sendmmsg, once per round) or, if `sending` is\n"
@@ -201,20 +224,21 @@ PyDoc_STRVAR(pump_doc,
 "`wait_us`: when a round took steps, nothing else came and the socket is empty, wait up to\n"
 "that long (in all, per call; GIL released) for the ACK of what was just sent instead of\n"
 "returning: a lockstep peer that answers at once costs no trip through the event loop.\n"
+"`spin_us`: of each such wait, poll without sleeping for up to that long first.\n"
 "PumpResult(rest, unsent, rx, calls, send_errors, blocked, rx_errno; dropped).");
 
 static PyObject *
 Engine_pump(EngineObject *self, PyObject *args)
 {
     int fd, rounds, sending;
-    long wait_us = 0;
+    long wait_us = 0, spin_us = 0;
     PyObject *runs;
     double now;
-    if (!PyArg_ParseTuple(args, "iO!dip|l", &fd, &PyDict_Type, &runs, &now, &rounds, &sending,
-                          &wait_us))
+    if (!PyArg_ParseTuple(args, "iO!dip|ll", &fd, &PyDict_Type, &runs, &now, &rounds, &sending,
+                          &wait_us, &spin_us))
         return NULL;
-    if (wait_us < 0 || wait_us > 100000) {
-        PyErr_SetString(PyExc_ValueError, "pump: 0 <= wait_us <= 100000");
+    if (wait_us < 0 || wait_us > 100000 || spin_us < 0 || spin_us > 1000) {
+        PyErr_SetString(PyExc_ValueError, "pump: 0 <= wait_us <= 100000, 0 <= spin_us <= 1000");
         return NULL;
     }
     lockstep_state *st = PyType_GetModuleState(Py_TYPE(self));
@@ -243,11 +267,9 @@ Engine_pump(EngineObject *self, PyObject *args)
         }
         int n = recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && stepped_only && wait_us > 0) {
-            struct timespec t1;
-            clock_gettime(CLOCK_MONOTONIC, &t1);
-            long spent = (t1.tv_sec - t0.tv_sec) * 1000000L + (t1.tv_nsec - t0.tv_nsec) / 1000;
+            long spent = us_since(&t0);
             stepped_only = 0;
-            if (spent < wait_us && wait_readable(fd, wait_us - spent))
+            if (spent < wait_us && wait_readable(fd, wait_us - spent, spin_us))
                 n = recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
         }
         if (n < 0) {

@@ -72,7 +72,7 @@ class Engine:
 
     def __new__(cls, capacity: int = 64, bufsize: int = 2048, tx_capacity: int = 256) -> Engine: ...
     def pump(self, fd: int, runs: dict[bytes, Run[_P]], now: float, rounds: int, sending: bool,
-             wait_us: int = 0, /) -> PumpResult[_P]:
+             wait_us: int = 0, spin_us: int = 0, /) -> PumpResult[_P]:
         """Up to ``rounds`` recvmmsg calls on ``fd``; the exact ACK a run waits for takes its step
         (``wait_us``: how long, in all, C may wait for the ACKs of the steps it just took)."""
 

@@ -38,12 +38,17 @@ if TYPE_CHECKING:
     from .tftp_server import TftpService
 
 RX_ROUNDS = 8               # recvmmsg calls per transfer socket per loop turn
-ACCEL_ROUNDS = 32           # ... on an accelerated port (C's rounds cost no Python)
+ACCEL_ROUNDS = 1024         # ... on an accelerated port (C's rounds cost no Python)
 # How long C may wait, in all per loop turn, for the ACKs of the steps it just took when the
 # socket is empty (the event loop waits that long at most): a lockstep peer answering within
-# it costs no trip through the event loop and Python (bench.tftpbig, blksize 1468, one
-# client: 12.8 s of server CPU per GB, ~19 us per block, nearly all of it that trip).
-ACCEL_WAIT_US = 100
+# it costs no trip through the event loop and Python.  With 32 rounds and 100 us, one client
+# at blksize 1468 came back to Python every few blocks (bench.tftpbig, N = 1: 13-20 s of
+# server CPU per GB); 5 ms delays the other sockets (port 69, DHCP, timers) by at most that.
+ACCEL_WAIT_US = 5000
+# Of each such wait, C first polls without sleeping (yielding the CPU) for up to this long:
+# on this 2-vCPU VM a sleeping server costs a cross-CPU wake-up per block, most of a 1468
+# block's turnaround (N = 1: ~25 MB/s for every server, sidusd ~70 with the spin).
+ACCEL_SPIN_US = 30
 _OP_ACK = 4
 
 
@@ -57,7 +62,7 @@ def on_port_readable(svc: TftpService, port: SharedPort) -> None:
     try:
         if port.accel:
             # C takes the lockstep steps of the runs (no Python per ACK); the rest is ours
-            rest, rx, calls, err = port.pump(now, ACCEL_ROUNDS, ACCEL_WAIT_US)
+            rest, rx, calls, err = port.pump(now, ACCEL_ROUNDS, ACCEL_WAIT_US, ACCEL_SPIN_US)
             if err:
                 obs.count("tftp.rx_errors")
                 svc.rlog.warning("tftp.rx_error", error=os.strerror(err))

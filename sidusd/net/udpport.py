@@ -132,7 +132,7 @@ class SharedPort:
         return batch
 
     def pump(self, now: float, rounds: int,
-             wait_us: int = 0) -> tuple[list[tuple[bytes, bytes, bool]], int, int, int]:
+             wait_us: int = 0, spin_us: int = 0) -> tuple[list[tuple[bytes, bytes, bool]], int, int, int]:
         """Up to ``rounds`` reads; the lockstep steps of :attr:`runs` are taken and sent in C.
 
         Returns ``(rest, rx, calls, rx_errno)``: the datagrams that were not a
@@ -144,7 +144,7 @@ class SharedPort:
         """
         assert self._engine is not None
         res = self._engine.pump(self.fd, self.runs, now, rounds, not self._outbox and not self.closed,
-                                wait_us)
+                                wait_us, spin_us)
         if res.send_errors:
             self._count("tftp.send_errors", res.send_errors)
         if res.dropped:

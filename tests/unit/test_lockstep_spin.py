@@ -1,0 +1,90 @@
+"""Engine.pump's ``spin_us``: before sleeping for the ACK of what it just sent, C polls the
+socket without sleeping (yielding the CPU to a peer that shares it) for up to that long.
+
+The figures it is for are bench.tftpbig's (docs/performance.md): one lockstep client at
+blksize 1468 went from ~25 MB/s (a cross-CPU wake-up per block) to ~70.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from sidusd.net import udpport
+
+if not udpport.ACCEL_BUILT:
+    pytest.skip("needs the C extension sidusd.net._lockstep, built by scripts/setup "
+                "(gcc, libc6-dev, python3-dev)", allow_module_level=True)
+
+from test_lockstep_engine import ack, key_of, make_run, udp, wait_readable  # noqa: E402
+
+from sidusd.net import _lockstep  # noqa: E402
+
+
+def serve_with(wait_us: int, spin_us: int, count: int, delay_s: float = 0.0) -> tuple[int, int, bool]:
+    """A peer thread ACKs every DATA (after ``delay_s``); returns (pump calls, steps, data ok)."""
+    server, client = udp(), udp(blocking=True)
+    plan = make_run(1, 1024, count, size_last=10)
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def peer() -> None:
+        client.settimeout(5.0)
+        for _ in range(plan.count):
+            d = client.recv(70000)
+            got.append(d)
+            if delay_s:
+                stop.wait(delay_s)
+            client.sendto(ack((d[2] << 8) | d[3]), server.getsockname())
+
+    run = _lockstep.Run(plan.ack, plan.data, plan.blksize, plan.count, "p")
+    peer_key = key_of(client)
+    runs = {peer_key: run}
+    engine = _lockstep.Engine()
+    th = threading.Thread(target=peer)
+    th.start()
+    client.sendto(ack(plan.ack), server.getsockname())
+    calls, rest = 0, []
+    try:
+        while not rest:
+            wait_readable(server)
+            res = engine.pump(server.fileno(), runs, 5.0, 1024, True, wait_us, spin_us)
+            assert (res.send_errors, res.blocked, res.rx_errno, res.unsent) == (0, 0, 0, [])
+            rest += res.rest
+            calls += 1
+    finally:
+        th.join()
+        server.close()
+        client.close()
+    ok = got == [plan.datagram(i) for i in range(plan.count)]
+    assert rest == [(ack(plan.ack + plan.count), peer_key, False)]
+    return calls, run.used, ok
+
+
+@pytest.mark.parametrize("spin_us", [1, 30, 1000])
+def test_spinning_takes_every_step_of_a_prompt_peer_in_few_calls(spin_us: int) -> None:
+    """The ACK comes during the spin (or after it, in the sleep): the same DATA, in order,
+    every step taken, nearly all in one call."""
+    calls, used, ok = serve_with(100_000, spin_us, 40)
+    assert ok and used == 40
+    assert calls <= 40 // 2, calls
+
+
+def test_a_peer_slower_than_the_spin_is_still_waited_for() -> None:
+    """The ACK comes 3 ms after the DATA, long after a 50 us spin: the sleep that follows
+    the spin still takes it (the wait is not cut short by the spin)."""
+    calls, used, ok = serve_with(100_000, 50, 10, delay_s=0.003)
+    assert ok and used == 10
+    assert calls <= 10 // 2, calls
+
+
+def test_spin_us_bounds() -> None:
+    server = udp()
+    engine = _lockstep.Engine()
+    for bad in (-1, 1001):
+        with pytest.raises(ValueError):
+            engine.pump(server.fileno(), {}, 0.0, 1, True, 100, bad)
+    res = engine.pump(server.fileno(), {}, 0.0, 1, True, 100, 1000)   # nothing sent: no wait
+    assert res.rx == 0
+    server.close()
