@@ -7,6 +7,7 @@ with the tool's name, and .ci/run installs every such tool so CI never skips.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -55,6 +56,21 @@ def require_tool(name: str) -> str:
     if not path:
         pytest.skip(f"missing tool: {name} (installed by .ci/run)")
     return path
+
+
+# A terminal control sequence: CSI (ESC [ params final), or a two-byte ESC sequence (ESC c resets).
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_c]")
+
+
+def console_text(path: Path) -> str:
+    """A VM's serial log as text with the terminal control sequences removed (empty if absent).
+
+    SeaBIOS mirrors the VGA cursor to the serial port, so a line that PXELINUX prints there can be
+    cut by a cursor move: the CI run of stop 26 read ``sidus-pxelinux-d18c06\x1b[25;21H\x1b[25;22Hb3``
+    where the marker was ``sidus-pxelinux-d18c06b3``."""
+    if not path.exists():
+        return ""
+    return _CONTROL.sub("", path.read_text(errors="replace"))
 
 
 def require_root() -> None:

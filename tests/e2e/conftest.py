@@ -27,6 +27,7 @@ ROOT = _root.ROOT
 require_root = _root.require_root
 require_tool = _root.require_tool
 poll_until = _root.poll_until
+console_text = _root.console_text
 absolute_import = _root.absolute_import
 
 TOOLS = ("ip", "qemu-system-x86_64", "dnsmasq", "ganesha.nfsd", "rpcbind", "showmount",

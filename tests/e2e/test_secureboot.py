@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from conftest import console_text, require_tool
 
 from sidusd import config
 from sidusd.boot import provider
@@ -92,14 +92,14 @@ def _boot(tmp: Path, root: Path, bootfile: str, until: str) -> str:
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None:
-            if log.exists() and until in log.read_text(errors="replace"):
+            if until in console_text(log):
                 break
             time.sleep(0.5)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-    return log.read_text(errors="replace") if log.exists() else ""
+    return console_text(log)
 
 
 def test_shim_grub_signed_kernel_with_secure_boot_on(tmp_path):

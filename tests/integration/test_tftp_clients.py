@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import require_root, require_tool
+from conftest import console_text, require_root, require_tool
 from structlog.testing import capture_logs
 
 from sidusd import config as config_mod
@@ -806,7 +806,8 @@ def test_ipxe_then_pxelinux_boot_through_sidus_tftp(tmp_path) -> None:
             q.wait(10)
         relay.stop()
         s.close()
-    assert marker in log.read_text(errors="replace"), log.read_text(errors="replace")[-2000:]
+    text = console_text(log)
+    assert marker in text, text[-2000:]
     files = [e["file"] for e in s.transfers() if e["outcome"] == "ok"]
     assert files[:3] == ["pxelinux.0", "ldlinux.c32", "pxelinux.cfg/01-52-54-00-12-34-56"]
     assert relay.first_packets[0] == bytes.fromhex((golden / "ipxe-rrq-pxelinux0.hex").read_text().split()[0])
