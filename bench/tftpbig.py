@@ -2,12 +2,15 @@
 
     sudo python3 -m bench.tftpbig                     # blksize 1468,8972,65464 x N 1,32,64,128, 3 rounds
     sudo python3 -m bench.tftpbig --link veth         # the same over a veth pair, MTU 9000, netns to netns
+    sudo python3 -m bench.tftpbig --link tun          # over TUN + a relay adding 100 us per round trip
     sudo python3 -m bench.tftpbig --quick             # tiny sizes: checks it runs, not how fast
 
 All four servers run at once for the whole run, each on its own address
 (127.0.0.1-4 on loopback; with ``--link veth`` 10.78.0.1-4 on the server end of a
 veth pair whose other end is in a second network namespace, where the clients
-run), all on port 69, inside a private network namespace (``unshare --net``).
+run; with ``--link tun`` the same over two TUN devices joined by a relay that
+adds ``--rtt-us`` (100) to every round trip: bench/tftplink.py), all on port 69,
+inside a private network namespace (``unshare --net``).
 One *case* is (block size, N): N atftp clients (C, lockstep: one block in flight,
 ``--option "blksize B"``) fetch the same file at once from one server; the
 cases run in rotation (round -> block size -> N -> server), so a noisy machine
@@ -23,7 +26,8 @@ rounds, and sidusd's ratios to the best C server (per round, then median);
 The file is ``--file-mb`` (50) MB for N = 1 and ``--total-mb`` / N (at least
 4 MB) for larger N, so that every case moves a few hundred MB.  This kernel has
 no netem qdisc (CONFIG_NET_SCH_NETEM unset), so the veth case has no added
-per-packet delay: it models a jumbo-frame LAN's MTU, not its turnaround.
+per-packet delay: it models a jumbo-frame LAN's MTU; the tun case models its
+turnaround too (the measured ping round trip is printed and kept in the JSON).
 """
 
 from __future__ import annotations
@@ -45,40 +49,12 @@ from typing import Any
 
 from .measure import CpuMeter
 from .peers import BENCH, REPO, SERVERS, BenchSetupError, ensure_peers, server_spec, stop_server
+from .tftplink import LINKS, Link, addresses
 
 MB = 1_000_000
 _INNER = "SIDUS_TFTPBIG_IN_NETNS"
-CLIENT_NS = "sidus-tftpbig-cl"        # + the outer pid: the clients' namespace with --link veth
+CLIENT_NS = "sidus-tftpbig-cl"        # + the outer pid: the clients' namespace (veth, tun)
 FILE = "big"                          # + .<size>: the file a case fetches
-
-
-def addresses(link: str) -> list[str]:
-    base = "127.0.0." if link == "lo" else "10.78.0."
-    return [f"{base}{i + 1}" for i in range(len(SERVERS))]
-
-
-def run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
-
-
-def setup_link(link: str, ns: str) -> None:
-    """Loopback up; with ``veth``: sv0 (here, MTU 9000, the servers' addresses) <-> cl0 in ``ns``."""
-    run("ip", "link", "set", "lo", "up")
-    if link != "veth":
-        # tftpd-hpa resolves its -a address with AI_ADDRCONFIG, which ignores loopback: an
-        # IPv4 address on some other interface is needed (an unused veth end).
-        run("ip", "link", "add", "ac0", "type", "veth", "peer", "name", "ac1")
-        run("ip", "addr", "add", "10.79.0.1/32", "dev", "ac0")
-        return
-    run("ip", "netns", "add", ns)
-    run("ip", "link", "add", "sv0", "mtu", "9000", "type", "veth", "peer", "name", "cl0", "mtu", "9000")
-    run("ip", "link", "set", "cl0", "netns", ns)
-    for a in addresses(link):
-        run("ip", "addr", "add", f"{a}/24", "dev", "sv0")
-    run("ip", "link", "set", "sv0", "up")
-    run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-    run("ip", "netns", "exec", ns, "ip", "addr", "add", "10.78.0.100/24", "dev", "cl0")
-    run("ip", "netns", "exec", ns, "ip", "link", "set", "cl0", "up")
 
 
 def client_argv(host: str, name: str, blksize: int, out: str, ns: str | None) -> list[str]:
@@ -196,13 +172,14 @@ async def inner(a: argparse.Namespace) -> int:
     servers = [s for s in a.servers.split(",") if s]
     blksizes = [int(x) for x in a.blksizes.split(",")]
     clients = [int(x) for x in a.clients.split(",")]
-    ns = f"{CLIENT_NS}-{os.getppid()}" if a.link == "veth" else None
+    ns = f"{CLIENT_NS}-{os.getppid()}" if a.link != "lo" else None
+    link: Link | None = None
     work = Path(tempfile.mkdtemp(prefix="sidus-tftpbig-"))
     procs: list[tuple[subprocess.Popen, CpuMeter]] = []
     runs: list[dict[str, Any]] = []
     loads: list[str] = []
     try:
-        setup_link(a.link, ns or "")
+        link = Link(a.link, ns or "", a.rtt_us)
         root = work / "root"
         root.mkdir()
         root.chmod(0o755)
@@ -229,6 +206,10 @@ async def inner(a: argparse.Namespace) -> int:
             procs.append((proc, meter))
         for s, (proc, _m) in started.items():
             await wait_serving(hosts[s], ns, proc)
+        rtt = link.ping_rtt(hosts[servers[0]]) if link is not None else None
+        if rtt is not None:
+            loads.append(f"ping rtt clients -> {hosts[servers[0]]}: {rtt:.3f} ms (median of 20)")
+            print(loads[-1], flush=True)
         for rd in range(a.rounds):
             loads.append(f"round {rd} start: {uptime()}")
             print(loads[-1], flush=True)
@@ -248,8 +229,11 @@ async def inner(a: argparse.Namespace) -> int:
         for proc, meter in procs:
             stop_server(proc)
             meter.close()
-        if ns:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if link is not None:
+            relay = link.close()
+            if relay:
+                loads.append(relay)
+                print(relay)
         shutil.rmtree(work, ignore_errors=True)
     summary = summarize(runs, servers)
     print_table(summary, servers)
@@ -270,7 +254,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--file-mb", type=float, default=50.0, help="file size for N = 1 (MB)")
     p.add_argument("--total-mb", type=float, default=512.0, help="bytes per case for N > 1 (MB)")
-    p.add_argument("--link", choices=("lo", "veth"), default="lo")
+    p.add_argument("--link", choices=LINKS, default="lo")
+    p.add_argument("--rtt-us", type=int, default=100,
+                   help="with --link tun: the round trip the relay adds (half each way)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--quick", action="store_true", help="1 round, 1 MB files, N 1,4")
     a = p.parse_args(argv)

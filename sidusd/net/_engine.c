@@ -4,17 +4,13 @@
  * sendmmsg(2) straight from the run's buffer (_lockstep.c says what a run is and why).
  */
 #include "_lockstep.h"
-
 #include <structmember.h>
-
 #include <errno.h>
 #include <poll.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
-
-/* --------------------------------------------------------------- Engine */
 
 typedef struct {
     PyObject_HEAD
@@ -29,6 +25,8 @@ typedef struct {
     struct sockaddr_in *snames;
     unsigned char (*shdr)[4];
     RunObject **sruns;           /* a reference per message being sent */
+    long misses;                 /* waits in a row that outlasted their spin */
+    Py_ssize_t waits, spun;      /* waits so far, and those that spun first */
 } EngineObject;
 
 static void
@@ -177,6 +175,8 @@ fill_slot(EngineObject *self, unsigned int k, RunObject *run, const struct socka
     run->at = now;
 }
 
+#define SPIN_MISSES 32         /* waits in a row that miss their spin stop it; then one in */
+#define SPIN_PROBE 8           /* SPIN_PROBE spins again */
 static long
 us_since(const struct timespec *t0)
 {
@@ -188,28 +188,38 @@ us_since(const struct timespec *t0)
 /* Wait up to `us` microseconds for `fd` to be readable, the GIL released: first by polling
  * it without sleeping for up to `spin_us` (an ACK that comes within it costs no sleep and no
  * wake-up: on a VM a cross-CPU wake-up is tens of microseconds, a lockstep block's whole
- * budget), then by sleeping in ppoll (no millisecond rounding).  Returns whether it is. */
+ * budget), then by sleeping in ppoll (no millisecond rounding).  Only while spinning pays:
+ * after SPIN_MISSES waits in a row readable only long after their spin (4x: a LAN's round
+ * trip, a slow client), one in SPIN_PROBE spins (at a 240 us round trip the spin doubled the
+ * CPU per GB; on loopback many ACKs come just after 30 us: they must not stop it). */
 static int
-wait_readable(int fd, long us, long spin_us)
+wait_readable(EngineObject *self, int fd, long us, long spin_us)
 {
     struct pollfd p = {.fd = fd, .events = POLLIN};
     struct timespec zero = {0, 0}, t0;
-    int r = 0;
+    int r = 0, hit = 0; long took;  /* a miss: readable only long after the spin (4x) */
+    if (self->misses >= SPIN_MISSES && self->waits % SPIN_PROBE != 0)
+        spin_us = 0;
+    self->waits++;
+    self->spun += spin_us > 0;
     Py_BEGIN_ALLOW_THREADS
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     if (spin_us > us)
         spin_us = us;
     if (spin_us > 0) {
-        clock_gettime(CLOCK_MONOTONIC, &t0);
-        long spent = 0;
-        while ((r = ppoll(&p, 1, &zero, NULL)) == 0 && (spent = us_since(&t0)) < spin_us)
+        while ((r = ppoll(&p, 1, &zero, NULL)) == 0 && us_since(&t0) < spin_us)
             sched_yield();          /* a peer on this CPU runs now: its ACK is what we wait for */
-        us -= spent;
+        hit = r > 0;
     }
-    if (r == 0 && us > 0) {
-        struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
+    long left = us - us_since(&t0);
+    if (r == 0 && left > 0) {
+        struct timespec ts = {.tv_sec = left / 1000000, .tv_nsec = (left % 1000000) * 1000};
         r = ppoll(&p, 1, &ts, NULL);
     }
+    took = us_since(&t0);
     Py_END_ALLOW_THREADS
+    if (spin_us > 0)
+        self->misses = hit || took <= 4 * spin_us ? 0 : self->misses + 1;
     return r > 0;
 }
 
@@ -269,7 +279,7 @@ Engine_pump(EngineObject *self, PyObject *args)
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && stepped_only && wait_us > 0) {
             long spent = us_since(&t0);
             stepped_only = 0;
-            if (spent < wait_us && wait_readable(fd, wait_us - spent, spin_us))
+            if (spent < wait_us && wait_readable(self, fd, wait_us - spent, spin_us))
                 n = recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
         }
         if (n < 0) {
@@ -365,7 +375,14 @@ static PyMethodDef Engine_methods[] = {
     {NULL}
 };
 
+static PyMemberDef Engine_members[] = {
+    {"waits", T_PYSSIZET, offsetof(EngineObject, waits), READONLY, "waits for an ACK so far"},
+    {"spun", T_PYSSIZET, offsetof(EngineObject, spun), READONLY, "... of which spun first"},
+    {NULL}
+};
+
 static PyType_Slot Engine_slots[] = {
+    {Py_tp_members, Engine_members},
     {Py_tp_doc, "Engine(capacity=64, bufsize=2048, tx_capacity=256): recvmmsg/sendmmsg buffers."},
     {Py_tp_new, Engine_new},
     {Py_tp_dealloc, Engine_dealloc},

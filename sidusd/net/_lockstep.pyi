@@ -70,6 +70,13 @@ class PumpResult(Generic[_P]):
 class Engine:
     """Engine(capacity=64, bufsize=2048, tx_capacity=256): recvmmsg/sendmmsg buffers."""
 
+    @property
+    def waits(self) -> int:
+        """Waits for an ACK so far (``wait_us``)."""
+    @property
+    def spun(self) -> int:
+        """... of which polled without sleeping first (``spin_us``: only while the waits are
+        shorter than it, and one in 64 otherwise)."""
     def __new__(cls, capacity: int = 64, bufsize: int = 2048, tx_capacity: int = 256) -> Engine: ...
     def pump(self, fd: int, runs: dict[bytes, Run[_P]], now: float, rounds: int, sending: bool,
              wait_us: int = 0, spin_us: int = 0, /) -> PumpResult[_P]:

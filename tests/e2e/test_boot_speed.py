@@ -18,7 +18,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from bench.bootcompare import pcap_packets, wire_timeline
+from bench.bootwire import pcap_packets, wire_timeline
 from sidusd.lab.demo import HostSpec
 from sidusd.lab.proc import terminate
 from sidusd.lab.vm import mac_for

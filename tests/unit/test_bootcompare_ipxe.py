@@ -1,6 +1,7 @@
-"""bench/bootcompare.py's iPXE/HTTP path, the pure parts: HTTP transfers read from a pcap of the
-lab bridge (TCP segments built here as they appear on br0, keep-alive and a late FIN included),
-the peers' copy of sidusd's iPXE script, and the order of a round's boots."""
+"""bench/bootcompare.py's iPXE/HTTP path (with bootwire.py and bootreport.py), the pure parts:
+HTTP transfers read from a pcap of the lab bridge (TCP segments built here as they appear on
+br0, keep-alive and a late FIN included), the peers' copy of sidusd's iPXE script, and the
+order of a round's boots."""
 
 from __future__ import annotations
 
@@ -9,18 +10,9 @@ import struct
 
 import pytest
 
-from bench.bootcompare import (
-    PATH_SERVERS,
-    ipxe_script_for,
-    markdown,
-    median_boot,
-    pcap_packets,
-    phases,
-    schedule,
-    tftp_turnaround,
-    timeline_table,
-    wire_timeline,
-)
+from bench.bootcompare import ipxe_script_for, schedule
+from bench.bootreport import markdown, median_boot, timeline_table
+from bench.bootwire import PATH_SERVERS, pcap_packets, phases, tftp_turnaround, wire_timeline
 from tests.unit.test_ipxe_opts_wire import SRV, VM, dhcp, pcap, udp
 
 CLIENT, SERVER = "10.13.20.198", "10.13.20.1"

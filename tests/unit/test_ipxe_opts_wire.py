@@ -1,4 +1,4 @@
-"""bench/bootcompare.py's wire timeline: a boot's DHCP and TFTP steps read from a pcap (pure).
+"""bench/bootwire.py's wire timeline: a boot's DHCP and TFTP steps read from a pcap (pure).
 
 The frames are built here the way they appear on the lab bridge (Ethernet/IPv4/UDP, a DHCP
 message with option 53, TFTP RRQ/OACK/DATA, an ICMPv6 router advertisement to the VM)."""
@@ -8,7 +8,8 @@ from __future__ import annotations
 import socket
 import struct
 
-from bench.bootcompare import pcap_packets, phases, summarize, wire_timeline
+from bench.bootreport import summarize
+from bench.bootwire import pcap_packets, phases, wire_timeline
 
 VM = bytes.fromhex("525400132001")
 SRV = bytes.fromhex("6a7acdb8adfd")
