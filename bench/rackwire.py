@@ -38,19 +38,30 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
-def open_tun(ns: str, dev: str) -> int:
-    """A TUN device named ``dev`` created in namespace ``ns``; its fd (non-blocking)."""
+def _tun_here(dev: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", dev.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_tun(ns: str | None, dev: str) -> int:
+    """A TUN device named ``dev`` created in namespace ``ns`` (None: this process's); its fd
+    (non-blocking)."""
+    if ns is None:
+        return _tun_here(dev)
     own = f"/proc/{os.getpid()}/ns/net"
     back = os.open(own, os.O_RDONLY)
     try:
         _setns(f"/run/netns/{ns}")
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", dev.encode(), IFF_TUN | IFF_NO_PI))
+        return _tun_here(dev)
     finally:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.setns(back, CLONE_NEWNET)
         os.close(back)
-    return fd
 
 
 class Wire:

@@ -27,7 +27,7 @@ The file is ``--file-mb`` (50) MB for N = 1 and ``--total-mb`` / N (at least
 4 MB) for larger N, so that every case moves a few hundred MB.  This kernel has
 no netem qdisc (CONFIG_NET_SCH_NETEM unset), so the veth case has no added
 per-packet delay: it models a jumbo-frame LAN's MTU; the tun case models its
-turnaround too (the measured ping round trip is printed and kept in the JSON).
+turnaround too (the round trip of a UDP echo through it is printed and kept in the JSON).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from typing import Any
 
 from .measure import CpuMeter
 from .peers import BENCH, REPO, SERVERS, BenchSetupError, ensure_peers, server_spec, stop_server
-from .tftplink import LINKS, Link, addresses
+from .tftplink import ECHO_PROBES, LINKS, Link, addresses
 
 MB = 1_000_000
 _INNER = "SIDUS_TFTPBIG_IN_NETNS"
@@ -206,9 +206,9 @@ async def inner(a: argparse.Namespace) -> int:
             procs.append((proc, meter))
         for s, (proc, _m) in started.items():
             await wait_serving(hosts[s], ns, proc)
-        rtt = link.ping_rtt(hosts[servers[0]]) if link is not None else None
+        rtt = link.echo_rtt(hosts[servers[0]])
         if rtt is not None:
-            loads.append(f"ping rtt clients -> {hosts[servers[0]]}: {rtt:.3f} ms (median of 20)")
+            loads.append(f"echo rtt clients -> {hosts[servers[0]]}: {rtt:.3f} ms (median of {ECHO_PROBES})")
             print(loads[-1], flush=True)
         for rd in range(a.rounds):
             loads.append(f"round {rd} start: {uptime()}")

@@ -7,28 +7,27 @@ joined by ``wiredelay`` (bench/wiredelay.c), a fixed delay each way in user spac
 * ``tun``:  the same addresses on two TUN devices (MTU 9000), every packet handed from one to the
   other by ``wiredelay`` ``rtt_us / 2`` later: a LAN's turnaround (``tc netem delay`` is not
   available: this kernel has no sch_netem).  The relay is one more process on the machine's CPUs,
-  the same for every server; what it adds beyond ``rtt_us`` is measured by :func:`ping_rtt`.
+  the same for every server; what it adds beyond ``rtt_us`` is measured by :meth:`Link.echo_rtt`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from .peers import BENCH, SERVERS, BenchSetupError
-from .rackwire import IFF_NO_PI, IFF_TUN, TUNSETIFF, open_tun
+from .rackwire import open_tun
 
 LINKS = ("lo", "veth", "tun")
 MTU = 9000
 _SOURCE = Path(__file__).resolve().parent / "wiredelay.c"
 _BINARY = BENCH / ".peers" / "wiredelay"
+ECHO_PROBES = 50                # UDP echoes whose median round trip is reported
 
 
 def addresses(link: str) -> list[str]:
@@ -84,9 +83,8 @@ class Link:
 
     def _tun_pair(self) -> None:
         binary = build_wiredelay()
-        here = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+        here = open_tun(None, "sv0")
         try:
-            fcntl.ioctl(here, TUNSETIFF, struct.pack("16sH", b"sv0", IFF_TUN | IFF_NO_PI))
             there = open_tun(self.ns, "cl0")
         except OSError:
             os.close(here)
@@ -102,7 +100,7 @@ class Link:
             os.close(here)              # the relay holds the devices now
             os.close(there)
 
-    def ping_rtt(self, host: str, count: int = 50) -> float | None:
+    def echo_rtt(self, host: str, count: int = ECHO_PROBES) -> float | None:
         """The median round trip (ms) of a UDP echo from the clients' namespace to ``host`` (a
         thread here echoes; ``count`` probes from a Python client there)."""
         if self.link == "lo":

@@ -25,7 +25,7 @@ typedef struct {
     struct sockaddr_in *snames;
     unsigned char (*shdr)[4];
     RunObject **sruns;           /* a reference per message being sent */
-    long misses;                 /* waits in a row that outlasted their spin */
+    long misses;                 /* waits in a row readable only beyond 4x their spin */
     Py_ssize_t waits, spun;      /* waits so far, and those that spun first */
 } EngineObject;
 

@@ -75,8 +75,8 @@ class Engine:
         """Waits for an ACK so far (``wait_us``)."""
     @property
     def spun(self) -> int:
-        """... of which polled without sleeping first (``spin_us``: only while the waits are
-        shorter than it, and one in 64 otherwise)."""
+        """... of which polled without sleeping first (``spin_us``; after 32 waits in a row
+        readable only beyond 4x the spin, one in 8)."""
     def __new__(cls, capacity: int = 64, bufsize: int = 2048, tx_capacity: int = 256) -> Engine: ...
     def pump(self, fd: int, runs: dict[bytes, Run[_P]], now: float, rounds: int, sending: bool,
              wait_us: int = 0, spin_us: int = 0, /) -> PumpResult[_P]:

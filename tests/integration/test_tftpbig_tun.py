@@ -40,7 +40,7 @@ def test_tftpbig_over_a_delayed_tun_link(tmp_path) -> None:
     for x in runs:
         assert x["failures"] == 0 and x["sha256_ok"], x
     # the relay's added round trip, measured through it: 2 ms asked, nothing near a bare veth's
-    rtt = [float(m) for m in re.findall(r"ping rtt clients -> [0-9.]+: ([0-9.]+) ms", "\n".join(doc["loads"]))]
+    rtt = [float(m) for m in re.findall(r"echo rtt clients -> [0-9.]+: ([0-9.]+) ms", "\n".join(doc["loads"]))]
     assert len(rtt) == 1 and 2.0 <= rtt[0] < 20.0, doc["loads"]
     # the relay stopped on SIGTERM and said what it forwarded, both ways, with nothing dropped
     counts = [ln for ln in doc["loads"] if ln.startswith("wiredelay:")]
