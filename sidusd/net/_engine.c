@@ -197,7 +197,7 @@ wait_readable(EngineObject *self, int fd, long us, long spin_us)
 {
     struct pollfd p = {.fd = fd, .events = POLLIN};
     struct timespec zero = {0, 0}, t0;
-    int r = 0, hit = 0; long took;  /* a miss: readable only long after the spin (4x) */
+    int r = 0; long took;           /* a miss: readable only long after the spin (4x) */
     if (self->misses >= SPIN_MISSES && self->waits % SPIN_PROBE != 0)
         spin_us = 0;
     self->waits++;
@@ -209,7 +209,6 @@ wait_readable(EngineObject *self, int fd, long us, long spin_us)
     if (spin_us > 0) {
         while ((r = ppoll(&p, 1, &zero, NULL)) == 0 && us_since(&t0) < spin_us)
             sched_yield();          /* a peer on this CPU runs now: its ACK is what we wait for */
-        hit = r > 0;
     }
     long left = us - us_since(&t0);
     if (r == 0 && left > 0) {
@@ -219,7 +218,8 @@ wait_readable(EngineObject *self, int fd, long us, long spin_us)
     took = us_since(&t0);
     Py_END_ALLOW_THREADS
     if (spin_us > 0)
-        self->misses = hit || took <= 4 * spin_us ? 0 : self->misses + 1;
+        self->misses = took <= 4 * spin_us ? 0 : self->misses + 1;  /* by the clock, not by
+                            * who saw it: a loaded CPU's sched_yield can last a timeslice */
     return r > 0;
 }
 

@@ -7,6 +7,9 @@ blksize 1468 went from ~25 MB/s (a cross-CPU wake-up per block) to ~70.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -100,6 +103,35 @@ def test_after_a_wait_longer_than_the_spin_the_waits_sleep_at_once() -> None:
     engine = _lockstep.Engine()
     calls, used, ok = serve_with(100_000, 50, 70, delay_s=0.001, engine=engine)
     assert ok and used == 70
+    assert engine.waits >= 60, engine.waits
+    assert engine.spun == len([i for i in range(engine.waits) if i < 32 or i % 8 == 0]), (engine.waits, engine.spun)
+
+
+@pytest.fixture
+def cpu_shared_with_a_hog():
+    """This thread (and the threads it starts) and a busy process on one CPU: a sched_yield
+    there lasts up to a timeslice (CI's loaded machine: every ACK came "during the spin")."""
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                           preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield hog
+    finally:
+        os.sched_setaffinity(0, before)
+        hog.kill()
+        hog.wait()
+
+
+def test_a_spin_stretched_by_a_busy_cpu_is_a_miss(cpu_shared_with_a_hog) -> None:
+    """The ACK comes 1 ms after each DATA and the CPU is shared with a busy process, so a
+    sched_yield in the spin lasts a timeslice and the ACK is already there when it returns:
+    that is still a miss (it came long after the spin, by the clock), and the spin stops."""
+    engine = _lockstep.Engine()
+    calls, used, ok = serve_with(100_000, 50, 70, delay_s=0.001, engine=engine)
+    assert ok and used == 70
+    assert cpu_shared_with_a_hog.poll() is None      # the hog ran throughout
     assert engine.waits >= 60, engine.waits
     assert engine.spun == len([i for i in range(engine.waits) if i < 32 or i % 8 == 0]), (engine.waits, engine.spun)
 
