@@ -90,14 +90,15 @@ class ServerSpec:
 
 def server_spec(name: str, root: Path, workdir: Path, max_transfers: int, port: int = 69,
                 dhcp: DhcpSide | None = None, http_port: int | None = None,
-                http_clients: int = 0, address: str = "127.0.0.1") -> ServerSpec:
+                http_clients: int = 0, address: str = "127.0.0.1",
+                sidusd_tftp: dict | None = None) -> ServerSpec:
     """The command line that serves ``root`` over TFTP on ``address``:``port`` (127.0.0.1).
 
     ``dhcp``: also answer proxyDHCP on that interface (sidusd and dnsmasq
     only), TFTP then on every address (the boot server address is the
     interface's).  ``http_port``: sidusd also serves HTTP boot there, with
     iPXE chainloading, and limits fitting ``http_clients`` clients that all
-    come from one address.
+    come from one address.  ``sidusd_tftp``: more keys of sidusd's ``tftp:`` section.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     if dhcp is not None and name not in DHCP_SERVERS:
@@ -106,7 +107,7 @@ def server_spec(name: str, root: Path, workdir: Path, max_transfers: int, port: 
         raise BenchSetupError(f"{name} has no HTTP server")
     if name == "sidusd":
         cfg = write_sidusd_config(root, workdir, max_transfers, port, dhcp=dhcp, http_port=http_port,
-                                  http_clients=http_clients, address=address)
+                                  http_clients=http_clients, address=address, tftp=sidusd_tftp)
         return ServerSpec(name, [sys.executable, "-m", "sidusd", "--config", str(cfg)], workdir)
     if name == "dnsmasq":
         if port != 69:
@@ -138,7 +139,8 @@ def server_spec(name: str, root: Path, workdir: Path, max_transfers: int, port: 
 
 def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int,
                         dhcp: DhcpSide | None = None, http_port: int | None = None,
-                        http_clients: int = 0, address: str = "127.0.0.1") -> Path:
+                        http_clients: int = 0, address: str = "127.0.0.1",
+                        tftp: dict | None = None) -> Path:
     """A sidusd config serving ``root`` on ``address`` (127.0.0.1; DHCP off) and logging at warning.
 
     With ``dhcp``: proxyDHCP on that interface, TFTP on 0.0.0.0.  With
@@ -157,7 +159,7 @@ def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int
         "tftp": {"address": address, "port": port, "root": str(root),
                  "max_transfers": max_transfers,
                  # every simulated client is 127.0.0.1: the per-client cap must not bite
-                 "max_transfers_per_client": max_transfers},
+                 "max_transfers_per_client": max_transfers, **(tftp or {})},
         "nfs": {"backend": "none", "server_address": "127.0.0.1"},
         "images": {"demo": {"root": str(workdir / "image"), "kernel": "images/demo/vmlinuz",
                             "initrd": "images/demo/initrd.img", "append": "console=ttyS0"}},

@@ -3,6 +3,7 @@
     sudo python3 -m bench.tftpbig                     # blksize 1468,8972,65464 x N 1,32,64,128, 3 rounds
     sudo python3 -m bench.tftpbig --link veth         # the same over a veth pair, MTU 9000, netns to netns
     sudo python3 -m bench.tftpbig --link tun          # over TUN + a relay adding 100 us per round trip
+    sudo python3 -m bench.tftpbig --link tun --fragment   # sidusd grants blocks over the MTU too
     sudo python3 -m bench.tftpbig --quick             # tiny sizes: checks it runs, not how fast
 
 All four servers run at once for the whole run, each on its own address
@@ -196,7 +197,7 @@ async def inner(a: argparse.Namespace) -> int:
         started: dict[str, tuple[subprocess.Popen, CpuMeter]] = {}
         for s in servers:
             spec = server_spec(s, root, work / s, max_transfers=max(256, 2 * max(clients)),
-                               address=hosts[s])
+                               address=hosts[s], sidusd_tftp={"fragment": a.fragment})
             meter = CpuMeter(f"big-{s}")
             log = open(spec.workdir / "server.log", "ab")
             proc = subprocess.Popen(spec.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -257,6 +258,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--link", choices=LINKS, default="lo")
     p.add_argument("--rtt-us", type=int, default=100,
                    help="with --link tun: the round trip the relay adds (half each way)")
+    p.add_argument("--fragment", action="store_true",
+                   help="sidusd with tftp.fragment: true (blocks over the link's MTU, as the C "
+                        "servers send them); the default caps blksize at the MTU less 32")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--quick", action="store_true", help="1 round, 1 MB files, N 1,4")
     a = p.parse_args(argv)

@@ -208,6 +208,7 @@ class TftpConfig:
     max_transfers_per_client: int = 16      # 1..max_transfers
     intake_queue: Count = 4096
     max_blksize: Annotated[int, Meta(ge=8, le=65464)] = 65464       # RFC 2348 §2
+    fragment: bool = False      # grant blocks over the interface MTU - 32 (IP fragments them)
     max_windowsize: Annotated[int, Meta(ge=1, le=65535)] = 64       # RFC 7440 §3
     # RFC 2349 §2 negotiates 1..255 s; a shorter local retransmission timer is allowed.
     timeout_s: Annotated[float, Meta(ge=0.001, le=255.0)] = 1.0

@@ -166,7 +166,9 @@ class TftpService:
         """Negotiate and start the transfer of an admitted request; False if it could not begin."""
         loop = self.loop
         try:
-            max_blk = min(int(cfg.max_blksize), self.ports.mtu_for(ifindex, loop.time()) - 32)
+            max_blk = int(cfg.max_blksize)
+            if not cfg.fragment:        # one datagram per block: the arrival interface's MTU
+                max_blk = min(max_blk, self.ports.mtu_for(ifindex, loop.time()) - 32)
             neg = tftp.negotiate(pkt.option_map, tftp.Limits(max_blk, int(cfg.max_windowsize), source.size))
             session = ReadSession(source, neg.blksize, neg.windowsize,
                                   neg.timeout_s or float(cfg.timeout_s), int(cfg.retries), neg.oack,
