@@ -6,8 +6,6 @@
 #include "_lockstep.h"
 #include <structmember.h>
 #include <errno.h>
-#include <poll.h>
-#include <sched.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -25,8 +23,7 @@ typedef struct {
     struct sockaddr_in *snames;
     unsigned char (*shdr)[4];
     RunObject **sruns;           /* a reference per message being sent */
-    long misses;                 /* waits in a row readable only beyond 4x their spin */
-    Py_ssize_t waits, spun;      /* waits so far, and those that spun first */
+    struct spin_policy spin;     /* _wait.c: how its waits for an ACK went */
 } EngineObject;
 
 static void
@@ -175,56 +172,8 @@ fill_slot(EngineObject *self, unsigned int k, RunObject *run, const struct socka
     run->at = now;
 }
 
-#define SPIN_MISSES 32         /* waits in a row that miss their spin stop it; then one in */
-#define SPIN_PROBE 8           /* SPIN_PROBE spins again */
-static long
-us_since(const struct timespec *t0)
-{
-    struct timespec t1;
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    return (t1.tv_sec - t0->tv_sec) * 1000000L + (t1.tv_nsec - t0->tv_nsec) / 1000;
-}
-
-/* Wait up to `us` microseconds for `fd` to be readable, the GIL released: first by polling
- * it without sleeping for up to `spin_us` (an ACK that comes within it costs no sleep and no
- * wake-up: on a VM a cross-CPU wake-up is tens of microseconds, a lockstep block's whole
- * budget), then by sleeping in ppoll (no millisecond rounding).  Only while spinning pays:
- * after SPIN_MISSES waits in a row readable only long after their spin (4x: a LAN's round
- * trip, a slow client), one in SPIN_PROBE spins (at a 240 us round trip the spin doubled the
- * CPU per GB; on loopback many ACKs come just after 30 us: they must not stop it). */
-static int
-wait_readable(EngineObject *self, int fd, long us, long spin_us)
-{
-    struct pollfd p = {.fd = fd, .events = POLLIN};
-    struct timespec zero = {0, 0}, t0;
-    int r = 0; long took;           /* a miss: readable only long after the spin (4x) */
-    if (self->misses >= SPIN_MISSES && self->waits % SPIN_PROBE != 0)
-        spin_us = 0;
-    self->waits++;
-    self->spun += spin_us > 0;
-    Py_BEGIN_ALLOW_THREADS
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (spin_us > us)
-        spin_us = us;
-    if (spin_us > 0) {
-        while ((r = ppoll(&p, 1, &zero, NULL)) == 0 && us_since(&t0) < spin_us)
-            sched_yield();          /* a peer on this CPU runs now: its ACK is what we wait for */
-    }
-    long left = us - us_since(&t0);
-    if (r == 0 && left > 0) {
-        struct timespec ts = {.tv_sec = left / 1000000, .tv_nsec = (left % 1000000) * 1000};
-        r = ppoll(&p, 1, &ts, NULL);
-    }
-    took = us_since(&t0);
-    Py_END_ALLOW_THREADS
-    if (spin_us > 0)
-        self->misses = took <= 4 * spin_us ? 0 : self->misses + 1;  /* by the clock, not by
-                            * who saw it: a loaded CPU's sched_yield can last a timeslice */
-    return r > 0;
-}
-
 PyDoc_STRVAR(pump_doc,
-"pump(fd, runs, now, rounds, sending, wait_us=0, spin_us=0) -> PumpResult\n\n"
+"pump(fd, runs, now, rounds, sending, wait_us=0, spin_us=0, wake_fd=-1) -> PumpResult\n\n"
 "Up to `rounds` recvmmsg calls on the non-blocking UDP socket `fd`.  A datagram that is\n"
 "exactly the 4-byte ACK a Run in `runs` (dict: 6-byte peer key -> Run) waits for takes\n"
 "that run's next step: its DATA is sent (sendmmsg, once per round) or, if `sending` is\n"
@@ -235,6 +184,8 @@ PyDoc_STRVAR(pump_doc,
 "that long (in all, per call; GIL released) for the ACK of what was just sent instead of\n"
 "returning: a lockstep peer that answers at once costs no trip through the event loop.\n"
 "`spin_us`: of each such wait, poll without sleeping for up to that long first.\n"
+"`wake_fd`: a descriptor whose readability ends the wait and every later one of this\n"
+"call (the event loop's epoll descriptor: it has other work), -1 for none.\n"
 "PumpResult(rest, unsent, rx, calls, send_errors, blocked, rx_errno; dropped).");
 
 static PyObject *
@@ -242,10 +193,11 @@ Engine_pump(EngineObject *self, PyObject *args)
 {
     int fd, rounds, sending;
     long wait_us = 0, spin_us = 0;
+    int wake_fd = -1, woken = 0;
     PyObject *runs;
     double now;
-    if (!PyArg_ParseTuple(args, "iO!dip|ll", &fd, &PyDict_Type, &runs, &now, &rounds, &sending,
-                          &wait_us, &spin_us))
+    if (!PyArg_ParseTuple(args, "iO!dip|lli", &fd, &PyDict_Type, &runs, &now, &rounds, &sending,
+                          &wait_us, &spin_us, &wake_fd))
         return NULL;
     if (wait_us < 0 || wait_us > 100000 || spin_us < 0 || spin_us > 1000) {
         PyErr_SetString(PyExc_ValueError, "pump: 0 <= wait_us <= 100000, 0 <= spin_us <= 1000");
@@ -276,10 +228,14 @@ Engine_pump(EngineObject *self, PyObject *args)
             h->msg_flags = 0;
         }
         int n = recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && stepped_only && wait_us > 0) {
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && stepped_only && wait_us > 0
+            && !woken) {
             long spent = us_since(&t0);
             stepped_only = 0;
-            if (spent < wait_us && wait_readable(self, fd, wait_us - spent, spin_us))
+            int w = spent < wait_us ? wait_readable(&self->spin, fd, wake_fd, wait_us - spent,
+                                                    spin_us) : 0;
+            woken = w == WAIT_WOKEN;        /* the event loop has other work: no more waits */
+            if (w == 1)
                 n = recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
         }
         if (n < 0) {
@@ -376,8 +332,10 @@ static PyMethodDef Engine_methods[] = {
 };
 
 static PyMemberDef Engine_members[] = {
-    {"waits", T_PYSSIZET, offsetof(EngineObject, waits), READONLY, "waits for an ACK so far"},
-    {"spun", T_PYSSIZET, offsetof(EngineObject, spun), READONLY, "... of which spun first"},
+    {"waits", T_PYSSIZET, offsetof(EngineObject, spin.waits), READONLY, "waits for an ACK so far"},
+    {"spun", T_PYSSIZET, offsetof(EngineObject, spin.spun), READONLY, "... of which spun first"},
+    {"woken", T_PYSSIZET, offsetof(EngineObject, spin.woken), READONLY,
+     "... of which wake_fd ended"},
     {NULL}
 };
 

@@ -1,6 +1,7 @@
 /*
- * sidusd.net._lockstep: what its two C files share (_lockstep.c: the module, Run and
- * Engine; _batchio.c: Receiver and Sender, the batched system calls behind net/mmsg.py).
+ * sidusd.net._lockstep: what its C files share (_lockstep.c: the module and Run; _engine.c:
+ * Engine; _wait.c: Engine.pump's wait; _batchio.c: Receiver and Sender, the batched system
+ * calls behind net/mmsg.py).
  */
 #ifndef SIDUS_LOCKSTEP_H
 #define SIDUS_LOCKSTEP_H
@@ -11,6 +12,7 @@
 #include <netinet/in.h>
 #include <stddef.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #define MAX_VLEN 1024          /* UIO_MAXIOV: the kernel's cap per call */
 #define KEY_LEN 6              /* a peer key: sin_port then sin_addr, as they lie in sockaddr_in */
@@ -56,6 +58,16 @@ typedef struct {
     double at;                 /* the `now` of the last step taken */
     int stopped;               /* another datagram came from the peer: no more steps */
 } RunObject;
+
+/* _wait.c: Engine.pump's wait for the ACKs of what it sent, and how those waits went. */
+struct spin_policy {
+    long misses;                /* waits in a row readable only beyond 4x their spin */
+    Py_ssize_t waits, spun;     /* waits so far, and those that spun first */
+    Py_ssize_t woken;           /* ... and those the event loop's other work ended */
+};
+#define WAIT_WOKEN 2
+long us_since(const struct timespec *t0);
+int wait_readable(struct spin_policy *sp, int fd, int wake_fd, long us, long spin_us);
 
 extern PyType_Spec Run_spec;       /* _lockstep.c */
 extern PyType_Spec Engine_spec;    /* _engine.c */

@@ -77,11 +77,15 @@ class Engine:
     def spun(self) -> int:
         """... of which polled without sleeping first (``spin_us``; after 32 waits in a row
         readable only beyond 4x the spin, one in 8)."""
+    @property
+    def woken(self) -> int:
+        """... of which ``wake_fd`` ended (the event loop had other work)."""
     def __new__(cls, capacity: int = 64, bufsize: int = 2048, tx_capacity: int = 256) -> Engine: ...
     def pump(self, fd: int, runs: dict[bytes, Run[_P]], now: float, rounds: int, sending: bool,
-             wait_us: int = 0, spin_us: int = 0, /) -> PumpResult[_P]:
+             wait_us: int = 0, spin_us: int = 0, wake_fd: int = -1, /) -> PumpResult[_P]:
         """Up to ``rounds`` recvmmsg calls on ``fd``; the exact ACK a run waits for takes its step
-        (``wait_us``: how long, in all, C may wait for the ACKs of the steps it just took)."""
+        (``wait_us``: how long, in all, C may wait for the ACKs of the steps it just took;
+        a readable ``wake_fd`` ends that wait and every later one of the call)."""
 
 
 @final

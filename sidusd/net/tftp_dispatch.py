@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import RemoteProtocolError
 from ..proto import tftp
-from . import mmsg, tftp_accel
+from . import loopidle, mmsg, tftp_accel
 from .udpport import SharedPort
 
 if TYPE_CHECKING:
@@ -45,6 +45,11 @@ ACCEL_ROUNDS = 1024         # ... on an accelerated port (C's rounds cost no Pyt
 # at blksize 1468 came back to Python every few blocks (bench.tftpbig, N = 1: 13-20 s of
 # server CPU per GB); 5 ms delays the other sockets (port 69, DHCP, timers) by at most that.
 ACCEL_WAIT_US = 5000
+# ... and how long when nothing else is queued on the loop and its epoll descriptor ends the
+# wait at the first other I/O (:mod:`sidusd.net.loopidle`; never past the loop's next timer):
+# one lockstep client on a LAN (bench.tftpbig --link tun, N = 1) went back to Python only
+# at a run's end instead of every 5 ms.
+ACCEL_IDLE_WAIT_US = 50_000
 # Of each such wait, C first polls without sleeping (yielding the CPU) for up to this long:
 # on this 2-vCPU VM a sleeping server costs a cross-CPU wake-up per block, most of a 1468
 # block's turnaround (N = 1: ~25 MB/s for every server, sidusd ~70 with the spin).
@@ -62,7 +67,8 @@ def on_port_readable(svc: TftpService, port: SharedPort) -> None:
     try:
         if port.accel:
             # C takes the lockstep steps of the runs (no Python per ACK); the rest is ours
-            rest, rx, calls, err = port.pump(now, ACCEL_ROUNDS, ACCEL_WAIT_US, ACCEL_SPIN_US)
+            wait_us, wake_fd = loopidle.idle_budget(svc.loop, now, ACCEL_IDLE_WAIT_US, ACCEL_WAIT_US)
+            rest, rx, calls, err = port.pump(now, ACCEL_ROUNDS, wait_us, ACCEL_SPIN_US, wake_fd)
             if err:
                 obs.count("tftp.rx_errors")
                 svc.rlog.warning("tftp.rx_error", error=os.strerror(err))

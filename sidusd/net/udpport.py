@@ -132,7 +132,8 @@ class SharedPort:
         return batch
 
     def pump(self, now: float, rounds: int,
-             wait_us: int = 0, spin_us: int = 0) -> tuple[list[tuple[bytes, bytes, bool]], int, int, int]:
+             wait_us: int = 0, spin_us: int = 0,
+             wake_fd: int = -1) -> tuple[list[tuple[bytes, bytes, bool]], int, int, int]:
         """Up to ``rounds`` reads; the lockstep steps of :attr:`runs` are taken and sent in C.
 
         Returns ``(rest, rx, calls, rx_errno)``: the datagrams that were not a
@@ -140,11 +141,12 @@ class SharedPort:
         how many ``recvmmsg`` calls, and a receive error (0: none).  DATA the
         kernel refuses for now waits in the outbox; behind a non-empty outbox
         nothing is sent directly (order).  ``wait_us``: C may wait that long (in all) for
-        the ACKs of the steps it just took (``Engine.pump``).  Only with ``accel``.
+        the ACKs of the steps it just took (``Engine.pump``); a readable ``wake_fd`` ends
+        that wait.  Only with ``accel``.
         """
         assert self._engine is not None
         res = self._engine.pump(self.fd, self.runs, now, rounds, not self._outbox and not self.closed,
-                                wait_us, spin_us)
+                                wait_us, spin_us, wake_fd)
         if res.send_errors:
             self._count("tftp.send_errors", res.send_errors)
         if res.dropped:

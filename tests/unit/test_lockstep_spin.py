@@ -8,6 +8,7 @@ blksize 1468 went from ~25 MB/s (a cross-CPU wake-up per block) to ~70.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -144,3 +145,43 @@ def test_waits_are_counted_and_a_first_wait_spins() -> None:
     assert engine.waits >= 10 and 1 <= engine.spun <= engine.waits
     with pytest.raises(AttributeError):
         engine.spun = 0
+
+
+def test_a_readable_wake_fd_ends_the_wait_and_every_later_one() -> None:
+    """The peer takes the first DATA, makes the wake descriptor readable (the event loop has
+    other work) and ACKs only once the pump has returned: with a wait of 100 ms allowed, the
+    pump returns at the wake-up (one step taken, nothing else), not at the end of the wait."""
+    server, client = udp(), udp(blocking=True)
+    wake_r, wake_w = socket.socketpair()
+    plan = make_run(1, 512, 3, size_last=10)
+    run = _lockstep.Run(plan.ack, plan.data, plan.blksize, plan.count, "p")
+    runs = {key_of(client): run}
+    engine = _lockstep.Engine()
+    returned = threading.Event()
+
+    def peer() -> None:
+        client.settimeout(5.0)
+        d = client.recv(70000)
+        wake_w.send(b"x")
+        returned.wait(5.0)
+        client.sendto(ack((d[2] << 8) | d[3]), server.getsockname())
+
+    th = threading.Thread(target=peer)
+    th.start()
+    try:
+        client.sendto(ack(plan.ack), server.getsockname())
+        wait_readable(server)
+        res = engine.pump(server.fileno(), runs, 5.0, 1024, True, 100_000, 0, wake_r.fileno())
+        returned.set()
+        assert (res.rest, res.unsent, run.used) == ([], [], 1)
+        assert (engine.waits, engine.woken) == (1, 1)
+        # the next call takes the step the peer ACKed after the return, and waits again
+        wait_readable(server)
+        wake_r.recv(1)
+        res = engine.pump(server.fileno(), runs, 5.0, 1, True, 1000, 0, wake_r.fileno())
+        assert run.used == 2 and engine.woken == 1
+    finally:
+        returned.set()
+        th.join()
+        for s in (server, client, wake_r, wake_w):
+            s.close()

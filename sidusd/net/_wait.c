@@ -1,0 +1,69 @@
+/*
+ * sidusd.net._lockstep, the wait of Engine.pump: after it sent the DATA of the steps it took,
+ * wait for their ACKs (GIL released) instead of returning to the event loop, for at most as
+ * long as the caller allows, and not a moment longer than the event loop has other work: a
+ * readable `wake_fd` (the event loop's own epoll descriptor) ends it.
+ */
+#include "_lockstep.h"
+#include <poll.h>
+#include <sched.h>
+#include <time.h>
+
+#define SPIN_MISSES 32         /* waits in a row that miss their spin stop it; then one in */
+#define SPIN_PROBE 8           /* SPIN_PROBE spins again */
+
+long
+us_since(const struct timespec *t0)
+{
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (t1.tv_sec - t0->tv_sec) * 1000000L + (t1.tv_nsec - t0->tv_nsec) / 1000;
+}
+
+/* Wait up to `us` microseconds for `fd` to be readable, the GIL released: first by polling
+ * it without sleeping for up to `spin_us` (an ACK that comes within it costs no sleep and no
+ * wake-up: on a VM a cross-CPU wake-up is tens of microseconds, a lockstep block's whole
+ * budget), then by sleeping in ppoll (no millisecond rounding).  Only while spinning pays:
+ * after SPIN_MISSES waits in a row readable only long after their spin (4x: a LAN's round
+ * trip, a slow client), one in SPIN_PROBE spins (at a 240 us round trip the spin doubled the
+ * CPU per GB; on loopback many ACKs come just after 30 us: they must not stop it).  A miss
+ * is by the clock, not by who saw the ACK: on a loaded CPU one sched_yield can last a
+ * timeslice, and the ACK is there when it returns.
+ * `wake_fd` (-1: none): readable means the event loop has something else to do; the wait
+ * ends at once and WAIT_WOKEN is returned.  1: `fd` is readable; 0: the time is up. */
+int
+wait_readable(struct spin_policy *sp, int fd, int wake_fd, long us, long spin_us)
+{
+    struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = wake_fd, .events = POLLIN}};
+    nfds_t nfds = wake_fd >= 0 ? 2 : 1;
+    struct timespec zero = {0, 0}, t0;
+    int r = 0; long took;
+    if (sp->misses >= SPIN_MISSES && sp->waits % SPIN_PROBE != 0)
+        spin_us = 0;
+    sp->waits++;
+    sp->spun += spin_us > 0;
+    Py_BEGIN_ALLOW_THREADS
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (spin_us > us)
+        spin_us = us;
+    if (spin_us > 0)
+        while ((r = ppoll(p, nfds, &zero, NULL)) == 0 && us_since(&t0) < spin_us)
+            sched_yield();          /* a peer on this CPU runs now: its ACK is what we wait for */
+    long left = us - us_since(&t0);
+    if (r == 0 && left > 0) {
+        struct timespec ts = {.tv_sec = left / 1000000, .tv_nsec = (left % 1000000) * 1000};
+        r = ppoll(p, nfds, &ts, NULL);
+    }
+    took = us_since(&t0);
+    Py_END_ALLOW_THREADS
+    int readable = r > 0 && (p[0].revents & (POLLIN | POLLERR)) != 0;
+    if (spin_us > 0 && (readable || r == 0))    /* a wake-up says nothing of the peer */
+        sp->misses = took <= 4 * spin_us ? 0 : sp->misses + 1;
+    if (readable)
+        return 1;
+    if (r > 0 && nfds == 2 && p[1].revents != 0) {
+        sp->woken++;
+        return WAIT_WOKEN;
+    }
+    return 0;
+}
