@@ -20,20 +20,24 @@ from .tftp_transfer import Transfer
 
 _lockstep = udpport._lockstep
 
-RUN_BYTES = 64 * 1024       # DATA per lockstep run handed to C, at least (one pread)
+RUN_BYTES = 64 * 1024       # DATA of a transfer's first lockstep run handed to C, at least
 RUN_BLOCKS = 32             # ... and at least this many blocks, for big blocks
 RUN_MAX = 512 * 1024        # ... but at most this much (memory: one run per transfer)
 
 
-def run_bytes(blksize: int) -> int:
-    """The DATA one run carries for a transfer of ``blksize``: 64 KiB (44 blocks of 1468),
-    up to 32 blocks for bigger blocks, capped at 512 KiB (8 blocks of 65464).
+def run_bytes(blksize: int, last: int = 0) -> int:
+    """The DATA one run carries for a transfer of ``blksize`` whose last run carried ``last``
+    bytes in full (0: none, or it ended early): first 64 KiB (44 blocks of 1468), up to 32
+    blocks for bigger blocks; then twice the last, all capped at 512 KiB (8 blocks of 65464).
 
     A run's end costs a trip through Python (the ACK that ends it, a read, a new Run):
     with a fixed 64 KiB, blksize 65464 made that trip on every block (measured in
-    bench.tftpbig: 0.47x tftpd-hpa, Python ~40 % of the worker's samples in perf).
+    bench.tftpbig: 0.47x tftpd-hpa, Python ~40 % of the worker's samples in perf).  A small
+    file (pxelinux.0, a config) is read in one small run; a kernel or an initrd, after a
+    few runs, in runs of 512 KiB (357 blocks of 1468).
     """
-    return max(RUN_BYTES, min(RUN_BLOCKS * blksize, RUN_MAX))
+    first = max(RUN_BYTES, min(RUN_BLOCKS * blksize, RUN_MAX))
+    return max(first, min(2 * last, RUN_MAX))
 
 
 def plan(t: Transfer, taken: int = 0) -> LockstepRun | None:
@@ -42,12 +46,12 @@ def plan(t: Transfer, taken: int = 0) -> LockstepRun | None:
     ``taken``: the first steps were taken here already (C starts after them).
     """
     try:
-        run = t.session.lockstep_run(run_bytes(t.session.blksize))
+        run = t.session.lockstep_run(run_bytes(t.session.blksize, t.run_size))
     except OSError:
         return None             # no run: the next ACK meets the read error on the Python path
     if run is None:
         return None
-    t.plan = run
+    t.plan, t.run_size = run, len(run.data)
     t.run = _lockstep.Run(run.ack, run.data, run.blksize, run.count, t.dest, taken)
     t.port.runs[t.key] = t.run
     return run
@@ -81,6 +85,8 @@ def settle(t: Transfer, count: Callable[..., None]) -> None:
     run = t.run
     if run is None:
         return
+    if run.used < run.count:
+        t.run_size = 0                # it ended early (a loss, a duplicate): small runs again
     try:
         sync(t)
     finally:

@@ -23,7 +23,7 @@ class Transfer:
     """A session, the port and peer it is served on, its file and its place in the timer heap."""
 
     __slots__ = ("port", "peer", "key", "dest", "local", "file", "session", "source", "mac",
-                 "heap_at", "finished", "run", "plan", "begun_at")
+                 "heap_at", "finished", "run", "plan", "run_size", "begun_at")
 
     def __init__(self, port: SharedPort, peer: tuple[str, int], local: str, file: str,
                  session: ReadSession, source: Any, mac: str | None, begun_at: float = 0.0):
@@ -36,6 +36,7 @@ class Transfer:
         self.finished = False
         self.run: Run[mmsg.Peer] | None = None     # its C run while C may take its steps
         self.plan: LockstepRun | None = None    # what that run carries out (the session's decision)
+        self.run_size = 0                       # the DATA bytes of its last run (tftp_accel)
 
 
 def summarize(t: Transfer, now: float, obs: ObserverView, rlog: Any) -> None:

@@ -286,13 +286,14 @@ def fetch_blksize(client: str, port: int, name: str, out: Path, blksize: int) ->
     return out.read_bytes()
 
 
-@pytest.mark.parametrize("blksize", [8972, 65464])
+@pytest.mark.parametrize("blksize", [1468, 8972, 65464])
 @pytest.mark.parametrize("client", ["atftp", "curl", "tftpy"])
 def test_big_lockstep_blocks_exact_bytes_and_taken_in_c(server, tmp_path, client, blksize) -> None:
-    """Lockstep at jumbo-frame and the largest block size: the exact bytes with each real
-    client, and with the C engine few trips through Python (``tftp.accel_runs``: a run
-    carries up to 32 blocks, 512 KiB at most; with a fixed 64 KiB a run of 65464-byte
-    blocks was 2 blocks, every other ACK going through Python, of 8972-byte blocks 8)."""
+    """Lockstep at Ethernet, jumbo-frame and the largest block size: the exact bytes with each
+    real client, and with the C engine few trips through Python (``tftp.accel_runs``: a
+    first run carries up to 32 blocks, each next one twice the last, 512 KiB at most; with a
+    fixed 64 KiB a run of 65464-byte blocks was 2 blocks, every other ACK going through
+    Python, of 8972-byte blocks 8; without the doubling, 5 MB at 1468 took 80 runs)."""
     data = os.urandom(5 * 1024 * 1024 + 333)
     (server.root / "initrd.img").write_bytes(data)
     got = fetch_blksize(client, server.port, "initrd.img", tmp_path / "out", blksize)
@@ -305,17 +306,24 @@ def test_big_lockstep_blocks_exact_bytes_and_taken_in_c(server, tmp_path, client
     steps, runs = c.get("tftp.accel_steps", 0), c.get("tftp.accel_runs", 0)
     if server.engine == "accel":
         assert steps >= blocks - 1, (steps, blocks)
-        assert 0 < runs <= blocks / {8972: 20, 65464: 6}[blksize], (runs, blocks)
+        assert 0 < runs <= blocks / {1468: 200, 8972: 40, 65464: 6}[blksize], (runs, blocks)
     else:
         assert steps == runs == 0
 
 
 def test_run_bytes_by_block_size() -> None:
-    """What a lockstep run carries: 64 KiB for small blocks, 32 blocks up to 512 KiB."""
+    """What a transfer's first lockstep run carries: 64 KiB for small blocks, 32 blocks up to
+    512 KiB; each next run after one taken in full, twice the last, up to 512 KiB."""
     from sidusd.net import tftp_accel
     assert tftp_accel.run_bytes(512) == tftp_accel.run_bytes(1468) == 64 * 1024
     assert tftp_accel.run_bytes(8972) == 32 * 8972
     assert tftp_accel.run_bytes(65464) == 512 * 1024
+    sizes = [tftp_accel.run_bytes(1468)]
+    while len(sizes) < 5:
+        sizes.append(tftp_accel.run_bytes(1468, sizes[-1]))
+    assert sizes == [64 * 1024, 128 * 1024, 256 * 1024, 512 * 1024, 512 * 1024]
+    assert tftp_accel.run_bytes(8972, 32 * 8972) == 512 * 1024
+    assert tftp_accel.run_bytes(1468, 1000) == 64 * 1024      # a short last run: never below the first
 
 
 def test_rendered_per_mac_config_and_tsize(server, tmp_path) -> None:

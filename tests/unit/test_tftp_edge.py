@@ -80,3 +80,19 @@ def test_status_counts_the_steps_c_took_without_touching_the_session(used):
     assert s.bytes_acked == before and s.next_timer() == 1.0      # read only
     s.lockstep_advance(plan, used, 1.0)
     assert shown == s.bytes_acked                                   # what settling will record
+
+
+@pytest.mark.parametrize(("used", "kept"), [(59, True), (58, False), (3, False)])
+def test_a_run_that_ended_early_makes_the_next_one_small_again(used, kept):
+    """Runs double while each is taken in full (tftp_accel.run_bytes); a run ended early
+    (a loss, a duplicate ACK) sends the next back to the first size."""
+    t, s, plan = lockstep_transfer(blocks=60)
+    counted: list[tuple] = []
+    run = SimpleNamespace(used=used, count=plan.count, at=1.0)
+    t.run, t.key, t.run_size = run, b"k", len(plan.data)
+    t.port = SimpleNamespace(runs={b"k": run})
+    assert plan.count == 59                  # blocks 2..60 (block 1 in flight)
+    tftp_accel.settle(t, lambda *a: counted.append(a))
+    assert t.run is None and t.port.runs == {}
+    assert t.run_size == (len(plan.data) if kept else 0)
+    assert ("tftp.accel_steps", used) in counted
