@@ -62,6 +62,7 @@ typedef struct {
 /* _wait.c: Engine.pump's wait for the ACKs of what it sent, and how those waits went. */
 struct spin_policy {
     long misses;                /* waits in a row readable only beyond 4x their spin */
+    long probe;                 /* then one wait in `probe` spins (_wait.c) */
     Py_ssize_t waits, spun;     /* waits so far, and those that spun first */
     Py_ssize_t woken;           /* ... and those the event loop's other work ended */
 };

@@ -10,7 +10,8 @@
 #include <time.h>
 
 #define SPIN_MISSES 32         /* waits in a row that miss their spin stop it; then one in */
-#define SPIN_PROBE 8           /* SPIN_PROBE spins again */
+#define SPIN_PROBE 8           /* SPIN_PROBE spins again, one in twice as many after each */
+#define SPIN_PROBE_MAX 256     /* probe that misses too, down to one in SPIN_PROBE_MAX */
 
 long
 us_since(const struct timespec *t0)
@@ -25,8 +26,9 @@ us_since(const struct timespec *t0)
  * wake-up: on a VM a cross-CPU wake-up is tens of microseconds, a lockstep block's whole
  * budget), then by sleeping in ppoll (no millisecond rounding).  Only while spinning pays:
  * after SPIN_MISSES waits in a row readable only long after their spin (4x: a LAN's round
- * trip, a slow client), one in SPIN_PROBE spins (at a 240 us round trip the spin doubled the
- * CPU per GB; on loopback many ACKs come just after 30 us: they must not stop it).  A miss
+ * trip, a slow client), one in SPIN_PROBE spins, then one in 16, 32... SPIN_PROBE_MAX while
+ * those probes miss too (at a 240 us round trip the spin doubled the CPU per GB; on loopback
+ * many ACKs come just after 30 us: they must not stop it).  A hit spins on every wait again.  A miss
  * is by the clock, not by who saw the ACK: on a loaded CPU one sched_yield can last a
  * timeslice, and the ACK is there when it returns.
  * `wake_fd` (-1: none): readable means the event loop has something else to do; the wait
@@ -38,7 +40,9 @@ wait_readable(struct spin_policy *sp, int fd, int wake_fd, long us, long spin_us
     nfds_t nfds = wake_fd >= 0 ? 2 : 1;
     struct timespec zero = {0, 0}, t0;
     int r = 0; long took;
-    if (sp->misses >= SPIN_MISSES && sp->waits % SPIN_PROBE != 0)
+    if (sp->probe < SPIN_PROBE)
+        sp->probe = SPIN_PROBE;
+    if (sp->misses >= SPIN_MISSES && sp->waits % sp->probe != 0)
         spin_us = 0;
     sp->waits++;
     sp->spun += spin_us > 0;
@@ -57,8 +61,14 @@ wait_readable(struct spin_policy *sp, int fd, int wake_fd, long us, long spin_us
     took = us_since(&t0);
     Py_END_ALLOW_THREADS
     int readable = r > 0 && (p[0].revents & (POLLIN | POLLERR)) != 0;
-    if (spin_us > 0 && (readable || r == 0))    /* a wake-up says nothing of the peer */
-        sp->misses = took <= 4 * spin_us ? 0 : sp->misses + 1;
+    if (spin_us > 0 && (readable || r == 0)) {  /* a wake-up says nothing of the peer */
+        if (took <= 4 * spin_us) {
+            sp->misses = 0;
+            sp->probe = SPIN_PROBE;
+        } else if (++sp->misses > SPIN_MISSES && sp->probe < SPIN_PROBE_MAX) {
+            sp->probe *= 2;                     /* a probe missed */
+        }
+    }
     if (readable)
         return 1;
     if (r > 0 && nfds == 2 && p[1].revents != 0) {

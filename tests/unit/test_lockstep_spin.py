@@ -67,6 +67,19 @@ def serve_with(wait_us: int, spin_us: int, count: int, delay_s: float = 0.0,
     return calls, run.used, ok
 
 
+def spins_when_every_wait_misses(waits: int) -> int:
+    """The first 32 waits spin; then one in 8, and one in twice as many after each probe
+    that misses too, down to one in 256: waits 32, 48, 64, 128, 256, 512, 768..."""
+    spun, probe = 0, 8
+    for i in range(waits):
+        if i < 32:
+            spun += 1
+        elif i % probe == 0:
+            spun += 1
+            probe = min(2 * probe, 256)
+    return spun
+
+
 @pytest.mark.parametrize("spin_us", [1, 30, 1000])
 def test_spinning_takes_every_step_of_a_prompt_peer_in_few_calls(spin_us: int) -> None:
     """The ACK comes during the spin (or after it, in the sleep): the same DATA, in order,
@@ -97,15 +110,15 @@ def test_spin_us_bounds() -> None:
 
 def test_after_a_wait_longer_than_the_spin_the_waits_sleep_at_once() -> None:
     """A peer that answers 1 ms after each DATA (a LAN's round trip is 0.1-0.3 ms, far beyond a
-    30 us spin): the first 32 waits spin, then one in 8.  A wait readable within 4x the spin
+    30 us spin): the first 32 waits spin, then one in 8, 16, 32...  A wait readable within 4x the spin
     counts as a hit (on loopback many ACKs come just after 30 us: they must not stop it).
     bench.tftpbig --link tun at 0.24 ms: the spin on every wait made 45-51 s of server CPU
     per GB, 21.5 without it."""
     engine = _lockstep.Engine()
-    calls, used, ok = serve_with(100_000, 50, 70, delay_s=0.001, engine=engine)
-    assert ok and used == 70
-    assert engine.waits >= 60, engine.waits
-    assert engine.spun == len([i for i in range(engine.waits) if i < 32 or i % 8 == 0]), (engine.waits, engine.spun)
+    calls, used, ok = serve_with(100_000, 50, 300, delay_s=0.001, engine=engine)
+    assert ok and used == 300
+    assert 256 < engine.waits <= 300, engine.waits
+    assert engine.spun == spins_when_every_wait_misses(engine.waits) == 32 + 5, (engine.waits, engine.spun)
 
 
 @pytest.fixture
@@ -134,7 +147,7 @@ def test_a_spin_stretched_by_a_busy_cpu_is_a_miss(cpu_shared_with_a_hog) -> None
     assert ok and used == 70
     assert cpu_shared_with_a_hog.poll() is None      # the hog ran throughout
     assert engine.waits >= 60, engine.waits
-    assert engine.spun == len([i for i in range(engine.waits) if i < 32 or i % 8 == 0]), (engine.waits, engine.spun)
+    assert engine.spun == spins_when_every_wait_misses(engine.waits), (engine.waits, engine.spun)
 
 
 def test_waits_are_counted_and_a_first_wait_spins() -> None:
