@@ -20,6 +20,7 @@ their trees, never the cache.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -61,8 +62,18 @@ def debootstrap_argv(target: str, mirror: str) -> list[str]:
 
 
 def cached_tree(argv: Sequence[str], runner: Runner | None = None, log=print) -> Path:
-    """The tree that ``argv`` (a debootstrap command line) makes: from the cache, or made now."""
-    runner = runner or Runner()
+    """The tree that ``argv`` (a debootstrap command line) makes: from the cache, or made now.
+
+    One process at a time per command line (a lock file beside the tree): scripts/test runs
+    the serial tests and the background ones in two pytest processes, and both may want it
+    first on a fresh machine; the second waits for the first's tree instead of removing it."""
+    TREES.mkdir(parents=True, exist_ok=True)
+    with open(TREES / f"{key(argv)}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _cached_tree(argv, runner or Runner(), log)
+
+
+def _cached_tree(argv: Sequence[str], runner: Runner, log) -> Path:
     d = TREES / key(argv)
     root, stamp = d / "root", d / "stamp.json"
     if stamp.is_file() and root.is_dir() and time.time() - stamp.stat().st_mtime < MAX_AGE_S:

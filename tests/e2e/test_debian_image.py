@@ -35,7 +35,7 @@ from sidusd.image.recipe import read_recipe
 from sidusd.lab.demo import HostSpec, Lab
 from sidusd.lab.vm import mac_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.netns]
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.background]   # its own lab: no fixed name
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "lab-state" / "image-cache" / "debootstrap"

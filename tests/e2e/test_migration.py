@@ -33,7 +33,7 @@ from sidusd.lab.timeline import boot_markers
 from sidusd.lab.topology import SERVER_IP
 from sidusd.lab.vm import mac_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.netns]
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.background]   # its own lab: no fixed name
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT_S = 900          # ~2.5 min under TCG alone; other VMs may share the 2 cores

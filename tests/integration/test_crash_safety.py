@@ -90,6 +90,7 @@ def check_inventory(path: Path, acked: dict[str, str], in_flight: tuple[str, str
         acked[in_flight[0]] = in_flight[1]     # landed before the kill: durable from now on
 
 
+@pytest.mark.background          # loopback, a free port: no namespace, no fixed name
 def test_kill_9_during_inventory_writes(tmp_path):
     d = SidusDaemon(tmp_path)
     inv_path = tmp_path / "inventory.yaml"
