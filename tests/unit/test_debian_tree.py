@@ -38,6 +38,7 @@ def test_two_processes_wanting_the_tree_at_once_build_it_once(tmp_path, monkeypa
     import time as _time
 
     import debian_tree
+
     from sidusd.storage.runner import Result
     monkeypatch.setattr(debian_tree, "TREES", tmp_path / "trees")
     monkeypatch.setattr(debian_tree, "DEBS", tmp_path / "debs")
