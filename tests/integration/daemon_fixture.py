@@ -64,6 +64,37 @@ def base_inventory(hosts: list[dict] | None = None) -> dict:
             "hosts": hosts or []}
 
 
+def log_events(path: Path, since: int = 0) -> list[dict]:
+    """The events (JSON lines) of a sidusd log from byte offset ``since``; a line that is not
+    JSON comes back as ``{"event": "<non-json>", "line": ...}``."""
+    out = []
+    try:
+        with open(path, "rb") as f:
+            f.seek(since)
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            out.append({"event": "<non-json>", "line": line})
+    return out
+
+
+# A client (python3 -c, run inside a test namespace) asking 127.0.0.1:6969 for file "f" with
+# blksize 65464 until it answers; it ends the transfer and prints the first answer in hex.
+RRQ_65464 = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(10)\n"
+    "for i in range(100):\n"
+    "    s.sendto(b'\\x00\\x01f\\x00octet\\x00blksize\\x0065464\\x00',('127.0.0.1',6969))\n"
+    "    try:\n"
+    "        s.settimeout(0.2); d,a=s.recvfrom(70000); break\n"
+    "    except TimeoutError: pass\n"
+    "s.sendto(b'\\x00\\x05\\x00\\x00done\\x00',a); sys.stdout.write(d.hex())\n")
+
+
 class SidusDaemon:
     def __init__(self, tmp: Path, hosts: list[dict] | None = None, config: dict | None = None):
         self.tmp = tmp
@@ -102,19 +133,7 @@ class SidusDaemon:
 
     def events(self, since: int = 0) -> list[dict]:
         """Log events (JSON lines) from byte offset ``since`` of the log file."""
-        out = []
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(since)
-                lines = f.read().decode(errors="replace").splitlines()
-        except FileNotFoundError:
-            return out
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"event": "<non-json>", "line": line})
-        return out
+        return log_events(self.log_path, since)
 
     def log_tail(self, n: int = 40) -> str:
         try:

@@ -866,28 +866,19 @@ def test_blksize_capped_by_the_mtu_of_the_arrival_interface(tmp_path) -> None:
     require_root()
     require_tool("ip")
     import yaml
-    from daemon_fixture import REPO, base_config, base_inventory
+    from daemon_fixture import REPO, RRQ_65464, base_config, base_inventory
     from netns import NetNs
     cfg = base_config(tmp_path, 6969)
     (Path(cfg["tftp"]["root"]) / "f").write_bytes(b"m" * 5000)
     (tmp_path / "sidus.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(base_inventory()))
     (tmp_path / "state").mkdir()
-    client = (
-        "import socket,sys\n"
-        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(10)\n"
-        "for i in range(100):\n"
-        "    s.sendto(b'\\x00\\x01f\\x00octet\\x00blksize\\x0065464\\x00',('127.0.0.1',6969))\n"
-        "    try:\n"
-        "        s.settimeout(0.2); d,a=s.recvfrom(70000); break\n"
-        "    except TimeoutError: pass\n"
-        "s.sendto(b'\\x00\\x05\\x00\\x00done\\x00',a); sys.stdout.write(d.hex())\n")
     with NetNs("sidus-t-tftp") as ns:
         ns.run("ip", "link", "set", "lo", "mtu", "1200")
         log = open(tmp_path / "daemon.log", "wb")
         ns.popen([sys.executable, "-m", "sidusd", "--config", str(tmp_path / "sidus.yaml")],
                  stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        r = ns.run(sys.executable, "-c", client, check=False, timeout=60)
+        r = ns.run(sys.executable, "-c", RRQ_65464, check=False, timeout=60)
         log.close()
     assert r.returncode == 0, r.stderr + (tmp_path / "daemon.log").read_text()[-2000:]
     assert tftp.decode(bytes.fromhex(r.stdout)) == tftp.OACK((("blksize", "1168"),))

@@ -9,44 +9,23 @@ with ``fragment: true`` it grants 65464, and atftp (a C client) fetches a file i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require_root, require_tool
+from conftest import poll_until, require_root, require_tool
 
 from sidusd.proto import tftp
 
 pytestmark = pytest.mark.netns
 
-RRQ = (
-    "import socket,sys\n"
-    "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-    "for i in range(100):\n"
-    "    s.sendto(b'\\x00\\x01f\\x00octet\\x00blksize\\x0065464\\x00',('127.0.0.1',6969))\n"
-    "    try:\n"
-    "        s.settimeout(0.2); d,a=s.recvfrom(70000); break\n"
-    "    except TimeoutError: pass\n"
-    "s.sendto(b'\\x00\\x05\\x00\\x00done\\x00',a); sys.stdout.write(d.hex())\n")
-
-
-def events(log: Path) -> list[dict]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
-
 
 def oack(ns, log: Path) -> tftp.Packet:
-    r = ns.run(sys.executable, "-c", RRQ, check=False, timeout=60)
+    from daemon_fixture import RRQ_65464
+    r = ns.run(sys.executable, "-c", RRQ_65464, check=False, timeout=60)
     assert r.returncode == 0, r.stderr + log.read_text()[-2000:]
     return tftp.decode(bytes.fromhex(r.stdout))
 
@@ -55,7 +34,7 @@ def test_fragment_grants_blocks_over_the_mtu_after_a_reload(tmp_path) -> None:
     require_root()
     require_tool("ip")
     require_tool("atftp")
-    from daemon_fixture import REPO, base_config, base_inventory
+    from daemon_fixture import REPO, base_config, base_inventory, log_events
     from netns import NetNs
     cfg = base_config(tmp_path, 6969)
     root = Path(cfg["tftp"]["root"])
@@ -79,10 +58,8 @@ def test_fragment_grants_blocks_over_the_mtu_after_a_reload(tmp_path) -> None:
                             cfg["control"]["socket_path"], "reload"],
                            capture_output=True, text=True, cwd=REPO, timeout=30)
         assert r.returncode == 0, r.stdout + r.stderr
-        deadline = time.monotonic() + 20
-        while not any(e.get("event") == "reload.ok" for e in events(log_path)):
-            assert time.monotonic() < deadline, log_path.read_text()[-2000:]
-            time.sleep(0.05)
+        assert poll_until(lambda: any(e.get("event") == "reload.ok" for e in log_events(log_path)),
+                          20), log_path.read_text()[-2000:]
         assert oack(ns, log_path) == tftp.OACK((("blksize", "65464"),))
 
         out = tmp_path / "got"
@@ -90,11 +67,9 @@ def test_fragment_grants_blocks_over_the_mtu_after_a_reload(tmp_path) -> None:
                    "-l", str(out), "127.0.0.1", "6969", check=False, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr + log_path.read_text()[-2000:]
         assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
-        deadline = time.monotonic() + 10
-        while True:
-            done = [e for e in events(log_path)
+
+        def done() -> list[dict]:
+            return [e for e in log_events(log_path)
                     if e.get("event") == "tftp.transfer" and e.get("file") == "big"]
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-    assert [(e["outcome"], e["blksize"], e["bytes"]) for e in done] == [("ok", 65464, len(data))]
+        poll_until(lambda: bool(done()), 10)
+    assert [(e["outcome"], e["blksize"], e["bytes"]) for e in done()] == [("ok", 65464, len(data))]
