@@ -42,6 +42,21 @@ def boot_markers(console: str) -> list[str]:
     return MARKER_RE.findall(console.replace("\r", ""))
 
 
+KERNEL_BANNER_RE = re.compile(r"Linux version \d", re.M)
+READY_RE = re.compile(r"SIDUS-BOOT: READY", re.M)
+
+
+def next_boot_ready(console: str, after: int) -> re.Match | None:
+    """The ``READY`` marker of the next boot that begins after offset ``after``, or None yet.
+
+    A boot that reboots (``sidus.demo=reboot-after-write``) prints its own READY
+    after its other markers: the next boot's READY is the first one after the
+    next kernel banner, never just the first one after ``after``.
+    """
+    banner = KERNEL_BANNER_RE.search(console, after)
+    return READY_RE.search(console, banner.end()) if banner else None
+
+
 def _event_time(ev: dict[str, Any]) -> float | None:
     ts = ev.get("timestamp")
     if not isinstance(ts, str):

@@ -20,6 +20,7 @@ from pathlib import Path
 from sidusd.errors import StartupError
 
 from .proc import terminate
+from .timeline import next_boot_ready
 from .topology import Topology
 
 STOP_TIMEOUT_S = 5.0
@@ -152,6 +153,16 @@ class Vm:
             if not self.running() or time.monotonic() >= deadline:
                 # one last look: the marker may have been written just before exit
                 return rx.search(self.console_text(), start)
+            time.sleep(POLL_S)
+
+    def wait_next_boot_ready(self, timeout_s: float, after: int) -> re.Match | None:
+        """Follow the console until the boot after offset ``after`` prints READY (see
+        :func:`~sidusd.lab.timeline.next_boot_ready`); None on timeout or VM exit."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            m = next_boot_ready(self.console_text(), after)
+            if m or not self.running() or time.monotonic() >= deadline:
+                return m or next_boot_ready(self.console_text(), after)
             time.sleep(POLL_S)
 
     def wait_exit(self, timeout_s: float | None) -> int | None:

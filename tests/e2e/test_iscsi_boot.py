@@ -16,31 +16,18 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from conftest import require_tool
+from tgt_control import TGTD_RUN, free_tgt_control_port
 
 from sidusd.lab.demo import HostSpec, Lab, boot_markers, tree_fingerprint
 from sidusd.lab.topology import SERVER_IP
 from sidusd.lab.vm import mac_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.netns]
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.background]   # its own lab and tgtd -C
 
 BOOT_TIMEOUT_S = 420          # ~1 min alone under TCG; teammates' VMs share the 2 cores
-TGTD_RUN = Path("/var/run/tgtd")
-
-
-def free_control_port() -> int:
-    """A tgtadm -C number for this lab's tgtd: its control socket, /var/run/tgtd/socket.<N>, is on
-    the shared file system, and teammates' labs run at the same time (tgt allows N <= 32767)."""
-    base = 4000 + os.getpid() % 20000
-    for n in range(base, base + 200):
-        if not any(TGTD_RUN.glob(f"socket.{n}*")):
-            return n
-    raise AssertionError("no free tgtd control port")
-
-
 def values(markers: list[str], key: str) -> list[str]:
     return [m.split(":", 1)[1].strip() for m in markers if m.startswith(key + ":")]
 
@@ -55,7 +42,7 @@ class IscsiLab(Lab):
     def config_dict(self, exports_file, pid_file):
         cfg = super().config_dict(exports_file, pid_file)
         if not self.tgt_port:
-            self.tgt_port = free_control_port()
+            self.tgt_port = free_tgt_control_port(4000 + os.getpid() % 20000)
         cfg["iscsi"] = {"backend": "tgt", "iqn_prefix": "iqn.2026-11.test.sidus", "default_size_mib": 64,
                         "tgt_control_port": self.tgt_port}
         return cfg
@@ -151,10 +138,8 @@ def test_iscsi_disk_persists_across_reboots_and_restarts(iscsi_lab, demo_image):
     assert first, lab.diagnostics(vm)
     lab.sidusctl("hosts", "add", one, "--profile", "persist", "--hostname", "persist-one",
                  "--append", "sidus.demo=poweroff")
-    # (boot 1 prints READY after "probe written": look for boot 2's from its kernel banner on)
-    booting = vm.wait_for(r"Linux version", BOOT_TIMEOUT_S, start=first.end())
-    assert booting, "no reboot\n" + lab.diagnostics(vm)
-    second = vm.wait_for(r"SIDUS-BOOT: READY", BOOT_TIMEOUT_S, start=booting.end())
+    # (boot 1 prints READY after "probe written": boot 2's follows the next kernel banner)
+    second = vm.wait_next_boot_ready(BOOT_TIMEOUT_S, after=first.end())
     assert second, "no second boot\n" + lab.diagnostics(vm)
     assert vm.wait_exit(BOOT_TIMEOUT_S) is not None, lab.diagnostics(vm)
     text = vm.console_text()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import structlog
 from conftest import require_root, require_tool
+from tgt_control import free_tgt_control_port
 
 from sidusd import config
 from sidusd.boot.inventory import Host, Inventory, Profile
@@ -89,7 +90,7 @@ def lab(tmp_path):
     require_tool("tgtd")
     require_tool("tgtadm")
     require_tool("iscsi-ls")
-    port, cport = free_port(), 1000 + os.getpid() % 30000      # tgtd -C takes 0..32767
+    port, cport = free_port(), free_tgt_control_port(1000 + os.getpid() % 3000)
     text = f"""
 state_dir: {tmp_path / 'state'}
 dhcp: {{mode: off}}

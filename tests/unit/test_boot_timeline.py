@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sidusd.lab import timeline
-from sidusd.lab.timeline import BootTimeline, Step, boot_markers, parse_events
+from sidusd.lab.timeline import BootTimeline, Step, boot_markers, next_boot_ready, parse_events
 
 MAC = "52:54:00:13:20:01"
 T0 = 1_000.0
@@ -106,3 +106,16 @@ def test_the_timeline_module_reads_no_file_and_no_clock():
     assert imported <= {"__future__", "json", "re", "dataclasses", "datetime", "typing"}, imported
     calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert "open" not in calls
+
+
+def test_the_next_boots_ready_is_the_one_after_its_kernel_banner():
+    # reboot-after-write: boot 1 prints READY after "probe written", then reboots
+    boot1 = ("[    0.000000] Linux version 6.1.0-57-amd64\r\nSIDUS-BOOT: probe-before: absent\r\n"
+             "SIDUS-BOOT: probe written\r\nSIDUS-BOOT: READY\r\n")
+    after = boot1.index("probe written") + len("probe written")
+    assert next_boot_ready(boot1, after) is None               # boot 1's READY is not boot 2's
+    rebooting = boot1 + "reboot: Restarting system\r\n[    0.000000] Linux version 6.1.0-57-amd64\r\n"
+    assert next_boot_ready(rebooting, after) is None          # boot 2 began, no READY yet
+    both = rebooting + "SIDUS-BOOT: probe-before: absent\r\nSIDUS-BOOT: READY\r\n"
+    m = next_boot_ready(both, after)
+    assert m is not None and m.start() == both.rindex("SIDUS-BOOT: READY")
