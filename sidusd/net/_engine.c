@@ -137,8 +137,10 @@ send_slots(EngineObject *self, int fd, unsigned int k, int sending, PyObject *un
             rc = -1;
         Py_XDECREF(item);
     }
-    for (unsigned int i = 0; i < k; i++)
+    for (unsigned int i = 0; i < k; i++) {
+        self->sruns[i]->pinned = 0;           /* its DATA are sent or copied: `buf` is free */
         Py_CLEAR(self->sruns[i]);
+    }
     return rc;
 }
 
@@ -155,18 +157,19 @@ static void
 fill_slot(EngineObject *self, unsigned int k, RunObject *run, const struct sockaddr_in *name,
           double now)
 {
-    Py_ssize_t dlen = PyBytes_GET_SIZE(run->data);
-    Py_ssize_t off = run->used * run->blksize;
-    Py_ssize_t take = dlen - off < run->blksize ? dlen - off : run->blksize;
+    const char *p;
+    size_t take;
+    run_next_payload(run, &p, &take);         /* ready: run_next_ready, or run_read_next */
     unsigned int block = (run->ack + 1) & 0xFFFF;
     self->shdr[k][0] = 0;
     self->shdr[k][1] = 3;                     /* DATA */
     self->shdr[k][2] = (unsigned char)(block >> 8);
     self->shdr[k][3] = (unsigned char)(block & 0xFF);
-    self->siov[2 * k + 1].iov_base = PyBytes_AS_STRING(run->data) + off;
-    self->siov[2 * k + 1].iov_len = (size_t)(take > 0 ? take : 0);
+    self->siov[2 * k + 1].iov_base = (void *)p;
+    self->siov[2 * k + 1].iov_len = take;
     self->snames[k] = *name;
     self->sruns[k] = (RunObject *)Py_NewRef(run);
+    run->pinned = run->fd >= 0;
     run->used++;
     run->ack = block;
     run->at = now;
@@ -211,9 +214,8 @@ Engine_pump(EngineObject *self, PyObject *args)
     const size_t bs = self->bufsize;
     unsigned int k = 0;                 /* slots filled, not yet sent */
     int stepped_only = 0;               /* the last round took steps and returned nothing */
-    struct timespec t0 = {0, 0};
-    if (wait_us > 0)
-        clock_gettime(CLOCK_MONOTONIC, &t0);
+    struct timespec t0 = {0, 0}, t_sent = {0, 0};
+    clock_gettime(CLOCK_MONOTONIC, &t0);      /* a step's time: `now` plus the time since */
     PyObject *rest = PyList_New(0), *unsent = PyList_New(0);
     if (rest == NULL || unsent == NULL)
         goto fail;
@@ -232,7 +234,7 @@ Engine_pump(EngineObject *self, PyObject *args)
             && !woken) {
             long spent = us_since(&t0);
             stepped_only = 0;
-            int w = spent < wait_us ? wait_readable(&self->spin, fd, wake_fd, wait_us - spent,
+            int w = spent < wait_us ? wait_readable(&self->spin, fd, wake_fd, &t_sent, wait_us - spent,
                                                     spin_us) : 0;
             woken = w == WAIT_WOKEN;        /* the event loop has other work: no more waits */
             if (w == 1)
@@ -246,6 +248,7 @@ Engine_pump(EngineObject *self, PyObject *args)
         if (n == 0)
             break;
         calls++;
+        double at = now + (double)us_since(&t0) / 1e6;     /* one call may last many steps */
         rx += n;
         for (int i = 0; i < n; i++) {
             const unsigned char *d = self->rdata + (size_t)i * bs;
@@ -266,18 +269,22 @@ Engine_pump(EngineObject *self, PyObject *args)
             }
             if (found != NULL && Py_IS_TYPE(found, st->run_type)) {
                 RunObject *run = (RunObject *)found;
-                if (!trunc && takes_step(run, d, len)) {
-                    if (k == self->tx_capacity) {             /* a full batch: send it first */
-                        int rc = send_slots(self, fd, k, sending && !blocked, unsent, &errors,
-                                            &blocked);
-                        k = 0;
-                        if (rc < 0) {
-                            Py_DECREF(found);
-                            Py_DECREF(key);
-                            goto fail;
-                        }
+                int step = !trunc && takes_step(run, d, len);
+                if (step && (k == self->tx_capacity || (run->pinned && !run_next_ready(run)))) {
+                    /* a full batch, or a file run about to read into the buffer its unsent
+                     * DATA point into: send the batch first */
+                    int rc = send_slots(self, fd, k, sending && !blocked, unsent, &errors, &blocked);
+                    k = 0;
+                    if (rc < 0) {
+                        Py_DECREF(found);
+                        Py_DECREF(key);
+                        goto fail;
                     }
-                    fill_slot(self, k++, run, &self->rnames[i], now);
+                }
+                if (step && !run_next_ready(run) && run_read_next(run) < 0)
+                    step = 0;                    /* a read failed: the ACK goes back to Python */
+                if (step) {
+                    fill_slot(self, k++, run, &self->rnames[i], at);
                     Py_DECREF(found);
                     Py_DECREF(key);
                     continue;
@@ -296,6 +303,8 @@ Engine_pump(EngineObject *self, PyObject *args)
             Py_DECREF(item);
         }
         stepped_only = k > 0 && PyList_GET_SIZE(rest) == 0 && PyList_GET_SIZE(unsent) == 0;
+        if (stepped_only && wait_us > 0)
+            clock_gettime(CLOCK_MONOTONIC, &t_sent);     /* the peer's turnaround runs from here */
         int rc = send_slots(self, fd, k, sending && !blocked, unsent, &errors, &blocked);
         k = 0;
         if (rc < 0)

@@ -26,8 +26,10 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 /* ------------------------------------------------------------------ Run */
 
@@ -35,12 +37,15 @@
 static PyObject *
 Run_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"ack", "data", "blksize", "count", "peer", "used", NULL};
+    static char *kwlist[] = {"ack", "data", "blksize", "count", "peer", "used", "fd", "offset", "size",
+                             NULL};
     long ack;
     PyObject *data, *peer;
-    Py_ssize_t blksize, count, used = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "lO!nnO|n", kwlist, &ack, &PyBytes_Type, &data,
-                                     &blksize, &count, &peer, &used))
+    Py_ssize_t blksize, count, used = 0, size = -1;
+    int fd = -1;
+    long long offset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "lO!nnO|n$iLn", kwlist, &ack, &PyBytes_Type, &data,
+                                     &blksize, &count, &peer, &used, &fd, &offset, &size))
         return NULL;
     if (ack < 0 || blksize < 1 || blksize > 65464 || count < 1 || count > 65535 || used < 0
         || used > count) {
@@ -48,20 +53,36 @@ Run_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                         "Run: ack >= 0, 1 <= blksize <= 65464, 1 <= count <= 65535, 0 <= used <= count");
         return NULL;
     }
+    if (fd >= 0 && (PyBytes_GET_SIZE(data) != 0 || offset < 0 || size < 0)) {
+        PyErr_SetString(PyExc_ValueError, "Run: a file run (fd) has empty data, offset >= 0 and size >= 0");
+        return NULL;
+    }
+    if (fd < 0)
+        size = PyBytes_GET_SIZE(data);
     /* every step but the last carries a whole block; the last carries what is left (maybe 0) */
-    if (PyBytes_GET_SIZE(data) > count * blksize || PyBytes_GET_SIZE(data) < (count - 1) * blksize) {
+    if (size > count * blksize || size < (count - 1) * blksize) {
         PyErr_SetString(PyExc_ValueError, "Run: data must hold count blocks (the last may be short)");
         return NULL;
     }
+    int dup = -1;
+    if (fd >= 0 && (dup = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
     RunObject *self = (RunObject *)type->tp_alloc(type, 0);
-    if (self == NULL)
+    if (self == NULL) {
+        if (dup >= 0)
+            close(dup);
         return NULL;
+    }
     self->data = Py_NewRef(data);
     self->peer = Py_NewRef(peer);
     self->ack = (unsigned int)((ack + used) & 0xFFFF);    /* steps already taken elsewhere */
     self->blksize = blksize;
     self->count = count;
     self->used = used;
+    self->fd = dup;
+    self->offset = offset;
+    self->size = size;
+    self->buf_cap = RUN_READ_BYTES < blksize ? blksize : RUN_READ_BYTES / blksize * blksize;
     return (PyObject *)self;
 }
 
@@ -88,6 +109,9 @@ Run_dealloc(RunObject *self)
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     Run_clear(self);
+    if (self->fd >= 0)
+        close(self->fd);
+    PyMem_Free(self->buf);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -106,7 +130,11 @@ static PyMemberDef Run_members[] = {
     {"used", T_PYSSIZET, offsetof(RunObject, used), READONLY, "steps taken"},
     {"at", T_DOUBLE, offsetof(RunObject, at), READONLY, "the time of the last step taken"},
     {"stopped", T_INT, offsetof(RunObject, stopped), READONLY,
-     "another datagram came from the peer: the run takes no more steps"},
+     "another datagram came from the peer (or a read failed): the run takes no more steps"},
+    {"size", T_PYSSIZET, offsetof(RunObject, size), READONLY, "the payloads' bytes in all"},
+    {"reads", T_PYSSIZET, offsetof(RunObject, reads), READONLY, "a file run: the reads it made"},
+    {"read_errno", T_INT, offsetof(RunObject, read_errno), READONLY,
+     "a file run: the errno of the read that stopped it (EIO: the file ended early), or 0"},
     {NULL}
 };
 
@@ -116,8 +144,10 @@ static PyGetSetDef Run_getset[] = {
 };
 
 static PyType_Slot Run_slots[] = {
-    {Py_tp_doc, "Run(ack, data, blksize, count, peer, used=0): lockstep steps decided in advance\n"
-                "(`used`: the first steps were taken by the caller)."},
+    {Py_tp_doc, "Run(ack, data, blksize, count, peer, used=0, *, fd=-1, offset=0, size=-1): lockstep\n"
+                "steps decided in advance (`used`: the first steps were taken by the caller); with\n"
+                "`fd`, empty `data`: the payloads are the file's `size` bytes from `offset`\n"
+                "(step 0's), read by the run (it keeps a duplicate of `fd`)."},
     {Py_tp_new, Run_new},
     {Py_tp_dealloc, Run_dealloc},
     {Py_tp_traverse, Run_traverse},

@@ -1,7 +1,7 @@
 /*
- * sidusd.net._lockstep: what its C files share (_lockstep.c: the module and Run; _engine.c:
- * Engine; _wait.c: Engine.pump's wait; _batchio.c: Receiver and Sender, the batched system
- * calls behind net/mmsg.py).
+ * sidusd.net._lockstep: what its C files share (_lockstep.c: the module and Run; _runread.c:
+ * a run's payloads, from its file; _engine.c: Engine; _wait.c: Engine.pump's wait;
+ * _batchio.c: Receiver and Sender, the batched system calls behind net/mmsg.py).
  */
 #ifndef SIDUS_LOCKSTEP_H
 #define SIDUS_LOCKSTEP_H
@@ -57,7 +57,23 @@ typedef struct {
     Py_ssize_t used;           /* steps taken */
     double at;                 /* the `now` of the last step taken */
     int stopped;               /* another datagram came from the peer: no more steps */
+    /* a file run (fd >= 0): `data` is empty; the payloads are the file's bytes from `offset`
+     * (step 0's), `size` of them in all, read by C (_runread.c) into `buf` as they are needed */
+    int fd;                    /* a duplicate, closed with the run; -1: the payloads are `data` */
+    long long offset;
+    Py_ssize_t size;           /* the payloads' bytes (a file run; `data`'s length otherwise) */
+    unsigned char *buf;        /* what was read: run bytes [buf_from, buf_from + buf_len) */
+    Py_ssize_t buf_cap, buf_from, buf_len;
+    int pinned;                /* DATA in the engine's unsent batch that point into `buf` */
+    int read_errno;            /* the read that stopped the run, or 0 */
+    Py_ssize_t reads;          /* reads made */
 } RunObject;
+
+/* _runread.c: the payload of a run's next step (run->used), from `data` or from its file. */
+#define RUN_READ_BYTES (256 * 1024)   /* a file run reads this much at a time (whole blocks) */
+int run_next_ready(const RunObject *run);           /* 1: no read needed for the next step */
+int run_read_next(RunObject *run);                  /* 0, or -1 with read_errno set */
+void run_next_payload(const RunObject *run, const char **p, size_t *len);
 
 /* _wait.c: Engine.pump's wait for the ACKs of what it sent, and how those waits went. */
 struct spin_policy {
@@ -68,7 +84,8 @@ struct spin_policy {
 };
 #define WAIT_WOKEN 2
 long us_since(const struct timespec *t0);
-int wait_readable(struct spin_policy *sp, int fd, int wake_fd, long us, long spin_us);
+int wait_readable(struct spin_policy *sp, int fd, int wake_fd, const struct timespec *sent, long us,
+                  long spin_us);
 
 extern PyType_Spec Run_spec;       /* _lockstep.c */
 extern PyType_Spec Engine_spec;    /* _engine.c */

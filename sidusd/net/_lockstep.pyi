@@ -22,10 +22,19 @@ _Payload = TypeVar("_Payload", bound=bytes | tuple[bytes, ...])
 
 @final
 class Run(Generic[_P]):
-    """Run(ack, data, blksize, count, peer, used=0): lockstep steps decided in advance
-    (``used``: the first steps were taken by the caller)."""
+    """Run(ack, data, blksize, count, peer, used=0, *, fd=-1, offset=0, size=-1): lockstep steps
+    decided in advance (``used``: the first steps were taken by the caller); with ``fd`` (a
+    *file run*) and empty ``data``, the payloads are the file's ``size`` bytes from ``offset``
+    (step 0's), read by the run itself with pread (it keeps a duplicate of ``fd``)."""
 
-    def __new__(cls, ack: int, data: bytes, blksize: int, count: int, peer: _P, used: int = 0) -> Run[_P]: ...
+    def __new__(cls, ack: int, data: bytes, blksize: int, count: int, peer: _P, used: int = 0, *,
+                fd: int = -1, offset: int = 0, size: int = -1) -> Run[_P]: ...
+    @property
+    def size(self) -> int: ...                     # the payloads' bytes in all
+    @property
+    def reads(self) -> int: ...                    # a file run: the reads it made
+    @property
+    def read_errno(self) -> int: ...               # ... the errno of the one that stopped it, or 0
     @property
     def data(self) -> bytes: ...                   # the run's payloads, joined
     @property
@@ -39,7 +48,7 @@ class Run(Generic[_P]):
     @property
     def at(self) -> float: ...                     # the time of the last step taken
     @property
-    def stopped(self) -> int: ...                  # 1: another datagram came from the peer
+    def stopped(self) -> int: ...                  # 1: another datagram came from the peer (or a read failed)
     @property
     def ack(self) -> int: ...                      # the 16-bit block whose ACK takes the next step
 

@@ -29,12 +29,14 @@ us_since(const struct timespec *t0)
  * trip, a slow client), one in SPIN_PROBE spins, then one in 16, 32... SPIN_PROBE_MAX while
  * those probes miss too (at a 240 us round trip the spin doubled the CPU per GB; on loopback
  * many ACKs come just after 30 us: they must not stop it).  A hit spins on every wait again.  A miss
- * is by the clock, not by who saw the ACK: on a loaded CPU one sched_yield can last a
- * timeslice, and the ACK is there when it returns.
+ * is by the clock from `sent` (when the DATA left), not by who saw the ACK, nor from the wait's
+ * start: on a loaded CPU one sched_yield can last a timeslice, or the thread lose the CPU before
+ * it waits, and the ACK is there at once -- the peer still took longer than a spin.
  * `wake_fd` (-1: none): readable means the event loop has something else to do; the wait
  * ends at once and WAIT_WOKEN is returned.  1: `fd` is readable; 0: the time is up. */
 int
-wait_readable(struct spin_policy *sp, int fd, int wake_fd, long us, long spin_us)
+wait_readable(struct spin_policy *sp, int fd, int wake_fd, const struct timespec *sent, long us,
+              long spin_us)
 {
     struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = wake_fd, .events = POLLIN}};
     nfds_t nfds = wake_fd >= 0 ? 2 : 1;
@@ -58,7 +60,7 @@ wait_readable(struct spin_policy *sp, int fd, int wake_fd, long us, long spin_us
         struct timespec ts = {.tv_sec = left / 1000000, .tv_nsec = (left % 1000000) * 1000};
         r = ppoll(p, nfds, &ts, NULL);
     }
-    took = us_since(&t0);
+    took = us_since(sent);               /* the peer's turnaround, as far as we can tell */
     Py_END_ALLOW_THREADS
     int readable = r > 0 && (p[0].revents & (POLLIN | POLLERR)) != 0;
     if (spin_us > 0 && (readable || r == 0)) {  /* a wake-up says nothing of the peer */

@@ -7,7 +7,9 @@ them as the ACKs arrive, without returning to Python per ACK.  Whatever else
 arrives comes back in order; before its transfer handles it (or its timer
 fires, or it ends) the run is *settled*: the session hears how many steps were
 taken (``lockstep_advance``).  The ACK that ends a run begins the next one,
-with one read for all of it (:func:`step_into_run`).
+with one read for all of it (:func:`step_into_run`).  A file's run (a *file
+run*) is not read here: C reads its payloads from the file as it goes, so a
+whole kernel is one run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 
 from ..proto.tftp_session import LockstepRun
 from . import mmsg, udpport
+from .files import FileSource
 from .tftp_transfer import Transfer
 
 _lockstep = udpport._lockstep
@@ -23,6 +26,7 @@ _lockstep = udpport._lockstep
 RUN_BYTES = 64 * 1024       # DATA of a transfer's first lockstep run handed to C, at least
 RUN_BLOCKS = 32             # ... and at least this many blocks, for big blocks
 RUN_MAX = 512 * 1024        # ... but at most this much (memory: one run per transfer)
+FILE_RUN_STEPS = 65535      # a file run's steps, at most (C reads 256 KiB at a time)
 
 
 def run_bytes(blksize: int, last: int = 0) -> int:
@@ -43,16 +47,30 @@ def run_bytes(blksize: int, last: int = 0) -> int:
 def plan(t: Transfer, taken: int = 0) -> LockstepRun | None:
     """Give C the transfer's next lockstep steps, decided by its session (accel ports only).
 
-    ``taken``: the first steps were taken here already (C starts after them).
+    ``taken``: the first steps were taken here already (C starts after them; their
+    payloads are read here).  A file's transfer gets a *file run*: up to FILE_RUN_STEPS
+    steps, whose payloads C reads from the file itself as it goes (a whole kernel is one
+    run, with no trip through Python per part read); any other source, a run of
+    :func:`run_bytes` read here.
     """
+    session, source = t.session, t.source
+    fd = source.fd if isinstance(source, FileSource) else -1
     try:
-        run = t.session.lockstep_run(run_bytes(t.session.blksize, t.run_size))
+        if fd >= 0:
+            run = session.lockstep_run(FILE_RUN_STEPS * session.blksize, head=taken)
+        else:
+            run = session.lockstep_run(run_bytes(session.blksize, t.run_size))
     except OSError:
         return None             # no run: the next ACK meets the read error on the Python path
     if run is None:
         return None
-    t.plan, t.run_size = run, len(run.data)
-    t.run = _lockstep.Run(run.ack, run.data, run.blksize, run.count, t.dest, taken)
+    if fd >= 0:
+        t.plan, t.run_size = run, 0
+        t.run = _lockstep.Run(run.ack, b"", run.blksize, run.count, t.dest, taken,
+                              fd=fd, offset=run.ack * run.blksize, size=run.total)
+    else:
+        t.plan, t.run_size = run, len(run.data)
+        t.run = _lockstep.Run(run.ack, run.data, run.blksize, run.count, t.dest, taken)
     t.port.runs[t.key] = t.run
     return run
 

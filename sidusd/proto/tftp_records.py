@@ -76,16 +76,28 @@ class LockstepRun:
     edge then reports how many steps it took with
     :meth:`ReadSession.lockstep_advance`, which leaves the session exactly as
     that many :meth:`ReadSession.ack_lockstep` calls would have.
+
+    A run whose ``size`` exceeds ``len(data)`` holds only its first payloads:
+    the others are the source's bytes from offset ``(ack + i) * blksize`` (for
+    an edge that reads the file itself, e.g. the C engine's file runs).
     """
 
     ack: int        # absolute number of the block in flight: its ACK triggers step 0
-    data: bytes     # the payloads of blocks ack + 1 .. ack + count, joined
+    data: bytes     # the payloads of blocks ack + 1 .. ack + count, joined (or the first ones)
     blksize: int
     count: int
+    size: int = -1  # the payloads' bytes in all (-1: len(data), all of them)
+
+    @property
+    def total(self) -> int:
+        """The bytes of all the run's payloads."""
+        return len(self.data) if self.size < 0 else self.size
 
     def datagram(self, i: int) -> bytes:
         """The DATA sent at step ``i`` (the reference for any other executor)."""
         if not 0 <= i < self.count:
             raise IndexError(f"step {i} outside 0..{self.count - 1}")
         bs = self.blksize
+        if min((i + 1) * bs, self.total) > len(self.data):
+            raise IndexError(f"step {i}'s payload is not in this run's data (read it from the source)")
         return _pack_hdr(_OP_DATA, (self.ack + i + 1) & 0xFFFF) + self.data[i * bs:(i + 1) * bs]

@@ -192,24 +192,26 @@ class ReadSession:
         """Whether an ACK of ``block`` (16 bits) is the lockstep step :meth:`ack_lockstep` takes."""
         return block == self._max_sent & 0xFFFF and self._lockstep_ready()
 
-    def lockstep_run(self, max_bytes: int) -> LockstepRun | None:
+    def lockstep_run(self, max_bytes: int, head: int | None = None) -> LockstepRun | None:
         """The next lockstep steps decided now, about ``max_bytes`` of DATA (at least one block).
 
         None unless the session is where :meth:`ack_lockstep` could step (the
         block in flight awaits its ACK, windowsize 1, nothing else pending) and
-        the source reads contiguous runs.  Reads the run's blocks at once (a
-        read error propagates, nothing changes); the session itself does not
-        change until :meth:`lockstep_advance`.
+        the source reads contiguous runs.  Reads the run's blocks at once, or
+        with ``head`` only the first ``head`` of them (the edge reads the others
+        itself: :class:`LockstepRun`); a read error propagates, nothing changes.
+        The session itself does not change until :meth:`lockstep_advance`.
         """
         if not self._lockstep_ready() or not getattr(self.source, "contiguous", False):
             return None
         b, bs = self._max_sent, self.blksize
         count = min(max(1, -(-max_bytes // bs)), self._last - b)
-        data = self.source.read_block(b * bs, count * bs)
-        want = min(count * bs, self.source.size - b * bs)
+        size = min(count * bs, self.source.size - b * bs)
+        want = size if head is None else min(size, max(0, head) * bs)
+        data = self.source.read_block(b * bs, want) if want else b""
         if len(data) != want:
             raise OSError(5, "short read from the transfer's source")    # EIO
-        self._run = LockstepRun(b, data, bs, count)
+        self._run = LockstepRun(b, data, bs, count, -1 if head is None else size)
         return self._run
 
     def lockstep_advance(self, run: LockstepRun, steps: int, now: float) -> None:

@@ -27,8 +27,9 @@ from sidusd.net import _lockstep  # noqa: E402
 
 
 def serve_with(wait_us: int, spin_us: int, count: int, delay_s: float = 0.0,
-               engine=None) -> tuple[int, int, bool]:
-    """A peer thread ACKs every DATA (after ``delay_s``); returns (pump calls, steps, data ok)."""
+               engine=None, runs_made: list | None = None) -> tuple[int, int, bool]:
+    """A peer thread ACKs every DATA (after ``delay_s``); returns (pump calls, steps, data ok)
+    (the run, appended to ``runs_made``)."""
     server, client = udp(), udp(blocking=True)
     plan = make_run(1, 1024, count, size_last=10)
     got: list[bytes] = []
@@ -64,6 +65,8 @@ def serve_with(wait_us: int, spin_us: int, count: int, delay_s: float = 0.0,
         client.close()
     ok = got == [plan.datagram(i) for i in range(plan.count)]
     assert rest == [(ack(plan.ack + plan.count), peer_key, False)]
+    if runs_made is not None:
+        runs_made.append(run)
     return calls, run.used, ok
 
 
@@ -198,3 +201,14 @@ def test_a_readable_wake_fd_ends_the_wait_and_every_later_one() -> None:
         th.join()
         for s in (server, client, wake_r, wake_w):
             s.close()
+
+
+def test_a_step_taken_late_in_a_call_has_its_own_time() -> None:
+    """One pump call takes the steps of a peer answering 2 ms after each DATA: the last step's
+    time is the call's ``now`` plus the time into the call, not ``now`` (the session's
+    deadline and the transfer's duration come from it: a whole file can be one call)."""
+    made: list = []
+    calls, used, ok = serve_with(100_000, 0, 40, delay_s=0.002, runs_made=made)
+    (run,) = made
+    assert ok and used == 40 and calls < 40
+    assert run.at >= 5.0 + 39 * 0.002 / calls, (run.at, calls)
