@@ -24,6 +24,7 @@ typedef struct {
     unsigned char (*shdr)[4];
     RunObject **sruns;           /* a reference per message being sent */
     struct spin_policy spin;     /* _wait.c: how its waits for an ACK went */
+    Py_ssize_t recv_calls;       /* recvmmsg calls made, those that found nothing included */
 } EngineObject;
 
 static void
@@ -144,6 +145,13 @@ send_slots(EngineObject *self, int fd, unsigned int k, int sending, PyObject *un
     return rc;
 }
 
+static inline int
+engine_recv(EngineObject *self, int fd)
+{
+    self->recv_calls++;
+    return recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
+}
+
 /* Whether datagram d (len bytes, not truncated) is the ACK `run` waits for. */
 static inline int
 takes_step(const RunObject *run, const unsigned char *d, size_t len)
@@ -237,7 +245,7 @@ Engine_pump(EngineObject *self, PyObject *args)
         int n = -1;
         errno = EAGAIN;
         if (!wait_first)
-            n = recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
+            n = engine_recv(self, fd);
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && stepped_only && wait_us > 0
             && !woken) {
             long spent = us_since(&t0);
@@ -246,7 +254,7 @@ Engine_pump(EngineObject *self, PyObject *args)
                                                     spin_us) : 0;
             woken = w == WAIT_WOKEN;        /* the event loop has other work: no more waits */
             if (w == 1)
-                n = recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
+                n = engine_recv(self, fd);
             else
                 errno = EAGAIN;              /* time up or woken: this call ends here */
         }
@@ -356,6 +364,8 @@ static PyMemberDef Engine_members[] = {
     {"spun", T_PYSSIZET, offsetof(EngineObject, spin.spun), READONLY, "... of which spun first"},
     {"woken", T_PYSSIZET, offsetof(EngineObject, spin.woken), READONLY,
      "... of which wake_fd ended"},
+    {"recv_calls", T_PYSSIZET, offsetof(EngineObject, recv_calls), READONLY,
+     "recvmmsg calls made (those that found nothing included)"},
     {NULL}
 };
 

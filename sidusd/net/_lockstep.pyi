@@ -89,6 +89,9 @@ class Engine:
     @property
     def woken(self) -> int:
         """... of which ``wake_fd`` ended (the event loop had other work)."""
+    @property
+    def recv_calls(self) -> int:
+        """recvmmsg calls made, those that found nothing included."""
     def __new__(cls, capacity: int = 64, bufsize: int = 2048, tx_capacity: int = 256) -> Engine: ...
     def pump(self, fd: int, runs: dict[bytes, Run[_P]], now: float, rounds: int, sending: bool,
              wait_us: int = 0, spin_us: int = 0, wake_fd: int = -1, /) -> PumpResult[_P]:
