@@ -41,7 +41,8 @@ wait_readable(struct spin_policy *sp, int fd, int wake_fd, const struct timespec
     struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = wake_fd, .events = POLLIN}};
     nfds_t nfds = wake_fd >= 0 ? 2 : 1;
     struct timespec zero = {0, 0}, t0;
-    int r = 0; long took;
+    int r = 0, looks = 0;           /* looks: polls that found nothing */
+    long took;
     if (sp->probe < SPIN_PROBE)
         sp->probe = SPIN_PROBE;
     if (sp->misses >= SPIN_MISSES && sp->waits % sp->probe != 0)
@@ -53,8 +54,10 @@ wait_readable(struct spin_policy *sp, int fd, int wake_fd, const struct timespec
     if (spin_us > us)
         spin_us = us;
     if (spin_us > 0)
-        while ((r = ppoll(p, nfds, &zero, NULL)) == 0 && us_since(&t0) < spin_us)
+        while ((r = ppoll(p, nfds, &zero, NULL)) == 0 && us_since(&t0) < spin_us) {
+            looks++;
             sched_yield();          /* a peer on this CPU runs now: its ACK is what we wait for */
+        }
     long left = us - us_since(&t0);
     if (r == 0 && left > 0) {
         struct timespec ts = {.tv_sec = left / 1000000, .tv_nsec = (left % 1000000) * 1000};
@@ -63,7 +66,9 @@ wait_readable(struct spin_policy *sp, int fd, int wake_fd, const struct timespec
     took = us_since(sent);               /* the peer's turnaround, as far as we can tell */
     Py_END_ALLOW_THREADS
     int readable = r > 0 && (p[0].revents & (POLLIN | POLLERR)) != 0;
-    if (spin_us > 0 && (readable || r == 0)) {  /* a wake-up says nothing of the peer */
+    /* a wake-up says nothing of the peer; nor does a datagram there at the first look (another
+     * peer's, at N > 1: the engine waits without looking first after a one-ACK round) */
+    if (spin_us > 0 && (r == 0 || (readable && looks > 0))) {
         if (took <= 4 * spin_us) {
             sp->misses = 0;
             sp->probe = SPIN_PROBE;
