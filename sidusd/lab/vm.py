@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,24 +146,22 @@ class Vm:
         an earlier boot).  Returns the match, or None on timeout / VM exit.
         """
         rx = re.compile(marker, re.M) if isinstance(marker, str) else marker
-        deadline = time.monotonic() + timeout_s
-        while True:
-            m = rx.search(self.console_text(), start)
-            if m:
-                return m
-            if not self.running() or time.monotonic() >= deadline:
-                # one last look: the marker may have been written just before exit
-                return rx.search(self.console_text(), start)
-            time.sleep(POLL_S)
+        return self._follow(lambda text: rx.search(text, start), timeout_s)
 
     def wait_next_boot_ready(self, timeout_s: float, after: int) -> re.Match | None:
         """Follow the console until the boot after offset ``after`` prints READY (see
         :func:`~sidusd.lab.timeline.next_boot_ready`); None on timeout or VM exit."""
+        return self._follow(lambda text: next_boot_ready(text, after), timeout_s)
+
+    def _follow(self, find: Callable[[str], re.Match | None], timeout_s: float) -> re.Match | None:
         deadline = time.monotonic() + timeout_s
         while True:
-            m = next_boot_ready(self.console_text(), after)
-            if m or not self.running() or time.monotonic() >= deadline:
-                return m or next_boot_ready(self.console_text(), after)
+            m = find(self.console_text())
+            if m:
+                return m
+            if not self.running() or time.monotonic() >= deadline:
+                # one last look: the marker may have been written just before exit
+                return find(self.console_text())
             time.sleep(POLL_S)
 
     def wait_exit(self, timeout_s: float | None) -> int | None:

@@ -138,10 +138,8 @@ send_slots(EngineObject *self, int fd, unsigned int k, int sending, PyObject *un
             rc = -1;
         Py_XDECREF(item);
     }
-    for (unsigned int i = 0; i < k; i++) {
-        self->sruns[i]->pinned = 0;           /* its DATA are sent or copied: `buf` is free */
+    for (unsigned int i = 0; i < k; i++)
         Py_CLEAR(self->sruns[i]);
-    }
     return rc;
 }
 
@@ -150,6 +148,16 @@ engine_recv(EngineObject *self, int fd)
 {
     self->recv_calls++;
     return recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
+}
+
+/* Whether one of the batch's k unsent DATA is `run`'s (a file run's points into its buffer). */
+static int
+batch_holds(const EngineObject *self, unsigned int k, const RunObject *run)
+{
+    for (unsigned int i = 0; i < k; i++)
+        if (self->sruns[i] == run)
+            return 1;
+    return 0;
 }
 
 /* Whether datagram d (len bytes, not truncated) is the ACK `run` waits for. */
@@ -177,7 +185,6 @@ fill_slot(EngineObject *self, unsigned int k, RunObject *run, const struct socka
     self->siov[2 * k + 1].iov_len = take;
     self->snames[k] = *name;
     self->sruns[k] = (RunObject *)Py_NewRef(run);
-    run->pinned = run->fd >= 0;
     run->used++;
     run->ack = block;
     run->at = now;
@@ -223,7 +230,7 @@ Engine_pump(EngineObject *self, PyObject *args)
     unsigned int k = 0;                 /* slots filled, not yet sent */
     int stepped_only = 0;               /* the last round took steps and returned nothing */
     int last_n = 0;                     /* datagrams the last round read */
-    struct timespec t0 = {0, 0}, t_sent = {0, 0};
+    struct timespec t0 = {0, 0}, t_round = {0, 0};   /* the call's start; this round's */
     clock_gettime(CLOCK_MONOTONIC, &t0);      /* a step's time: `now` plus the time since */
     PyObject *rest = PyList_New(0), *unsent = PyList_New(0);
     if (rest == NULL || unsent == NULL)
@@ -250,7 +257,7 @@ Engine_pump(EngineObject *self, PyObject *args)
             && !woken) {
             long spent = us_since(&t0);
             stepped_only = 0;
-            int w = spent < wait_us ? wait_readable(&self->spin, fd, wake_fd, &t_sent, wait_us - spent,
+            int w = spent < wait_us ? wait_readable(&self->spin, fd, wake_fd, &t_round, wait_us - spent,
                                                     spin_us) : 0;
             woken = w == WAIT_WOKEN;        /* the event loop has other work: no more waits */
             if (w == 1)
@@ -267,7 +274,10 @@ Engine_pump(EngineObject *self, PyObject *args)
             break;
         calls++;
         last_n = n;
-        double at = now + (double)us_since(&t0) / 1e6;     /* one call may last many steps */
+        /* the round's time: its steps' (one call may last many) and its DATA's send, from
+         * which the peer's turnaround is timed */
+        clock_gettime(CLOCK_MONOTONIC, &t_round);
+        double at = now + (double)us_between(&t0, &t_round) / 1e6;
         rx += n;
         for (int i = 0; i < n; i++) {
             const unsigned char *d = self->rdata + (size_t)i * bs;
@@ -289,9 +299,10 @@ Engine_pump(EngineObject *self, PyObject *args)
             if (found != NULL && Py_IS_TYPE(found, st->run_type)) {
                 RunObject *run = (RunObject *)found;
                 int step = !trunc && takes_step(run, d, len);
-                if (step && (k == self->tx_capacity || (run->pinned && !run_next_ready(run)))) {
+                int ready = step && run_next_ready(run);
+                if (step && (k == self->tx_capacity || (!ready && batch_holds(self, k, run)))) {
                     /* a full batch, or a file run about to read into the buffer its unsent
-                     * DATA point into: send the batch first */
+                     * DATA point into (rare: once per read): send the batch first */
                     int rc = send_slots(self, fd, k, sending && !blocked, unsent, &errors, &blocked);
                     k = 0;
                     if (rc < 0) {
@@ -300,7 +311,7 @@ Engine_pump(EngineObject *self, PyObject *args)
                         goto fail;
                     }
                 }
-                if (step && !run_next_ready(run) && run_read_next(run) < 0)
+                if (step && !ready && run_read_next(run) < 0)
                     step = 0;                    /* a read failed: the ACK goes back to Python */
                 if (step) {
                     fill_slot(self, k++, run, &self->rnames[i], at);
@@ -322,8 +333,6 @@ Engine_pump(EngineObject *self, PyObject *args)
             Py_DECREF(item);
         }
         stepped_only = k > 0 && PyList_GET_SIZE(rest) == 0 && PyList_GET_SIZE(unsent) == 0;
-        if (stepped_only && wait_us > 0)
-            clock_gettime(CLOCK_MONOTONIC, &t_sent);     /* the peer's turnaround runs from here */
         int rc = send_slots(self, fd, k, sending && !blocked, unsent, &errors, &blocked);
         k = 0;
         if (rc < 0)

@@ -64,7 +64,6 @@ typedef struct {
     Py_ssize_t size;           /* the payloads' bytes (a file run; `data`'s length otherwise) */
     unsigned char *buf;        /* what was read: run bytes [buf_from, buf_from + buf_len) */
     Py_ssize_t buf_cap, buf_from, buf_len;
-    int pinned;                /* DATA in the engine's unsent batch that point into `buf` */
     int read_errno;            /* the read that stopped the run, or 0 */
     Py_ssize_t reads;          /* reads made */
 } RunObject;
@@ -83,6 +82,7 @@ struct spin_policy {
     Py_ssize_t woken;           /* ... and those the event loop's other work ended */
 };
 #define WAIT_WOKEN 2
+long us_between(const struct timespec *t0, const struct timespec *t1);
 long us_since(const struct timespec *t0);
 int wait_readable(struct spin_policy *sp, int fd, int wake_fd, const struct timespec *sent, long us,
                   long spin_us);

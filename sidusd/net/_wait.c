@@ -14,11 +14,17 @@
 #define SPIN_PROBE_MAX 256     /* probe that misses too, down to one in SPIN_PROBE_MAX */
 
 long
+us_between(const struct timespec *t0, const struct timespec *t1)
+{
+    return (t1->tv_sec - t0->tv_sec) * 1000000L + (t1->tv_nsec - t0->tv_nsec) / 1000;
+}
+
+long
 us_since(const struct timespec *t0)
 {
     struct timespec t1;
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    return (t1.tv_sec - t0->tv_sec) * 1000000L + (t1.tv_nsec - t0->tv_nsec) / 1000;
+    return us_between(t0, &t1);
 }
 
 /* Wait up to `us` microseconds for `fd` to be readable, the GIL released: first by polling

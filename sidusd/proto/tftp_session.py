@@ -211,7 +211,7 @@ class ReadSession:
         data = self.source.read_block(b * bs, want) if want else b""
         if len(data) != want:
             raise OSError(5, "short read from the transfer's source")    # EIO
-        self._run = LockstepRun(b, data, bs, count, -1 if head is None else size)
+        self._run = LockstepRun(b, data, bs, count, size)
         return self._run
 
     def lockstep_advance(self, run: LockstepRun, steps: int, now: float) -> None:
