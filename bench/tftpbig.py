@@ -16,9 +16,13 @@ One *case* is (block size, N): N atftp clients (C, lockstep: one block in flight
 ``--option "blksize B"``) fetch the same file at once from one server; the
 cases run in rotation (round -> block size -> N -> server), so a noisy machine
 hurts every server alike and each ratio sidusd/peer comes from the same
-minute.  Client 0's bytes go to a file on tmpfs, hashed (sha256) after the case, the others to
-/dev/null (their exit status is checked).  Per case: aggregate MB/s (N x file
-size / time until the last client ended) and the server's CPU seconds per GB
+minute.  The servers' order turns by one at each (block size, N) (:func:`case_order`),
+with a ``SETTLE_S`` pause before each case.  In a fixed order with no pause, sidusd's N = 1
+case always began the moment atftpd's N = 32 case ended, and measured 0.76-0.80x at 65464
+over the tun link where its turn in the rotation gives 1.11-1.22x (session 13, the same
+code; the C servers' figures did not move).  Client 0's bytes go to a file on tmpfs,
+hashed (sha256) after the case, the others to /dev/null (their exit status is checked).
+Per case: aggregate MB/s (N x file size / time until the last client ended) and the server's CPU seconds per GB
 (cgroup cpuacct of the server and its children: tftpd-hpa forks per transfer).
 Printed: per (block size, N) the median MB/s and CPU/GB of each server over the
 rounds, and sidusd's ratios to the best C server (per round, then median);
@@ -56,6 +60,14 @@ MB = 1_000_000
 _INNER = "SIDUS_TFTPBIG_IN_NETNS"
 CLIENT_NS = "sidus-tftpbig-cl"        # + the outer pid: the clients' namespace (veth, tun)
 FILE = "big"                          # + .<size>: the file a case fetches
+SETTLE_S = 0.3                        # the pause before each case
+
+
+def case_order(servers: list[str], k: int) -> list[str]:
+    """The servers' order in the run's ``k``-th (block size, N): turned by ``k``, so each
+    server comes first (after another server's case) as often as the others."""
+    i = k % len(servers)
+    return servers[i:] + servers[:i]
 
 
 def client_argv(host: str, name: str, blksize: int, out: str, ns: str | None) -> list[str]:
@@ -214,16 +226,16 @@ async def inner(a: argparse.Namespace) -> int:
         for rd in range(a.rounds):
             loads.append(f"round {rd} start: {uptime()}")
             print(loads[-1], flush=True)
-            for bs in blksizes:
-                for n in clients:
-                    size = sizes[n]
-                    for s in servers:
-                        proc, meter = started[s]
-                        r = await one_case(s, hosts[s], meter, proc.pid, bs, n, size, blobs[size], ns,
-                                           a.timeout)
-                        r["round"] = rd
-                        runs.append(r)
-                        print(json.dumps(r), flush=True)
+            for c, (bs, n) in enumerate((bs, n) for bs in blksizes for n in clients):
+                size = sizes[n]
+                for s in case_order(servers, rd * len(blksizes) * len(clients) + c):
+                    await asyncio.sleep(SETTLE_S)
+                    proc, meter = started[s]
+                    r = await one_case(s, hosts[s], meter, proc.pid, bs, n, size, blobs[size], ns,
+                                       a.timeout)
+                    r["round"] = rd
+                    runs.append(r)
+                    print(json.dumps(r), flush=True)
         loads.append(f"end: {uptime()}")
         print(loads[-1])
     finally:
