@@ -1,13 +1,16 @@
 """The boot-storm bench's own clients (pure parts): the PXE DHCP requests it sends, read by scapy
 (an encoder/decoder independent of sidus'), the boot item it asks dnsmasq for, and the iPXE
-script parser of the HTTP mode, run on what sidus renders."""
+script parser of the HTTP mode, run on what sidus renders; the check of the storm's spooled
+kernel and initrd copies."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from scapy.layers.dhcp import BOOTP, DHCP
 
+from bench.clients import INITRD, KERNEL, verify_spooled
 from bench.dhcpclient import PXE_BOOT_ITEM, PXE_BOOT_MENU, boot_item, request_packet
 from bench.httpboot import script_urls
 from sidusd.boot.inventory import BootTarget
@@ -80,3 +83,18 @@ def test_script_urls_reads_what_sidus_renders():
     assert script_urls("#!ipxe\ninitrd http://x/i\nkernel http://x/k a=b\n") == ("http://x/k", "http://x/i")
     assert script_urls("#!ipxe\nboot\n") == (None, None)
     assert script_urls("initrd --name\n") == (None, None)
+
+
+def test_spooled_copies_are_hashed_after_the_storm_and_removed(tmp_path):
+    """A spooled copy that differs is a mismatch, one that is gone a failure; none is left."""
+    good, bad, gone = tmp_path / "0.0", tmp_path / "0.1", tmp_path / "1.0"
+    good.write_bytes(b"kernel")
+    bad.write_bytes(b"initrd, but cut")
+    expect = {KERNEL: hashlib.sha256(b"kernel").hexdigest(), INITRD: hashlib.sha256(b"initrd").hexdigest()}
+    a = {"failed": [], "mismatch": [], "spooled": [(KERNEL, good), (INITRD, bad)]}
+    b = {"failed": [], "mismatch": [], "spooled": [(KERNEL, gone)]}
+    verify_spooled(a, expect)
+    verify_spooled(b, expect)
+    assert (a["mismatch"], a["failed"], "spooled" in a) == ([INITRD], [], False)
+    assert b["mismatch"] == [] and len(b["failed"]) == 1 and "unreadable" in b["failed"][0]
+    assert list(tmp_path.iterdir()) == []
