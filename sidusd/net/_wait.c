@@ -55,12 +55,11 @@ wait_readable(struct spin_policy *sp, int fd, int wake_fd, const struct timespec
         spin_us = 0;
     sp->waits++;
     sp->spun += spin_us > 0;
+    long spin = spin_us < us ? spin_us : us;    /* the spin this wait has room for */
     Py_BEGIN_ALLOW_THREADS
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (spin_us > us)
-        spin_us = us;
-    if (spin_us > 0)
-        while ((r = ppoll(p, nfds, &zero, NULL)) == 0 && us_since(&t0) < spin_us) {
+    if (spin > 0)
+        while ((r = ppoll(p, nfds, &zero, NULL)) == 0 && us_since(&t0) < spin) {
             looks++;
             sched_yield();          /* a peer on this CPU runs now: its ACK is what we wait for */
         }
@@ -72,15 +71,18 @@ wait_readable(struct spin_policy *sp, int fd, int wake_fd, const struct timespec
     took = us_since(sent);               /* the peer's turnaround, as far as we can tell */
     Py_END_ALLOW_THREADS
     int readable = r > 0 && (p[0].revents & (POLLIN | POLLERR)) != 0;
-    /* a wake-up says nothing of the peer; nor does a datagram there at the first look (another
-     * peer's, at N > 1: the engine waits without looking first after a one-ACK round) */
-    if (spin_us > 0 && (r == 0 || (readable && looks > 0))) {
-        if (took <= 4 * spin_us) {
-            sp->misses = 0;
-            sp->probe = SPIN_PROBE;
-        } else if (++sp->misses > SPIN_MISSES && sp->probe < SPIN_PROBE_MAX) {
+    int seen = readable && looks > 0;     /* it came while this wait looked */
+    /* A hit: it came within 4x the spin.  A miss: it came later, or this wait ran out after
+     * 4x the spin without it.  Neither: a wake-up (says nothing of the peer), a datagram there
+     * at the first look (another peer's, at N > 1), a wait that ran out sooner (the call's
+     * budget was nearly spent: that said "hit" ~20 times a second to a peer a LAN away, and
+     * each one spun the next 32 waits) */
+    if (spin_us > 0 && seen && took <= 4 * spin_us) {
+        sp->misses = 0;
+        sp->probe = SPIN_PROBE;
+    } else if (spin_us > 0 && (seen || (r == 0 && took > 4 * spin_us))) {
+        if (++sp->misses > SPIN_MISSES && sp->probe < SPIN_PROBE_MAX)
             sp->probe *= 2;                     /* a probe missed */
-        }
     }
     if (readable)
         return 1;
