@@ -83,6 +83,14 @@ def spins_when_every_wait_misses(waits: int) -> int:
     return spun
 
 
+def spun_as_if_every_wait_missed(engine, calls: int) -> bool:
+    """``engine.spun`` is what :func:`spins_when_every_wait_misses` says, give or take the
+    last wait of each call but one: a call's 100 ms can run out on a loaded CPU, and a wait cut
+    short by it counts neither way (one more spin, at most, each)."""
+    model = spins_when_every_wait_misses(engine.waits)
+    return model <= engine.spun <= model + calls - 1
+
+
 @pytest.mark.parametrize("spin_us", [1, 30, 1000])
 def test_spinning_takes_every_step_of_a_prompt_peer_in_few_calls(spin_us: int) -> None:
     """The ACK comes during the spin (or after it, in the sleep): the same DATA, in order,
@@ -121,7 +129,8 @@ def test_after_a_wait_longer_than_the_spin_the_waits_sleep_at_once() -> None:
     calls, used, ok = serve_with(100_000, 50, 300, delay_s=0.001, engine=engine)
     assert ok and used == 300
     assert 256 < engine.waits <= 300, engine.waits
-    assert engine.spun == spins_when_every_wait_misses(engine.waits) == 32 + 5, (engine.waits, engine.spun)
+    assert spins_when_every_wait_misses(engine.waits) == 32 + 5
+    assert spun_as_if_every_wait_missed(engine, calls), (engine.waits, engine.spun, calls)
 
 
 def test_a_wait_cut_short_by_the_calls_budget_does_not_restart_the_spin() -> None:
@@ -166,7 +175,7 @@ def test_a_spin_stretched_by_a_busy_cpu_is_a_miss(cpu_shared_with_a_hog) -> None
     assert ok and used == 70
     assert cpu_shared_with_a_hog.poll() is None      # the hog ran throughout
     assert engine.waits >= 60, engine.waits
-    assert engine.spun == spins_when_every_wait_misses(engine.waits), (engine.waits, engine.spun)
+    assert spun_as_if_every_wait_missed(engine, calls), (engine.waits, engine.spun, calls)
 
 
 def test_waits_are_counted_and_a_first_wait_spins() -> None:
