@@ -41,8 +41,10 @@ SPOOL_BASE = "/dev/shm"                          # where the spool is made (tmpf
 
 
 def client_argv(name: str, mode: str, port: int, host: str = "127.0.0.1",
-                out: str = "/dev/stdout") -> list[str]:
-    argv = ["atftp", "--option", f"blksize {BLKSIZE}", "--tftp-timeout", "2"]
+                out: str = "/dev/stdout", pin: str | None = None) -> list[str]:
+    """atftp fetching ``name`` to ``out`` (pinned to CPUs ``pin`` with taskset, if given)."""
+    argv = ["taskset", "-c", pin] if pin else []
+    argv += ["atftp", "--option", f"blksize {BLKSIZE}", "--tftp-timeout", "2"]
     if MODES[mode] > 1:
         argv += ["--option", f"windowsize {MODES[mode]}"]
     return argv + ["-g", "-r", name, "-l", out, host, str(port)]
@@ -51,9 +53,7 @@ def client_argv(name: str, mode: str, port: int, host: str = "127.0.0.1",
 async def fetch_to(path: Path, name: str, mode: str, port: int, pin: str | None,
                    host: str = "127.0.0.1") -> tuple[int, int]:
     """One file with atftp, written to ``path``: (returncode, bytes written)."""
-    argv = client_argv(name, mode, port, host, str(path))
-    if pin:
-        argv = ["taskset", "-c", pin, *argv]
+    argv = client_argv(name, mode, port, host, str(path), pin)
     proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     rc = await proc.wait()
@@ -84,9 +84,7 @@ def verify_spooled(rec: dict[str, Any], expect: dict[str, str]) -> None:
 async def fetch(name: str, mode: str, port: int, pin: str | None,
                 host: str = "127.0.0.1") -> tuple[int, bytes, str, int]:
     """One file with atftp: (returncode, first 4 KiB, sha256 hex digest, bytes)."""
-    argv = client_argv(name, mode, port, host)
-    if pin:
-        argv = ["taskset", "-c", pin, *argv]
+    argv = client_argv(name, mode, port, host, pin=pin)
     proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE,
                                                 stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     h, n, head = hashlib.sha256(), 0, b""
@@ -125,24 +123,22 @@ async def run_client(i: int, mode: str, port: int, expect: dict[str, str], delay
     t0 = time.monotonic()
     rec: dict[str, Any] = {"client": i, "bytes": 0, "failed": [], "mismatch": [], "spooled": []}
     for name in names:
+        path = spool / f"{i}.{len(rec['spooled'])}" if spool is not None and name in SPOOLED else None
         try:
-            if spool is not None and name in SPOOLED:
-                path = spool / f"{i}.{len(rec['spooled'])}"
-                rc, n = await fetch_to(path, name, mode, port, pin)
-                rec["bytes"] += n
-                if rc != 0:
-                    rec["failed"].append(f"{name}: atftp rc {rc}")
-                    path.unlink(missing_ok=True)
-                else:
-                    rec["spooled"].append((name, path))
-                continue
-            rc, head, digest, n = await fetch(name, mode, port, pin)
+            if path is not None:
+                (rc, n), head, digest = await fetch_to(path, name, mode, port, pin), b"", ""
+            else:
+                rc, head, digest, n = await fetch(name, mode, port, pin)
         except OSError as exc:
             rec["failed"].append(f"{name}: {exc}")
             continue
         rec["bytes"] += n
         if rc != 0:
             rec["failed"].append(f"{name}: atftp rc {rc}")
+            if path is not None:
+                path.unlink(missing_ok=True)
+        elif path is not None:
+            rec["spooled"].append((name, path))       # hashed after the storm: verify_spooled
         elif name in expect:
             if digest != expect[name]:
                 rec["mismatch"].append(name)

@@ -22,8 +22,9 @@ case always began the moment atftpd's N = 32 case ended, and measured 0.76-0.80x
 over the tun link where its turn in the rotation gives 1.11-1.22x (session 13, the same
 code; the C servers' figures did not move).  Client 0's bytes go to a file on tmpfs,
 hashed (sha256) after the case, the others to /dev/null (their exit status is checked).
-Per case: aggregate MB/s (N x file size / time until the last client ended) and the server's CPU seconds per GB
-(cgroup cpuacct of the server and its children: tftpd-hpa forks per transfer).
+Per case: aggregate MB/s (N x file size / time until the last client ended) and the
+server's CPU seconds per GB (cgroup cpuacct of the server and its children: tftpd-hpa forks
+per transfer).
 Printed: per (block size, N) the median MB/s and CPU/GB of each server over the
 rounds, and sidusd's ratios to the best C server (per round, then median);
 ``uptime`` before and after each round; JSON in bench/results/.

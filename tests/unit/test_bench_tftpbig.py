@@ -11,7 +11,8 @@ SERVERS = ["sidusd", "dnsmasq", "tftpd-hpa", "atftpd"]
 
 def test_every_server_comes_first_as_often_as_the_others():
     """In a fixed order sidusd always ran first, right after atftpd's N = 32 case; over any
-    whole number of turns each server leads, and follows each other server, equally often."""
+    whole number of turns each server leads equally often, and sidusd no longer follows
+    atftpd at every turn."""
     orders = [case_order(SERVERS, k) for k in range(3 * len(SERVERS))]
     assert all(sorted(o) == sorted(SERVERS) for o in orders)
     assert collections.Counter(o[0] for o in orders) == {s: 3 for s in SERVERS}

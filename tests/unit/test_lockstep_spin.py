@@ -136,9 +136,9 @@ def test_after_a_wait_longer_than_the_spin_the_waits_sleep_at_once() -> None:
 def test_a_wait_cut_short_by_the_calls_budget_does_not_restart_the_spin() -> None:
     """The peer answers 1 ms after each DATA.  Once the spin has stopped, calls whose wait
     budget (60 us, and a timer's slack of up to 50 us) runs out before 4x the spin (200 us)
-    say nothing of the peer.  They used
-    to count as hits, and each one spun the next 32 waits: a pump call ends that way ~20 times
-    a second at N = 1 over a LAN (bench.tftpbig --link tun)."""
+    say nothing of the peer.  They used to count as hits, and each one spun the next 32
+    waits: a pump call's last wait ends that way at a share of the ~20 calls a second at N = 1
+    over a LAN (bench.tftpbig --link tun)."""
     engine = _lockstep.Engine()
     serve_with(100_000, 50, 300, delay_s=0.001, engine=engine)
     waits, spun = engine.waits, engine.spun
