@@ -210,7 +210,7 @@ async def inner(a: argparse.Namespace) -> int:
         started: dict[str, tuple[subprocess.Popen, CpuMeter]] = {}
         for s in servers:
             spec = server_spec(s, root, work / s, max_transfers=max(256, 2 * max(clients)),
-                               address=hosts[s], sidusd_tftp={"fragment": a.fragment})
+                               address=hosts[s], sidusd_tftp=sidusd_tftp(a))
             meter = CpuMeter(f"big-{s}")
             log = open(spec.workdir / "server.log", "ab")
             proc = subprocess.Popen(spec.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -260,6 +260,14 @@ async def inner(a: argparse.Namespace) -> int:
     return 1 if any(r["failures"] or not r["sha256_ok"] for r in runs) else 0
 
 
+def sidusd_tftp(a: argparse.Namespace) -> dict:
+    """The keys of sidusd's ``tftp:`` section the options set (``--fragment``, ``--pushers``)."""
+    keys: dict = {"fragment": a.fragment}
+    if a.pushers is not None:
+        keys["pushers"] = a.pushers if a.pushers == "auto" else int(a.pushers)
+    return keys
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m bench.tftpbig", description=__doc__.split("\n")[0])
     p.add_argument("--servers", default=",".join(SERVERS))
@@ -274,6 +282,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fragment", action="store_true",
                    help="sidusd with tftp.fragment: true (blocks over the link's MTU, as the C "
                         "servers send them); the default caps blksize at the MTU less 32")
+    p.add_argument("--pushers", default=None,
+                   help="sidusd's tftp.pushers (auto or 0..16; default: sidusd's default, auto)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--quick", action="store_true", help="1 round, 1 MB files, N 1,4")
     a = p.parse_args(argv)

@@ -215,6 +215,8 @@ class TftpConfig:
     retries: Annotated[int, Meta(ge=0, le=100)] = 5
     # The longest a peer may make no progress, in all, whatever timeout it negotiated.
     max_silence_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 30.0
+    # processes beside the worker that carry file transfers (net/tftp_pushers.py); auto: CPUs - 1, <= 4
+    pushers: Literal["auto"] | Annotated[int, Meta(ge=0, le=16)] = 0
 
 
 @dataclass(frozen=True)
@@ -374,6 +376,7 @@ def listener_items(c: Config) -> list[tuple[str, object]]:
         ("dhcp.client_port", c.dhcp.client_port), ("dhcp.ipv6_no_router", c.dhcp.ipv6_no_router),
         ("tftp.enabled", c.tftp.enabled), ("tftp.address", c.tftp.address),
         ("tftp.port", c.tftp.port), ("tftp.intake_queue", c.tftp.intake_queue),
+        ("tftp.pushers", c.tftp.pushers),
         ("http.enabled", c.http.enabled), ("http.address", c.http.address),
         ("http.port", c.http.port), ("control.socket_path", c.control.socket_path),
         ("control.tcp", c.control.tcp), ("log.format", c.log.format),

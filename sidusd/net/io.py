@@ -58,6 +58,7 @@ class ServiceIO:
     open_file: OpenFile
     lease_journal: Callable[[Path], LeaseJournal]
     listener: Listen
+    tftp_pushers: Any = None    # net.tftp_pushers.Pool: the worker's pushers (None: none)
 
 
 async def _open_local(root: Path, parts: tuple[str, ...]) -> tuple[int, int]:

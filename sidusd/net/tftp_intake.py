@@ -145,7 +145,7 @@ class Intake:
         if not isinstance(pkt, tftp.RRQ):
             obs.count("tftp.unexpected")
             return
-        if peer in svc._transfers or peer in self.pending:
+        if svc.serving(peer) or peer in self.pending:
             obs.count("tftp.duplicate_rrq")   # client resent its RRQ; the transfer answers
             return
         name = pkt.filename
@@ -156,7 +156,7 @@ class Intake:
                                "mode", name)
         if svc._stopping:
             return self.refuse(peer, local, tftp.ERR_UNDEFINED, "server stopping", "stopping", name)
-        verdict = self.admission.decide(peer[0], len(svc._transfers) + len(self.pending),
+        verdict = self.admission.decide(peer[0], svc.active_transfers() + len(self.pending),
                                         cfg.max_transfers, cfg.max_transfers_per_client, svc.loop.time())
         if verdict == FLOOD:            # every slot unconfirmed and young: no answer (maybe forged)
             obs.count("tftp.refused.flood")

@@ -51,9 +51,11 @@ from ..proto import tftp
 from ..proto.tftp_session import ReadSession
 from ..runtime_view import RuntimeView
 from . import tftp_accel, tftp_dispatch
+from .files import ReadAheadSource
 from .io import ServiceIO, local_io
 from .tftp_intake import IP_PKTINFO, Intake
 from .tftp_ports import PortRegistry
+from .tftp_pushers import PUSH_MIN_BYTES, Pushed
 from .tftp_transfer import Transfer, status, summarize
 from .timerheap import TimerHeap
 from .udpport import SharedPort
@@ -77,6 +79,8 @@ class TftpService:
         self._sock: socket.socket | None = None
         self._bound: tuple[str, int] | None = None
         self._transfers: dict[tuple[str, int], Transfer] = {}
+        self._remote: dict[tuple[str, int], Pushed] = {}   # carried out by a pusher
+        self.pushers = self.io.tftp_pushers     # tftp_pushers.Pool, or None: every byte here
         self._intake = Intake(self)
         self.ports = PortRegistry(self._count, self.log)
         self.timers = TimerHeap(self._on_timer)
@@ -102,6 +106,8 @@ class TftpService:
         self._sock = sock
         self._bound = sock.getsockname()
         self._loop.add_reader(sock.fileno(), self._on_request_readable)
+        if self.pushers is not None:
+            self.pushers.attach(self._loop, self.runtime.observer, self.log, self._pushed_ended)
         self.log.info("tftp.listening", address=self._bound[0], port=self._bound[1], root=str(cfg.root))
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -110,12 +116,14 @@ class TftpService:
         A request admitted before the stop whose file is still being opened is a
         transfer in flight: it begins when the open completes (within the grace)."""
         self._stopping = True
+        if self.pushers is not None:
+            self.pushers.tell_stop(grace_s)
         if self._sock is not None:
             assert self._loop is not None
             self._loop.remove_reader(self._sock.fileno())
             if not self._intake.pending:
                 self._close_listener()
-        if (self._transfers or self._intake.pending) and grace_s > 0:
+        if (self._transfers or self._remote or self._intake.pending) and grace_s > 0:
             self._idle.clear()
             try:
                 await asyncio.wait_for(self._idle.wait(), grace_s)
@@ -134,8 +142,15 @@ class TftpService:
                 self._pump(t, now)
             self.ports.flush_all()
         self.timers.cancel()
+        if self.pushers is not None:
+            await self.pushers.finish()       # their last reports end what they carried
         if not self._transfers:
             self.ports.close_all()
+
+    def serve_without_listener(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A pusher's service (:mod:`sidusd.net.tftp_pusher`): transfers begun by :meth:`adopt` only."""
+        self._loop = loop
+        self.timers.loop = loop
 
     def _close_listener(self) -> None:
         if self._sock is not None:
@@ -149,13 +164,18 @@ class TftpService:
         return [{"proto": "udp", "service": "tftp", "address": self._bound[0], "port": self._bound[1]}]
 
     def active_transfers(self) -> int:
-        """How many transfers are in flight."""
-        return len(self._transfers)
+        """How many transfers are in flight (those of the pushers included)."""
+        return len(self._transfers) + len(self._remote)
+
+    def serving(self, peer: tuple[str, int]) -> bool:
+        """Is a transfer to ``peer`` in flight, here or in a pusher?"""
+        return peer in self._transfers or peer in self._remote
 
     def transfers(self) -> list[dict[str, Any]]:
         """The transfers in flight, for status displays (reads only: nothing is settled or ended)."""
         now = self._loop.time() if self._loop else 0.0
-        return [status(t, now, tftp_accel.bytes_acked(t)) for t in self._transfers.values()]
+        return ([status(t, now, tftp_accel.bytes_acked(t)) for t in self._transfers.values()]
+                + [p.status(now) for p in self._remote.values()])
 
     def _on_request_readable(self) -> None:
         self._intake.on_readable()
@@ -163,27 +183,68 @@ class TftpService:
     # -- a transfer's life -----------------------------------------------------------
     def _begin(self, pkt: tftp.RRQ, peer: tuple[str, int], local: str, ifindex: int, name: str,
                source: Any, mac: str | None, cfg: TftpConfig) -> bool:
-        """Negotiate and start the transfer of an admitted request; False if it could not begin."""
-        loop = self.loop
+        """Negotiate and start the transfer of an admitted request (here, or in a pusher);
+        False if it could not begin."""
         try:
             max_blk = int(cfg.max_blksize)
             if not cfg.fragment:        # one datagram per block: the arrival interface's MTU
-                max_blk = min(max_blk, self.ports.mtu_for(ifindex, loop.time()) - 32)
+                max_blk = min(max_blk, self.ports.mtu_for(ifindex, self.loop.time()) - 32)
             neg = tftp.negotiate(pkt.option_map, tftp.Limits(max_blk, int(cfg.max_windowsize), source.size))
-            session = ReadSession(source, neg.blksize, neg.windowsize,
-                                  neg.timeout_s or float(cfg.timeout_s), int(cfg.retries), neg.oack,
-                                  float(cfg.max_silence_s))
-            port = self.ports.port_for(loop, local, self._on_port_readable)
         except OSError as exc:
-            _close(source)
-            self.rlog.error("tftp.socket_failed", error=exc.strerror or str(exc), local=local)
-            self._intake.refuse(peer, local, tftp.ERR_UNDEFINED, "server error", "socket", name)
+            self._socket_failed(exc, source, peer, local, name)
             return False
         except BaseException:
             _close(source)
             raise
-        t = Transfer(port, peer, local, name, session, source, mac or self.runtime.observer.mac_for_ip(peer[0]),
-                     loop.time())
+        params: dict[str, Any] = {"blksize": neg.blksize, "windowsize": neg.windowsize,
+                  "timeout_s": neg.timeout_s or float(cfg.timeout_s), "retries": int(cfg.retries),
+                  "oack": neg.oack, "max_silence_s": float(cfg.max_silence_s)}
+        mac = mac or self.runtime.observer.mac_for_ip(peer[0])
+        if self.pushers is not None and type(source) is ReadAheadSource and self._push(
+                peer, local, name, source, mac, params):
+            return True
+        return self.adopt(peer, local, name, source, mac, **params) is not None
+
+    def _push(self, peer: tuple[str, int], local: str, name: str, source: ReadAheadSource,
+              mac: str | None, params: dict[str, Any]) -> bool:
+        """Hand a file's transfer to the least loaded pusher (tftp_pushers.choose), if it is not us."""
+        assert self.pushers is not None
+        if source.size < PUSH_MIN_BYTES:
+            return False
+        here = sum(1 for t in self._transfers.values() if t.source.size >= PUSH_MIN_BYTES)
+        p = self.pushers.offer(here, peer, local, name, mac, source.fd, source.size, params,
+                               self.loop.time())
+        if p is None:
+            return False
+        _close(source)                  # the pusher holds its own copy of the descriptor
+        self._remote[peer] = p
+        self._intake.admission.begun(p)             # type: ignore[arg-type]
+        return True
+
+    def _pushed_ended(self, p: Pushed) -> None:
+        """A pusher's transfer ended (its counters and timeline entry are in already)."""
+        if self._remote.get(p.peer) is p:
+            del self._remote[p.peer]
+            self._intake.admission.ended(p)         # type: ignore[arg-type]
+            self._intake.release(p.peer[0])
+        self._maybe_idle()
+
+    def adopt(self, peer: tuple[str, int], local: str, name: str, source: Any, mac: str | None, *,
+              blksize: int, windowsize: int, timeout_s: float, retries: int,
+              oack: tuple[tuple[str, str], ...], max_silence_s: float) -> Transfer | None:
+        """Start serving a negotiated transfer from this process's transfer socket of ``local``;
+        None (``source`` closed, the peer refused) if it could not begin."""
+        loop = self.loop
+        try:
+            session = ReadSession(source, blksize, windowsize, timeout_s, retries, oack, max_silence_s)
+            port = self.ports.port_for(loop, local, self._on_port_readable)
+        except OSError as exc:
+            self._socket_failed(exc, source, peer, local, name)
+            return None
+        except BaseException:
+            _close(source)
+            raise
+        t = Transfer(port, peer, local, name, session, source, mac, loop.time())
         self._transfers[peer] = t
         self._intake.admission.begun(t)
         self.ports.begun(port.local, t.key)
@@ -193,10 +254,23 @@ class TftpService:
         session.start(now)
         self._pump(t, now)
         port.flush()
-        return True
+        return t
 
-    def _evict(self, t: Transfer, now: float) -> None:
+    def _socket_failed(self, exc: OSError, source: Any, peer: tuple[str, int], local: str,
+                       name: str) -> None:
+        _close(source)
+        self.rlog.error("tftp.socket_failed", error=exc.strerror or str(exc), local=local)
+        self._intake.refuse(peer, local, tftp.ERR_UNDEFINED, "server error", "socket", name)
+
+    def _evict(self, t: Transfer | Pushed, now: float) -> None:
         """End an unconfirmed transfer to make room for a new request (nothing sent to it)."""
+        if type(t) is Pushed:
+            assert self.pushers is not None
+            self.pushers.evict(t)
+            self.runtime.observer.count("tftp.transfers.evicted")
+            self._pushed_ended(t)
+            return
+        assert type(t) is Transfer
         tftp_accel.drop_run(t)
         t.port.drop_queued(t.dest)
         t.session.evict(now)
@@ -296,7 +370,7 @@ class TftpService:
 
     def _maybe_idle(self) -> None:
         """Nothing in flight any more: tell a waiting stop(); when stopping, close the sockets."""
-        if self._transfers or self._intake.pending:
+        if self._transfers or self._remote or self._intake.pending:
             return
         self._idle.set()
         if self._stopping:

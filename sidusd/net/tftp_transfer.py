@@ -56,8 +56,11 @@ def summarize(t: Transfer, now: float, obs: ObserverView, rlog: Any) -> None:
                  outcome=s.outcome)
 
 
-def confirmed(t: Transfer) -> bool:
-    """Has the peer acknowledged anything (the C engine's steps included)?"""
+def confirmed(t: Any) -> bool:
+    """Has the peer acknowledged anything (the C engine's steps included)?  For a transfer a
+    pusher carries out (``tftp_pushers.Pushed``): as its pusher last reported."""
+    if type(t) is not Transfer:
+        return bool(t.confirmed)
     return t.session.confirmed or (t.run is not None and t.run.used > 0)
 
 

@@ -36,8 +36,10 @@ ONCE: dict[str, str] = {
     **dict.fromkeys(["worker.ready", "worker.stopped", "worker.flush_failed", "worker.bad_snapshot",
                      "worker.late_import", "worker.privileges_not_dropped", "privsep.worker_started",
                      "privsep.worker_exited", "privsep.worker_killed", "privsep.worker_privileged",
-                     "privsep.worker_failed", "privsep.push_failed"],
-                    "once per worker spawn / snapshot push (spawns are backed off)"),
+                     "privsep.worker_failed", "privsep.push_failed", "worker.pushers",
+                     "worker.pushers_not_started", "tftp.pusher_lost"],
+                    "once per worker spawn / snapshot push (spawns are backed off); "
+                    "tftp.pusher_lost: once per pusher, at most tftp.pushers per spawn"),
     **dict.fromkeys(["reload.refused", "reload.ok", "inventory.written", "runtime.on_change_failed",
                      "nfs.apply_failed", "iscsi.apply_failed", "iscsi.restored", "iscsi.watch_recovered",
                      "iscsi.remove_failed", "nfs.remove_failed", "dhcp.lease_file_changed", "dhcp.pool_changed",
