@@ -137,6 +137,13 @@ def server_spec(name: str, root: Path, workdir: Path, max_transfers: int, port: 
     raise BenchSetupError(f"unknown server {name!r} (known: {', '.join(SERVERS)})")
 
 
+def pushers_keys(pushers: str | None) -> dict | None:
+    """sidusd's ``tftp:`` keys for a bench's ``--pushers`` (None: sidusd's default)."""
+    if pushers is None:
+        return None
+    return {"pushers": pushers if pushers == "auto" else int(pushers)}
+
+
 def write_sidusd_config(root: Path, workdir: Path, max_transfers: int, port: int,
                         dhcp: DhcpSide | None = None, http_port: int | None = None,
                         http_clients: int = 0, address: str = "127.0.0.1",

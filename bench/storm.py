@@ -79,6 +79,7 @@ from .peers import (
     BenchSetupError,
     DhcpSide,
     ensure_peers,
+    pushers_keys,
     server_spec,
     stop_server,
 )
@@ -123,7 +124,7 @@ def write_static_configs(root: Path, n: int) -> None:
 # -- one server ----------------------------------------------------------------------
 async def run_one(server: str, n: int, mode: str, root: Path, work: Path, expect: dict[str, str],
                   spread_s: float, timeout_s: float, port: int = 69, link: DhcpLink | None = None,
-                  sizes: dict[str, int] | None = None) -> dict[str, Any]:
+                  sizes: dict[str, int] | None = None, sidusd_tftp: dict | None = None) -> dict[str, Any]:
     """Start ``server``, run a storm of ``n`` clients, stop it; the run's record.
 
     Mode ``http``: the server also answers proxyDHCP on the bench's DHCP link
@@ -132,7 +133,7 @@ async def run_one(server: str, n: int, mode: str, root: Path, work: Path, expect
     http = mode == HTTP
     spec = server_spec(server, root, work / server, max_transfers=max(64, 2 * n), port=port,
                        dhcp=DhcpSide() if http else None, http_port=HTTP_PORT if http else None,
-                       http_clients=n)
+                       http_clients=n, sidusd_tftp=sidusd_tftp)
     argv = spec.argv
     pin_server = pin_client = None
     if n == 1 and (os.cpu_count() or 1) >= 2:      # single client: server and client on their own cores
@@ -295,6 +296,8 @@ def machine() -> dict[str, Any]:
 # -- driver ---------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m bench.storm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pushers", default=None,
+                   help="sidusd's tftp.pushers (auto or 0..16; default: sidusd's default)")
     p.add_argument("--quick", action="store_true",
                    help="N=1,4, 1+3 MB files, 1 repeat, 30 DHCP probes (CI: runs, not speed)")
     p.add_argument("--servers", default=",".join(SERVERS))
@@ -358,7 +361,7 @@ async def storm(a: argparse.Namespace) -> dict[str, Any]:
                                                         "unsupported": "no HTTP server"})
                                 continue
                             r = await run_one(server, n, mode, root, work, expect, a.spread_s, a.timeout_s,
-                                              link=link, sizes=sizes)
+                                              link=link, sizes=sizes, sidusd_tftp=pushers_keys(a.pushers))
                             r["repeat"] = rep
                             runs.append(r)
                             print(f"rep {rep} N={n:<3} {mode:8} {server:9} last={r['time_to_last_s']:.2f}s "

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from .measure import CpuMeter
-from .peers import BENCH, REPO, SERVERS, BenchSetupError, ensure_peers, server_spec, stop_server
+from .peers import BENCH, REPO, SERVERS, BenchSetupError, ensure_peers, pushers_keys, server_spec, stop_server
 from .tftplink import ECHO_PROBES, LINKS, Link, addresses
 
 MB = 1_000_000
@@ -262,10 +262,7 @@ async def inner(a: argparse.Namespace) -> int:
 
 def sidusd_tftp(a: argparse.Namespace) -> dict:
     """The keys of sidusd's ``tftp:`` section the options set (``--fragment``, ``--pushers``)."""
-    keys: dict = {"fragment": a.fragment}
-    if a.pushers is not None:
-        keys["pushers"] = a.pushers if a.pushers == "auto" else int(a.pushers)
-    return keys
+    return {"fragment": a.fragment, **(pushers_keys(a.pushers) or {})}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
