@@ -33,11 +33,12 @@ def nfs_factory(config: Any) -> Any:
     return NfsManager(config, Runner())
 
 
-async def serve(runtime: Runtime) -> int:
-    """Run the daemon until a stop signal.  Returns the exit code."""
+async def serve(runtime: Runtime, pushers: Any = None) -> int:
+    """Run the daemon until a stop signal.  Returns the exit code.  ``pushers``: the TFTP
+    pushers forked before the loop (``net.tftp_pushers.start``), or None."""
     log = get_logger("daemon")
     stop = asyncio.Event()
-    services = build_services(runtime, local_io())
+    services = build_services(runtime, local_io(tftp_pushers=pushers))
     from .control.server import ControlServer
     control = ControlServer(runtime, services)
     started: list[Any] = []
@@ -101,5 +102,7 @@ def run(config_path: Path) -> int:
         from .privsep.supervisor import serve as serve_split
         main = serve_split(runtime)
     else:
-        main = serve(runtime)
+        # one process: the TFTP pushers are forked here, before the event loop (as the worker does)
+        from .net import tftp_pushers
+        main = serve(runtime, tftp_pushers.start(runtime.config, get_logger("daemon")))
     return asyncio.run(main if state is None else _with_state(state, runtime, main))

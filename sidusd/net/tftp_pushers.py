@@ -55,6 +55,25 @@ def auto_count(cpus: int) -> int:
     return max(0, min(cpus - 1, 4))
 
 
+def start(config: Any, log: Any, close: Sequence[socket.socket] = (),
+          close_fds: Sequence[int] = ()) -> Pool | None:
+    """Fork the pushers of ``config`` (``tftp.pushers``) before the event loop starts; None
+    if there are none.  A fork that fails is logged; the caller then serves alone."""
+    n = config.tftp.pushers
+    if n == "auto":
+        n = auto_count(len(os.sched_getaffinity(0)))
+    if not config.tftp.enabled or int(n) <= 0:
+        return None
+    from . import tftp_pusher  # it imports the TFTP service, which imports this module
+    try:
+        children = spawn(int(n), lambda sock: tftp_pusher.main(sock, config), close, close_fds)
+    except OSError as exc:
+        log.error("worker.pushers_not_started", error=str(exc))
+        return None
+    log.info("worker.pushers", pids=[c.pid for c in children])
+    return Pool(children)
+
+
 def choose(local_load: int, loads: Sequence[int | None]) -> int | None:
     """Which pusher takes a new file transfer (its index), or None: this process serves it.
 

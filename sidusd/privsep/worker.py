@@ -199,25 +199,6 @@ def _recv_first(ctl: socket.socket) -> Any:
             return msg
 
 
-def _spawn_pushers(config: Any, close: list[socket.socket], close_fds: list[int], log: Any) -> Any:
-    """Fork the TFTP pushers (``tftp.pushers``; sidusd/net/tftp_pushers.py) before the event
-    loop starts; None if there are none.  A fork that fails: logged, the worker serves alone."""
-    from ..net import tftp_pusher, tftp_pushers
-    n = config.tftp.pushers
-    if n == "auto":
-        n = tftp_pushers.auto_count(len(os.sched_getaffinity(0)))
-    if not config.tftp.enabled or n <= 0:
-        return None
-    try:
-        children = tftp_pushers.spawn(int(n), lambda sock: tftp_pusher.main(sock, config),
-                                      close=close, close_fds=close_fds)
-    except OSError as exc:
-        log.error("worker.pushers_not_started", error=str(exc))
-        return None
-    log.info("worker.pushers", pids=[c.pid for c in children])
-    return tftp_pushers.Pool(children)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sidusd-worker")
     p.add_argument("--ctl-fd", type=int, required=True)
@@ -238,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .. import runtime as _runtime  # noqa: F401
     from .. import services as _services  # noqa: F401
-    from ..net import dhcp_server, files, tftp_pusher, tftp_server  # noqa: F401
+    from ..net import dhcp_server, files, tftp_pusher, tftp_pushers, tftp_server  # noqa: F401
     try:
         from ..net import http_server  # noqa: F401
     except ImportError:                      # aiohttp missing: http.enabled then fails clearly
@@ -270,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     # 3. the snapshot, the routes to the supervisor (passed in: ServiceIO), the services
     _, snapshot, disks = _recv_first(ctl)
     inherited = json.loads(args.listeners)
-    pool = _spawn_pushers(snapshot.config, [ctl, rpc_sock], [int(e["fd"]) for e in inherited], log)
+    pool = tftp_pushers.start(snapshot.config, log, close=[ctl, rpc_sock],
+                              close_fds=[int(e["fd"]) for e in inherited])
     io = worker_io(RpcClient(rpc_sock), InheritedListeners(inherited))
     if pool is not None:
         io = dataclasses.replace(io, tftp_pushers=pool)

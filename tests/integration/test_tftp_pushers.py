@@ -214,3 +214,29 @@ def test_a_stop_with_a_grace_lets_a_pushed_transfer_finish(lab):
     assert lab.proc.wait(30) == 0
     assert 1.5 < time.monotonic() - t0 < 30        # it waited for the transfer, not for the grace
     assert not any(os.path.exists(f"/proc/{p}") for p in pushers)
+
+
+def test_pushers_in_the_one_process_layout(tmp_path):
+    """security.privsep: false: the daemon forks the pushers itself, before its event loop."""
+    require_root()
+    pytest.importorskip("tftpy", reason="missing tool: tftpy (pip, pyproject test extra)")
+    port = free_udp_port()
+    cfg = base_config(tmp_path, port)
+    cfg["tftp"].update({"pushers": 1, "max_transfers_per_client": 64})
+    cfg["security"] = {"privsep": False}
+    payload = os.urandom(SIZE)
+    (tmp_path / "tftp" / "images" / "demo" / "vmlinuz").write_bytes(payload)
+    d = SidusDaemon(tmp_path, config=cfg)
+    d.tftp_port, d.payload = port, payload
+    d.start()
+    try:
+        pushers = children(d.proc.pid)
+        assert len(pushers) == 1 and port not in udp_ports(pushers[0])
+        got = fetch_all(d, 2)
+        assert all(hashlib.sha256(g).digest() == hashlib.sha256(payload).digest() for g in got)
+        ends = [e for e in d.events() if e.get("event") == "tftp.transfer"]
+        assert sorted(str(e.get("pusher")) for e in ends) == sorted([str(pushers[0]), "None"])
+        assert poll_until(lambda: counters(d).get("tftp.transfers.done") == 2, 5)
+    finally:
+        assert d.stop() == 0
+    assert poll_until(lambda: not os.path.exists(f"/proc/{pushers[0]}"), 5)
