@@ -103,6 +103,6 @@ def run(config_path: Path) -> int:
         main = serve_split(runtime)
     else:
         # one process: the TFTP pushers are forked here, before the event loop (as the worker does)
-        from .net import tftp_pushers
-        main = serve(runtime, tftp_pushers.start(runtime.config, get_logger("daemon")))
+        from .net import tftp_pusher, tftp_pushers
+        main = serve(runtime, tftp_pushers.start(runtime.config, get_logger("daemon"), tftp_pusher.main))
     return asyncio.run(main if state is None else _with_state(state, runtime, main))

@@ -55,18 +55,18 @@ def auto_count(cpus: int) -> int:
     return max(0, min(cpus - 1, 4))
 
 
-def start(config: Any, log: Any, close: Sequence[socket.socket] = (),
-          close_fds: Sequence[int] = ()) -> Pool | None:
-    """Fork the pushers of ``config`` (``tftp.pushers``) before the event loop starts; None
-    if there are none.  A fork that fails is logged; the caller then serves alone."""
+def start(config: Any, log: Any, child_main: Callable[[socket.socket, Any], int],
+          close: Sequence[socket.socket] = (), close_fds: Sequence[int] = ()) -> Pool | None:
+    """Fork the pushers of ``config`` (``tftp.pushers``) before the event loop starts, each
+    running ``child_main(channel, config)`` (``net.tftp_pusher.main``); None if there are none.
+    A fork that fails is logged; the caller then serves alone."""
     n = config.tftp.pushers
     if n == "auto":
         n = auto_count(len(os.sched_getaffinity(0)))
     if not config.tftp.enabled or int(n) <= 0:
         return None
-    from . import tftp_pusher  # it imports the TFTP service, which imports this module
     try:
-        children = spawn(int(n), lambda sock: tftp_pusher.main(sock, config), close, close_fds)
+        children = spawn(int(n), lambda sock: child_main(sock, config), close, close_fds)
     except OSError as exc:
         log.error("worker.pushers_not_started", error=str(exc))
         return None

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. the snapshot, the routes to the supervisor (passed in: ServiceIO), the services
     _, snapshot, disks = _recv_first(ctl)
     inherited = json.loads(args.listeners)
-    pool = tftp_pushers.start(snapshot.config, log, close=[ctl, rpc_sock],
+    pool = tftp_pushers.start(snapshot.config, log, tftp_pusher.main, close=[ctl, rpc_sock],
                               close_fds=[int(e["fd"]) for e in inherited])
     io = worker_io(RpcClient(rpc_sock), InheritedListeners(inherited))
     if pool is not None:
