@@ -266,8 +266,7 @@ class TftpService:
         """End an unconfirmed transfer to make room for a new request (nothing sent to it)."""
         if type(t) is Pushed:
             assert self.pushers is not None
-            self.pushers.evict(t)
-            self.runtime.observer.count("tftp.transfers.evicted")
+            self.pushers.evict(t)       # the pusher counts it (tftp.transfers.evicted)
             self._pushed_ended(t)
             return
         assert type(t) is Transfer

@@ -96,16 +96,16 @@ def fetch_all(d: SidusDaemon, n: int) -> list[bytes]:
     return got
 
 
-def raw_rrq(port: int) -> tuple[socket.socket, tuple[str, int]]:
+def raw_rrq(port: int, src: str = "127.0.0.1") -> tuple[socket.socket, tuple[str, int]]:
     """An RRQ for the big file whose DATA is never acknowledged: its transfer holds a slot
     (unconfirmed) for retries x timeout.  Returns the client socket and the server's port."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
+    s.bind((src, 0))
     s.settimeout(5)
     s.sendto(b"\x00\x01images/demo/vmlinuz\x00octet\x00", ("127.0.0.1", port))
-    data, src = s.recvfrom(2048)
+    data, server = s.recvfrom(2048)
     assert data[:4] == b"\x00\x03\x00\x01"
-    return s, src
+    return s, server
 
 
 def test_pushers_are_unprivileged_children_of_the_worker_and_carry_transfers(lab):
@@ -138,7 +138,7 @@ def test_pushers_are_unprivileged_children_of_the_worker_and_carry_transfers(lab
     assert poll_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pushers), 5)
 
 
-def test_a_duplicate_rrq_of_a_pushed_transfer_starts_nothing_and_an_evicted_slot_is_freed(lab):
+def test_a_duplicate_rrq_of_a_pushed_transfer_starts_nothing_and_its_slot_comes_back(lab):
     here, _ = raw_rrq(lab.tftp_port)        # served by the worker
     pushed, src = raw_rrq(lab.tftp_port)    # by a pusher: its transfer port is the pusher's
     _, pushers = worker_and_pushers(lab)
@@ -171,6 +171,42 @@ def test_a_killed_pusher_fails_its_transfer_and_the_next_request_is_served(lab):
     assert len(ends) == 3 and victim not in {e.get("pusher") for e in ends}
     assert not os.path.exists(f"/proc/{victim}/status") or status_of(victim)["State"][0] != "Z"
     victim_sock.close()
+
+
+def test_an_unconfirmed_pushed_transfer_gives_way_at_the_cap_and_is_counted_once(tmp_path):
+    """max_transfers 2: a confirmed transfer here, an unconfirmed one in a pusher; a third
+    request evicts the pushed one (silently), counted once, and is served."""
+    require_root()
+    port = free_udp_port()
+    cfg = base_config(tmp_path, port)
+    cfg["tftp"].update({"pushers": 1, "max_transfers": 2, "max_transfers_per_client": 2,
+                        "timeout_s": 2.0, "retries": 3})
+    (tmp_path / "tftp" / "images" / "demo" / "vmlinuz").write_bytes(os.urandom(SIZE))
+    d = SidusDaemon(tmp_path, config=cfg)
+    d.tftp_port = port
+    d.start()
+    try:
+        a, a_src = raw_rrq(port)                        # the worker's: confirmed by its ACK
+        a.sendto(b"\x00\x04\x00\x01", a_src)
+        assert a.recvfrom(2048)[0][:4] == b"\x00\x03\x00\x02"
+        b, b_src = raw_rrq(port)                        # the pusher's: never acknowledged
+        _, pushers = worker_and_pushers(d)
+        assert b_src[1] in udp_ports(pushers[0])
+        time.sleep(0.3)                                 # older than the admission's grace
+        c, _ = raw_rrq(port, "127.0.0.2")               # another client, admitted in b's place
+        assert poll_until(lambda: counters(d).get("tftp.transfers.evicted") == 1, 5)
+        got = counters(d)
+        assert got["tftp.evictions"] == 1 and got["tftp.transfers.started"] == 3
+        time.sleep(0.5)                                 # counted once, not by both processes
+        assert counters(d)["tftp.transfers.evicted"] == 1
+        assert d.ctl_json("status")["active_transfers"] == 2
+        b.settimeout(2.5)                               # silent: no retransmission to b
+        with pytest.raises(TimeoutError):
+            b.recvfrom(2048)
+        for s in (a, b, c):
+            s.close()
+    finally:
+        assert d.stop() == 0
 
 
 def slow_get(port: int, out: list, first: threading.Event, src_port: list) -> None:
