@@ -11,7 +11,7 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("sidusd.net._lockstep",
               ["sidusd/net/_lockstep.c", "sidusd/net/_engine.c", "sidusd/net/_wait.c", "sidusd/net/_runread.c",
-               "sidusd/net/_batchio.c"],
+               "sidusd/net/_batchio.c", "sidusd/net/_sendbatch.c"],
               depends=["sidusd/net/_lockstep.h"], optional=True,
               extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
                                   "-Wno-unused-parameter", "-Wno-cast-function-type"]),

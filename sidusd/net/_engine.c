@@ -18,11 +18,7 @@ typedef struct {
     struct iovec *riov;
     struct sockaddr_in *rnames;
     unsigned char *rdata;
-    struct mmsghdr *smsgs;
-    struct iovec *siov;          /* two per message: header, block */
-    struct sockaddr_in *snames;
-    unsigned char (*shdr)[4];
-    RunObject **sruns;           /* a reference per message being sent */
+    struct send_batch sb;        /* _sendbatch.c: the DATA of a round's steps */
     struct spin_policy spin;     /* _wait.c: how its waits for an ACK went */
     Py_ssize_t recv_calls;       /* recvmmsg calls made, those that found nothing included */
 } EngineObject;
@@ -35,11 +31,7 @@ Engine_dealloc(EngineObject *self)
     PyMem_Free(self->riov);
     PyMem_Free(self->rnames);
     PyMem_Free(self->rdata);
-    PyMem_Free(self->smsgs);
-    PyMem_Free(self->siov);
-    PyMem_Free(self->snames);
-    PyMem_Free(self->shdr);
-    PyMem_Free(self->sruns);
+    sb_free(&self->sb);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -67,13 +59,8 @@ Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->riov = PyMem_Calloc(capacity, sizeof(struct iovec));
     self->rnames = PyMem_Calloc(capacity, sizeof(struct sockaddr_in));
     self->rdata = PyMem_Malloc((size_t)capacity * (size_t)bufsize);
-    self->smsgs = PyMem_Calloc(tx_capacity, sizeof(struct mmsghdr));
-    self->siov = PyMem_Calloc((size_t)tx_capacity * 2, sizeof(struct iovec));
-    self->snames = PyMem_Calloc(tx_capacity, sizeof(struct sockaddr_in));
-    self->shdr = PyMem_Calloc(tx_capacity, 4);
-    self->sruns = PyMem_Calloc(tx_capacity, sizeof(RunObject *));
-    if (!self->rmsgs || !self->riov || !self->rnames || !self->rdata || !self->smsgs || !self->siov
-        || !self->snames || !self->shdr || !self->sruns) {
+    int sb_bad = sb_init(&self->sb, tx_capacity);
+    if (!self->rmsgs || !self->riov || !self->rnames || !self->rdata || sb_bad < 0) {
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
@@ -83,64 +70,7 @@ Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->rmsgs[i].msg_hdr.msg_iov = &self->riov[i];
         self->rmsgs[i].msg_hdr.msg_iovlen = 1;
     }
-    for (unsigned int i = 0; i < tx_capacity; i++) {
-        self->siov[2 * i].iov_base = self->shdr[i];
-        self->siov[2 * i].iov_len = 4;
-        self->smsgs[i].msg_hdr.msg_name = &self->snames[i];
-        self->smsgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
-        self->smsgs[i].msg_hdr.msg_iov = &self->siov[2 * i];
-        self->smsgs[i].msg_hdr.msg_iovlen = 2;
-    }
     return (PyObject *)self;
-}
-
-/* The bytes of slot i as one datagram (header + block), for the caller's outbox. */
-static PyObject *
-slot_bytes(EngineObject *self, unsigned int i)
-{
-    size_t n = self->siov[2 * i + 1].iov_len;
-    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(4 + n));
-    if (b == NULL)
-        return NULL;
-    memcpy(PyBytes_AS_STRING(b), self->shdr[i], 4);
-    if (n)
-        memcpy(PyBytes_AS_STRING(b) + 4, self->siov[2 * i + 1].iov_base, n);
-    return b;
-}
-
-/* Send slots [0, k) (or, with `sending` false, none); what is refused with EAGAIN or not sent
- * goes to `unsent` as (bytes, peer); with `unsent` NULL (an error path) it is dropped.  The
- * slots' references are released either way.  Returns -1 on a Python error. */
-static int
-send_slots(EngineObject *self, int fd, unsigned int k, int sending, PyObject *unsent,
-           Py_ssize_t *errors, int *blocked)
-{
-    unsigned int off = 0;
-    int rc = 0;
-    while (sending && off < k) {
-        int m = sendmmsg(fd, self->smsgs + off, k - off, MSG_DONTWAIT);
-        if (m > 0) {
-            off += (unsigned int)m;
-            continue;
-        }
-        if (m == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ENOBUFS) {
-            *blocked = 1;
-            break;
-        }
-        (*errors)++;                 /* this datagram is dropped; the transfer's timer recovers */
-        off++;
-    }
-    for (unsigned int i = off; i < k && unsent != NULL && rc == 0; i++) {
-        PyObject *b = slot_bytes(self, i);
-        PyObject *item = b ? PyTuple_Pack(2, b, self->sruns[i]->peer) : NULL;
-        Py_XDECREF(b);
-        if (item == NULL || PyList_Append(unsent, item) < 0)
-            rc = -1;
-        Py_XDECREF(item);
-    }
-    for (unsigned int i = 0; i < k; i++)
-        Py_CLEAR(self->sruns[i]);
-    return rc;
 }
 
 static inline int
@@ -148,16 +78,6 @@ engine_recv(EngineObject *self, int fd)
 {
     self->recv_calls++;
     return recvmmsg(fd, self->rmsgs, self->capacity, MSG_DONTWAIT, NULL);
-}
-
-/* Whether one of the batch's k unsent DATA is `run`'s (a file run's points into its buffer). */
-static int
-batch_holds(const EngineObject *self, unsigned int k, const RunObject *run)
-{
-    for (unsigned int i = 0; i < k; i++)
-        if (self->sruns[i] == run)
-            return 1;
-    return 0;
 }
 
 /* Whether datagram d (len bytes, not truncated) is the ACK `run` waits for. */
@@ -168,34 +88,15 @@ takes_step(const RunObject *run, const unsigned char *d, size_t len)
            && (((unsigned int)d[2] << 8) | d[3]) == run->ack && run->used < run->count;
 }
 
-/* Put the next step of `run` for the peer `name` in slot k (a reference to run is taken). */
-static void
-fill_slot(EngineObject *self, unsigned int k, RunObject *run, const struct sockaddr_in *name,
-          double now)
-{
-    const char *p;
-    size_t take;
-    run_next_payload(run, &p, &take);         /* ready: run_next_ready, or run_read_next */
-    unsigned int block = (run->ack + 1) & 0xFFFF;
-    self->shdr[k][0] = 0;
-    self->shdr[k][1] = 3;                     /* DATA */
-    self->shdr[k][2] = (unsigned char)(block >> 8);
-    self->shdr[k][3] = (unsigned char)(block & 0xFF);
-    self->siov[2 * k + 1].iov_base = (void *)p;
-    self->siov[2 * k + 1].iov_len = take;
-    self->snames[k] = *name;
-    self->sruns[k] = (RunObject *)Py_NewRef(run);
-    run->used++;
-    run->ack = block;
-    run->at = now;
-}
-
 PyDoc_STRVAR(pump_doc,
-"pump(fd, runs, now, rounds, sending, wait_us=0, spin_us=0, wake_fd=-1) -> PumpResult\n\n"
+"pump(fd, runs, now, rounds, sending, wait_us=0, spin_us=0, wake_fd=-1, gso=1) -> PumpResult\n\n"
 "Up to `rounds` recvmmsg calls on the non-blocking UDP socket `fd`.  A datagram that is\n"
 "exactly the 4-byte ACK a Run in `runs` (dict: 6-byte peer key -> Run) waits for takes\n"
-"that run's next step: its DATA is sent (sendmmsg, once per round) or, if `sending` is\n"
-"false or the kernel refuses it for now, returned in `unsent` as (bytes, run.peer).\n"
+"that run's next step: its DATA (the run's window of blocks) is sent (sendmmsg, once per\n"
+"round) or, if `sending` is false or the kernel refuses it for now, returned in `unsent`\n"
+"as (bytes, run.peer), or (tuple of bytes, run.peer) for a GSO message.\n"
+"`gso` > 1: the blocks of a step go as GSO messages (UDP_SEGMENT) of up to `gso`\n"
+"segments; if the kernel refuses one, it and the rest are in `unsent`, `gso_refused`.\n"
 "Every other datagram is returned in `rest` as (payload, key, truncated), in order, and\n"
 "stops its peer's run; one from a sender that is not IPv4 is dropped and counted.\n"
 "`wait_us`: when a round took steps, nothing else came and the socket is empty, wait up to\n"
@@ -204,21 +105,23 @@ PyDoc_STRVAR(pump_doc,
 "`spin_us`: of each such wait, poll without sleeping for up to that long first.\n"
 "`wake_fd`: a descriptor whose readability ends the wait and every later one of this\n"
 "call (the event loop's epoll descriptor: it has other work), -1 for none.\n"
-"PumpResult(rest, unsent, rx, calls, send_errors, blocked, rx_errno; dropped).");
+"PumpResult(rest, unsent, rx, calls, send_errors, blocked, rx_errno; dropped, gso_refused).");
 
 static PyObject *
 Engine_pump(EngineObject *self, PyObject *args)
 {
     int fd, rounds, sending;
     long wait_us = 0, spin_us = 0;
-    int wake_fd = -1, woken = 0;
+    int wake_fd = -1, woken = 0, gso = 1, gso_refused = 0;
     PyObject *runs;
     double now;
-    if (!PyArg_ParseTuple(args, "iO!dip|lli", &fd, &PyDict_Type, &runs, &now, &rounds, &sending,
-                          &wait_us, &spin_us, &wake_fd))
+    if (!PyArg_ParseTuple(args, "iO!dip|llii", &fd, &PyDict_Type, &runs, &now, &rounds, &sending,
+                          &wait_us, &spin_us, &wake_fd, &gso))
         return NULL;
-    if (wait_us < 0 || wait_us > 100000 || spin_us < 0 || spin_us > 1000) {
-        PyErr_SetString(PyExc_ValueError, "pump: 0 <= wait_us <= 100000, 0 <= spin_us <= 1000");
+    if (wait_us < 0 || wait_us > 100000 || spin_us < 0 || spin_us > 1000 || gso < 1
+        || gso > GSO_MAX_SEGS) {
+        PyErr_SetString(PyExc_ValueError,
+                        "pump: 0 <= wait_us <= 100000, 0 <= spin_us <= 1000, 1 <= gso <= 64");
         return NULL;
     }
     lockstep_state *st = PyType_GetModuleState(Py_TYPE(self));
@@ -227,7 +130,7 @@ Engine_pump(EngineObject *self, PyObject *args)
     Py_ssize_t rx = 0, calls = 0, errors = 0, dropped = 0;
     int blocked = 0, rx_errno = 0;
     const size_t bs = self->bufsize;
-    unsigned int k = 0;                 /* slots filled, not yet sent */
+    struct send_batch *sb = &self->sb;  /* filled, not yet sent: empty between calls */
     int stepped_only = 0;               /* the last round took steps and returned nothing */
     int last_n = 0;                     /* datagrams the last round read */
     struct timespec t0 = {0, 0}, t_round = {0, 0};   /* the call's start; this round's */
@@ -299,12 +202,14 @@ Engine_pump(EngineObject *self, PyObject *args)
             if (found != NULL && Py_IS_TYPE(found, st->run_type)) {
                 RunObject *run = (RunObject *)found;
                 int step = !trunc && takes_step(run, d, len);
+                if (step && sb->k == 0 && !sb_fits(sb, run, gso))
+                    step = 0;                    /* a step bigger than a batch: Python's */
                 int ready = step && run_next_ready(run);
-                if (step && (k == self->tx_capacity || (!ready && batch_holds(self, k, run)))) {
+                if (step && (!sb_fits(sb, run, gso) || (!ready && sb_holds(sb, run)))) {
                     /* a full batch, or a file run about to read into the buffer its unsent
                      * DATA point into (rare: once per read): send the batch first */
-                    int rc = send_slots(self, fd, k, sending && !blocked, unsent, &errors, &blocked);
-                    k = 0;
+                    int rc = sb_send(sb, fd, sending && !blocked, unsent, &errors, &blocked,
+                                     &gso_refused);
                     if (rc < 0) {
                         Py_DECREF(found);
                         Py_DECREF(key);
@@ -314,7 +219,7 @@ Engine_pump(EngineObject *self, PyObject *args)
                 if (step && !ready && run_read_next(run) < 0)
                     step = 0;                    /* a read failed: the ACK goes back to Python */
                 if (step) {
-                    fill_slot(self, k++, run, &self->rnames[i], at);
+                    sb_add_step(sb, run, &self->rnames[i], at, gso);
                     Py_DECREF(found);
                     Py_DECREF(key);
                     continue;
@@ -332,9 +237,8 @@ Engine_pump(EngineObject *self, PyObject *args)
             }
             Py_DECREF(item);
         }
-        stepped_only = k > 0 && PyList_GET_SIZE(rest) == 0 && PyList_GET_SIZE(unsent) == 0;
-        int rc = send_slots(self, fd, k, sending && !blocked, unsent, &errors, &blocked);
-        k = 0;
+        stepped_only = sb->k > 0 && PyList_GET_SIZE(rest) == 0 && PyList_GET_SIZE(unsent) == 0;
+        int rc = sb_send(sb, fd, sending && !blocked, unsent, &errors, &blocked, &gso_refused);
         if (rc < 0)
             goto fail;
         stepped_only = stepped_only && !blocked && PyList_GET_SIZE(unsent) == 0;
@@ -344,9 +248,10 @@ Engine_pump(EngineObject *self, PyObject *args)
         goto fail;
     PyObject *fields[] = {rest, unsent, PyLong_FromSsize_t(rx), PyLong_FromSsize_t(calls),
                           PyLong_FromSsize_t(errors), PyLong_FromLong(blocked),
-                          PyLong_FromLong(rx_errno), PyLong_FromSsize_t(dropped)};
+                          PyLong_FromLong(rx_errno), PyLong_FromSsize_t(dropped),
+                          PyBool_FromLong(gso_refused)};
     int bad = 0;
-    for (int f = 0; f < 8; f++) {
+    for (int f = 0; f < 9; f++) {
         bad |= fields[f] == NULL;
         PyStructSequence_SET_ITEM(res, f, fields[f]);   /* steals; NULL stays NULL */
     }
@@ -357,7 +262,7 @@ Engine_pump(EngineObject *self, PyObject *args)
     return res;
 
 fail:
-    send_slots(self, fd, k, 0, NULL, &errors, &blocked);    /* release the batch, unsent */
+    sb_send(sb, fd, 0, NULL, &errors, &blocked, &gso_refused);   /* release the batch, unsent */
     Py_XDECREF(rest);
     Py_XDECREF(unsent);
     return NULL;

@@ -2,9 +2,10 @@
  * sidusd.net._lockstep: the lockstep TFTP steps carried out in C (optional accelerator).
  *
  * The protocol stays in Python: proto/tftp_session.py decides, for a transfer
- * in lockstep (windowsize 1, the block in flight awaiting its ACK), the next
- * steps in advance (ReadSession.lockstep_run: "on the ACK of block b send DATA
- * b+1 = these bytes, on the ACK of b+1 send DATA b+2, ...").  The edge hands
+ * in lockstep (the block in flight awaiting its ACK) or with a whole window in
+ * flight (RFC 7440: windowsize W, every block up to the window's end sent), the
+ * next steps in advance (ReadSession.lockstep_run: "on the ACK of block b send
+ * DATA b+1 .. b+W = these bytes, on the ACK of b+W send the next W, ...").  The edge hands
  * that run to this module as a Run; Engine.pump() reads the transfer socket
  * with recvmmsg(2), takes every step whose ACK arrives exactly as expected, and
  * sends the DATA with sendmmsg(2) straight from the run's buffer (a 4-byte
@@ -38,19 +39,23 @@ static PyObject *
 Run_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"ack", "data", "blksize", "count", "peer", "used", "fd", "offset", "size",
-                             NULL};
+                             "window", NULL};
     long ack;
     PyObject *data, *peer;
-    Py_ssize_t blksize, count, used = 0, size = -1;
+    Py_ssize_t blksize, count, used = 0, size = -1, window = 1;
     int fd = -1;
     long long offset = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "lO!nnO|n$iLn", kwlist, &ack, &PyBytes_Type, &data,
-                                     &blksize, &count, &peer, &used, &fd, &offset, &size))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "lO!nnO|n$iLnn", kwlist, &ack, &PyBytes_Type, &data,
+                                     &blksize, &count, &peer, &used, &fd, &offset, &size, &window))
         return NULL;
     if (ack < 0 || blksize < 1 || blksize > 65464 || count < 1 || count > 65535 || used < 0
         || used > count) {
         PyErr_SetString(PyExc_ValueError,
                         "Run: ack >= 0, 1 <= blksize <= 65464, 1 <= count <= 65535, 0 <= used <= count");
+        return NULL;
+    }
+    if (window < 1 || window > MAX_VLEN || window * blksize > RUN_STEP_MAX_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "Run: 1 <= window <= 1024, window x blksize <= 1 MiB");
         return NULL;
     }
     if (fd >= 0 && (PyBytes_GET_SIZE(data) != 0 || offset < 0 || size < 0)) {
@@ -79,10 +84,12 @@ Run_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->blksize = blksize;
     self->count = count;
     self->used = used;
+    self->window = window;
     self->fd = dup;
     self->offset = offset;
     self->size = size;
-    self->buf_cap = RUN_READ_BYTES < blksize ? blksize : RUN_READ_BYTES / blksize * blksize;
+    Py_ssize_t step = window * blksize;    /* a read holds whole steps (_runread.c) */
+    self->buf_cap = RUN_READ_BYTES < step ? step : RUN_READ_BYTES / step * step;
     return (PyObject *)self;
 }
 
@@ -126,8 +133,10 @@ static PyMemberDef Run_members[] = {
     {"data", T_OBJECT, offsetof(RunObject, data), READONLY, "the run's payloads, joined"},
     {"peer", T_OBJECT, offsetof(RunObject, peer), READONLY, "the caller's object for the peer"},
     {"blksize", T_PYSSIZET, offsetof(RunObject, blksize), READONLY, "bytes per block"},
-    {"count", T_PYSSIZET, offsetof(RunObject, count), READONLY, "steps in the run"},
-    {"used", T_PYSSIZET, offsetof(RunObject, used), READONLY, "steps taken"},
+    {"count", T_PYSSIZET, offsetof(RunObject, count), READONLY, "blocks in the run"},
+    {"used", T_PYSSIZET, offsetof(RunObject, used), READONLY, "blocks sent (by its steps)"},
+    {"window", T_PYSSIZET, offsetof(RunObject, window), READONLY,
+     "blocks a step sends (1: lockstep); the ACK of a step's last block takes the next"},
     {"at", T_DOUBLE, offsetof(RunObject, at), READONLY, "the time of the last step taken"},
     {"stopped", T_INT, offsetof(RunObject, stopped), READONLY,
      "another datagram came from the peer (or a read failed): the run takes no more steps"},
@@ -139,15 +148,17 @@ static PyMemberDef Run_members[] = {
 };
 
 static PyGetSetDef Run_getset[] = {
-    {"ack", (getter)Run_get_ack, NULL, "the 16-bit block number whose ACK takes the next step", NULL},
+    {"ack", (getter)Run_get_ack, NULL, "the 16-bit number of the block whose ACK takes the next step",
+     NULL},
     {NULL}
 };
 
 static PyType_Slot Run_slots[] = {
-    {Py_tp_doc, "Run(ack, data, blksize, count, peer, used=0, *, fd=-1, offset=0, size=-1): lockstep\n"
-                "steps decided in advance (`used`: the first steps were taken by the caller); with\n"
-                "`fd`, empty `data`: the payloads are the file's `size` bytes from `offset`\n"
-                "(step 0's), read by the run (it keeps a duplicate of `fd`)."},
+    {Py_tp_doc, "Run(ack, data, blksize, count, peer, used=0, *, fd=-1, offset=0, size=-1, window=1):\n"
+                "the steps of `count` blocks decided in advance, `window` blocks a step (`used`:\n"
+                "the first blocks were sent by the caller); with `fd`, empty `data`: the payloads\n"
+                "are the file's `size` bytes from `offset` (block 0's), read by the run (it keeps\n"
+                "a duplicate of `fd`)."},
     {Py_tp_new, Run_new},
     {Py_tp_dealloc, Run_dealloc},
     {Py_tp_traverse, Run_traverse},
@@ -172,9 +183,10 @@ static PyStructSequence_Field pump_result_fields[] = {
     {"rx", "datagrams read"},
     {"calls", "recvmmsg calls that returned some"},
     {"send_errors", "DATA dropped on a send error other than EAGAIN"},
-    {"blocked", "the send buffer was full (reading stopped there)"},
+    {"blocked", "the send buffer was full, or GSO was refused (reading stopped there)"},
     {"rx_errno", "a receive error other than EAGAIN, or 0"},
     {"dropped", "datagrams whose sender was not an IPv4 sockaddr_in (dropped)"},
+    {"gso_refused", "the kernel refused a GSO message: it and what followed are in unsent"},
     {NULL, NULL}
 };
 
@@ -182,7 +194,7 @@ static PyStructSequence_Desc pump_result_desc = {
     "sidusd.net._lockstep.PumpResult",
     "What Engine.pump did; the first seven fields unpack like a tuple.",
     pump_result_fields,
-    7,                          /* `dropped` by name only */
+    7,                          /* `dropped` and `gso_refused` by name only */
 };
 
 /* --------------------------------------------------------------- module */

@@ -1,7 +1,7 @@
 /*
  * sidusd.net._lockstep: what its C files share (_lockstep.c: the module and Run; _runread.c:
- * a run's payloads, from its file; _engine.c: Engine; _wait.c: Engine.pump's wait;
- * _batchio.c: Receiver and Sender, the batched system calls behind net/mmsg.py).
+ * a run's payloads, from its file; _engine.c: Engine; _sendbatch.c: the DATA an Engine.pump
+ * round sends; _wait.c: Engine.pump's wait; _batchio.c: Receiver and Sender, the batched system calls behind net/mmsg.py).
  */
 #ifndef SIDUS_LOCKSTEP_H
 #define SIDUS_LOCKSTEP_H
@@ -53,8 +53,9 @@ typedef struct {
     PyObject *peer;            /* the caller's object for this peer (returned with unsent DATA) */
     unsigned int ack;          /* 16-bit number of the ACK that takes the next step */
     Py_ssize_t blksize;
-    Py_ssize_t count;          /* steps in the run */
-    Py_ssize_t used;           /* steps taken */
+    Py_ssize_t count;          /* blocks in the run */
+    Py_ssize_t used;           /* blocks sent */
+    Py_ssize_t window;         /* blocks a step sends: the ACK of a step's last block takes the next */
     double at;                 /* the `now` of the last step taken */
     int stopped;               /* another datagram came from the peer: no more steps */
     /* a file run (fd >= 0): `data` is empty; the payloads are the file's bytes from `offset`
@@ -68,11 +69,43 @@ typedef struct {
     Py_ssize_t reads;          /* reads made */
 } RunObject;
 
-/* _runread.c: the payload of a run's next step (run->used), from `data` or from its file. */
-#define RUN_READ_BYTES (256 * 1024)   /* a file run reads this much at a time (whole blocks) */
+/* The blocks the run's next step sends (its window, or what is left of the run). */
+static inline Py_ssize_t
+run_step_blocks(const RunObject *run)
+{
+    return run->count - run->used < run->window ? run->count - run->used : run->window;
+}
+
+/* _runread.c: the payloads of a run's next step (blocks run->used ...), from `data` or its file. */
+#define RUN_READ_BYTES (256 * 1024)   /* a file run reads this much at a time (whole steps) */
+#define RUN_STEP_MAX_BYTES (1024 * 1024)    /* window x blksize, at most */
 int run_next_ready(const RunObject *run);           /* 1: no read needed for the next step */
 int run_read_next(RunObject *run);                  /* 0, or -1 with read_errno set */
-void run_next_payload(const RunObject *run, const char **p, size_t *len);
+void run_next_payload(const RunObject *run, Py_ssize_t i, const char **p, size_t *len);
+
+/* _sendbatch.c: the DATA of the steps an Engine.pump round took, sent with one sendmmsg(2):
+ * a message per block, or with GSO (UDP_SEGMENT) a message per window (or part of one). */
+#define GSO_MAX_SEGS 64                     /* UDP_MAX_SEGMENTS of older kernels */
+#define GSO_MAX_BYTES 65507                 /* the most UDP payload in one IPv4 message */
+struct send_batch {
+    unsigned int cap;           /* messages, and blocks, at most */
+    unsigned int k, nb;         /* messages and blocks filled, not yet sent */
+    struct mmsghdr *msgs;
+    struct iovec *iov;          /* two per block: header, payload */
+    struct sockaddr_in *names;  /* one per message */
+    unsigned char (*hdr)[4];    /* one per block */
+    unsigned char *ctrl;        /* a UDP_SEGMENT cmsg per message */
+    unsigned int *blocks;       /* blocks per message */
+    RunObject **runs;           /* a reference per message */
+};
+int sb_init(struct send_batch *sb, unsigned int cap);         /* -1: no memory */
+void sb_free(struct send_batch *sb);
+int sb_fits(const struct send_batch *sb, const RunObject *run, int gso);
+int sb_holds(const struct send_batch *sb, const RunObject *run);
+void sb_add_step(struct send_batch *sb, RunObject *run, const struct sockaddr_in *name, double now,
+                 int gso);
+int sb_send(struct send_batch *sb, int fd, int sending, PyObject *unsent, Py_ssize_t *errors,
+            int *blocked, int *gso_refused);
 
 /* _wait.c: Engine.pump's wait for the ACKs of what it sent, and how those waits went. */
 struct spin_policy {

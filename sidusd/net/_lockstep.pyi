@@ -22,13 +22,14 @@ _Payload = TypeVar("_Payload", bound=bytes | tuple[bytes, ...])
 
 @final
 class Run(Generic[_P]):
-    """Run(ack, data, blksize, count, peer, used=0, *, fd=-1, offset=0, size=-1): lockstep steps
-    decided in advance (``used``: the first steps were taken by the caller); with ``fd`` (a
-    *file run*) and empty ``data``, the payloads are the file's ``size`` bytes from ``offset``
-    (step 0's), read by the run itself with pread (it keeps a duplicate of ``fd``)."""
+    """Run(ack, data, blksize, count, peer, used=0, *, fd=-1, offset=0, size=-1, window=1): the
+    steps of ``count`` blocks decided in advance, ``window`` blocks a step (``used``: the first
+    blocks were sent by the caller); with ``fd`` (a *file run*) and empty ``data``, the payloads
+    are the file's ``size`` bytes from ``offset`` (block 0's), read by the run itself with pread
+    (it keeps a duplicate of ``fd``)."""
 
     def __new__(cls, ack: int, data: bytes, blksize: int, count: int, peer: _P, used: int = 0, *,
-                fd: int = -1, offset: int = 0, size: int = -1) -> Run[_P]: ...
+                fd: int = -1, offset: int = 0, size: int = -1, window: int = 1) -> Run[_P]: ...
     @property
     def size(self) -> int: ...                     # the payloads' bytes in all
     @property
@@ -42,9 +43,11 @@ class Run(Generic[_P]):
     @property
     def blksize(self) -> int: ...                  # bytes per block
     @property
-    def count(self) -> int: ...                    # steps in the run
+    def count(self) -> int: ...                    # blocks in the run
     @property
-    def used(self) -> int: ...                     # steps taken
+    def used(self) -> int: ...                     # blocks sent (by its steps)
+    @property
+    def window(self) -> int: ...                   # blocks a step sends (1: lockstep)
     @property
     def at(self) -> float: ...                     # the time of the last step taken
     @property
@@ -60,7 +63,7 @@ class PumpResult(Generic[_P]):
     @property
     def rest(self) -> list[tuple[bytes, bytes, bool]]: ...   # (payload, key, truncated), in order
     @property
-    def unsent(self) -> list[tuple[bytes, _P]]: ...          # (DATA, run.peer) not sent
+    def unsent(self) -> list[tuple[bytes | tuple[bytes, ...], _P]]: ...  # (DATA or a GSO group, run.peer) not sent
     @property
     def rx(self) -> int: ...                                 # datagrams read
     @property
@@ -73,6 +76,8 @@ class PumpResult(Generic[_P]):
     def rx_errno(self) -> int: ...                           # a receive error but EAGAIN, or 0
     @property
     def dropped(self) -> int: ...                            # senders not IPv4 (by name only)
+    @property
+    def gso_refused(self) -> bool: ...                       # a GSO message refused (by name only)
 
 
 @final
@@ -94,10 +99,11 @@ class Engine:
         """recvmmsg calls made, those that found nothing included."""
     def __new__(cls, capacity: int = 64, bufsize: int = 2048, tx_capacity: int = 256) -> Engine: ...
     def pump(self, fd: int, runs: dict[bytes, Run[_P]], now: float, rounds: int, sending: bool,
-             wait_us: int = 0, spin_us: int = 0, wake_fd: int = -1, /) -> PumpResult[_P]:
+             wait_us: int = 0, spin_us: int = 0, wake_fd: int = -1, gso: int = 1, /) -> PumpResult[_P]:
         """Up to ``rounds`` recvmmsg calls on ``fd``; the exact ACK a run waits for takes its step
         (``wait_us``: how long, in all, C may wait for the ACKs of the steps it just took;
-        a readable ``wake_fd`` ends that wait and every later one of the call)."""
+        a readable ``wake_fd`` ends that wait and every later one of the call; ``gso`` > 1: a
+        step's blocks go as GSO messages of up to ``gso`` segments)."""
 
 
 @final

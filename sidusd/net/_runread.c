@@ -1,6 +1,6 @@
 /*
  * sidusd.net._lockstep, a run's payloads.  A run made from `data` carries them; a *file run*
- * (Run(..., fd=, offset=, size=)) reads them itself, RUN_READ_BYTES at a time, with pread(2)
+ * (Run(..., fd=, offset=, size=)) reads them itself, RUN_READ_BYTES at a time (whole steps), with pread(2)
  * (the GIL released) into a buffer of its own, as its steps need them: a whole kernel or
  * initrd is one run, with no trip through Python to read the next part of it.  A read that
  * fails or comes short (the file shrank) stops the run before the step that needed it: the
@@ -10,13 +10,20 @@
 #include <errno.h>
 #include <unistd.h>
 
-/* The next step's payload: run bytes [off, off + take). */
-static inline void
-next_range(const RunObject *run, Py_ssize_t *off, Py_ssize_t *take)
+static inline Py_ssize_t
+run_total(const RunObject *run)
 {
-    Py_ssize_t total = run->fd >= 0 ? run->size : PyBytes_GET_SIZE(run->data);
-    *off = run->used * run->blksize;
-    *take = total - *off < run->blksize ? total - *off : run->blksize;
+    return run->fd >= 0 ? run->size : PyBytes_GET_SIZE(run->data);
+}
+
+/* Run bytes [off, off + take): block `i` of the next step (i < run_step_blocks), or with `i`
+ * -1 all the step's blocks. */
+static inline void
+next_range(const RunObject *run, Py_ssize_t i, Py_ssize_t *off, Py_ssize_t *take)
+{
+    Py_ssize_t total = run_total(run), n = i < 0 ? run_step_blocks(run) : 1;
+    *off = (run->used + (i < 0 ? 0 : i)) * run->blksize;
+    *take = total - *off < n * run->blksize ? total - *off : n * run->blksize;
     if (*take < 0)
         *take = 0;
 }
@@ -27,7 +34,7 @@ run_next_ready(const RunObject *run)
     if (run->fd < 0)
         return 1;
     Py_ssize_t off, take;
-    next_range(run, &off, &take);
+    next_range(run, -1, &off, &take);
     return take == 0 || (off >= run->buf_from && off + take <= run->buf_from + run->buf_len);
 }
 
@@ -35,7 +42,7 @@ int
 run_read_next(RunObject *run)
 {
     Py_ssize_t off, take;
-    next_range(run, &off, &take);
+    next_range(run, -1, &off, &take);      /* buf_cap holds whole steps: the step fits */
     Py_ssize_t want = run->size - off < run->buf_cap ? run->size - off : run->buf_cap;
     if (run->buf == NULL) {
         run->buf = PyMem_Malloc((size_t)run->buf_cap);
@@ -70,10 +77,10 @@ run_read_next(RunObject *run)
 }
 
 void
-run_next_payload(const RunObject *run, const char **p, size_t *len)
+run_next_payload(const RunObject *run, Py_ssize_t i, const char **p, size_t *len)
 {
     Py_ssize_t off, take;
-    next_range(run, &off, &take);
+    next_range(run, i, &off, &take);
     *len = (size_t)take;
     if (run->fd < 0)
         *p = PyBytes_AS_STRING(run->data) + off;

@@ -26,7 +26,9 @@ _lockstep = udpport._lockstep
 RUN_BYTES = 64 * 1024       # DATA of a transfer's first lockstep run handed to C, at least
 RUN_BLOCKS = 32             # ... and at least this many blocks, for big blocks
 RUN_MAX = 512 * 1024        # ... but at most this much (memory: one run per transfer)
-FILE_RUN_STEPS = 65535      # a file run's steps, at most (C reads 256 KiB at a time)
+FILE_RUN_BLOCKS = 65535     # a file run's blocks, at most (C reads 256 KiB at a time)
+STEP_MAX_BYTES = 1024 * 1024  # a step's DATA (windowsize x blksize), at most, in C
+STEP_MAX_BLOCKS = 64        # ... and its blocks (one GSO message): a bigger window stays in Python
 
 
 def run_bytes(blksize: int, last: int = 0) -> int:
@@ -47,19 +49,23 @@ def run_bytes(blksize: int, last: int = 0) -> int:
 def plan(t: Transfer, taken: int = 0) -> LockstepRun | None:
     """Give C the transfer's next lockstep steps, decided by its session (accel ports only).
 
-    ``taken``: the first steps were taken here already (C starts after them; their
-    payloads are read here).  A file's transfer gets a *file run*: up to FILE_RUN_STEPS
-    steps, whose payloads C reads from the file itself as it goes (a whole kernel is one
-    run, with no trip through Python per part read); any other source, a run of
-    :func:`run_bytes` read here.
+    ``taken``: the first blocks were sent here already (C starts after them; their
+    payloads are read here).  A file's transfer gets a *file run*: up to FILE_RUN_BLOCKS
+    blocks (whole windows) whose payloads C reads from the file itself as it goes (a whole
+    kernel is one run, with no trip through Python per part read); any other source, a run
+    of :func:`run_bytes` read here.  A step is a window (RFC 7440) of up to STEP_MAX_BLOCKS
+    blocks and STEP_MAX_BYTES; a transfer with a bigger window keeps the Python path.
     """
     session, source = t.session, t.source
+    w, bs = session.windowsize, session.blksize
+    if w > STEP_MAX_BLOCKS or w * bs > STEP_MAX_BYTES:
+        return None
     fd = source.fd if isinstance(source, FileSource) else -1
     try:
         if fd >= 0:
-            run = session.lockstep_run(FILE_RUN_STEPS * session.blksize, head=taken)
+            run = session.lockstep_run(FILE_RUN_BLOCKS // w * w * bs, head=taken)
         else:
-            run = session.lockstep_run(run_bytes(session.blksize, t.run_size))
+            run = session.lockstep_run(run_bytes(bs, t.run_size))
     except OSError:
         return None             # no run: the next ACK meets the read error on the Python path
     if run is None:
@@ -67,27 +73,32 @@ def plan(t: Transfer, taken: int = 0) -> LockstepRun | None:
     if fd >= 0:
         t.plan, t.run_size = run, 0
         t.run = _lockstep.Run(run.ack, b"", run.blksize, run.count, t.dest, taken,
-                              fd=fd, offset=run.ack * run.blksize, size=run.total)
+                              fd=fd, offset=run.ack * run.blksize, size=run.total, window=w)
     else:
         t.plan, t.run_size = run, len(run.data)
-        t.run = _lockstep.Run(run.ack, run.data, run.blksize, run.count, t.dest, taken)
+        t.run = _lockstep.Run(run.ack, run.data, run.blksize, run.count, t.dest, taken, window=w)
     t.port.runs[t.key] = t.run
     return run
 
 
 def step_into_run(t: Transfer, block: int, now: float, payloads: list[mmsg.Payload],
                   peers: list[mmsg.Peer]) -> bool:
-    """The ACK of the block in flight (the one that ended C's last run): begin the next run
-    with its first step, taken here.  One read serves the run, first block included."""
+    """The ACK that ends the window in flight (the one that ended C's last run): begin the
+    next run with its first step (a window of blocks), taken here.  One read serves the run,
+    first step included.  ``payloads`` and ``peers`` are the port's pending batch."""
     session = t.session
     if not session.lockstep_awaits(block):
         return False
-    run = plan(t, taken=1)
+    n = session.step_blocks
+    run = plan(t, taken=n)
     if run is None:
         return False
-    payloads.append(run.datagram(0))
-    peers.append(t.dest)
-    session.lockstep_advance(run, 1, now)
+    if n == 1:
+        payloads.append(run.datagram(0))
+        peers.append(t.dest)
+    else:
+        t.port.queue([run.datagram(i) for i in range(n)], t.dest)   # GSO groups, same batch
+    session.lockstep_advance(run, n, now)
     return True
 
 
@@ -110,7 +121,7 @@ def settle(t: Transfer, count: Callable[..., None]) -> None:
     finally:
         drop_run(t)                   # ended even if the session refused the report
     if run.used:
-        count("tftp.accel_steps", run.used)
+        count("tftp.accel_steps", run.used)    # blocks (a step sends a window of them)
         count("tftp.accel_runs")            # the trips through Python between runs
 
 
@@ -129,7 +140,8 @@ def bytes_acked(t: Transfer) -> int:
     session, run, p = t.session, t.run, t.plan
     done = session.bytes_acked
     if run is not None and p is not None and run.used:
-        # after ``used`` steps the block in flight is ``p.ack + used``: all before it acked
-        done = max(done, min(t.source.size, (p.ack + run.used - 1) * p.blksize))
+        # after ``used`` blocks the last step's are in flight: all before them acked
+        acked = p.ack + run.used - ((run.used - 1) % p.window + 1)
+        done = max(done, min(t.source.size, acked * p.blksize))
     return done
 

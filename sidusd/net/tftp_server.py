@@ -34,7 +34,7 @@ rx_batches (recvmmsg calls that returned datagrams:
 rx / rx_batches is the batch size), retransmits, bytes, send_errors, send_blocked
 (the kernel send buffer was full; the rest waits for add_writer), send_dropped
 (the outbox was full), gso_off (the kernel refused a GSO message: datagrams
-from then on), rx_errors, internal_errors, accel_steps (DATA sent by the C engine's runs),
+from then on), rx_errors, internal_errors, accel_steps (DATA blocks sent by the C engine's runs),
 accel_runs (runs settled: the trips through Python between them).
 Every transfer ends with one ``tftp.transfer`` log event.
 """

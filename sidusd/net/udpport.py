@@ -146,15 +146,20 @@ class SharedPort:
         """
         assert self._engine is not None
         res = self._engine.pump(self.fd, self.runs, now, rounds, not self._outbox and not self.closed,
-                                wait_us, spin_us, wake_fd)
+                                wait_us, spin_us, wake_fd, mmsg.GSO_MAX_SEGMENTS if self.gso else 1)
         if res.send_errors:
             self._count("tftp.send_errors", res.send_errors)
         if res.dropped:
             self._count("tftp.rx_dropped", res.dropped)
         unsent = res.unsent
+        if res.gso_refused:                     # a window's GSO message: datagrams from now on
+            if self.gso:
+                self.gso = False
+                self._count("tftp.gso_off", 1)
+            unsent = [(part, q) for p, q in unsent for part in (p if type(p) is tuple else (p,))]
+        elif unsent and res.blocked:
+            self._count("tftp.send_blocked", 1)
         if unsent:
-            if res.blocked:
-                self._count("tftp.send_blocked", 1)
             self._enqueue([p for p, _ in unsent], [q for _, q in unsent], 0)
         return res.rest, res.rx, res.calls, res.rx_errno
 

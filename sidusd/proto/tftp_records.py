@@ -69,13 +69,15 @@ class TransferSummary:
 class LockstepRun:
     """Lockstep steps decided in advance, for an edge that carries them out itself.
 
-    Step ``i`` (``0 <= i < count``): when the peer ACKs block ``ack + i`` (16
-    bits on the wire), send :meth:`datagram` ``(i)``, DATA block ``ack + i + 1``
-    whose payload is ``data[i * blksize:(i + 1) * blksize]`` (the last may be
+    The run's blocks go ``window`` at a time (1: lockstep): when the peer ACKs
+    block ``ack + i`` (16 bits on the wire) for ``i`` a multiple of ``window``
+    below ``count``, send :meth:`datagram` ``(i)`` up to ``(i + window - 1)``
+    (no further than ``count - 1``); datagram ``j`` is DATA block ``ack + j + 1``
+    whose payload is ``data[j * blksize:(j + 1) * blksize]`` (the last may be
     shorter, or empty).  Any other datagram from the peer ends the run.  The
-    edge then reports how many steps it took with
+    edge then reports how many blocks its steps sent with
     :meth:`ReadSession.lockstep_advance`, which leaves the session exactly as
-    that many :meth:`ReadSession.ack_lockstep` calls would have.
+    those ACKs would have (in lockstep: that many :meth:`ReadSession.ack_lockstep` calls).
 
     A run whose ``size`` exceeds ``len(data)`` holds only its first payloads:
     the others are the source's bytes from offset ``(ack + i) * blksize`` (for
@@ -85,8 +87,9 @@ class LockstepRun:
     ack: int        # absolute number of the block in flight: its ACK triggers step 0
     data: bytes     # the payloads of blocks ack + 1 .. ack + count, joined (or the first ones)
     blksize: int
-    count: int
+    count: int      # blocks
     size: int = -1  # the payloads' bytes in all (-1: len(data), all of them)
+    window: int = 1  # blocks per step: the ACK of a step's last block takes the next step
 
     @property
     def total(self) -> int:
@@ -94,10 +97,10 @@ class LockstepRun:
         return len(self.data) if self.size < 0 else self.size
 
     def datagram(self, i: int) -> bytes:
-        """The DATA sent at step ``i`` (the reference for any other executor)."""
+        """DATA block ``ack + i + 1``, the run's ``i``-th (the reference for any other executor)."""
         if not 0 <= i < self.count:
-            raise IndexError(f"step {i} outside 0..{self.count - 1}")
+            raise IndexError(f"block {i} outside 0..{self.count - 1}")
         bs = self.blksize
         if min((i + 1) * bs, self.total) > len(self.data):
-            raise IndexError(f"step {i}'s payload is not in this run's data (read it from the source)")
+            raise IndexError(f"block {i}'s payload is not in this run's data (read it from the source)")
         return _pack_hdr(_OP_DATA, (self.ack + i + 1) & 0xFFFF) + self.data[i * bs:(i + 1) * bs]

@@ -25,10 +25,8 @@ Behaviour (RFC 1350 section 6, RFC 2347, RFC 7440 section 4):
   iPXE, curl, atftp and busybox expect); internally blocks are absolute;
 * a timeout resends the OACK or the whole unacknowledged window; after
   ``retries`` timeouts in a row without progress the transfer fails;
-* whatever timeout the peer negotiated (RFC 2349 allows 255 s, 8x that with
-  the backoff), a peer that makes no progress for ``max_silence_s`` in all
-  ends the transfer (outcome ``timeout``): a silent peer holds a slot that
-  long at most;
+* whatever timeout the peer negotiated (RFC 2349 allows 255 s, 8x that with the
+  backoff), a peer without progress for ``max_silence_s`` ends it (``timeout``);
 * :attr:`ReadSession.confirmed`: the peer acknowledged something (ACK 0 of
   the OACK or a DATA block), i.e. it receives what is sent to its address (a
   request with a spoofed source never gets there);
@@ -183,20 +181,28 @@ class ReadSession:
         return out
 
     def _lockstep_ready(self) -> bool:
-        """The one block in flight is unacknowledged, nothing else pending: ack_lockstep's case."""
+        """A whole window in flight (in lockstep: the one block), its last block's ACK awaited,
+        nothing else pending: the ACK of that block sends the next window, and nothing else."""
         b = self._max_sent
-        return (b == self._base and self._next == b + 1 and self.windowsize == 1
-                and b < self._last and self._state == _DATA and not self._control)
+        return (b == self._base + self.windowsize - 1 and self._next == b + 1
+                and self._base <= b < self._last and self._state == _DATA and not self._control)
 
     def lockstep_awaits(self, block: int) -> bool:
-        """Whether an ACK of ``block`` (16 bits) is the lockstep step :meth:`ack_lockstep` takes."""
+        """Whether an ACK of ``block`` (16 bits) ends the window in flight (see :meth:`lockstep_run`)."""
         return block == self._max_sent & 0xFFFF and self._lockstep_ready()
 
-    def lockstep_run(self, max_bytes: int, head: int | None = None) -> LockstepRun | None:
-        """The next lockstep steps decided now, about ``max_bytes`` of DATA (at least one block).
+    @property
+    def step_blocks(self) -> int:
+        """The blocks the ACK :meth:`lockstep_awaits` sends: the next window, or the file's rest."""
+        return min(self.windowsize, self._last - self._max_sent)
 
-        None unless the session is where :meth:`ack_lockstep` could step (the
-        block in flight awaits its ACK, windowsize 1, nothing else pending) and
+    def lockstep_run(self, max_bytes: int, head: int | None = None) -> LockstepRun | None:
+        """The next steps decided now, about ``max_bytes`` of DATA (at least one window).
+
+        A step is what the ACK of a window's last block sends: the next window
+        (``windowsize`` blocks, fewer at the file's end; in lockstep one block).
+        None unless the session is where such an ACK does only that (a whole
+        window in flight, its last block's ACK awaited, nothing else pending) and
         the source reads contiguous runs.  Reads the run's blocks at once, or
         with ``head`` only the first ``head`` of them (the edge reads the others
         itself: :class:`LockstepRun`); a read error propagates, nothing changes.
@@ -204,38 +210,41 @@ class ReadSession:
         """
         if not self._lockstep_ready() or not getattr(self.source, "contiguous", False):
             return None
-        b, bs = self._max_sent, self.blksize
-        count = min(max(1, -(-max_bytes // bs)), self._last - b)
+        b, bs, w = self._max_sent, self.blksize, self.windowsize
+        count = min(-(-max(1, -(-max_bytes // bs)) // w) * w, self._last - b)   # whole windows
         size = min(count * bs, self.source.size - b * bs)
         want = size if head is None else min(size, max(0, head) * bs)
         data = self.source.read_block(b * bs, want) if want else b""
         if len(data) != want:
             raise OSError(5, "short read from the transfer's source")    # EIO
-        self._run = LockstepRun(b, data, bs, count, size)
+        self._run = LockstepRun(b, data, bs, count, size, w)
         return self._run
 
-    def lockstep_advance(self, run: LockstepRun, steps: int, now: float) -> None:
-        """Record that ``steps`` steps of ``run`` were taken in all, the last one at ``now``.
+    def lockstep_advance(self, run: LockstepRun, blocks: int, now: float) -> None:
+        """Record that the steps of ``run`` sent ``blocks`` blocks in all, the last at ``now``.
 
-        Afterwards the session is exactly as after that many :meth:`ack_lockstep`
-        calls from the run's start (the last at ``now``).  Reporting the same
-        total again changes nothing, so an edge may report a run's progress
-        more than once.  Raises ``ValueError`` for a run that is not the last
-        one made, a step count outside the run, or a session that moved past
-        the run or out of lockstep in between: the edge must report a run's
-        steps before anything else touches the session.
+        Afterwards the session is exactly as after the ACKs of those steps
+        (``receive_ack``, ``datagrams_to_send``; in lockstep, :meth:`ack_lockstep`),
+        the last at ``now``.  The same total again changes nothing (an edge may
+        report a run's progress more than once).  ``ValueError``: not the last
+        run made, a count outside it or not at a step's end, or a session that
+        moved in between (report a run's steps before anything else touches it).
         """
         if run is not self._run:
             raise ValueError("lockstep_advance: not the session's current run")
-        if not 0 <= steps <= run.count:
-            raise ValueError(f"lockstep_advance: {steps} steps of a run of {run.count}")
-        b = run.ack + steps
+        w = run.window
+        if not 0 <= blocks <= run.count or (blocks % w and blocks != run.count):
+            raise ValueError(f"lockstep_advance: {blocks} blocks of a run of {run.count} "
+                             f"in steps of {w}")
+        b = run.ack + blocks
         if b == self._max_sent:
             return
-        if not self._lockstep_ready() or not run.ack <= self._max_sent < b:
+        if (not self._lockstep_ready() or not run.ack <= self._max_sent < b
+                or (self._max_sent - run.ack) % w):
             raise ValueError(f"lockstep_advance: the session is at block {self._max_sent}, "
                              f"not on the run from {run.ack} to {b}")
-        self._base = self._max_sent = b
+        self._base = b - ((blocks - 1) % w)          # the first block of the last step
+        self._max_sent = b
         self._next = b + 1
         self._tries = 0
         self._rescue = False

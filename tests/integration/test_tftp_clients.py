@@ -230,6 +230,11 @@ def test_client_gets_exact_bytes(server, tmp_path, client) -> None:
     c = server.counters()
     assert c["tftp.transfers.started"] == c["tftp.transfers.done"] == 1
     assert c["tftp.bytes"] == len(data)
+    steps, blocks = c.get("tftp.accel_steps", 0), len(data) // 1468 + 1
+    if server.engine == "accel":    # windowed too: the C engine sends whole windows per ACK
+        assert steps >= 0.9 * blocks, (steps, blocks)
+    else:
+        assert steps == 0
 
 
 @pytest.mark.parametrize("client", ["atftp", "curl"])
@@ -265,6 +270,7 @@ def test_big_blocks_and_big_window_recover_from_overflow(server, tmp_path) -> No
     server.wait_idle()
     (ev,) = server.transfers()
     assert (ev["blksize"], ev["windowsize"], ev["outcome"]) == (65464, 64, "ok")
+    assert server.counters().get("tftp.accel_steps", 0) == 0    # 4 MB a window: Python's path
 
 
 def fetch_blksize(client: str, port: int, name: str, out: Path, blksize: int) -> bytes:

@@ -706,17 +706,29 @@ def test_ack_lockstep_read_error_changes_nothing() -> None:
     assert _state(s) == before
 
 
+def _ack_steps(ref: ReadSession, run, steps: int, now: float) -> list[bytes]:
+    """The reference for ``steps`` steps of ``run``: the ACK of each step's last block, then
+    what the general path sends (``receive_ack`` + ``datagrams_to_send``; the last at ``now``)."""
+    out, w = [], run.window
+    for j in range(steps):
+        at = now - (steps - 1 - j) * 1e-3
+        ref.receive_ack((run.ack + j * w) & 0xFFFF, at)
+        out += ref.datagrams_to_send(at)
+    return out
+
+
 @settings(max_examples=300, deadline=None)
 @given(size=st.integers(0, 40_000), blksize=st.sampled_from([8, 512, 1432, 1468]),
-       window=st.sampled_from([1, 1, 1, 2]), oack=st.booleans(),
+       window=st.sampled_from([1, 1, 1, 2, 4, 16]), oack=st.booleans(),
        max_bytes=st.sampled_from([1, 2000, 8192, 65536]),
        steps=st.lists(st.tuples(st.sampled_from(["run", "run", "ack-next", "ack-any", "timer"]),
                                 st.integers(-3, 60), st.floats(0.0, 3.0)), max_size=60))
-def test_lockstep_run_then_advance_is_ack_lockstep_step_by_step(size, blksize, window, oack,
-                                                               max_bytes, steps) -> None:
-    """A run taken k steps (its datagrams, then ``lockstep_advance(k)``) sends and leaves the
-    session exactly as k ``ack_lockstep`` calls; where ack_lockstep would not step, there is
-    no run; other events in between keep both sessions equal."""
+def test_lockstep_run_then_advance_is_the_general_path_step_by_step(size, blksize, window, oack,
+                                                                   max_bytes, steps) -> None:
+    """A run taken k steps (its datagrams, then ``lockstep_advance`` of their blocks) sends and
+    leaves the session exactly as the ACKs of those steps on the general path (in lockstep,
+    k ``ack_lockstep`` calls); where ack_lockstep would not step, there is no run; other
+    events in between keep both sessions equal."""
     fast, ref = _twin_sessions(bytes((i * 7 + i // 251) & 0xFF for i in range(size)), blksize,
                                window, oack)
     now, taken = 0.0, 0
@@ -727,19 +739,25 @@ def test_lockstep_run_then_advance_is_ack_lockstep_step_by_step(size, blksize, w
         elif kind == "run":
             run = fast.lockstep_run(max_bytes)
             if run is None:
-                before = _state(ref)
-                assert ref.ack_lockstep(ref._max_sent & 0xFFFF, now) is None
-                assert _state(ref) == before
+                if window == 1:
+                    before = _state(ref)
+                    assert ref.ack_lockstep(ref._max_sent & 0xFFFF, now) is None
+                    assert _state(ref) == before
                 continue
-            assert run.count >= 1 and run.ack == ref._max_sent
-            k = max(1, min(run.count, k))
-            got = [run.datagram(i) for i in range(k)]
-            want = []
-            for i in range(k):
-                want.append(ref.ack_lockstep((run.ack + i) & 0xFFFF, now - (k - 1 - i) * 1e-3))
+            assert run.ack == ref._max_sent and run.window == window and run.count >= 1
+            assert run.count % window == 0 or run.ack + run.count == fast._last    # whole windows
+            nsteps = -(-run.count // window)
+            k = max(1, min(nsteps, k))
+            blocks = min(k * window, run.count)
+            got = [run.datagram(i) for i in range(blocks)]
+            if window == 1:
+                want = [ref.ack_lockstep((run.ack + i) & 0xFFFF, now - (k - 1 - i) * 1e-3)
+                        for i in range(k)]
+            else:
+                want = _ack_steps(ref, run, k, now)
             assert got == want
-            fast.lockstep_advance(run, k, now)
-            fast.lockstep_advance(run, k, now)          # reported twice: no change
+            fast.lockstep_advance(run, blocks, now)
+            fast.lockstep_advance(run, blocks, now)     # reported twice: no change
             taken += k
         else:
             block = (ref._max_sent if kind == "ack-next" else ref._base + k % 7 - 3) & 0xFFFF
@@ -747,8 +765,36 @@ def test_lockstep_run_then_advance_is_ack_lockstep_step_by_step(size, blksize, w
                 s.receive_ack(block, now)
             assert fast.datagrams_to_send(now) == ref.datagrams_to_send(now)
         assert _state(fast) == _state(ref)
-    if window == 1 and not oack and size > 4 * blksize and steps and steps[0][0] == "run":
-        assert taken > 0            # plain lockstep must take the run path (else this proves nothing)
+    if not oack and size > 4 * blksize * window and steps and steps[0][0] == "run":
+        assert taken > 0            # a plain transfer must take the run path (else this proves nothing)
+
+
+def test_a_windowed_run_rolls_over_block_65535_and_ends_with_the_short_window() -> None:
+    """windowsize 16, blksize 8: 70,001 blocks, so block numbers wrap and the last window
+    holds 1 block; every step of every run equals the general path's."""
+    data = bytes((i * 13 + i // 255) & 0xFF for i in range(70_000 * 8 + 3))
+    fast, ref = _twin_sessions(data, 8, 16, False)
+    now, runs, blocks_in_runs, wrapped = 0.0, 0, 0, False
+    while (run := fast.lockstep_run(8192)) is not None:
+        runs += 1
+        nsteps = -(-run.count // 16)
+        got = [run.datagram(i) for i in range(run.count)]
+        assert got == _ack_steps(ref, run, nsteps, now)
+        wrapped |= any(decode(d).block == 0 for d in got)
+        fast.lockstep_advance(run, run.count, now)
+        assert _state(fast) == _state(ref)
+        blocks_in_runs += run.count
+        now += 0.01
+    assert wrapped and fast._max_sent == fast._last == 70_001 and ref._max_sent == 70_001
+    assert blocks_in_runs == 70_001 - 16 and runs == -(-blocks_in_runs // 1024)
+    with pytest.raises(ValueError):                    # not at a step's end
+        t, _ = _twin_sessions(data, 8, 16, False)
+        r = t.lockstep_run(8192)
+        assert r is not None
+        t.lockstep_advance(r, 5, 1.0)
+    for s in (fast, ref):
+        s.receive_ack(70_001 & 0xFFFF, now)
+    assert fast.done and ref.done and fast.outcome == ref.outcome == "ok"
 
 
 def test_lockstep_run_serves_a_whole_file_and_guards_its_steps() -> None:
@@ -795,10 +841,15 @@ def test_lockstep_run_serves_a_whole_file_and_guards_its_steps() -> None:
         t.datagrams_to_send(11.0)
     with pytest.raises(ValueError):
         t.lockstep_advance(new, 2, 11.5)
-    # a windowed transfer or one waiting for its OACK's ACK has no run
+    # a windowed transfer's run is whole windows (the file's rest at its end); one waiting
+    # for its OACK's ACK, or with a window only partly sent (after a partial ACK), has none
     w = ReadSession(BytesSource(data), 512, 4)
     w.start(0.0)
     w.datagrams_to_send(0.0)
+    run = w.lockstep_run(3000)
+    assert run is not None and (run.ack, run.count, run.window) == (4, 8, 4)
+    assert w.lockstep_run(65536).count == 17           # blocks 5..21: 4 windows and the last block
+    w.receive_ack(2, 0.5)                              # blocks 3, 4 in flight: a partial window
     assert w.lockstep_run(65536) is None
     o = ReadSession(BytesSource(data), 512, 1, oack=(("blksize", "512"),))
     o.start(0.0)

@@ -204,3 +204,34 @@ def test_gso_refused_falls_back_to_datagrams_for_good(loop):
     assert [peer_sock.recvfrom(2000)[0] for _ in range(6)] == w
     port.close()
     peer_sock.close()
+
+
+def test_a_gso_window_refused_in_the_c_engine_goes_out_as_datagrams(loop):
+    """The C engine sends a window's blocks as one GSO message; a socket without UDP checksums
+    (SO_NO_CHECK: a real kernel refusal, EINVAL) makes pump switch GSO off for good and send
+    the window as datagrams, in order, through the outbox (counted gso_off, not send_blocked)."""
+    from sidusd.net import udpport
+    if not udpport.ACCEL_BUILT:
+        pytest.skip("needs the C extension sidusd.net._lockstep, built by scripts/setup "
+                    "(gcc, libc6-dev, python3-dev)")
+    from sidusd.net import _lockstep
+    from sidusd.proto.tftp_session import LockstepRun
+    counts = Counts()
+    port = SharedPort(loop, "127.0.0.1", counts.count, accel=True)
+    assert port.gso, "loopback takes UDP GSO (kernel >= 4.18)"
+    port.sock.setsockopt(socket.SOL_SOCKET, 11, 1)            # SO_NO_CHECK
+    peer_sock = udp()
+    peer = mmsg.Peer(mmsg.peer_key(peer_sock.getsockname()))
+    plan = LockstepRun(9, bytes(range(256)) * 40, 1024, 10, -1, 8)
+    port.runs[peer.key] = _lockstep.Run(9, plan.data, 1024, 10, peer, window=8)
+    peer_sock.sendto(b"\x00\x04\x00\x09", port.address)
+    rx = 0
+    for _ in range(1000):
+        rx += port.pump(1.0, 4)[1]
+        if rx:
+            break
+    assert port.gso is False and counts == {"tftp.gso_off": 1}
+    run_until(loop, lambda: port.waiting == 0)
+    assert [peer_sock.recvfrom(2000)[0] for _ in range(8)] == [plan.datagram(i) for i in range(8)]
+    port.close()
+    peer_sock.close()
