@@ -202,10 +202,11 @@ Engine_pump(EngineObject *self, PyObject *args)
             if (found != NULL && Py_IS_TYPE(found, st->run_type)) {
                 RunObject *run = (RunObject *)found;
                 int step = !trunc && takes_step(run, d, len);
-                if (step && sb->k == 0 && !sb_fits(sb, run, gso))
+                int fits = step && sb_fits(sb, run);
+                if (step && !fits && sb->nb == 0)
                     step = 0;                    /* a step bigger than a batch: Python's */
                 int ready = step && run_next_ready(run);
-                if (step && (!sb_fits(sb, run, gso) || (!ready && sb_holds(sb, run)))) {
+                if (step && (!fits || (!ready && sb_holds(sb, run)))) {
                     /* a full batch, or a file run about to read into the buffer its unsent
                      * DATA point into (rare: once per read): send the batch first */
                     int rc = sb_send(sb, fd, sending && !blocked, unsent, &errors, &blocked,

@@ -100,7 +100,7 @@ struct send_batch {
 };
 int sb_init(struct send_batch *sb, unsigned int cap);         /* -1: no memory */
 void sb_free(struct send_batch *sb);
-int sb_fits(const struct send_batch *sb, const RunObject *run, int gso);
+int sb_fits(const struct send_batch *sb, const RunObject *run);
 int sb_holds(const struct send_batch *sb, const RunObject *run);
 void sb_add_step(struct send_batch *sb, RunObject *run, const struct sockaddr_in *name, double now,
                  int gso);

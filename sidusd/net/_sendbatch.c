@@ -67,13 +67,12 @@ step_segs(int gso, Py_ssize_t bs)
     return most < 1 ? 1 : most;
 }
 
-/* Whether the next step of `run` fits in the batch beside what it holds already. */
+/* Whether the next step of `run` fits in the batch beside what it holds already (its blocks:
+ * a message holds one block at least, so the messages fit too). */
 int
-sb_fits(const struct send_batch *sb, const RunObject *run, int gso)
+sb_fits(const struct send_batch *sb, const RunObject *run)
 {
-    Py_ssize_t n = run_step_blocks(run), segs = step_segs(gso, run->blksize);
-    Py_ssize_t msgs = (n + segs - 1) / segs;
-    return sb->nb + n <= sb->cap && sb->k + msgs <= sb->cap;
+    return sb->nb + run_step_blocks(run) <= sb->cap;
 }
 
 /* Whether one of the batch's messages is `run`'s (a file run's point into its buffer). */

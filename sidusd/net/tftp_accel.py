@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..proto.tftp_session import LockstepRun
-from . import mmsg, udpport
+from . import udpport
 from .files import FileSource
 from .tftp_transfer import Transfer
 
@@ -81,11 +81,10 @@ def plan(t: Transfer, taken: int = 0) -> LockstepRun | None:
     return run
 
 
-def step_into_run(t: Transfer, block: int, now: float, payloads: list[mmsg.Payload],
-                  peers: list[mmsg.Peer]) -> bool:
+def step_into_run(t: Transfer, block: int, now: float) -> bool:
     """The ACK that ends the window in flight (the one that ended C's last run): begin the
     next run with its first step (a window of blocks), taken here.  One read serves the run,
-    first step included.  ``payloads`` and ``peers`` are the port's pending batch."""
+    first step included; its DATA join the port's batch."""
     session = t.session
     if not session.lockstep_awaits(block):
         return False
@@ -93,11 +92,7 @@ def step_into_run(t: Transfer, block: int, now: float, payloads: list[mmsg.Paylo
     run = plan(t, taken=n)
     if run is None:
         return False
-    if n == 1:
-        payloads.append(run.datagram(0))
-        peers.append(t.dest)
-    else:
-        t.port.queue([run.datagram(i) for i in range(n)], t.dest)   # GSO groups, same batch
+    t.port.queue([run.datagram(i) for i in range(n)], t.dest)    # a window: GSO groups
     session.lockstep_advance(run, n, now)
     return True
 

@@ -129,7 +129,7 @@ def dispatch(svc: TftpService, port: SharedPort, batch: list[tuple[bytes, bytes,
                 tftp_accel.settle(t, count)     # the session hears of the steps C took first
             if len(data) == 4 and data[1] == _OP_ACK and data[0] == 0:
                 block = (data[2] << 8) | data[3]
-                if accel and tftp_accel.step_into_run(t, block, now, payloads, peers):
+                if accel and tftp_accel.step_into_run(t, block, now):
                     if t.heap_at is None:   # a new run began with this ACK (one read for it all)
                         schedule(t, t.session.next_timer())
                     continue

@@ -153,9 +153,7 @@ class SharedPort:
             self._count("tftp.rx_dropped", res.dropped)
         unsent = res.unsent
         if res.gso_refused:                     # a window's GSO message: datagrams from now on
-            if self.gso:
-                self.gso = False
-                self._count("tftp.gso_off", 1)
+            self._gso_off()
             unsent = [(part, q) for p, q in unsent for part in (p if type(p) is tuple else (p,))]
         elif unsent and res.blocked:
             self._count("tftp.send_blocked", 1)
@@ -232,12 +230,16 @@ class SharedPort:
         group = payloads[at]
         if type(group) is not tuple or err not in _GSO_ERRORS:
             return False
-        if self.gso:
-            self.gso = False
-            self._count("tftp.gso_off", 1)
+        self._gso_off()
         payloads[at:at + 1] = list(group)
         peers[at:at + 1] = [peers[at]] * len(group)
         return True
+
+    def _gso_off(self) -> None:
+        """The kernel refused a GSO message: datagrams only, for good (counted once)."""
+        if self.gso:
+            self.gso = False
+            self._count("tftp.gso_off", 1)
 
     def _enqueue(self, payloads: Sequence[mmsg.Payload], peers: Sequence[mmsg.Peer], start: int) -> None:
         box = self._outbox
@@ -262,9 +264,7 @@ class SharedPort:
             if err:
                 group, peer = box.popleft()
                 if type(group) is tuple and err in _GSO_ERRORS:
-                    if self.gso:
-                        self.gso = False
-                        self._count("tftp.gso_off", 1)
+                    self._gso_off()
                     box.extendleft((part, peer) for part in reversed(group))
                 else:
                     self._count("tftp.send_errors", 1)

@@ -199,19 +199,18 @@ class ReadSession:
     def lockstep_run(self, max_bytes: int, head: int | None = None) -> LockstepRun | None:
         """The next steps decided now, about ``max_bytes`` of DATA (at least one window).
 
-        A step is what the ACK of a window's last block sends: the next window
-        (``windowsize`` blocks, fewer at the file's end; in lockstep one block).
-        None unless the session is where such an ACK does only that (a whole
-        window in flight, its last block's ACK awaited, nothing else pending) and
-        the source reads contiguous runs.  Reads the run's blocks at once, or
-        with ``head`` only the first ``head`` of them (the edge reads the others
-        itself: :class:`LockstepRun`); a read error propagates, nothing changes.
-        The session itself does not change until :meth:`lockstep_advance`.
+        A step is what the ACK of a window's last block sends: the next window (in
+        lockstep one block).  None unless such an ACK would do only that (a whole
+        window in flight, nothing else pending) and the source reads contiguous runs.
+        Reads the run's blocks at once, or with ``head`` only the first ``head`` of
+        them (the edge reads the others itself: :class:`LockstepRun`); a read error
+        propagates.  The session hears of the steps from :meth:`lockstep_advance`.
         """
         if not self._lockstep_ready() or not getattr(self.source, "contiguous", False):
             return None
         b, bs, w = self._max_sent, self.blksize, self.windowsize
-        count = min(-(-max(1, -(-max_bytes // bs)) // w) * w, self._last - b)   # whole windows
+        steps = -(-max(1, -(-max_bytes // bs)) // w)            # whole windows for max_bytes
+        count = min(steps * w, self._last - b)                  # ... or the file's rest
         size = min(count * bs, self.source.size - b * bs)
         want = size if head is None else min(size, max(0, head) * bs)
         data = self.source.read_block(b * bs, want) if want else b""

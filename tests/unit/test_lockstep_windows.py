@@ -27,6 +27,22 @@ from sidusd.net import _lockstep  # noqa: E402
 SO_NO_CHECK = 11           # asm-generic/socket.h: no UDP checksum, so no GSO (EINVAL)
 
 
+@pytest.fixture
+def pair():
+    """(server, client): the engine's socket and a blocking peer, both on loopback, closed after."""
+    server, client = udp(), udp(blocking=True)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    yield server, client
+    server.close()
+    client.close()
+
+
+def c_run(plan: LockstepRun, peer: object = None, window: int | None = None):
+    """The C run of ``plan`` (its window, or ``window``)."""
+    return _lockstep.Run(plan.ack, plan.data, plan.blksize, plan.count, peer,
+                         window=plan.window if window is None else window)
+
+
 def windowed(ack_abs: int, blksize: int, count: int, window: int, last: int | None = None,
              seed: int = 7) -> LockstepRun:
     n = (count - 1) * blksize + (blksize if last is None else last)
@@ -51,7 +67,7 @@ def pump(engine, server, runs, now: float, want_rx: int, gso: int, sending: bool
 
 
 def step_ends(plan: LockstepRun) -> list[int]:
-    """The block whose ACK takes each step, and the blocks each step sends."""
+    """Each step's first block, as an index into the run (the ACK of the block before takes it)."""
     return list(range(0, plan.count, plan.window))
 
 
@@ -62,11 +78,11 @@ def step_ends(plan: LockstepRun) -> list[int]:
     (8972, 7, 8, 5),            # one step shorter than the window: the whole run
     (65464, 3, 1, 9),           # lockstep still: a step is a block
 ])
-def test_each_ack_of_a_window_end_sends_the_next_window(gso, blksize, count, window, last) -> None:
+def test_each_ack_of_a_window_end_sends_the_next_window(pair, gso, blksize, count, window,
+                                                        last) -> None:
     plan = windowed(40, blksize, count, window, last)
-    server, client = udp(), udp(blocking=True)
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    run = _lockstep.Run(plan.ack, plan.data, blksize, count, "P", window=window)
+    server, client = pair
+    run = c_run(plan, "P")
     runs, engine = {key_of(client): run}, _lockstep.Engine()
     assert run.window == window
     for i in step_ends(plan):
@@ -80,14 +96,12 @@ def test_each_ack_of_a_window_end_sends_the_next_window(gso, blksize, count, win
     client.sendto(ack(plan.ack + count), server.getsockname())      # spent: back to Python
     rest, _, _ = pump(engine, server, runs, 99.0, 1, gso)
     assert rest == [(ack(plan.ack + count), key_of(client), False)] and run.stopped
-    server.close()
-    client.close()
 
 
-def test_a_mid_window_ack_is_not_a_step_and_stops_the_run() -> None:
+def test_a_mid_window_ack_is_not_a_step_and_stops_the_run(pair) -> None:
     plan = windowed(0, 512, 32, 8)
-    server, client = udp(), udp(blocking=True)
-    run = _lockstep.Run(plan.ack, plan.data, 512, 32, None, window=8)
+    server, client = pair
+    run = c_run(plan)
     runs, engine = {key_of(client): run}, _lockstep.Engine()
     client.sendto(ack(0), server.getsockname())                     # takes step 0: blocks 1..8
     client.sendto(ack(5), server.getsockname())                     # a partial ACK: Python's
@@ -97,33 +111,28 @@ def test_a_mid_window_ack_is_not_a_step_and_stops_the_run() -> None:
     assert recv_all(client, 8) == [plan.datagram(j) for j in range(8)]
     assert (run.used, run.stopped) == (8, 1)
     assert_silent(client)
-    server.close()
-    client.close()
 
 
-def test_unsent_windows_come_back_as_gso_groups_or_datagrams() -> None:
+@pytest.mark.parametrize("gso", [64, 1])
+def test_unsent_windows_come_back_as_gso_groups_or_datagrams(pair, gso) -> None:
     """Not sending (an outbox waits): a step's DATA comes back as one group per GSO message,
     or one datagram per block without GSO; a group holds at most 64 blocks and 65507 bytes."""
-    for gso, want in ((64, lambda d: [(tuple(d[:8]), "A"), (tuple(d[8:10]), "A")]),
-                      (1, lambda d: [(x, "A") for x in d])):
-        plan = windowed(65530, 8000, 10, 10, last=77)               # 10 x 8004 bytes > 65507
-        server, client = udp(), udp(blocking=True)
-        run = _lockstep.Run(plan.ack, plan.data, 8000, 10, "A", window=10)
-        client.sendto(ack(65530), server.getsockname())
-        _, unsent, refused = pump(_lockstep.Engine(), server, {key_of(client): run}, 1.0, 1, gso,
-                                  sending=False)
-        datagrams = [plan.datagram(j) for j in range(10)]
-        assert unsent == want(datagrams) and not refused
-        assert [d[2:4] for d in datagrams[4:6]] == [b"\xff\xff", b"\x00\x00"]   # 16-bit wrap
-        assert_silent(client)
-        server.close()
-        client.close()
+    plan = windowed(65530, 8000, 10, 10, last=77)                   # 10 x 8004 bytes > 65507
+    server, client = pair
+    client.sendto(ack(65530), server.getsockname())
+    _, unsent, refused = pump(_lockstep.Engine(), server, {key_of(client): c_run(plan, "A")}, 1.0,
+                              1, gso, sending=False)
+    d = [plan.datagram(j) for j in range(10)]
+    want = [(tuple(d[:8]), "A"), (tuple(d[8:10]), "A")] if gso > 1 else [(x, "A") for x in d]
+    assert unsent == want and not refused
+    assert [x[2:4] for x in d[4:6]] == [b"\xff\xff", b"\x00\x00"]       # 16-bit wrap
+    assert_silent(client)
 
 
-def test_a_window_bigger_than_a_batch_is_not_taken_and_bad_windows_are_refused() -> None:
+def test_a_window_bigger_than_a_batch_is_not_taken_and_bad_windows_are_refused(pair) -> None:
     plan = windowed(0, 8, 40, 20)
-    server, client = udp(), udp(blocking=True)
-    run = _lockstep.Run(plan.ack, plan.data, 8, 40, None, window=20)
+    server, client = pair
+    run = c_run(plan)
     client.sendto(ack(0), server.getsockname())
     rest, unsent, _ = pump(_lockstep.Engine(tx_capacity=16), server, {key_of(client): run}, 1.0, 1, 1)
     assert rest == [(ack(0), key_of(client), False)] and unsent == []
@@ -134,17 +143,15 @@ def test_a_window_bigger_than_a_batch_is_not_taken_and_bad_windows_are_refused()
             _lockstep.Run(0, b"x" * 65464 * 2, 65464, 2, None, **bad)   # 17 x 65464 > 1 MiB
     with pytest.raises(ValueError):
         _lockstep.Engine().pump(server.fileno(), {}, 0.0, 1, True, 0, 0, -1, 65)
-    server.close()
-    client.close()
 
 
-def test_a_refused_gso_message_comes_back_whole_and_flags_the_result() -> None:
+def test_a_refused_gso_message_comes_back_whole_and_flags_the_result(pair) -> None:
     """A socket without UDP checksums (SO_NO_CHECK) makes the kernel refuse GSO (EINVAL): the
     step's DATA comes back as its group with ``gso_refused``; without GSO it is sent."""
     plan = windowed(3, 1468, 16, 16)
-    server, client = udp(), udp(blocking=True)
+    server, client = pair
     server.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
-    run = _lockstep.Run(plan.ack, plan.data, 1468, 16, "P", window=8)
+    run = c_run(plan, "P", window=8)
     runs, engine = {key_of(client): run}, _lockstep.Engine()
     client.sendto(ack(3), server.getsockname())
     rest, unsent, refused = pump(engine, server, runs, 1.0, 1, 64)
@@ -154,11 +161,9 @@ def test_a_refused_gso_message_comes_back_whole_and_flags_the_result() -> None:
     rest, unsent, refused = pump(engine, server, runs, 2.0, 1, 1)
     assert not refused and rest == [] and unsent == []
     assert recv_all(client, 8) == [plan.datagram(j) for j in range(8, 16)]
-    server.close()
-    client.close()
 
 
-def test_a_windowed_file_run_reads_whole_windows_across_its_reads(tmp_path) -> None:
+def test_a_windowed_file_run_reads_whole_windows_across_its_reads(pair, tmp_path) -> None:
     """windowsize 16 at 1468: a read holds 11 windows (258,368 bytes); 600 KB cross three
     reads, the last window short; every datagram is the in-memory reference's."""
     size = 600_000
@@ -173,8 +178,7 @@ def test_a_windowed_file_run_reads_whole_windows_across_its_reads(tmp_path) -> N
                             size=size - 16 * 1468, window=16)
     finally:
         os.close(fd)                                                # the run keeps a duplicate
-    server, client = udp(), udp(blocking=True)
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    server, client = pair
     runs, engine, got = {key_of(client): run}, _lockstep.Engine(), []
     for i in range(16, plan.count, 16):                             # the first step was the caller's
         client.sendto(ack(plan.ack + i), server.getsockname())
@@ -182,5 +186,3 @@ def test_a_windowed_file_run_reads_whole_windows_across_its_reads(tmp_path) -> N
         got += recv_all(client, min(16, plan.count - i))
     assert got == [plan.datagram(j) for j in range(16, plan.count)]
     assert (run.used, run.stopped, run.read_errno, run.reads) == (plan.count, 0, 0, 3)
-    server.close()
-    client.close()
